@@ -1,0 +1,14 @@
+"""Method adapters: one file each, registered with ``@register_method``.
+
+Importing this package imports every module in it, so dropping a new adapter file here is all
+it takes to register it. A module whose optional dependency is missing (escnn) registers
+nothing; the reason is kept in ``unavailable`` and shown by ``equibench list``.
+"""
+from __future__ import annotations
+
+from .base import Method, build_at_params, count_parameters
+from ..suite.autoimport import import_submodules
+
+unavailable: dict[str, str] = import_submodules(__name__, __path__, skip=("base",))
+
+__all__ = ["Method", "build_at_params", "count_parameters", "unavailable"]

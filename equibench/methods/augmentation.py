@@ -1,0 +1,23 @@
+"""``augmentation``: the shared backbone trained on randomly transformed copies.
+
+Each training batch gets one Haar-random g = (R, t) per graph, R in O(3) (reflections
+included when the task's group has them), t ~ N(0, I), applied to every input field and the
+target through their types. Equivariance is learned, never exact.
+"""
+from __future__ import annotations
+
+import torch
+from torch_geometric.data import Batch
+
+from ..suite.group import act_on_batch, sample_element
+from ..suite.registry import register_method
+from ..suite.spec import TaskSpec
+from .baseline import Baseline
+
+
+@register_method("augmentation")
+class Augmentation(Baseline):
+    def train_transform(self, batch: Batch, spec: TaskSpec, generator: torch.Generator) -> Batch:
+        g = sample_element(batch, spec.group, generator, permute=False)
+        return act_on_batch(batch, spec, g.to(batch[spec.point_fields[0]].dtype if spec.point_fields
+                                              else torch.get_default_dtype()))

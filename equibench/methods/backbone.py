@@ -1,0 +1,116 @@
+"""The shared, deliberately non-equivariant message-passing backbone.
+
+Every wrapping method (baseline, augmentation, frame averaging, canonicalisation, tensor
+frames, ...) runs this same network, so differences in the report come from the equivariance
+mechanism alone. One layer is
+
+    m_ij = phi([h_i, h_j, e_vec_ij, e_attr_ij]),    h_i <- h_i + psi([h_i, sum_j m_ij])
+
+with raw coordinates: ``e_vec_ij = pos_j - pos_i`` (3 numbers in whatever frame the caller
+gives), ``e_attr_ij`` = (|e_vec|^2, typed edge inputs). Node inputs are all typed fields of the
+task flattened and concatenated (positions included), so nothing here respects O(3).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+from torch_geometric.nn import MessagePassing, global_add_pool
+
+from ..suite.fieldtypes import POINT, field_dim
+from ..suite.spec import TaskSpec
+
+
+def mlp(sizes: list[int], act: type[nn.Module] = nn.SiLU, last_act: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or last_act:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class BackboneLayer(MessagePassing):
+    """One residual message-passing layer; ``message`` arguments are named so that wrappers
+    (tensor frames) can transform ``h_j`` and ``edge_vec`` with PyG's message hooks."""
+
+    def __init__(self, width: int, edge_dim: int) -> None:
+        super().__init__(aggr="add")
+        self.phi = mlp([2 * width + 3 + edge_dim, width, width], last_act=True)
+        self.psi = mlp([2 * width, width, width])
+
+    def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor,
+                edge_attr: torch.Tensor, **propagate_kwargs) -> torch.Tensor:
+        m = self.propagate(edge_index, h=h, edge_vec=edge_vec, edge_attr=edge_attr, **propagate_kwargs)
+        return h + self.psi(torch.cat([h, m], dim=-1))
+
+    def message(self, h_i: torch.Tensor, h_j: torch.Tensor, edge_vec: torch.Tensor,
+                edge_attr: torch.Tensor) -> torch.Tensor:
+        return self.phi(torch.cat([h_i, h_j, edge_vec, edge_attr], dim=-1))
+
+
+class Backbone(nn.Module):
+    """Embedding -> ``depth`` x ``BackboneLayer`` -> per-node head, on plain tensors."""
+
+    def __init__(self, in_dim: int, edge_dim: int, out_dim: int, width: int = 64, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = mlp([in_dim, width, width])
+        self.layers = nn.ModuleList(BackboneLayer(width, edge_dim) for _ in range(depth))
+        self.head = mlp([width, width, out_dim])
+        self.width, self.depth = width, depth
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor,
+                edge_attr: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h, edge_index, edge_vec, edge_attr)
+        return self.head(h)
+
+
+def node_features(batch: Batch, spec: TaskSpec) -> torch.Tensor:
+    """All typed node inputs, flattened and concatenated in ``spec.inputs`` order."""
+    return torch.cat([batch[k].reshape(batch[k].shape[0], -1) for k in spec.inputs], dim=-1)
+
+
+def edge_geometry(batch: Batch, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(edge_vec, edge_attr)``: pos_j - pos_i for the first point field (zeros if none) and
+    (|edge_vec|^2, typed edge inputs). PyG convention: edge (j -> i) is ``edge_index[:, e] = (j, i)``."""
+    src, dst = batch.edge_index
+    points = spec.point_fields
+    if points:
+        pos = batch[points[0]]
+        vec = pos[src] - pos[dst]
+    else:
+        vec = torch.zeros(src.numel(), 3, dtype=torch.get_default_dtype(), device=src.device)
+    extra = [batch[k].reshape(src.numel(), -1) for k in spec.edge_inputs]
+    attr = torch.cat([(vec * vec).sum(-1, keepdim=True), *extra], dim=-1)
+    return vec, attr
+
+
+def edge_attr_dim(spec: TaskSpec) -> int:
+    return 1 + sum(field_dim(t) for t in spec.edge_inputs.values())
+
+
+def readout(out: torch.Tensor, batch: Batch, spec: TaskSpec) -> torch.Tensor:
+    """Per-node head output -> prediction of ``spec.output``: sum-pooled for graph-level
+    outputs; a displacement added to the first point input for ``"point"`` outputs."""
+    if spec.level == "graph":
+        out = global_add_pool(out, batch.batch, size=int(batch.num_graphs))
+    if spec.output == POINT:
+        out = out + batch[spec.point_fields[0]]
+    return out
+
+
+class BackboneModel(nn.Module):
+    """The backbone applied to a batch of a task: ``model(batch) -> prediction``."""
+
+    def __init__(self, spec: TaskSpec, width: int = 64, depth: int = 4) -> None:
+        super().__init__()
+        self.spec = spec
+        in_dim = sum(field_dim(t) for t in spec.inputs.values())
+        self.net = Backbone(in_dim, edge_attr_dim(spec), field_dim(spec.output), width, depth)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        vec, attr = edge_geometry(batch, self.spec)
+        out = self.net(node_features(batch, self.spec), batch.edge_index, vec, attr)
+        return readout(out, batch, self.spec)

@@ -1,0 +1,96 @@
+"""The adapter interface every method implements.
+
+A ``Method`` is a configured recipe; ``build(spec, seed)`` returns a ``torch.nn.Module`` with
+``model(batch) -> Tensor`` of shape ``[N, field_dim(spec.output)]`` (node level) or
+``[B, field_dim(spec.output)]`` (graph level). Training-time behaviour belongs to the method,
+through hooks that default to doing nothing, so the runner never branches on a method's name.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+
+from ..suite.spec import TaskSpec
+
+
+class Method:
+    """Base class of all adapters. Subclasses take their options as keyword-only ``__init__``
+    arguments with type hints (validated by ``get_method``), and set the class attributes:
+
+    * ``domains``: task domains supported ("graph3d", "image2d");
+    * ``exact``: equivariance holds by construction (held to 1e-10 fp64 / 1e-4 fp32 in tests);
+    * ``group``: the group it is equivariant to when exact ("O3" includes reflections; "SO3"
+      does not); translations are always handled when the task has point inputs.
+    """
+
+    name: ClassVar[str] = "?"
+    domains: ClassVar[tuple[str, ...]] = ("graph3d",)
+    exact: bool = False
+    group: str | None = None
+    #: wrapping methods (same backbone) report their overhead against it
+    wraps_backbone: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        self.options = dict(options)
+
+    def supports(self, spec: TaskSpec) -> str | None:
+        """``None`` when the method can run ``spec``; else the reason it is not applicable."""
+        if spec.domain not in self.domains:
+            return f"{self.name} supports domains {list(self.domains)}, task is {spec.domain!r}"
+        return None
+
+    def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+        raise NotImplementedError
+
+    # ---- hooks (default: nothing) -------------------------------------------------------
+    def train_transform(self, batch: Batch, spec: TaskSpec, generator: torch.Generator) -> Batch:
+        """Transform a training batch before the forward pass (e.g. data augmentation)."""
+        return batch
+
+    def auxiliary_loss(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> torch.Tensor | None:
+        """Extra loss term added to the task loss (e.g. a canonicaliser's prior)."""
+        return None
+
+    def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:
+        """Method-specific evaluation numbers (e.g. the identity metric), averaged over test batches."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "exact": self.exact, "group": self.group, **self.options}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_at_params(factory: Callable[[int], nn.Module], target: int | None, default: int,
+                    lo: int = 2, hi: int = 2048, tolerance: float = 0.10) -> nn.Module:
+    """Build ``factory(size)`` with the integer ``size`` whose parameter count is closest to
+    ``target`` (bisection; parameter counts grow monotonically with size). ``target=None``
+    builds ``factory(default)``. Raises ``ValueError`` if no size lands within ``tolerance``."""
+    if target is None:
+        return factory(default)
+    rng_state = torch.random.get_rng_state()
+
+    def count(size: int) -> int:
+        torch.random.set_rng_state(rng_state)
+        return count_parameters(factory(size))
+
+    a, b = lo, hi
+    while b - a > 1:
+        mid = (a + b) // 2
+        if count(mid) < target:
+            a = mid
+        else:
+            b = mid
+    best = min((a, b), key=lambda s: abs(count(s) - target))
+    torch.random.set_rng_state(rng_state)
+    model = factory(best)
+    n = count_parameters(model)
+    if abs(n - target) > tolerance * target:
+        raise ValueError(f"cannot build within {tolerance:.0%} of {target} parameters "
+                         f"(closest: {n} at size {best})")
+    return model

@@ -1,0 +1,1 @@
+"""The engine: specs, registry, group actions, metrics, runner, store, report, CLI."""

@@ -1,0 +1,20 @@
+"""Errors that mean "the user asked for something wrong" (exit code 2, one clear line)."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input from the user: unknown name, malformed suite file, wrong option type.
+
+    The CLI prints ``str(err)`` as a single line on stderr and exits with code 2.
+    """
+
+
+def did_you_mean(kind: str, name: str, choices: Iterable[str]) -> UserError:
+    """A ``UserError`` for an unknown ``name`` with close matches from ``choices``."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UserError(f"unknown {kind} {name!r}{hint} (known: {', '.join(choices) or 'none'})")

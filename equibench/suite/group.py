@@ -1,0 +1,137 @@
+"""Sampling group elements of E(3) and acting with them on batches and predictions.
+
+An element g = (R, t, P) holds one rotation/reflection ``R_b`` in O(3) (or SO(3)) and one
+translation ``t_b`` per graph b, plus a node permutation P that reorders nodes *within* each
+graph. It acts on every typed field of a batch (DESIGN.md's type vocabulary), on typed edge
+fields, on the target and on a model's prediction, the same way for every method and metric.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from e3nn import o3
+from torch_geometric.data import Batch
+
+from .errors import UserError
+from .fieldtypes import POINT, is_invariant, representation
+from .spec import TaskSpec
+
+# groups acting on 3-D graphs: name -> (reflections included, translations included)
+GROUPS_3D = {
+    "E3": (True, True), "O3": (True, False), "SE3": (False, True), "SO3": (False, False),
+}
+
+
+def group_flags(group: str) -> tuple[bool, bool]:
+    """(reflections, translations) for a 3-D group name."""
+    if group not in GROUPS_3D:
+        raise UserError(f"unknown 3-D group {group!r} (known: {', '.join(GROUPS_3D)})")
+    return GROUPS_3D[group]
+
+
+def common_group(task_group: str, method_group: str | None) -> str:
+    """The largest group both the task's target and the method respect (for measurement)."""
+    if method_group is None:
+        return task_group
+    refl_t, trans_t = group_flags(task_group)
+    refl_m, trans_m = group_flags(method_group)
+    # methods that handle point inputs always handle translations (they centre / use differences)
+    refl = refl_t and refl_m
+    trans = trans_t
+    for name, flags in GROUPS_3D.items():
+        if flags == (refl, trans):
+            return name
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class GroupElement:
+    R: torch.Tensor  # [B, 3, 3] in O(3)
+    t: torch.Tensor  # [B, 3]
+    perm: torch.Tensor | None = None  # [N]: new node k is old node perm[k]
+
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "GroupElement":
+        perm = None if self.perm is None else self.perm.to(device or self.perm.device)
+        return GroupElement(self.R.to(device=device, dtype=dtype), self.t.to(device=device, dtype=dtype), perm)
+
+
+def sample_rotations(n: int, reflections: bool, generator: torch.Generator,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``n`` Haar-random rotations (QR of a Gaussian matrix); with ``reflections`` half get det -1."""
+    A = torch.randn(n, 3, 3, generator=generator, dtype=torch.float64)
+    Q, Rr = torch.linalg.qr(A)
+    Q = Q * torch.sign(torch.diagonal(Rr, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar measure
+    det = torch.linalg.det(Q)
+    Q = Q * det.sign()[:, None, None]  # now in SO(3) (det of -Q is -det Q in 3-D)
+    if reflections:
+        flip = torch.rand(n, generator=generator) < 0.5
+        Q = torch.where(flip[:, None, None], -Q, Q)
+    return Q.to(dtype)
+
+
+def _within_graph_permutation(batch_vec: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    keys = torch.rand(batch_vec.numel(), generator=generator, dtype=torch.float64)
+    # sort by (graph, random key): stays sorted by graph, random order inside each graph
+    order = torch.argsort(batch_vec.double().cpu() * 2.0 + keys)
+    return order.to(batch_vec.device)
+
+
+def sample_element(batch: Batch, group: str, generator: torch.Generator,
+                   permute: bool = True, translation_scale: float = 1.0) -> GroupElement:
+    """One random element per graph of ``batch`` for the 3-D group named ``group``."""
+    reflections, translations = group_flags(group)
+    B = int(batch.num_graphs)
+    R = sample_rotations(B, reflections, generator)
+    t = torch.randn(B, 3, generator=generator, dtype=torch.float64) * translation_scale
+    if not translations:
+        t = torch.zeros_like(t)
+    perm = _within_graph_permutation(batch.batch, generator) if permute else None
+    return GroupElement(R, t, perm)
+
+
+def _act(value: torch.Tensor, t: str, g: GroupElement, rows: torch.Tensor) -> torch.Tensor:
+    if is_invariant(t):
+        return value
+    D = representation(t, g.R.to(value.dtype))[rows]
+    out = torch.einsum("nij,nj->ni", D, value)
+    if t == POINT:
+        out = out + g.t.to(value.dtype)[rows]
+    return out
+
+
+def act_on_output(out: torch.Tensor, spec: TaskSpec, g: GroupElement, batch: Batch) -> torch.Tensor:
+    """rho_out(g) applied to a prediction or target of type ``spec.output`` (node or graph level)."""
+    if spec.level == "graph":
+        return _act(out, spec.output, g, torch.arange(out.shape[0], device=out.device))
+    res = _act(out, spec.output, g, batch.batch)
+    return res if g.perm is None else res[g.perm]
+
+
+def act_on_batch(batch: Batch, spec: TaskSpec, g: GroupElement, target: bool = True) -> Batch:
+    """g applied to every typed node/edge field (and the target ``y`` if ``target``).
+
+    Returns a new batch; the input batch is not modified. Node permutation relabels nodes and
+    ``edge_index`` consistently.
+    """
+    new = batch.clone()
+    rows = batch.batch
+    for name, t in spec.inputs.items():
+        new[name] = _act(batch[name], t, g, rows)
+    if spec.edge_inputs:
+        erows = batch.batch[batch.edge_index[0]]
+        for name, t in spec.edge_inputs.items():
+            new[name] = _act(batch[name], t, g, erows)
+    if target and "y" in batch:
+        new.y = act_on_output(batch.y, spec, g, batch)  # already in permuted node order
+    if g.perm is not None:
+        perm = g.perm
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        for key in list(new.keys()):
+            if key in ("y", "edge_index") or not torch.is_tensor(new[key]):
+                continue
+            if batch.is_node_attr(key):
+                new[key] = new[key][perm]
+        new.edge_index = inv[batch.edge_index]
+    return new

@@ -1,0 +1,174 @@
+"""Registries of methods and tasks.
+
+``@register_method("name")`` / ``@register_task("name")`` add a class; third-party packages add
+entries through the entry-point groups ``equibench.methods`` / ``equibench.tasks``, and
+``load_plugin(path)`` imports a file that registers its own. ``get_method(name, **options)``
+validates option names and types against the class's ``__init__`` signature.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+import types
+import typing
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from .errors import UserError, did_you_mean
+
+T = TypeVar("T")
+
+_METHODS: dict[str, type] = {}
+_TASKS: dict[str, type] = {}
+_BUILTINS_LOADED = False
+_ENTRY_POINTS_LOADED = False
+
+
+def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type[T]], type[T]]:
+    def decorator(cls: type[T]) -> type[T]:
+        if name in table and table[name] is not cls and table[name].__qualname__ != cls.__qualname__:
+            raise ValueError(f"{kind} {name!r} is already registered by {table[name].__module__}")
+        cls.name = name  # type: ignore[attr-defined]
+        table[name] = cls
+        return cls
+    return decorator
+
+
+def register_method(name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: make a ``Method`` subclass available as ``get_method(name)``."""
+    return _register(_METHODS, "method", name)
+
+
+def register_task(name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: make a ``Task`` subclass available as ``get_task(name)``."""
+    return _register(_TASKS, "task", name)
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED, _ENTRY_POINTS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("equibench.methods")
+        importlib.import_module("equibench.datasets")
+    if not _ENTRY_POINTS_LOADED:
+        _ENTRY_POINTS_LOADED = True
+        for group in ("equibench.methods", "equibench.tasks"):
+            for ep in entry_points(group=group):
+                ep.load()  # importing the module runs its @register_* decorators
+
+
+def load_plugin(path: str | Path) -> list[str]:
+    """Import a Python file that registers methods or tasks; returns the names it added."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"plugin file not found: {path}")
+    _load_builtins()
+    before = set(_METHODS) | {f"task:{t}" for t in _TASKS}
+    mod_name = f"equibench_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+    if mod_name in sys.modules:
+        return list(getattr(sys.modules[mod_name], "__equibench_added__", []))
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[mod_name]
+        raise UserError(f"plugin {path} failed to import: {type(err).__name__}: {err}") from None
+    added = sorted((set(_METHODS) | {f"task:{t}" for t in _TASKS}) - before)
+    if not added:
+        del sys.modules[mod_name]
+        raise UserError(f"plugin {path} does not register any method or task "
+                        "(use @register_method / @register_task)")
+    module.__equibench_added__ = added  # type: ignore[attr-defined]
+    return added
+
+
+def list_methods() -> list[str]:
+    _load_builtins()
+    return sorted(_METHODS)
+
+
+def list_tasks() -> list[str]:
+    _load_builtins()
+    return sorted(_TASKS)
+
+
+def method_class(name: str) -> type:
+    _load_builtins()
+    if not isinstance(name, str) or name not in _METHODS:
+        raise did_you_mean("method", str(name), _METHODS)
+    return _METHODS[name]
+
+
+def task_class(name: str) -> type:
+    _load_builtins()
+    if not isinstance(name, str) or name not in _TASKS:
+        raise did_you_mean("task", str(name), _TASKS)
+    return _TASKS[name]
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def validate_options(cls: type, kind: str, options: dict[str, Any]) -> None:
+    """Check option names and types against ``cls.__init__``; raise ``UserError`` otherwise."""
+    sig = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    params = {k: p for k, p in sig.parameters.items() if k != "self" and p.kind is p.KEYWORD_ONLY
+              or (k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)}
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for key, value in options.items():
+        if key not in params:
+            if accepts_any:
+                continue
+            raise UserError(f"{kind} {cls.name!r} has no option {key!r}"
+                            f" (options: {', '.join(sorted(params)) or 'none'})")
+        ann = hints.get(key, params[key].annotation)
+        if not _type_ok(value, ann):
+            tname = getattr(ann, "__name__", str(ann))
+            raise UserError(f"{kind} {cls.name!r} option {key!r} must be {tname}, got {value!r}")
+
+
+def get_method(name: str, **options: Any):
+    """An instance of the method registered as ``name`` with validated ``options``."""
+    cls = method_class(name)
+    validate_options(cls, "method", options)
+    try:
+        return cls(**options)
+    except ValueError as err:
+        raise UserError(f"method {name!r}: {err}") from None
+
+
+def get_task(name: str, **options: Any):
+    """An instance of the task registered as ``name`` with validated ``options``."""
+    cls = task_class(name)
+    validate_options(cls, "task", options)
+    try:
+        return cls(**options)
+    except ValueError as err:
+        raise UserError(f"task {name!r}: {err}") from None
