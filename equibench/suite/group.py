@@ -14,7 +14,8 @@ from e3nn import o3
 from torch_geometric.data import Batch
 
 from .errors import UserError
-from .fieldtypes import POINT, is_invariant, representation
+from .fieldtypes import POINT, irreps, is_invariant, representation
+from .precision import default_dtype
 from .spec import TaskSpec
 
 # groups acting on 3-D graphs: name -> (reflections included, translations included)
@@ -55,6 +56,30 @@ class GroupElement:
         perm = None if self.perm is None else self.perm.to(device or self.perm.device)
         return GroupElement(self.R.to(device=device, dtype=dtype), self.t.to(device=device, dtype=dtype), perm)
 
+    def rep(self, t: str, dtype: torch.dtype) -> torch.Tensor:
+        """``rho_t(R_b)`` for every graph b: ``[B, d, d]``."""
+        return representation(t, self.R.to(dtype))
+
+
+def so3_generator_rep(t: str, k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """d rho_t(A_k): the k-th so(3) generator (e3nn basis; x, y, z for l = 1) acting on type ``t``."""
+    with default_dtype(dtype):
+        blocks = [o3.so3_generators(ir.l)[k] for mul, ir in irreps(t) for _ in range(mul)]
+        return torch.block_diag(*blocks).to(dtype)
+
+
+@dataclass
+class OneParameterElement(GroupElement):
+    """exp(s A_k) for all graphs, with ``rho_t = matrix_exp(s d rho_t(A_k))`` computed exactly
+    (no Euler angles, so it is accurate near the identity; used for the Lie derivative)."""
+
+    k: int = 0
+    s: float = 0.0
+
+    def rep(self, t: str, dtype: torch.dtype) -> torch.Tensor:
+        D = torch.matrix_exp(self.s * so3_generator_rep(t, self.k, dtype))
+        return D.to(self.R.device).expand(self.R.shape[0], -1, -1)
+
 
 def sample_rotations(n: int, reflections: bool, generator: torch.Generator,
                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -93,7 +118,7 @@ def sample_element(batch: Batch, group: str, generator: torch.Generator,
 def _act(value: torch.Tensor, t: str, g: GroupElement, rows: torch.Tensor) -> torch.Tensor:
     if is_invariant(t):
         return value
-    D = representation(t, g.R.to(value.dtype))[rows]
+    D = g.rep(t, value.dtype).to(value.device)[rows]
     out = torch.einsum("nij,nj->ni", D, value)
     if t == POINT:
         out = out + g.t.to(value.dtype)[rows]

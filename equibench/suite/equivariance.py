@@ -1,0 +1,146 @@
+"""Equivariance error and Lie derivative (DESIGN.md, "Metrics").
+
+For K sampled elements g = (R, t, P) (R in O(3) or SO(3) per ``group``, a translation when the
+task has ``"point"`` inputs, a within-graph node permutation P), per graph b:
+
+    rel_b(g) = || f(g.X)_b - rho_out(g) f(X)_b || / (|| f(X)_b || + eps)
+
+(Frobenius norm over the graph's nodes and components). Reported: mean, median and max of rel
+over graphs and samples, and ``abs_max`` = max |f(g.X) - rho_out(g) f(X)| elementwise.
+Models run in eval mode, without gradients, in ``dtype``; a model whose parameters are in
+another dtype is copied and cast (which cannot fix e3nn's constants: build the model under
+``default_dtype(torch.float64)`` for a structural float64 measurement, as the runner does).
+
+The Lie derivative along so(3) generator A_k is d/ds [rho_out(exp(-sA_k)) f(exp(sA_k).X)] at
+s = 0, taken by a central difference of the *true* function in float64 (see docs/design.md:
+autograd's jvp would miss the dependence through detached frames of frame averaging and
+canonicalisation).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+from torch_geometric.utils import scatter
+
+from .group import GroupElement, OneParameterElement, act_on_batch, act_on_output, sample_element
+from .precision import default_dtype, dtype_name
+from .spec import TaskSpec
+
+EPS = 1e-12
+
+
+def cast_batch(batch: Batch, dtype: torch.dtype) -> Batch:
+    """A copy of ``batch`` with every floating tensor in ``dtype``."""
+    new = batch.clone()
+    for key in list(new.keys()):
+        val = new[key]
+        if torch.is_tensor(val) and val.is_floating_point():
+            new[key] = val.to(dtype)
+    return new
+
+
+def model_in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself if its floating parameters/buffers are all ``dtype``; else a cast copy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return model
+    if dtype == torch.float64:
+        warnings.warn("equivariance_error: casting a model to float64 after building it; constants "
+                      "made at build time (e3nn) keep their precision. Build under "
+                      "default_dtype(torch.float64) for a structural measurement.", stacklevel=3)
+    return copy.deepcopy(model).to(dtype)
+
+
+def _per_graph_norm(x: torch.Tensor, spec: TaskSpec, batch: Batch) -> torch.Tensor:
+    sq = x.reshape(x.shape[0], -1).pow(2).sum(-1)
+    if spec.level == "node":
+        sq = scatter(sq, batch.batch, dim=0, dim_size=int(batch.num_graphs), reduce="sum")
+    return sq.sqrt()
+
+
+def graph_index_after(batch: Batch, g: GroupElement) -> torch.Tensor:
+    return batch.batch if g.perm is None else batch.batch[g.perm]
+
+
+def _summary(rel: torch.Tensor, abs_max: float, **extra: Any) -> dict[str, Any]:
+    rel = rel.double()
+    return {"rel_mean": rel.mean().item(), "rel_median": rel.median().item(),
+            "rel_max": rel.max().item(), "abs_max": abs_max, **extra}
+
+
+@torch.no_grad()
+def equivariance_error(model: nn.Module, batch: Batch, spec: TaskSpec, n_samples: int = 8,
+                       dtype: torch.dtype = torch.float64, group: str | None = None,
+                       seed: int = 0, permute: bool = True) -> dict[str, Any]:
+    """Relative equivariance error of ``model`` on ``batch`` (see module docstring).
+
+    ``group`` defaults to the task's group (E(3) with reflections for n-body); pass "SO3"/"SE3"
+    for a method that only claims rotations. Returns ``rel_mean``, ``rel_median``, ``rel_max``,
+    ``abs_max``, ``n_samples``, ``n_graphs``, ``dtype`` and ``group``.
+    """
+    group = group or spec.group
+    gen = torch.Generator().manual_seed(seed)
+    model = model_in_dtype(model, dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with default_dtype(dtype):
+            device = next((p.device for p in model.parameters()), batch.edge_index.device)
+            x = cast_batch(batch, dtype).to(device)
+            fx = model(x)
+            rels, abs_max = [], 0.0
+            for _ in range(n_samples):
+                g = sample_element(x, group, gen, permute=permute).to(dtype, device)
+                fgx = model(act_on_batch(x, spec, g, target=False))
+                diff = fgx - act_on_output(fx, spec, g, x)
+                num = _per_graph_norm(diff, spec, x if g.perm is None else _permuted(x, g))
+                rels.append(num / (_per_graph_norm(fx, spec, x) + EPS))
+                abs_max = max(abs_max, diff.abs().max().item())
+    finally:
+        model.train(was_training)
+    return _summary(torch.cat(rels), abs_max, n_samples=n_samples, n_graphs=int(batch.num_graphs),
+                    dtype=dtype_name(dtype), group=group)
+
+
+def _permuted(batch: Batch, g: GroupElement) -> Batch:
+    """A light view whose ``batch`` vector follows the permuted node order (for per-graph norms)."""
+    view = Batch()
+    view.batch = batch.batch[g.perm]
+    view._num_graphs = int(batch.num_graphs)
+    return view
+
+
+@torch.no_grad()
+def lie_derivative(model: nn.Module, batch: Batch, spec: TaskSpec, step: float = 1e-4,
+                   dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+    """Norm of the Lie derivative along the three so(3) generators, relative to ||f(X)|| per
+    graph: ``rel_mean`` / ``rel_max`` over graphs and generators (central difference, ``step``)."""
+    model = model_in_dtype(model, dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with default_dtype(dtype):
+            device = next((p.device for p in model.parameters()), batch.edge_index.device)
+            x = cast_batch(batch, dtype).to(device)
+            fx = model(x)
+            B = int(x.num_graphs)
+            base = dict(R=torch.eye(3, dtype=dtype, device=device).expand(B, 3, 3),
+                        t=torch.zeros(B, 3, dtype=dtype, device=device))
+            rels, abs_max = [], 0.0
+
+            def pulled_back(k: int, s: float) -> torch.Tensor:
+                out = model(act_on_batch(x, spec, OneParameterElement(**base, k=k, s=s), target=False))
+                return act_on_output(out, spec, OneParameterElement(**base, k=k, s=-s), x)
+
+            for k in range(3):
+                deriv = (pulled_back(k, step) - pulled_back(k, -step)) / (2 * step)
+                rels.append(_per_graph_norm(deriv, spec, x) / (_per_graph_norm(fx, spec, x) + EPS))
+                abs_max = max(abs_max, deriv.abs().max().item())
+    finally:
+        model.train(was_training)
+    return _summary(torch.cat(rels), abs_max, dtype=dtype_name(dtype), step=step)
