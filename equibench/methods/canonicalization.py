@@ -1,0 +1,217 @@
+"""``canonicalization``: a learned O(3)-equivariant canonicaliser in front of the shared backbone
+(Kaba et al., ICML 2023; Mondal et al., NeurIPS 2023 / ``equiadapt``).
+
+A small network c (``VectorCanonicaliser``) maps a graph to vectors u_1..u_3 (and u_4 if
+``learn_translation``) with c(Q X + s) = Q c(X) for Q in O(3): invariant scalars (charges, Gram
+matrix of each node's vectors, squared edge lengths) drive an EGNN-style scalar network whose
+outputs weight equivariant vectors (centred positions x_i - x_bar, l = 1 odd fields such as
+velocities, edge vectors x_j - x_i), summed over the graph. Gram-Schmidt gives the frame
+F = [e1, e2, e3] (``pca_frames.gram_schmidt``; for "O3" e3 = sign(<u3, e1 x e2>) e1 x e2, so
+F(QX) = Q F(X) and det F = +-1; for "SO3" det F = +1), R = F^T (rows = axes), and the origin
+t = x_bar (+ u_4). The backbone phi sees the canonical input R (x - t), R v, and
+
+    f(X) = rho_out(R^T, t) phi(R (X - t)),
+
+exactly E(3)- (resp. SE(3)-) equivariant wherever u_1, u_2 are non-zero and non-parallel and
+<u3, e1 x e2> != 0. Gradients flow through R into the canonicaliser.
+
+Prior (``auxiliary_loss``): ``prior_weight * mean((R - I)^2)`` over graphs and the 9 entries,
+pushing the canonical orientation towards the data's own (default weight 100 as in equiadapt's
+examples). ``extra_metrics``: ``identity_metric`` = share of graphs with det R = +1 and rotation
+angle arccos((tr R - 1) / 2) <= ``identity_angle`` degrees; ``prior_mse`` = mean((R - I)^2);
+``mean_angle_deg``. The parameter count (``params``) is matched over canonicaliser + backbone.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+from torch_geometric.utils import scatter
+
+from ..suite.fieldtypes import POINT, irreps
+from ..suite.registry import register_method
+from ..suite.spec import TaskSpec
+from .backbone import BackboneModel, mlp
+from .base import Method, build_at_params
+from .baseline import Baseline
+from .pca_frames import apply_in_frame, centroid, check_group, first_point_field, frame_support, gram_schmidt
+
+
+def _field_layout(t: str) -> tuple[list[int], list[int]]:
+    """Column indices of the 0e scalars and start columns of the 1o vectors of a field."""
+    if t == POINT:
+        return [], [0]
+    scalars, vectors, offset = [], [], 0
+    for mul, ir in irreps(t):
+        for _ in range(mul):
+            if ir.l == 0 and ir.p == 1:
+                scalars.append(offset)
+            elif ir.l == 1 and ir.p == -1:
+                vectors.append(offset)
+            offset += ir.dim
+    return scalars, vectors
+
+
+class VectorCanonicaliser(nn.Module):
+    """Exactly O(3)-equivariant, translation-invariant map graph -> ``n_out`` vectors ``[B, n_out, 3]``.
+
+    Uses only the 0e and 1o parts of the typed inputs (other irreps are ignored: still exact,
+    just less information) and the 0e edge inputs.
+    """
+
+    def __init__(self, spec: TaskSpec, hidden: int = 32, depth: int = 2, n_out: int = 3) -> None:
+        super().__init__()
+        self.spec, self.n_out = spec, n_out
+        self.point = first_point_field(spec)
+        self.layout = {k: _field_layout(t) for k, t in spec.inputs.items()}
+        self.edge_layout = {k: _field_layout(t)[0] for k, t in spec.edge_inputs.items()}
+        n_s = sum(len(s) for s, _ in self.layout.values())
+        self.n_v = sum(len(v) for _, v in self.layout.values())
+        n_e = 1 + sum(len(s) for s in self.edge_layout.values())
+        self.embed = mlp([n_s + self.n_v * (self.n_v + 1) // 2, hidden, hidden])
+        self.phi = nn.ModuleList(mlp([2 * hidden + n_e, hidden, hidden], last_act=True) for _ in range(depth))
+        self.psi = nn.ModuleList(mlp([2 * hidden, hidden, hidden]) for _ in range(depth))
+        self.node_coef = nn.Linear(hidden, self.n_v * n_out)
+        self.edge_coef = nn.Linear(hidden, n_out)
+
+    def node_inputs(self, batch: Batch, x_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Invariant scalars ``[N, n_s]`` and equivariant vectors ``[N, n_v, 3]`` (points centred)."""
+        scal, vecs = [], []
+        for name, (s_idx, v_idx) in self.layout.items():
+            val = batch[name].reshape(batch[name].shape[0], -1)
+            if self.spec.inputs[name] == POINT:
+                val = val - x_bar[batch.batch]
+            scal.extend(val[:, i:i + 1] for i in s_idx)
+            vecs.extend(val[:, i:i + 3] for i in v_idx)
+        V = torch.stack(vecs, dim=1)
+        S = torch.cat(scal, dim=-1) if scal else V.new_zeros(V.shape[0], 0)
+        return S, V
+
+    def forward(self, batch: Batch, x_bar: torch.Tensor) -> torch.Tensor:
+        B = int(batch.num_graphs)
+        S, V = self.node_inputs(batch, x_bar)
+        iu = torch.triu_indices(self.n_v, self.n_v, device=V.device)
+        gram = torch.einsum("nad,nbd->nab", V, V)[:, iu[0], iu[1]]
+        h = self.embed(torch.cat([S, gram], dim=-1))
+        src, dst = batch.edge_index
+        pos = batch[self.point]
+        evec = pos[src] - pos[dst]
+        e_s = [(evec * evec).sum(-1, keepdim=True)]
+        for name, idx in self.edge_layout.items():
+            val = batch[name].reshape(src.numel(), -1)
+            e_s.extend(val[:, i:i + 1] for i in idx)
+        e_s = torch.cat(e_s, dim=-1)
+        for phi, psi in zip(self.phi, self.psi):
+            m = phi(torch.cat([h[dst], h[src], e_s], dim=-1))
+            h = h + psi(torch.cat([h, scatter(m, dst, dim=0, dim_size=h.shape[0], reduce="sum")], dim=-1))
+        a = self.node_coef(h).reshape(-1, self.n_v, self.n_out)
+        u_node = scatter(torch.einsum("nvk,nvd->nkd", a, V), batch.batch, dim=0, dim_size=B, reduce="sum")
+        b = self.edge_coef(m)
+        u_edge = scatter(b.unsqueeze(-1) * evec.unsqueeze(1), batch.batch[dst], dim=0, dim_size=B, reduce="sum")
+        return u_node + u_edge
+
+
+class _LastFrame:
+    """The last forward's (batch, R), so the prior loss reuses R (with its graph). Copies and
+    pickles start empty: a non-leaf tensor cannot be deep-copied (``model_in_dtype`` copies)."""
+
+    def __init__(self) -> None:
+        self.batch: Batch | None = None
+        self.R: torch.Tensor | None = None
+
+    def store(self, batch: Batch, R: torch.Tensor) -> None:
+        self.batch, self.R = batch, R
+
+    def __deepcopy__(self, memo: dict) -> "_LastFrame":
+        return _LastFrame()
+
+    def __getstate__(self) -> dict:
+        return {"batch": None, "R": None}
+
+
+class CanonicalisedModel(nn.Module):
+    """``f(X) = rho_out(R^T, t) phi(R (X - t))`` with a learned frame (module docstring)."""
+
+    def __init__(self, canonicaliser: VectorCanonicaliser, backbone: nn.Module, spec: TaskSpec,
+                 group: str, learn_translation: bool) -> None:
+        super().__init__()
+        self.canonicaliser, self.backbone, self.spec = canonicaliser, backbone, spec
+        self.group, self.learn_translation = group, learn_translation
+        self.point = first_point_field(spec)
+        self._last = _LastFrame()
+
+    def frame(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F [B, 3, 3] columns = axes, t [B, 3])``; the rotation applied to inputs is R = F^T."""
+        x_bar = centroid(batch[self.point], batch.batch, int(batch.num_graphs))
+        u = self.canonicaliser(batch, x_bar)
+        F = gram_schmidt(u[:, :3], self.group)
+        t = x_bar + u[:, 3] if self.learn_translation else x_bar
+        return F, t
+
+    def rotation(self, batch: Batch) -> torch.Tensor:
+        """R = F^T per graph, reusing the last forward's frame when called on the same batch."""
+        if self._last.batch is batch:
+            return self._last.R
+        return self.frame(batch)[0].transpose(-1, -2)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        F, t = self.frame(batch)
+        self._last.store(batch, F.transpose(-1, -2))
+        return apply_in_frame(self.backbone, batch, self.spec, F, t)
+
+
+def rotation_angle_deg(R: torch.Tensor) -> torch.Tensor:
+    """Angle of each proper rotation in degrees; improper matrices (det -1) get 180 + their
+    distance (never 'near the identity')."""
+    cos = ((torch.diagonal(R, dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    ang = torch.rad2deg(torch.acos(cos))
+    return torch.where(torch.linalg.det(R) > 0, ang, ang + 180.0)
+
+
+@register_method("canonicalization")
+class Canonicalization(Baseline):
+    exact = True
+    group = "O3"
+
+    def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, group: str = "O3",
+                 prior_weight: float = 100.0, canon_width: int = 32, canon_depth: int = 2,
+                 learn_translation: bool = True, identity_angle: float = 10.0) -> None:
+        super().__init__(width=width, depth=depth, params=params)
+        if canon_width < 1 or canon_depth < 1:
+            raise ValueError("canon_width and canon_depth must be positive")
+        self.group = check_group(group)
+        self.prior_weight, self.identity_angle = float(prior_weight), float(identity_angle)
+        self.canon_width, self.canon_depth = canon_width, canon_depth
+        self.learn_translation = learn_translation
+        self.options.update(group=group, prior_weight=prior_weight, canon_width=canon_width,
+                            canon_depth=canon_depth, learn_translation=learn_translation,
+                            identity_angle=identity_angle)
+
+    def supports(self, spec: TaskSpec) -> str | None:
+        return Method.supports(self, spec) or frame_support(spec)
+
+    def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+        n_out = 4 if self.learn_translation else 3
+
+        def factory(w: int) -> nn.Module:
+            canon = VectorCanonicaliser(spec, self.canon_width, self.canon_depth, n_out)
+            return CanonicalisedModel(canon, BackboneModel(spec, w, self.depth), spec, self.group,
+                                      self.learn_translation)
+
+        return build_at_params(factory, self.params, self.width)
+
+    def auxiliary_loss(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> torch.Tensor | None:
+        if self.prior_weight == 0:
+            return None
+        R = model.rotation(batch)
+        eye = torch.eye(3, dtype=R.dtype, device=R.device)
+        return self.prior_weight * (R - eye).pow(2).mean()
+
+    @torch.no_grad()
+    def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:
+        R = model.rotation(batch)
+        ang = rotation_angle_deg(R.double())
+        eye = torch.eye(3, dtype=R.dtype, device=R.device)
+        return {"identity_metric": (ang <= self.identity_angle).double().mean().item(),
+                "prior_mse": (R - eye).pow(2).mean().item(),
+                "mean_angle_deg": ang.clamp(max=180.0).mean().item()}

@@ -1,0 +1,218 @@
+"""``e3nn``: a tensor-field / NequIP-style network of irreps features (intrinsically O(3)-exact).
+
+Group: E(3) = O(3) (rotations *and* reflections) plus translations. Every node feature h_i is
+a direct sum of O(3) irreps (e3nn layout) and transforms as h_i -> D_h(R) h_i; positions enter
+only through r_ij = pos_j - pos_i (PyG edge j -> i), so translations cancel.
+
+* Node input: the task's non-point node fields concatenated in ``spec.inputs`` order (their
+  e3nn layout, e.g. nbody ``vel`` "1o" + ``charge`` "0e" -> "1o+0e"); any further point field
+  enters as ``p_k - p_0`` ("1o"); with no such field a constant ``1x0e``.
+* Edge: Y(r_ij / |r_ij|) = spherical harmonics l = 0..lmax ("component" normalisation,
+  D_Y(R) Y(x) = Y(R x), parity (-1)^l); invariants e_ij = [B(|r_ij|), s_ij] with B a Gaussian
+  radial basis on [0, r_max] (``num_basis`` functions, optional smooth cutoff) and s_ij the
+  task's invariant edge fields (nbody: q_i q_j). Non-invariant edge fields join Y as a second
+  tensor-product operand.
+* Layer (``depth`` of them), with w_ij = MLP(e_ij) per-edge weights::
+
+      m_i  = (1 / sqrt(avg_degree)) sum_{j in N(i)} TP_{w_ij}(h_j, Y(r_ij))   (Clebsch-Gordan)
+      h_i <- Gate(m_i + Linear(h_i))  (+ h_i when the irreps agree: residual)
+
+  TP is ``o3.FullyConnectedTensorProduct`` (every allowed path l1 x l2 -> l3 with parity
+  p1 p2 = p3); it is equivariant because the CG coefficients intertwine D(R) and the weights
+  are invariant. Gate: even scalars SiLU, odd scalars tanh (an odd function keeps parity),
+  l >= 1 irreps multiplied by sigmoid(gate scalars).
+* Hidden irreps: ``mul`` x 0e + ``mul`` x 0o + ``max(mul // 2, 1)`` x (l, both parities) for
+  1 <= l <= lmax.
+* Readout: ``o3.Linear`` to ``Irreps(spec.output)``; "point" outputs predict a "1o"
+  displacement added to the first point input; graph-level outputs are summed over the nodes
+  of each graph (graph-level points: summed displacement + centroid).
+
+Every map is an intertwiner of O(3), so f(g.X) = rho_out(g) f(X) holds to round-off (build
+under ``default_dtype(torch.float64)`` for a float64 check: e3nn makes its CG constants in the
+default dtype).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import o3
+from e3nn.math import soft_one_hot_linspace
+from e3nn.nn import FullyConnectedNet, Gate
+from torch import nn
+from torch_geometric.data import Batch
+from torch_geometric.nn import global_add_pool, global_mean_pool
+
+from ..suite.fieldtypes import POINT, irreps, is_invariant
+from ..suite.registry import register_method
+from ..suite.spec import TaskSpec
+from .base import Method, build_at_params
+
+
+def hidden_irreps(mul: int, lmax: int) -> tuple[o3.Irreps, o3.Irreps, o3.Irreps]:
+    """(scalars, gates, gated) of one hidden layer: mul x 0e + mul x 0o, and
+    max(mul // 2, 1) x (l, +-1) for 1 <= l <= lmax, each gated by one 0e scalar."""
+    scalars = o3.Irreps(f"{mul}x0e+{mul}x0o")
+    mv = max(mul // 2, 1)
+    gated = o3.Irreps([(mv, (l, p)) for l in range(1, lmax + 1) for p in (-1, 1)])
+    gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
+    return scalars, gates, gated
+
+
+def input_layout(spec: TaskSpec) -> tuple[list[tuple[str, str]], o3.Irreps]:
+    """Node input fields (name, type) in spec order without the first point field, and the
+    irreps of their concatenation (not simplified: that is the concatenated layout). Extra
+    point fields are typed "1o" (they enter relative to the first point)."""
+    first = spec.point_fields[0]
+    fields = [(k, "1o" if t == POINT else t) for k, t in spec.inputs.items() if k != first]
+    if not fields:
+        return [], o3.Irreps("1x0e")
+    return fields, o3.Irreps("+".join(str(irreps(t)) for _, t in fields))
+
+
+class Interaction(nn.Module):
+    """One convolution + self-interaction + gate (see module docstring)."""
+
+    def __init__(self, irreps_in: o3.Irreps, edge_irreps: o3.Irreps, n_invariant: int,
+                 mul: int, lmax: int, radial_hidden: int, avg_degree: float) -> None:
+        super().__init__()
+        scalars, gates, gated = hidden_irreps(mul, lmax)
+        acts = [torch.nn.functional.silu if ir.p == 1 else torch.tanh for _, ir in scalars]
+        self.gate = Gate(scalars, acts, gates, [torch.sigmoid] * len(gates), gated)
+        self.tp = o3.FullyConnectedTensorProduct(irreps_in, edge_irreps, self.gate.irreps_in,
+                                                 shared_weights=False, internal_weights=False)
+        self.radial = FullyConnectedNet([n_invariant, radial_hidden, self.tp.weight_numel],
+                                        torch.nn.functional.silu)
+        self.self_int = o3.Linear(irreps_in, self.gate.irreps_in)
+        self.irreps_in, self.irreps_out = irreps_in, self.gate.irreps_out
+        self.residual = irreps_in == self.irreps_out
+        self.norm = 1.0 / math.sqrt(avg_degree)
+
+    def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor,
+                edge_inv: torch.Tensor) -> torch.Tensor:
+        src, dst = edge_index
+        msg = self.tp(h[src], edge_attr, self.radial(edge_inv))
+        agg = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device)
+        agg = agg.index_add(0, dst, msg) * self.norm
+        out = self.gate(agg + self.self_int(h))
+        return h + out if self.residual else out
+
+
+class E3NNModel(nn.Module):
+    """The whole network applied to a batch: ``model(batch) -> prediction``."""
+
+    def __init__(self, spec: TaskSpec, mul: int, lmax: int, depth: int, r_max: float,
+                 num_basis: int, radial_hidden: int, avg_degree: float, cutoff: bool) -> None:
+        super().__init__()
+        self.spec, self.r_max, self.num_basis, self.cutoff = spec, r_max, num_basis, cutoff
+        self.point = spec.point_fields[0]
+        self.fields, self.irreps_in = input_layout(spec)
+        self.sh = o3.SphericalHarmonics(o3.Irreps.spherical_harmonics(lmax), normalize=True,
+                                        normalization="component")
+        self.edge_inv = [k for k, t in spec.edge_inputs.items() if is_invariant(t)]
+        self.edge_eq = [k for k, t in spec.edge_inputs.items() if not is_invariant(t)]
+        eq_irreps = "+".join(str(irreps(spec.edge_inputs[k])) for k in self.edge_eq)
+        self.irreps_edge = self.sh.irreps_out + o3.Irreps(eq_irreps)
+        n_inv = num_basis + sum(irreps(spec.edge_inputs[k]).dim for k in self.edge_inv)
+        layers, ir = [], self.irreps_in
+        for _ in range(depth):
+            layers.append(Interaction(ir, self.irreps_edge, n_inv, mul, lmax, radial_hidden, avg_degree))
+            ir = layers[-1].irreps_out
+        self.layers = nn.ModuleList(layers)
+        self.irreps_out = o3.Irreps("1o" if spec.output == POINT else spec.output)
+        self.head = o3.Linear(ir, self.irreps_out)
+
+    def node_input(self, batch: Batch) -> torch.Tensor:
+        pos = batch[self.point]
+        if not self.fields:
+            return torch.ones(pos.shape[0], 1, dtype=pos.dtype, device=pos.device)
+        parts = [batch[k] - pos if self.spec.inputs[k] == POINT else batch[k] for k, _ in self.fields]
+        return torch.cat([p.reshape(pos.shape[0], -1) for p in parts], dim=-1)
+
+    def edge_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Y(r_ij) [+ equivariant edge fields], radial basis of |r_ij| + invariant edge fields)."""
+        src, dst = batch.edge_index
+        pos = batch[self.point]
+        vec = pos[src] - pos[dst]
+        n_edges = vec.shape[0]
+        attr = torch.cat([self.sh(vec), *(batch[k].reshape(n_edges, -1) for k in self.edge_eq)], -1)
+        basis = soft_one_hot_linspace(vec.norm(dim=-1), 0.0, self.r_max, self.num_basis,
+                                      basis="gaussian", cutoff=self.cutoff) * math.sqrt(self.num_basis)
+        inv = torch.cat([basis, *(batch[k].reshape(n_edges, -1).to(basis.dtype) for k in self.edge_inv)], -1)
+        return attr, inv
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        attr, inv = self.edge_features(batch)
+        h = self.node_input(batch)
+        for layer in self.layers:
+            h = layer(h, batch.edge_index, attr, inv)
+        out = self.head(h)
+        pos = batch[self.point]
+        if self.spec.level == "graph":
+            size = int(batch.num_graphs)
+            out = global_add_pool(out, batch.batch, size=size)
+            if self.spec.output == POINT:
+                out = out + global_mean_pool(pos, batch.batch, size=size)
+            return out
+        return out + pos if self.spec.output == POINT else out
+
+
+@register_method("e3nn")
+class E3NN(Method):
+    """Irreps tensor-product network (TFN/NequIP style), exact for O(3) and translations.
+
+    Options: ``lmax`` (spherical harmonics and hidden irreps up to l = lmax), ``mul`` (hidden
+    multiplicity of 0e and 0o; l >= 1 irreps get ``max(mul // 2, 1)`` per parity), ``depth``
+    (interaction layers), ``params`` (target parameter count, searched over ``mul``), ``r_max``
+    and ``num_basis`` (Gaussian radial basis), ``radial_hidden`` (hidden width of the radial
+    MLP), ``avg_degree`` (messages are divided by its square root; 4 = the 5-body complete
+    graph), ``cutoff`` (radial basis vanishes smoothly at ``r_max``).
+    """
+
+    domains = ("graph3d",)
+    exact = True
+    group = "O3"
+
+    def __init__(self, *, lmax: int = 2, mul: int = 16, depth: int = 3, params: int | None = None,
+                 r_max: float = 4.0, num_basis: int = 8, radial_hidden: int = 32,
+                 avg_degree: float = 4.0, cutoff: bool = False) -> None:
+        for name, v in (("lmax", lmax), ("mul", mul), ("depth", depth), ("num_basis", num_basis),
+                        ("radial_hidden", radial_hidden)):
+            if v < (0 if name == "lmax" else 1):
+                raise ValueError(f"{name} must be {'>= 0' if name == 'lmax' else 'positive'}, got {v}")
+        if num_basis < 2:
+            raise ValueError(f"num_basis must be >= 2, got {num_basis}")
+        if r_max <= 0 or avg_degree <= 0:
+            raise ValueError("r_max and avg_degree must be positive")
+        if params is not None and params < 1:
+            raise ValueError(f"params must be positive, got {params}")
+        super().__init__(lmax=lmax, mul=mul, depth=depth, params=params, r_max=r_max,
+                         num_basis=num_basis, radial_hidden=radial_hidden, avg_degree=avg_degree,
+                         cutoff=cutoff)
+        self.lmax, self.mul, self.depth, self.params = lmax, mul, depth, params
+        self.r_max, self.num_basis, self.radial_hidden = float(r_max), num_basis, radial_hidden
+        self.avg_degree, self.cutoff = float(avg_degree), cutoff
+
+    def supports(self, spec: TaskSpec) -> str | None:
+        reason = super().supports(spec)
+        if reason:
+            return reason
+        if not spec.point_fields:
+            return "e3nn needs at least one 'point' input (edge geometry comes from positions)"
+        out_l = 1 if spec.output == POINT else irreps(spec.output).lmax
+        if out_l > self.lmax:
+            return f"output {spec.output!r} has l = {out_l} > lmax = {self.lmax}"
+        return None
+
+    def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+        reason = self.supports(spec)
+        if reason:
+            raise ValueError(reason)
+
+        def factory(mul: int) -> nn.Module:
+            return E3NNModel(spec, mul, self.lmax, self.depth, self.r_max, self.num_basis,
+                             self.radial_hidden, self.avg_degree, self.cutoff)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_at_params(factory, self.params, self.mul, lo=1, hi=512)

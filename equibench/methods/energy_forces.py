@@ -1,0 +1,73 @@
+"""Forces as the negative gradient of a learned energy (a helper, not a registered method).
+
+Given any model that maps a batch to one invariant energy per graph (``[B]`` or ``[B, 1]``,
+type ``"0e"`` at graph level), ``F_i = -dE/dx_i`` is a node-level ``"1o"`` field: if E is
+invariant under g = (R, t, P), E(R x + t) = E(x), then F(R x + t) = R F(x) (chain rule), so
+the forces are exactly as equivariant as the energy is invariant, and conservative by
+construction. ``create_graph`` keeps the graph of the gradient so a force loss can be
+back-propagated to the parameters (a second-order derivative).
+
+Wiring (for methods that can output a graph-level energy)::
+
+    model = ForcesFromEnergy(method.build(energy_spec(task.spec), seed))   # model(batch) -> [N, 3]
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+
+from ..suite.spec import TaskSpec
+
+
+def energy_spec(spec: TaskSpec) -> TaskSpec:
+    """The spec an energy model behind a force task is built for: graph-level ``"0e"`` output."""
+    return dataclasses.replace(spec, output="0e", level="graph")
+
+
+def energy_to_forces(model_energy: Callable[[Batch], torch.Tensor], batch: Batch,
+                     training: bool | None = None, pos_field: str = "pos") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E [B], F [N, 3])`` with ``E = model_energy(batch)`` and ``F = -dE/d batch[pos_field]``.
+
+    ``training`` (default: whether autograd is recording) sets ``create_graph``: True keeps the
+    graph so a loss on F reaches the parameters. Works under ``torch.no_grad()`` (the gradient is
+    taken in an ``enable_grad`` block). If ``batch[pos_field]`` already requires grad it is used
+    as is (so outer derivatives through the positions still flow); otherwise a detached leaf
+    copy is used and ``batch`` is left untouched.
+    """
+    create_graph = torch.is_grad_enabled() if training is None else training
+    pos = batch[pos_field]
+    with torch.enable_grad():
+        if not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        work = copy.copy(batch)  # shallow: shares every other tensor
+        work[pos_field] = pos
+        energy = model_energy(work).reshape(-1)
+        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph or pos is batch[pos_field])
+    if not create_graph:
+        energy, grad = energy.detach(), grad.detach()
+    return energy, -grad
+
+
+class ForcesFromEnergy(nn.Module):
+    """Wrap an energy model (``batch -> [B]`` or ``[B, 1]``) into a force model (``batch -> [N, 3]``).
+
+    ``create_graph`` follows ``self.training``, so eval-mode measurements stay cheap; the last
+    energy is kept in ``self.last_energy`` for an energy term in the loss.
+    """
+
+    def __init__(self, energy_model: nn.Module, pos_field: str = "pos") -> None:
+        super().__init__()
+        self.energy_model = energy_model
+        self.pos_field = pos_field
+        self.last_energy: torch.Tensor | None = None
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        training = self.training and torch.is_grad_enabled()
+        energy, forces = energy_to_forces(self.energy_model, batch, training=training, pos_field=self.pos_field)
+        self.last_energy = energy
+        return forces

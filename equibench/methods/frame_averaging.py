@@ -1,0 +1,79 @@
+"""``frame_averaging``: the shared backbone averaged over PCA frames (Puny et al., ICLR 2022).
+
+For each graph, with the PCA frame set {F_k} of its first point field (``pca_frames``: 8 sign
+flips for O(3), 4 proper frames for SO(3)) and centroid t,
+
+    f(X) = 1/|F| sum_k  rho_out(F_k, t) . phi( (F_k^T, -F_k^T t) . X )
+
+where phi is the shared backbone and ``(R, s) . X`` acts on every typed field (points
+``R x + s``, irreps fields ``D(R) v``, invariants unchanged). Because the frame set is
+equivariant, f is exactly E(3)- (resp. SE(3)-) equivariant wherever the covariance eigenvalues
+are distinct; at ties the frame is ill-defined (see ``equibench.suite.degeneracy``). All
+frames run as one batch of |F| x B graphs. The frame carries no gradient (eigenvectors
+detached); the centroid keeps its (linear, harmless) gradient.
+
+``stochastic=True`` (FAENet): in training mode one uniformly random frame per graph and
+forward pass; in eval mode the full average. FA adds no parameters: ``params`` sizes the
+backbone exactly as for ``baseline``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+
+from ..suite.group import act_on_batch, act_on_output
+from ..suite.registry import register_method
+from ..suite.spec import TaskSpec
+from .base import Method
+from .baseline import Baseline
+from .pca_frames import (centroid, check_group, covariance, first_point_field, frame_set, frame_support,
+                         into_frame, out_of_frame, principal_axes, replicate)
+
+
+class FrameAveragedModel(nn.Module):
+    def __init__(self, backbone: nn.Module, spec: TaskSpec, group: str, stochastic: bool) -> None:
+        super().__init__()
+        self.backbone, self.spec = backbone, spec
+        self.group, self.stochastic = group, stochastic
+        self.point = first_point_field(spec)
+
+    def frames(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F [B, K, 3, 3], t [B, 3])``: the PCA frame set and centroid of every graph."""
+        B = int(batch.num_graphs)
+        pos = batch[self.point]
+        t = centroid(pos, batch.batch, B)
+        _, V = principal_axes(covariance(pos, t, batch.batch, B))
+        return frame_set(V, self.group), t
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        F, t = self.frames(batch)
+        B, K = F.shape[0], F.shape[1]
+        if self.stochastic and self.training:
+            pick = torch.randint(K, (B,), device=F.device)
+            F, K = F[torch.arange(B, device=F.device), pick].unsqueeze(1), 1
+        Fk = F.transpose(0, 1).reshape(K * B, 3, 3)  # copy-major, like ``replicate``
+        tk = t.repeat(K, 1)
+        big = batch if K == 1 else replicate(batch, self.spec, K)
+        out = self.backbone(act_on_batch(big, self.spec, into_frame(Fk, tk), target=False))
+        out = act_on_output(out, self.spec, out_of_frame(Fk, tk), big)
+        return out.reshape(K, -1, out.shape[-1]).mean(0)
+
+
+@register_method("frame_averaging")
+class FrameAveraging(Baseline):
+    exact = True
+    group = "O3"
+
+    def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
+                 group: str = "O3", stochastic: bool = False) -> None:
+        super().__init__(width=width, depth=depth, params=params)
+        self.group = check_group(group)
+        self.stochastic = stochastic
+        self.options.update(group=group, stochastic=stochastic)
+
+    def supports(self, spec: TaskSpec) -> str | None:
+        return Method.supports(self, spec) or frame_support(spec)
+
+    def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+        return FrameAveragedModel(self.build_backbone(spec), spec, self.group, self.stochastic)

@@ -1,0 +1,26 @@
+"""``local_canonicalization``: the tensor-frames pipeline with scalar-only messages.
+
+Same local frames R_i, same local inputs and output map as ``tensor_frames``, but the hidden
+features are declared ``width x 0n`` (invariant scalars): ``h_j`` reaches node i unchanged,
+i.e. expressed in frame j rather than frame i; only ``edge_vec`` is rotated into frame i,
+``R_i (x_j - x_i)``. Still exactly O(3)-equivariant (every local quantity is invariant); this is
+the ablation that tensor frames' tensorial messages (rho(R_i R_j^T) h_j) improve on.
+"""
+from __future__ import annotations
+
+from ..suite.registry import register_method
+from .tensor_frames import TensorFrames
+from .tfmp import Reps, TensorReps
+
+
+@register_method("local_canonicalization")
+class LocalCanonicalization(TensorFrames):
+    """Options: ``width``, ``depth``, ``params``, ``so3``, ``frames`` ("learned" | "nearest")."""
+
+    def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
+                 so3: bool = False, frames: str = "learned") -> None:
+        super().__init__(width=width, depth=depth, params=params, so3=so3, frames=frames)
+        self.options.pop("hidden_reps", None)
+
+    def hidden_reps(self, size: int) -> Reps:
+        return TensorReps(((size, 0, False),))

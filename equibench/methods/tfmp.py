@@ -1,0 +1,458 @@
+"""Tensor-frame message passing: local frames, tensor representations, and PyG hooks that make
+any ``MessagePassing`` layer O(3)- (or SO(3)-) equivariant.
+
+Frames. Every node i gets a matrix ``R_i`` in O(3) whose ROWS are its frame axes, so the local
+coordinates of a global vector v are ``R_i v``. Frames are equivariant:
+``R_i(gX) = R_i(X) g^T`` for g in O(3) (SO(3) with ``so3=True``); hence every local coordinate
+is invariant, and ``R_i^T`` maps a local output back to an equivariant global one.
+
+* learned (tensor frames, Lippmann et al. 2024): an MLP on invariant edge scalars (radial basis
+  of r_ij = |x_j - x_i|, invariant node and edge inputs) gives weights w_ij^(k),
+  ``v_i^(k) = sum_j w_ij^(k) env(r_ij) (x_j - x_i) / r_ij`` (k = 1, 2, 3);
+* nearest: ``v_i^(k) = x_{j_k} - x_i`` for the k-th nearest neighbour j_k.
+
+Gram-Schmidt on v^(1), v^(2) gives x, y and z = x cross y; for O(3) the handedness is
+``z <- sign(<v^(3), z>) z``.
+
+Representations. A feature carries a declared representation ``rho``: Cartesian tensors
+(``TensorReps("16x0n+8x1n+2x2p")``: rank-n tensors, 3^n components, ``rho(U) T = U...U T``,
+times det U for p = pseudo) or e3nn irreps (``"8x0e+4x1o+2x2e"``, Wigner-D matrices computed as
+exact polynomials in U from Clebsch-Gordan recursion, D_l = C^T (D_{l-1} (x) D_1) C, so that
+no Euler angles - and no acos precision loss - are involved).
+
+Hooks. ``attach_tensor_frames(layer, {"h": "16x0n+8x1n", "edge_vec": ("1o", "global")})``
+registers PyG's public propagate/message pre-hooks on a layer INSTANCE. Before ``message``:
+
+* "local" argument (expressed in its own node's frame): ``h_j <- rho(U_ij) h_j`` with
+  ``U_ij = R_i R_j^T`` (frame j -> frame i); ``h_i`` and un-suffixed edge features unchanged;
+* "global" argument (expressed in the global frame): ``e <- rho(R_i) e`` for ``e``, ``e_i``, ``e_j``.
+
+The frames come from ``propagate(..., lframes=R)`` (popped by the hook) or from
+``set_frames(layer, R)`` / ``FrameWrapped`` for stock layers whose ``forward`` does not pass
+extra keywords.
+
+Degenerate inputs (no neighbour, coincident or collinear points, coplanar neighbourhoods):
+outputs stay finite and deterministic, because Gram-Schmidt falls back to further candidate
+vectors, first equivariant ones (the node's summed unit neighbour direction), finally the
+global axes e_x, e_y, e_z, and handedness +1. At such exact degeneracies no equivariant frame
+exists, so equivariance breaks there; this is reported by the benchmark, not hidden.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from e3nn import o3
+from torch import nn
+from torch_geometric.nn import MessagePassing
+from torch_geometric.utils import scatter
+
+from .backbone import mlp
+
+EPS = 1e-6  # decision threshold for degenerate frame vectors (norms, sines of angles)
+DELTA = 1e-9  # length regulariser: r / sqrt(|r|^2 + DELTA^2) is smooth and 0 at r = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# representations
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorReps:
+    """Direct sum of Cartesian tensors: blocks ``(mul, rank, pseudo)``; written "16x0n+8x1n+2x2p"."""
+
+    blocks: tuple[tuple[int, int, bool], ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(mul * 3**rank for mul, rank, _ in self.blocks)
+
+    @property
+    def is_invariant(self) -> bool:
+        return all(rank == 0 and not pseudo for _, rank, pseudo in self.blocks)
+
+    def __str__(self) -> str:
+        return "+".join(f"{m}x{r}{'p' if p else 'n'}" for m, r, p in self.blocks)
+
+
+@dataclass(frozen=True)
+class IrrepsReps:
+    """e3nn irreps (multiplicity-major layout), acting through Wigner-D matrices."""
+
+    irreps: o3.Irreps
+
+    @property
+    def dim(self) -> int:
+        return self.irreps.dim
+
+    @property
+    def is_invariant(self) -> bool:
+        return all(ir.l == 0 and ir.p == 1 for _, ir in self.irreps)
+
+    def __str__(self) -> str:
+        return str(self.irreps)
+
+
+Reps = Union[TensorReps, IrrepsReps]
+_TENSOR_TERM = re.compile(r"^(?:(\d+)x)?(\d+)([np])$")
+
+
+@functools.lru_cache(maxsize=128)
+def _parse(text: str) -> Reps:
+    terms = [t.strip() for t in text.split("+") if t.strip()]
+    if terms and all(_TENSOR_TERM.match(t) for t in terms):
+        blocks = []
+        for t in terms:
+            mul, rank, kind = _TENSOR_TERM.match(t).groups()  # type: ignore[union-attr]
+            blocks.append((int(mul or 1), int(rank), kind == "p"))
+        return TensorReps(tuple(b for b in blocks if b[0] > 0))
+    try:
+        return IrrepsReps(o3.Irreps(text))
+    except (ValueError, AssertionError, TypeError):
+        raise ValueError(f"invalid representation {text!r}: use tensor reps like '16x0n+8x1n+2x2p' "
+                         "(n normal, p pseudo) or e3nn irreps like '16x0e+8x1o'") from None
+
+
+def parse_reps(reps: str | Reps | o3.Irreps) -> Reps:
+    """``TensorReps`` for "16x0n+8x1n" notation, ``IrrepsReps`` for e3nn irreps strings."""
+    if isinstance(reps, (TensorReps, IrrepsReps)):
+        return reps
+    if isinstance(reps, o3.Irreps):
+        return IrrepsReps(reps)
+    if reps == "point":
+        return _parse("1o")
+    return _parse(str(reps))
+
+
+def scale_reps(template: str | Reps, size: int) -> Reps:
+    """``template`` with non-scalar multiplicities scaled so the total dimension is about ``size``;
+    invariant scalars (0n / 0e) fill the remainder (used to build at a parameter budget)."""
+    reps = parse_reps(template)
+    factor = size / reps.dim
+    if isinstance(reps, TensorReps):
+        blocks = [(m, r, p) for m, r, p in reps.blocks if not (r == 0 and not p)]
+        scaled = [(max(1, round(m * factor)), r, p) for m, r, p in blocks]
+        n0 = max(1, size - sum(m * 3**r for m, r, _ in scaled))
+        return TensorReps(((n0, 0, False), *scaled))
+    items = [(mul, ir) for mul, ir in reps.irreps if not (ir.l == 0 and ir.p == 1)]
+    scaled_i = [(max(1, round(mul * factor)), ir) for mul, ir in items]
+    n0 = max(1, size - sum(m * ir.dim for m, ir in scaled_i))
+    return IrrepsReps(o3.Irreps([(n0, (0, 1)), *scaled_i]))
+
+
+def default_hidden_reps(width: int) -> TensorReps:
+    """About half scalars, half vectors: ``(width - 3 n)x0n + n x1n`` with n = width // 6."""
+    n1 = width // 6
+    return TensorReps(((width - 3 * n1, 0, False), (n1, 1, False))) if n1 else TensorReps(((width, 0, False),))
+
+
+@functools.lru_cache(maxsize=16)
+def _cg(l: int) -> torch.Tensor:
+    """Clebsch-Gordan coefficients (l-1) x 1 -> l in e3nn's basis (float64, unit Frobenius norm)."""
+    return o3.wigner_3j(l - 1, 1, l, dtype=torch.float64)
+
+
+def wigner_d(l: int, U: torch.Tensor) -> torch.Tensor:
+    """Polynomial D_l(U) ``[E, 2l+1, 2l+1]`` for ``U: [E, 3, 3]`` (e3nn basis; D_1 = U).
+
+    Built by D_l = (2l+1) C^T (D_{l-1} (x) U) C; for U = d Q (Q a rotation) it equals d^l D_l(Q).
+    """
+    E = U.shape[0]
+    if l == 0:
+        return torch.ones(E, 1, 1, dtype=U.dtype, device=U.device)
+    D = U
+    for k in range(2, l + 1):
+        C = _cg(k).to(dtype=U.dtype, device=U.device)
+        A = torch.einsum("ija,eik->ejak", C, D)
+        D = torch.einsum("ejak,ejl,klb->eab", A, U, C) * (2 * k + 1)
+    return D
+
+
+def orthogonal_det(U: torch.Tensor) -> torch.Tensor:
+    """det U in {-1, +1} for orthogonal ``U: [..., 3, 3]`` (exact sign of the triple product)."""
+    det = (torch.linalg.cross(U[..., 0, :], U[..., 1, :]) * U[..., 2, :]).sum(-1)
+    return torch.where(det < 0, -torch.ones_like(det), torch.ones_like(det))
+
+
+def rho(reps: str | Reps, U: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply the block representation ``rho_reps(U_e)`` to every row: ``x: [E, dim]``, ``U: [E, 3, 3]``."""
+    reps = parse_reps(reps)
+    if reps.is_invariant:
+        return x
+    E = x.shape[0]
+    det = orthogonal_det(U)
+    out, start = [], 0
+    if isinstance(reps, TensorReps):
+        for mul, rank, pseudo in reps.blocks:
+            d = mul * 3**rank
+            t = x[:, start:start + d]
+            for axis in range(rank):  # U acts on every tensor index
+                t = torch.einsum("eab,emcbd->emcad", U, t.reshape(E, mul, 3**axis, 3, 3 ** (rank - axis - 1)))
+            t = t.reshape(E, d)
+            out.append(t * det[:, None] if pseudo else t)
+            start += d
+    else:
+        Ds: dict[int, torch.Tensor] = {}
+        for mul, ir in reps.irreps:
+            d = mul * ir.dim
+            t = x[:, start:start + d]
+            if ir.l > 0:
+                if ir.l not in Ds:
+                    Ds[ir.l] = wigner_d(ir.l, U)
+                t = (t.reshape(E, mul, ir.dim) @ Ds[ir.l].transpose(1, 2)).reshape(E, d)
+            if ir.p != (-1) ** ir.l:  # polynomial D carries det^l; the irrep wants p^(det<0)
+                t = t * det[:, None]
+            out.append(t)
+            start += d
+    return torch.cat(out, dim=-1)
+
+
+def rho_matrix(reps: str | Reps, U: torch.Tensor) -> torch.Tensor:
+    """The matrices ``rho_reps(U_e)``: ``[E, dim, dim]``."""
+    reps = parse_reps(reps)
+    E = U.shape[0]
+    eye = torch.eye(reps.dim, dtype=U.dtype, device=U.device).expand(E, -1, -1)
+    # column k of rho is rho applied to the k-th basis vector
+    cols = rho(reps, U.repeat_interleave(reps.dim, 0), eye.reshape(E * reps.dim, reps.dim))
+    return cols.reshape(E, reps.dim, reps.dim).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# frames
+# ---------------------------------------------------------------------------------------------
+def _normalize(v: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    n = v.norm(dim=-1)
+    return v / n.clamp_min(eps).unsqueeze(-1), n
+
+
+def _pick_first(valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row, the value at the first True of ``valid: [N, K]`` (``values: [N, K, 3]``)."""
+    idx = torch.argmax(valid.to(torch.int8), dim=1)
+    return values.gather(1, idx[:, None, None].expand(-1, 1, 3)).squeeze(1)
+
+
+def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = None,
+                 eps: float = EPS) -> torch.Tensor:
+    """Orthonormal frames ``[N, 3, 3]`` (rows x, y, z) from candidate vectors ``[N, K, 3]``.
+
+    x = the first candidate with norm > eps; y = the normalised part orthogonal to x of the first
+    candidate with a component orthogonal to x (sine of the angle > eps); z = x cross y. The global
+    axes are appended as last-resort (non-equivariant) candidates, so the result is always a
+    rotation. With ``handedness [N, H, 3]`` (O(3) frames), z is flipped to have a positive inner
+    product with the first handedness vector h with |<h/|h|, z>| > eps (no flip if none).
+    Rows are orthonormal; det is +1 without handedness, +-1 with it.
+    """
+    N = candidates.shape[0]
+    axes = torch.eye(3, dtype=candidates.dtype, device=candidates.device).expand(N, 3, 3)
+    cand = torch.cat([candidates, axes], dim=1)
+    u, n = _normalize(cand, eps)
+    ok = n > eps
+    x = _pick_first(ok, u)
+    res = u - (u * x[:, None]).sum(-1, keepdim=True) * x[:, None]
+    r, rn = _normalize(res, eps)
+    y = _pick_first(ok & (rn > eps), r)
+    z = torch.linalg.cross(x, y)
+    if handedness is not None:
+        h, hn = _normalize(handedness, eps)
+        s = (h * z[:, None]).sum(-1)
+        decisive = (hn > eps) & (s.abs() > eps)
+        first = torch.argmax(decisive.to(torch.int8), dim=1)
+        s_first = s.gather(1, first[:, None]).squeeze(1)
+        flip = decisive.any(1) & (s_first < 0)
+        z = torch.where(flip[:, None], -z, z)
+    return torch.stack([x, y, z], dim=1)
+
+
+def _unit_edges(pos: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit vectors (x_j - x_i)/r_ij [E, 3], regularised lengths r_ij [E]) for edges (j -> i)."""
+    src, dst = edge_index
+    vec = pos[src] - pos[dst]
+    r = ((vec * vec).sum(-1) + DELTA**2).sqrt()
+    return vec / r[:, None], r
+
+
+def envelope(r: torch.Tensor, cutoff: float | None, p: int = 6) -> torch.Tensor:
+    """Smooth polynomial envelope (1 at 0, C^2-zero at ``cutoff``); 1 everywhere without cutoff."""
+    if cutoff is None:
+        return torch.ones_like(r)
+    x = (r / cutoff).clamp(max=1.0)
+    env = (1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2))
+    return env * (r < cutoff)
+
+
+class LearnedFrames(nn.Module):
+    """Tensor-frames local frames: ``v_i^(k) = sum_j w^(k)(s_ij) env(r_ij) u_ij``, Gram-Schmidt.
+
+    ``s_ij`` = [Gaussian radial basis of r_ij, node invariants of i and j, edge invariants].
+    Three learned vectors (O(3), third = handedness) or two (``so3=True``: SO(3) frames).
+    The summed unit neighbour direction ``sum_j env u_ij`` is an equivariant fallback candidate.
+    """
+
+    def __init__(self, node_dim: int, edge_dim: int, so3: bool = False, hidden: int = 32,
+                 n_rbf: int = 16, r_max: float = 5.0, cutoff: float | None = None) -> None:
+        super().__init__()
+        self.so3, self.cutoff, self.n_vec = so3, cutoff, 2 if so3 else 3
+        self.register_buffer("centers", torch.linspace(0.0, r_max, n_rbf), persistent=False)
+        self.gamma = (n_rbf / r_max) ** 2 / 2
+        self.mlp = mlp([n_rbf + 2 * node_dim + edge_dim, hidden, hidden, self.n_vec])
+
+    def forward(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor,
+                edge_inv: torch.Tensor) -> torch.Tensor:
+        src, dst = edge_index
+        u, r = _unit_edges(pos, edge_index)
+        rbf = torch.exp(-self.gamma * (r[:, None] - self.centers.to(r.dtype)) ** 2)
+        w = self.mlp(torch.cat([rbf, node_inv[dst], node_inv[src], edge_inv], dim=-1))
+        eu = envelope(r, self.cutoff)[:, None] * u
+        vecs = scatter(w[:, :, None] * eu[:, None, :], dst, dim=0, dim_size=pos.shape[0], reduce="sum")
+        mean_dir = scatter(eu, dst, dim=0, dim_size=pos.shape[0], reduce="sum")[:, None]
+        cand = torch.cat([vecs[:, :2], mean_dir], dim=1)
+        hand = None if self.so3 else torch.cat([vecs[:, 2:3], mean_dir], dim=1)
+        return gram_schmidt(cand, hand)
+
+
+class NearestFrames(nn.Module):
+    """Fixed frames: ``v^(k) = x_{j_k} - x_i`` for the k-th nearest neighbour (k = 1, 2, 3; the
+    third only for handedness); ties in distance are broken by edge order (not equivariant)."""
+
+    def __init__(self, so3: bool = False) -> None:
+        super().__init__()
+        self.so3 = so3
+
+    def forward(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor | None = None,
+                edge_inv: torch.Tensor | None = None) -> torch.Tensor:
+        src, dst = edge_index
+        N, E = pos.shape[0], src.numel()
+        vec = pos[src] - pos[dst]
+        u, r = _unit_edges(pos, edge_index)
+        order = torch.argsort(r, stable=True)
+        order = order[torch.argsort(dst[order], stable=True)]  # grouped by receiver, nearest first
+        deg = torch.bincount(dst, minlength=N)
+        rank = torch.arange(E, device=pos.device) - (torch.cumsum(deg, 0) - deg)[dst[order]]
+        near = pos.new_zeros(N, 3, 3)
+        for k in range(3):
+            sel = order[rank == k]
+            near = near.index_put((dst[sel], torch.full_like(sel, k)), vec[sel])
+        mean_dir = scatter(u, dst, dim=0, dim_size=N, reduce="sum")[:, None]
+        cand = torch.cat([near[:, :2], mean_dir], dim=1)
+        hand = None if self.so3 else torch.cat([near[:, 2:3], mean_dir], dim=1)
+        return gram_schmidt(cand, hand)
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks: any MessagePassing layer -> frame-equivariant
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArgRep:
+    """Declared representation of a ``message`` argument and the frame it is expressed in."""
+
+    reps: Reps
+    frame: str = "local"  # "local" (own node's frame) | "global"
+
+    @staticmethod
+    def make(spec: Any) -> "ArgRep":
+        if isinstance(spec, ArgRep):
+            return spec
+        reps, frame = (spec, "local") if not isinstance(spec, tuple) else spec
+        if frame not in ("local", "global"):
+            raise ValueError(f"frame must be 'local' or 'global', got {frame!r}")
+        return ArgRep(parse_reps(reps), frame)
+
+
+class _PropagatePreHook:
+    """Takes the frames (``lframes=`` or ``set_frames``) and caches R_i, U_ij = R_i R_j^T per edge."""
+
+    def __call__(self, module: MessagePassing, inputs: tuple) -> tuple:
+        edge_index, size, kwargs = inputs
+        frames = kwargs.pop("lframes", None)
+        if frames is None:
+            frames = getattr(module, "_tf_frames", None)
+        if frames is None:
+            raise RuntimeError(f"{type(module).__name__} has tensor-frame hooks but got no frames: "
+                               "pass propagate(..., lframes=R) or use set_frames(layer, R)")
+        if not torch.is_tensor(edge_index) or edge_index.layout != torch.strided:
+            raise TypeError("tensor-frame hooks need a dense edge_index [2, E]")
+        if module.decomposed_layers != 1:
+            raise ValueError("tensor-frame hooks need decomposed_layers == 1")
+        i, j = (edge_index[1], edge_index[0]) if module.flow == "source_to_target" else \
+            (edge_index[0], edge_index[1])
+        R_i = frames[i]
+        module._tf_cache = (R_i, R_i @ frames[j].transpose(1, 2))
+        return edge_index, size, kwargs
+
+
+class _MessagePreHook:
+    """Moves declared arguments into frame i before ``message`` (see module docstring)."""
+
+    def __init__(self, args: dict[str, ArgRep]) -> None:
+        self.args = args
+
+    def __call__(self, module: MessagePassing, inputs: tuple) -> dict:
+        (kwargs,) = inputs
+        R_i, U = module._tf_cache
+        for name, arg in self.args.items():
+            if arg.reps.is_invariant:
+                continue
+            if arg.frame == "local":
+                if (key := f"{name}_j") in kwargs:
+                    kwargs[key] = rho(arg.reps, U, kwargs[key])
+            else:
+                for key in (name, f"{name}_i", f"{name}_j"):
+                    if key in kwargs:
+                        kwargs[key] = rho(arg.reps, R_i, kwargs[key])
+        return kwargs
+
+
+class _PropagateHook:
+    """Drops the per-edge cache after ``propagate``."""
+
+    def __call__(self, module: MessagePassing, inputs: tuple, out: Any) -> None:
+        module._tf_cache = None
+
+
+def attach_tensor_frames(layer: MessagePassing, args: dict[str, Any]) -> MessagePassing:
+    """Make ``layer`` (an instance; its class is untouched) frame-equivariant via PyG hooks.
+
+    ``args`` maps ``message`` argument base names to a representation (``"16x0n+8x1n"``,
+    ``"1o"``, ...) or ``(representation, "local"|"global")``. Returns ``layer``; the hook
+    handles are kept in ``layer._tf_handles``.
+    """
+    if not isinstance(layer, MessagePassing):
+        raise TypeError(f"expected a torch_geometric MessagePassing layer, got {type(layer).__name__}")
+    declared = {name: ArgRep.make(spec) for name, spec in args.items()}
+    layer._tf_args = declared
+    layer._tf_frames = None
+    layer._tf_cache = None
+    layer._tf_handles = [
+        layer.register_propagate_forward_pre_hook(_PropagatePreHook()),
+        layer.register_message_forward_pre_hook(_MessagePreHook(declared)),
+        layer.register_propagate_forward_hook(_PropagateHook()),
+    ]
+    return layer
+
+
+def set_frames(layer: MessagePassing, frames: torch.Tensor | None) -> None:
+    """Frames used by ``layer``'s hooks when ``propagate`` is not given ``lframes=``."""
+    layer._tf_frames = frames
+
+
+class FrameWrapped(nn.Module):
+    """A stock layer with tensor-frame hooks: ``FrameWrapped(EdgeConv(...), {"x": ("1o",
+    "global")})(x, edge_index, lframes=R)`` calls the layer unchanged, frames passed by the hook."""
+
+    def __init__(self, layer: MessagePassing, args: dict[str, Any]) -> None:
+        super().__init__()
+        self.layer = attach_tensor_frames(layer, args)
+
+    def forward(self, *args: Any, lframes: torch.Tensor, **kwargs: Any) -> Any:
+        set_frames(self.layer, lframes)
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            set_frames(self.layer, None)
+
+
+__all__ = ["TensorReps", "IrrepsReps", "parse_reps", "scale_reps", "default_hidden_reps", "rho",
+           "rho_matrix", "wigner_d", "gram_schmidt", "LearnedFrames", "NearestFrames", "envelope",
+           "ArgRep", "attach_tensor_frames", "set_frames", "FrameWrapped"]
