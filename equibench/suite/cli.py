@@ -1,0 +1,136 @@
+"""The ``equibench`` command line.
+
+    equibench list                      methods, tasks and suites
+    equibench run SUITE [options]       run a suite (name or YAML path), then write its report
+    equibench report RUN... [--out DIR] write a report for one or more run directories
+
+Bad input (unknown name, malformed suite file, wrong option type) prints one line on stderr and
+exits with code 2; results already written are never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + message)
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _csv(kind: type = str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}")
+    return parse
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from ..datasets import unavailable as tasks_missing
+    from ..methods import unavailable as methods_missing
+    from .registry import get_task, list_methods, list_tasks, method_class
+    from .suites import list_suites
+    for p in args.plugin or []:
+        from .registry import load_plugin
+        load_plugin(p)
+    print("methods:")
+    for name in list_methods():
+        cls = method_class(name)
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"  {name:24s} exact={str(cls.exact):5s} group={str(cls.group):5s} "
+              f"domains={','.join(cls.domains):16s} {doc[0] if doc else ''}")
+    for name, why in methods_missing.items():
+        print(f"  ({name}: not available, {why})")
+    print("tasks:")
+    for name in list_tasks():
+        try:
+            spec = get_task(name).spec
+            print(f"  {name:24s} domain={spec.domain:8s} group={spec.group:4s} output={spec.output}"
+                  f" ({spec.level}) metrics={','.join(spec.metrics)}")
+        except Exception as err:  # a task whose data package is missing still lists
+            print(f"  {name:24s} (unavailable: {err})")
+    for name, why in tasks_missing.items():
+        print(f"  ({name}: not available, {why})")
+    print("suites:")
+    for name in list_suites():
+        print(f"  {name}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .runner import run
+    df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=args.name,
+             resume=args.resume, isolate=not args.no_isolate, timeout=args.timeout, plugins=args.plugin or [],
+             tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device,
+             progress=not args.quiet)
+    run_id = str(df["run_id"].dropna().iloc[0])
+    run_dir = Path(args.results_dir) / run_id
+    n_ok = int((df.drop_duplicates("spec_hash")["status"] == "ok").sum())
+    n_all = int(df["spec_hash"].nunique())
+    print(f"results: {run_dir} ({n_ok}/{n_all} runs ok)")
+    if not args.no_report:
+        index = write_report(run_dir, Path(args.reports_dir) / run_id)
+        print(f"report: {index}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    out = args.out or str(Path("reports") / Path(args.runs[0]).name)
+    print(f"report: {write_report(args.runs, out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="equibench", description="Benchmark equivariance methods side by side.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ls = sub.add_parser("list", help="list methods, tasks and suites")
+    ls.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
+    ls.set_defaults(func=_cmd_list)
+
+    r = sub.add_parser("run", help="run a suite and write its report")
+    r.add_argument("suite", help="suite name (smoke, quick, nightly, ...) or path to a suite YAML file")
+    r.add_argument("--tasks", type=_csv(), help="comma-separated task names (default: the suite's)")
+    r.add_argument("--methods", type=_csv(), help="comma-separated method names (default: the suite's)")
+    r.add_argument("--seeds", type=_csv(int), help="comma-separated integer seeds")
+    r.add_argument("--device", help="cpu or cuda[:N] (default: the suite's)")
+    r.add_argument("--executor", default="local", choices=["local", "submitit"])
+    r.add_argument("--results-dir", default="results")
+    r.add_argument("--reports-dir", default="reports")
+    r.add_argument("--name", help="run directory name (default: SUITE-<timestamp>)")
+    r.add_argument("--resume", action="store_true", help="continue the named (or latest) run of this suite")
+    r.add_argument("--timeout", type=float, help="seconds allowed per (task, method, seed)")
+    r.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
+    r.add_argument("--no-isolate", action="store_true", help="run specs in this process (faster, less safe)")
+    r.add_argument("--no-report", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("report", help="write an HTML + Markdown report for run directories")
+    rep.add_argument("runs", nargs="+", help="run directories (results/<run_id>) or a results root")
+    rep.add_argument("--out", help="output directory (default: reports/<first run id>)")
+    rep.set_defaults(func=_cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"equibench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("equibench: interrupted; finished results are kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
