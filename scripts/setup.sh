@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything equibench needs on a fresh Debian/Ubuntu machine (CPU).
+#
+#   * system: gfortran (py3nj, escnn's Clebsch-Gordan backend, is Fortran), via apt-get;
+#   * .venv with Python 3.11 (python3.11 or python3);
+#   * torch 2.13.0 CPU build FIRST, so no later requirement can pull a multi-GB CUDA build;
+#   * numpy < 2 (lie_learn 0.0.2, needed by escnn, is incompatible with numpy 2);
+#   * py3nj and lie_learn are built WITHOUT build isolation (their builds call numpy/meson from
+#     the environment, which pip's isolated build environment cannot provide);
+#   * the package itself, editable, with the escnn, data, test and bench extras.
+# A stamp file keyed on this script and pyproject.toml makes a second call a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${EQUIBENCH_VENV:-$ROOT/.venv}
+STAMP="$VENV/.equibench-setup-$(cat scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ]; then
+  exit 0
+fi
+say() { echo "[setup] $*" >&2; }
+
+if ! command -v gfortran >/dev/null 2>&1; then
+  say "installing gfortran (apt-get)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gfortran >/dev/null
+fi
+
+PY=$(command -v python3.11 || command -v python3)
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV with $PY"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+export PATH="$VENV/bin:$PATH"   # meson/ninja for py3nj's build
+
+say "torch 2.13.0 (CPU build) and build tools"
+"${PIP[@]}" "torch==2.13.0" "numpy<2" "setuptools>=69" wheel cython meson-python meson ninja
+if ! "$VENV/bin/python" -c "import py3nj, lie_learn.representations.SO3.irrep_bases" 2>/dev/null; then
+  say "building py3nj and lie_learn (no build isolation)"
+  "${PIP[@]}" --no-build-isolation "py3nj==0.2.1" "lie_learn==0.0.2" "numpy<2"
+fi
+say "equibench and its extras"
+"${PIP[@]}" -e ".[escnn,data,test,bench]" "numpy<2" "torch==2.13.0"
+"$VENV/bin/python" -c "import equibench, escnn, e3nn, torch_geometric" >/dev/null
+rm -f "$VENV"/.equibench-setup-*
+touch "$STAMP"
+say "done ($VENV)"

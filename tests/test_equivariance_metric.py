@@ -1,0 +1,148 @@
+"""``equivariance_error`` against an independent check written from DESIGN.md's definition,
+analytic values, and the Lie derivative."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+
+import equibench as eb
+from equibench.suite.group import sample_element
+from equibench.suite.precision import default_dtype
+
+
+class ShiftModel(nn.Module):
+    """f(X) = pos + vel * w + a: equivariant for a = 0; for a != 0 the error is analytic:
+    f(gX) - rho(g) f(X) = a - R a."""
+
+    def __init__(self, a=(0.0, 0.0, 0.0)):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.7))
+        self.register_buffer("a", torch.tensor(a))
+
+    def forward(self, batch):
+        return batch.pos + batch.vel * self.w + self.a
+
+
+class Norms(nn.Module):
+    """A non-equivariant model: an MLP on raw coordinates."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, batch):
+        return batch.pos + self.lin(torch.cat([batch.pos, batch.vel], -1))
+
+
+def independent_error(model, data_list, elements):
+    """Per-graph relative errors computed one graph at a time with explicit matrices."""
+    rels = []
+    for g in elements:
+        for b, d in enumerate(data_list):
+            R, t = g.R[b], g.t[b]
+            n = d.pos.shape[0]
+            nodes = torch.nonzero(g.batch_of_perm == b).flatten()
+            local_perm = g.perm[nodes] - nodes.min()  # new local k is old local local_perm[k]
+            moved = d.clone()
+            moved.pos = (d.pos @ R.T + t)[local_perm]
+            moved.vel = (d.vel @ R.T)[local_perm]
+            moved.charge = d.charge[local_perm]
+            inv = torch.empty_like(local_perm)
+            inv[local_perm] = torch.arange(n)
+            moved.edge_index = inv[d.edge_index]
+            f = model(Batch.from_data_list([d]))
+            fg = model(Batch.from_data_list([moved]))
+            expected = (f @ R.T + t)[local_perm]
+            rels.append(torch.linalg.norm(fg - expected) / (torch.linalg.norm(f) + 1e-12))
+    return torch.stack(rels)
+
+
+@pytest.mark.parametrize("model_cls", [ShiftModel, Norms])
+def test_agrees_with_independent_check(nbody_task, model_cls):
+    data = [d.clone() for d in nbody_task.load("test")[:6]]
+    with default_dtype(torch.float64):
+        torch.manual_seed(0)
+        model = model_cls().double().eval()
+        for d in data:
+            for k in ("pos", "vel", "charge", "y", "edge_attr"):
+                d[k] = d[k].double()
+        batch = Batch.from_data_list(data)
+        got = eb.equivariance_error(model, batch, nbody_task.spec, n_samples=3, seed=11)
+        gen = torch.Generator().manual_seed(11)
+        elements = []
+        for _ in range(3):
+            g = sample_element(batch, "E3", gen)
+            g.batch_of_perm = batch.batch[g.perm]
+            elements.append(g)
+        with torch.no_grad():
+            want = independent_error(model, data, elements)
+    assert got["rel_mean"] == pytest.approx(want.mean().item(), rel=1e-9, abs=1e-15)
+    assert got["rel_max"] == pytest.approx(want.max().item(), rel=1e-9, abs=1e-15)
+    assert got["rel_median"] == pytest.approx(want.median().item(), rel=1e-9, abs=1e-15)
+
+
+def test_exact_model_is_at_machine_precision(nbody_batch, nbody_task):
+    with default_dtype(torch.float64):
+        model = ShiftModel()
+    res = eb.equivariance_error(model, nbody_batch, nbody_task.spec, n_samples=4)
+    assert res["rel_max"] < 1e-13
+    res32 = eb.equivariance_error(ShiftModel(), nbody_batch, nbody_task.spec, n_samples=4, dtype=torch.float32)
+    assert 0 < res32["rel_max"] < 1e-5
+    assert eb.lie_derivative(model, nbody_batch, nbody_task.spec)["rel_max"] < 1e-8
+
+
+def test_analytic_value_for_a_fixed_offset(nbody_task):
+    """With a fixed offset a and pos+vel*w fields, rel = ||a - R a|| sqrt(n) / ||f(X)||."""
+    a = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    data = nbody_task.load("test")[:1]
+    with default_dtype(torch.float64):
+        model = ShiftModel(tuple(a.tolist()))
+        batch = Batch.from_data_list(data)
+        for k in ("pos", "vel"):
+            batch[k] = batch[k].double()
+        res = eb.equivariance_error(model, batch, nbody_task.spec, n_samples=1, seed=5, permute=False)
+        g = sample_element(batch, "E3", torch.Generator().manual_seed(5), permute=False)
+        with torch.no_grad():
+            f = model(batch)
+    R = g.R[0]
+    n = batch.num_nodes
+    expected = torch.linalg.norm(a - R @ a) * math.sqrt(n) / torch.linalg.norm(f)
+    assert res["rel_mean"] == pytest.approx(expected.item(), rel=1e-12)
+    assert res["abs_max"] == pytest.approx((a - R @ a).abs().max().item(), rel=1e-12)
+
+
+def test_lie_derivative_analytic(nbody_task):
+    """For f = pos + a (fixed a), rho(exp(-sA)) f(exp(sA) X) = pos + exp(-sA) a, so the Lie
+    derivative along generator A_k is -A_k a at every node."""
+    from e3nn import o3
+    a = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    data = nbody_task.load("test")[:1]
+    with default_dtype(torch.float64):
+        model = ShiftModel(tuple(a.tolist()))
+        model.w.data.zero_()
+        batch = Batch.from_data_list(data)
+        for k in ("pos", "vel"):
+            batch[k] = batch[k].double()
+        res = eb.lie_derivative(model, batch, nbody_task.spec)
+        f_norm = torch.linalg.norm(batch.pos + a)
+        G = o3.so3_generators(1)
+    n = batch.num_nodes
+    rels = torch.stack([torch.linalg.norm(G[k] @ a) * math.sqrt(n) / f_norm for k in range(3)])
+    assert res["rel_max"] == pytest.approx(rels.max().item(), rel=1e-6)
+    assert res["rel_mean"] == pytest.approx(rels.mean().item(), rel=1e-6)
+
+
+def test_non_equivariant_model_is_detected(nbody_batch, nbody_task):
+    torch.manual_seed(0)
+    res = eb.equivariance_error(Norms(), nbody_batch, nbody_task.spec, n_samples=4, dtype=torch.float32)
+    assert res["rel_mean"] > 1e-2
+    assert eb.lie_derivative(Norms(), nbody_batch, nbody_task.spec)["rel_mean"] > 1e-3
+
+
+def test_float64_measurement_warns_when_model_was_built_in_float32(nbody_batch, nbody_task):
+    with pytest.warns(UserWarning, match="default_dtype"):
+        eb.equivariance_error(ShiftModel(), nbody_batch, nbody_task.spec, n_samples=1)
