@@ -103,6 +103,16 @@ def knn_graph(pos: torch.Tensor | np.ndarray, k: int, *, batch: torch.Tensor | n
     return _build(pos, batch, lambda p: _knn_one(p, k, loop))
 
 
+def knn_indices(pos: torch.Tensor | np.ndarray, k: int, *, loop: bool = False) -> np.ndarray:
+    """The ``min(k, n - 1)`` nearest other nodes of every node of one graph, nearest first:
+    ``[n, k]`` int64 (row i holds the sources j of the edges j -> i of ``knn_graph``)."""
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    p = _as_numpy(pos)
+    src, _ = _knn_one(p, k, loop)
+    return src.reshape(len(p), -1)
+
+
 def radius_graph(pos: torch.Tensor | np.ndarray, cutoff: float, *,
                  batch: torch.Tensor | np.ndarray | None = None, loop: bool = False,
                  max_num_neighbors: int | None = None) -> torch.Tensor:

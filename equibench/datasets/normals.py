@@ -31,6 +31,11 @@ setting (it is held-out training distribution, used for model selection).
 Loss ``1 - <n_hat, n>^2`` with ``n_hat = pred / |pred|`` (``|pred| = 0`` gives loss 1); metrics
 the per-cloud means of ``1 - cos^2`` and of the unoriented angle ``arccos |<n_hat, n>|`` in
 degrees.
+
+Cache (``cache_dir()/normals/<hash>/``, hash of n_points, the catalogue, split fractions and the
+pybullet/trimesh/numpy versions): files of ``CHUNK`` clouds per (split, seed, chunk) holding the
+normalised clouds, normals, face and mesh indices, centres and radii; the kNN lists are cached
+beside them per (k, noise). Noise and rotations are applied at load time from their seeds.
 """
 from __future__ import annotations
 
@@ -54,10 +59,10 @@ from ..suite.errors import UserError
 from ..suite.registry import register_task
 from ..suite.spec import TaskSpec
 from .base import SPLITS, Task, atomic_save, cache_dir
-from .graphs import knn_graph
+from .graphs import knn_indices
 
 PROTOCOL_SEED = 20220127
-CHUNK = 64
+CHUNK = 16
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1}  # test gets the rest
 NAMED_MESHES = ("bunny.obj", "duck.obj", "teddy2_VHACD_CHs.obj")
 PRIMITIVES = {
@@ -167,7 +172,7 @@ class NormalsTask(Task):
         for name, v in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
             if v < 1:
                 raise UserError(f"normals: {name} must be positive")
-        super().__init__(n_points=n_points, k=k, noise=noise, rotation=rotation, train_size=train_size,
+        super().__init__(n_points=n_points, k=k, noise=float(noise), rotation=rotation, train_size=train_size,
                          val_size=val_size, test_size=test_size)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.rotation_of = {"train": parts[0], "val": parts[0], "test": parts[1]}
@@ -183,6 +188,7 @@ class NormalsTask(Task):
         catalogue = mesh_catalogue()
         return catalogue, mesh_split(catalogue)
 
+    @functools.cached_property
     def _cache_key(self) -> str:
         catalogue, _ = self._pools
         params = {"n_points": self.options["n_points"], "catalogue": catalogue, "protocol": PROTOCOL_SEED,
@@ -190,7 +196,7 @@ class NormalsTask(Task):
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
     def _chunk_path(self, split: str, seed: int, c: int):
-        return cache_dir() / "normals" / self._cache_key() / f"{split}-seed{seed}-chunk{c}.pt"
+        return cache_dir() / "normals" / self._cache_key / f"{split}-seed{seed}-chunk{c}.pt"
 
     def _build_chunk(self, split: str, seed: int, c: int, bar: tqdm) -> dict[str, np.ndarray]:
         catalogue, pools = self._pools
@@ -208,16 +214,18 @@ class NormalsTask(Task):
         arrays["mesh"] = np.asarray(meshes, dtype=np.int32)
         return arrays
 
-    def raw(self, split: str, size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-        """The cached, un-noised, un-rotated clouds of a split: ``pos [S, n, 3]`` (normalised),
-        ``normal [S, n, 3]``, ``face [S, n]`` (face index in the mesh), ``mesh [S]`` (index into
-        ``mesh_catalogue()``), ``centre [S, 3]`` and ``scale [S]`` (the RMS radius)."""
+    def _size(self, split: str, size: int | None) -> int:
         self.check_split(split)
         size = self.sizes[split] if size is None else size
         if size < 1:
             raise UserError(f"normals: size must be positive, got {size}")
+        return size
+
+    def _chunks(self, split: str, size: int, seed: int) -> list[dict[str, np.ndarray]]:
+        """The cached chunks covering the first ``size`` clouds (built, with a progress bar, if absent)."""
         n_chunks = -(-size // CHUNK)
-        chunks, missing = {}, []
+        chunks: dict[int, dict[str, np.ndarray]] = {}
+        missing = []
         for c in range(n_chunks):
             path = self._chunk_path(split, seed, c)
             if path.exists():
@@ -229,31 +237,60 @@ class NormalsTask(Task):
                 for c in missing:
                     chunks[c] = self._build_chunk(split, seed, c, bar)
                     atomic_save(chunks[c], self._chunk_path(split, seed, c))
-        return {k: np.concatenate([chunks[c][k] for c in range(n_chunks)])[:size] for k in chunks[0]}
+        return [chunks[c] for c in range(n_chunks)]
+
+    def raw(self, split: str, size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+        """The cached, un-noised, un-rotated clouds of a split: ``pos [S, n, 3]`` (normalised),
+        ``normal [S, n, 3]``, ``face [S, n]`` (face index in the mesh), ``mesh [S]`` (index into
+        ``mesh_catalogue()``), ``centre [S, 3]`` and ``scale [S]`` (the RMS radius)."""
+        size = self._size(split, size)
+        chunks = self._chunks(split, size, seed)
+        return {k: np.concatenate([ch[k] for ch in chunks])[:size] for k in chunks[0]}
 
     def rotations(self, split: str, size: int | None = None, seed: int = 0) -> np.ndarray:
         """The element R ``[S, 3, 3]`` applied to each cloud of ``split`` (identity if not rotated)."""
-        self.check_split(split)
-        size = self.sizes[split] if size is None else size
+        size = self._size(split, size)
         kind, s = self.rotation_of[split], SPLITS.index(split)
         return np.stack([haar_element(np.random.default_rng([PROTOCOL_SEED, seed, s, i, 1]), kind)
                          for i in range(size)])
 
+    def _noisy(self, pos: np.ndarray, split: str, seed: int, i: int) -> np.ndarray:
+        noise = self.options["noise"]
+        if noise == 0:
+            return pos
+        rng = np.random.default_rng([PROTOCOL_SEED, seed, SPLITS.index(split), i, 2])
+        return pos + noise * rng.standard_normal(pos.shape)
+
+    def _neighbours(self, split: str, seed: int, c: int, chunk: dict[str, np.ndarray]) -> np.ndarray:
+        """kNN lists ``[CHUNK, n, k]`` of a chunk's (noisy, unrotated) clouds, cached beside it."""
+        k, noise = self.options["k"], self.options["noise"]
+        path = self._chunk_path(split, seed, c).with_name(f"{split}-seed{seed}-chunk{c}-knn{k}-noise{noise!r}.pt")
+        if path.exists():
+            return torch.load(path, weights_only=False)
+        nbr = np.stack([knn_indices(self._noisy(p, split, seed, c * CHUNK + j), k)
+                        for j, p in enumerate(chunk["pos"])])
+        nbr = nbr.astype(np.int16 if nbr.max(initial=0) < 2**15 else np.int64)
+        atomic_save(nbr, path)
+        return nbr
+
     def load(self, split: str, size: int | None = None, seed: int = 0) -> list[Data]:
-        raw = self.raw(split, size, seed)
-        size = len(raw["pos"])
+        size = self._size(split, size)
+        chunks = self._chunks(split, size, seed)
         Rs = self.rotations(split, size, seed)
-        s, noise, k = SPLITS.index(split), self.options["noise"], self.options["k"]
         dt = torch.get_default_dtype()
         out = []
-        for i in range(size):
-            pos = raw["pos"][i]
-            if noise > 0:
-                pos = pos + noise * np.random.default_rng([PROTOCOL_SEED, seed, s, i, 2]).standard_normal(pos.shape)
-            edge_index = knn_graph(pos, k)  # on the unrotated cloud: identical graph in every setting
-            R = Rs[i]
-            out.append(Data(pos=torch.as_tensor(pos @ R.T, dtype=dt),
-                            y=torch.as_tensor(raw["normal"][i] @ R.T, dtype=dt), edge_index=edge_index))
+        for c, chunk in enumerate(chunks):
+            # graph on the unrotated cloud: the same graph in every rotation setting
+            nbr = self._neighbours(split, seed, c, chunk)
+            for j in range(min(CHUNK, size - c * CHUNK)):
+                i = c * CHUNK + j
+                pos = self._noisy(chunk["pos"][j], split, seed, i)
+                src = torch.from_numpy(nbr[j].astype(np.int64))
+                dst = torch.arange(src.shape[0]).repeat_interleave(src.shape[1])
+                R = Rs[i]
+                out.append(Data(pos=torch.as_tensor(pos @ R.T, dtype=dt),
+                                y=torch.as_tensor(chunk["normal"][j] @ R.T, dtype=dt),
+                                edge_index=torch.stack([src.reshape(-1), dst])))
         return out
 
     # ---------------------------------------------------------------- loss and metrics

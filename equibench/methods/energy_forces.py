@@ -39,16 +39,16 @@ def energy_to_forces(model_energy: Callable[[Batch], torch.Tensor], batch: Batch
     as is (so outer derivatives through the positions still flow); otherwise a detached leaf
     copy is used and ``batch`` is left untouched.
     """
-    create_graph = torch.is_grad_enabled() if training is None else training
     pos = batch[pos_field]
+    keep = (torch.is_grad_enabled() if training is None else training) or pos.requires_grad
     with torch.enable_grad():
         if not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
         work = copy.copy(batch)  # shallow: shares every other tensor
         work[pos_field] = pos
         energy = model_energy(work).reshape(-1)
-        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph or pos is batch[pos_field])
-    if not create_graph:
+        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=keep)
+    if not keep:
         energy, grad = energy.detach(), grad.detach()
     return energy, -grad
 
@@ -56,18 +56,15 @@ def energy_to_forces(model_energy: Callable[[Batch], torch.Tensor], batch: Batch
 class ForcesFromEnergy(nn.Module):
     """Wrap an energy model (``batch -> [B]`` or ``[B, 1]``) into a force model (``batch -> [N, 3]``).
 
-    ``create_graph`` follows ``self.training``, so eval-mode measurements stay cheap; the last
-    energy is kept in ``self.last_energy`` for an energy term in the loss.
+    ``create_graph`` follows ``self.training``, so eval-mode measurements stay cheap. For an
+    energy term in the loss call ``energy_to_forces(module.energy_model, batch)`` directly.
     """
 
     def __init__(self, energy_model: nn.Module, pos_field: str = "pos") -> None:
         super().__init__()
         self.energy_model = energy_model
         self.pos_field = pos_field
-        self.last_energy: torch.Tensor | None = None
 
     def forward(self, batch: Batch) -> torch.Tensor:
         training = self.training and torch.is_grad_enabled()
-        energy, forces = energy_to_forces(self.energy_model, batch, training=training, pos_field=self.pos_field)
-        self.last_energy = energy
-        return forces
+        return energy_to_forces(self.energy_model, batch, training=training, pos_field=self.pos_field)[1]
