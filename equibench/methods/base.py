@@ -32,6 +32,8 @@ class Method:
     group: str | None = None
     #: wrapping methods (same backbone) report their overhead against it
     wraps_backbone: ClassVar[bool] = False
+    #: options of a small, fast instance, used by the registry-parametrised tests
+    smoke_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)

@@ -14,6 +14,7 @@ class Baseline(Method):
     exact = False
     group = None
     wraps_backbone = True
+    smoke_options = {"width": 16, "depth": 2}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None) -> None:
         super().__init__(width=width, depth=depth, params=params)

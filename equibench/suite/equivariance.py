@@ -27,7 +27,8 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from .group import GroupElement, OneParameterElement, act_on_batch, act_on_output, sample_element
+from . import group as group3d
+from .group import GroupElement, OneParameterElement, act_on_batch, act_on_output
 from .precision import default_dtype, dtype_name
 from .spec import TaskSpec
 
@@ -63,8 +64,18 @@ def _per_graph_norm(x: torch.Tensor, spec: TaskSpec, batch: Batch) -> torch.Tens
     return sq.sqrt()
 
 
-def graph_index_after(batch: Batch, g: GroupElement) -> torch.Tensor:
-    return batch.batch if g.perm is None else batch.batch[g.perm]
+def group_actions(spec: TaskSpec):
+    """The module implementing ``sample_element``, ``act_on_batch`` and ``act_on_output`` for the
+    task's domain (graph3d: E(3) on typed fields; image2d: planar rotations/reflections)."""
+    if spec.domain == "image2d":
+        from . import group2d
+        return group2d
+    return group3d
+
+
+def _device(model: nn.Module, batch: Batch) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else batch.batch.device
 
 
 def _summary(rel: torch.Tensor, abs_max: float, **extra: Any) -> dict[str, Any]:
@@ -84,21 +95,22 @@ def equivariance_error(model: nn.Module, batch: Batch, spec: TaskSpec, n_samples
     ``abs_max``, ``n_samples``, ``n_graphs``, ``dtype`` and ``group``.
     """
     group = group or spec.group
+    actions = group_actions(spec)
     gen = torch.Generator().manual_seed(seed)
     model = model_in_dtype(model, dtype)
     was_training = model.training
     model.eval()
     try:
         with default_dtype(dtype):
-            device = next((p.device for p in model.parameters()), batch.edge_index.device)
-            x = cast_batch(batch, dtype).to(device)
+            x = cast_batch(batch, dtype).to(_device(model, batch))
             fx = model(x)
             rels, abs_max = [], 0.0
             for _ in range(n_samples):
-                g = sample_element(x, group, gen, permute=permute).to(dtype, device)
-                fgx = model(act_on_batch(x, spec, g, target=False))
-                diff = fgx - act_on_output(fx, spec, g, x)
-                num = _per_graph_norm(diff, spec, x if g.perm is None else _permuted(x, g))
+                g = actions.sample_element(x, group, gen, permute=permute).to(dtype, x.batch.device)
+                fgx = model(actions.act_on_batch(x, spec, g, target=False))
+                diff = fgx - actions.act_on_output(fx, spec, g, x)
+                perm = getattr(g, "perm", None)
+                num = _per_graph_norm(diff, spec, x if perm is None else _permuted(x, g))
                 rels.append(num / (_per_graph_norm(fx, spec, x) + EPS))
                 abs_max = max(abs_max, diff.abs().max().item())
     finally:
@@ -125,7 +137,7 @@ def lie_derivative(model: nn.Module, batch: Batch, spec: TaskSpec, step: float =
     model.eval()
     try:
         with default_dtype(dtype):
-            device = next((p.device for p in model.parameters()), batch.edge_index.device)
+            device = _device(model, batch)
             x = cast_batch(batch, dtype).to(device)
             fx = model(x)
             B = int(x.num_graphs)
