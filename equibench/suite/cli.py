@@ -3,6 +3,9 @@
     equibench list                      methods, tasks and suites
     equibench run SUITE [options]       run a suite (name or YAML path), then write its report
     equibench report RUN... [--out DIR] write a report for one or more run directories
+    equibench compare RUN_A RUN_B       side-by-side table and plot of two runs
+    equibench nightly [SUITE]           run, append to the history, report trends, flag regressions
+                                        (exit code 1 when a regression is flagged)
 
 Bad input (unknown name, malformed suite file, wrong option type) prints one line on stderr and
 exits with code 2; results already written are never touched.
@@ -88,6 +91,48 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .report import write_comparison
+    out = args.out or str(Path("reports") / f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
+    print(f"comparison: {write_comparison(args.run_a, args.run_b, out)}")
+    return 0
+
+
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from .history import append_history, find_regressions
+    from .report import write_report
+    from .runner import run
+    name = args.name or f"nightly-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=name, resume=True,
+             timeout=args.timeout, plugins=args.plugin or [], tasks=args.tasks, methods=args.methods,
+             seeds=args.seeds, device=args.device, progress=not args.quiet)
+    run_dir = Path(args.results_dir) / str(df["run_id"].dropna().iloc[0])
+    history = append_history(run_dir, args.history or Path(args.results_dir) / "history.parquet")
+    regressions = find_regressions(history, run_dir.name, threshold=args.threshold, window=args.window, k=args.k)
+    lines = [r.describe() for r in regressions]
+    index = write_report(run_dir, Path(args.reports_dir) / run_dir.name, regressions=lines, history=history)
+    print(f"results: {run_dir}\nreport: {index}")
+    for line in lines:
+        print(f"REGRESSION {line}")
+    return 1 if regressions else 0
+
+
+def _add_run_options(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--tasks", type=_csv(), help="comma-separated task names (default: the suite's)")
+    r.add_argument("--methods", type=_csv(), help="comma-separated method names (default: the suite's)")
+    r.add_argument("--seeds", type=_csv(int), help="comma-separated integer seeds")
+    r.add_argument("--device", help="cpu or cuda[:N] (default: the suite's)")
+    r.add_argument("--executor", default="local", choices=["local", "submitit"])
+    r.add_argument("--results-dir", default="results")
+    r.add_argument("--reports-dir", default="reports")
+    r.add_argument("--name", help="run directory name (default: SUITE-<timestamp>)")
+    r.add_argument("--timeout", type=float, help="seconds allowed per (task, method, seed)")
+    r.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="equibench", description="Benchmark equivariance methods side by side.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -97,26 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a suite and write its report")
     r.add_argument("suite", help="suite name (smoke, quick, nightly, ...) or path to a suite YAML file")
-    r.add_argument("--tasks", type=_csv(), help="comma-separated task names (default: the suite's)")
-    r.add_argument("--methods", type=_csv(), help="comma-separated method names (default: the suite's)")
-    r.add_argument("--seeds", type=_csv(int), help="comma-separated integer seeds")
-    r.add_argument("--device", help="cpu or cuda[:N] (default: the suite's)")
-    r.add_argument("--executor", default="local", choices=["local", "submitit"])
-    r.add_argument("--results-dir", default="results")
-    r.add_argument("--reports-dir", default="reports")
-    r.add_argument("--name", help="run directory name (default: SUITE-<timestamp>)")
+    _add_run_options(r)
     r.add_argument("--resume", action="store_true", help="continue the named (or latest) run of this suite")
-    r.add_argument("--timeout", type=float, help="seconds allowed per (task, method, seed)")
-    r.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
     r.add_argument("--no-isolate", action="store_true", help="run specs in this process (faster, less safe)")
     r.add_argument("--no-report", action="store_true")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="write an HTML + Markdown report for run directories")
     rep.add_argument("runs", nargs="+", help="run directories (results/<run_id>) or a results root")
     rep.add_argument("--out", help="output directory (default: reports/<first run id>)")
     rep.set_defaults(func=_cmd_report)
+
+    cmp_ = sub.add_parser("compare", help="compare two runs side by side")
+    cmp_.add_argument("run_a")
+    cmp_.add_argument("run_b")
+    cmp_.add_argument("--out", help="output directory (default: reports/compare-A-vs-B)")
+    cmp_.set_defaults(func=_cmd_compare)
+
+    n = sub.add_parser("nightly", help="run a suite, append to the history, flag regressions")
+    n.add_argument("suite", nargs="?", default="nightly")
+    _add_run_options(n)
+    n.add_argument("--history", help="history Parquet file (default: RESULTS_DIR/history.parquet)")
+    n.add_argument("--threshold", type=float, default=0.10, help="relative change that counts (default 0.10)")
+    n.add_argument("--window", type=int, default=5, help="earlier runs to compare with (default 5)")
+    n.add_argument("--k", type=float, default=3.0, help="also require k x the measured spread (default 3)")
+    n.set_defaults(func=_cmd_nightly)
     return p
 
 

@@ -89,3 +89,17 @@ def curves(data: pd.DataFrame, x: str, y: str, hue: str, path: Path, title: str,
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     _finish(fig, path)
+
+
+def ratio_bars(labels: list[str], ratios: np.ndarray, higher_better: list[bool], path: Path, title: str) -> None:
+    """Horizontal bars of B/A ratios on a log axis, coloured by whether B is better."""
+    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.28 * len(labels) + 1)))
+    better = [(r > 1) == hb for r, hb in zip(ratios, higher_better)]
+    colors = ["tab:green" if b else "tab:red" for b in better]
+    y = np.arange(len(labels))
+    ax.barh(y, np.log10(np.clip(ratios, 1e-30, None)), color=colors)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.axvline(0, color="k", lw=0.7)
+    ax.set_xlabel("log10(B / A)")
+    ax.set_title(title, fontsize=10)
+    _finish(fig, path)

@@ -171,18 +171,43 @@ def _task_section(task: str, df: pd.DataFrame, out: Path) -> dict[str, Any]:
     return section
 
 
+TREND_METRICS = ("test.", "equivariance.trained.fp32.rel_mean", "throughput.inference.graphs_per_s")
+
+
+def _trend_figures(history: pd.DataFrame, task: str, out: Path) -> list[tuple[str, str]]:
+    from .history import trend_table
+    figs = []
+    h = history[history["task"] == task]
+    metrics = sorted({m for m in h["metric"].unique() if m.startswith(TREND_METRICS)})
+    for metric in metrics:
+        t = trend_table(h, metric)
+        if t["night"].nunique() < 2:
+            continue
+        path = out / f"{_slug(task)}_trend_{_slug(metric)}.png"
+        plots.curves(t, "night", "value", "method", path, f"{task}: {metric} per night", "night (oldest = 0)",
+                     metric, logx=False, logy=not metric.startswith("test.accuracy"))
+        figs.append((path.name, f"{metric} across the nights in the history (mean over seeds per night)."))
+    return figs
+
+
 def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
-                 title: str | None = None) -> Path:
-    """Write ``out_dir/index.html`` and ``out_dir/README.md`` (+ PNGs); returns the HTML path."""
+                 title: str | None = None, regressions: list[str] | None = None,
+                 history: pd.DataFrame | None = None) -> Path:
+    """Write ``out_dir/index.html`` and ``out_dir/README.md`` (+ PNGs); returns the HTML path.
+
+    ``regressions`` (one line each) are listed first; ``history`` adds trend plots per task."""
     df = load_results(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"equibench report: {', '.join(sorted(set(df['run_id'].dropna())))}"
     sections = [_task_section(task, g, out) for task, g in df.groupby("task", sort=True)]
+    if history is not None:
+        for s in sections:
+            s["figures"] += _trend_figures(history, s["task"], out)
     status = _status_table(df)
     versions = _first(df["versions"]) if "versions" in df else {}
-    (out / "index.html").write_text(_html(title, sections, status, versions))
-    (out / "README.md").write_text(_markdown(title, sections, status, versions))
+    (out / "index.html").write_text(_html(title, sections, status, versions, regressions))
+    (out / "README.md").write_text(_markdown(title, sections, status, versions, regressions))
     return out / "index.html"
 
 
@@ -199,10 +224,14 @@ HOW_TO_READ = ("Lower is better for test errors and equivariance errors; higher 
                "shared backbone's (baseline) at the same batch.")
 
 
-def _html(title: str, sections: list[dict[str, Any]], status: pd.DataFrame, versions: Any) -> str:
+def _html(title: str, sections: list[dict[str, Any]], status: pd.DataFrame, versions: Any,
+          regressions: list[str] | None = None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             f"<p class='ctx'>{html.escape(HOW_TO_READ)}</p>"]
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if regressions is not None:
+        items = "".join(f"<li>{html.escape(r)}</li>" for r in regressions) or "<li>none</li>"
+        parts.append(f"<h2 id='regressions'>Regressions ({len(regressions)})</h2><ul>{items}</ul>")
+    parts.append(f"<p class='ctx'>{html.escape(HOW_TO_READ)}</p>")
     if len(status):
         parts.append("<h2>Runs that did not produce results</h2>" + status.to_html(index=False, escape=True))
     for s in sections:
@@ -221,8 +250,12 @@ def _html(title: str, sections: list[dict[str, Any]], status: pd.DataFrame, vers
     return "\n".join(parts)
 
 
-def _markdown(title: str, sections: list[dict[str, Any]], status: pd.DataFrame, versions: Any) -> str:
-    parts = [f"# {title}", "", HOW_TO_READ, ""]
+def _markdown(title: str, sections: list[dict[str, Any]], status: pd.DataFrame, versions: Any,
+              regressions: list[str] | None = None) -> str:
+    parts = [f"# {title}", ""]
+    if regressions is not None:
+        parts += [f"## Regressions ({len(regressions)})", ""] + [f"- {r}" for r in regressions or ["none"]] + [""]
+    parts += [HOW_TO_READ, ""]
     if len(status):
         parts += ["## Runs that did not produce results", "", status.to_markdown(index=False, disable_numparse=True), ""]
     for s in sections:
@@ -236,3 +269,35 @@ def _markdown(title: str, sections: list[dict[str, Any]], status: pd.DataFrame, 
             parts += [f"![{name}]({name})", "", f"*{caption}*", ""]
     parts += [f"Package versions: `{json.dumps(versions, sort_keys=True)}`", ""]
     return "\n".join(parts)
+
+
+def write_comparison(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Side-by-side table and plot (B/A per metric) of two runs; returns the HTML path."""
+    from .history import compare_runs, higher_is_better
+    a, b = load_results(run_a), load_results(run_b)
+    table = compare_runs(a, b)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = (Path(run_a).name, Path(run_b).name)
+    ctx = [f"A = {names[0]}: {context_line(a)}", f"B = {names[1]}: {context_line(b)}"]
+    figs = []
+    for task, t in table.groupby("task"):
+        t = t.dropna(subset=["B/A"])
+        if t.empty:
+            continue
+        t = t.assign(label=t["method"] + " · " + t["metric"])
+        path = out / f"{_slug(task)}_compare.png"
+        plots.ratio_bars(t["label"].tolist(), t["B/A"].to_numpy(), [higher_is_better(m) for m in t["metric"]],
+                         path, f"{task}: B / A per method and metric")
+        figs.append((path.name, f"B/A per (method, metric), log scale; green = B better, red = B worse."))
+    fmt = table.assign(A=table["A"].map(_fmt), B=table["B"].map(_fmt), **{"B/A": table["B/A"].map(lambda v: _fmt(v, "x"))})
+    body = [f"<!doctype html><html><head><meta charset='utf-8'><title>compare {html.escape(names[0])} vs "
+            f"{html.escape(names[1])}</title><style>{CSS}</style></head><body>",
+            f"<h1>Comparison: A = {html.escape(names[0])}, B = {html.escape(names[1])}</h1>",
+            *[f"<p class='ctx'>{html.escape(c)}</p>" for c in ctx], fmt.to_html(index=False, escape=True)]
+    body += [f"<figure><img src='{html.escape(n)}'><figcaption>{html.escape(c)}</figcaption></figure>" for n, c in figs]
+    (out / "index.html").write_text("\n".join(body + ["</body></html>"]))
+    (out / "README.md").write_text("\n".join([f"# Comparison: A = {names[0]}, B = {names[1]}", "", *ctx, "",
+                                              fmt.to_markdown(index=False, disable_numparse=True), ""]
+                                             + [f"![{n}]({n})" for n, _ in figs]))
+    return out / "index.html"

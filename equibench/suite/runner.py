@@ -288,7 +288,7 @@ def run(suite_or_runspecs: str | os.PathLike | Sequence[RunSpec], results_dir: s
     pending = [s for s in dict.fromkeys(specs) if s.hash not in done]
     if executor == "submitit":
         from .scaleout import run_submitit
-        run_submitit(pending, run_dir, plugins, executor_options or {}, timeout)
+        run_submitit(pending, run_dir, list(plugins), executor_options or {}, timeout)
     else:
         bar = _progress(pending, len(pending), progress)
         for spec in bar:

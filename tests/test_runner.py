@@ -1,0 +1,207 @@
+"""The runner, store, report and CLI: records, resume, torn writes, failure isolation, errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import equibench as eb
+from equibench.suite.cli import main
+from equibench.suite.spec import RunSpec
+from equibench.suite.store import RECORDS, append_block, completed_specs, read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = str(ROOT / "tests" / "plugins" / "faulty_methods.py")
+TINY = dict(task="nbody", task_options={"train_size": 32, "val_size": 8, "test_size": 16},
+            train={"steps": 4, "batch_size": 8, "warmup_steps": 1, "eval_batch_size": 16},
+            evaluate={"equivariance_samples": 2, "equivariance_graphs": 4, "throughput_batch": 8,
+                      "throughput_repeats": 2, "throughput_min_sample_s": 0.001, "lie_derivative": False})
+
+
+def tiny(method: str, seed: int = 0, **opts) -> RunSpec:
+    return RunSpec(method=method, seed=seed, method_options=opts, **TINY)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    df = eb.run("smoke", results_dir=root, run_name="smoke-test", isolate=False, progress=False,
+                methods=["baseline", "e3nn"])
+    return root / "smoke-test", df
+
+
+def test_smoke_run_writes_tidy_records(smoke_run):
+    run_dir, df = smoke_run
+    assert (run_dir / RECORDS).exists() and (run_dir / "env.json").exists()
+    assert (run_dir / "records.parquet").exists()
+    assert set(df["method"]) == {"baseline", "e3nn"} and (df["status"] == "ok").all()
+    metrics = set(df["metric"])
+    for m in ("params", "test.mse", "equivariance.trained.fp64.rel_mean", "equivariance.init.fp32.rel_max",
+              "lie_derivative.trained.fp64.rel_mean", "throughput.inference.graphs_per_s",
+              "throughput.train.graphs_per_s", "throughput.inference.peak_mem_bytes"):
+        assert m in metrics
+    row = df[df["metric"] == "throughput.inference.graphs_per_s"].iloc[0]
+    assert row["device_name"] and row["dtype"] == "fp32" and row["batch_size"] == 16 and row["repeats"] == 3
+    assert isinstance(row["versions"], dict) and "torch" in row["versions"] and row["git_commit"]
+    e3 = df[(df["method"] == "e3nn") & (df["metric"] == "equivariance.trained.fp64.rel_max")]["value"].item()
+    base = df[(df["method"] == "baseline") & (df["metric"] == "equivariance.trained.fp64.rel_max")]["value"].item()
+    assert e3 < 1e-10 < 1e-2 < base
+    env = json.loads((run_dir / "env.json").read_text())
+    assert "collect_env" in env and env["versions"]["torch"]
+    pq = pd.read_parquet(run_dir / "records.parquet")
+    assert len(pq) == len(df)
+
+
+def test_resume_skips_finished_specs(smoke_run):
+    run_dir, df = smoke_run
+    lines = (run_dir / RECORDS).read_text().count("\n")
+    again = eb.run("smoke", results_dir=run_dir.parent, run_name=run_dir.name, resume=True, isolate=False,
+                   progress=False, methods=["baseline", "e3nn"])
+    assert (run_dir / RECORDS).read_text().count("\n") == lines
+    assert len(again) == len(df)
+
+
+def test_report_has_tables_and_figures(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    index = eb.write_report(run_dir, tmp_path / "rep")
+    text = index.read_text()
+    assert "<table" in text and "Task: nbody" in text and "e3nn" in text and "baseline" in text
+    for img in ("nbody_accuracy_vs_throughput.png", "nbody_equivariance.png"):
+        assert (tmp_path / "rep" / img).stat().st_size > 1000 and img in text
+    assert "device:" in text and "repeats" in text  # how it was measured
+    assert (tmp_path / "rep" / "README.md").read_text().count("|") > 20
+
+
+def test_torn_block_is_dropped_and_later_blocks_survive(tmp_path):
+    rows = [{"spec_hash": "a", "task": "t", "method": "m", "seed": 0, "metric": f"x{i}", "value": i,
+             "status": "ok"} for i in range(3)]
+    append_block(tmp_path, rows)
+    with open(tmp_path / RECORDS, "a") as f:  # a block cut off by kill -9: partial line, no newline
+        f.write(json.dumps({**rows[0], "spec_hash": "b", "block": "zz", "block_size": 3})[:-7])
+    assert completed_specs(tmp_path) == {"a"}
+    append_block(tmp_path, [{**r, "spec_hash": "c"} for r in rows])
+    recs = read_records(tmp_path)
+    assert [r["spec_hash"] for r in recs] == ["a"] * 3 + ["c"] * 3
+    assert completed_specs(tmp_path) == {"a", "c"}
+
+
+def test_failures_are_rows_and_the_suite_goes_on(tmp_path):
+    specs = [tiny("faulty_raises"), tiny("faulty_nan"), tiny("baseline", width=8, depth=1)]
+    df = eb.run(specs, results_dir=tmp_path, run_name="r", isolate=False, progress=False, plugins=[PLUGIN])
+    status = df.drop_duplicates("spec_hash").set_index("method")["status"]
+    assert status["faulty_raises"] == "failed" and status["faulty_nan"] == "failed" and status["baseline"] == "ok"
+    err = df[df["method"] == "faulty_raises"]["error"].item()
+    assert "deliberate failure in build" in err
+    assert "non-finite" in df[df["method"] == "faulty_nan"]["error"].item()
+
+
+def test_isolation_survives_timeouts_and_hard_exits(tmp_path):
+    specs = [tiny("faulty_sleeps"), tiny("faulty_exits"), tiny("baseline", width=8, depth=1)]
+    df = eb.run(specs, results_dir=tmp_path, run_name="r", isolate=True, timeout=60, progress=False,
+                plugins=[PLUGIN])
+    by = df.drop_duplicates("spec_hash").set_index("method")
+    assert by.loc["faulty_sleeps", "status"] == "failed" and "timeout" in by.loc["faulty_sleeps", "error"]
+    assert by.loc["faulty_exits", "status"] == "failed" and "code 9" in by.loc["faulty_exits", "error"]
+    assert by.loc["baseline", "status"] == "ok"
+
+
+def test_not_applicable_is_not_a_failure(tmp_path):
+    class Img(eb.Method):
+        domains = ("image2d",)
+    from equibench.suite.registry import _METHODS
+    _METHODS["only_images"] = Img
+    Img.name = "only_images"
+    try:
+        df = eb.run([tiny("only_images")], results_dir=tmp_path, run_name="r", isolate=False, progress=False)
+    finally:
+        del _METHODS["only_images"]
+    assert df["status"].tolist() == ["not_applicable"]
+
+
+def test_same_seed_same_numbers(tmp_path):
+    a = eb.run([tiny("augmentation", width=8, depth=1)], results_dir=tmp_path, run_name="a", isolate=False,
+               progress=False)
+    b = eb.run([tiny("augmentation", width=8, depth=1)], results_dir=tmp_path, run_name="b", isolate=False,
+               progress=False)
+    pick = lambda df: df[~df["metric"].str.startswith(("throughput", "train.wall", "train.steps_per"))]  # noqa: E731
+    pd.testing.assert_series_equal(pick(a).set_index("metric")["value"], pick(b).set_index("metric")["value"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "smoke", "--methods", "basline"], "did you mean 'baseline'"),
+    (["run", "smoke", "--tasks", "nbdy"], "did you mean 'nbody'"),
+    (["run", "no_such_suite"], "unknown suite"),
+    (["run", "smoke", "--seeds", "x"], "comma-separated list of int"),
+    (["run", "smoke", "--plugin", "/nonexistent.py"], "plugin file not found"),
+    (["report", "/nonexistent_results_dir"], "no results"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tasks: [nbody\nmethods: [baseline]", "malformed suite file"),
+    ("tasks: [nbody]\nmethods: [baseline]\nseeds: zero", "'seeds' must be"),
+    ("tasks: [nbody]\nmethods: [baseline]\nbogus: 1", "unknown key"),
+    ("tasks: [nbody]\nmethods: {baseline: {width: wide}}", "must be int"),
+    ("tasks: [nbody]\nmethods: [baseline]\ntrain: {steps: 1.5}", "must be int"),
+    ("methods: [baseline]", "missing 'tasks'"),
+])
+def test_malformed_suite_files(tmp_path, text, message, capsys):
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "res")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "res").exists() or not list((tmp_path / "res").rglob(RECORDS))
+
+
+def test_plugin_without_methods_is_rejected(tmp_path, capsys):
+    empty = tmp_path / "empty_plugin.py"
+    empty.write_text("x = 1\n")
+    assert main(["list", "--plugin", str(empty)]) == 2
+    assert "does not register any method" in capsys.readouterr().err
+
+
+def test_kill_minus_9_then_resume_runs_every_spec_once(tmp_path):
+    """A real `equibench run` killed with SIGKILL mid-run resumes to exactly one block per spec."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(json.dumps({
+        "name": "killtest", "tasks": {"nbody": TINY["task_options"]}, "train": TINY["train"],
+        "evaluate": TINY["evaluate"], "seeds": [0, 1, 2],
+        "methods": {"baseline": {"width": 8, "depth": 1}, "augmentation": {"width": 8, "depth": 1}}}))
+    cmd = [sys.executable, "-m", "equibench.suite.cli", "run", str(suite), "--results-dir", str(tmp_path / "res"),
+           "--name", "k", "--no-isolate", "--quiet", "--no-report"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = tmp_path / "res" / "k" / RECORDS
+    deadline = time.time() + 240
+    while time.time() < deadline and (not records.exists() or records.read_text().count("\n") == 0):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = completed_specs(records.parent)
+    assert 1 <= len(first) < 6, "the kill should land mid-run"
+    assert subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True).returncode == 0
+    recs = read_records(records.parent)
+    blocks = {(r["spec_hash"], r["block"]) for r in recs}
+    assert len({h for h, _ in blocks}) == 6 and len(blocks) == 6  # every spec exactly once
+
+
+def test_third_party_plugin_runs_in_the_suite_and_is_exact(tmp_path):
+    """examples/egnn_plugin.py, a separate file, runs through the suite unchanged and is exact."""
+    plugin = str(ROOT / "examples" / "egnn_plugin.py")
+    df = eb.run([tiny("egnn", width=16, depth=2)], results_dir=tmp_path, run_name="p", isolate=True,
+                plugins=[plugin], progress=False, timeout=300)
+    assert (df["status"] == "ok").all()
+    fp64 = df[df["metric"] == "equivariance.trained.fp64.rel_max"]["value"].item()
+    fp32 = df[df["metric"] == "equivariance.trained.fp32.rel_max"]["value"].item()
+    assert fp64 < 1e-10 and fp32 < 1e-4
