@@ -106,7 +106,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     from .runner import run
     name = args.name or f"nightly-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=name, resume=True,
-             timeout=args.timeout, plugins=args.plugin or [], tasks=args.tasks, methods=args.methods,
+             isolate=not args.no_isolate, timeout=args.timeout, plugins=args.plugin or [], tasks=args.tasks, methods=args.methods,
              seeds=args.seeds, device=args.device, progress=not args.quiet)
     run_dir = Path(args.results_dir) / str(df["run_id"].dropna().iloc[0])
     history = append_history(run_dir, args.history or Path(args.results_dir) / "history.parquet")
@@ -131,6 +131,7 @@ def _add_run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--timeout", type=float, help="seconds allowed per (task, method, seed)")
     r.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--no-isolate", action="store_true", help="run specs in this process (faster, less safe)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("suite", help="suite name (smoke, quick, nightly, ...) or path to a suite YAML file")
     _add_run_options(r)
     r.add_argument("--resume", action="store_true", help="continue the named (or latest) run of this suite")
-    r.add_argument("--no-isolate", action="store_true", help="run specs in this process (faster, less safe)")
     r.add_argument("--no-report", action="store_true")
     r.set_defaults(func=_cmd_run)
 

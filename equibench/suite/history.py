@@ -3,8 +3,9 @@
 ``results/history.parquet`` holds the rows of every run appended by ``equibench nightly``. A
 regression is a (task, method, metric) whose value in the new run is worse than the median of the
 previous ``window`` runs by more than ``threshold`` (relative) *and* by more than ``k`` times the
-measured spread: the standard deviation of those previous values, and for throughput the run's own
-IQR. Directions: test errors, equivariance errors and memory are lower-is-better; throughput and
+measured spread. All watched quantities are positive and their noise is multiplicative, so the
+spread is taken on log values: the standard deviation of log(previous values), and for throughput
+at least the run's own relative IQR. Directions: test errors, equivariance errors and memory are lower-is-better; throughput and
 accuracies higher-is-better. Equivariance errors below the floating-point floor (1e-12 fp64,
 1e-6 fp32) are machine precision and never flagged.
 """
@@ -78,7 +79,7 @@ class Regression:
 
     def describe(self) -> str:
         return (f"{self.task}/{self.method} {self.metric}: {self.value:.4g} vs recent median "
-                f"{self.reference:.4g} ({100 * self.change:+.1f}% worse; spread {self.spread:.3g})")
+                f"{self.reference:.4g} ({100 * self.change:+.1f}% worse; log-spread {self.spread:.3g})")
 
 
 def _run_order(hist: pd.DataFrame) -> list[str]:
@@ -115,10 +116,16 @@ def find_regressions(hist: pd.DataFrame, run_id: str, threshold: float = 0.1, wi
                 continue
         sign = -1.0 if higher_is_better(row["metric"]) else 1.0
         change = sign * (value - reference) / max(abs(reference), 1e-300)
-        noise = float(past["value"].std()) if len(past) > 1 else 0.0
-        if np.isfinite(row["rel_spread"]):
-            noise = max(noise, float(row["rel_spread"]) * abs(value))
-        if change > threshold and abs(value - reference) > k * noise:
+        positive = value > 0 and (past["value"] > 0).all()
+        if positive:  # multiplicative noise: compare on log scale
+            distance = abs(np.log(value / reference))
+            noise = float(np.log(past["value"]).std()) if len(past) > 1 else 0.0
+            if np.isfinite(row["rel_spread"]):
+                noise = max(noise, float(row["rel_spread"]))
+        else:
+            distance = abs(value - reference)
+            noise = float(past["value"].std()) if len(past) > 1 else 0.0
+        if change > threshold and distance > k * noise:
             out.append(Regression(row["task"], row["method"], row["metric"], value, reference, change, noise))
     return sorted(out, key=lambda r: -r.change)
 

@@ -47,6 +47,7 @@ class EvalConfig:
     throughput_modes: tuple[str, ...] = ("inference", "train")
     throughput_min_sample_s: float = 0.05
     throughput_repeats: int = 10
+    throughput_threads: int = 0  # CPU threads while timing; 0 = torch's default
     flops: bool = True
     compile: bool = False
 
@@ -183,7 +184,8 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
         for mode in ecfg.throughput_modes:
             res = measure_throughput(model, tp_batch, mode=mode, device=device, repeats=ecfg.throughput_repeats,
                                      min_sample_s=ecfg.throughput_min_sample_s, flops=ecfg.flops,
-                                     compile=ecfg.compile, loss_fn=task.loss)
+                                     compile=ecfg.compile, loss_fn=task.loss,
+                                     threads=ecfg.throughput_threads or None)
             ctx = {k: res[k] for k in ("mode", "dtype", "batch_nodes", "batch_edges", "repeats", "threads",
                                        "timer", "compiled", "mem_method", "calls_per_sample")}
             ctx["batch_size"] = res["batch_graphs"]
