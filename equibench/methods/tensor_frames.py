@@ -27,8 +27,8 @@ from ..suite.registry import register_method
 from ..suite.spec import TaskSpec
 from .backbone import Backbone, edge_attr_dim, edge_geometry
 from .base import Method, build_at_params
-from .tfmp import (DELTA, LearnedFrames, NearestFrames, Reps, TensorReps, attach_tensor_frames,
-                   default_hidden_reps, parse_reps, rho, scale_reps)
+from .tfmp import (DELTA, LearnedFrames, NearestFrames, Reps, attach_tensor_frames,
+                   default_hidden_reps, edge_frames, parse_reps, rho, scale_reps)
 
 FRAME_KINDS = ("learned", "nearest")
 
@@ -124,8 +124,9 @@ class TensorFramesModel(nn.Module):
         R = self.frames(pos, batch.edge_index, node_inv, edge_inv)
         vec, attr = edge_geometry(batch, self.spec)
         h = self.net.embed(self.local_inputs(batch, R))
+        per_edge = edge_frames(R, batch.edge_index)  # R_i, R_i R_j^T once for all layers
         for layer in self.net.layers:
-            h = layer(h, batch.edge_index, vec, attr, lframes=R)
+            h = layer(h, batch.edge_index, vec, attr, lframes=per_edge)
         return self.to_global(self.net.head(h), R, batch)
 
 
@@ -173,4 +174,4 @@ class TensorFrames(Method):
         return build_at_params(self._factory(spec), self.params, default)
 
 
-__all__ = ["TensorFrames", "TensorFramesModel", "frame_invariants", "TensorReps"]
+__all__ = ["TensorFrames", "TensorFramesModel", "frame_invariants"]

@@ -176,20 +176,30 @@ def orthogonal_det(U: torch.Tensor) -> torch.Tensor:
     return torch.where(det < 0, -torch.ones_like(det), torch.ones_like(det))
 
 
+def _has_pseudo(reps: Reps) -> bool:
+    """Whether some block needs the det(U) factor."""
+    if isinstance(reps, TensorReps):
+        return any(pseudo for _, _, pseudo in reps.blocks)
+    return any(ir.p != (-1) ** ir.l for _, ir in reps.irreps)
+
+
 def rho(reps: str | Reps, U: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Apply the block representation ``rho_reps(U_e)`` to every row: ``x: [E, dim]``, ``U: [E, 3, 3]``."""
     reps = parse_reps(reps)
     if reps.is_invariant:
         return x
     E = x.shape[0]
-    det = orthogonal_det(U)
+    det = orthogonal_det(U) if _has_pseudo(reps) else None
     out, start = [], 0
     if isinstance(reps, TensorReps):
         for mul, rank, pseudo in reps.blocks:
             d = mul * 3**rank
             t = x[:, start:start + d]
-            for axis in range(rank):  # U acts on every tensor index
-                t = torch.einsum("eab,emcbd->emcad", U, t.reshape(E, mul, 3**axis, 3, 3 ** (rank - axis - 1)))
+            if rank == 1:
+                t = torch.einsum("eab,emb->ema", U, t.reshape(E, mul, 3))
+            else:
+                for axis in range(rank):  # U acts on every tensor index
+                    t = torch.einsum("eab,emcbd->emcad", U, t.reshape(E, mul, 3**axis, 3, 3 ** (rank - axis - 1)))
             t = t.reshape(E, d)
             out.append(t * det[:, None] if pseudo else t)
             start += d
@@ -330,10 +340,10 @@ class NearestFrames(nn.Module):
         order = order[torch.argsort(dst[order], stable=True)]  # grouped by receiver, nearest first
         deg = torch.bincount(dst, minlength=N)
         rank = torch.arange(E, device=pos.device) - (torch.cumsum(deg, 0) - deg)[dst[order]]
-        near = pos.new_zeros(N, 3, 3)
-        for k in range(3):
-            sel = order[rank == k]
-            near = near.index_put((dst[sel], torch.full_like(sel, k)), vec[sel])
+        slot = torch.full((N, 3), E, dtype=torch.long, device=pos.device)  # E -> a zero row
+        keep = rank < 3
+        slot[dst[order[keep]], rank[keep]] = order[keep]
+        near = torch.cat([vec, vec.new_zeros(1, 3)])[slot]  # [N, 3, 3]: k-th nearest x_j - x_i
         mean_dir = scatter(u, dst, dim=0, dim_size=N, reduce="sum")[:, None]
         cand = torch.cat([near[:, :2], mean_dir], dim=1)
         hand = None if self.so3 else torch.cat([near[:, 2:3], mean_dir], dim=1)
@@ -360,8 +370,27 @@ class ArgRep:
         return ArgRep(parse_reps(reps), frame)
 
 
+@dataclass(frozen=True)
+class EdgeFrames:
+    """Per-edge frame data for one ``edge_index``: ``R_i`` (receiver frames) and
+    ``U = R_i R_j^T``; compute once with ``edge_frames`` and pass as ``lframes=`` to every layer
+    that uses the same edges."""
+
+    R_i: torch.Tensor  # [E, 3, 3]
+    U: torch.Tensor  # [E, 3, 3]
+    flow: str = "source_to_target"
+
+
+def edge_frames(frames: torch.Tensor, edge_index: torch.Tensor, flow: str = "source_to_target") -> EdgeFrames:
+    """``EdgeFrames`` for node frames ``[N, 3, 3]`` on ``edge_index`` (PyG's ``_i``/``_j`` convention)."""
+    i, j = (edge_index[1], edge_index[0]) if flow == "source_to_target" else (edge_index[0], edge_index[1])
+    R_i = frames[i]
+    return EdgeFrames(R_i, R_i @ frames[j].transpose(1, 2), flow)
+
+
 class _PropagatePreHook:
-    """Takes the frames (``lframes=`` or ``set_frames``) and caches R_i, U_ij = R_i R_j^T per edge."""
+    """Takes the frames (``lframes=`` or ``set_frames``: node frames or precomputed ``EdgeFrames``)
+    and caches R_i, U_ij = R_i R_j^T per edge for the message hook."""
 
     def __call__(self, module: MessagePassing, inputs: tuple) -> tuple:
         edge_index, size, kwargs = inputs
@@ -375,10 +404,13 @@ class _PropagatePreHook:
             raise TypeError("tensor-frame hooks need a dense edge_index [2, E]")
         if module.decomposed_layers != 1:
             raise ValueError("tensor-frame hooks need decomposed_layers == 1")
-        i, j = (edge_index[1], edge_index[0]) if module.flow == "source_to_target" else \
-            (edge_index[0], edge_index[1])
-        R_i = frames[i]
-        module._tf_cache = (R_i, R_i @ frames[j].transpose(1, 2))
+        if isinstance(frames, EdgeFrames):
+            if frames.U.shape[0] != edge_index.shape[1] or frames.flow != module.flow:
+                raise ValueError(f"EdgeFrames for {frames.U.shape[0]} edges ({frames.flow}) given to a layer "
+                                 f"propagating over {edge_index.shape[1]} edges ({module.flow}); pass node frames")
+        else:
+            frames = edge_frames(frames, edge_index, module.flow)
+        module._tf_cache = (frames.R_i, frames.U)
         return edge_index, size, kwargs
 
 
@@ -455,4 +487,4 @@ class FrameWrapped(nn.Module):
 
 __all__ = ["TensorReps", "IrrepsReps", "parse_reps", "scale_reps", "default_hidden_reps", "rho",
            "rho_matrix", "wigner_d", "gram_schmidt", "LearnedFrames", "NearestFrames", "envelope",
-           "ArgRep", "attach_tensor_frames", "set_frames", "FrameWrapped"]
+           "ArgRep", "EdgeFrames", "edge_frames", "attach_tensor_frames", "set_frames", "FrameWrapped"]
