@@ -205,3 +205,19 @@ def test_third_party_plugin_runs_in_the_suite_and_is_exact(tmp_path):
     fp64 = df[df["metric"] == "equivariance.trained.fp64.rel_max"]["value"].item()
     fp32 = df[df["metric"] == "equivariance.trained.fp32.rel_max"]["value"].item()
     assert fp64 < 1e-10 and fp32 < 1e-4
+
+
+def test_sample_efficiency_sweep_is_plotted_not_tabulated(tmp_path):
+    suite = tmp_path / "sweep.yaml"
+    suite.write_text(json.dumps({
+        "name": "sweep", "tasks": {"nbody": {**TINY["task_options"], "train_size": 16}}, "train": TINY["train"],
+        "evaluate": {**TINY["evaluate"], "throughput": False}, "seeds": [0, 1],
+        "methods": {"baseline": {"width": 8, "depth": 1}},
+        "sweeps": [{"task": "nbody", "option": "train_size", "values": [8, 16, 32]}]}))
+    df = eb.run(str(suite), results_dir=tmp_path / "res", run_name="s", isolate=False, progress=False)
+    assert df["spec_hash"].nunique() == 6  # 3 sizes x 2 seeds; the base size is not run twice
+    index = eb.write_report(tmp_path / "res" / "s", tmp_path / "rep")
+    text = index.read_text()
+    assert (tmp_path / "rep" / "nbody_sample_efficiency.png").exists() and "sample_efficiency" in text
+    table = text.split("<table")[1].split("</table>")[0]
+    assert table.count("<tr") == 2  # header + one row: only the base configuration is tabulated

@@ -73,12 +73,14 @@ def equivariance_bars(table: pd.DataFrame, cols: dict[str, str], max_cols: dict[
 
 
 def curves(data: pd.DataFrame, x: str, y: str, hue: str, path: Path, title: str, xlabel: str, ylabel: str,
-           logx: bool = True, logy: bool = True) -> None:
-    """One line per ``hue`` value of ``y`` against ``x`` (e.g. degeneracy, scaling, trends)."""
+           logx: bool = True, logy: bool = True, err: str | None = None) -> None:
+    """One line per ``hue`` value of ``y`` against ``x`` (e.g. degeneracy, scaling, trends), with
+    error bars from column ``err`` when given."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, g in data.groupby(hue):
         g = g.sort_values(x)
-        ax.plot(g[x], g[y], "o-", ms=3, label=str(name))
+        yerr = g[err].fillna(0).to_numpy() if err and err in g else None
+        ax.errorbar(g[x], g[y], yerr=yerr, fmt="o-", ms=3, capsize=2, label=str(name))
     if logx:
         ax.set_xscale("symlog", linthresh=1e-9) if (data[x] <= 0).any() else ax.set_xscale("log")
     if logy:

@@ -131,7 +131,39 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
 
 
-def _task_section(task: str, df: pd.DataFrame, out: Path) -> dict[str, Any]:
+def _options_key(opts: Any) -> str:
+    return json.dumps(opts if isinstance(opts, dict) else {}, sort_keys=True)
+
+
+def split_sweeps(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows of the task's base configuration, all rows): the base configuration is the task
+    options shared by the most (method, seed) runs; sweep variants are plotted, not tabulated."""
+    if "task_options" not in df:
+        return df, df
+    keys = df["task_options"].map(_options_key)
+    counts = df.assign(_k=keys).drop_duplicates("spec_hash").groupby("_k").size()
+    base = counts.idxmax() if len(counts) else None
+    return df[keys == base], df
+
+
+def _sample_efficiency(task: str, df: pd.DataFrame, out: Path, metric: str) -> tuple[str, str] | None:
+    ok = df[(df["status"] == "ok") & (df["metric"] == metric)].copy()
+    if ok.empty:
+        return None
+    ok["train_size"] = ok["task_options"].map(lambda o: o.get("train_size") if isinstance(o, dict) else None)
+    ok = ok.dropna(subset=["train_size"])
+    if ok["train_size"].nunique() < 2:
+        return None
+    data = ok.groupby(["method", "train_size"], as_index=False)["value"].agg(["mean", "std"]).reset_index()
+    path = out / f"{_slug(task)}_sample_efficiency.png"
+    plots.curves(data.rename(columns={"mean": "value"}), "train_size", "value", "method", path,
+                 f"{task}: sample efficiency", "training-set size", metric.removeprefix("test."), err="std")
+    return path.name, (f"Test {metric.removeprefix('test.')} against training-set size (log-log), mean ± std over "
+                       f"seeds {sorted(set(ok['seed']))}; the same training budget (steps) for every size. ")
+
+
+def _task_section(task: str, df_all: pd.DataFrame, out: Path) -> dict[str, Any]:
+    df, _ = split_sweeps(df_all)
     mean, std = method_table(df)
     n_seeds = df["seed"].nunique()
     section: dict[str, Any] = {"task": task, "context": context_line(df), "figures": []}
@@ -155,6 +187,10 @@ def _task_section(task: str, df: pd.DataFrame, out: Path) -> dict[str, Any]:
         plots.equivariance_bars(mean, cols, max_cols, path, f"{task}: relative equivariance error")
         section["figures"].append((path.name, "Relative equivariance error per method, log scale; marker = mean, "
                                               "bar = max over graphs and samples; dotted 1e-10, dashed 1e-4. " + ctx))
+    if test_cols:
+        fig = _sample_efficiency(task, df_all, out, test_cols[0])
+        if fig:
+            section["figures"].append((fig[0], fig[1] + ctx))
     deg = df[(df["status"] == "ok") & (df["metric"] == "degeneracy.gap.rel_max")]
     if len(deg):
         data = deg.groupby(["method", "x"], as_index=False)["value"].mean()

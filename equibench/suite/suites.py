@@ -12,6 +12,8 @@ Schema (every key but ``tasks``/``methods`` optional)::
     default_tasks: [nbody]                                  # run when no --tasks is given
     methods: {baseline: {params: 30000}, e3nn: {...}}       # method -> options (or a list)
     task_overrides: {normals: {train: {...}, methods: {e3nn: {...}}}}   # per-task changes
+    sweeps:                                                 # extra specs varying one task option
+      - {task: nbody, option: train_size, values: [100, 300, 1000]}   # e.g. sample efficiency
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .errors import UserError
 from .spec import RunSpec
 
 TOP_KEYS = {"name", "description", "seeds", "device", "train", "evaluate", "tasks", "default_tasks",
-            "methods", "task_overrides"}
+            "methods", "task_overrides", "sweeps"}
 
 
 def list_suites() -> list[str]:
@@ -85,6 +87,12 @@ def validate_suite(doc: Any, where: str = "suite") -> dict[str, Any]:
             raise UserError(f"malformed suite file {where}: '{key}' must be a mapping")
     if not isinstance(doc.setdefault("device", "cpu"), str):
         raise UserError(f"malformed suite file {where}: 'device' must be a string")
+    sweeps = doc.setdefault("sweeps", [])
+    if not isinstance(sweeps, list) or not all(
+            isinstance(w, dict) and set(w) == {"task", "option", "values"} and w["task"] in doc["tasks"]
+            and isinstance(w["option"], str) and isinstance(w["values"], list) and w["values"] for w in sweeps):
+        raise UserError(f"malformed suite file {where}: each of 'sweeps' must be "
+                        "{task: <a task of 'tasks'>, option: <name>, values: [..]}")
     default_tasks = doc.setdefault("default_tasks", list(doc["tasks"]))
     if not isinstance(default_tasks, list) or set(default_tasks) - set(doc["tasks"]):
         raise UserError(f"malformed suite file {where}: 'default_tasks' must list tasks of 'tasks'")
@@ -111,15 +119,19 @@ def expand_suite(doc: dict[str, Any], tasks: list[str] | None = None, methods: l
     """The cartesian product tasks x methods x seeds as ``RunSpec`` (filters/overrides applied)."""
     task_names = _pick(tasks, doc["tasks"], "task") if tasks else list(doc["default_tasks"])
     method_names = _pick(methods, doc["methods"], "method")
+    variants = [(t, doc["tasks"].get(t, {})) for t in task_names]
+    for sweep in doc["sweeps"]:
+        if sweep["task"] in task_names:
+            variants += [(sweep["task"], {**doc["tasks"][sweep["task"]], sweep["option"]: v}) for v in sweep["values"]]
     specs = []
-    for task in task_names:
+    for task, task_options in variants:
         over = doc["task_overrides"].get(task, {})
         train = {**doc["train"], **over.get("train", {})}
         evaluate = {**doc["evaluate"], **over.get("evaluate", {})}
         for method in method_names:
             m_opts = {**doc["methods"].get(method, {}), **over.get("methods", {}).get(method, {})}
             for seed in seeds or doc["seeds"]:
-                specs.append(RunSpec(task=task, method=method, seed=seed,
-                                     task_options=doc["tasks"].get(task, {}), method_options=m_opts,
-                                     train=train, evaluate=evaluate, device=device or doc["device"]))
-    return specs
+                specs.append(RunSpec(task=task, method=method, seed=seed, task_options=task_options,
+                                     method_options=m_opts, train=train, evaluate=evaluate,
+                                     device=device or doc["device"]))
+    return list(dict.fromkeys(specs))  # a sweep value equal to the base option is the same spec
