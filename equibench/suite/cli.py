@@ -45,7 +45,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("methods:")
     for name in list_methods():
         cls = method_class(name)
-        doc = (cls.__doc__ or "").strip().splitlines()
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
         print(f"  {name:24s} exact={str(cls.exact):5s} group={str(cls.group):5s} "
               f"domains={','.join(cls.domains):16s} {doc[0] if doc else ''}")
     for name, why in methods_missing.items():
