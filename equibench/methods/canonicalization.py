@@ -16,10 +16,16 @@ exactly E(3)- (resp. SE(3)-) equivariant wherever u_1, u_2 are non-zero and non-
 <u3, e1 x e2> != 0. Gradients flow through R into the canonicaliser.
 
 Prior (``auxiliary_loss``): ``prior_weight * mean((R - I)^2)`` over graphs and the 9 entries,
-pushing the canonical orientation towards the data's own (default weight 100 as in equiadapt's
-examples). ``extra_metrics``: ``identity_metric`` = share of graphs with det R = +1 and rotation
+pushing the canonical orientation towards the data's own. Default weight 1, not equiadapt's 100:
+on isotropic data (n-body) no equivariant R can stay near I (mean((R - I)^2) stays ~2/3, its
+Haar average), so the prior only adds gradient noise; at weight 100 its gradient norm (~75 at
+init) dwarfs the task's (~1.5) and trips the shared gradient clipping. Measured (n-body, 1 000
+train, 600 steps, batch 50, lr 1e-3, 3 seeds): test MSE 0.0304 (w = 100), 0.0282 (w = 1),
+0.0268 (w = 0). Set ``prior_weight=100`` for the reference setting (upright training data). ``extra_metrics``: ``identity_metric`` = share of graphs with det R = +1 and rotation
 angle arccos((tr R - 1) / 2) <= ``identity_angle`` degrees; ``prior_mse`` = mean((R - I)^2);
-``mean_angle_deg``. The parameter count (``params``) is matched over canonicaliser + backbone.
+``mean_angle_deg`` = mean of that angle, an improper R (det -1) counting as 180. The parameter count (``params``) is matched over canonicaliser + backbone;
+the canonicaliser's hidden width is ``canon_width`` or, by default, half the backbone width
+(about 10% of the parameters), so both scale together when matching.
 """
 from __future__ import annotations
 
@@ -107,7 +113,8 @@ class VectorCanonicaliser(nn.Module):
         a = self.node_coef(h).reshape(-1, self.n_v, self.n_out)
         u_node = scatter(torch.einsum("nvk,nvd->nkd", a, V), batch.batch, dim=0, dim_size=B, reduce="sum")
         b = self.edge_coef(m)
-        u_edge = scatter(b.unsqueeze(-1) * evec.unsqueeze(1), batch.batch[dst], dim=0, dim_size=B, reduce="sum")
+        u_edge = scatter(b.unsqueeze(-1) * evec.unsqueeze(1), batch.batch[dst], dim=0, dim_size=B,
+                         reduce="sum")
         return u_node + u_edge
 
 
@@ -174,10 +181,10 @@ class Canonicalization(Baseline):
     group = "O3"
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, group: str = "O3",
-                 prior_weight: float = 100.0, canon_width: int = 32, canon_depth: int = 2,
+                 prior_weight: float = 1.0, canon_width: int | None = None, canon_depth: int = 2,
                  learn_translation: bool = True, identity_angle: float = 10.0) -> None:
         super().__init__(width=width, depth=depth, params=params)
-        if canon_width < 1 or canon_depth < 1:
+        if (canon_width is not None and canon_width < 1) or canon_depth < 1:
             raise ValueError("canon_width and canon_depth must be positive")
         self.group = check_group(group)
         self.prior_weight, self.identity_angle = float(prior_weight), float(identity_angle)
@@ -194,7 +201,8 @@ class Canonicalization(Baseline):
         n_out = 4 if self.learn_translation else 3
 
         def factory(w: int) -> nn.Module:
-            canon = VectorCanonicaliser(spec, self.canon_width, self.canon_depth, n_out)
+            hidden = self.canon_width or max(4, w // 2)
+            canon = VectorCanonicaliser(spec, hidden, self.canon_depth, n_out)
             return CanonicalisedModel(canon, BackboneModel(spec, w, self.depth), spec, self.group,
                                       self.learn_translation)
 

@@ -26,6 +26,10 @@ from ..suite.fieldtypes import POINT, irreps, representation
 from ..suite.group import GroupElement, act_on_batch, act_on_output
 from ..suite.spec import TaskSpec
 
+__all__ = ["FRAME_GROUPS", "FrameElement", "apply_in_frame", "centroid", "check_group", "covariance",
+           "exact_rep", "first_point_field", "frame_set", "frame_support", "gram_schmidt", "into_frame", "out_of_frame",
+           "pca_frame", "principal_axes", "replicate", "skew_signs"]
+
 FRAME_GROUPS = ("O3", "SO3")
 _EPS = 1e-12
 
@@ -45,19 +49,20 @@ def exact_rep(t: str, R: torch.Tensor) -> torch.Tensor:
     Euler-angle ``D_from_matrix``, which loses precision near the identity (~1e-5 in fp32,
     ~5e-10 in fp64 for |R - I| ~ 1e-9) -- the very region a canonicaliser's prior drives to.
     """
-    if t == POINT:
+    if t in (POINT, "1o", "1x1o"):
         return R
-    det = torch.linalg.det(R)[..., None, None]
-    blocks = []
+    blocks: list[torch.Tensor] = []
+    det = None
     for mul, ir in irreps(t):
-        if ir.l == 0:
-            d = torch.ones_like(det) if ir.p == 1 else det
-        elif ir.l == 1:
-            d = R if ir.p == -1 else det * R
-        else:
+        if ir.l >= 2:
             d = representation(str(ir), R)
+        elif (ir.l == 1) == (ir.p == -1):  # 0e, 1o: no determinant factor
+            d = R if ir.l == 1 else R.new_ones(*R.shape[:-2], 1, 1)
+        else:  # 0o, 1e
+            det = torch.linalg.det(R)[..., None, None] if det is None else det
+            d = det if ir.l == 0 else det * R
         blocks.extend([d] * mul)
-    return _block_diag(blocks)
+    return blocks[0] if len(blocks) == 1 else _block_diag(blocks)
 
 
 def _block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -227,9 +232,6 @@ def frame_support(spec: TaskSpec) -> str | None:
     return None
 
 
-__all__ = ["FRAME_GROUPS", "FrameElement", "apply_in_frame", "centroid", "covariance", "exact_rep", "first_point_field",
-           "frame_set", "frame_support", "gram_schmidt", "into_frame", "out_of_frame",
-           "pca_frame", "principal_axes", "replicate", "skew_signs"]
 
 
 def apply_in_frame(backbone: torch.nn.Module, batch: Batch, spec: TaskSpec, F: torch.Tensor,
