@@ -69,19 +69,29 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_at_params(factory: Callable[[int], nn.Module], target: int | None, default: int,
-                    lo: int = 2, hi: int = 2048, tolerance: float = 0.10) -> nn.Module:
+                    lo: int = 2, hi: int = 4096, tolerance: float = 0.10) -> nn.Module:
     """Build ``factory(size)`` with the integer ``size`` whose parameter count is closest to
-    ``target`` (bisection; parameter counts grow monotonically with size). ``target=None``
-    builds ``factory(default)``. Raises ``ValueError`` if no size lands within ``tolerance``."""
+    ``target``. Parameter counts grow monotonically with size: bracket the target by doubling or
+    halving from ``default`` (so no huge model is ever built), then bisect. ``target=None`` builds
+    ``factory(default)``. Raises ``ValueError`` if no size lands within ``tolerance``."""
     if target is None:
         return factory(default)
     rng_state = torch.random.get_rng_state()
+    counts: dict[int, int] = {}
 
     def count(size: int) -> int:
-        torch.random.set_rng_state(rng_state)
-        return count_parameters(factory(size))
+        if size not in counts:
+            torch.random.set_rng_state(rng_state)
+            counts[size] = count_parameters(factory(size))
+        return counts[size]
 
-    a, b = lo, hi
+    a = b = min(max(default, lo), hi)
+    if count(a) < target:
+        while b < hi and count(b) < target:
+            a, b = b, min(2 * b, hi)
+    else:
+        while a > lo and count(a) >= target:
+            a, b = max(a // 2, lo), a
     while b - a > 1:
         mid = (a + b) // 2
         if count(mid) < target:

@@ -41,46 +41,11 @@ def check_group(group: str) -> str:
 
 
 # ---- representations that are exact for l <= 1 -----------------------------------------------
-def exact_rep(t: str, R: torch.Tensor) -> torch.Tensor:
-    """``rho_t(R)`` for ``R: [..., 3, 3]`` in O(3), block-diagonal over the irreps of ``t``.
-
-    l = 0 and l = 1 blocks are written from ``R`` directly (0e: 1, 0o: det R, 1o: R,
-    1e: det R * R, e3nn 0.6 Cartesian basis); only l >= 2 blocks go through e3nn's
-    Euler-angle ``D_from_matrix``, which loses precision near the identity (~1e-5 in fp32,
-    ~5e-10 in fp64 for |R - I| ~ 1e-9) -- the very region a canonicaliser's prior drives to.
-    """
-    if t in (POINT, "1o", "1x1o"):
-        return R
-    blocks: list[torch.Tensor] = []
-    det = None
-    for mul, ir in irreps(t):
-        if ir.l >= 2:
-            d = representation(str(ir), R)
-        elif (ir.l == 1) == (ir.p == -1):  # 0e, 1o: no determinant factor
-            d = R if ir.l == 1 else R.new_ones(*R.shape[:-2], 1, 1)
-        else:  # 0o, 1e
-            det = torch.linalg.det(R)[..., None, None] if det is None else det
-            d = det if ir.l == 0 else det * R
-        blocks.extend([d] * mul)
-    return blocks[0] if len(blocks) == 1 else _block_diag(blocks)
+#: kept as a name for this module's users; the suite's ``representation`` is exact for l <= 1
+exact_rep = representation
 
 
-def _block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
-    size = sum(b.shape[-1] for b in blocks)
-    out = blocks[0].new_zeros(*blocks[0].shape[:-2], size, size)
-    i = 0
-    for b in blocks:
-        k = b.shape[-1]
-        out[..., i:i + k, i:i + k] = b
-        i += k
-    return out
-
-
-class FrameElement(GroupElement):
-    """A per-graph ``GroupElement`` whose representations are exact for l <= 1 (``exact_rep``)."""
-
-    def rep(self, t: str, dtype: torch.dtype) -> torch.Tensor:
-        return exact_rep(t, self.R.to(dtype))
+FrameElement = GroupElement  # representations are exact for l <= 1 in ``representation``
 
 
 def into_frame(F: torch.Tensor, t: torch.Tensor) -> FrameElement:

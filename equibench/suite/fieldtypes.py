@@ -44,11 +44,40 @@ def is_invariant(t: str) -> bool:
 
 
 def representation(t: str, R: torch.Tensor) -> torch.Tensor:
-    """The matrix ``rho_t(R)`` (``[..., d, d]``) acting on a field of type ``t``; ``R: [..., 3, 3]``."""
-    if t == POINT:
+    """The matrix ``rho_t(R)`` (``[..., d, d]``) acting on a field of type ``t``; ``R: [..., 3, 3]``.
+
+    Block-diagonal over the irreps of ``t``. l = 0 and l = 1 blocks are written from ``R``
+    directly (0e: 1, 0o: det R, 1o: R, 1e: det R * R; e3nn 0.6's Cartesian basis), exact to the
+    last bit; l >= 2 blocks use e3nn's ``D_from_matrix`` under ``R``'s dtype as the default dtype
+    (it goes through Euler angles: ~5e-10 relative error in fp64 within ~1e-9 of the identity).
+    """
+    if t in (POINT, "1o", "1x1o"):
         return R
-    with default_dtype(R.dtype if R.dtype.is_floating_point else torch.get_default_dtype()):
-        return irreps(t).D_from_matrix(R).to(R.dtype)
+    blocks: list[torch.Tensor] = []
+    det = None
+    for mul, ir in irreps(t):
+        if ir.l >= 2:
+            with default_dtype(R.dtype if R.dtype.is_floating_point else torch.get_default_dtype()):
+                d = o3.Irrep(ir.l, ir.p).D_from_matrix(R).to(R.dtype)
+        elif (ir.l == 1) == (ir.p == -1):  # 0e, 1o: no determinant factor
+            d = R if ir.l == 1 else R.new_ones(*R.shape[:-2], 1, 1)
+        else:  # 0o, 1e
+            det = torch.linalg.det(R)[..., None, None] if det is None else det
+            d = det if ir.l == 0 else det * R
+        blocks.extend([d] * mul)
+    return blocks[0] if len(blocks) == 1 else block_diag(blocks)
+
+
+def block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Batched block-diagonal matrix of ``[..., k_i, k_i]`` blocks."""
+    size = sum(b.shape[-1] for b in blocks)
+    out = blocks[0].new_zeros(*blocks[0].shape[:-2], size, size)
+    i = 0
+    for b in blocks:
+        k = b.shape[-1]
+        out[..., i:i + k, i:i + k] = b
+        i += k
+    return out
 
 
 def transform_field(value: torch.Tensor, t: str, R: torch.Tensor,
