@@ -221,3 +221,26 @@ def test_sample_efficiency_sweep_is_plotted_not_tabulated(tmp_path):
     assert (tmp_path / "rep" / "nbody_sample_efficiency.png").exists() and "sample_efficiency" in text
     table = text.split("<table")[1].split("</table>")[0]
     assert table.count("<tr") == 2  # header + one row: only the base configuration is tabulated
+
+
+def test_float64_rebuild_keeps_constant_buffers_but_loads_trained_ones():
+    import torch
+    from torch import nn
+    from equibench.suite.precision import default_dtype
+    from equibench.suite.runner import load_state_keep_constants
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.bn = nn.BatchNorm1d(2)
+            self.register_buffer("const", torch.tensor([1 / 3, 2 ** 0.5]))  # a build-time constant
+
+    m32 = M()
+    m32.bn.running_mean += 0.25  # "trained" buffer
+    with default_dtype(torch.float64):
+        m64 = M().double()
+    load_state_keep_constants(m64, m32.state_dict())
+    assert m64.const[0].item() == 1 / 3  # full precision kept (fp32 would give 0.3333333432674408)
+    assert torch.equal(m64.bn.running_mean, m32.bn.running_mean.double())
+    assert torch.equal(m64.lin.weight, m32.lin.weight.double())

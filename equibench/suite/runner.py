@@ -99,15 +99,33 @@ def status_rows(spec: RunSpec, status: str, error: str = "") -> list[dict[str, A
              "error": error, "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}]
 
 
+def load_state_keep_constants(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` that keeps the model's own value of every *buffer* the state only
+    repeats at lower precision (equal within float32 rounding): such buffers are build-time
+    constants — e3nn's Wigner-3j tables, escnn's kernel bases — and a float64 rebuild must keep
+    its float64 values, or the structural error measured is float32's (~1e-9)."""
+    own = model.state_dict()
+    params = {k for k, _ in model.named_parameters()}
+    merged = {}
+    for k, v in state.items():
+        mine = own.get(k)
+        constant = (k not in params and mine is not None and torch.is_tensor(v) and v.is_floating_point()
+                    and mine.shape == v.shape and mine.dtype != v.dtype
+                    and torch.allclose(mine.to(v.dtype), v, rtol=1e-5, atol=1e-7))
+        merged[k] = mine if constant else v
+    model.load_state_dict(merged)
+
+
 def build_model(method, spec_task, seed: int, dtype: torch.dtype, state: dict | None = None):
     """Build under ``dtype`` as the default dtype (so build-time constants are in ``dtype``),
-    with the same seed; optionally load ``state`` (cast to ``dtype``)."""
+    with the same seed; optionally load ``state`` (parameters cast to ``dtype``; constant
+    buffers keep their ``dtype`` values, see ``load_state_keep_constants``)."""
     with default_dtype(dtype):
         seed_everything(seed)
         model = method.build(spec_task, seed=seed)
         model = model.to(dtype)
         if state is not None:
-            model.load_state_dict(state)
+            load_state_keep_constants(model, state)
     return model
 
 
