@@ -15,7 +15,10 @@ only through r_ij = pos_j - pos_i (PyG edge j -> i), so translations cancel.
 * Layer (``depth`` of them), with w_ij = MLP(e_ij) per-edge weights::
 
       m_i  = (1 / sqrt(avg_degree)) sum_{j in N(i)} TP_{w_ij}(h_j, Y(r_ij))   (Clebsch-Gordan)
-      h_i <- Gate(m_i + Linear(h_i))  (+ h_i when the irreps agree: residual)
+      u_i  = Gate((m_i + Linear(h_i)) / sqrt 2)
+      h_i <- (h_i + u_i) / sqrt 2  when the irreps agree (residual), else u_i
+
+  (the 1/sqrt 2 factors keep feature variance ~constant with depth at initialisation).
 
   TP is ``o3.FullyConnectedTensorProduct`` (every allowed path l1 x l2 -> l3 with parity
   p1 p2 = p3); it is equivariant because the CG coefficients intertwine D(R) and the weights
@@ -46,7 +49,7 @@ from torch_geometric.nn import global_add_pool, global_mean_pool
 from ..suite.fieldtypes import POINT, irreps, is_invariant
 from ..suite.registry import register_method
 from ..suite.spec import TaskSpec
-from .base import Method, build_at_params
+from .base import Method
 
 
 def hidden_irreps(mul: int, lmax: int) -> tuple[o3.Irreps, o3.Irreps, o3.Irreps]:
@@ -57,6 +60,21 @@ def hidden_irreps(mul: int, lmax: int) -> tuple[o3.Irreps, o3.Irreps, o3.Irreps]
     gated = o3.Irreps([(mv, (l, p)) for l in range(1, lmax + 1) for p in (-1, 1)])
     gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
     return scalars, gates, gated
+
+
+def gate_irreps(mul: int, lmax: int) -> tuple[o3.Irreps, o3.Irreps]:
+    """(input, output) irreps of the hidden ``Gate`` (its input is sorted and simplified)."""
+    scalars, gates, gated = hidden_irreps(mul, lmax)
+    return (scalars + gates + gated).sort().irreps.simplify(), scalars.simplify() + gated.simplify()
+
+
+def _tp_numel(in1: o3.Irreps, in2: o3.Irreps, out: o3.Irreps) -> int:
+    """Weights of a fully connected tensor product: mul1 * mul2 * mul_out per allowed path."""
+    return sum(m1 * m2 * mo for m1, ir1 in in1 for m2, ir2 in in2 for mo, iro in out if iro in ir1 * ir2)
+
+
+def _linear_numel(a: o3.Irreps, b: o3.Irreps) -> int:
+    return sum(ma * mb for ma, ira in a for mb, irb in b if ira == irb)
 
 
 def input_layout(spec: TaskSpec) -> tuple[list[tuple[str, str]], o3.Irreps]:
@@ -70,6 +88,36 @@ def input_layout(spec: TaskSpec) -> tuple[list[tuple[str, str]], o3.Irreps]:
     return fields, o3.Irreps("+".join(str(irreps(t)) for _, t in fields))
 
 
+_SQRT_HALF = 1.0 / math.sqrt(2.0)  # sums of two unit-variance terms are rescaled to unit variance
+
+
+class SplitTensorProduct(nn.Module):
+    """``o3.FullyConnectedTensorProduct(irreps_in1, irreps_in2, irreps_out)`` with per-sample
+    weights, held as one such product per output irrep and concatenated.
+
+    The map is the same (a fully connected product to a direct sum is the direct sum of the
+    products to each summand; e3nn's path normalisation is per output irrep), only the flat
+    weight vector is ordered by output. Splitting matters for speed: e3nn slices the per-edge
+    weight tensor once per path, and autograd materialises a full-size gradient for every
+    slice; per-output blocks make that cost ~len(irreps_out) times smaller.
+    """
+
+    def __init__(self, irreps_in1: o3.Irreps, irreps_in2: o3.Irreps, irreps_out: o3.Irreps) -> None:
+        super().__init__()
+        self.irreps_in1, self.irreps_in2 = o3.Irreps(irreps_in1), o3.Irreps(irreps_in2)
+        self.irreps_out = o3.Irreps(irreps_out)
+        self.tps = nn.ModuleList(
+            o3.FullyConnectedTensorProduct(self.irreps_in1, self.irreps_in2, o3.Irreps([mul_ir]),
+                                           shared_weights=False, internal_weights=False)
+            for mul_ir in self.irreps_out)
+        self.sizes = [tp.weight_numel for tp in self.tps]
+        self.weight_numel = sum(self.sizes)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ws = torch.split(weight, self.sizes, dim=-1)
+        return torch.cat([tp(x1, x2, w) for tp, w in zip(self.tps, ws)], dim=-1)
+
+
 class Interaction(nn.Module):
     """One convolution + self-interaction + gate (see module docstring)."""
 
@@ -79,8 +127,7 @@ class Interaction(nn.Module):
         scalars, gates, gated = hidden_irreps(mul, lmax)
         acts = [torch.nn.functional.silu if ir.p == 1 else torch.tanh for _, ir in scalars]
         self.gate = Gate(scalars, acts, gates, [torch.sigmoid] * len(gates), gated)
-        self.tp = o3.FullyConnectedTensorProduct(irreps_in, edge_irreps, self.gate.irreps_in,
-                                                 shared_weights=False, internal_weights=False)
+        self.tp = SplitTensorProduct(irreps_in, edge_irreps, self.gate.irreps_in)
         self.radial = FullyConnectedNet([n_invariant, radial_hidden, self.tp.weight_numel],
                                         torch.nn.functional.silu)
         self.self_int = o3.Linear(irreps_in, self.gate.irreps_in)
@@ -92,10 +139,38 @@ class Interaction(nn.Module):
                 edge_inv: torch.Tensor) -> torch.Tensor:
         src, dst = edge_index
         msg = self.tp(h[src], edge_attr, self.radial(edge_inv))
-        agg = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device)
-        agg = agg.index_add(0, dst, msg) * self.norm
-        out = self.gate(agg + self.self_int(h))
-        return h + out if self.residual else out
+        agg = msg.new_zeros(h.shape[0], msg.shape[1]).index_add(0, dst, msg) * self.norm
+        out = self.gate((agg + self.self_int(h)) * _SQRT_HALF)
+        return (h + out) * _SQRT_HALF if self.residual else out
+
+
+def edge_layout(spec: TaskSpec, lmax: int,
+                num_basis: int) -> tuple[list[str], list[str], o3.Irreps, int]:
+    """(invariant edge fields, equivariant edge fields, irreps of the tensor product's second
+    operand = Y^0..lmax + equivariant edge fields, width of the radial MLP input)."""
+    inv = [k for k, t in spec.edge_inputs.items() if is_invariant(t)]
+    eq = [k for k, t in spec.edge_inputs.items() if not is_invariant(t)]
+    eq_irreps = o3.Irreps("+".join(str(irreps(spec.edge_inputs[k])) for k in eq))
+    edge = o3.Irreps.spherical_harmonics(lmax) + eq_irreps
+    return inv, eq, edge, num_basis + sum(irreps(spec.edge_inputs[k]).dim for k in inv)
+
+
+def output_irreps(spec: TaskSpec) -> o3.Irreps:
+    return o3.Irreps("1o" if spec.output == POINT else spec.output)
+
+
+def parameter_count(spec: TaskSpec, mul: int, lmax: int, depth: int, num_basis: int,
+                    radial_hidden: int) -> int:
+    """Trainable parameters of ``E3NNModel`` computed from the irreps alone (no build):
+    per layer the radial MLP (n_inv * hidden + hidden * tp_weights, no biases), the
+    self-interaction ``Linear``, and the output ``Linear``."""
+    _, _, edge, n_inv = edge_layout(spec, lmax, num_basis)
+    gate_in, gate_out = gate_irreps(mul, lmax)
+    total, ir = 0, input_layout(spec)[1]
+    for _ in range(depth):
+        total += radial_hidden * (n_inv + _tp_numel(ir, edge, gate_in)) + _linear_numel(ir, gate_in)
+        ir = gate_out
+    return total + _linear_numel(ir, output_irreps(spec))
 
 
 class E3NNModel(nn.Module):
@@ -105,21 +180,18 @@ class E3NNModel(nn.Module):
                  num_basis: int, radial_hidden: int, avg_degree: float, cutoff: bool) -> None:
         super().__init__()
         self.spec, self.r_max, self.num_basis, self.cutoff = spec, r_max, num_basis, cutoff
+        self.mul, self.radial_hidden = mul, radial_hidden
         self.point = spec.point_fields[0]
         self.fields, self.irreps_in = input_layout(spec)
+        self.edge_inv, self.edge_eq, self.irreps_edge, n_inv = edge_layout(spec, lmax, num_basis)
         self.sh = o3.SphericalHarmonics(o3.Irreps.spherical_harmonics(lmax), normalize=True,
                                         normalization="component")
-        self.edge_inv = [k for k, t in spec.edge_inputs.items() if is_invariant(t)]
-        self.edge_eq = [k for k, t in spec.edge_inputs.items() if not is_invariant(t)]
-        eq_irreps = "+".join(str(irreps(spec.edge_inputs[k])) for k in self.edge_eq)
-        self.irreps_edge = self.sh.irreps_out + o3.Irreps(eq_irreps)
-        n_inv = num_basis + sum(irreps(spec.edge_inputs[k]).dim for k in self.edge_inv)
         layers, ir = [], self.irreps_in
         for _ in range(depth):
             layers.append(Interaction(ir, self.irreps_edge, n_inv, mul, lmax, radial_hidden, avg_degree))
             ir = layers[-1].irreps_out
         self.layers = nn.ModuleList(layers)
-        self.irreps_out = o3.Irreps("1o" if spec.output == POINT else spec.output)
+        self.irreps_out = output_irreps(spec)
         self.head = o3.Linear(ir, self.irreps_out)
 
     def node_input(self, batch: Batch) -> torch.Tensor:
@@ -138,7 +210,7 @@ class E3NNModel(nn.Module):
         attr = torch.cat([self.sh(vec), *(batch[k].reshape(n_edges, -1) for k in self.edge_eq)], -1)
         basis = soft_one_hot_linspace(vec.norm(dim=-1), 0.0, self.r_max, self.num_basis,
                                       basis="gaussian", cutoff=self.cutoff) * math.sqrt(self.num_basis)
-        inv = torch.cat([basis, *(batch[k].reshape(n_edges, -1).to(basis.dtype) for k in self.edge_inv)], -1)
+        inv = torch.cat([basis, *(batch[k].reshape(n_edges, -1) for k in self.edge_inv)], -1)
         return attr, inv
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -163,10 +235,10 @@ class E3NN(Method):
 
     Options: ``lmax`` (spherical harmonics and hidden irreps up to l = lmax), ``mul`` (hidden
     multiplicity of 0e and 0o; l >= 1 irreps get ``max(mul // 2, 1)`` per parity), ``depth``
-    (interaction layers), ``params`` (target parameter count, searched over ``mul``), ``r_max``
-    and ``num_basis`` (Gaussian radial basis), ``radial_hidden`` (hidden width of the radial
-    MLP), ``avg_degree`` (messages are divided by its square root; 4 = the 5-body complete
-    graph), ``cutoff`` (radial basis vanishes smoothly at ``r_max``).
+    (interaction layers), ``params`` (target parameter count, see ``sizes_for``), ``r_max`` and
+    ``num_basis`` (Gaussian radial basis), ``radial_hidden`` (hidden width of the radial MLP),
+    ``avg_degree`` (messages are divided by its square root; 4 = the 5-body complete graph),
+    ``cutoff`` (the radial basis vanishes smoothly at ``r_max``).
     """
 
     domains = ("graph3d",)
@@ -176,10 +248,11 @@ class E3NN(Method):
     def __init__(self, *, lmax: int = 2, mul: int = 16, depth: int = 3, params: int | None = None,
                  r_max: float = 4.0, num_basis: int = 8, radial_hidden: int = 32,
                  avg_degree: float = 4.0, cutoff: bool = False) -> None:
-        for name, v in (("lmax", lmax), ("mul", mul), ("depth", depth), ("num_basis", num_basis),
-                        ("radial_hidden", radial_hidden)):
-            if v < (0 if name == "lmax" else 1):
-                raise ValueError(f"{name} must be {'>= 0' if name == 'lmax' else 'positive'}, got {v}")
+        if lmax < 0:
+            raise ValueError(f"lmax must be >= 0, got {lmax}")
+        for name, v in (("mul", mul), ("depth", depth), ("radial_hidden", radial_hidden)):
+            if v < 1:
+                raise ValueError(f"{name} must be positive, got {v}")
         if num_basis < 2:
             raise ValueError(f"num_basis must be >= 2, got {num_basis}")
         if r_max <= 0 or avg_degree <= 0:
@@ -204,15 +277,42 @@ class E3NN(Method):
             return f"output {spec.output!r} has l = {out_l} > lmax = {self.lmax}"
         return None
 
+    def count(self, spec: TaskSpec, mul: int, radial_hidden: int) -> int:
+        return parameter_count(spec, mul, self.lmax, self.depth, self.num_basis, radial_hidden)
+
+    def sizes_for(self, spec: TaskSpec, target: int, tolerance: float = 0.10) -> tuple[int, int]:
+        """(mul, radial_hidden) for ``target`` parameters: the ``mul`` whose count is closest
+        (``radial_hidden`` as given); if that misses by more than ``tolerance`` (the count
+        grows ~ mul^2, so small models step coarsely), the largest ``mul`` below the target
+        (at least 1) with ``radial_hidden`` solved for the rest (the count is linear in it).
+        Counts come from ``parameter_count``, so nothing is built while searching."""
+        rh = self.radial_hidden
+        lo, hi = 1, 1
+        while self.count(spec, hi, rh) < target and hi < 4096:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # count(lo) < target <= count(hi) (or lo = hi = 1)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.count(spec, mid, rh) < target else (lo, mid)
+        best = min((lo, hi), key=lambda m: abs(self.count(spec, m, rh) - target))
+        if abs(self.count(spec, best, rh) - target) <= tolerance * target:
+            return best, rh
+        mul = lo
+        base = self.count(spec, mul, 0)
+        per_hidden = self.count(spec, mul, 1) - base
+        return mul, max(1, round((target - base) / per_hidden))
+
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         reason = self.supports(spec)
         if reason:
             raise ValueError(reason)
-
-        def factory(mul: int) -> nn.Module:
-            return E3NNModel(spec, mul, self.lmax, self.depth, self.r_max, self.num_basis,
-                             self.radial_hidden, self.avg_degree, self.cutoff)
-
+        mul, rh = self.mul, self.radial_hidden
+        if self.params is not None:
+            mul, rh = self.sizes_for(spec, self.params)
+            n = self.count(spec, mul, rh)
+            if abs(n - self.params) > 0.10 * self.params:
+                raise ValueError(f"cannot build within 10% of {self.params} parameters "
+                                 f"(closest: {n} at mul={mul}, radial_hidden={rh})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build_at_params(factory, self.params, self.mul, lo=1, hi=512)
+            return E3NNModel(spec, mul, self.lmax, self.depth, self.r_max, self.num_basis, rh,
+                             self.avg_degree, self.cutoff)

@@ -41,6 +41,7 @@ from torch_geometric.nn import global_add_pool
 from escnn import gspaces
 from escnn import nn as enn
 from escnn.group.groups import o3group, so3group
+from escnn.kernels.wignereckart_solver import RestrictedWignerEckartBasis, WignerEckartBasis
 
 from ..suite.fieldtypes import POINT, irreps, representation
 from ..suite.registry import register_method
@@ -80,7 +81,10 @@ def _cached_cg(m: int, n: int, j: int) -> np.ndarray:
 @contextlib.contextmanager
 def escnn_build_context(dtype: torch.dtype) -> Iterator[None]:
     """While active: SO(3) Clebsch-Gordan tensors are memoised in-process (escnn recomputes them
-    for every layer), and for ``dtype=float64`` escnn stores its constants in float64."""
+    for every layer); escnn's process-wide caches of kernel-basis modules are replaced by fresh
+    ones, so a model never shares buffers with models built earlier (which may have another dtype,
+    and whose in-place ``.to(dtype)`` would otherwise change this one); and for
+    ``dtype=float64`` escnn stores its constants in float64."""
     patched: list[tuple[object, str, object]] = []
 
     def patch(module: object, name: str, value: object) -> None:
@@ -90,6 +94,8 @@ def escnn_build_context(dtype: torch.dtype) -> Iterator[None]:
     try:
         patch(so3group, "_clebsh_gordan_tensor_so3", _cached_cg)
         patch(o3group, "_clebsh_gordan_tensor_so3", _cached_cg)
+        patch(WignerEckartBasis, "_cached_instances", {})
+        patch(RestrictedWignerEckartBasis, "_cached_instances", {})
         if dtype == torch.float64:
             proxy = _TorchAsFloat64()
             for name, module in list(sys.modules.items()):
@@ -188,7 +194,10 @@ class EdgePointConv(enn.R3PointConv):
                 edge_feat: torch.Tensor) -> torch.Tensor:
         """``h: [N, in]`` node features, ``edge_delta: [E, 3]`` = x_j - x_i, ``edge_feat: [E, e]``
         (``e`` may be 0); returns ``[N, out]``."""
-        out = self.propagate(edge_index, x=h, edge_delta=edge_delta, edge_feat=edge_feat)
+        if edge_index.shape[1] == 0:  # escnn's sampler rejects empty edge sets; mean over none = 0
+            out = h.new_zeros(h.shape[0], self.out_type.size)
+        else:
+            out = self.propagate(edge_index, x=h, edge_delta=edge_delta, edge_feat=edge_feat)
         bias = self.expand_bias() if self.training else self.expanded_bias
         return out if bias is None else out + bias
 
@@ -233,17 +242,24 @@ class SelfInteraction(nn.Module):
 
     def __init__(self, in_type, out_type) -> None:
         super().__init__()
-        self.linear = enn.Linear(in_type, out_type, recompute=True)
+        self.linear = enn.Linear(in_type, out_type, recompute=True, initialize=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(enn.GeometricTensor(x, self.linear.in_type)).tensor
 
 
+def hidden_irrep_types(group: str, lmax: int) -> list[Irrep]:
+    """Hidden irrep types, scalars first: 0e, then every (l, p) up to lmax (both parities for O3)."""
+    parities = (1, -1) if group == "O3" else (1,)
+    return [(0, 1)] + [(l, p) for l in range(lmax + 1) for p in parities if (l, p) != (0, 1)]
+
+
 class EscnnPointNet(nn.Module):
     """The steerable point-convolution network on a task's batch (see module docstring)."""
 
-    def __init__(self, spec: TaskSpec, group: str, width: int, depth: int, lmax: int, n_rings: int,
-                 kernel_width: float, kernel_sigma: float | None, nonlinearity: str) -> None:
+    def __init__(self, spec: TaskSpec, group: str, n_fields: int, depth: int, lmax: int, n_rings: int,
+                 kernel_width: float, kernel_sigma: float | None, nonlinearity: str,
+                 initialize: bool = True) -> None:
         super().__init__()
         self.spec = spec
         self.point = spec.point_fields[0]
@@ -272,20 +288,21 @@ class EscnnPointNet(nn.Module):
                              if edge_blocks else None)
         self.register_buffer("out_basis", self._tensor(basis_matrix(group, out_blocks), dtype))
 
-        # hidden irreps: `width` scalars plus `width` copies of each gated irrep
-        parities = (1, -1) if group == "O3" else (1,)
-        gated: list[Irrep] = [(l, p) for l in range(lmax + 1) for p in parities if (l, p) != (0, 1)]
-        hidden: list[Irrep] = [(0, 1)] * width + [ir for ir in gated for _ in range(width)]
-        n_gated = len(hidden) - width
+        # hidden irreps: n_fields fields spread evenly over 0e (SiLU) and the gated types
+        types = hidden_irrep_types(group, lmax)
+        counts = [n_fields // len(types) + (i < n_fields % len(types)) for i in range(len(types))]
+        hidden: list[Irrep] = [ir for ir, c in zip(types, counts) for _ in range(c)]
+        n_scalars = counts[0]
+        n_gated = len(hidden) - n_scalars
         if nonlinearity == "gate":
-            pre: list[Irrep] = [(0, 1)] * (width + n_gated) + hidden[width:]
+            pre: list[Irrep] = [(0, 1)] * (n_scalars + n_gated) + hidden[n_scalars:]
         else:
             pre = hidden
 
         rings = np.linspace(0.0, kernel_width, n_rings).tolist()
         spacing = kernel_width / max(n_rings - 1, 1)
         sigma = float(kernel_sigma) if kernel_sigma is not None else 0.6 * spacing
-        conv_kwargs = dict(rings=rings, sigma=[sigma] * n_rings, recompute=True,
+        conv_kwargs = dict(rings=rings, sigma=[sigma] * n_rings, recompute=True, initialize=False,
                            # only isotropic kernels on the shell at r = 0 (harmonics are undefined there)
                            frequencies_cutoff=lambda r, L=lmax: L if r > 1e-9 else 0)
         edge_type = ftype(gs, edge_blocks) if edge_blocks else None
@@ -296,12 +313,40 @@ class EscnnPointNet(nn.Module):
             self.convs.append(EdgePointConv(ftype(gs, layer_in), edge_type, ftype(gs, pre), **conv_kwargs))
             self.selfs.append(SelfInteraction(ftype(gs0, layer_in), ftype(gs0, pre)))
             if nonlinearity == "gate":
-                self.acts.append(Gate(width, [2 * l + 1 for l, _ in hidden[width:]]))
+                self.acts.append(Gate(n_scalars, [2 * l + 1 for l, _ in hidden[n_scalars:]]))
             else:
-                self.acts.append(NormAct(width, ftype(gs, hidden[width:])))
+                self.acts.append(NormAct(n_scalars, ftype(gs0, hidden[n_scalars:])))
             layer_in = hidden
         self.out_conv = EdgePointConv(ftype(gs, layer_in), edge_type, ftype(gs, out_blocks), **conv_kwargs)
         self.out_self = SelfInteraction(ftype(gs0, layer_in), ftype(gs0, out_blocks))
+        if initialize:
+            self.reset_parameters()
+        self._buffers_out_of_state_dict()
+
+    def reset_parameters(self) -> None:
+        """escnn's generalised He initialisation of every kernel and self-interaction."""
+        for conv in [*self.convs, self.out_conv]:
+            enn.init.generalized_he_init(conv.weights.data, conv.basissampler)
+        for lin in [*self.selfs, self.out_self]:
+            enn.init.generalized_he_init(lin.linear.weights.data, lin.linear.basisexpansion)
+
+    def _buffers_out_of_state_dict(self) -> None:
+        """The state dict holds parameters only: escnn's buffers are constants rebuilt (in the
+        build dtype) by the constructor, or eval-mode caches. Loading an fp32 model's weights into
+        a float64 build must not overwrite its float64 constants with float32-rounded ones."""
+        # escnn's kernel bases define structural __eq__/__hash__, so modules() / named_buffers()
+        # would skip "equal" ones: visit everything
+        for _, module in self.named_modules(remove_duplicate=False):
+            for name, buf in list(module.named_buffers(recurse=False, remove_duplicate=False)):
+                module.register_buffer(name, buf, persistent=False)
+
+    def train(self, mode: bool = True) -> "EscnnPointNet":
+        """escnn layers cache their expanded bias / matrix when switched to eval mode; build those
+        caches without autograd history so an eval-mode model can be deep-copied (and cast)."""
+        with torch.no_grad():
+            super().train(mode)
+        self._buffers_out_of_state_dict()
+        return self
 
     @staticmethod
     def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -342,6 +387,7 @@ class EscnnPoint(Method):
     domains = ("graph3d",)
     exact = True
     group = "O3"
+    smoke_options = {"width": 4, "depth": 2}
 
     def __init__(self, *, width: int = 8, depth: int = 3, params: int | None = None, lmax: int = 2,
                  n_rings: int = 4, kernel_width: float = 6.0, kernel_sigma: float | None = None,
@@ -367,23 +413,30 @@ class EscnnPoint(Method):
         reason = super().supports(spec)
         if reason is None and not spec.point_fields:
             reason = "escnn point convolutions need a 'point' input field (node positions)"
+        if reason is None and max(l for l, _ in type_irreps(spec.output)) > 2 * self.lmax:
+            reason = f"output {spec.output!r} has l > 2 * lmax = {2 * self.lmax} (no kernel reaches it)"
         return reason
 
-    def _net(self, spec: TaskSpec, width: int) -> EscnnPointNet:
-        return EscnnPointNet(spec, self.group, width, self.depth, self.lmax, self.n_rings,
-                             self.kernel_width, self.kernel_sigma, self.nonlinearity)
+    def _net(self, spec: TaskSpec, n_fields: int, initialize: bool = True) -> EscnnPointNet:
+        return EscnnPointNet(spec, self.group, n_fields, self.depth, self.lmax, self.n_rings,
+                             self.kernel_width, self.kernel_sigma, self.nonlinearity, initialize)
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         reason = self.supports(spec)
         if reason is not None:
             raise ValueError(reason)
         dtype = torch.get_default_dtype()
-        torch.manual_seed(seed)
-        with escnn_build_context(dtype):
-            hi = 4
-            if self.params is not None:  # bracket the width first (escnn layers grow ~ width^2)
-                while hi < 512 and count_parameters(self._net(spec, hi)) < self.params:
+        with escnn_build_context(dtype), torch.random.fork_rng(devices=[]):
+            # the size searched is the number of hidden fields (width x number of irrep types, but
+            # any integer: finer steps than width). No escnn weight initialisation while searching;
+            # parameters grow ~ size^2, so bracket by doubling instead of building size 1024 first
+            n_types = len(hidden_irrep_types(self.group, self.lmax))
+            hi = 2 * n_types
+            if self.params is not None:
+                while hi < 4096 and count_parameters(self._net(spec, hi, initialize=False)) < self.params:
                     hi *= 2
+            model = build_at_params(lambda n: self._net(spec, n, initialize=False), self.params,
+                                    self.width * n_types, lo=n_types, hi=hi)
             torch.manual_seed(seed)
-            model = build_at_params(lambda w: self._net(spec, w), self.params, self.width, lo=1, hi=hi)
+            model.reset_parameters()
         return model.to(dtype)
