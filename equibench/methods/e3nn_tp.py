@@ -244,6 +244,7 @@ class E3NN(Method):
     domains = ("graph3d",)
     exact = True
     group = "O3"
+    smoke_options = {"mul": 4, "depth": 2}
 
     def __init__(self, *, lmax: int = 2, mul: int = 16, depth: int = 3, params: int | None = None,
                  r_max: float = 4.0, num_basis: int = 8, radial_hidden: int = 32,
