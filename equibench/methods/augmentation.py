@@ -17,7 +17,12 @@ from .baseline import Baseline
 
 @register_method("augmentation")
 class Augmentation(Baseline):
+    image_kind = "augmentation"
+
     def train_transform(self, batch: Batch, spec: TaskSpec, generator: torch.Generator) -> Batch:
+        if spec.domain == "image2d":
+            from .image_models import image_train_transform
+            return image_train_transform(batch, spec, generator)
         g = sample_element(batch, spec.group, generator, permute=False)
         return act_on_batch(batch, spec, g.to(batch[spec.point_fields[0]].dtype if spec.point_fields
                                               else torch.get_default_dtype()))

@@ -197,7 +197,12 @@ class Canonicalization(Baseline):
     def supports(self, spec: TaskSpec) -> str | None:
         return Method.supports(self, spec) or frame_support(spec)
 
-    def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+    image_kind = "canonicalization"
+
+    def image_options(self) -> dict:
+        return {"prior_weight": self.prior_weight}
+
+    def build_graph(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         n_out = 4 if self.learn_translation else 3
 
         def factory(w: int) -> nn.Module:
@@ -209,6 +214,9 @@ class Canonicalization(Baseline):
         return build_at_params(factory, self.params, self.width)
 
     def auxiliary_loss(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> torch.Tensor | None:
+        from .image_models import image_auxiliary_loss, is_image_model
+        if is_image_model(model):
+            return image_auxiliary_loss(model, batch, pred)
         if self.prior_weight == 0:
             return None
         R = model.rotation(batch)
@@ -217,6 +225,9 @@ class Canonicalization(Baseline):
 
     @torch.no_grad()
     def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:
+        from .image_models import image_extra_metrics, is_image_model
+        if is_image_model(model):
+            return image_extra_metrics(model, batch, pred)
         R = model.rotation(batch)
         ang = rotation_angle_deg(R.double())
         eye = torch.eye(3, dtype=R.dtype, device=R.device)

@@ -75,5 +75,10 @@ class FrameAveraging(Baseline):
     def supports(self, spec: TaskSpec) -> str | None:
         return Method.supports(self, spec) or frame_support(spec)
 
-    def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+    image_kind = "frame_averaging"
+
+    def image_options(self) -> dict:
+        return {"stochastic": self.stochastic}
+
+    def build_graph(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         return FrameAveragedModel(self.build_backbone(spec), spec, self.group, self.stochastic)

@@ -57,5 +57,7 @@ class PCACanonicalization(Baseline):
     def supports(self, spec: TaskSpec) -> str | None:
         return Method.supports(self, spec) or frame_support(spec)
 
+    domains = ("graph3d",)
+
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         return PCACanonicalModel(self.build_backbone(spec), spec, self.group)

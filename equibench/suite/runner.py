@@ -159,7 +159,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
 
     train_data, test_data = task.load("train"), task.load("test")
     eq_batch = Batch.from_data_list(test_data[:ecfg.equivariance_graphs])
-    group = common_group(tspec.group, method.group) if method.exact else tspec.group
+    group = common_group(tspec.group, method.group) if method.exact and tspec.domain == "graph3d" else tspec.group
     model = build_model(method, tspec, spec.seed, torch.float32)
     from ..methods.base import count_parameters
     add("params", count_parameters(model))
