@@ -226,6 +226,13 @@ def _trend_figures(history: pd.DataFrame, task: str, out: Path) -> list[tuple[st
     return figs
 
 
+def _special_sections() -> dict[str, Any]:
+    """Result sets that are not (task, method) comparisons: scaling sweeps and tensor-product
+    microbenchmarks have their own tables and plots."""
+    from . import report_sections
+    return {"scaling": report_sections.scaling_section, "tp_bench": report_sections.tp_section}
+
+
 def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                  title: str | None = None, regressions: list[str] | None = None,
                  history: pd.DataFrame | None = None) -> Path:
@@ -236,7 +243,12 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"equibench report: {', '.join(sorted(set(df['run_id'].dropna())))}"
-    sections = [_task_section(task, g, out) for task, g in df.groupby("task", sort=True)]
+    sections = []
+    for task, g in df.groupby("task", sort=True):
+        special = _special_sections().get(task)
+        section = special(g, out) if special else _task_section(task, g, out)
+        if section:
+            sections.append(section)
     if history is not None:
         for s in sections:
             s["figures"] += _trend_figures(history, s["task"], out)
