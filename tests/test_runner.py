@@ -244,3 +244,22 @@ def test_float64_rebuild_keeps_constant_buffers_but_loads_trained_ones():
     assert m64.const[0].item() == 1 / 3  # full precision kept (fp32 would give 0.3333333432674408)
     assert torch.equal(m64.bn.running_mean, m32.bn.running_mean.double())
     assert torch.equal(m64.lin.weight, m32.lin.weight.double())
+
+
+def test_image_methods_through_the_runner(tmp_path):
+    """digits (sklearn 8x8, C4): exact image methods are invariant below 1e-5 in float32 after
+    training, the CNN baseline is not, and the report has a digits section."""
+    task_options = {"source": "sklearn", "group": "C4", "train_size": 64, "test_size": 16}
+    train = {"steps": 5, "batch_size": 16, "warmup_steps": 1, "eval_batch_size": 16}
+    evaluate = {"equivariance_samples": 4, "equivariance_graphs": 8, "throughput": False, "lie_derivative": False}
+    specs = [RunSpec(task="digits", method=m, task_options=task_options, train=train, evaluate=evaluate)
+             for m in ("baseline", "frame_averaging", "canonicalization", "escnn", "pca_canonicalization")]
+    df = eb.run(specs, results_dir=tmp_path, run_name="img", isolate=False, progress=False)
+    status = df.drop_duplicates("spec_hash").set_index("method")["status"]
+    assert status["pca_canonicalization"] == "not_applicable"
+    err = df[df["metric"] == "equivariance.trained.fp32.rel_max"].set_index("method")["value"]
+    for m in ("frame_averaging", "canonicalization", "escnn"):
+        assert err[m] < 1e-5, m
+    assert err["baseline"] > 1e-4
+    assert "test.group_accuracy" in set(df["metric"])
+    assert "Task: digits" in eb.write_report(tmp_path / "img", tmp_path / "rep").read_text()

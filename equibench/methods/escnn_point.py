@@ -387,9 +387,10 @@ class EscnnPointNet(nn.Module):
 # ---- the method --------------------------------------------------------------------------------
 @register_method("escnn")
 class EscnnPoint(Method):
-    """Steerable point convolutions (escnn), exactly O(3)- (or SO(3)-) equivariant."""
+    """Steerable point convolutions (escnn), exactly O(3)- (or SO(3)-) equivariant; on image2d
+    tasks a steerable R2Conv CNN over the task's planar group (``image_models``)."""
 
-    domains = ("graph3d",)
+    domains = ("graph3d", "image2d")
     exact = True
     group = "O3"
     smoke_options = {"width": 4, "depth": 2}
@@ -416,6 +417,8 @@ class EscnnPoint(Method):
 
     def supports(self, spec: TaskSpec) -> str | None:
         reason = super().supports(spec)
+        if reason is None and spec.domain == "image2d":
+            return None
         if reason is None and not spec.point_fields:
             reason = "escnn point convolutions need a 'point' input field (node positions)"
         if reason is None and max(l for l, _ in type_irreps(spec.output)) > 2 * self.lmax:
@@ -430,6 +433,9 @@ class EscnnPoint(Method):
         reason = self.supports(spec)
         if reason is not None:
             raise ValueError(reason)
+        if spec.domain == "image2d":
+            from .image_models import build_image_model, image_size_options
+            return build_image_model("escnn", spec, **image_size_options(self))
         dtype = torch.get_default_dtype()
         with escnn_build_context(dtype), torch.random.fork_rng(devices=[]):
             # the size searched is the number of hidden fields (width x number of irrep types, but

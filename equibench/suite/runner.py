@@ -103,17 +103,23 @@ def load_state_keep_constants(model: torch.nn.Module, state: dict[str, torch.Ten
     """``load_state_dict`` that keeps the model's own value of every *buffer* the state only
     repeats at lower precision (equal within float32 rounding): such buffers are build-time
     constants — e3nn's Wigner-3j tables, escnn's kernel bases — and a float64 rebuild must keep
-    its float64 values, or the structural error measured is float32's (~1e-9)."""
+    its float64 values, or the structural error measured is float32's (~1e-9). Buffers present on
+    one side only are eval-mode caches and are skipped; every parameter must be present."""
     own = model.state_dict()
     params = {k for k, _ in model.named_parameters()}
+    missing = sorted(params - set(state))
+    if missing:
+        raise KeyError(f"state has no value for parameter(s) {missing[:5]}")
     merged = {}
     for k, v in state.items():
+        if k not in own:  # a cache buffer the other copy made in eval mode (escnn R2Conv filters)
+            continue
         mine = own.get(k)
         constant = (k not in params and mine is not None and torch.is_tensor(v) and v.is_floating_point()
                     and mine.shape == v.shape and mine.dtype != v.dtype
                     and torch.allclose(mine.to(v.dtype), v, rtol=1e-5, atol=1e-7))
         merged[k] = mine if constant else v
-    model.load_state_dict(merged)
+    model.load_state_dict(merged, strict=False)  # every parameter is present (checked above)
 
 
 def build_model(method, spec_task, seed: int, dtype: torch.dtype, state: dict | None = None):
