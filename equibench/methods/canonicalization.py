@@ -195,7 +195,7 @@ class Canonicalization(Baseline):
                             identity_angle=identity_angle)
 
     def supports(self, spec: TaskSpec) -> str | None:
-        return Method.supports(self, spec) or frame_support(spec)
+        return Method.supports(self, spec) or (None if spec.domain == "image2d" else frame_support(spec))
 
     image_kind = "canonicalization"
 

@@ -73,7 +73,7 @@ class FrameAveraging(Baseline):
         self.options.update(group=group, stochastic=stochastic)
 
     def supports(self, spec: TaskSpec) -> str | None:
-        return Method.supports(self, spec) or frame_support(spec)
+        return Method.supports(self, spec) or (None if spec.domain == "image2d" else frame_support(spec))
 
     image_kind = "frame_averaging"
 
