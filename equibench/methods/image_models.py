@@ -52,8 +52,8 @@ from torch_geometric.data import Batch
 
 from ..suite.errors import UserError
 from ..suite.fieldtypes import field_dim
-from ..suite.group2d import (act_on_batch, group_order, image_channels, is_2d_group, is_image_type, rotate,
-                             sample_element)
+from ..suite.group2d import (act_on_batch, group_order, image_channels, is_2d_group, is_image_type,
+                             is_invariant_type, rotate, sample_element)
 from ..suite.precision import default_dtype
 from ..suite.spec import TaskSpec
 from .base import build_at_params, count_parameters
@@ -101,6 +101,8 @@ class ImageModel(nn.Module):
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__()
         self.field, self.in_channels = image_field(spec)
+        if not is_invariant_type(spec.output):
+            raise UserError(f"image models predict invariant outputs (e.g. '10x0e'), not {spec.output!r}")
         self.n_out = field_dim(spec.output)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:

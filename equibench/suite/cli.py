@@ -119,6 +119,50 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     return 1 if regressions else 0
 
 
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from .scaling import ScaleConfig, exponents, run_scaling
+    from .store import load_results
+    for p in args.plugin or []:
+        from .registry import load_plugin
+        load_plugin(p)
+    kw = {k: v for k, v in dict(task=args.task, methods=args.methods, axes=args.axes, nodes=args.nodes,
+                                batch=args.batch, width=args.width, lmax=args.lmax, base_nodes=args.base_nodes,
+                                base_batch=args.base_batch, k=args.k, mode=args.mode, device=args.device,
+                                dtype=args.dtype, repeats=args.repeats, min_sample_s=args.min_sample_s,
+                                threads=args.threads, clock=args.clock, max_call_s=args.max_call_s).items()
+          if v is not None}
+    cfg = ScaleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+    from .registry import get_method, get_task
+    get_task(cfg.task)
+    for m in cfg.methods:
+        get_method(m)
+    run_dir = run_scaling(cfg, args.results_dir, args.name, progress=None if args.quiet else print)
+    ex = exponents(load_results(run_dir))
+    if len(ex):
+        print(ex[["method", "axis", "slope", "r2", "x_min", "x_max"]].to_string(index=False, float_format="%.3g"))
+    print(f"results: {run_dir}")
+    if args.report:
+        from .report_sections import write_sections_report
+        print(f"report: {write_sections_report(run_dir, args.report, f'equibench scaling: {run_dir.name}')}")
+    return 0
+
+
+def _cmd_tpbench(args: argparse.Namespace) -> int:
+    from .tp_bench import TPBenchConfig, run_tp_bench
+    kw = {k: v for k, v in dict(lmax=args.lmax, channel_modes=args.channel_modes, impls=args.impls,
+                                channels=args.channels, batch=args.batch, passes=args.passes, device=args.device,
+                                dtype=args.dtype, repeats=args.repeats, min_sample_s=args.min_sample_s,
+                                threads=args.threads, clock=args.clock, flush_l2=args.flush_l2 or None).items()
+          if v is not None}
+    cfg = TPBenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
+    run_dir = run_tp_bench(cfg, args.results_dir, args.name, progress=None if args.quiet else print)
+    print(f"results: {run_dir}")
+    if args.report:
+        from .report_sections import write_sections_report
+        print(f"report: {write_sections_report(run_dir, args.report, f'equibench tensor products: {run_dir.name}')}")
+    return 0
+
+
 def _add_run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--tasks", type=_csv(), help="comma-separated task names (default: the suite's)")
     r.add_argument("--methods", type=_csv(), help="comma-separated method names (default: the suite's)")
@@ -167,6 +211,54 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--window", type=int, default=5, help="earlier runs to compare with (default 5)")
     n.add_argument("--k", type=float, default=3.0, help="also require k x the measured spread (default 3)")
     n.set_defaults(func=_cmd_nightly)
+
+    sc = sub.add_parser("scale", help="cost-vs-size sweeps (nodes, batch, width, lmax) per method")
+    sc.add_argument("--task", help="task whose fields the synthetic graphs carry (default nbody)")
+    sc.add_argument("--methods", type=_csv(), help="comma-separated methods (default: baseline,frame_averaging,"
+                                                   "tensor_frames,e3nn)")
+    sc.add_argument("--axes", type=_csv(), help="comma-separated axes: nodes,batch,width,lmax (default nodes)")
+    sc.add_argument("--nodes", type=_csv(int), help="nodes per graph (default 16,64,256,1024,4096,16384)")
+    sc.add_argument("--batch", type=_csv(int), help="graphs per batch (default 1,4,16,64)")
+    sc.add_argument("--width", type=_csv(int), help="widths (width or mul option; default 16,32,64,128)")
+    sc.add_argument("--lmax", type=_csv(int), help="lmax values (default 0,1,2,3)")
+    sc.add_argument("--base-nodes", type=int, help="nodes per graph when another axis is swept (default 256)")
+    sc.add_argument("--base-batch", type=int, help="graphs per batch when another axis is swept (default 1)")
+    sc.add_argument("--k", type=int, help="nearest-neighbour edges per node (default 8)")
+    sc.add_argument("--mode", choices=["inference", "forward_backward", "train"])
+    sc.add_argument("--device", help="cpu or cuda[:N]")
+    sc.add_argument("--dtype", help="fp32 (default) or fp64")
+    sc.add_argument("--repeats", type=int)
+    sc.add_argument("--min-sample-s", type=float)
+    sc.add_argument("--threads", type=int, help="CPU threads while timing (default 1)")
+    sc.add_argument("--clock", choices=["wall", "cpu"], help="CPU timing clock (default wall)")
+    sc.add_argument("--max-call-s", type=float, help="stop growing a sweep once a call takes longer (default 5)")
+    sc.add_argument("--results-dir", default="results")
+    sc.add_argument("--name", help="run directory name (default scaling-<timestamp>); reused = resume")
+    sc.add_argument("--report", help="also write a stand-alone scaling report into this folder")
+    sc.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
+    sc.add_argument("--quiet", action="store_true")
+    sc.set_defaults(func=_cmd_scale)
+
+    tp = sub.add_parser("tpbench", help="tensor-product microbenchmarks (e3nn, Gaunt on S2, cuequivariance)")
+    tp.add_argument("--lmax", type=_csv(int), help="lmax values (default 1,2,3,4,5,6)")
+    tp.add_argument("--channel-modes", type=_csv(), help="uvu,uvw (default both)")
+    tp.add_argument("--impls", type=_csv(), help="e3nn,e3nn_compiled,gaunt,gaunt_compiled,cuet "
+                                                 "(default e3nn,e3nn_compiled,gaunt,cuet)")
+    tp.add_argument("--channels", type=int, help="channels C of the first operand and the output (default 16)")
+    tp.add_argument("--batch", type=int, help="pairs per call (default 256)")
+    tp.add_argument("--passes", type=_csv(), help="forward,forward_backward (default forward)")
+    tp.add_argument("--device", help="cpu or cuda[:N]")
+    tp.add_argument("--dtype", help="fp32 (default) or fp64")
+    tp.add_argument("--repeats", type=int)
+    tp.add_argument("--min-sample-s", type=float)
+    tp.add_argument("--threads", type=int, help="CPU threads while timing (default 1)")
+    tp.add_argument("--clock", choices=["wall", "cpu"], help="CPU timing clock (default wall)")
+    tp.add_argument("--flush-l2", action="store_true", help="CUDA: flush L2 before every timed call")
+    tp.add_argument("--results-dir", default="results")
+    tp.add_argument("--name", help="run directory name (default tpbench-<timestamp>); reused = resume")
+    tp.add_argument("--report", help="also write a stand-alone report into this folder")
+    tp.add_argument("--quiet", action="store_true")
+    tp.set_defaults(func=_cmd_tpbench)
     return p
 
 

@@ -164,7 +164,8 @@ def sample_element(batch: Batch, group: str, generator: torch.Generator, permute
     return PlanarRotation(angle, n)
 
 
-def _is_invariant_type(t: str) -> bool:
+def is_invariant_type(t: str) -> bool:
+    """True for types made of l = 0 irreps only (unchanged by every planar rotation)."""
     from .fieldtypes import POINT, irreps
     if t == POINT or is_image_type(t):
         return False
@@ -174,7 +175,7 @@ def _is_invariant_type(t: str) -> bool:
 def _act(value: torch.Tensor, t: str, g: PlanarRotation) -> torch.Tensor:
     if is_image_type(t):
         return rotate(value, g.angle.to(value.device))
-    if _is_invariant_type(t):
+    if is_invariant_type(t):
         return value
     raise UserError(f"planar rotations do not act on field type {t!r} (supported: image, invariant scalars)")
 

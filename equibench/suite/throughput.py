@@ -3,27 +3,48 @@
 Modes: ``inference`` (eval, no grad), ``forward_backward`` (loss.backward, no optimiser) and
 ``train`` (zero_grad + forward + backward + Adam step, on a copy of the model).
 
-* CPU: ``torch.utils.benchmark.Timer`` with the thread count fixed and recorded.
-* CUDA: CUDA events around the calls of a sample, synchronised; optional L2 flush (write a
-  buffer twice the L2 size) before each sample.
+Timing (``sample_times``) is the same on every device, given ``run(n)`` = seconds for ``n``
+back-to-back calls:
 
-On both, a sample is ``inner`` back-to-back calls, ``inner`` grown until a sample lasts
->= ``min_sample_s`` (dwarfing timer and launch overhead), after warm-up calls.
+1. ``warmup`` single calls;
+2. ``inner`` (calls per sample) grown until one sample lasts >= ``min_sample_s``, which dwarfs
+   timer and kernel-launch overhead;
+3. warm-up until stable: more samples until the last three per-call times agree within
+   ``stable_tol`` (at most ``max_warmup_samples``; ``stable`` records whether they did);
+4. ``repeats`` samples; reported: median and IQR of the per-call time over samples.
 
-Reported: median and IQR of the per-call time over samples, graphs/s and nodes/s from the
-median, peak memory (``max_memory_allocated`` after ``reset_peak_memory_stats`` on CUDA; on CPU the
-peak of the allocator's running total in the profiler's memory events, both over one call), FLOPs of one call from
-``torch.utils.flop_counter.FlopCounterMode`` and achieved GFLOP/s.
+* CPU: ``run`` is ``torch.utils.benchmark.Timer.timeit`` with the thread count fixed (and
+  recorded) while it runs; ``clock="wall"`` (default) measures elapsed time, ``clock="cpu"`` the
+  process's CPU time, which a busy shared machine disturbs far less (the 1-minute load average
+  is recorded with every measurement).
+* CUDA: ``run`` records CUDA events around the calls and synchronises; with ``flush_l2`` every
+  call gets its own event pair and a write of twice the L2 size before it (outside the timed
+  window), so each call starts from a cold L2.
+
+Peak memory: ``max_memory_allocated`` after ``reset_peak_memory_stats`` on CUDA; on CPU the peak
+of the allocator's running total in the profiler's memory events; both over one call of the mode's
+step, so each mode has its own peak. FLOPs: ``FlopCounterMode`` over one eager call (it counts
+matmul/conv-like ops only, so GFLOP/s and the fraction of the GPU's peak are lower bounds);
+achieved GFLOP/s = flops / median; on a GPU in ``GPU_PEAKS`` also the fraction of its dense peak.
+
+``compile=True`` wraps the step's module in ``torch.compile(dynamic=compile_dynamic)``; the first
+call is timed separately (``compile_time_s``); the graphs compiled are counted with dynamo's
+counters, and recompilations during the timed samples and on ``recompile_batches`` (other graph
+sizes) are reported, because variable graph sizes silently recompile (and, past dynamo's
+recompile limit, fall back to eager).
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -36,6 +57,9 @@ from .precision import dtype_name
 
 MODES = ("inference", "forward_backward", "train")
 
+
+# ---------------------------------------------------------------------------------------------
+# devices and their peaks
 
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
@@ -51,6 +75,63 @@ def device_name(device: torch.device | str) -> str:
         pass
     return f"CPU {cpu}"
 
+
+@dataclass(frozen=True)
+class GpuPeak:
+    """Dense (no sparsity) peak throughput of one GPU in TFLOP/s, from the vendor's data sheet.
+    ``tf32``/``bf16``/``fp16`` are tensor-core peaks with fp32 accumulation; None = not supported."""
+    name: str
+    fp32: float
+    tf32: float | None
+    bf16: float | None
+    fp16: float | None
+
+
+# Ordered: the first pattern that matches ``torch.cuda.get_device_name`` wins (PCIe/NVL before
+# the SXM default of the same chip).
+GPU_PEAKS: tuple[tuple[str, GpuPeak], ...] = (
+    (r"H100.*PCIe", GpuPeak("H100 PCIe", 51.2, 378.0, 756.0, 756.0)),
+    (r"H100.*NVL", GpuPeak("H100 NVL", 60.0, 417.5, 835.5, 835.5)),
+    (r"H100", GpuPeak("H100 SXM", 66.9, 494.7, 989.4, 989.4)),
+    (r"H200.*NVL", GpuPeak("H200 NVL", 60.0, 417.5, 835.5, 835.5)),
+    (r"H200", GpuPeak("H200 SXM", 66.9, 494.7, 989.4, 989.4)),
+    (r"A100", GpuPeak("A100", 19.5, 156.0, 312.0, 312.0)),
+    (r"V100.*PCIE|V100.*PCIe", GpuPeak("V100 PCIe", 14.0, None, None, 112.0)),
+    (r"V100", GpuPeak("V100 SXM2", 15.7, None, None, 125.0)),
+    (r"\bL4\b", GpuPeak("L4", 30.3, 60.0, 121.0, 121.0)),
+    (r"RTX 4090", GpuPeak("RTX 4090", 82.6, 82.6, 165.2, 165.2)),
+)
+
+
+def gpu_peak(name: str) -> GpuPeak | None:
+    """The ``GpuPeak`` of a device name such as "NVIDIA H100 80GB HBM3", or None if unknown."""
+    for pattern, peak in GPU_PEAKS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return peak
+    return None
+
+
+def peak_flops(name: str, dtype: torch.dtype, allow_tf32: bool | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s, which peak) for a device name and compute dtype; (None, "") when unknown.
+
+    fp32 matmuls run on tensor cores as TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is
+    set (``allow_tf32=None`` reads it); fp64 has no entry here.
+    """
+    peak = gpu_peak(name)
+    if peak is None:
+        return None, ""
+    if allow_tf32 is None:
+        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    if dtype == torch.float32:
+        kind = "tf32" if allow_tf32 and peak.tf32 is not None else "fp32"
+    else:
+        kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "")
+    value = getattr(peak, kind, None) if kind else None
+    return (value * 1e12, f"{peak.name} dense {kind}") if value else (None, "")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory and FLOPs
 
 def _cpu_peak_allocated(fn: Callable[[], Any]) -> float | None:
     """Peak bytes of tensors allocated by the CPU allocator during one call of ``fn``, from the
@@ -73,6 +154,7 @@ def _cpu_peak_allocated(fn: Callable[[], Any]) -> float | None:
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[float | None, str]:
     """Peak memory of one call of ``fn`` in bytes (above what was allocated before the call)
     and how it was measured."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -84,30 +166,35 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[float | No
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (``FlopCounterMode``: a matmul [m,k]x[k,n] counts 2mkn)."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
 
+# ---------------------------------------------------------------------------------------------
+# the step of each mode
+
 def make_step(model: nn.Module, batch: Batch, mode: str,
-              loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None) -> Callable[[], Any]:
-    """The callable timed for ``mode`` (``train`` works on a deep copy of ``model``)."""
+              loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None, *,
+              compile: bool = False, compile_dynamic: bool | None = False) -> Callable[[], Any]:
+    """The callable timed for ``mode`` (``train`` works on a deep copy of ``model``); with
+    ``compile`` the module it calls is ``torch.compile(..., dynamic=compile_dynamic)``."""
     if mode not in MODES:
         from .errors import UserError
         raise UserError(f"unknown throughput mode {mode!r} (known: {', '.join(MODES)})")
     loss_fn = loss_fn or (lambda pred, b: pred.float().pow(2).mean())
+    work = copy.deepcopy(model) if mode == "train" else model
+    work.train(mode != "inference")
+    fwd = torch.compile(work, dynamic=compile_dynamic) if compile else work
     if mode == "inference":
-        model.eval()
-
         def step() -> Any:
             with torch.no_grad():
-                return model(batch)
+                return fwd(batch)
         return step
-    work = copy.deepcopy(model) if mode == "train" else model
-    work.train()
     if mode == "forward_backward":
         def step() -> Any:
-            loss = loss_fn(work(batch), batch)
+            loss = loss_fn(fwd(batch), batch)
             loss.backward()
             return loss
         return step
@@ -115,114 +202,236 @@ def make_step(model: nn.Module, batch: Batch, mode: str,
 
     def step() -> Any:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(work(batch), batch)
+        loss = loss_fn(fwd(batch), batch)
         loss.backward()
         opt.step()
         return loss
     return step
 
 
-def _cuda_samples(step: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
-                  min_sample_s: float, flush_l2: bool) -> tuple[list[float], int]:
+# ---------------------------------------------------------------------------------------------
+# the sample loop (device independent) and the per-device ``run(n)``
+
+def sample_times(run: Callable[[int], float], *, repeats: int = 10, warmup: int = 3,
+                 min_sample_s: float = 0.05, max_inner: int = 1 << 14, stable_tol: float = 0.05,
+                 max_warmup_samples: int = 5) -> dict[str, Any]:
+    """Per-call times from ``run(n)`` (seconds for ``n`` back-to-back calls); see the module
+    docstring. Returns samples (per call), calls per sample, warm-up counts and ``stable``."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
     for _ in range(warmup):
-        step()
-    torch.cuda.synchronize(device)
+        run(1)
+    inner, total = 1, run(1)
+    recent: list[float] = []
+    n_warm = 0
+
+    def settled() -> bool:
+        last = recent[-3:]
+        return len(last) == 3 and (max(last) - min(last)) <= stable_tol * min(last)
+    for _ in range(4):  # calibrate, warm up; calibrate again if warm-up made the calls much faster
+        while total < min_sample_s and inner < max_inner:
+            per_call = max(total / inner, 1e-9)
+            # jump towards the target from the measured rate (at least x2, at most x64 per step)
+            inner = min(max_inner, max(2 * inner, min(64 * inner, math.ceil(1.2 * min_sample_s / per_call))))
+            total = run(inner)
+        recent = [total / inner]
+        while not settled() and n_warm < max_warmup_samples:
+            recent.append(run(inner) / inner)
+            n_warm += 1
+        total = recent[-1] * inner
+        if total >= 0.5 * min_sample_s or inner >= max_inner:
+            break
+    stable = settled()
+    samples = [run(inner) / inner for _ in range(repeats)]
+    return {"samples": samples, "inner": inner, "warmup_calls": warmup + 1, "warmup_samples": n_warm,
+            "stable": stable}
+
+
+CLOCKS = ("wall", "cpu")
+
+
+def cpu_run(step: Callable[[], Any], threads: int, clock: str = "wall") -> Callable[[int], float]:
+    """``run(n)`` on CPU: ``torch.utils.benchmark.Timer.timeit(n)`` at ``threads`` threads.
+
+    ``clock="wall"`` times elapsed time (``time.perf_counter``); ``clock="cpu"`` the CPU time of
+    the process (``time.process_time``: all threads summed), which is insensitive to the process
+    being descheduled on a shared machine, a reproducible cost measure with ``threads=1``."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    extra = {"timer": time.process_time} if clock == "cpu" else {}
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads, **extra)
+    return lambda n: timer.timeit(n).mean * n
+
+
+def cuda_run(step: Callable[[], Any], device: torch.device, flush_l2: bool = False) -> Callable[[int], float]:
+    """``run(n)`` on CUDA: events around ``n`` calls, then synchronise. With ``flush_l2`` each
+    call is preceded (outside its event pair) by a write of twice the L2 size."""
     flush = None
     if flush_l2:
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-        flush = torch.empty(2 * l2 // 4, dtype=torch.float32, device=device)
-    inner = 1
-    while True:  # grow inner until one sample lasts min_sample_s
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            step()
-        end.record()
-        torch.cuda.synchronize(device)
-        if start.elapsed_time(end) / 1e3 >= min_sample_s or inner >= 1 << 14:
-            break
-        inner *= 2
-    samples = []
-    for _ in range(repeats):
-        if flush is not None:
+        l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20))
+        flush = torch.empty(2 * l2, dtype=torch.int8, device=device)
+
+    def run(n: int) -> float:
+        if flush is None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                step()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1e3
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in pairs:
             flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
+            start.record()
             step()
-        end.record()
+            end.record()
         torch.cuda.synchronize(device)
-        samples.append(start.elapsed_time(end) / 1e3 / inner)
-    return samples, inner
+        return sum(s.elapsed_time(e) for s, e in pairs) / 1e3
+    return run
 
 
-def _cpu_samples(step: Callable[[], Any], threads: int, repeats: int, warmup: int,
-                 min_sample_s: float) -> tuple[list[float], int]:
-    """``repeats`` samples of ``torch.utils.benchmark.Timer.timeit(inner)``, ``inner`` grown
-    until one sample lasts >= ``min_sample_s``."""
-    for _ in range(warmup):
-        step()
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads)
-    inner = 1
-    while timer.timeit(inner).mean * inner < min_sample_s and inner < 1 << 14:
-        inner *= 2
-    return [timer.timeit(inner).mean for _ in range(repeats)], inner
+def _load_avg() -> float | None:
+    """The 1-minute load average (how busy the machine was while timing), None if unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
-def _iqr(xs: list[float]) -> float:
+def _iqr(xs: Sequence[float]) -> float:
     if len(xs) < 2:
         return 0.0
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return q[2] - q[0]
 
 
+def time_step(step: Callable[[], Any], device: str | torch.device = "cpu", *, threads: int | None = None,
+              warmup: int = 3, repeats: int = 10, min_sample_s: float = 0.05, flush_l2: bool = False,
+              stable_tol: float = 0.05, max_warmup_samples: int = 5, clock: str = "wall") -> dict[str, Any]:
+    """Time any zero-argument ``step`` on ``device``: median/IQR per call and how it was measured
+    (``clock`` applies to CPU only; CUDA events always measure GPU elapsed time)."""
+    device = torch.device(device)
+    kw = dict(repeats=repeats, warmup=warmup, min_sample_s=min_sample_s, stable_tol=stable_tol,
+              max_warmup_samples=max_warmup_samples)
+    if device.type == "cuda":
+        res = sample_times(cuda_run(step, device, flush_l2), **kw)
+        timer, threads = "cuda_events" + ("+l2_flush" if flush_l2 else ""), None
+    else:
+        threads = threads or torch.get_num_threads()
+        prev = torch.get_num_threads()
+        try:
+            res = sample_times(cpu_run(step, threads, clock), **kw)
+        finally:
+            torch.set_num_threads(prev)
+        timer = "torch.utils.benchmark.Timer.timeit" + ("(process_time)" if clock == "cpu" else "")
+    s = res["samples"]
+    med = statistics.median(s)
+    return {"time_median_s": med, "time_iqr_s": _iqr(s), "time_min_s": min(s), "time_samples_s": s,
+            "repeats": len(s), "calls_per_sample": res["inner"], "warmup_calls": res["warmup_calls"],
+            "warmup_samples": res["warmup_samples"], "stable": res["stable"], "timer": timer,
+            "threads": threads, "load_avg_1min": _load_avg()}
+
+
+# ---------------------------------------------------------------------------------------------
+# compile bookkeeping
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public measurement
+
 def measure_throughput(model: nn.Module, batch: Batch, mode: str = "inference",
                        device: str | torch.device = "cpu", *, warmup: int = 3, repeats: int = 10,
                        min_sample_s: float = 0.05, threads: int | None = None,
-                       flush_l2: bool = False, compile: bool = False, flops: bool = True,
-                       loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None) -> dict[str, Any]:
+                       flush_l2: bool = False, compile: bool = False, compile_dynamic: bool | None = False,
+                       recompile_batches: Sequence[Batch] = (), flops: bool = True, memory: bool = True,
+                       loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None,
+                       stable_tol: float = 0.05, max_warmup_samples: int = 5, clock: str = "wall") -> dict[str, Any]:
     """Time ``model`` on ``batch`` in ``mode`` (module docstring); returns a flat dict.
 
     ``repeats`` samples, each ``calls_per_sample`` back-to-back calls (grown until a sample lasts
-    ``min_sample_s``) after ``warmup`` calls; the time reported is per call.
+    ``min_sample_s``) after warm-up; the times reported are per call. ``threads`` (CPU) defaults
+    to torch's current count and is recorded; ``clock`` ("wall" or "cpu") picks the CPU clock. ``recompile_batches`` (with ``compile``): batches of
+    other graph sizes run once each after timing, to count the recompilations they trigger.
     """
     device = torch.device(device)
-    threads = threads or torch.get_num_threads()
     model = model.to(device)
     batch = batch.to(device)
-    compile_time = None
+    compile_time = compiled_graphs = recompiles_timing = recompiles_sizes = None
     if compile:
-        model = torch.compile(model, dynamic=False)
+        g0 = _graphs_compiled()
+        step = make_step(model, batch, mode, loss_fn, compile=True, compile_dynamic=compile_dynamic)
+        _sync(device)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            model(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        step()  # first call: trace + compile (forward, and backward for the training modes)
+        _sync(device)
         compile_time = time.perf_counter() - t0
-    step = make_step(model, batch, mode, loss_fn)
-    if device.type == "cuda":
-        samples, inner = _cuda_samples(step, device, repeats, warmup, min_sample_s, flush_l2)
-        timer = "cuda_events"
+        compiled_graphs = _graphs_compiled() - g0
     else:
-        prev = torch.get_num_threads()
-        try:
-            samples, inner = _cpu_samples(step, threads, repeats, warmup, min_sample_s)
-        finally:
-            torch.set_num_threads(prev)
-        timer = "torch.utils.benchmark.Timer.timeit"
-    med = statistics.median(samples)
-    mem, mem_method = peak_memory(step, device)
-    n_flops = count_flops(step) if flops and not compile else None
-    params = [p for p in model.parameters()]
+        step = make_step(model, batch, mode, loss_fn)
+    g1 = _graphs_compiled() if compile else 0
+    timing = time_step(step, device, threads=threads, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s,
+                       flush_l2=flush_l2, stable_tol=stable_tol, max_warmup_samples=max_warmup_samples,
+                       clock=clock)
+    if compile:
+        recompiles_timing = _graphs_compiled() - g1
+    med = timing["time_median_s"]
+    mem, mem_method = peak_memory(step, device) if memory else (None, "")
+    if compile and recompile_batches:
+        fwd = torch.compile(model.eval(), dynamic=compile_dynamic)
+        with torch.no_grad():
+            fwd(batch)  # compiled (or found in dynamo's cache) for the timed size
+            g2 = _graphs_compiled()
+            for b in recompile_batches:
+                fwd(b.to(device))
+        recompiles_sizes = _graphs_compiled() - g2
+    n_flops = count_flops(make_step(model, batch, mode, loss_fn)) if flops else None
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else torch.get_default_dtype()
+    name = device_name(device)
+    gflops = (n_flops / med / 1e9) if n_flops else None
+    peak, peak_kind = peak_flops(name, dtype) if device.type == "cuda" else (None, "")
     return {
-        "mode": mode, "device": str(device), "device_name": device_name(device),
-        "dtype": dtype_name(params[0].dtype) if params else dtype_name(torch.get_default_dtype()),
+        "mode": mode, "device": str(device), "device_name": name, "dtype": dtype_name(dtype),
         "batch_graphs": int(batch.num_graphs), "batch_nodes": int(batch.num_nodes),
         "batch_edges": int(batch.edge_index.shape[1]) if "edge_index" in batch else 0,
-        "time_median_s": med, "time_iqr_s": _iqr(samples), "repeats": len(samples),
-        "calls_per_sample": inner, "threads": threads if device.type == "cpu" else None,
+        **timing,
         "graphs_per_s": batch.num_graphs / med, "nodes_per_s": batch.num_nodes / med,
         "peak_mem_bytes": mem, "mem_method": mem_method,
-        "flops": n_flops, "gflops_per_s": (n_flops / med / 1e9) if n_flops else None,
-        "timer": timer, "compiled": compile, "compile_time_s": compile_time, "flush_l2": flush_l2,
+        "flops": n_flops, "gflops_per_s": gflops,
+        "peak_flops_per_s": peak, "peak_flops_kind": peak_kind,
+        "fraction_of_peak": (gflops * 1e9 / peak) if gflops and peak else None,
+        "compiled": compile, "compile_dynamic": compile_dynamic if compile else None,
+        "compile_time_s": compile_time, "compiled_graphs": compiled_graphs,
+        "recompiles_during_timing": recompiles_timing, "recompiles_variable_sizes": recompiles_sizes,
+        "flush_l2": flush_l2,
     }
+
+
+def repeatability(model: nn.Module, batch: Batch, mode: str = "inference", device: str | torch.device = "cpu",
+                  *, runs: int = 5, **kwargs: Any) -> dict[str, Any]:
+    """``runs`` independent ``measure_throughput`` calls of the same model and batch.
+
+    Returns each run's median time, the median of those medians and the largest relative
+    deviation of a run's median from it (the stability of the measurement itself).
+    """
+    kwargs.setdefault("flops", False)
+    kwargs.setdefault("memory", False)
+    results = [measure_throughput(model, batch, mode, device, **kwargs) for _ in range(runs)]
+    medians = [r["time_median_s"] for r in results]
+    ref = statistics.median(medians)
+    return {"medians_s": medians, "median_of_medians_s": ref,
+            "max_rel_dev": max(abs(m - ref) / ref for m in medians),
+            "iqr_rel": [r["time_iqr_s"] / r["time_median_s"] for r in results],
+            "stable": [r["stable"] for r in results], "calls_per_sample": [r["calls_per_sample"] for r in results],
+            "repeats": results[0]["repeats"], "threads": results[0]["threads"], "device_name": results[0]["device_name"],
+            "dtype": results[0]["dtype"], "batch_graphs": results[0]["batch_graphs"], "mode": mode}

@@ -1,0 +1,1 @@
+"""asv benchmarks of equibench (see common.py for profiles, device and threads)."""

@@ -1,0 +1,390 @@
+"""Tensor-product microbenchmarks: Clebsch-Gordan (e3nn) against Gaunt (S² grid) and cuEquivariance.
+
+Operands (for lmax L): ``x1`` = C channels of every degree l <= L with parity (-1)^l, i.e.
+``C x (0e + 1o + 2e + ...)``; ``x2`` = one channel of the same degrees (an edge's spherical
+harmonics); output ``C x (0e + ... + Le)``. Channel modes, with p = (l1, l2, l3) a path:
+
+* ``uvu`` (channel-wise):  out_u^{l3} = sum_p w_{u,p} (x1_u^{l1} (x) x2^{l2})_{l3}
+* ``uvw`` (fully connected): out_w^{l3} = sum_{p,u} w_{u,w,p} (x1_u^{l1} (x) x2^{l2})_{l3}
+
+With these parities e3nn allows exactly the paths with l1 + l2 + l3 even, the ones a Gaunt
+product has. Implementations:
+
+* ``e3nn`` / ``e3nn_compiled``: ``o3.TensorProduct`` with every such path in ``uvu`` mode, and
+  ``o3.FullyConnectedTensorProduct`` for ``uvw``; eager and ``torch.compile``d.
+* ``gaunt``: ``GauntTensorProduct``, the product of functions on the sphere (Gaunt coefficients
+  G = integral Y1 Y2 Y3): expand both operands on an S² grid (``e3nn.o3.ToS2Grid``), multiply
+  pointwise, project back (``FromS2Grid``), "The Price of Freedom". Weights factorise: one scale
+  per (channel, l1), per l2 and per (channel, l3) (``uvw``: a C x C mix per l3) instead of a free
+  weight per path, and an antisymmetric path (e.g. the cross product 1o x 1o -> 1e) cannot
+  occur at all: less expressive, cheaper for large L.
+* ``cuet``: cuequivariance-torch ``ChannelWiseTensorProduct`` / ``FullyConnectedTensorProduct``
+  (CUDA only, optional; skipped with a reason when absent).
+
+Each Gaunt block equals a per-path constant times e3nn's path (both are the unique invariant
+in l1 x l2 x l3); ``gaunt_path_constants`` finds the constants by probing both with basis
+vectors, and ``e3nn_equivalent`` builds the e3nn product with the Gaunt weights, so agreement is
+checked on the benchmark's own inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import hashlib
+import importlib.util
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .errors import UserError
+from .precision import parse_dtype
+
+IMPLS = ("e3nn", "e3nn_compiled", "gaunt", "gaunt_compiled", "cuet")
+CHANNEL_MODES = ("uvu", "uvw")
+PASSES = ("forward", "forward_backward")
+
+
+def sh_irreps(lmax: int, mul: int = 1) -> o3.Irreps:
+    """``mul x 0e + mul x 1o + mul x 2e + ...`` up to ``lmax`` (spherical-harmonic parities)."""
+    return o3.Irreps([(mul, (l, (-1) ** l)) for l in range(lmax + 1)])
+
+
+def gaunt_paths(l1max: int, l2max: int, lomax: int) -> list[tuple[int, int, int]]:
+    """Paths (l1, l2, l3) with the triangle rule and l1 + l2 + l3 even."""
+    return [(a, b, c) for a in range(l1max + 1) for b in range(l2max + 1) for c in range(lomax + 1)
+            if abs(a - b) <= c <= a + b and (a + b + c) % 2 == 0]
+
+
+def _degree_index(lmax: int) -> torch.Tensor:
+    """Degree l of each of the (lmax+1)^2 spherical-harmonic components."""
+    return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
+
+
+def to_channels(x: torch.Tensor, mul: int, lmax: int) -> torch.Tensor:
+    """e3nn layout ``[..., mul x (0..lmax)]`` -> ``[..., mul, (lmax+1)^2]``."""
+    out, i = [], 0
+    for l in range(lmax + 1):
+        d = 2 * l + 1
+        out.append(x[..., i:i + mul * d].reshape(*x.shape[:-1], mul, d))
+        i += mul * d
+    return torch.cat(out, dim=-1)
+
+
+def from_channels(y: torch.Tensor, lmax: int) -> torch.Tensor:
+    """``[..., mul, (lmax+1)^2]`` -> e3nn layout ``[..., mul x (0..lmax)]``."""
+    return torch.cat([y[..., l * l:(l + 1) ** 2].reshape(*y.shape[:-2], -1) for l in range(lmax + 1)], dim=-1)
+
+
+class GauntTensorProduct(nn.Module):
+    """Gaunt tensor product on an S² grid, e3nn layouts in and out (module docstring).
+
+    ``x1 [B, mul x (0..l1max)]``, ``x2 [B, 0..l2max]`` (one channel) -> ``[B, mul x (0..lomax)]``:
+
+        out_u^{l3} = a_{u,l3} P_{l3}[ f_u g ],  f_u = sum_{l1} b_{u,l1} x1_u^{l1} . Y,  g = sum_{l2} c_{l2} x2^{l2} . Y
+
+    (``uvw``: then out_w^{l3} = sum_u W^{l3}_{wu} (...)_u). The grid (``res_beta`` =
+    2 (l1max + l2max + 1), ``res_alpha`` = 2 (l1max + l2max) + 1, Kostelec-Rockmore quadrature)
+    integrates the band-limited product exactly. ``weights=False`` gives the bare Gaunt product.
+    """
+
+    def __init__(self, l1max: int, l2max: int, lomax: int, mul: int, mode: str = "uvu", weights: bool = True,
+                 res: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        if mode not in CHANNEL_MODES:
+            raise UserError(f"unknown channel mode {mode!r} (known: {', '.join(CHANNEL_MODES)})")
+        if lomax > l1max + l2max:
+            raise UserError(f"lomax {lomax} exceeds l1max + l2max = {l1max + l2max}: the product has no such degrees")
+        lp = l1max + l2max
+        res = res or (2 * (lp + 1), 2 * lp + 1)
+        self.l1max, self.l2max, self.lomax, self.mul, self.mode = l1max, l2max, lomax, mul, mode
+        self.to1 = o3.ToS2Grid(l1max, res, normalization="integral")
+        self.to2 = o3.ToS2Grid(l2max, res, normalization="integral")
+        self.back = o3.FromS2Grid(res, lomax, normalization="integral")
+        self.irreps_in1, self.irreps_in2, self.irreps_out = sh_irreps(l1max, mul), sh_irreps(l2max), sh_irreps(lomax, mul)
+        self.register_buffer("deg1", _degree_index(l1max), persistent=False)
+        self.register_buffer("deg2", _degree_index(l2max), persistent=False)
+        self.register_buffer("dego", _degree_index(lomax), persistent=False)
+        self.weighted = weights
+        if weights:
+            self.w1 = nn.Parameter(torch.randn(mul, l1max + 1))
+            self.w2 = nn.Parameter(torch.randn(l2max + 1))
+            if mode == "uvu":
+                self.w3 = nn.Parameter(torch.randn(mul, lomax + 1))
+            else:
+                self.w3 = nn.Parameter(torch.randn(lomax + 1, mul, mul) / mul ** 0.5)
+
+    @property
+    def weight_numel(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        a = to_channels(x1, self.mul, self.l1max)  # [B, C, n1]
+        b = x2
+        if self.weighted:
+            a = a * self.w1[:, self.deg1]
+            b = b * self.w2[self.deg2]
+        prod = self.to1(a) * self.to2(b).unsqueeze(-3)  # [B, C, beta, alpha]
+        y = self.back(prod)  # [B, C, n_out]
+        if self.weighted:
+            if self.mode == "uvu":
+                y = y * self.w3[:, self.dego]
+            else:
+                y = torch.einsum("bui,iwu->bwi", y, self.w3[self.dego])
+        return from_channels(y, self.lomax)
+
+
+def e3nn_tp(l1max: int, l2max: int, lomax: int, mul: int, mode: str, internal_weights: bool = True) -> o3.TensorProduct:
+    """e3nn's product on the operands above: FullyConnectedTensorProduct (uvw) or a channel-wise
+    TensorProduct with every parity-allowed path (uvu)."""
+    ir1, ir2, iro = sh_irreps(l1max, mul), sh_irreps(l2max), sh_irreps(lomax, mul)
+    if mode == "uvw" and internal_weights:
+        return o3.FullyConnectedTensorProduct(ir1, ir2, iro)
+    instr = [(a, b, c, mode, True) for a, b, c in gaunt_paths(l1max, l2max, lomax)]
+    return o3.TensorProduct(ir1, ir2, iro, instr, internal_weights=internal_weights, shared_weights=True)
+
+
+@functools.lru_cache(maxsize=32)
+def gaunt_path_constants(l1max: int, l2max: int, lomax: int, dtype: torch.dtype = torch.float64
+                         ) -> tuple[dict[tuple[int, int, int], float], float, float]:
+    """Per-path constants k_p with Gaunt block G_p = k_p x (e3nn path p / its ``path_weight``).
+
+    e3nn's path p of any product on these irreps is ``path_weight_p`` (its normalisation, which
+    depends on the channel mode and multiplicities) times a fixed coupling; G_p and e3nn's path
+    are probed with the basis vectors of the (l1, l2) blocks. Returns (k_p per path, max relative
+    residual ||G_p - k_p T_p|| / ||G_p|| over paths, largest |G| on the blocks with l1 + l2 + l3
+    odd relative to the largest |G|): the last two are zero up to round-off when Gaunt = CG x const.
+    """
+    from .precision import default_dtype
+    with default_dtype(dtype):
+        gaunt = GauntTensorProduct(l1max, l2max, lomax, 1, weights=False)
+        n1, n2 = (l1max + 1) ** 2, (l2max + 1) ** 2
+        with torch.no_grad():
+            G = gaunt(torch.eye(n1).repeat_interleave(n2, dim=0), torch.eye(n2).repeat(n1, 1)).reshape(n1, n2, -1)
+            consts, resid = {}, 0.0
+            for a, b, c in gaunt_paths(l1max, l2max, lomax):
+                d1, d2 = 2 * a + 1, 2 * b + 1
+                # the path alone (its coupling / path_weight does not depend on the other paths)
+                tp = o3.TensorProduct(o3.Irreps([(1, (a, (-1) ** a))]), o3.Irreps([(1, (b, (-1) ** b))]),
+                                      o3.Irreps([(1, (c, (-1) ** c))]), [(0, 0, 0, "uvu", True)],
+                                      internal_weights=False, shared_weights=True)
+                x1 = torch.eye(d1).repeat_interleave(d2, dim=0)
+                x2 = torch.eye(d2).repeat(d1, 1)
+                t = tp(x1, x2, torch.ones(1)).reshape(d1, d2, -1) / tp.instructions[0].path_weight
+                g = G[a * a:(a + 1) ** 2, b * b:(b + 1) ** 2, c * c:(c + 1) ** 2]
+                k = float((t * g).sum() / (t * t).sum())
+                consts[(a, b, c)] = k
+                resid = max(resid, float((g - k * t).norm() / g.norm()))
+        odd = max((float(G[a * a:(a + 1) ** 2, b * b:(b + 1) ** 2, c * c:(c + 1) ** 2].abs().max())
+                   for a in range(l1max + 1) for b in range(l2max + 1) for c in range(lomax + 1)
+                   if (a + b + c) % 2 == 1 and abs(a - b) <= c <= a + b), default=0.0)
+        return consts, resid, odd / float(G.abs().max())
+
+
+def e3nn_equivalent(g: GauntTensorProduct) -> tuple[o3.TensorProduct, torch.Tensor]:
+    """An e3nn product and its weight vector that compute exactly what the weighted Gaunt
+    product ``g`` computes (w_p = k_p / path_weight_p x the factorised Gaunt weights of path p)."""
+    tp = e3nn_tp(g.l1max, g.l2max, g.lomax, g.mul, g.mode, internal_weights=False)
+    consts, _, _ = gaunt_path_constants(g.l1max, g.l2max, g.lomax)
+    ws = []
+    with torch.no_grad():
+        for (a, b, c), ins in zip(gaunt_paths(g.l1max, g.l2max, g.lomax), tp.instructions):
+            k = consts[(a, b, c)] / ins.path_weight
+            if g.mode == "uvu":  # weight shape [mul1, mul2] = [C, 1]
+                w = k * g.w1[:, a] * g.w2[b] * g.w3[:, c]
+            else:  # [mul1, mul2, mul_out] = [C, 1, C]; W^{l3}[w, u] -> [u, w]
+                w = k * g.w1[:, a, None] * g.w2[b] * g.w3[c].T
+            ws.append(w.reshape(-1))
+    return tp.to(g.w1.device), torch.cat(ws).to(g.w1.dtype)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+@dataclass(frozen=True)
+class TPBenchConfig:
+    lmax: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    channel_modes: tuple[str, ...] = CHANNEL_MODES
+    impls: tuple[str, ...] = ("e3nn", "e3nn_compiled", "gaunt", "cuet")
+    channels: int = 16
+    batch: int = 256
+    passes: tuple[str, ...] = ("forward",)
+    device: str = "cpu"
+    dtype: str = "fp32"
+    warmup: int = 2
+    repeats: int = 7
+    min_sample_s: float = 0.05
+    max_warmup_samples: int = 3
+    threads: int = 1
+    clock: str = "wall"
+    flush_l2: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value, known in (("impl", self.impls, IMPLS), ("channel mode", self.channel_modes, CHANNEL_MODES),
+                                   ("pass", self.passes, PASSES)):
+            bad = [v for v in value if v not in known]
+            if bad:
+                raise UserError(f"unknown {name} {bad} (known: {', '.join(known)})")
+        if any(l < 0 for l in self.lmax):
+            raise UserError("lmax must be >= 0")
+        parse_dtype(self.dtype)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device {self.device!r} requested but CUDA is not available")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cuet_available(device: torch.device) -> str | None:
+    """None when cuequivariance-torch can run here, else the reason it cannot."""
+    if device.type != "cuda":
+        return "cuequivariance-torch needs a CUDA device"
+    if importlib.util.find_spec("cuequivariance_torch") is None or importlib.util.find_spec("cuequivariance") is None:
+        return "cuequivariance-torch is not installed (optional extra)"
+    return None
+
+
+def _cuet_module(mode: str, lmax: int, mul: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    import cuequivariance as cue
+    import cuequivariance_torch as cuet
+    ir1, ir2, iro = (cue.Irreps("O3", str(x)) for x in (sh_irreps(lmax, mul), sh_irreps(lmax), sh_irreps(lmax, mul)))
+    if mode == "uvw":
+        return cuet.FullyConnectedTensorProduct(ir1, ir2, iro, layout=cue.mul_ir, shared_weights=True,
+                                                internal_weights=True, device=device, dtype=dtype)
+    return cuet.ChannelWiseTensorProduct(ir1, ir2, filter_irreps_out=iro, layout=cue.mul_ir, shared_weights=True,
+                                         internal_weights=True, device=device, dtype=dtype)
+
+
+def _build(impl: str, mode: str, lmax: int, mul: int, device: torch.device, dtype: torch.dtype,
+           reference: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, str]:
+    """(module, reference function of (x1, x2) it should agree with, note)."""
+    if impl.startswith("e3nn"):
+        return reference, reference, ""
+    if impl.startswith("gaunt"):
+        g = GauntTensorProduct(lmax, lmax, lmax, mul, mode).to(device=device, dtype=dtype)
+        tp, w = e3nn_equivalent(g)
+        return g, (lambda a, b: tp(a, b, w)), "vs e3nn with the Gaunt weights mapped per path"
+    module = _cuet_module(mode, lmax, mul, device, dtype)
+    params = list(module.parameters())
+    if mode == "uvw" and len(params) == 1 and params[0].numel() == reference.weight.numel():
+        with torch.no_grad():
+            params[0].copy_(reference.weight.reshape(params[0].shape))
+        return module, reference, "vs e3nn FullyConnectedTensorProduct, its weights copied in e3nn order"
+    return module, None, "weights not comparable with e3nn's (channel-wise layout differs)"
+
+
+def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -> list[dict[str, Any]]:
+    """Measure one (impl, channel mode, lmax, pass); returns tidy rows (metric, value, context)."""
+    from .precision import default_dtype, dtype_name
+    from .throughput import count_flops, device_name, peak_memory, time_step
+    device, dtype = torch.device(cfg.device), parse_dtype(cfg.dtype)
+    if impl == "cuet":
+        reason = cuet_available(device)
+        if reason:
+            return [{"metric": "status", "value": None, "status": "skipped", "error": reason}]
+    torch.manual_seed(cfg.seed)
+    with default_dtype(dtype):
+        reference = e3nn_tp(lmax, lmax, lmax, cfg.channels, mode).to(device)
+        module, ref_fn, note = _build(impl, mode, lmax, cfg.channels, device, dtype, reference)
+        x1 = torch.randn(cfg.batch, sh_irreps(lmax, cfg.channels).dim, device=device)
+        x2 = torch.randn(cfg.batch, sh_irreps(lmax).dim, device=device)
+    fn = torch.compile(module, dynamic=False) if impl.endswith("_compiled") else module
+    if pass_ == "forward_backward":
+        x1.requires_grad_(True)
+        x2.requires_grad_(True)
+
+        def step() -> Any:
+            out = fn(x1, x2)
+            out.pow(2).sum().backward()
+            return out
+    else:
+        def step() -> Any:
+            with torch.no_grad():
+                return fn(x1, x2)
+    compile_time = None
+    if impl.endswith("_compiled"):
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compile_time = time.perf_counter() - t0
+    with torch.no_grad():
+        out = fn(x1, x2)
+        agreement = rel_err(out, ref_fn(x1, x2)) if ref_fn is not None else None
+    timing = time_step(step, device, threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
+                       min_sample_s=cfg.min_sample_s, flush_l2=cfg.flush_l2, clock=cfg.clock,
+                       max_warmup_samples=cfg.max_warmup_samples)
+    mem, mem_method = peak_memory(step, device)
+    eager = (lambda: module(x1, x2).pow(2).sum().backward()) if pass_ == "forward_backward" else \
+        (lambda: module(x1, x2))
+    flops = None
+    if impl != "cuet":  # FlopCounterMode cannot see inside custom CUDA kernels
+        with torch.no_grad() if pass_ == "forward" else torch.enable_grad():
+            flops = count_flops(eager)
+    med = timing["time_median_s"]
+    ctx = {"mode": pass_, "channel_mode": mode, "dtype": dtype_name(dtype), "device_name": device_name(device),
+           "batch_size": cfg.batch, "channels": cfg.channels, "repeats": timing["repeats"], "threads": timing["threads"],
+           "timer": timing["timer"], "calls_per_sample": timing["calls_per_sample"], "stable": timing["stable"],
+           "load_avg_1min": timing["load_avg_1min"], "mem_method": mem_method, "compiled": impl.endswith("_compiled"),
+           "agreement_note": note, "n_paths": len(gaunt_paths(lmax, lmax, lmax)), "spread_iqr_s": timing["time_iqr_s"],
+           "status": "ok", "error": ""}
+    values = {"time_s": med, "time_iqr_s": timing["time_iqr_s"], "items_per_s": cfg.batch / med,
+              "peak_mem_bytes": mem, "flops": flops, "gflops_per_s": flops / med / 1e9 if flops else None,
+              "compile_time_s": compile_time, "rel_err_vs_e3nn": agreement,
+              "weights": float(sum(p.numel() for p in module.parameters()))}
+    return [{"metric": m, "value": float(v), **ctx} for m, v in values.items() if v is not None]
+
+
+def run_tp_bench(cfg: TPBenchConfig, results_dir: str | Path = "results", run_name: str | None = None,
+                 progress: Callable[[str], None] | None = functools.partial(print, flush=True)) -> Path:
+    """Every (impl, channel mode, lmax, pass) of ``cfg`` not yet in ``results_dir/run_name``,
+    one block of tidy rows each (``task="tp_bench"``, ``method`` = impl, ``x`` = lmax)."""
+    from .envinfo import environment, git_commit, package_versions
+    from .store import append_block, completed_specs, write_json_atomic, write_parquet
+    run_name = run_name or f"tpbench-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(results_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "env.json").exists():
+        write_json_atomic(run_dir / "env.json", environment())
+    write_json_atomic(run_dir / "tp_bench_config.json", cfg.to_dict())
+    done = completed_specs(run_dir)
+    ident = {k: v for k, v in cfg.to_dict().items() if k not in ("lmax", "channel_modes", "impls", "passes")}
+    base = {"run_id": run_name, "task": "tp_bench", "seed": cfg.seed, "device": cfg.device,
+            "git_commit": git_commit(), "versions": package_versions(), "x_label": "lmax", "clock": cfg.clock}
+    for pass_ in cfg.passes:
+        for mode in cfg.channel_modes:
+            for impl in cfg.impls:
+                for lmax in cfg.lmax:
+                    point = {**ident, "impl": impl, "channel_mode": mode, "lmax": lmax, "pass": pass_}
+                    h = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
+                    if h in done:
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        rows = bench_one(cfg, impl, mode, lmax, pass_)
+                    except Exception as err:
+                        rows = [{"metric": "status", "value": None, "status": "failed",
+                                 "error": f"{type(err).__name__}: {err}"}]
+                    wall = time.perf_counter() - t0
+                    append_block(run_dir, [{**base, "method": impl, "spec_hash": h, "x": lmax, "channel_mode": mode,
+                                            "mode": pass_, **r, "wall_s": wall} for r in rows])
+                    if progress:
+                        t = next((r["value"] for r in rows if r["metric"] == "time_s"), None)
+                        e = next((r["value"] for r in rows if r["metric"] == "rel_err_vs_e3nn"), None)
+                        msg = (f"{t * 1e3:.4g} ms/call" + (f", rel err vs e3nn {e:.1e}" if e is not None else "")
+                               if t is not None else rows[0]["error"])
+                        progress(f"tpbench {pass_:16s} {mode} {impl:14s} lmax={lmax} {rows[0]['status']:8s} {msg}")
+    write_parquet(run_dir)
+    return run_dir
