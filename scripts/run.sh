@@ -4,5 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# one OpenMP thread per process: with two, any other load on a 2-core machine stalls small models
+# 20-100x (docs/design.md, "Threads"); every throughput row records the thread count it ran with
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SUITE=${1:-quick}; shift || true
 exec .venv/bin/equibench run "$SUITE" --device cpu "$@"
