@@ -103,3 +103,4 @@ def test_slow_points_stop_a_sweep(tmp_path):
     df = eb.load_results(run_scaling(cfg, tmp_path, "slow", progress=None))
     status = df.drop_duplicates("x").set_index("x")["status"]
     assert status[8] == "ok" and status[16] == "skipped" and status[32] == "skipped"
+    assert "would take" in df[df["x"] == 16]["error"].iloc[0]

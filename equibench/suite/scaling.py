@@ -213,10 +213,10 @@ def run_scaling(cfg: ScaleConfig, results_dir: str | Path = "results", run_name:
                 progress: Callable[[str], None] | None = functools.partial(print, flush=True)) -> Path:
     """Measure every point of ``cfg`` not yet in ``results_dir/run_name``; returns the run dir.
 
-    Once a point of a (method, axis) costs more than ``max_call_s`` per call, its larger sizes
-    are recorded as ``skipped`` instead of measured."""
+    A point whose time per call, extrapolated linearly from the last measured size of its
+    (method, axis), exceeds ``max_call_s`` is recorded as ``skipped`` instead of measured."""
     from .envinfo import environment, git_commit, package_versions
-    from .store import append_block, completed_specs, write_json_atomic, write_parquet
+    from .store import append_block, completed_specs, read_records, write_json_atomic, write_parquet
     run_name = run_name or f"scaling-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(results_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,12 @@ def run_scaling(cfg: ScaleConfig, results_dir: str | Path = "results", run_name:
         write_json_atomic(run_dir / "env.json", environment())
     write_json_atomic(run_dir / "scaling_config.json", cfg.to_dict())
     done = completed_specs(run_dir)
-    too_slow: dict[tuple[str, str], str] = {}
+    last: dict[tuple[str, str], tuple[int, float]] = {}  # (method, axis) -> (x, time per call) measured
+    for r in read_records(run_dir):  # on resume, continue from the largest size measured so far
+        if r.get("metric") == "time_s" and r.get("status") == "ok":
+            key = (r["method"], r["x_label"])
+            if key not in last or r["x"] > last[key][0]:
+                last[key] = (int(r["x"]), float(r["value"]))
     cache: dict[str, Any] = {}
     base = {"run_id": run_name, "task": "scaling", "seed": cfg.seed, "device": cfg.device,
             "git_commit": git_commit(), "versions": package_versions(), "k_neighbours": cfg.k,
@@ -235,7 +240,13 @@ def run_scaling(cfg: ScaleConfig, results_dir: str | Path = "results", run_name:
         t0 = time.perf_counter()
         where = {"method": p["method"], "spec_hash": p["spec_hash"], "x": p["x"], "x_label": p["axis"],
                  "nodes_per_graph": p["nodes"], "method_options": p["method_options"]}
-        slow = too_slow.get((p["method"], p["axis"]))
+        slow = None
+        if (p["method"], p["axis"]) in last:  # cost grows at least linearly: extrapolate from the last point
+            x0, t0_call = last[(p["method"], p["axis"])]
+            predicted = t0_call * max(1.0, p["x"] / x0)
+            if predicted > cfg.max_call_s:
+                slow = (f"skipped: {p['axis']}={x0} took {t0_call:.3g} s per call, so {p['axis']}={p['x']} would take "
+                        f">= {predicted:.3g} s (> max_call_s {cfg.max_call_s:g})")
         if p["status"] == "not_applicable":
             rows = [{"metric": "status", "value": None, "status": "not_applicable",
                      "error": f"{p['method']} has no option for axis {p['axis']!r}"}]
@@ -248,9 +259,8 @@ def run_scaling(cfg: ScaleConfig, results_dir: str | Path = "results", run_name:
                 rows = [{"metric": "status", "value": None, "status": "failed", "error": f"{type(err).__name__}: {err}"}]
                 cache.clear()
         t_call = next((r["value"] for r in rows if r["metric"] == "time_s"), None)
-        if t_call is not None and t_call > cfg.max_call_s:
-            too_slow[(p["method"], p["axis"])] = (f"skipped: {p['axis']}={p['x']} already took {t_call:.3g} s per call "
-                                                  f"(> max_call_s {cfg.max_call_s:g})")
+        if t_call is not None:
+            last[(p["method"], p["axis"])] = (p["x"], t_call)
         wall = time.perf_counter() - t0
         append_block(run_dir, [{**base, **where, **r, "wall_s": wall} for r in rows])
         if progress:

@@ -360,8 +360,9 @@ def measure_throughput(model: nn.Module, batch: Batch, mode: str = "inference",
 
     ``repeats`` samples, each ``calls_per_sample`` back-to-back calls (grown until a sample lasts
     ``min_sample_s``) after warm-up; the times reported are per call. ``threads`` (CPU) defaults
-    to torch's current count and is recorded; ``clock`` ("wall" or "cpu") picks the CPU clock. ``recompile_batches`` (with ``compile``): batches of
-    other graph sizes run once each after timing, to count the recompilations they trigger.
+    to torch's current count and is recorded; ``clock`` ("wall" or "cpu") picks the CPU clock.
+    ``recompile_batches`` (with ``compile``): batches of other graph sizes run once each after
+    timing, to count the recompilations they trigger.
     """
     device = torch.device(device)
     model = model.to(device)
