@@ -30,7 +30,7 @@ from .errors import UserError
 from .group import common_group
 from .precision import default_dtype, dtype_name
 from .registry import get_method, get_task, load_plugin
-from .spec import RunSpec
+from .spec import RunSpec, config_from_dict
 from .store import append_block, completed_specs, load_results, write_json_atomic, write_parquet
 from .throughput import device_name, measure_throughput
 from .training import NonFiniteError, TrainConfig, evaluate, train
@@ -53,21 +53,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"unknown evaluate option(s) {sorted(unknown)} (known: {sorted(known)})")
-        d = dict(d)
-        for k, v in d.items():
-            default = getattr(cls, k)
-            if isinstance(default, tuple):
-                if not isinstance(v, (list, tuple)):
-                    raise UserError(f"evaluate option {k!r} must be a list, got {v!r}")
-                d[k] = tuple(v)
-            elif isinstance(default, bool) != isinstance(v, bool) or not isinstance(v, type(default) if
-                                                                                      not isinstance(default, float) else (int, float)):
-                raise UserError(f"evaluate option {k!r} must be {type(default).__name__}, got {v!r}")
-        return cls(**d)
+        return config_from_dict(cls, d, "evaluate")
 
 
 def validate_spec(spec: RunSpec) -> None:

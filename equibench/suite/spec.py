@@ -92,3 +92,29 @@ class RunSpec:
 
     def __hash__(self) -> int:
         return hash(self.hash)
+
+
+def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    """Build the frozen config dataclass ``cls`` from ``d``, checking names and types against
+    the field defaults (bool, int, float — ints accepted for floats —, str, tuple <- list);
+    any mismatch is a ``UserError`` naming ``what`` ("train", "evaluate")."""
+    known = set(cls.__dataclass_fields__)
+    unknown = set(d) - known
+    if unknown:
+        raise UserError(f"unknown {what} option(s) {sorted(unknown)} (known: {sorted(known)})")
+    out = dict(d)
+    for k, v in d.items():
+        default = getattr(cls, k)
+        if isinstance(default, tuple):
+            ok = isinstance(v, (list, tuple))
+            out[k] = tuple(v) if ok else v
+        elif isinstance(default, bool) or isinstance(v, bool):
+            ok = isinstance(default, bool) and isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float))
+        else:
+            ok = isinstance(v, type(default))
+        if not ok:
+            kind = "list" if isinstance(default, tuple) else type(default).__name__
+            raise UserError(f"{what} option {k!r} must be {kind}, got {v!r}")
+    return cls(**out)

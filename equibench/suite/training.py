@@ -36,16 +36,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        from .errors import UserError
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"unknown train option(s) {sorted(unknown)} (known: {sorted(known)})")
-        for k, v in d.items():
-            expected = type(getattr(cls, k))
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (expected is int and not isinstance(v, int)):
-                raise UserError(f"train option {k!r} must be {expected.__name__}, got {v!r}")
-        return cls(**d)
+        from .spec import config_from_dict
+        return config_from_dict(cls, d, "train")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
