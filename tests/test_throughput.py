@@ -221,3 +221,26 @@ def test_compile_reports_compile_time_and_recompiles(lin_batch):
     assert res["recompiles_during_timing"] == 0
     assert res["recompiles_variable_sizes"] == 2  # static shapes: one recompilation per new graph size
     assert res["flops"] == 2 * B * IN * OUT  # counted on the eager model
+
+
+def test_asv_benchmarks_import_and_run_one_of_each_kind():
+    """The asv suites (benchmarks/) stay in step with the package API."""
+    import math
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_methods, bench_tp
+    s = bench_methods.MethodSuite()
+    s.setup("baseline", 16)
+    s.time_inference("baseline", 16)
+    assert s.track_inference_gflops("baseline", 16) > 0
+    assert 0 < s.track_train_peak_mem_mib("baseline", 16) < 1024
+    e = bench_methods.EquivarianceSuite()
+    e.setup("frame_averaging")
+    assert e.track_equivariance_fp64_rel_max("frame_averaging") < 1e-10
+    assert bench_tp.GauntAgreementSuite().track_gaunt_rel_err_vs_e3nn("uvw", 1) < 1e-5
+    t = bench_tp.TensorProductSuite()
+    t.setup("gaunt", "uvu", 1)
+    assert math.isfinite(float(t.forward().sum()))
+    with pytest.raises(NotImplementedError):  # asv skips cuequivariance without CUDA
+        t.setup("cuet", "uvu", 1)
