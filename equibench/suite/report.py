@@ -122,8 +122,15 @@ def context_line(df: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
+def _heading(section: dict[str, Any]) -> str:
+    return section.get("heading") or f"Task: {section['task']}"
+
+
 def _status_table(df: pd.DataFrame) -> pd.DataFrame:
-    bad = df[df["status"] != "ok"].drop_duplicates(["task", "method", "seed"])
+    """(task, method, seed) runs that failed, timed out or do not apply; the scaling and
+    tensor-product sections list their own skipped points as notes."""
+    bad = df[(df["status"] != "ok") & ~df["task"].isin(list(_special_sections()))]
+    bad = bad.drop_duplicates(["task", "method", "seed"])
     return bad[["task", "method", "seed", "status", "error"]].reset_index(drop=True)
 
 
@@ -247,6 +254,8 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     for task, g in df.groupby("task", sort=True):
         special = _special_sections().get(task)
         section = special(g, out) if special else _task_section(task, g, out)
+        if section and special:
+            section["heading"] = section["task"]  # "Scaling: cost vs size", not "Task: scaling"
         if section:
             sections.append(section)
     if history is not None:
@@ -283,10 +292,12 @@ def _html(title: str, sections: list[dict[str, Any]], status: pd.DataFrame, vers
     if len(status):
         parts.append("<h2>Runs that did not produce results</h2>" + status.to_html(index=False, escape=True))
     for s in sections:
-        parts.append(f"<h2 id='{_slug(s['task'])}'>Task: {html.escape(s['task'])}</h2>")
+        parts.append(f"<h2 id='{_slug(s['task'])}'>{html.escape(_heading(s))}</h2>")
         parts.append(f"<p class='ctx'>Measured with — {html.escape(s['context'])}</p>")
         if len(s["table"]):
             parts.append(s["table"].to_html(escape=True, classes="results"))
+        if s.get("notes"):
+            parts.append("<ul class='ctx'>" + "".join(f"<li>{html.escape(n)}</li>" for n in s["notes"]) + "</ul>")
         if "symmetric" in s:
             parts.append("<h3>Max relative equivariance error on exactly symmetric inputs (fp64)</h3>"
                          + s["symmetric"].to_html(escape=True))
@@ -307,9 +318,10 @@ def _markdown(title: str, sections: list[dict[str, Any]], status: pd.DataFrame, 
     if len(status):
         parts += ["## Runs that did not produce results", "", status.to_markdown(index=False, disable_numparse=True), ""]
     for s in sections:
-        parts += [f"## Task: {s['task']}", "", f"Measured with — {s['context']}", ""]
+        parts += [f"## {_heading(s)}", "", f"Measured with — {s['context']}", ""]
         if len(s["table"]):
             parts += [s["table"].to_markdown(disable_numparse=True), ""]
+        parts += [f"- {n}" for n in s.get("notes") or []] + ([""] if s.get("notes") else [])
         if "symmetric" in s:
             parts += ["Max relative equivariance error on exactly symmetric inputs (fp64):", "",
                       s["symmetric"].to_markdown(disable_numparse=True), ""]

@@ -215,10 +215,7 @@ def write_sections_report(paths: Any, out_dir: str | Path, title: str) -> Path:
     for make in (scaling_section, tp_section):
         sec = make(df, out)
         if sec:
-            notes = sec.get("notes") or []
-            if notes:  # the shared renderer shows context, table and figures; fold the notes into the context
-                sec = {**sec, "context": sec["context"] + ". Notes: " + " | ".join(notes)}
-            sections.append(sec)
+            sections.append({**sec, "heading": sec["task"]})
     versions = next((v for v in df["versions"] if isinstance(v, dict)), {}) if "versions" in df else {}
     status = pd.DataFrame()
     (out / "index.html").write_text(_html(title, sections, status, versions))

@@ -9,6 +9,7 @@ precision trap), the Lie derivative, optional degeneracy curves, and throughput 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -253,16 +254,17 @@ def run_isolated(spec: RunSpec, run_dir: Path, timeout: float | None, plugins: S
 
 def resolve_specs(suite_or_runspecs: str | os.PathLike | Sequence[RunSpec], tasks: list[str] | None = None,
                   methods: list[str] | None = None, seeds: list[int] | None = None,
-                  device: str | None = None) -> tuple[str, list[RunSpec]]:
-    """(suite name, specs) from a suite name, a suite file path or a list of ``RunSpec``."""
+                  device: str | None = None) -> tuple[str, list[RunSpec], dict[str, Any]]:
+    """(suite name, specs, suite document) from a suite name, a suite file path or a list of
+    ``RunSpec`` (document ``{}``)."""
     from .suites import expand_suite, read_suite
     if isinstance(suite_or_runspecs, (str, os.PathLike)):
         doc = read_suite(suite_or_runspecs)
-        return doc["name"], expand_suite(doc, tasks, methods, seeds, device)
+        return doc["name"], expand_suite(doc, tasks, methods, seeds, device), doc
     specs = list(suite_or_runspecs)
     if not specs or not all(isinstance(s, RunSpec) for s in specs):
         raise UserError("run() takes a suite name, a suite file or a non-empty list of RunSpec")
-    return "custom", specs
+    return "custom", specs, {}
 
 
 def _progress(iterable: Iterable, total: int, enabled: bool):
@@ -276,12 +278,15 @@ def run(suite_or_runspecs: str | os.PathLike | Sequence[RunSpec], results_dir: s
         executor: str = "local", *, run_name: str | None = None, resume: bool = False,
         isolate: bool = True, timeout: float | None = None, plugins: Sequence[str] = (),
         tasks: list[str] | None = None, methods: list[str] | None = None, seeds: list[int] | None = None,
-        device: str | None = None, progress: bool = True, executor_options: dict[str, Any] | None = None):
+        device: str | None = None, progress: bool = True, executor_options: dict[str, Any] | None = None,
+        extras: bool | None = None):
     """Run every spec not already finished in ``results_dir/<run_name>``; returns the run's rows
-    as a DataFrame (``load_results``). ``executor`` is "local" or "submitit"."""
+    as a DataFrame (``load_results``). ``executor`` is "local" or "submitit". The suite's
+    ``scaling`` / ``tp_bench`` sections (``extras.py``) run afterwards when ``extras`` is True,
+    or when it is None and neither ``tasks`` nor ``methods`` narrows the suite."""
     for p in plugins:
         load_plugin(p)
-    suite_name, specs = resolve_specs(suite_or_runspecs, tasks, methods, seeds, device)
+    suite_name, specs, doc = resolve_specs(suite_or_runspecs, tasks, methods, seeds, device)
     for s in specs:
         validate_spec(s)
     if executor not in ("local", "submitit"):
@@ -312,5 +317,9 @@ def run(suite_or_runspecs: str | os.PathLike | Sequence[RunSpec], results_dir: s
                 r["run_id"] = run_name
                 r["wall_s"] = time.perf_counter() - t0
             append_block(run_dir, rows)
+    if extras or (extras is None and tasks is None and methods is None):
+        from .extras import run_extras
+        run_extras(doc, root, run_name, device or doc.get("device", "cpu"),
+                   progress=functools.partial(print, flush=True) if progress else None)
     write_parquet(run_dir)
     return load_results(run_dir)

@@ -2,6 +2,7 @@
 is (`RunSpec`). Both are frozen and hashable; a run's identity is the hash of its spec."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -104,10 +105,14 @@ def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
         raise UserError(f"unknown {what} option(s) {sorted(unknown)} (known: {sorted(known)})")
     out = dict(d)
     for k, v in d.items():
-        default = getattr(cls, k)
+        f = cls.__dataclass_fields__[k]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if isinstance(default, tuple):
-            ok = isinstance(v, (list, tuple))
+            item = type(default[0]) if default else object
+            ok = isinstance(v, (list, tuple)) and all(isinstance(x, item) and not isinstance(x, bool) for x in v)
             out[k] = tuple(v) if ok else v
+            if not ok:
+                raise UserError(f"{what} option {k!r} must be a list of {item.__name__}, got {v!r}")
         elif isinstance(default, bool) or isinstance(v, bool):
             ok = isinstance(default, bool) and isinstance(v, bool)
         elif isinstance(default, float):

@@ -14,6 +14,8 @@ Schema (every key but ``tasks``/``methods`` optional)::
     task_overrides: {normals: {train: {...}, methods: {e3nn: {...}}}}   # per-task changes
     sweeps:                                                 # extra specs varying one task option
       - {task: nbody, option: train_size, values: [100, 300, 1000]}   # e.g. sample efficiency
+    scaling: {methods: [baseline, e3nn], nodes: [16, 256, 4096]}     # cost-vs-size sweep (extras.py)
+    tp_bench: {lmax: [1, 2, 3], impls: [e3nn, gaunt]}                # tensor-product microbenchmarks
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .errors import UserError
 from .spec import RunSpec
 
 TOP_KEYS = {"name", "description", "seeds", "device", "train", "evaluate", "tasks", "default_tasks",
-            "methods", "task_overrides", "sweeps"}
+            "methods", "task_overrides", "sweeps", "scaling", "tp_bench"}
 
 
 def list_suites() -> list[str]:
@@ -96,6 +98,8 @@ def validate_suite(doc: Any, where: str = "suite") -> dict[str, Any]:
     default_tasks = doc.setdefault("default_tasks", list(doc["tasks"]))
     if not isinstance(default_tasks, list) or set(default_tasks) - set(doc["tasks"]):
         raise UserError(f"malformed suite file {where}: 'default_tasks' must list tasks of 'tasks'")
+    from .extras import validate_extras
+    validate_extras(doc, where)
     doc.setdefault("name", Path(where).stem if where.endswith((".yaml", ".yml")) else where.split("'")[1])
     return doc
 
