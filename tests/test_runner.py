@@ -263,3 +263,19 @@ def test_image_methods_through_the_runner(tmp_path):
     assert err["baseline"] > 1e-4
     assert "test.group_accuracy" in set(df["metric"])
     assert "Task: digits" in eb.write_report(tmp_path / "img", tmp_path / "rep").read_text()
+
+
+def test_pareto_plot_uses_the_metric_every_method_reports(smoke_run, tmp_path):
+    """A metric only one method reports (canonicalisation's identity_metric) sorts before 'mse'
+    but must not become the accuracy axis."""
+    import shutil
+
+    from equibench.suite.store import append_block, read_records
+    run_dir, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    row = next(r for r in read_records(copy) if r["method"] == "baseline" and r["metric"] == "test.mse")
+    append_block(copy, [{k: v for k, v in row.items() if k not in ("block", "block_size")}
+                        | {"metric": "test.aaa_only_baseline", "value": 0.5}])
+    text = eb.write_report(copy, tmp_path / "rep").read_text()
+    assert "Test mse (mean over seeds)" in text and "Test aaa_only_baseline (mean" not in text

@@ -75,9 +75,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
              progress=not args.quiet)
     run_id = str(df["run_id"].dropna().iloc[0])
     run_dir = Path(args.results_dir) / run_id
-    n_ok = int((df.drop_duplicates("spec_hash")["status"] == "ok").sum())
-    n_all = int(df["spec_hash"].nunique())
-    print(f"results: {run_dir} ({n_ok}/{n_all} runs ok)")
+    from .extras import SECTIONS
+    runs = df[~df["task"].isin(SECTIONS)].drop_duplicates("spec_hash")
+    points = df[df["task"].isin(SECTIONS)]["spec_hash"].nunique()
+    print(f"results: {run_dir} ({int((runs['status'] == 'ok').sum())}/{len(runs)} runs ok"
+          + (f"; {points} scaling/tensor-product points)" if points else ")"))
     if not args.no_report:
         index = write_report(run_dir, Path(args.reports_dir) / run_id)
         print(f"report: {index}")

@@ -30,6 +30,8 @@ def accuracy_vs_throughput(table: pd.DataFrame, x_col: str, y_col: str, path: Pa
     """Scatter of a test metric against inference throughput per method, with the Pareto front."""
     t = table.dropna(subset=[x_col, y_col])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.set_xscale("log")  # before plotting: autoscaling an empty log axis warns
+    ax.set_yscale("log")
     for method, row in t.iterrows():
         ax.errorbar(row[x_col], row[y_col], xerr=row.get(x_err) if x_err else None,
                     yerr=row.get(y_err) if y_err else None, fmt="o", capsize=3, label=method)
@@ -37,8 +39,6 @@ def accuracy_vs_throughput(table: pd.DataFrame, x_col: str, y_col: str, path: Pa
     if len(t) > 1:
         front = pareto_front(t[x_col].to_numpy(), t[y_col].to_numpy())
         ax.plot(t[x_col].to_numpy()[front], t[y_col].to_numpy()[front], "k--", lw=0.8, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("inference throughput [graphs/s] (higher is better)")
     ax.set_ylabel(f"{y_col} (lower is better)")
     ax.set_title(title, fontsize=10)

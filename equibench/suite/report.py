@@ -178,7 +178,8 @@ def _task_section(task: str, df_all: pd.DataFrame, out: Path) -> dict[str, Any]:
     ctx = section["context"]
     test_cols = [c for c in mean.columns if c.startswith("test.")]
     if test_cols and "throughput.inference.graphs_per_s" in mean:
-        y = test_cols[0]
+        # the metric every method reports (not e.g. canonicalisation's own identity_metric)
+        y = max(test_cols, key=lambda c: (int(mean[c].notna().sum()), -test_cols.index(c)))
         path = out / f"{_slug(task)}_accuracy_vs_throughput.png"
         table = mean.copy()
         table["_yerr"] = std[y] if y in std and n_seeds > 1 else np.nan

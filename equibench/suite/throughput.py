@@ -35,15 +35,17 @@ recompile limit, fall back to eager).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -133,12 +135,33 @@ def peak_flops(name: str, dtype: torch.dtype, allow_tf32: bool | None = None) ->
 # ---------------------------------------------------------------------------------------------
 # memory and FLOPs
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null (native libraries write there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _cpu_peak_allocated(fn: Callable[[], Any]) -> float | None:
     """Peak bytes of tensors allocated by the CPU allocator during one call of ``fn``, from the
     profiler's ``[memory]`` events ("Total Allocated" is the allocator's running total)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # kineto logs "USDT ... profiler_start/stop" on fd 2 each time
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.__exit__(None, None, None)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
