@@ -244,3 +244,19 @@ def test_asv_benchmarks_import_and_run_one_of_each_kind():
     assert math.isfinite(float(t.forward().sum()))
     with pytest.raises(NotImplementedError):  # asv skips cuequivariance without CUDA
         t.setup("cuet", "uvu", 1)
+
+
+@pytest.mark.parametrize("order", ["interleaved", "sequential"])
+def test_stability_script_groups_runs_and_judges_against_the_tolerance(order, capsys):
+    """benchmarks/stability.py: one line per group, PASS/FAIL against --tolerance, exit code."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from benchmarks import stability
+    args = ["--methods", "baseline", "--groups", "2", "--runs", "2", "--repeats", "1", "--min-sample-s", "0.001",
+            "--batch", "2", "--order", order]
+    assert stability.main(args + ["--tolerance", "100"]) == 0  # any two positive medians are within 100x
+    out = capsys.readouterr().out
+    assert out.count("group ") == 2 and "PASS" in out and "host drift" in out and f"order={order}" in out
+    assert stability.main(args + ["--tolerance", "-1"]) == 1  # a negative tolerance cannot pass
+    assert "FAIL" in capsys.readouterr().out
