@@ -13,7 +13,7 @@ class MethodSuite(Benchmark):
 
     def setup(self, method: str, graphs: int) -> None:
         super().setup()
-        from equibench.suite.throughput import make_step
+        from equibench.metrics.throughput import make_step
         self.model = build(method).to(DEVICE)
         self.batch = nbody_batch(graphs).to(DEVICE)
         self.loss = task().loss
@@ -35,7 +35,7 @@ class MethodSuite(Benchmark):
         self.train()
 
     def _throughput(self, mode: str) -> dict:
-        from equibench.suite.throughput import measure_throughput
+        from equibench.metrics.throughput import measure_throughput
         return measure_throughput(self.model, self.batch, mode, DEVICE, threads=THREADS, repeats=7,
                                   min_sample_s=0.05, flops=False, memory=False, loss_fn=self.loss, clock=CLOCK)
 
@@ -48,12 +48,12 @@ class MethodSuite(Benchmark):
     track_train_graphs_per_s.unit = "graphs/s"
 
     def track_train_peak_mem_mib(self, method: str, graphs: int) -> float:
-        from equibench.suite.throughput import peak_memory
+        from equibench.metrics.throughput import peak_memory
         return peak_memory(self.train, DEVICE)[0] / 2**20
     track_train_peak_mem_mib.unit = "MiB"
 
     def track_inference_gflops(self, method: str, graphs: int) -> float:
-        from equibench.suite.throughput import count_flops
+        from equibench.metrics.throughput import count_flops
         return count_flops(self.infer) / 1e9
     track_inference_gflops.unit = "GFLOP"
 
@@ -66,7 +66,7 @@ class EquivarianceSuite(Benchmark):
     def setup(self, method: str) -> None:
         super().setup()
         import equibench as eb
-        from equibench.suite.group import common_group
+        from equibench.symmetry.group3d import common_group
         m = eb.get_method(method)
         spec = task().spec
         self.group = common_group(spec.group, m.group) if m.exact else spec.group
@@ -96,7 +96,7 @@ class AccuracySuite(Benchmark):
 
     def track_test_mse_after_100_steps(self, method: str) -> float:
         import equibench as eb
-        from equibench.suite.training import TrainConfig, evaluate, train
+        from equibench.benches.training import TrainConfig, evaluate, train
         torch.set_num_threads(THREADS)
         t, m = task(), eb.get_method(method)
         model = build(method)
@@ -117,7 +117,7 @@ class RepeatabilitySuite(Benchmark):
         self.batch = nbody_batch(64).to(DEVICE)
 
     def track_repeatability_max_dev_percent(self, method: str) -> float:
-        from equibench.suite.throughput import repeatability
+        from equibench.metrics.throughput import repeatability
         r = repeatability(self.model, self.batch, "inference", DEVICE, runs=5, repeats=10, min_sample_s=0.1,
                           threads=THREADS, clock=CLOCK)
         return 100.0 * r["max_rel_dev"]

@@ -29,7 +29,7 @@ class TensorProductSuite(Benchmark):
 
     def setup(self, impl: str, mode: str, lmax: int) -> None:
         super().setup()
-        from equibench.suite.tp_bench import sh_irreps
+        from equibench.benches.tp_bench import sh_irreps
         self.tp = _module(impl, mode, lmax)
         self.x1 = torch.randn(PAIRS, sh_irreps(lmax, CHANNELS).dim, device=DEVICE)
         self.x2 = torch.randn(PAIRS, sh_irreps(lmax).dim, device=DEVICE)
@@ -48,7 +48,7 @@ class TensorProductSuite(Benchmark):
         self.forward()
 
     def track_forward_pairs_per_s(self, impl: str, mode: str, lmax: int) -> float:
-        from equibench.suite.throughput import time_step
+        from equibench.metrics.throughput import time_step
         t = time_step(self.forward, DEVICE, threads=THREADS, repeats=7, min_sample_s=0.05, clock=CLOCK)
         return PAIRS / t["time_median_s"]
     track_forward_pairs_per_s.unit = "pairs/s"
@@ -60,7 +60,7 @@ class GauntAgreementSuite(Benchmark):
     params = (["uvu", "uvw"], LMAX)
 
     def track_gaunt_rel_err_vs_e3nn(self, mode: str, lmax: int) -> float:
-        from equibench.suite.tp_bench import GauntTensorProduct, e3nn_equivalent, rel_err, sh_irreps
+        from equibench.benches.tp_bench import GauntTensorProduct, e3nn_equivalent, rel_err, sh_irreps
         torch.manual_seed(0)
         g = GauntTensorProduct(lmax, lmax, lmax, CHANNELS, mode)
         tp, w = e3nn_equivalent(g)

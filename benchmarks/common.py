@@ -57,7 +57,7 @@ def methods() -> list[str]:
     if PROFILE == "fast":
         return FAST_METHODS
     import equibench as eb
-    from equibench.suite.registry import method_class
+    from equibench.core.registry import method_class
     return [m for m in eb.list_methods() if "graph3d" in method_class(m).domains]
 
 
@@ -81,7 +81,7 @@ def nbody_batch(graphs: int, dtype: torch.dtype = torch.float32):
     """``graphs`` n-body test graphs (the 200 test graphs repeated when more are asked for)."""
     from torch_geometric.data import Batch
 
-    from equibench.suite.precision import default_dtype
+    from equibench.symmetry.precision import default_dtype
     with default_dtype(dtype):
         data = task().load("test")
     return Batch.from_data_list((data * (graphs // len(data) + 1))[:graphs])

@@ -19,16 +19,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "TaskSpec": "equibench.suite.spec", "RunSpec": "equibench.suite.spec",
-    "UserError": "equibench.suite.errors",
-    "register_method": "equibench.suite.registry", "register_task": "equibench.suite.registry",
-    "get_method": "equibench.suite.registry", "get_task": "equibench.suite.registry",
-    "list_methods": "equibench.suite.registry", "list_tasks": "equibench.suite.registry",
-    "load_plugin": "equibench.suite.registry",
-    "equivariance_error": "equibench.suite.equivariance", "lie_derivative": "equibench.suite.equivariance",
-    "measure_throughput": "equibench.suite.throughput",
+    "TaskSpec": "equibench.core.spec", "RunSpec": "equibench.core.spec",
+    "UserError": "equibench.core.errors",
+    "register_method": "equibench.core.registry", "register_task": "equibench.core.registry",
+    "get_method": "equibench.core.registry", "get_task": "equibench.core.registry",
+    "list_methods": "equibench.core.registry", "list_tasks": "equibench.core.registry",
+    "load_plugin": "equibench.core.registry",
+    "equivariance_error": "equibench.metrics.equivariance", "lie_derivative": "equibench.metrics.equivariance",
+    "measure_throughput": "equibench.metrics.throughput",
     "run": "equibench.suite.runner", "run_one": "equibench.suite.runner",
-    "load_results": "equibench.suite.store", "write_report": "equibench.suite.report",
+    "load_results": "equibench.suite.store", "write_report": "equibench.report.build",
     "Method": "equibench.methods.base", "Task": "equibench.datasets.base",
 }
 

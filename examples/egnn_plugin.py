@@ -17,8 +17,8 @@ from torch_geometric.utils import scatter
 
 from equibench.methods.backbone import mlp
 from equibench.methods.base import Method, build_at_params
-from equibench.suite.fieldtypes import POINT, irreps
-from equibench.suite.registry import register_method
+from equibench.symmetry.fieldtypes import POINT, irreps
+from equibench.core.registry import register_method
 
 
 class EGNNLayer(nn.Module):

@@ -9,11 +9,11 @@ from torch import nn
 from torch_geometric.data import Batch
 
 import equibench as eb
-from equibench.suite.degeneracy import (DEFAULT_GAPS, TOP_EIGENVALUE, degeneracy_curve, robust_equivariance_error,
+from equibench.metrics.degeneracy import (DEFAULT_GAPS, TOP_EIGENVALUE, degeneracy_curve, robust_equivariance_error,
                                         symmetric_configurations, symmetric_curve, with_eigenvalues)
-from equibench.suite.equivariance import cast_batch
-from equibench.suite.group import common_group
-from equibench.suite.precision import default_dtype
+from equibench.metrics.equivariance import cast_batch
+from equibench.symmetry.group3d import common_group
+from equibench.symmetry.precision import default_dtype
 
 MINE = ["frame_averaging", "pca_canonicalization", "canonicalization", "baseline"]
 STAT_KEYS = ("rel_mean", "rel_median", "rel_max", "abs_max", "nonfinite")

@@ -1,4 +1,4 @@
-"""The ``digits`` task and the planar group actions (``equibench.suite.group2d``)."""
+"""The ``digits`` task and the planar group actions (``equibench.symmetry.group2d``)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from torch_geometric.data import Batch
 
 import equibench as eb
 from equibench.suite import group2d
-from equibench.suite.errors import UserError
+from equibench.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from torch_geometric.data import Batch, Data
 import equibench as eb
 from equibench.methods.base import count_parameters
 from equibench.methods.e3nn_tp import E3NN, SplitTensorProduct, parameter_count
-from equibench.suite.equivariance import cast_batch
-from equibench.suite.group import GroupElement, act_on_batch
-from equibench.suite.precision import default_dtype
-from equibench.suite.spec import TaskSpec
+from equibench.metrics.equivariance import cast_batch
+from equibench.symmetry.group3d import GroupElement, act_on_batch
+from equibench.symmetry.precision import default_dtype
+from equibench.core.spec import TaskSpec
 
 FP64_TOL, FP32_TOL = 1e-10, 1e-4
 

@@ -10,8 +10,8 @@ from torch import nn
 from torch_geometric.data import Batch
 
 import equibench as eb
-from equibench.suite.group import sample_element
-from equibench.suite.precision import default_dtype
+from equibench.symmetry.group3d import sample_element
+from equibench.symmetry.precision import default_dtype
 
 
 class ShiftModel(nn.Module):

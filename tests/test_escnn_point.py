@@ -14,12 +14,12 @@ from torch_geometric.data import Batch, Data
 
 import equibench as eb
 from equibench.methods.base import count_parameters
-from equibench.suite.equivariance import cast_batch
-from equibench.suite.errors import UserError
-from equibench.suite.fieldtypes import representation
-from equibench.suite.group import GroupElement, act_on_batch
-from equibench.suite.precision import default_dtype
-from equibench.suite.spec import TaskSpec
+from equibench.metrics.equivariance import cast_batch
+from equibench.core.errors import UserError
+from equibench.symmetry.fieldtypes import representation
+from equibench.symmetry.group3d import GroupElement, act_on_batch
+from equibench.symmetry.precision import default_dtype
+from equibench.core.spec import TaskSpec
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("escnn") is None, reason="escnn not installed")
 

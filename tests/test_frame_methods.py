@@ -10,10 +10,10 @@ from torch_geometric.utils import scatter
 import equibench as eb
 from equibench.methods.base import count_parameters
 from equibench.methods.pca_frames import exact_rep, frame_set, gram_schmidt, into_frame
-from equibench.suite.equivariance import cast_batch
-from equibench.suite.fieldtypes import representation
-from equibench.suite.group import act_on_batch, sample_element, sample_rotations
-from equibench.suite.precision import default_dtype
+from equibench.metrics.equivariance import cast_batch
+from equibench.symmetry.fieldtypes import representation
+from equibench.symmetry.group3d import act_on_batch, sample_element, sample_rotations
+from equibench.symmetry.precision import default_dtype
 
 FRAME_METHODS = [("frame_averaging", {}), ("frame_averaging", {"group": "SO3"}),
                  ("frame_averaging", {"stochastic": True}), ("pca_canonicalization", {}),

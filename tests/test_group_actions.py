@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from equibench.suite.fieldtypes import field_dim, is_invariant, representation, transform_field
-from equibench.suite.group import (act_on_batch, act_on_output, common_group, sample_element,
+from equibench.symmetry.fieldtypes import field_dim, is_invariant, representation, transform_field
+from equibench.symmetry.group3d import (act_on_batch, act_on_output, common_group, sample_element,
                                    sample_rotations)
-from equibench.suite.errors import UserError
+from equibench.core.errors import UserError
 
 TYPES = ["point", "0e", "0o", "1o", "1e", "2e", "3x0e+2x1o+1x2o"]
 

@@ -13,7 +13,7 @@ from equibench.methods.base import count_parameters
 from equibench.methods.image_models import (IMAGE_EXACT, Canonicalised, build_image_model,
                                             image_auxiliary_loss, image_extra_metrics,
                                             image_train_transform)
-from equibench.suite.precision import default_dtype
+from equibench.symmetry.precision import default_dtype
 
 SMALL = {"width": 16, "depth": 2}
 KINDS = list(IMAGE_EXACT)

@@ -8,8 +8,8 @@ from torch_geometric.data import Batch, Data
 
 import equibench as eb
 from equibench.methods.energy_forces import ForcesFromEnergy, energy_spec, energy_to_forces
-from equibench.suite.fieldtypes import field_dim
-from equibench.suite.precision import default_dtype
+from equibench.symmetry.fieldtypes import field_dim
+from equibench.symmetry.precision import default_dtype
 
 TINY = dict(train_size=6, val_size=3, test_size=4, stride=2, equilibration=10)
 

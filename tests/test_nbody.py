@@ -7,7 +7,7 @@ import torch
 
 import equibench as eb
 from equibench.datasets.nbody import CHUNK, coulomb_forces, simulate, total_energy
-from equibench.suite.errors import UserError
+from equibench.core.errors import UserError
 
 
 def test_shapes_types_and_graph(nbody_task):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from equibench.suite.cli import main
-from equibench.suite.history import find_regressions, higher_is_better
+from equibench.cli import main
+from equibench.report.history import find_regressions, higher_is_better
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_nightly_flags_exactly_the_slowed_method(nights, capsys):
     assert codes == [0, 0, 1]
     history = pd.read_parquet(root / "res" / "history.parquet")
     assert set(history["run_id"]) == {"night0", "night1", "night2"}
-    from equibench.suite.history import find_regressions
+    from equibench.report.history import find_regressions
     regs = find_regressions(history, "night2", threshold=0.9)
     assert {(r.method, r.metric) for r in regs} == {("slowable", "throughput.inference.graphs_per_s")}
     html = (root / "rep" / "night2" / "index.html").read_text()

@@ -14,7 +14,7 @@ pytest.importorskip("pybullet_data")
 import equibench as eb  # noqa: E402
 from equibench.datasets import normals as N  # noqa: E402
 from equibench.datasets.base import cache_dir  # noqa: E402
-from equibench.suite.fieldtypes import field_dim  # noqa: E402
+from equibench.symmetry.fieldtypes import field_dim  # noqa: E402
 
 SMALL = dict(n_points=64, k=8, train_size=6, val_size=3, test_size=5)
 

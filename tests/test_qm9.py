@@ -14,7 +14,7 @@ if importlib.util.find_spec("qm9pack") is None:
 
 import equibench as eb  # noqa: E402
 from equibench.datasets import qm9 as Q  # noqa: E402
-from equibench.suite.fieldtypes import field_dim  # noqa: E402
+from equibench.symmetry.fieldtypes import field_dim  # noqa: E402
 
 SMALL = dict(train_size=40, val_size=10, test_size=20)
 

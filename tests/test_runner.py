@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 import equibench as eb
-from equibench.suite.cli import main
-from equibench.suite.spec import RunSpec
+from equibench.cli import main
+from equibench.core.spec import RunSpec
 from equibench.suite.store import RECORDS, append_block, completed_specs, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_isolation_survives_timeouts_and_hard_exits(tmp_path):
 def test_not_applicable_is_not_a_failure(tmp_path):
     class Img(eb.Method):
         domains = ("image2d",)
-    from equibench.suite.registry import _METHODS
+    from equibench.core.registry import _METHODS
     _METHODS["only_images"] = Img
     Img.name = "only_images"
     try:
@@ -179,7 +179,7 @@ def test_kill_minus_9_then_resume_runs_every_spec_once(tmp_path):
         "name": "killtest", "tasks": {"nbody": TINY["task_options"]}, "train": TINY["train"],
         "evaluate": TINY["evaluate"], "seeds": [0, 1, 2],
         "methods": {"baseline": {"width": 8, "depth": 1}, "augmentation": {"width": 8, "depth": 1}}}))
-    cmd = [sys.executable, "-m", "equibench.suite.cli", "run", str(suite), "--results-dir", str(tmp_path / "res"),
+    cmd = [sys.executable, "-m", "equibench.cli", "run", str(suite), "--results-dir", str(tmp_path / "res"),
            "--name", "k", "--no-isolate", "--quiet", "--no-report"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = tmp_path / "res" / "k" / RECORDS
@@ -226,7 +226,7 @@ def test_sample_efficiency_sweep_is_plotted_not_tabulated(tmp_path):
 def test_float64_rebuild_keeps_constant_buffers_but_loads_trained_ones():
     import torch
     from torch import nn
-    from equibench.suite.precision import default_dtype
+    from equibench.symmetry.precision import default_dtype
     from equibench.suite.runner import load_state_keep_constants
 
     class M(nn.Module):

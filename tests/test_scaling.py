@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import equibench as eb
-from equibench.suite.errors import UserError
-from equibench.suite.report_sections import scaling_section
-from equibench.suite.scaling import (ScaleConfig, exponents, fit_exponent, run_scaling, size_option, sweep_points,
+from equibench.core.errors import UserError
+from equibench.report.sections import scaling_section
+from equibench.benches.scaling import (ScaleConfig, exponents, fit_exponent, run_scaling, size_option, sweep_points,
                                      synthetic_batch)
 from equibench.suite.store import read_records
 

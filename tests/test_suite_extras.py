@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import equibench as eb
-from equibench.suite.errors import UserError
+from equibench.core.errors import UserError
 from equibench.suite.store import read_records
 from equibench.suite.suites import read_suite
 
@@ -74,7 +74,7 @@ def test_malformed_extras_are_one_clear_error(tmp_path, section, options, messag
     suite = _write(tmp_path, {**SUITE, section: options})
     with pytest.raises(UserError, match=message):
         read_suite(suite)
-    proc = subprocess.run([sys.executable, "-m", "equibench.suite.cli", "run", str(suite), "--results-dir",
+    proc = subprocess.run([sys.executable, "-m", "equibench.cli", "run", str(suite), "--results-dir",
                            str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message.split()[0] in proc.stderr
 

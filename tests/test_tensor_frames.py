@@ -13,9 +13,9 @@ from equibench.methods.backbone import BackboneLayer, mlp
 from equibench.methods.tensor_frames import frame_invariants
 from equibench.methods.tfmp import (FrameWrapped, LearnedFrames, NearestFrames, attach_tensor_frames,
                                     edge_frames, gram_schmidt, rho, rho_matrix, wigner_d)
-from equibench.suite.errors import UserError
-from equibench.suite.group import sample_rotations
-from equibench.suite.precision import default_dtype
+from equibench.core.errors import UserError
+from equibench.symmetry.group3d import sample_rotations
+from equibench.symmetry.precision import default_dtype
 
 F64 = torch.float64
 
@@ -295,7 +295,7 @@ def test_params_and_options(name):
 
 def test_general_field_types_node_and_graph_level():
     """Pseudo-scalar/pseudo-vector/rank-2 inputs, a global edge vector input, irreps outputs."""
-    from equibench.suite.spec import TaskSpec
+    from equibench.core.spec import TaskSpec
 
     g = torch.Generator().manual_seed(0)
     src, dst = (~torch.eye(6, dtype=torch.bool)).nonzero().T

@@ -10,8 +10,8 @@ from torch import nn
 from torch_geometric.data import Batch, Data
 
 from equibench.suite import throughput as tp
-from equibench.suite.errors import UserError
-from equibench.suite.throughput import (count_flops, make_step, measure_throughput, peak_flops, repeatability,
+from equibench.core.errors import UserError
+from equibench.metrics.throughput import (count_flops, make_step, measure_throughput, peak_flops, repeatability,
                                         sample_times, time_step)
 
 B, IN, OUT = 64, 32, 16

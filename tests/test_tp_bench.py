@@ -8,9 +8,9 @@ import torch
 from e3nn import o3
 
 import equibench as eb
-from equibench.suite.precision import default_dtype
-from equibench.suite.report_sections import tp_section
-from equibench.suite.tp_bench import (GauntTensorProduct, TPBenchConfig, bench_one, e3nn_equivalent, e3nn_tp,
+from equibench.symmetry.precision import default_dtype
+from equibench.report.sections import tp_section
+from equibench.benches.tp_bench import (GauntTensorProduct, TPBenchConfig, bench_one, e3nn_equivalent, e3nn_tp,
                                       from_channels, gaunt_path_constants, gaunt_paths, rel_err, run_tp_bench,
                                       sh_irreps, to_channels)
 

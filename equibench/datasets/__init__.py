@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import Task, cache_dir
-from ..suite.autoimport import import_submodules
+from ..core.autoimport import import_submodules
 
 unavailable: dict[str, str] = import_submodules(__name__, __path__, skip=("base",))
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch_geometric.data import Batch, Data
 
-from ..suite.spec import TaskSpec
+from ..core.spec import TaskSpec
 
 SPLITS = ("train", "val", "test")
 
@@ -66,5 +66,5 @@ class Task:
 
     def check_split(self, split: str) -> None:
         if split not in SPLITS:
-            from ..suite.errors import UserError
+            from ..core.errors import UserError
             raise UserError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")

@@ -11,7 +11,7 @@ Pixels are scaled to [0, 1] and multiplied by the disc mask of radius H/2 (it re
 any sklearn image and 0.2 % of the ink of one MNIST image), so rotated copies lose nothing and
 gain no corners.
 
-Rotations (``equibench.suite.group2d.rotate``): C4 exactly with ``torch.rot90``; C8's odd
+Rotations (``equibench.symmetry.group2d.rotate``): C4 exactly with ``torch.rot90``; C8's odd
 elements and SO(2) by bilinear interpolation on the masked disc (approximate: documented there).
 
 Settings (``setting = "<train>/<test>"``):
@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.data import Batch, Data
 
-from ..suite.errors import UserError
-from ..suite.group2d import disc_mask, group_order, rotate
-from ..suite.registry import register_task
-from ..suite.spec import TaskSpec
+from ..core.errors import UserError
+from ..symmetry.group2d import disc_mask, group_order, rotate
+from ..core.registry import register_task
+from ..core.spec import TaskSpec
 from .base import SPLITS, Task, atomic_save, cache_dir
 
 SOURCES = {"mnist": {"n": 5000, "size": 28, "pad": 2, "scale": 255.0},

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
 
-from ..suite.errors import UserError
-from ..suite.registry import register_task
-from ..suite.spec import TaskSpec
+from ..core.errors import UserError
+from ..core.registry import register_task
+from ..core.spec import TaskSpec
 from .base import SPLITS, Task, atomic_save, cache_dir
 
 CHUNK = 500

@@ -55,9 +55,9 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.utils import scatter
 from tqdm.auto import tqdm
 
-from ..suite.errors import UserError
-from ..suite.registry import register_task
-from ..suite.spec import TaskSpec
+from ..core.errors import UserError
+from ..core.registry import register_task
+from ..core.spec import TaskSpec
 from .base import SPLITS, Task, atomic_save, cache_dir
 from .graphs import knn_indices
 

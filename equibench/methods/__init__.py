@@ -7,7 +7,7 @@ nothing; the reason is kept in ``unavailable`` and shown by ``equibench list``.
 from __future__ import annotations
 
 from .base import Method, build_at_params, count_parameters
-from ..suite.autoimport import import_submodules
+from ..core.autoimport import import_submodules
 
 unavailable: dict[str, str] = import_submodules(__name__, __path__, skip=("base",))
 

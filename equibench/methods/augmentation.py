@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch_geometric.data import Batch
 
-from ..suite.group import act_on_batch, sample_element
-from ..suite.registry import register_method
-from ..suite.spec import TaskSpec
+from ..symmetry.group3d import act_on_batch, sample_element
+from ..core.registry import register_method
+from ..core.spec import TaskSpec
 from .baseline import Baseline
 
 

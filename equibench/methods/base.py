@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch
 
-from ..suite.spec import TaskSpec
+from ..core.spec import TaskSpec
 
 
 class Method:

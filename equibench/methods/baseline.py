@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..suite.registry import register_method
-from ..suite.spec import TaskSpec
+from ..core.registry import register_method
+from ..core.spec import TaskSpec
 from .backbone import BackboneModel
 from .base import Method, build_at_params
 

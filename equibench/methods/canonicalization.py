@@ -34,9 +34,9 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from ..suite.fieldtypes import POINT, irreps
-from ..suite.registry import register_method
-from ..suite.spec import TaskSpec
+from ..symmetry.fieldtypes import POINT, irreps
+from ..core.registry import register_method
+from ..core.spec import TaskSpec
 from .backbone import BackboneModel, mlp
 from .base import Method, build_at_params
 from .baseline import Baseline

@@ -46,9 +46,9 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import global_add_pool, global_mean_pool
 
-from ..suite.fieldtypes import POINT, irreps, is_invariant
-from ..suite.registry import register_method
-from ..suite.spec import TaskSpec
+from ..symmetry.fieldtypes import POINT, irreps, is_invariant
+from ..core.registry import register_method
+from ..core.spec import TaskSpec
 from .base import Method
 
 

@@ -46,9 +46,9 @@ from escnn import nn as enn
 from escnn.group.groups import o3group, so3group
 from escnn.kernels.wignereckart_solver import RestrictedWignerEckartBasis, WignerEckartBasis
 
-from ..suite.fieldtypes import POINT, field_dim, irreps, representation
-from ..suite.registry import register_method
-from ..suite.spec import TaskSpec
+from ..symmetry.fieldtypes import POINT, field_dim, irreps, representation
+from ..core.registry import register_method
+from ..core.spec import TaskSpec
 from .base import Method, build_at_params, count_parameters
 
 GROUPS = ("O3", "SO3")

@@ -8,7 +8,7 @@ flips for O(3), 4 proper frames for SO(3)) and centroid t,
 where phi is the shared backbone and ``(R, s) . X`` acts on every typed field (points
 ``R x + s``, irreps fields ``D(R) v``, invariants unchanged). Because the frame set is
 equivariant, f is exactly E(3)- (resp. SE(3)-) equivariant wherever the covariance eigenvalues
-are distinct; at ties the frame is ill-defined (see ``equibench.suite.degeneracy``). All
+are distinct; at ties the frame is ill-defined (see ``equibench.metrics.degeneracy``). All
 frames run as one batch of |F| x B graphs. The frame carries no gradient (eigenvectors
 detached); the centroid keeps its (linear, harmless) gradient.
 
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch
 
-from ..suite.group import act_on_batch, act_on_output
-from ..suite.registry import register_method
-from ..suite.spec import TaskSpec
+from ..symmetry.group3d import act_on_batch, act_on_output
+from ..core.registry import register_method
+from ..core.spec import TaskSpec
 from .base import Method
 from .baseline import Baseline
 from .pca_frames import (centroid, check_group, covariance, first_point_field, frame_set, frame_support,

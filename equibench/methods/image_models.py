@@ -2,7 +2,7 @@
 
 Every model maps a ``Batch`` with an image field ``[B, C, H, W]`` (the first input of type
 ``"image"``/``"image:C"``) to invariant logits ``[B, n]``, n = ``field_dim(spec.output)``.
-Rotations act as in ``equibench.suite.group2d`` (C4 exact with ``rot90``; other angles
+Rotations act as in ``equibench.symmetry.group2d`` (C4 exact with ``rot90``; other angles
 interpolated, approximate).
 
 Kinds (``build_image_model``), wired into the method names of the same name:
@@ -50,12 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.data import Batch
 
-from ..suite.errors import UserError
-from ..suite.fieldtypes import field_dim
-from ..suite.group2d import (act_on_batch, group_order, image_channels, is_2d_group, is_image_type,
+from ..core.errors import UserError
+from ..symmetry.fieldtypes import field_dim
+from ..symmetry.group2d import (act_on_batch, group_order, image_channels, is_2d_group, is_image_type,
                              is_invariant_type, rotate, sample_element)
-from ..suite.precision import default_dtype
-from ..suite.spec import TaskSpec
+from ..symmetry.precision import default_dtype
+from ..core.spec import TaskSpec
 from .base import build_at_params, count_parameters
 
 DEFAULT_WIDTH = 32

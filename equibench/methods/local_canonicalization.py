@@ -8,7 +8,7 @@ the ablation that tensor frames' tensorial messages (rho(R_i R_j^T) h_j) improve
 """
 from __future__ import annotations
 
-from ..suite.registry import register_method
+from ..core.registry import register_method
 from .tensor_frames import TensorFrames
 from .tfmp import Reps, TensorReps
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch
 
-from ..suite.registry import register_method
-from ..suite.spec import TaskSpec
+from ..core.registry import register_method
+from ..core.spec import TaskSpec
 from .base import Method
 from .baseline import Baseline
 from .pca_frames import apply_in_frame, check_group, first_point_field, frame_support, pca_frame

@@ -22,9 +22,9 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from ..suite.fieldtypes import POINT, field_dim, irreps
-from ..suite.registry import register_method
-from ..suite.spec import TaskSpec
+from ..symmetry.fieldtypes import POINT, field_dim, irreps
+from ..core.registry import register_method
+from ..core.spec import TaskSpec
 from .backbone import Backbone, edge_attr_dim, edge_geometry
 from .base import Method, build_at_params
 from .tfmp import (DELTA, LearnedFrames, NearestFrames, Reps, attach_tensor_frames,

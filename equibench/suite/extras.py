@@ -16,15 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from ..core.errors import UserError
 
 SECTIONS = ("scaling", "tp_bench")
 
 
 def _config(section: str, options: dict[str, Any], device: str | None, where: str) -> Any:
-    from .scaling import ScaleConfig
-    from .spec import config_from_dict
-    from .tp_bench import TPBenchConfig
+    from ..benches.scaling import ScaleConfig
+    from ..core.spec import config_from_dict
+    from ..benches.tp_bench import TPBenchConfig
     cls = ScaleConfig if section == "scaling" else TPBenchConfig
     if not isinstance(options, dict):
         raise UserError(f"malformed suite file {where}: '{section}' must be a mapping of options")
@@ -49,8 +49,8 @@ def run_extras(doc: dict[str, Any], results_dir: str | Path, run_name: str, devi
                progress: Callable[[str], None] | None = None) -> list[str]:
     """Run the suite's ``scaling`` and ``tp_bench`` sections into ``results_dir/run_name``;
     returns the sections run."""
-    from .scaling import run_scaling
-    from .tp_bench import run_tp_bench
+    from ..benches.scaling import run_scaling
+    from ..benches.tp_bench import run_tp_bench
     where = f"suite {doc.get('name', '?')!r}"
     done = []
     for section, runner in (("scaling", run_scaling), ("tp_bench", run_tp_bench)):

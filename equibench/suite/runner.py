@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
-from .envinfo import environment, git_commit, package_versions
-from .equivariance import equivariance_error, lie_derivative
-from .errors import UserError
-from .group import common_group
-from .precision import default_dtype, dtype_name
-from .registry import get_method, get_task, load_plugin
-from .spec import RunSpec, config_from_dict
+from ..core.envinfo import environment, git_commit, package_versions
+from ..metrics.equivariance import equivariance_error, lie_derivative
+from ..core.errors import UserError
+from ..symmetry.group3d import common_group
+from ..symmetry.precision import default_dtype, dtype_name
+from ..core.registry import get_method, get_task, load_plugin
+from ..core.spec import RunSpec, config_from_dict
 from .store import append_block, completed_specs, load_results, write_json_atomic, write_parquet
-from .throughput import device_name, measure_throughput
-from .training import NonFiniteError, TrainConfig, evaluate, train
+from ..metrics.throughput import device_name, measure_throughput
+from ..benches.training import NonFiniteError, TrainConfig, evaluate, train
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
                 add(f"lie_derivative.{stage}.fp64.{stat}", lie[stat], stage=stage, dtype="fp64",
                     batch_size=int(eq_batch.num_graphs), repeats=3)
         if stage == "trained" and ecfg.degeneracy and tspec.domain == "graph3d":
-            from . import degeneracy
+            from ..metrics import degeneracy
             for curve in (degeneracy.degeneracy_curve, degeneracy.symmetric_curve):
                 for r in curve(fp64.to(device), eq_batch, tspec, group=group):
                     x_label = "gap" if "gap" in r else "config"

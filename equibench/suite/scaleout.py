@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UserError
-from .registry import load_plugin
-from .spec import RunSpec
+from ..core.errors import UserError
+from ..core.registry import load_plugin
+from ..core.spec import RunSpec
 from .store import append_block
 
 OPTION_TYPES = {"partition": str, "gpus_per_node": int, "timeout_min": (int, float), "parallelism": int,

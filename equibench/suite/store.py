@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import UserError
+from ..core.errors import UserError
 
 RECORDS = "records.jsonl"
 ID_COLUMNS = ["run_id", "spec_hash", "task", "method", "seed", "metric", "value", "status"]

@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .spec import RunSpec
+from ..core.errors import UserError
+from ..core.spec import RunSpec
 
 TOP_KEYS = {"name", "description", "seeds", "device", "train", "evaluate", "tasks", "default_tasks",
             "methods", "task_overrides", "sweeps", "scaling", "tp_bench"}
@@ -46,7 +46,7 @@ def read_suite(name_or_path: str | Path) -> dict[str, Any]:
         text, where = path.read_text(), str(path)
     else:
         if str(name_or_path) not in list_suites():
-            from .errors import did_you_mean
+            from ..core.errors import did_you_mean
             raise did_you_mean("suite", str(name_or_path), list_suites())
         text = (resources.files("equibench.suites") / f"{name_or_path}.yaml").read_text()
         where = f"suite {name_or_path!r}"
@@ -109,11 +109,11 @@ def _pick(names: list[str] | None, available: dict[str, Any] | list[str], what: 
         return list(available)
     missing = [n for n in names if n not in available]
     if missing:
-        from .registry import list_methods, list_tasks
+        from ..core.registry import list_methods, list_tasks
         known = list_tasks() if what == "task" else list_methods()
         if missing[0] in known:
             return [n for n in names]  # registered but not in the suite: run with default options
-        from .errors import did_you_mean
+        from ..core.errors import did_you_mean
         raise did_you_mean(what, missing[0], known)
     return list(names)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from equibench.methods.backbone import BackboneModel
 from equibench.methods.base import Method
-from equibench.suite.registry import register_method
+from equibench.core.registry import register_method
 
 
 @register_method("faulty_raises")

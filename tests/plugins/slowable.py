@@ -7,7 +7,7 @@ import time
 
 from equibench.methods.backbone import BackboneModel
 from equibench.methods.baseline import Baseline
-from equibench.suite.registry import register_method
+from equibench.core.registry import register_method
 
 
 class SlowModel(BackboneModel):

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
 
-from .errors import UserError
-from .fieldtypes import POINT, field_dim
-from .precision import default_dtype, parse_dtype
-from .spec import TaskSpec
+from ..core.errors import UserError
+from ..symmetry.fieldtypes import POINT, field_dim
+from ..symmetry.precision import default_dtype, parse_dtype
+from ..core.spec import TaskSpec
 
 AXES = ("nodes", "batch", "width", "lmax")
 COST_METRICS = ("time_s", "time_iqr_s", "graphs_per_s", "nodes_per_s", "peak_mem_bytes", "flops", "gflops_per_s")
@@ -127,7 +127,7 @@ class ScaleConfig:
         bad = [a for a in self.axes if a not in AXES]
         if bad:
             raise UserError(f"unknown scaling axis {bad} (known: {', '.join(AXES)})")
-        from .throughput import MODES
+        from ..metrics.throughput import MODES
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r} (known: {', '.join(MODES)})")
         parse_dtype(self.dtype)
@@ -140,7 +140,7 @@ class ScaleConfig:
 
 def size_option(method: str, axis: str) -> str | None:
     """The method option an axis sets: ``width`` (or ``mul``) for width, ``lmax`` for lmax."""
-    from .registry import method_class
+    from ..core.registry import method_class
     params = inspect.signature(method_class(method).__init__).parameters
     names = {"width": ("width", "mul"), "lmax": ("lmax",)}.get(axis, ())
     return next((n for n in names if n in params), None)
@@ -178,9 +178,9 @@ def sweep_points(cfg: ScaleConfig) -> list[dict[str, Any]]:
 def measure_point(cfg: ScaleConfig, p: dict[str, Any], model_cache: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Build (or reuse) the model and a synthetic batch for one point and measure it; returns
     tidy rows (without run-level columns). Errors become one ``failed`` row."""
-    from .registry import get_method, get_task
-    from .runner import build_model
-    from .throughput import measure_throughput
+    from ..core.registry import get_method, get_task
+    from ..suite.runner import build_model
+    from ..metrics.throughput import measure_throughput
     from ..methods.base import count_parameters
     spec = get_task(cfg.task).spec
     dtype = parse_dtype(cfg.dtype)
@@ -215,8 +215,8 @@ def run_scaling(cfg: ScaleConfig, results_dir: str | Path = "results", run_name:
 
     A point whose time per call, extrapolated linearly from the last measured size of its
     (method, axis), exceeds ``max_call_s`` is recorded as ``skipped`` instead of measured."""
-    from .envinfo import environment, git_commit, package_versions
-    from .store import append_block, completed_specs, read_records, write_json_atomic, write_parquet
+    from ..core.envinfo import environment, git_commit, package_versions
+    from ..suite.store import append_block, completed_specs, read_records, write_json_atomic, write_parquet
     run_name = run_name or f"scaling-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(results_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)

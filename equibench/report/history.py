@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .store import load_results
+from ..suite.store import load_results
 
 WATCHED_PREFIXES = ("test.", "equivariance.trained.", "throughput.inference.graphs_per_s",
                     "throughput.train.graphs_per_s", "throughput.inference.peak_mem_bytes",

@@ -36,7 +36,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        from .spec import config_from_dict
+        from ..core.spec import config_from_dict
         return config_from_dict(cls, d, "train")
 
 

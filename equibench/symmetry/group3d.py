@@ -13,10 +13,10 @@ import torch
 from e3nn import o3
 from torch_geometric.data import Batch
 
-from .errors import UserError
+from ..core.errors import UserError
 from .fieldtypes import POINT, irreps, is_invariant, representation
 from .precision import default_dtype
-from .spec import TaskSpec
+from ..core.spec import TaskSpec
 
 # groups acting on 3-D graphs: name -> (reflections included, translations included)
 GROUPS_3D = {

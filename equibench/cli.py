@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError
+from .core.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,12 +35,12 @@ def _csv(kind: type = str):
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from ..datasets import unavailable as tasks_missing
-    from ..methods import unavailable as methods_missing
-    from .registry import get_task, list_methods, list_tasks, method_class
-    from .suites import list_suites
+    from .datasets import unavailable as tasks_missing
+    from .methods import unavailable as methods_missing
+    from .core.registry import get_task, list_methods, list_tasks, method_class
+    from .suite.suites import list_suites
     for p in args.plugin or []:
-        from .registry import load_plugin
+        from .core.registry import load_plugin
         load_plugin(p)
     print("methods:")
     for name in list_methods():
@@ -67,15 +67,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .report import write_report
-    from .runner import run
+    from .report.build import write_report
+    from .suite.runner import run
     df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=args.name,
              resume=args.resume, isolate=not args.no_isolate, timeout=args.timeout, plugins=args.plugin or [],
              tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device,
              progress=not args.quiet)
     run_id = str(df["run_id"].dropna().iloc[0])
     run_dir = Path(args.results_dir) / run_id
-    from .extras import SECTIONS
+    from .suite.extras import SECTIONS
     runs = df[~df["task"].isin(SECTIONS)].drop_duplicates("spec_hash")
     points = df[df["task"].isin(SECTIONS)]["spec_hash"].nunique()
     print(f"results: {run_dir} ({int((runs['status'] == 'ok').sum())}/{len(runs)} runs ok"
@@ -87,14 +87,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report.build import write_report
     out = args.out or str(Path("reports") / Path(args.runs[0]).name)
     print(f"report: {write_report(args.runs, out)}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .report import write_comparison
+    from .report.build import write_comparison
     out = args.out or str(Path("reports") / f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
     print(f"comparison: {write_comparison(args.run_a, args.run_b, out)}")
     return 0
@@ -103,9 +103,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_nightly(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from .history import append_history, find_regressions
-    from .report import write_report
-    from .runner import run
+    from .report.history import append_history, find_regressions
+    from .report.build import write_report
+    from .suite.runner import run
     name = args.name or f"nightly-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=name, resume=True,
              isolate=not args.no_isolate, timeout=args.timeout, plugins=args.plugin or [], tasks=args.tasks, methods=args.methods,
@@ -122,10 +122,10 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    from .scaling import ScaleConfig, exponents, run_scaling
-    from .store import load_results
+    from .benches.scaling import ScaleConfig, exponents, run_scaling
+    from .suite.store import load_results
     for p in args.plugin or []:
-        from .registry import load_plugin
+        from .core.registry import load_plugin
         load_plugin(p)
     kw = {k: v for k, v in dict(task=args.task, methods=args.methods, axes=args.axes, nodes=args.nodes,
                                 batch=args.batch, width=args.width, lmax=args.lmax, base_nodes=args.base_nodes,
@@ -134,7 +134,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
                                 threads=args.threads, clock=args.clock, max_call_s=args.max_call_s).items()
           if v is not None}
     cfg = ScaleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
-    from .registry import get_method, get_task
+    from .core.registry import get_method, get_task
     get_task(cfg.task)
     for m in cfg.methods:
         get_method(m)
@@ -144,13 +144,13 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         print(ex[["method", "axis", "slope", "r2", "x_min", "x_max"]].to_string(index=False, float_format="%.3g"))
     print(f"results: {run_dir}")
     if args.report:
-        from .report_sections import write_sections_report
+        from .report.sections import write_sections_report
         print(f"report: {write_sections_report(run_dir, args.report, f'equibench scaling: {run_dir.name}')}")
     return 0
 
 
 def _cmd_tpbench(args: argparse.Namespace) -> int:
-    from .tp_bench import TPBenchConfig, run_tp_bench
+    from .benches.tp_bench import TPBenchConfig, run_tp_bench
     kw = {k: v for k, v in dict(lmax=args.lmax, channel_modes=args.channel_modes, impls=args.impls,
                                 channels=args.channels, batch=args.batch, passes=args.passes, device=args.device,
                                 dtype=args.dtype, repeats=args.repeats, min_sample_s=args.min_sample_s,
@@ -160,7 +160,7 @@ def _cmd_tpbench(args: argparse.Namespace) -> int:
     run_dir = run_tp_bench(cfg, args.results_dir, args.name, progress=None if args.quiet else print)
     print(f"results: {run_dir}")
     if args.report:
-        from .report_sections import write_sections_report
+        from .report.sections import write_sections_report
         print(f"report: {write_sections_report(run_dir, args.report, f'equibench tensor products: {run_dir.name}')}")
     return 0
 

@@ -4,7 +4,7 @@ Frame-based methods (frame averaging, PCA / learned canonicalisation) build a fr
 positions; the frame is undefined when covariance eigenvalues tie or the input is symmetric.
 Two curves, both rewriting ONLY the first point field of each graph (velocities, charges, ...
 stay as in the batch) and then measuring the relative equivariance error exactly as
-``equibench.suite.equivariance.equivariance_error`` does (same sampling of g = (R, t, P) from
+``equibench.metrics.equivariance.equivariance_error`` does (same sampling of g = (R, t, P) from
 ``seed``, same per-graph ``rel = ||f(gX) - rho(g) f(X)|| / (||f(X)|| + eps)``):
 
 * ``degeneracy_curve``: the centred cloud of each graph is rescaled along its principal axes
@@ -36,9 +36,9 @@ from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
 from .equivariance import EPS, cast_batch, model_in_dtype
-from .group import act_on_batch, act_on_output, sample_element, sample_rotations
-from .precision import default_dtype
-from .spec import TaskSpec
+from ..symmetry.group3d import act_on_batch, act_on_output, sample_element, sample_rotations
+from ..symmetry.precision import default_dtype
+from ..core.spec import TaskSpec
 
 DEFAULT_GAPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-8, 0.0)
 DEFAULT_CONFIGS = ("polygon", "pyramid", "tetrahedron", "octahedron", "cube", "mirror", "line", "coincident")

@@ -43,8 +43,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .errors import UserError
-from .precision import parse_dtype
+from ..core.errors import UserError
+from ..symmetry.precision import parse_dtype
 
 IMPLS = ("e3nn", "e3nn_compiled", "gaunt", "gaunt_compiled", "cuet")
 CHANNEL_MODES = ("uvu", "uvw")
@@ -161,7 +161,7 @@ def gaunt_path_constants(l1max: int, l2max: int, lomax: int, dtype: torch.dtype 
     residual ||G_p - k_p T_p|| / ||G_p|| over paths, largest |G| on the blocks with l1 + l2 + l3
     odd relative to the largest |G|): the last two are zero up to round-off when Gaunt = CG x const.
     """
-    from .precision import default_dtype
+    from ..symmetry.precision import default_dtype
     with default_dtype(dtype):
         gaunt = GauntTensorProduct(l1max, l2max, lomax, 1, weights=False)
         n1, n2 = (l1max + 1) ** 2, (l2max + 1) ** 2
@@ -287,8 +287,8 @@ def _build(impl: str, mode: str, lmax: int, mul: int, device: torch.device, dtyp
 
 def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -> list[dict[str, Any]]:
     """Measure one (impl, channel mode, lmax, pass); returns tidy rows (metric, value, context)."""
-    from .precision import default_dtype, dtype_name
-    from .throughput import count_flops, device_name, peak_memory, time_step
+    from ..symmetry.precision import default_dtype, dtype_name
+    from ..metrics.throughput import count_flops, device_name, peak_memory, time_step
     device, dtype = torch.device(cfg.device), parse_dtype(cfg.dtype)
     if impl == "cuet":
         reason = cuet_available(device)
@@ -351,8 +351,8 @@ def run_tp_bench(cfg: TPBenchConfig, results_dir: str | Path = "results", run_na
                  progress: Callable[[str], None] | None = functools.partial(print, flush=True)) -> Path:
     """Every (impl, channel mode, lmax, pass) of ``cfg`` not yet in ``results_dir/run_name``,
     one block of tidy rows each (``task="tp_bench"``, ``method`` = impl, ``x`` = lmax)."""
-    from .envinfo import environment, git_commit, package_versions
-    from .store import append_block, completed_specs, write_json_atomic, write_parquet
+    from ..core.envinfo import environment, git_commit, package_versions
+    from ..suite.store import append_block, completed_specs, write_json_atomic, write_parquet
     run_name = run_name or f"tpbench-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(results_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)

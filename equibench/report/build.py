@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
-from .store import load_results
+from ..suite.store import load_results
 
 EQ_COLUMNS = {
     "fp32 trained": "equivariance.trained.fp32.rel_mean",
@@ -45,7 +45,7 @@ def _fmt(v: Any, kind: str = "g") -> str:
 
 def _wraps_backbone(method: str) -> bool:
     try:
-        from .registry import method_class
+        from ..core.registry import method_class
         return bool(getattr(method_class(method), "wraps_backbone", False))
     except Exception:
         return False
@@ -237,7 +237,7 @@ def _trend_figures(history: pd.DataFrame, task: str, out: Path) -> list[tuple[st
 def _special_sections() -> dict[str, Any]:
     """Result sets that are not (task, method) comparisons: scaling sweeps and tensor-product
     microbenchmarks have their own tables and plots."""
-    from . import report_sections
+    from . import sections as report_sections
     return {"scaling": report_sections.scaling_section, "tp_bench": report_sections.tp_section}
 
 

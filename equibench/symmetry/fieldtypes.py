@@ -16,7 +16,7 @@ import functools
 import torch
 from e3nn import o3
 
-from .errors import UserError
+from ..core.errors import UserError
 from .precision import default_dtype
 
 POINT = "point"

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots  # noqa: F401  (selects the Agg backend)
-from .scaling import exponents, fit_exponent
+from ..benches.scaling import exponents, fit_exponent
 
 AXIS_LABELS = {"nodes": "nodes per graph", "batch": "graphs per batch", "width": "width (channels)", "lmax": "lmax"}
 
@@ -206,8 +206,8 @@ def tp_section(df: pd.DataFrame, out: Path) -> dict[str, Any] | None:
 def write_sections_report(paths: Any, out_dir: str | Path, title: str) -> Path:
     """A stand-alone page (index.html + README.md) with the scaling and tensor-product sections
     of the given run directories, rendered like ``write_report``; returns the HTML path."""
-    from .report import _html, _markdown
-    from .store import load_results
+    from .build import _html, _markdown
+    from ..suite.store import load_results
     df = load_results(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Planar rotations acting on image batches (the ``image2d`` domain's group actions).
 
-Same interface as ``equibench.suite.group`` (``sample_element``, ``act_on_batch``,
+Same interface as ``equibench.symmetry.group3d`` (``sample_element``, ``act_on_batch``,
 ``act_on_output``), so ``equivariance_error`` measures images through the same code path as graphs.
 
 Groups: ``"C<N>"`` (cyclic, angles 2 pi k / N, k uniform) and ``"SO2"`` (angle uniform in
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.data import Batch
 
-from .errors import UserError
-from .spec import TaskSpec
+from ..core.errors import UserError
+from ..core.spec import TaskSpec
 
 IMAGE = "image"
 EXACT_TOL = 1e-9  # an angle within this of a multiple of pi/2 is applied with torch.rot90
