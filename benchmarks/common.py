@@ -90,7 +90,7 @@ def nbody_batch(graphs: int, dtype: torch.dtype = torch.float32):
 def build(method: str, dtype: torch.dtype = torch.float32, **options: Any) -> torch.nn.Module:
     """The method's model for the n-body spec, built under ``dtype`` (seed 0)."""
     import equibench as eb
-    from equibench.suite.runner import build_model
+    from equibench.benches.taskrun import build_model
     return build_model(eb.get_method(method, **options), task().spec, 0, dtype)
 
 

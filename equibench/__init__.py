@@ -27,7 +27,7 @@ _API = {
     "load_plugin": "equibench.core.registry",
     "equivariance_error": "equibench.metrics.equivariance", "lie_derivative": "equibench.metrics.equivariance",
     "measure_throughput": "equibench.metrics.throughput",
-    "run": "equibench.suite.runner", "run_one": "equibench.suite.runner",
+    "run": "equibench.suite.runner", "run_one": "equibench.benches.taskrun",
     "load_results": "equibench.suite.store", "write_report": "equibench.report.build",
     "Method": "equibench.methods.base", "Task": "equibench.datasets.base",
 }

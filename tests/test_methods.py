@@ -12,7 +12,7 @@ from torch_geometric.data import Batch
 import equibench as eb
 from equibench.methods.base import count_parameters
 from equibench.symmetry.group3d import common_group
-from equibench.suite.runner import build_model
+from equibench.benches.taskrun import build_model
 from equibench.benches.training import TrainConfig, train
 
 FP64_TOL, FP32_TOL = 1e-10, 1e-4

@@ -227,7 +227,7 @@ def test_float64_rebuild_keeps_constant_buffers_but_loads_trained_ones():
     import torch
     from torch import nn
     from equibench.symmetry.precision import default_dtype
-    from equibench.suite.runner import load_state_keep_constants
+    from equibench.benches.taskrun import load_state_keep_constants
 
     class M(nn.Module):
         def __init__(self):

@@ -62,13 +62,13 @@ def test_a_narrowed_run_skips_the_extras_unless_asked(tmp_path):
 
 
 @pytest.mark.parametrize("section, options, message", [
-    ("scaling", {"nodes": "16,64"}, "option 'nodes' must be a list of int"),
-    ("scaling", {"nodes": [16, "x"]}, "option 'nodes' must be a list of int"),
-    ("scaling", {"repats": 3}, "unknown"),
+    ("scaling", {"nodes": "16,64"}, "scaling option 'nodes': Input should be a list"),
+    ("scaling", {"nodes": [16, "x"]}, "scaling option 'nodes.1': Input should be a valid integer"),
+    ("scaling", {"repats": 3}, "unknown scaling option 'repats'"),
     ("scaling", {"axes": ["depth"]}, "unknown scaling axis"),
     ("scaling", {"device": "cuda"}, "runs on the suite's device"),
     ("tp_bench", {"impls": ["e3nn", "fast"]}, "unknown impl"),
-    ("tp_bench", [1, 2], "must be a mapping"),
+    ("tp_bench", [1, 2], "option 'tp_bench': Input should be a mapping"),
 ])
 def test_malformed_extras_are_one_clear_error(tmp_path, section, options, message):
     suite = _write(tmp_path, {**SUITE, section: options})
@@ -81,4 +81,4 @@ def test_malformed_extras_are_one_clear_error(tmp_path, section, options, messag
 
 def test_the_quick_suite_carries_both_sections():
     doc = read_suite("quick")
-    assert doc["scaling"]["methods"] and doc["tp_bench"]["lmax"]
+    assert doc.scaling and doc.scaling["methods"] and doc.tp_bench and doc.tp_bench["lmax"]

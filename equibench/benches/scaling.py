@@ -15,26 +15,29 @@ is the least-squares slope of log(cost) against log(size) over the upper part of
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
-import functools
 import hashlib
 import inspect
 import json
 import math
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+from pydantic import model_validator
+from scipy.spatial import cKDTree
 from torch_geometric.data import Batch, Data
 
+from ..core.config import Config
 from ..core.errors import UserError
+from ..core.spec import TaskSpec
+from ..core.registry import get_method, get_task, method_class
+from ..methods.base import count_parameters
+from ..metrics.throughput import MODES, measure_throughput
 from ..symmetry.fieldtypes import POINT, field_dim
 from ..symmetry.precision import default_dtype, parse_dtype
-from ..core.spec import TaskSpec
+from .base import Bench, Point, register_bench
+from .taskrun import build_model
 
 AXES = ("nodes", "batch", "width", "lmax")
 COST_METRICS = ("time_s", "time_iqr_s", "graphs_per_s", "nodes_per_s", "peak_mem_bytes", "flops", "gflops_per_s")
@@ -48,7 +51,6 @@ def synthetic_batch(spec: TaskSpec, nodes: int, graphs: int = 1, k: int = 8, see
     dimension; edges j -> i join each node i to its ``k`` nearest neighbours j (``edge_index[0]``
     = source); edge inputs are standard normals; ``y`` is a random target of the output type.
     """
-    from scipy.spatial import cKDTree
     if nodes < 2 or graphs < 1:
         raise UserError(f"synthetic graphs need >= 2 nodes and >= 1 graph, got {nodes} nodes, {graphs} graphs")
     rng = np.random.default_rng(seed)
@@ -95,10 +97,10 @@ def fit_exponent(x: Any, y: Any, tail: float = 0.5, min_points: int = 3) -> dict
             "x_min": float(x[-n]), "x_max": float(x[-1])}
 
 
-@dataclass(frozen=True)
-class ScaleConfig:
+class ScaleConfig(Config):
     """One scaling sweep. Sizes not swept stay at ``base_nodes`` / ``base_batch`` and the
     method's own defaults (``method_options`` per method override them)."""
+
     task: str = "nbody"
     methods: tuple[str, ...] = ("baseline", "frame_averaging", "tensor_frames", "e3nn")
     axes: tuple[str, ...] = ("nodes",)
@@ -121,26 +123,23 @@ class ScaleConfig:
     flops: bool = True
     max_call_s: float = 5.0
     seed: int = 0
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = {}
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _known_values(self) -> "ScaleConfig":
         bad = [a for a in self.axes if a not in AXES]
         if bad:
             raise UserError(f"unknown scaling axis {bad} (known: {', '.join(AXES)})")
-        from ..metrics.throughput import MODES
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r} (known: {', '.join(MODES)})")
         parse_dtype(self.dtype)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"device {self.device!r} requested but CUDA is not available")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self
 
 
 def size_option(method: str, axis: str) -> str | None:
     """The method option an axis sets: ``width`` (or ``mul``) for width, ``lmax`` for lmax."""
-    from ..core.registry import method_class
     params = inspect.signature(method_class(method).__init__).parameters
     names = {"width": ("width", "mul"), "lmax": ("lmax",)}.get(axis, ())
     return next((n for n in names if n in params), None)
@@ -176,12 +175,8 @@ def sweep_points(cfg: ScaleConfig) -> list[dict[str, Any]]:
 
 
 def measure_point(cfg: ScaleConfig, p: dict[str, Any], model_cache: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Build (or reuse) the model and a synthetic batch for one point and measure it; returns
-    tidy rows (without run-level columns). Errors become one ``failed`` row."""
-    from ..core.registry import get_method, get_task
-    from ..suite.runner import build_model
-    from ..metrics.throughput import measure_throughput
-    from ..methods.base import count_parameters
+    """Build (or reuse, from ``model_cache``) the model and a synthetic batch for one point and
+    measure it; returns tidy rows (without run-level columns)."""
     spec = get_task(cfg.task).spec
     dtype = parse_dtype(cfg.dtype)
     key = json.dumps([p["method"], p["method_options"]], sort_keys=True)
@@ -209,72 +204,73 @@ def measure_point(cfg: ScaleConfig, p: dict[str, Any], model_cache: dict[str, An
     return [{"metric": m, "value": float(v), **ctx} for m, v in values.items() if v is not None]
 
 
-def run_scaling(cfg: ScaleConfig, results_dir: str | Path = "results", run_name: str | None = None,
-                progress: Callable[[str], None] | None = functools.partial(print, flush=True)) -> Path:
-    """Measure every point of ``cfg`` not yet in ``results_dir/run_name``; returns the run dir.
+def too_slow(cfg: ScaleConfig, p: dict[str, Any], history: list[dict[str, Any]]) -> str | None:
+    """Why ``p`` is skipped, or None: its time per call, extrapolated linearly (cost grows at least
+    linearly with size) from the largest size of its (method, axis) measured so far, exceeds
+    ``max_call_s``."""
+    done = [(int(r["x"]), float(r["value"])) for r in history
+            if r.get("metric") == "time_s" and r.get("status") == "ok"
+            and r.get("method") == p["method"] and r.get("x_label") == p["axis"]]
+    if not done:
+        return None
+    x0, t0 = max(done)
+    predicted = t0 * max(1.0, p["x"] / x0)
+    if predicted <= cfg.max_call_s:
+        return None
+    return (f"skipped: {p['axis']}={x0} took {t0:.3g} s per call, so {p['axis']}={p['x']} would take "
+            f">= {predicted:.3g} s (> max_call_s {cfg.max_call_s:g})")
 
-    A point whose time per call, extrapolated linearly from the last measured size of its
-    (method, axis), exceeds ``max_call_s`` is recorded as ``skipped`` instead of measured."""
-    from ..core.envinfo import environment, git_commit, package_versions
-    from ..suite.store import append_block, completed_specs, read_records, write_json_atomic, write_parquet
-    run_name = run_name or f"scaling-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(results_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "env.json").exists():
-        write_json_atomic(run_dir / "env.json", environment())
-    write_json_atomic(run_dir / "scaling_config.json", cfg.to_dict())
-    done = completed_specs(run_dir)
-    last: dict[tuple[str, str], tuple[int, float]] = {}  # (method, axis) -> (x, time per call) measured
-    for r in read_records(run_dir):  # on resume, continue from the largest size measured so far
-        if r.get("metric") == "time_s" and r.get("status") == "ok":
-            key = (r["method"], r["x_label"])
-            if key not in last or r["x"] > last[key][0]:
-                last[key] = (int(r["x"]), float(r["value"]))
-    cache: dict[str, Any] = {}
-    base = {"run_id": run_name, "task": "scaling", "seed": cfg.seed, "device": cfg.device,
-            "git_commit": git_commit(), "versions": package_versions(), "k_neighbours": cfg.k,
-            "clock": cfg.clock, "scaling_task": cfg.task}
-    for p in sweep_points(cfg):
-        if p["spec_hash"] in done:
-            continue
-        t0 = time.perf_counter()
-        where = {"method": p["method"], "spec_hash": p["spec_hash"], "x": p["x"], "x_label": p["axis"],
-                 "nodes_per_graph": p["nodes"], "method_options": p["method_options"]}
-        slow = None
-        if (p["method"], p["axis"]) in last:  # cost grows at least linearly: extrapolate from the last point
-            x0, t0_call = last[(p["method"], p["axis"])]
-            predicted = t0_call * max(1.0, p["x"] / x0)
-            if predicted > cfg.max_call_s:
-                slow = (f"skipped: {p['axis']}={x0} took {t0_call:.3g} s per call, so {p['axis']}={p['x']} would take "
-                        f">= {predicted:.3g} s (> max_call_s {cfg.max_call_s:g})")
+
+@register_bench("scaling")
+class ScalingBench(Bench):
+    """Cost against size: one point per (method, axis, size); the points of one (method, axis)
+    share a worker (group), run in increasing size and reuse the built model."""
+
+    _models: dict[str, Any] = {}
+
+    def __init__(self, cfg: ScaleConfig) -> None:
+        self.cfg = cfg
+
+    def points(self) -> list[Point]:
+        get_task(self.cfg.task)
+        for m in self.cfg.methods:
+            get_method(m, **self.cfg.method_options.get(m, {}))
+        cfg = self.cfg.to_dict()
+        out = []
+        for p in sweep_points(self.cfg):
+            identity = {"task": "scaling", "method": p["method"], "spec_hash": p["spec_hash"], "x": p["x"],
+                        "x_label": p["axis"], "nodes_per_graph": p["nodes"], "method_options": p["method_options"],
+                        "seed": self.cfg.seed, "device": self.cfg.device, "k_neighbours": self.cfg.k,
+                        "clock": self.cfg.clock, "scaling_task": self.cfg.task}
+            out.append(Point(bench=self.kind, hash=p["spec_hash"], label=f"scaling/{p['method']}/{p['axis']}={p['x']}",
+                             config={"cfg": cfg, "point": p}, identity=identity, method=p["method"],
+                             device=self.cfg.device, group=f"scaling/{p['method']}/{p['axis']}"))
+        return out
+
+    @classmethod
+    def run_point(cls, point: Point, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        cfg = ScaleConfig.model_validate(point.config["cfg"])
+        p = point.config["point"]
         if p["status"] == "not_applicable":
-            rows = [{"metric": "status", "value": None, "status": "not_applicable",
+            return [{"metric": "status", "value": None, "status": "not_applicable",
                      "error": f"{p['method']} has no option for axis {p['axis']!r}"}]
-        elif slow:
-            rows = [{"metric": "status", "value": None, "status": "skipped", "error": slow}]
-        else:
-            try:
-                rows = measure_point(cfg, p, cache)
-            except Exception as err:  # an OOM or a method failing at some size is a result
-                rows = [{"metric": "status", "value": None, "status": "failed", "error": f"{type(err).__name__}: {err}"}]
-                cache.clear()
-        t_call = next((r["value"] for r in rows if r["metric"] == "time_s"), None)
-        if t_call is not None:
-            last[(p["method"], p["axis"])] = (p["x"], t_call)
-        wall = time.perf_counter() - t0
-        append_block(run_dir, [{**base, **where, **r, "wall_s": wall} for r in rows])
-        if progress:
-            status = rows[0]["status"]
-            msg = f"{t_call * 1e3:.3g} ms/call" if t_call is not None else rows[0].get("error", "")
-            progress(f"scaling {p['method']:22s} {p['axis']:6s}={p['x']:<6d} {status:14s} {msg}")
-    write_parquet(run_dir)
-    return run_dir
+        slow = too_slow(cfg, p, history)
+        if slow:
+            return [{"metric": "status", "value": None, "status": "skipped", "error": slow}]
+        try:
+            return measure_point(cfg, p, cls._models)
+        except Exception:
+            cls._models.clear()  # an OOM at one size must not keep the model alive for the next
+            raise
+
+    @classmethod
+    def release(cls) -> None:
+        cls._models.clear()
 
 
-def exponents(df: "Any", metric: str = "time_s", tail: float = 0.5) -> "Any":
+def exponents(df: pd.DataFrame, metric: str = "time_s", tail: float = 0.5) -> pd.DataFrame:
     """Fitted exponent per (method, axis) of ``metric`` from scaling rows (a DataFrame with
     columns method, x_label, x, metric, value, status); mean over repeated rows per point."""
-    import pandas as pd
     s = df[(df["task"] == "scaling") & (df["status"] == "ok") & (df["metric"] == metric)]
     out = []
     for (method, axis), g in s.groupby(["method", "x_label"]):

@@ -28,23 +28,22 @@ checked on the benchmark's own inputs.
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import functools
-import hashlib
 import importlib.util
-import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from e3nn import o3
+from pydantic import model_validator
 from torch import nn
+from torch_geometric.data import Data
 
+from ..core.config import Config
 from ..core.errors import UserError
-from ..symmetry.precision import parse_dtype
+from ..metrics.throughput import count_flops, make_step, measure_throughput
+from ..symmetry.precision import default_dtype, dtype_name, parse_dtype
+from .base import Bench, Point, register_bench, stable_hash
 
 IMPLS = ("e3nn", "e3nn_compiled", "gaunt", "gaunt_compiled", "cuet")
 CHANNEL_MODES = ("uvu", "uvw")
@@ -161,7 +160,6 @@ def gaunt_path_constants(l1max: int, l2max: int, lomax: int, dtype: torch.dtype 
     residual ||G_p - k_p T_p|| / ||G_p|| over paths, largest |G| on the blocks with l1 + l2 + l3
     odd relative to the largest |G|): the last two are zero up to round-off when Gaunt = CG x const.
     """
-    from ..symmetry.precision import default_dtype
     with default_dtype(dtype):
         gaunt = GauntTensorProduct(l1max, l2max, lomax, 1, weights=False)
         n1, n2 = (l1max + 1) ** 2, (l2max + 1) ** 2
@@ -212,8 +210,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 
-@dataclass(frozen=True)
-class TPBenchConfig:
+PASS_MODES = {"forward": "inference", "forward_backward": "forward_backward"}  # -> measure_throughput modes
+
+
+class TPBenchConfig(Config):
+    """Tensor-product microbenchmarks: every (impl, channel mode, lmax, pass) is one point."""
+
     lmax: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     channel_modes: tuple[str, ...] = CHANNEL_MODES
     impls: tuple[str, ...] = ("e3nn", "e3nn_compiled", "gaunt", "cuet")
@@ -231,7 +233,8 @@ class TPBenchConfig:
     flush_l2: bool = False
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _known_values(self) -> "TPBenchConfig":
         for name, value, known in (("impl", self.impls, IMPLS), ("channel mode", self.channel_modes, CHANNEL_MODES),
                                    ("pass", self.passes, PASSES)):
             bad = [v for v in value if v not in known]
@@ -242,9 +245,7 @@ class TPBenchConfig:
         parse_dtype(self.dtype)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"device {self.device!r} requested but CUDA is not available")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self
 
 
 def cuet_available(device: torch.device) -> str | None:
@@ -285,10 +286,24 @@ def _build(impl: str, mode: str, lmax: int, mul: int, device: torch.device, dtyp
     return module, None, "weights not comparable with e3nn's (channel-wise layout differs)"
 
 
+class PairProduct(nn.Module):
+    """A two-operand product as a model of one ``Data`` holding ``x1`` and ``x2``: the input
+    ``measure_throughput`` times (``num_nodes`` = the batch of operand pairs)."""
+
+    def __init__(self, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.product = product
+
+    def forward(self, data: Data) -> torch.Tensor:
+        return self.product(data.x1, data.x2)
+
+
 def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -> list[dict[str, Any]]:
-    """Measure one (impl, channel mode, lmax, pass); returns tidy rows (metric, value, context)."""
-    from ..symmetry.precision import default_dtype, dtype_name
-    from ..metrics.throughput import count_flops, device_name, peak_memory, time_step
+    """Measure one (impl, channel mode, lmax, pass) with ``measure_throughput``; returns tidy rows.
+
+    A compiled product is compiled (and its first call timed as ``compile_time_s``) before the
+    timing, which then sees the compiled module; FLOPs are counted on the eager module
+    (``FlopCounterMode`` sees neither compiled graphs nor custom CUDA kernels: none for cuet)."""
     device, dtype = torch.device(cfg.device), parse_dtype(cfg.dtype)
     if impl == "cuet":
         reason = cuet_available(device)
@@ -300,91 +315,76 @@ def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -
         module, ref_fn, note = _build(impl, mode, lmax, cfg.channels, device, dtype, reference)
         x1 = torch.randn(cfg.batch, sh_irreps(lmax, cfg.channels).dim, device=device)
         x2 = torch.randn(cfg.batch, sh_irreps(lmax).dim, device=device)
-    fn = torch.compile(module, dynamic=False) if impl.endswith("_compiled") else module
     if pass_ == "forward_backward":
         x1.requires_grad_(True)
         x2.requires_grad_(True)
-
-        def step() -> Any:
-            out = fn(x1, x2)
-            out.pow(2).sum().backward()
-            return out
-    else:
-        def step() -> Any:
-            with torch.no_grad():
-                return fn(x1, x2)
+    data = Data(x1=x1, x2=x2, num_nodes=cfg.batch)
+    compiled = impl.endswith("_compiled")
+    timed = PairProduct(torch.compile(module, dynamic=False) if compiled else module)
+    loss = (lambda out, _: out.pow(2).sum())
     compile_time = None
-    if impl.endswith("_compiled"):
+    if compiled:
         t0 = time.perf_counter()
-        step()
+        with torch.no_grad() if pass_ == "forward" else torch.enable_grad():
+            out = timed(data)
+            if pass_ == "forward_backward":
+                loss(out, data).backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         compile_time = time.perf_counter() - t0
     with torch.no_grad():
-        out = fn(x1, x2)
-        agreement = rel_err(out, ref_fn(x1, x2)) if ref_fn is not None else None
-    timing = time_step(step, device, threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
-                       min_sample_s=cfg.min_sample_s, flush_l2=cfg.flush_l2, clock=cfg.clock,
-                       max_warmup_samples=cfg.max_warmup_samples)
-    mem, mem_method = peak_memory(step, device)
-    eager = (lambda: module(x1, x2).pow(2).sum().backward()) if pass_ == "forward_backward" else \
-        (lambda: module(x1, x2))
+        agreement = rel_err(module(x1, x2), ref_fn(x1, x2)) if ref_fn is not None else None
+    res = measure_throughput(timed, data, PASS_MODES[pass_], device, warmup=cfg.warmup, repeats=cfg.repeats,
+                             min_sample_s=cfg.min_sample_s, threads=cfg.threads, flush_l2=cfg.flush_l2,
+                             flops=False, loss_fn=loss, max_warmup_samples=cfg.max_warmup_samples, clock=cfg.clock)
     flops = None
-    if impl != "cuet":  # FlopCounterMode cannot see inside custom CUDA kernels
-        with torch.no_grad() if pass_ == "forward" else torch.enable_grad():
-            flops = count_flops(eager)
-    med = timing["time_median_s"]
-    ctx = {"mode": pass_, "channel_mode": mode, "dtype": dtype_name(dtype), "device_name": device_name(device),
-           "batch_size": cfg.batch, "channels": cfg.channels, "repeats": timing["repeats"], "threads": timing["threads"],
-           "timer": timing["timer"], "calls_per_sample": timing["calls_per_sample"], "stable": timing["stable"],
-           "load_avg_1min": timing["load_avg_1min"], "mem_method": mem_method, "compiled": impl.endswith("_compiled"),
-           "agreement_note": note, "n_paths": len(gaunt_paths(lmax, lmax, lmax)), "spread_iqr_s": timing["time_iqr_s"],
+    if impl != "cuet":
+        eager = PairProduct(module)
+        flops = count_flops(make_step(eager, data, PASS_MODES[pass_], loss))
+    med = res["time_median_s"]
+    ctx = {"mode": pass_, "channel_mode": mode, "dtype": dtype_name(dtype), "device_name": res["device_name"],
+           "batch_size": cfg.batch, "channels": cfg.channels, "repeats": res["repeats"], "threads": res["threads"],
+           "timer": res["timer"], "calls_per_sample": res["calls_per_sample"], "stable": res["stable"],
+           "load_avg_1min": res["load_avg_1min"], "mem_method": res["mem_method"], "compiled": compiled,
+           "agreement_note": note, "n_paths": len(gaunt_paths(lmax, lmax, lmax)), "spread_iqr_s": res["time_iqr_s"],
            "status": "ok", "error": ""}
-    values = {"time_s": med, "time_iqr_s": timing["time_iqr_s"], "items_per_s": cfg.batch / med,
-              "peak_mem_bytes": mem, "flops": flops, "gflops_per_s": flops / med / 1e9 if flops else None,
+    values = {"time_s": med, "time_iqr_s": res["time_iqr_s"], "items_per_s": res["nodes_per_s"],
+              "peak_mem_bytes": res["peak_mem_bytes"], "flops": flops,
+              "gflops_per_s": flops / med / 1e9 if flops else None,
               "compile_time_s": compile_time, "rel_err_vs_e3nn": agreement,
               "weights": float(sum(p.numel() for p in module.parameters()))}
     return [{"metric": m, "value": float(v), **ctx} for m, v in values.items() if v is not None]
 
 
-def run_tp_bench(cfg: TPBenchConfig, results_dir: str | Path = "results", run_name: str | None = None,
-                 progress: Callable[[str], None] | None = functools.partial(print, flush=True)) -> Path:
-    """Every (impl, channel mode, lmax, pass) of ``cfg`` not yet in ``results_dir/run_name``,
-    one block of tidy rows each (``task="tp_bench"``, ``method`` = impl, ``x`` = lmax)."""
-    from ..core.envinfo import environment, git_commit, package_versions
-    from ..suite.store import append_block, completed_specs, write_json_atomic, write_parquet
-    run_name = run_name or f"tpbench-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(results_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "env.json").exists():
-        write_json_atomic(run_dir / "env.json", environment())
-    write_json_atomic(run_dir / "tp_bench_config.json", cfg.to_dict())
-    done = completed_specs(run_dir)
-    ident = {k: v for k, v in cfg.to_dict().items() if k not in ("lmax", "channel_modes", "impls", "passes")}
-    base = {"run_id": run_name, "task": "tp_bench", "seed": cfg.seed, "device": cfg.device,
-            "git_commit": git_commit(), "versions": package_versions(), "x_label": "lmax", "clock": cfg.clock}
-    for pass_ in cfg.passes:
-        for mode in cfg.channel_modes:
-            for impl in cfg.impls:
-                for lmax in cfg.lmax:
-                    point = {**ident, "impl": impl, "channel_mode": mode, "lmax": lmax, "pass": pass_}
-                    h = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
-                    if h in done:
-                        continue
-                    t0 = time.perf_counter()
-                    try:
-                        rows = bench_one(cfg, impl, mode, lmax, pass_)
-                    except Exception as err:
-                        rows = [{"metric": "status", "value": None, "status": "failed",
-                                 "error": f"{type(err).__name__}: {err}"}]
-                    wall = time.perf_counter() - t0
-                    append_block(run_dir, [{**base, "method": impl, "spec_hash": h, "x": lmax, "channel_mode": mode,
-                                            "mode": pass_, **r, "wall_s": wall} for r in rows])
-                    if progress:
-                        t = next((r["value"] for r in rows if r["metric"] == "time_s"), None)
-                        e = next((r["value"] for r in rows if r["metric"] == "rel_err_vs_e3nn"), None)
-                        msg = (f"{t * 1e3:.4g} ms/call" + (f", rel err vs e3nn {e:.1e}" if e is not None else "")
-                               if t is not None else rows[0]["error"])
-                        progress(f"tpbench {pass_:16s} {mode} {impl:14s} lmax={lmax} {rows[0]['status']:8s} {msg}")
-    write_parquet(run_dir)
-    return run_dir
+@register_bench("tp_bench")
+class TPBench(Bench):
+    """Tensor-product microbenchmarks: one point per (pass, channel mode, impl, lmax); the points
+    of one (impl, channel mode, pass) share a worker."""
+
+    def __init__(self, cfg: TPBenchConfig) -> None:
+        self.cfg = cfg
+
+    def points(self) -> list[Point]:
+        cfg = self.cfg.to_dict()
+        ident = {k: v for k, v in cfg.items() if k not in ("lmax", "channel_modes", "impls", "passes")}
+        out = []
+        for pass_ in self.cfg.passes:
+            for mode in self.cfg.channel_modes:
+                for impl in self.cfg.impls:
+                    for lmax in self.cfg.lmax:
+                        key = {**ident, "impl": impl, "channel_mode": mode, "lmax": lmax, "pass": pass_}
+                        h = stable_hash(key, 16)
+                        identity = {"task": "tp_bench", "method": impl, "spec_hash": h, "x": lmax, "x_label": "lmax",
+                                    "channel_mode": mode, "mode": pass_, "seed": self.cfg.seed,
+                                    "device": self.cfg.device, "clock": self.cfg.clock}
+                        out.append(Point(bench=self.kind, hash=h, label=f"tp_bench/{pass_}/{mode}/{impl}/lmax={lmax}",
+                                         config={"cfg": cfg, "impl": impl, "channel_mode": mode, "lmax": lmax,
+                                                 "pass": pass_},
+                                         identity=identity, device=self.cfg.device,
+                                         group=f"tp_bench/{pass_}/{mode}/{impl}"))
+        return out
+
+    @classmethod
+    def run_point(cls, point: Point, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        c = point.config
+        return bench_one(TPBenchConfig.model_validate(c["cfg"]), c["impl"], c["channel_mode"], c["lmax"], c["pass"])

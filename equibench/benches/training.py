@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 
+from ..core.config import Config, config_from_dict
 from ..datasets.base import Task
 from ..methods.base import Method
 
@@ -24,8 +24,9 @@ class NonFiniteError(RuntimeError):
     """The loss or a prediction became NaN/inf."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
+    """The shared optimisation budget (the suite file's ``train:`` mapping)."""
+
     steps: int = 500
     batch_size: int = 100
     lr: float = 5e-4
@@ -36,7 +37,6 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        from ..core.spec import config_from_dict
         return config_from_dict(cls, d, "train")
 
 

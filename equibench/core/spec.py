@@ -2,7 +2,6 @@
 is (`RunSpec`). Both are frozen and hashable; a run's identity is the hash of its spec."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -93,33 +92,3 @@ class RunSpec:
 
     def __hash__(self) -> int:
         return hash(self.hash)
-
-
-def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
-    """Build the frozen config dataclass ``cls`` from ``d``, checking names and types against
-    the field defaults (bool, int, float — ints accepted for floats —, str, tuple <- list);
-    any mismatch is a ``UserError`` naming ``what`` ("train", "evaluate")."""
-    known = set(cls.__dataclass_fields__)
-    unknown = set(d) - known
-    if unknown:
-        raise UserError(f"unknown {what} option(s) {sorted(unknown)} (known: {sorted(known)})")
-    out = dict(d)
-    for k, v in d.items():
-        f = cls.__dataclass_fields__[k]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if isinstance(default, tuple):
-            item = type(default[0]) if default else object
-            ok = isinstance(v, (list, tuple)) and all(isinstance(x, item) and not isinstance(x, bool) for x in v)
-            out[k] = tuple(v) if ok else v
-            if not ok:
-                raise UserError(f"{what} option {k!r} must be a list of {item.__name__}, got {v!r}")
-        elif isinstance(default, bool) or isinstance(v, bool):
-            ok = isinstance(default, bool) and isinstance(v, bool)
-        elif isinstance(default, float):
-            ok = isinstance(v, (int, float))
-        else:
-            ok = isinstance(v, type(default))
-        if not ok:
-            kind = "list" if isinstance(default, tuple) else type(default).__name__
-            raise UserError(f"{what} option {k!r} must be {kind}, got {v!r}")
-    return cls(**out)

@@ -424,12 +424,13 @@ def measure_throughput(model: nn.Module, batch: Batch, mode: str = "inference",
     name = device_name(device)
     gflops = (n_flops / med / 1e9) if n_flops else None
     peak, peak_kind = peak_flops(name, dtype) if device.type == "cuda" else (None, "")
+    graphs = int(getattr(batch, "num_graphs", 1) or 1)  # a single ``Data`` (e.g. operand pairs) is one graph
     return {
         "mode": mode, "device": str(device), "device_name": name, "dtype": dtype_name(dtype),
-        "batch_graphs": int(batch.num_graphs), "batch_nodes": int(batch.num_nodes),
+        "batch_graphs": graphs, "batch_nodes": int(batch.num_nodes),
         "batch_edges": int(batch.edge_index.shape[1]) if "edge_index" in batch else 0,
         **timing,
-        "graphs_per_s": batch.num_graphs / med, "nodes_per_s": batch.num_nodes / med,
+        "graphs_per_s": graphs / med, "nodes_per_s": batch.num_nodes / med,
         "peak_mem_bytes": mem, "mem_method": mem_method,
         "flops": n_flops, "gflops_per_s": gflops,
         "peak_flops_per_s": peak, "peak_flops_kind": peak_kind,

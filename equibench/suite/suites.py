@@ -1,4 +1,4 @@
-"""Suite files: YAML documents that expand into a list of ``RunSpec``.
+"""Suite files: YAML documents, validated by pydantic models, that expand into benches.
 
 Schema (every key but ``tasks``/``methods`` optional)::
 
@@ -11,11 +11,16 @@ Schema (every key but ``tasks``/``methods`` optional)::
     tasks: {nbody: {train_size: 3000}, normals: {}}        # task -> options (or a list of names)
     default_tasks: [nbody]                                  # run when no --tasks is given
     methods: {baseline: {params: 30000}, e3nn: {...}}       # method -> options (or a list)
-    task_overrides: {normals: {train: {...}, methods: {e3nn: {...}}}}   # per-task changes
+    task_overrides: {normals: {train: {...}, evaluate: {...}, methods: {e3nn: {...}}}}
     sweeps:                                                 # extra specs varying one task option
       - {task: nbody, option: train_size, values: [100, 300, 1000]}   # e.g. sample efficiency
-    scaling: {methods: [baseline, e3nn], nodes: [16, 256, 4096]}     # cost-vs-size sweep (extras.py)
-    tp_bench: {lmax: [1, 2, 3], impls: [e3nn, gaunt]}                # tensor-product microbenchmarks
+    scaling: {methods: [baseline, e3nn], nodes: [16, 256, 4096]}     # ScaleConfig options
+    tp_bench: {lmax: [1, 2, 3], impls: [e3nn, gaunt]}                # TPBenchConfig options
+
+``suite_benches`` turns a suite into the benches the runner drives: the task runs (tasks x
+methods x seeds, sweeps added) and, after them, the ``scaling`` and ``tp_bench`` sections on the
+suite's device. A run narrowed with ``tasks``/``methods`` skips those sections unless
+``extras=True``. Any problem is one ``UserError`` line naming the file.
 """
 from __future__ import annotations
 
@@ -24,118 +29,204 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError, field_validator, model_validator
 
-from ..core.errors import UserError
+from ..benches.base import Bench
+from ..benches.scaling import ScaleConfig, ScalingBench
+from ..benches.taskrun import EvalConfig, TaskBench
+from ..benches.tp_bench import TPBench, TPBenchConfig
+from ..benches.training import TrainConfig
+from ..core.config import Config, config_from_dict, one_line
+from ..core.errors import UserError, did_you_mean
+from ..core.registry import list_methods, list_tasks
 from ..core.spec import RunSpec
 
-TOP_KEYS = {"name", "description", "seeds", "device", "train", "evaluate", "tasks", "default_tasks",
-            "methods", "task_overrides", "sweeps", "scaling", "tp_bench"}
+Options = dict[str, Any]
+EXTRA_SECTIONS = {"scaling": (ScaleConfig, ScalingBench), "tp_bench": (TPBenchConfig, TPBench)}
+
+
+def _named_options(value: Any) -> Any:
+    """A list of names is shorthand for names with default options; ``name:`` (null) too."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return {v: {} for v in value}
+    if isinstance(value, dict):
+        return {k: ({} if v is None else v) for k, v in value.items()}
+    return value
+
+
+class Sweep(Config):
+    """Extra specs varying one task option (e.g. ``train_size`` for sample efficiency)."""
+
+    task: str
+    option: str
+    values: tuple[Any, ...]
+
+    @field_validator("values")
+    @classmethod
+    def _non_empty(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not v:
+            raise ValueError("a sweep needs at least one value")
+        return v
+
+
+class TaskOverride(Config):
+    """Per-task changes to the suite's train / evaluate settings and method options."""
+
+    train: Options = {}
+    evaluate: Options = {}
+    methods: dict[str, Options] = {}
+
+
+class SuiteFile(Config):
+    """A validated suite document (the module docstring gives the schema)."""
+
+    name: str
+    description: str = ""
+    seeds: tuple[int, ...] = (0,)
+    device: str = "cpu"
+    train: Options = {}
+    evaluate: Options = {}
+    tasks: dict[str, Options]
+    default_tasks: tuple[str, ...] = ()
+    methods: dict[str, Options]
+    task_overrides: dict[str, TaskOverride] = {}
+    sweeps: tuple[Sweep, ...] = ()
+    scaling: Options | None = None
+    tp_bench: Options | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("tasks", "methods"):
+                if key in data:
+                    data[key] = _named_options(data[key])
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SuiteFile":
+        if not self.seeds:
+            raise ValueError("'seeds' must be a non-empty list of integers")
+        for what, names in (("default_tasks", self.default_tasks), ("sweeps", [w.task for w in self.sweeps]),
+                            ("task_overrides", list(self.task_overrides))):
+            unknown = [n for n in names if n not in self.tasks]
+            if unknown:
+                raise ValueError(f"'{what}' names task(s) {unknown} that are not in 'tasks'")
+        return self
+
+    def section(self, name: str) -> Options | None:
+        """The options of extra section ``name`` (``scaling`` / ``tp_bench``), if present."""
+        return getattr(self, name)
 
 
 def list_suites() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("equibench.suites").iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("equibench.suites").iterdir() if p.name.endswith(".yaml"))
 
 
-def read_suite(name_or_path: str | Path) -> dict[str, Any]:
-    """Parse and validate a suite by name (``equibench/suites/<name>.yaml``) or file path."""
+def _load_text(name_or_path: str | Path) -> tuple[str, str, str]:
+    """(YAML text, where it came from for messages, default name)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"suite file not found: {path}")
-        text, where = path.read_text(), str(path)
-    else:
-        if str(name_or_path) not in list_suites():
-            from ..core.errors import did_you_mean
-            raise did_you_mean("suite", str(name_or_path), list_suites())
-        text = (resources.files("equibench.suites") / f"{name_or_path}.yaml").read_text()
-        where = f"suite {name_or_path!r}"
+        return path.read_text(), str(path), path.stem
+    if str(name_or_path) not in list_suites():
+        raise did_you_mean("suite", str(name_or_path), list_suites())
+    return (resources.files("equibench.suites") / f"{name_or_path}.yaml").read_text(), f"suite {name_or_path!r}", \
+        str(name_or_path)
+
+
+def read_suite(name_or_path: str | Path) -> SuiteFile:
+    """Parse and validate a suite by name (``equibench/suites/<name>.yaml``) or file path."""
+    text, where, default_name = _load_text(name_or_path)
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         loc = f" (line {mark.line + 1})" if mark is not None else ""
         raise UserError(f"malformed suite file {where}{loc}: {getattr(err, 'problem', err)}") from None
-    return validate_suite(doc, where)
+    return validate_suite(doc, where, default_name)
 
 
-def _as_options(value: Any, what: str, where: str) -> dict[str, dict[str, Any]]:
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return {v: {} for v in value}
-    if isinstance(value, dict) and all(isinstance(k, str) and (v is None or isinstance(v, dict))
-                                       for k, v in value.items()):
-        return {k: dict(v or {}) for k, v in value.items()}
-    raise UserError(f"malformed suite file {where}: '{what}' must be a list of names or a mapping "
-                    f"name -> options, got {value!r}")
-
-
-def validate_suite(doc: Any, where: str = "suite") -> dict[str, Any]:
+def validate_suite(doc: Any, where: str = "suite", default_name: str = "suite") -> SuiteFile:
+    """``doc`` (a parsed YAML mapping) as a ``SuiteFile``, its train / evaluate settings and extra
+    sections checked too; any problem is one ``UserError`` line."""
     if not isinstance(doc, dict):
         raise UserError(f"malformed suite file {where}: expected a mapping at the top level")
-    unknown = set(doc) - TOP_KEYS
-    if unknown:
-        raise UserError(f"malformed suite file {where}: unknown key(s) {sorted(unknown)} "
-                        f"(known: {sorted(TOP_KEYS)})")
     for key in ("tasks", "methods"):
         if key not in doc:
             raise UserError(f"malformed suite file {where}: missing '{key}'")
-        doc[key] = _as_options(doc[key], key, where)
-    seeds = doc.setdefault("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                            for s in seeds):
-        raise UserError(f"malformed suite file {where}: 'seeds' must be a non-empty list of integers")
-    for key in ("train", "evaluate", "task_overrides"):
-        if not isinstance(doc.setdefault(key, {}), dict):
-            raise UserError(f"malformed suite file {where}: '{key}' must be a mapping")
-    if not isinstance(doc.setdefault("device", "cpu"), str):
-        raise UserError(f"malformed suite file {where}: 'device' must be a string")
-    sweeps = doc.setdefault("sweeps", [])
-    if not isinstance(sweeps, list) or not all(
-            isinstance(w, dict) and set(w) == {"task", "option", "values"} and w["task"] in doc["tasks"]
-            and isinstance(w["option"], str) and isinstance(w["values"], list) and w["values"] for w in sweeps):
-        raise UserError(f"malformed suite file {where}: each of 'sweeps' must be "
-                        "{task: <a task of 'tasks'>, option: <name>, values: [..]}")
-    default_tasks = doc.setdefault("default_tasks", list(doc["tasks"]))
-    if not isinstance(default_tasks, list) or set(default_tasks) - set(doc["tasks"]):
-        raise UserError(f"malformed suite file {where}: 'default_tasks' must list tasks of 'tasks'")
-    from .extras import validate_extras
-    validate_extras(doc, where)
-    doc.setdefault("name", Path(where).stem if where.endswith((".yaml", ".yml")) else where.split("'")[1])
-    return doc
+    try:
+        suite = SuiteFile.model_validate({"name": default_name, **doc})
+    except ValidationError as err:
+        raise UserError(f"malformed suite file {where}: {one_line(err, 'suite', SuiteFile)}") from None
+    except ValueError as err:
+        raise UserError(f"malformed suite file {where}: {err}") from None
+    try:
+        for over in [None, *suite.task_overrides.values()]:
+            TrainConfig.from_dict({**suite.train, **(over.train if over else {})})
+            EvalConfig.from_dict({**suite.evaluate, **(over.evaluate if over else {})})
+        for section in EXTRA_SECTIONS:
+            extra_config(suite, section, "cpu")  # a CUDA suite validates on a machine without a GPU
+    except UserError as err:
+        raise UserError(f"malformed suite file {where}: {err}") from None
+    return suite
 
 
-def _pick(names: list[str] | None, available: dict[str, Any] | list[str], what: str) -> list[str]:
+def extra_config(suite: SuiteFile, section: str, device: str) -> Config | None:
+    """The validated config of extra section ``section`` on ``device`` (None when absent)."""
+    options = suite.section(section)
+    if options is None:
+        return None
+    if "device" in options:
+        raise UserError(f"'{section}' runs on the suite's device; remove its 'device' option")
+    cls = EXTRA_SECTIONS[section][0]
+    return config_from_dict(cls, {**options, "device": device}, section)
+
+
+def _pick(names: list[str] | None, available: dict[str, Any], what: str) -> list[str]:
     if names is None:
         return list(available)
-    missing = [n for n in names if n not in available]
-    if missing:
-        from ..core.registry import list_methods, list_tasks
-        known = list_tasks() if what == "task" else list_methods()
-        if missing[0] in known:
-            return [n for n in names]  # registered but not in the suite: run with default options
-        from ..core.errors import did_you_mean
-        raise did_you_mean(what, missing[0], known)
-    return list(names)
+    known = list_tasks() if what == "task" else list_methods()
+    for n in names:
+        if n not in available and n not in known:
+            raise did_you_mean(what, n, known)
+    return list(names)  # registered but not in the suite: run with default options
 
 
-def expand_suite(doc: dict[str, Any], tasks: list[str] | None = None, methods: list[str] | None = None,
+def expand_suite(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str] | None = None,
                  seeds: list[int] | None = None, device: str | None = None) -> list[RunSpec]:
     """The cartesian product tasks x methods x seeds as ``RunSpec`` (filters/overrides applied)."""
-    task_names = _pick(tasks, doc["tasks"], "task") if tasks else list(doc["default_tasks"])
-    method_names = _pick(methods, doc["methods"], "method")
-    variants = [(t, doc["tasks"].get(t, {})) for t in task_names]
-    for sweep in doc["sweeps"]:
-        if sweep["task"] in task_names:
-            variants += [(sweep["task"], {**doc["tasks"][sweep["task"]], sweep["option"]: v}) for v in sweep["values"]]
+    task_names = _pick(tasks, suite.tasks, "task") if tasks else list(suite.default_tasks or suite.tasks)
+    method_names = _pick(methods, suite.methods, "method")
+    variants = [(t, suite.tasks.get(t, {})) for t in task_names]
+    for sweep in suite.sweeps:
+        if sweep.task in task_names:
+            variants += [(sweep.task, {**suite.tasks[sweep.task], sweep.option: v}) for v in sweep.values]
     specs = []
     for task, task_options in variants:
-        over = doc["task_overrides"].get(task, {})
-        train = {**doc["train"], **over.get("train", {})}
-        evaluate = {**doc["evaluate"], **over.get("evaluate", {})}
+        over = suite.task_overrides.get(task, TaskOverride())
+        train = {**suite.train, **over.train}
+        evaluate = {**suite.evaluate, **over.evaluate}
         for method in method_names:
-            m_opts = {**doc["methods"].get(method, {}), **over.get("methods", {}).get(method, {})}
-            for seed in seeds or doc["seeds"]:
+            m_opts = {**suite.methods.get(method, {}), **over.methods.get(method, {})}
+            for seed in seeds or suite.seeds:
                 specs.append(RunSpec(task=task, method=method, seed=seed, task_options=task_options,
                                      method_options=m_opts, train=train, evaluate=evaluate,
-                                     device=device or doc["device"]))
+                                     device=device or suite.device))
     return list(dict.fromkeys(specs))  # a sweep value equal to the base option is the same spec
+
+
+def suite_benches(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str] | None = None,
+                  seeds: list[int] | None = None, device: str | None = None,
+                  extras: bool | None = None) -> list[Bench]:
+    """The benches a run of ``suite`` drives, in order: task runs, then the extra sections (when
+    ``extras`` is True, or None and neither ``tasks`` nor ``methods`` narrows the suite)."""
+    benches: list[Bench] = [TaskBench(expand_suite(suite, tasks, methods, seeds, device))]
+    if extras or (extras is None and tasks is None and methods is None):
+        for section, (_, bench_cls) in EXTRA_SECTIONS.items():
+            cfg = extra_config(suite, section, device or suite.device)
+            if cfg is not None:
+                benches.append(bench_cls(cfg))  # type: ignore[call-arg]
+    return benches

@@ -1,0 +1,226 @@
+"""The ``task`` bench: train and evaluate one (task, method, seed) — ``run_one(spec)``.
+
+``run_one`` is pure and picklable: build data (cached), build the model, measure equivariance at
+init, train to the shared budget (``training.py``), evaluate the task metrics on the test split,
+measure equivariance (fp32 as deployed; fp64 on a copy rebuilt under a float64 default, the e3nn
+precision trap), the Lie derivative, optional degeneracy curves, and throughput + memory. Every
+metric name comes from the catalogue (``equibench.metrics.catalogue``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import random
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+from torch_geometric.data import Batch
+
+from ..core.config import Config, config_from_dict
+from ..core.envinfo import git_commit, package_versions
+from ..core.errors import UserError
+from ..core.registry import get_method, get_task
+from ..core.spec import RunSpec
+from ..methods.base import count_parameters
+from ..metrics import degeneracy
+from ..metrics.equivariance import equivariance_error, lie_derivative
+from ..metrics.throughput import device_name, measure_throughput
+from ..symmetry.group3d import common_group
+from ..symmetry.precision import default_dtype, dtype_name
+from .base import Bench, Point, Row, register_bench
+from .training import NonFiniteError, TrainConfig, evaluate, train
+
+
+class EvalConfig(Config):
+    """What is measured after training and how (the suite file's ``evaluate:`` mapping)."""
+
+    equivariance_samples: int = 8
+    equivariance_graphs: int = 32
+    lie_derivative: bool = True
+    degeneracy: bool = False
+    throughput: bool = True
+    throughput_batch: int = 100
+    throughput_modes: tuple[str, ...] = ("inference", "train")
+    throughput_min_sample_s: float = 0.05
+    throughput_repeats: int = 10
+    throughput_threads: int = 0  # CPU threads while timing; 0 = torch's default
+    flops: bool = True
+    compile: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
+        return config_from_dict(cls, d, "evaluate")
+
+
+def validate_spec(spec: RunSpec) -> None:
+    """Raise ``UserError`` for unknown names or bad option types before anything runs."""
+    get_task(spec.task, **spec.task_options)
+    get_method(spec.method, **spec.method_options)
+    TrainConfig.from_dict(spec.train)
+    EvalConfig.from_dict(spec.evaluate)
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {spec.device!r} requested but CUDA is not available")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def spec_identity(spec: RunSpec) -> Row:
+    """The columns every row of a task run carries (failed rows included)."""
+    return {"spec_hash": spec.hash, "task": spec.task, "method": spec.method, "seed": spec.seed,
+            "task_options": spec.task_options, "method_options": spec.method_options,
+            "train_config": spec.train, "eval_config": spec.evaluate, "device": spec.device}
+
+
+def _base_row(spec: RunSpec) -> Row:
+    return {**spec_identity(spec), "git_commit": git_commit(), "versions": package_versions()}
+
+
+def status_rows(spec: RunSpec, status: str, error: str = "") -> list[dict[str, Any]]:
+    """A single row recording a spec that did not produce measurements."""
+    return [{**_base_row(spec), "metric": "status", "value": float("nan"), "status": status,
+             "error": error, "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}]
+
+
+def load_state_keep_constants(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` that keeps the model's own value of every *buffer* the state only
+    repeats at lower precision (equal within float32 rounding): such buffers are build-time
+    constants — e3nn's Wigner-3j tables, escnn's kernel bases — and a float64 rebuild must keep
+    its float64 values, or the structural error measured is float32's (~1e-9). Buffers present on
+    one side only are eval-mode caches and are skipped; every parameter must be present."""
+    own = model.state_dict()
+    params = {k for k, _ in model.named_parameters()}
+    missing = sorted(params - set(state))
+    if missing:
+        raise KeyError(f"state has no value for parameter(s) {missing[:5]}")
+    merged = {}
+    for k, v in state.items():
+        if k not in own:  # a cache buffer the other copy made in eval mode (escnn R2Conv filters)
+            continue
+        mine = own.get(k)
+        constant = (k not in params and mine is not None and torch.is_tensor(v) and v.is_floating_point()
+                    and mine.shape == v.shape and mine.dtype != v.dtype
+                    and torch.allclose(mine.to(v.dtype), v, rtol=1e-5, atol=1e-7))
+        merged[k] = mine if constant else v
+    model.load_state_dict(merged, strict=False)  # every parameter is present (checked above)
+
+
+def build_model(method, spec_task, seed: int, dtype: torch.dtype, state: dict | None = None):
+    """Build under ``dtype`` as the default dtype (so build-time constants are in ``dtype``),
+    with the same seed; optionally load ``state`` (parameters cast to ``dtype``; constant
+    buffers keep their ``dtype`` values, see ``load_state_keep_constants``)."""
+    with default_dtype(dtype):
+        seed_everything(seed)
+        model = method.build(spec_task, seed=seed)
+        model = model.to(dtype)
+        if state is not None:
+            load_state_keep_constants(model, state)
+    return model
+
+
+def run_one(spec: RunSpec) -> list[dict[str, Any]]:
+    """Measure one spec; returns tidy rows. Exceptions become a single ``failed`` row."""
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    try:
+        return _run_one(spec, started)
+    except Exception as err:  # any failure is a result, not a crash of the suite
+        msg = f"{type(err).__name__}: {err}"
+        if not isinstance(err, (NonFiniteError, UserError)):
+            msg += " | " + " / ".join(traceback.format_exc().strip().splitlines()[-3:])
+        return status_rows(spec, "failed", msg)
+
+
+def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
+    task = get_task(spec.task, **spec.task_options)
+    method = get_method(spec.method, **spec.method_options)
+    tspec = task.spec
+    reason = method.supports(tspec)
+    if reason:
+        return status_rows(spec, "not_applicable", reason)
+    cfg, ecfg = TrainConfig.from_dict(spec.train), EvalConfig.from_dict(spec.evaluate)
+    device = torch.device(spec.device)
+    base = {**_base_row(spec), "provenance": task.provenance(), "device_name": device_name(device),
+            "status": "ok", "error": "", "started_at": started}
+    rows: list[dict[str, Any]] = []
+
+    def add(metric: str, value: Any, **ctx: Any) -> None:
+        rows.append({**base, "metric": metric, "value": None if value is None else float(value), **ctx})
+
+    train_data, test_data = task.load("train"), task.load("test")
+    eq_batch = Batch.from_data_list(test_data[:ecfg.equivariance_graphs])
+    group = common_group(tspec.group, method.group) if method.exact and tspec.domain == "graph3d" else tspec.group
+    model = build_model(method, tspec, spec.seed, torch.float32)
+    add("params", count_parameters(model))
+
+    def measure_equivariance(stage: str) -> None:
+        fp64 = build_model(method, tspec, spec.seed, torch.float64, state=model.state_dict())
+        for dtype, m in ((torch.float32, model), (torch.float64, fp64)):
+            res = equivariance_error(m.to(device), eq_batch, tspec, n_samples=ecfg.equivariance_samples,
+                                     dtype=dtype, group=group, seed=spec.seed)
+            for stat in ("rel_mean", "rel_median", "rel_max", "abs_max"):
+                add(f"equivariance.{stage}.{dtype_name(dtype)}.{stat}", res[stat], stage=stage,
+                    dtype=dtype_name(dtype), group=group, batch_size=res["n_graphs"],
+                    repeats=res["n_samples"])
+        if ecfg.lie_derivative and tspec.domain == "graph3d":
+            lie = lie_derivative(fp64.to(device), eq_batch, tspec)
+            for stat in ("rel_mean", "rel_max"):
+                add(f"lie_derivative.{stage}.fp64.{stat}", lie[stat], stage=stage, dtype="fp64",
+                    batch_size=int(eq_batch.num_graphs), repeats=3)
+        if stage == "trained" and ecfg.degeneracy and tspec.domain == "graph3d":
+            for curve in (degeneracy.degeneracy_curve, degeneracy.symmetric_curve):
+                for r in curve(fp64.to(device), eq_batch, tspec, group=group):
+                    x_label = "gap" if "gap" in r else "config"
+                    x_val = r.get("gap", r.get("config"))
+                    for stat in ("rel_mean", "rel_max", "nonfinite"):
+                        add(f"degeneracy.{x_label}.{stat}", r[stat], stage=stage, dtype="fp64", group=group,
+                            x=x_val if x_label == "gap" else None, x_label=str(x_val),
+                            batch_size=int(eq_batch.num_graphs))
+
+    measure_equivariance("init")
+    hist = train(model, method, task, train_data, cfg, spec.seed, device)
+    for k, v in hist.items():
+        add(f"train.{k}", v, batch_size=cfg.batch_size)
+    for k, v in evaluate(model, method, task, test_data, cfg.eval_batch_size, device).items():
+        add(f"test.{k}", v, batch_size=cfg.eval_batch_size, n_graphs=len(test_data))
+    measure_equivariance("trained")
+    if ecfg.throughput:
+        tp_data = (test_data * (ecfg.throughput_batch // len(test_data) + 1))[:ecfg.throughput_batch]
+        tp_batch = Batch.from_data_list(tp_data)
+        for mode in ecfg.throughput_modes:
+            res = measure_throughput(model, tp_batch, mode=mode, device=device, repeats=ecfg.throughput_repeats,
+                                     min_sample_s=ecfg.throughput_min_sample_s, flops=ecfg.flops,
+                                     compile=ecfg.compile, loss_fn=task.loss,
+                                     threads=ecfg.throughput_threads or None)
+            ctx = {k: res[k] for k in ("mode", "dtype", "batch_nodes", "batch_edges", "repeats", "threads",
+                                       "timer", "compiled", "mem_method", "calls_per_sample")}
+            ctx["batch_size"] = res["batch_graphs"]
+            for stat in ("graphs_per_s", "nodes_per_s", "time_median_s", "time_iqr_s", "peak_mem_bytes",
+                         "flops", "gflops_per_s", "compile_time_s"):
+                if res[stat] is not None:
+                    add(f"throughput.{mode}.{stat}", res[stat], **ctx)
+    finished = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    for r in rows:
+        r["finished_at"] = finished
+    return rows
+
+
+@register_bench("task")
+class TaskBench(Bench):
+    """Task runs: one point per ``RunSpec`` (its hash is the point's), each in its own worker."""
+
+    def __init__(self, specs: list[RunSpec]) -> None:
+        self.specs = list(dict.fromkeys(specs))
+
+    def points(self) -> list[Point]:
+        for s in self.specs:
+            validate_spec(s)
+        return [Point(bench=self.kind, hash=s.hash, label=s.label, config=s.to_dict(), identity=spec_identity(s),
+                      method=s.method, device=s.device) for s in self.specs]
+
+    @classmethod
+    def run_point(cls, point: Point, history: list[Row]) -> list[Row]:
+        return run_one(RunSpec.from_dict(point.config))
