@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch_geometric.data import Batch, Data
 
+from ..core.errors import UserError
 from ..core.spec import TaskSpec
 
 SPLITS = ("train", "val", "test")
@@ -66,5 +67,4 @@ class Task:
 
     def check_split(self, split: str) -> None:
         if split not in SPLITS:
-            from ..core.errors import UserError
             raise UserError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")

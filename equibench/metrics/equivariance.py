@@ -28,6 +28,7 @@ from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
 from ..symmetry import group3d
+from ..symmetry import group2d
 from ..symmetry.group3d import GroupElement, OneParameterElement, act_on_batch, act_on_output
 from ..symmetry.precision import default_dtype, dtype_name
 from ..core.spec import TaskSpec
@@ -68,7 +69,6 @@ def group_actions(spec: TaskSpec):
     """The module implementing ``sample_element``, ``act_on_batch`` and ``act_on_output`` for the
     task's domain (graph3d: E(3) on typed fields; image2d: planar rotations/reflections)."""
     if spec.domain == "image2d":
-        from ..symmetry import group2d
         return group2d
     return group3d
 

@@ -55,6 +55,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.data import Batch
 
+from ..core.errors import UserError
 from ..symmetry.precision import dtype_name
 
 MODES = ("inference", "forward_backward", "train")
@@ -204,7 +205,6 @@ def make_step(model: nn.Module, batch: Batch, mode: str,
     """The callable timed for ``mode`` (``train`` works on a deep copy of ``model``); with
     ``compile`` the module it calls is ``torch.compile(..., dynamic=compile_dynamic)``."""
     if mode not in MODES:
-        from ..core.errors import UserError
         raise UserError(f"unknown throughput mode {mode!r} (known: {', '.join(MODES)})")
     loss_fn = loss_fn or (lambda pred, b: pred.float().pow(2).mean())
     work = copy.deepcopy(model) if mode == "train" else model

@@ -32,6 +32,7 @@ from torch_geometric.data import Batch
 
 from ..core.errors import UserError
 from ..core.spec import TaskSpec
+from .fieldtypes import POINT, irreps
 
 IMAGE = "image"
 EXACT_TOL = 1e-9  # an angle within this of a multiple of pi/2 is applied with torch.rot90
@@ -166,7 +167,6 @@ def sample_element(batch: Batch, group: str, generator: torch.Generator, permute
 
 def is_invariant_type(t: str) -> bool:
     """True for types made of l = 0 irreps only (unchanged by every planar rotation)."""
-    from .fieldtypes import POINT, irreps
     if t == POINT or is_image_type(t):
         return False
     return all(ir.l == 0 for _, ir in irreps(t))  # planar rotations: every l = 0 irrep is invariant

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..core.errors import UserError
+
 
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
@@ -29,7 +31,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
              "fp64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in table:
-        from ..core.errors import UserError
         raise UserError(f"unknown dtype {name!r} (known: {', '.join(table)})")
     return table[name]
 
