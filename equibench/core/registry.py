@@ -11,11 +11,12 @@ import importlib
 import importlib.util
 import inspect
 import sys
-import types
 import typing
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from .errors import UserError, did_you_mean
 
@@ -112,46 +113,46 @@ def task_class(name: str) -> type:
     return _TASKS[name]
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict:
-        return isinstance(value, dict)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
+def options_model(cls: type) -> type[BaseModel]:
+    """A strict pydantic model of ``cls.__init__``'s keyword options (names, type hints and
+    defaults; ``**kwargs`` allows extra keys), built once per class."""
+    cached = cls.__dict__.get("_options_model")
+    if cached is not None:
+        return cached
+    sig = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    fields: dict[str, Any] = {}
+    for key, p in sig.parameters.items():
+        if key == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        ann = hints.get(key, Any)
+        fields[key] = (ann, ... if p.default is p.empty else p.default)
+    extra = "allow" if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) else "forbid"
+    model = create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra=extra, strict=True,
+                                                                          arbitrary_types_allowed=True), **fields)
+    cls._options_model = model  # type: ignore[attr-defined]
+    return model
 
 
 def validate_options(cls: type, kind: str, options: dict[str, Any]) -> None:
     """Check option names and types against ``cls.__init__``; raise ``UserError`` otherwise."""
-    sig = inspect.signature(cls.__init__)
-    hints = typing.get_type_hints(cls.__init__)
-    params = {k: p for k, p in sig.parameters.items() if k != "self" and p.kind is p.KEYWORD_ONLY
-              or (k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)}
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    for key, value in options.items():
-        if key not in params:
-            if accepts_any:
-                continue
-            raise UserError(f"{kind} {cls.name!r} has no option {key!r}"
-                            f" (options: {', '.join(sorted(params)) or 'none'})")
-        ann = hints.get(key, params[key].annotation)
-        if not _type_ok(value, ann):
-            tname = getattr(ann, "__name__", str(ann))
-            raise UserError(f"{kind} {cls.name!r} option {key!r} must be {tname}, got {value!r}")
+    model = options_model(cls)
+    # YAML/JSON give lists where a signature may say tuple
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    try:
+        model.model_validate(given)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e.get("loc", ()))
+        if e.get("type") == "extra_forbidden":
+            known = ", ".join(sorted(model.model_fields)) or "none"
+            raise UserError(f"{kind} {cls.name!r} has no option {key!r} (options: {known})") from None
+        if e.get("type") == "missing":
+            return  # a required option is the constructor's to report
+        ann = model.model_fields[key.split(".")[0]].annotation if key.split(".")[0] in model.model_fields else None
+        tname = getattr(ann, "__name__", str(ann).replace("typing.", ""))
+        raise UserError(f"{kind} {cls.name!r} option {key!r} must be {tname}, got {options.get(key.split('.')[0])!r}"
+                        ) from None
 
 
 def get_method(name: str, **options: Any):
