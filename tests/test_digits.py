@@ -9,7 +9,7 @@ import torch
 from torch_geometric.data import Batch
 
 import equibench as eb
-from equibench.suite import group2d
+from equibench.symmetry import group2d
 from equibench.core.errors import UserError
 
 

@@ -1,5 +1,5 @@
 """Frame averaging, PCA canonicalisation and learned canonicalisation (methods/frame_averaging.py,
-methods/canonicalization.py, methods/pca_canonicalization.py, methods/pca_frames.py)."""
+methods/canonicalization.py, methods/pca_canonicalization.py, methods/blocks/pca_frames.py)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from torch_geometric.utils import scatter
 
 import equibench as eb
 from equibench.methods.base import count_parameters
-from equibench.methods.pca_frames import exact_rep, frame_set, gram_schmidt, into_frame
+from equibench.methods.blocks.pca_frames import exact_rep, frame_set, gram_schmidt, into_frame
 from equibench.metrics.equivariance import cast_batch
 from equibench.symmetry.fieldtypes import representation
 from equibench.symmetry.group3d import act_on_batch, sample_element, sample_rotations

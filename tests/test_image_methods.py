@@ -1,23 +1,30 @@
-"""Image models (``equibench.methods.image_models``): exact rot90 invariance of the exact kinds,
-the canonicaliser's equivariance and identity property, hooks, parameter matching and dtypes."""
+"""Image builds of the methods (``image2d``; blocks in ``equibench.methods.blocks``): exact rot90
+invariance of the exact methods, the canonicaliser's equivariance and identity property, hooks,
+parameter matching and dtypes."""
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import pytest
 import torch
 from torch_geometric.data import Batch
 
 import equibench as eb
+from equibench.core.registry import method_class
 from equibench.methods.base import count_parameters
-from equibench.methods.image_models import (IMAGE_EXACT, Canonicalised, build_image_model,
-                                            image_auxiliary_loss, image_extra_metrics,
-                                            image_train_transform)
+from equibench.methods.blocks.canon2d import Canonicalised
+from equibench.methods.blocks.cnn import ImageModel
+from equibench.symmetry.group2d import is_2d_group
 from equibench.symmetry.precision import default_dtype
 
 SMALL = {"width": 16, "depth": 2}
-KINDS = list(IMAGE_EXACT)
-EXACT = [k for k, v in IMAGE_EXACT.items() if v]
+KINDS = sorted(m for m in eb.list_methods() if "image2d" in method_class(m).domains)
+EXACT = [k for k in KINDS if eb.get_method(k).is_exact("image2d")]
+
+
+def test_image_methods_and_their_exactness():
+    assert KINDS == ["augmentation", "baseline", "canonicalization", "escnn", "frame_averaging"]
+    assert EXACT == ["canonicalization", "escnn", "frame_averaging"]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +37,19 @@ def batch(task):
     return Batch.from_data_list(task.load("test")[:12])
 
 
-def build(kind, spec, dtype=torch.float32, seed=0, **kw):
+def method(kind, **kw):
+    return eb.get_method(kind, **{**SMALL, **kw})
+
+
+def build(kind, spec, dtype=torch.float32, seed=0, group=None, **kw):
+    """``kind``'s image model; a 2-D ``group`` builds it for that group (on the same images)."""
+    if is_2d_group(group):
+        spec = dataclasses.replace(spec, group=group)
+    elif group is not None:
+        kw["group"] = group
     with default_dtype(dtype):
         torch.manual_seed(seed)
-        return build_image_model(kind, spec, **{**SMALL, **kw})
+        return method(kind, **kw).build(spec, seed)
 
 
 def rot90_batch(batch, k):
@@ -44,15 +60,17 @@ def rot90_batch(batch, k):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_shapes_hooks_and_a_training_step(kind, task, batch):
+    m = method(kind)
     model = build(kind, task.spec)
     assert count_parameters(model) > 0
     model.train()
     gen = torch.Generator().manual_seed(0)
-    tb = image_train_transform(batch, task.spec, gen) if kind == "augmentation" else batch
+    tb = m.train_transform(batch, task.spec, gen)
+    assert (tb is batch) == (kind != "augmentation")
     pred = model(tb)
     assert pred.shape == (12, 10) and torch.isfinite(pred).all()
     loss = task.loss(pred, tb)
-    aux = image_auxiliary_loss(model, tb, pred)
+    aux = m.auxiliary_loss(model, tb, pred)
     assert (aux is not None) == (kind == "canonicalization")
     total = loss if aux is None else loss + aux
     before = [p.detach().clone() for p in model.parameters()]
@@ -63,13 +81,13 @@ def test_shapes_hooks_and_a_training_step(kind, task, batch):
     model.eval()
     out = model(batch)
     assert torch.isfinite(out).all()
-    extra = image_extra_metrics(model, batch, out)
+    extra = m.extra_metrics(model, batch, out)
     assert set(extra) == ({"identity_metric", "prior_ce"} if kind == "canonicalization" else set())
     assert all(isinstance(v, float) for v in extra.values())
 
 
 def test_augmentation_rotates_each_image_by_a_quarter_turn(task, batch):
-    out = image_train_transform(batch, task.spec, torch.Generator().manual_seed(1))
+    out = method("augmentation").train_transform(batch, task.spec, torch.Generator().manual_seed(1))
     ks = []
     for i in range(12):
         hits = [k for k in range(4)
@@ -143,12 +161,14 @@ def test_prior_and_identity_metric(task, batch):
     with torch.no_grad():
         pred = model(batch)
         scores = model.canonicaliser(batch.image)
-    m = image_extra_metrics(model, batch, pred)
+    canon = method("canonicalization", prior_weight=2.0)
+    m = canon.extra_metrics(model, batch, pred)
     assert m["identity_metric"] == pytest.approx((scores.argmax(-1) == 0).double().mean().item())
     target = torch.zeros(12, dtype=torch.long)
-    assert image_auxiliary_loss(model, batch, pred).item() == pytest.approx(
+    assert canon.auxiliary_loss(model, batch, pred).item() == pytest.approx(
         2.0 * torch.nn.functional.cross_entropy(scores, target).item(), rel=1e-5)
-    assert image_auxiliary_loss(build("canonicalization", task.spec, prior_weight=0.0), batch, pred) is None
+    no_prior = method("canonicalization", prior_weight=0.0)
+    assert no_prior.auxiliary_loss(build("canonicalization", task.spec, prior_weight=0.0), batch, pred) is None
 
 
 def test_frame_averaging_stochastic_training(task, batch):
@@ -164,30 +184,33 @@ def test_frame_averaging_stochastic_training(task, batch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_parameter_matching(kind, task):
     target = 12000
-    model = build_image_model(kind, task.spec, params=target, depth=2)
+    model = eb.get_method(kind, params=target, depth=2).build(task.spec)
     assert abs(count_parameters(model) - target) <= 0.1 * target
 
 
-def test_default_is_parameter_matched_to_the_baseline(task):
-    base = count_parameters(build_image_model("baseline", task.spec, depth=2))
-    esc = count_parameters(build_image_model("escnn", task.spec, depth=2))
-    assert abs(esc - base) <= 0.1 * base
+@pytest.mark.parametrize("kind", ["escnn", "canonicalization"])
+def test_default_is_parameter_matched_to_the_baseline(kind, task):
+    base = count_parameters(eb.get_method("baseline", depth=2).build(task.spec))
+    other = count_parameters(eb.get_method(kind, depth=2).build(task.spec))
+    assert abs(other - base) <= 0.1 * base
 
 
 def test_build_is_seeded_and_options_checked(task, batch):
     a, b = build("escnn", task.spec, seed=3), build("escnn", task.spec, seed=3)
     with torch.no_grad():
         assert torch.equal(a.eval()(batch), b.eval()(batch))
-    with pytest.raises(TypeError):
-        build_image_model("baseline", task.spec, prior_weight=1.0)
     with pytest.raises(eb.UserError):
-        build_image_model("resnet", task.spec)
+        eb.get_method("baseline", prior_weight=1.0)
+    with pytest.raises(eb.UserError):
+        eb.get_method("resnet")
+    with pytest.raises(ValueError):
+        eb.get_method("baseline", width=0).build(task.spec)
     # a 3-D group name (the graph methods' default) means "the task's group"
     assert build("frame_averaging", task.spec, group="O3").group == "C4"
 
 
 def test_wiring_helpers(task):
-    from equibench.methods.image_models import image_size_options, is_image_model
+    from equibench.methods.blocks.image import image_size_options
 
     class FakeMethod:  # graph-tuned defaults must not leak into image sizes
         def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, group: str = "O3"):
@@ -196,4 +219,4 @@ def test_wiring_helpers(task):
     assert image_size_options(FakeMethod()) == {"width": None, "depth": None, "params": None, "group": None}
     assert image_size_options(FakeMethod(width=24, params=9000, group="C8")) == \
         {"width": 24, "depth": None, "params": 9000, "group": "C8"}
-    assert is_image_model(build("baseline", task.spec)) and not is_image_model(torch.nn.Linear(2, 2))
+    assert isinstance(build("baseline", task.spec), ImageModel)

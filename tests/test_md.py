@@ -7,7 +7,7 @@ import torch
 from torch_geometric.data import Batch, Data
 
 import equibench as eb
-from equibench.methods.energy_forces import ForcesFromEnergy, energy_spec, energy_to_forces
+from equibench.methods.blocks.energy_forces import ForcesFromEnergy, energy_spec, energy_to_forces
 from equibench.symmetry.fieldtypes import field_dim
 from equibench.symmetry.precision import default_dtype
 

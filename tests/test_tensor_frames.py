@@ -9,10 +9,10 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn import EdgeConv, GINEConv
 
 import equibench as eb
-from equibench.methods.backbone import BackboneLayer, mlp
+from equibench.methods.blocks.backbone import BackboneLayer, mlp
 from equibench.methods.tensor_frames import frame_invariants
-from equibench.methods.tfmp import (FrameWrapped, LearnedFrames, NearestFrames, attach_tensor_frames,
-                                    edge_frames, gram_schmidt, rho, rho_matrix, wigner_d)
+from equibench.methods.blocks.tfmp import (FrameWrapped, LearnedFrames, NearestFrames, attach_tensor_frames,
+                                           edge_frames, gram_schmidt, rho, rho_matrix, wigner_d)
 from equibench.core.errors import UserError
 from equibench.symmetry.group3d import sample_rotations
 from equibench.symmetry.precision import default_dtype

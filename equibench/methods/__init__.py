@@ -2,13 +2,15 @@
 
 Importing this package imports every module in it, so dropping a new adapter file here is all
 it takes to register it. A module whose optional dependency is missing (escnn) registers
-nothing; the reason is kept in ``unavailable`` and shown by ``equibench list``.
+nothing; the reason is kept in ``unavailable`` and shown by ``equibench list``. The ``blocks``
+subpackage (shared building blocks, no registrations) is not a method module: it is skipped here
+and imported by the methods that use it.
 """
 from __future__ import annotations
 
 from .base import Method, build_at_params, count_parameters
 from ..core.autoimport import import_submodules
 
-unavailable: dict[str, str] = import_submodules(__name__, __path__, skip=("base",))
+unavailable: dict[str, str] = import_submodules(__name__, __path__, skip=("base", "blocks"))
 
 __all__ = ["Method", "build_at_params", "count_parameters", "unavailable"]

@@ -23,17 +23,26 @@ class Method:
     * ``domains``: task domains supported ("graph3d", "image2d");
     * ``exact``: equivariance holds by construction (held to 1e-10 fp64 / 1e-4 fp32 in tests);
     * ``group``: the group it is equivariant to when exact ("O3" includes reflections; "SO3"
-      does not); translations are always handled when the task has point inputs.
+      does not); translations are always handled when the task has point inputs;
+    * ``exact_by_domain``: exactness per domain where a method builds different models per domain
+      (on image2d, exact means invariant over the grid symmetries of the task's planar group: C4
+      exactly); ``is_exact(domain)`` falls back to ``exact`` for a domain not listed;
+    * ``requirements``: pip requirement strings the method needs beyond equibench's own (e.g.
+      ``("e3nn==0.5.1",)``); its points then run in a cached virtual environment that has them
+      installed on top of the runner's packages (``equibench.suite.envs``). Default ``()``.
     """
 
     name: ClassVar[str] = "?"
     domains: ClassVar[tuple[str, ...]] = ("graph3d",)
     exact: bool = False
     group: str | None = None
+    exact_by_domain: ClassVar[dict[str, bool]] = {}
     #: wrapping methods (same backbone) report their overhead against it
     wraps_backbone: ClassVar[bool] = False
     #: options of a small, fast instance, used by the registry-parametrised tests
     smoke_options: ClassVar[dict[str, Any]] = {}
+    #: pip requirements of an isolated environment for this method's points (empty: the runner's)
+    requirements: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)
@@ -46,6 +55,10 @@ class Method:
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         raise NotImplementedError
+
+    def is_exact(self, domain: str) -> bool:
+        """Whether the models built for tasks of ``domain`` are equivariant by construction."""
+        return bool(self.exact_by_domain.get(domain, self.exact))
 
     # ---- hooks (default: nothing) -------------------------------------------------------
     def train_transform(self, batch: Batch, spec: TaskSpec, generator: torch.Generator) -> Batch:

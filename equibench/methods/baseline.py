@@ -1,19 +1,28 @@
-"""``baseline``: the shared backbone alone, trained on upright data; no symmetry at all.
+"""``baseline``: the shared model alone, trained on upright data; no symmetry at all.
 
-``Baseline`` also carries the domain dispatch of every backbone-wrapping method: on ``image2d``
-tasks ``build`` returns ``image_models.build_image_model(self.image_kind, ...)`` (a CNN of
-matched size, or the method's image counterpart), on ``graph3d`` tasks ``build_graph``.
+graph3d: the shared message-passing backbone (``blocks.backbone.BackboneModel``) at the requested
+width / parameter count.
+
+image2d: the plain CNN ``blocks.cnn.CNNClassifier`` (conv 5x5 then 3x3, BatchNorm, ReLU, 2x2
+average pool after the first two blocks, global mean, linear head; ``width`` = channels, default
+``blocks.cnn.DEFAULT_WIDTH``: the reference every default image model is parameter-matched to).
+
+``Baseline.build`` carries the domain dispatch of every backbone-wrapping method: ``build_image``
+on ``image2d`` tasks, ``build_graph`` on ``graph3d`` tasks; each subclass overrides the two in its
+own file.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
 from ..core.registry import register_method
 from ..core.spec import TaskSpec
-from .backbone import BackboneModel
 from .base import Method, build_at_params
+from .blocks.backbone import BackboneModel
+from .blocks.cnn import CNNClassifier
+from .blocks.image import build_image_model, image_size_options
 
 
 @register_method("baseline")
@@ -23,8 +32,7 @@ class Baseline(Method):
     wraps_backbone = True
     smoke_options = {"width": 16, "depth": 2}
     domains = ("graph3d", "image2d")
-    #: which image model of ``image_models`` this method builds on image2d tasks
-    image_kind: ClassVar[str] = "baseline"
+    exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False, "image2d": False}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None) -> None:
         super().__init__(width=width, depth=depth, params=params)
@@ -34,15 +42,16 @@ class Baseline(Method):
         """The bare backbone at the requested width/parameter count (used by wrappers too)."""
         return build_at_params(lambda w: BackboneModel(spec, w, self.depth), self.params, self.width)
 
-    def image_options(self) -> dict[str, Any]:
-        """Method-specific options forwarded to ``build_image_model`` (e.g. ``stochastic``)."""
-        return {}
-
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         if spec.domain == "image2d":
-            from .image_models import build_image_model, image_size_options
-            return build_image_model(self.image_kind, spec, **image_size_options(self), **self.image_options())
+            return self.build_image(spec)
         return self.build_graph(spec, seed)
 
     def build_graph(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         return self.build_backbone(spec)
+
+    def build_image(self, spec: TaskSpec) -> nn.Module:
+        """The plain CNN (image sizes from ``image_size_options``; no group involved)."""
+        sizes = image_size_options(self)
+        sizes.pop("group")
+        return build_image_model(lambda w, depth, fast: CNNClassifier(spec, w, depth), spec, **sizes)

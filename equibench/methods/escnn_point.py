@@ -1,7 +1,8 @@
-"""``escnn``: a steerable point-convolution network built from escnn's ``R3PointConv``.
+"""``escnn``: escnn steerable networks (point convolutions on graphs, R2Conv CNNs on images).
 
-Group G = O(3) (``gspaces.flipRot3dOnR3``, default) or SO(3) (``gspaces.rot3dOnR3``); with
-relative positions only, the network is E(3)- (or SE(3)-) equivariant. One hidden layer is
+graph3d (escnn's ``R3PointConv``). Group G = O(3) (``gspaces.flipRot3dOnR3``, default) or SO(3)
+(``gspaces.rot3dOnR3``); with relative positions only, the network is E(3)- (or SE(3)-)
+equivariant. One hidden layer is
 
     h_i <- sigma( mean_{j -> i} K(x_j - x_i) [h_j ; e_ij]  +  W h_i )
 
@@ -27,6 +28,17 @@ gets its own G-space and kernel-basis modules (escnn caches them process-wide, a
 parameters only, so float32 weights load into a float64 build without touching its constants.
 escnn's ``GatedNonLinearity1`` allocates its output in float32 inside ``forward``, so the gate is
 implemented here (same math).
+
+image2d (``blocks.steerable2d.SteerableCNN``). Group: the task's planar group. escnn ``R2Conv``
+layers on the regular representation of C_N (``width`` channels = width // N regular fields), or
+for SO(2) on band-limited Fourier fields (irreps 0..L, L = ``IMAGE_MAX_FREQUENCY``) with the
+nonlinearity applied on ``IMAGE_N_SAMPLES`` points of the circle; BatchNorm per field (statistics
+pooled over the group axis), ReLU, 2x2 average pool (linear, so equivariant for any
+representation). Invariant head: group pooling (max over the N group channels for C_N;
+frequency-0 value and norms |c_k| for SO(2)), global mean, linear. Exact over every grid symmetry
+of the group (C4 and C8's quarter turns). Without ``width`` and ``params`` it is
+parameter-matched to the default baseline CNN. Built under float32 with escnn's kernel bases
+re-sampled in float64, then cast to the default dtype (``blocks.steerable2d``, ``blocks.image``).
 """
 from __future__ import annotations
 
@@ -46,15 +58,21 @@ from escnn import nn as enn
 from escnn.group.groups import o3group, so3group
 from escnn.kernels.wignereckart_solver import RestrictedWignerEckartBasis, WignerEckartBasis
 
-from ..symmetry.fieldtypes import POINT, field_dim, irreps, representation
 from ..core.registry import register_method
 from ..core.spec import TaskSpec
+from ..symmetry.fieldtypes import POINT, field_dim, irreps, representation
 from .base import Method, build_at_params, count_parameters
+from .blocks.cnn import resolve_group
+from .blocks.image import build_image_model, image_size_options
+from .blocks.steerable2d import SteerableCNN, field_size
 
 GROUPS = ("O3", "SO3")
 NONLINEARITIES = ("gate", "norm")
 
 Irrep = tuple[int, int]  # (l, parity) in e3nn's convention: parity +1 "e", -1 "o"
+
+IMAGE_MAX_FREQUENCY = 3  # image2d, SO(2) tasks: Fourier fields with irreps 0..3
+IMAGE_N_SAMPLES = 16  # image2d, SO(2) tasks: circle points the nonlinearity is applied on
 
 
 # ---- precision and build-time caching -----------------------------------------------------------
@@ -388,11 +406,13 @@ class EscnnPointNet(nn.Module):
 @register_method("escnn")
 class EscnnPoint(Method):
     """Steerable point convolutions (escnn), exactly O(3)- (or SO(3)-) equivariant; on image2d
-    tasks a steerable R2Conv CNN over the task's planar group (``image_models``)."""
+    tasks a steerable R2Conv CNN over the task's planar group (``blocks.steerable2d``)."""
 
     domains = ("graph3d", "image2d")
     exact = True
     group = "O3"
+    #: image2d: exact over the grid symmetries of the task's group (C4 and C8's quarter turns)
+    exact_by_domain = {"graph3d": True, "image2d": True}
     smoke_options = {"width": 4, "depth": 2}
 
     def __init__(self, *, width: int = 8, depth: int = 3, params: int | None = None, lmax: int = 2,
@@ -434,8 +454,7 @@ class EscnnPoint(Method):
         if reason is not None:
             raise ValueError(reason)
         if spec.domain == "image2d":
-            from .image_models import build_image_model, image_size_options
-            return build_image_model("escnn", spec, **image_size_options(self))
+            return self.build_image(spec)
         dtype = torch.get_default_dtype()
         with escnn_build_context(dtype), torch.random.fork_rng(devices=[]):
             # the size searched is the number of hidden fields (width x number of irrep types, but
@@ -451,3 +470,16 @@ class EscnnPoint(Method):
             torch.manual_seed(seed)
             model.reset_parameters()
         return model.to(dtype)
+
+    def build_image(self, spec: TaskSpec) -> nn.Module:
+        """The steerable CNN over the task's planar group, sized in fields (``width // |field|``)
+        and parameter-matched to the default baseline CNN unless ``width`` or ``params`` is set."""
+        sizes = image_size_options(self)
+        g = resolve_group(sizes.pop("group"), spec, discrete=False)
+        dim = field_size(g, IMAGE_MAX_FREQUENCY)
+
+        def factory(fields: int, depth: int, fast: bool) -> nn.Module:
+            return SteerableCNN(spec, fields, depth, g, IMAGE_MAX_FREQUENCY, IMAGE_N_SAMPLES,
+                                initialize=not fast, recompute=not fast)
+        return build_image_model(factory, spec, **sizes, field_size=dim, max_size=max(4, 512 // dim),
+                                 match_baseline=True)

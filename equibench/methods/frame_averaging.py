@@ -1,7 +1,8 @@
-"""``frame_averaging``: the shared backbone averaged over PCA frames (Puny et al., ICLR 2022).
+"""``frame_averaging``: the shared model averaged over frames (Puny et al., ICLR 2022).
 
-For each graph, with the PCA frame set {F_k} of its first point field (``pca_frames``: 8 sign
-flips for O(3), 4 proper frames for SO(3)) and centroid t,
+graph3d: the shared backbone averaged over PCA frames. For each graph, with the PCA frame set
+{F_k} of its first point field (``blocks.pca_frames``: 8 sign flips for O(3), 4 proper frames
+for SO(3)) and centroid t,
 
     f(X) = 1/|F| sum_k  rho_out(F_k, t) . phi( (F_k^T, -F_k^T t) . X )
 
@@ -15,20 +16,30 @@ detached); the centroid keeps its (linear, harmless) gradient.
 ``stochastic=True`` (FAENet): in training mode one uniformly random frame per graph and
 forward pass; in eval mode the full average. FA adds no parameters: ``params`` sizes the
 backbone exactly as for ``baseline``.
+
+image2d (``blocks.cnn.GroupAveraged``): the frame is the whole cyclic group C_N of the task
+(an SO(2) task uses C8), exact group averaging f(x) = 1/|G| sum_g phi(g x) of the baseline CNN
+phi (C4 exact; C8 through interpolation); the |G| outputs are summed in sorted order so the
+average does not depend on the order of the copies. ``stochastic=True``: one random element per
+image in training mode, the full average in eval mode. Sized exactly like the baseline CNN.
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch_geometric.data import Batch
 
-from ..symmetry.group3d import act_on_batch, act_on_output
 from ..core.registry import register_method
 from ..core.spec import TaskSpec
+from ..symmetry.group3d import act_on_batch, act_on_output
 from .base import Method
 from .baseline import Baseline
-from .pca_frames import (centroid, check_group, covariance, first_point_field, frame_set, frame_support,
-                         into_frame, out_of_frame, principal_axes, replicate)
+from .blocks.cnn import GroupAveraged, resolve_group
+from .blocks.image import build_image_model, image_size_options
+from .blocks.pca_frames import (centroid, check_group, covariance, first_point_field, frame_set, frame_support,
+                                into_frame, out_of_frame, principal_axes, replicate)
 
 
 class FrameAveragedModel(nn.Module):
@@ -64,6 +75,8 @@ class FrameAveragedModel(nn.Module):
 class FrameAveraging(Baseline):
     exact = True
     group = "O3"
+    #: image2d: exact over the grid symmetries of C_N (C4 exactly)
+    exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True, "image2d": True}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
                  group: str = "O3", stochastic: bool = False) -> None:
@@ -75,10 +88,12 @@ class FrameAveraging(Baseline):
     def supports(self, spec: TaskSpec) -> str | None:
         return Method.supports(self, spec) or (None if spec.domain == "image2d" else frame_support(spec))
 
-    image_kind = "frame_averaging"
-
-    def image_options(self) -> dict:
-        return {"stochastic": self.stochastic}
-
     def build_graph(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         return FrameAveragedModel(self.build_backbone(spec), spec, self.group, self.stochastic)
+
+    def build_image(self, spec: TaskSpec) -> nn.Module:
+        """The baseline CNN averaged over the task's C_N (``GroupAveraged``)."""
+        sizes = image_size_options(self)
+        g = resolve_group(sizes.pop("group"), spec, discrete=True)
+        stochastic = bool(self.stochastic)
+        return build_image_model(lambda w, depth, fast: GroupAveraged(spec, w, depth, g, stochastic), spec, **sizes)

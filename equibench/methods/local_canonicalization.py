@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..core.registry import register_method
 from .tensor_frames import TensorFrames
-from .tfmp import Reps, TensorReps
+from .blocks.tfmp import Reps, TensorReps
 
 
 @register_method("local_canonicalization")

@@ -1,7 +1,7 @@
 """``pca_canonicalization``: the shared backbone on ONE deterministic PCA frame per graph.
 
-Frame (``pca_frames.pca_frame``): t = centroid of the first point field; axes v_1, v_2, v_3 =
-eigenvectors of C = sum_i (x_i - t)(x_i - t)^T by decreasing eigenvalue, each with the sign
+Frame (``blocks.pca_frames.pca_frame``): t = centroid of the first point field; axes v_1, v_2,
+v_3 = eigenvectors of C = sum_i (x_i - t)(x_i - t)^T by decreasing eigenvalue, each with the sign
 that makes the third moment sum_i <x_i - t, v_k>^3 positive ("O3": all three axes, det F = +-1;
 "SO3": the first two, v_3 = v_1 x v_2, det F = +1). Then
 
@@ -22,7 +22,7 @@ from ..core.registry import register_method
 from ..core.spec import TaskSpec
 from .base import Method
 from .baseline import Baseline
-from .pca_frames import apply_in_frame, check_group, first_point_field, frame_support, pca_frame
+from .blocks.pca_frames import apply_in_frame, check_group, first_point_field, frame_support, pca_frame
 
 
 class PCACanonicalModel(nn.Module):

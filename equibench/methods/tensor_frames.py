@@ -1,7 +1,7 @@
 """``tensor_frames``: the shared backbone made O(3)-equivariant with local frames and tensorial
 messages (Lippmann et al., "Tensor Frames", arXiv 2405.15389 / ICLR 2025).
 
-Pipeline, for frames ``R_i`` (rows = axes; ``R_i(gX) = R_i(X) g^T``, see ``tfmp``):
+Pipeline, for frames ``R_i`` (rows = axes; ``R_i(gX) = R_i(X) g^T``, see ``blocks.tfmp``):
 
 1. node inputs in the node's own frame: ``rho_t(R_i) f_i`` for a field of type t, and
    ``R_i (x_i - c_b)`` for a point field (c_b the graph's centroid: no absolute positions);
@@ -13,7 +13,7 @@ Pipeline, for frames ``R_i`` (rows = axes; ``R_i(gX) = R_i(X) g^T``, see ``tfmp`
 
 Every local quantity is invariant, so the model is exactly O(3) x translation equivariant
 (SO(3) with ``so3=True``) and permutation equivariant, except at degenerate inputs where no
-equivariant frame exists (``tfmp`` docstring).
+equivariant frame exists (``blocks.tfmp`` docstring).
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from torch_geometric.utils import scatter
 from ..symmetry.fieldtypes import POINT, field_dim, irreps
 from ..core.registry import register_method
 from ..core.spec import TaskSpec
-from .backbone import Backbone, edge_attr_dim, edge_geometry
 from .base import Method, build_at_params
-from .tfmp import (DELTA, LearnedFrames, NearestFrames, Reps, attach_tensor_frames,
-                   default_hidden_reps, edge_frames, parse_reps, rho, scale_reps)
+from .blocks.backbone import Backbone, edge_attr_dim, edge_geometry
+from .blocks.tfmp import (DELTA, LearnedFrames, NearestFrames, Reps, attach_tensor_frames,
+                          default_hidden_reps, edge_frames, parse_reps, rho, scale_reps)
 
 FRAME_KINDS = ("learned", "nearest")
 

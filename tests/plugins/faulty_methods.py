@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from equibench.methods.backbone import BackboneModel
+from equibench.methods.blocks.backbone import BackboneModel
 from equibench.methods.base import Method
 from equibench.core.registry import register_method
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from equibench.methods.backbone import BackboneModel
+from equibench.methods.blocks.backbone import BackboneModel
 from equibench.methods.baseline import Baseline
 from equibench.core.registry import register_method
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch
 
-from ..core.spec import TaskSpec
+from ...core.spec import TaskSpec
 
 
 def energy_spec(spec: TaskSpec) -> TaskSpec:
