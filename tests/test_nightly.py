@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from equibench.cli import main
-from equibench.report.history import find_regressions, higher_is_better
+from equibench.metrics.catalogue import get_metric
+from equibench.report.history import find_regressions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,15 @@ def test_spread_and_direction():
     assert find_regressions(synthetic({"a": [0.1, 0.1, 0.2]}, "test.mse"), "n2")
     assert not find_regressions(synthetic({"a": [0.8, 0.8, 0.9]}, "test.accuracy"), "n2")
     assert find_regressions(synthetic({"a": [0.9, 0.9, 0.5]}, "test.accuracy"), "n2")
-    assert higher_is_better("test.group_accuracy") and not higher_is_better("test.mae")
+    assert get_metric("test.group_accuracy").direction == "higher" and get_metric("test.mae").direction == "lower"
+
+
+def test_metrics_without_a_direction_are_never_flagged():
+    # a canonicaliser diagnostic (context only in the catalogue) and a name the catalogue does not declare
+    assert get_metric("test.identity_metric").direction is None
+    assert not find_regressions(synthetic({"a": [0.1, 0.1, 0.9]}, "test.identity_metric"), "n2")
+    assert not find_regressions(synthetic({"a": [0.1, 0.1, 0.9]}, "test.not_declared"), "n2")
+    assert not find_regressions(synthetic({"a": [1.0, 1.0, 90.0]}, "train.wall_s"), "n2")
 
 
 def test_machine_precision_equivariance_is_never_flagged():

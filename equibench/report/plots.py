@@ -1,7 +1,10 @@
-"""Matplotlib figures of the report. Each function draws one PNG and returns its caption."""
+"""Matplotlib figures of the report; each function draws one PNG. Axis labels, log scales and
+the better direction come from the metric catalogue (``MetricSpec``), never from names."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -10,6 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..metrics.catalogue import MetricSpec  # noqa: E402
+from .metricinfo import better_word, header  # noqa: E402
+
 
 def _finish(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
@@ -17,53 +23,62 @@ def _finish(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Indices of points not dominated (higher x = faster is better, lower y = error is better),
-    sorted by x."""
-    idx = [i for i in range(len(x)) if not any((x[j] >= x[i] and y[j] <= y[i]) and (x[j] > x[i] or y[j] < y[i])
-                                               for j in range(len(x)))]
+def axis_label(spec: MetricSpec, label: str | None = None) -> str:
+    """Header of ``spec`` plus "(higher is better)" / "(lower is better)" when it has a direction."""
+    word = better_word(spec)
+    return header(spec, label, arrow=False) + (f" ({word})" if word else "")
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray, x_higher: bool = True, y_higher: bool = False) -> np.ndarray:
+    """Indices of the points no other point dominates (at least as good on both axes, better on
+    one; "good" = higher where ``*_higher``, else lower), sorted by x."""
+    sx, sy = (1.0 if x_higher else -1.0), (1.0 if y_higher else -1.0)
+    gx, gy = sx * np.asarray(x, dtype=float), sy * np.asarray(y, dtype=float)
+    idx = [i for i in range(len(gx)) if not any(gx[j] >= gx[i] and gy[j] >= gy[i] and (gx[j] > gx[i] or gy[j] > gy[i])
+                                                for j in range(len(gx)))]
     return np.array(sorted(idx, key=lambda i: x[i]), dtype=int)
 
 
-def accuracy_vs_throughput(table: pd.DataFrame, x_col: str, y_col: str, path: Path, title: str,
-                           x_err: str | None = None, y_err: str | None = None) -> None:
-    """Scatter of a test metric against inference throughput per method, with the Pareto front."""
-    t = table.dropna(subset=[x_col, y_col])
+def accuracy_vs_throughput(table: pd.DataFrame, x: MetricSpec, y: MetricSpec, path: Path, title: str,
+                           y_err: str | None = None) -> None:
+    """Scatter of a test metric (column ``y.name``) against throughput (column ``x.name``) per
+    method (the index), with the Pareto front in the catalogue's directions."""
+    t = table.dropna(subset=[x.name, y.name])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.set_xscale("log")  # before plotting: autoscaling an empty log axis warns
-    ax.set_yscale("log")
+    ax.set_xscale("log" if x.log_scale else "linear")  # before plotting: autoscaling an empty log axis warns
+    ax.set_yscale("log" if y.log_scale else "linear")
     for method, row in t.iterrows():
-        ax.errorbar(row[x_col], row[y_col], xerr=row.get(x_err) if x_err else None,
-                    yerr=row.get(y_err) if y_err else None, fmt="o", capsize=3, label=method)
-        ax.annotate(method, (row[x_col], row[y_col]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if len(t) > 1:
-        front = pareto_front(t[x_col].to_numpy(), t[y_col].to_numpy())
-        ax.plot(t[x_col].to_numpy()[front], t[y_col].to_numpy()[front], "k--", lw=0.8, label="Pareto front")
-    ax.set_xlabel("inference throughput [graphs/s] (higher is better)")
-    ax.set_ylabel(f"{y_col} (lower is better)")
+        ax.errorbar(row[x.name], row[y.name], yerr=row.get(y_err) if y_err else None, fmt="o", capsize=3,
+                    label=method)
+        ax.annotate(str(method), (row[x.name], row[y.name]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if len(t) > 1 and x.direction and y.direction:
+        xs, ys = t[x.name].to_numpy(), t[y.name].to_numpy()
+        front = pareto_front(xs, ys, x.direction == "higher", y.direction == "higher")
+        ax.plot(xs[front], ys[front], "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(axis_label(y))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     _finish(fig, path)
 
 
-def equivariance_bars(table: pd.DataFrame, cols: dict[str, str], max_cols: dict[str, str], path: Path,
-                      title: str) -> None:
-    """Per-method relative equivariance error (log scale): a marker at the mean, a bar to the max,
-    one series per (stage, dtype)."""
+def equivariance_bars(table: pd.DataFrame, series: Sequence[tuple[str, str, str]], path: Path, title: str) -> None:
+    """Per-method relative equivariance error (log scale): for each (label, mean column, max
+    column) a marker at the mean and a bar up to the max."""
     methods = list(table.index)
     fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(methods) + 2), 4.4))
-    width = 0.8 / max(1, len(cols))
+    width = 0.8 / max(1, len(series))
     floor = 1e-17
-    for k, (label, col) in enumerate(cols.items()):
-        pos = np.arange(len(methods)) + (k - (len(cols) - 1) / 2) * width
-        mean = table[col].clip(lower=floor).to_numpy(dtype=float)
-        mx = table[max_cols[label]].clip(lower=floor).to_numpy(dtype=float) if max_cols.get(label) in table else mean
+    for k, (label, mean_col, max_col) in enumerate(series):
+        pos = np.arange(len(methods)) + (k - (len(series) - 1) / 2) * width
+        mean = table[mean_col].clip(lower=floor).to_numpy(dtype=float)
+        mx = table[max_col].clip(lower=floor).to_numpy(dtype=float) if max_col in table else mean
         color = f"C{k}"
         ax.bar(pos, mx, width=width * 0.9, alpha=0.35, color=color, label=f"{label} max")
         ax.plot(pos, mean, "o", ms=5, color=color, label=f"{label} mean")
     ax.set_xticks(np.arange(len(methods)), methods, rotation=30, ha="right")
     ax.set_yscale("log")
-    ax.set_ylabel("relative equivariance error")
+    ax.set_ylabel("relative equivariance error (lower is better)")
     ax.axhline(1e-10, color="k", lw=0.6, ls=":")
     ax.axhline(1e-4, color="k", lw=0.6, ls="--")
     ax.set_title(title, fontsize=10)
@@ -74,8 +89,8 @@ def equivariance_bars(table: pd.DataFrame, cols: dict[str, str], max_cols: dict[
 
 def curves(data: pd.DataFrame, x: str, y: str, hue: str, path: Path, title: str, xlabel: str, ylabel: str,
            logx: bool = True, logy: bool = True, err: str | None = None) -> None:
-    """One line per ``hue`` value of ``y`` against ``x`` (e.g. degeneracy, scaling, trends), with
-    error bars from column ``err`` when given."""
+    """One line per ``hue`` value of ``y`` against ``x`` (e.g. degeneracy, sample efficiency,
+    trends), with error bars from column ``err`` when given."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, g in data.groupby(hue):
         g = g.sort_values(x)
@@ -93,11 +108,48 @@ def curves(data: pd.DataFrame, x: str, y: str, hue: str, path: Path, title: str,
     _finish(fig, path)
 
 
-def ratio_bars(labels: list[str], ratios: np.ndarray, higher_better: list[bool], path: Path, title: str) -> None:
-    """Horizontal bars of B/A ratios on a log axis, coloured by whether B is better."""
+def power_law_curves(lines: Sequence[tuple[str, pd.Series, dict[str, Any]]], path: Path, xlabel: str,
+                     ylabel: str, title: str) -> None:
+    """Log-log curves (x base 2), one per (label, values indexed by size, fitted power law as
+    ``fit_exponent`` returns it); the fit is drawn dashed over its range."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for k, (label, pts, fit) in enumerate(lines):
+        color = f"C{k % 10}"
+        ax.plot(pts.index, pts.to_numpy(), "o-", ms=3, color=color, label=label)
+        if np.isfinite(fit["slope"]):
+            xs = np.array([fit["x_min"], fit["x_max"]])
+            ax.plot(xs, 10 ** fit["log10_a"] * xs ** fit["slope"], "--", lw=0.8, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    _finish(fig, path)
+
+
+def styled_lines(lines: Sequence[tuple[str, pd.Series, str, str]], path: Path, xlabel: str, ylabel: str,
+                 title: str, logy: bool = True) -> None:
+    """Curves given as (label, values indexed by x, matplotlib format, colour)."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    for label, pts, style, color in lines:
+        ax.plot(pts.index, pts.to_numpy(), style, ms=4, color=color, label=label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    _finish(fig, path)
+
+
+def ratio_bars(labels: list[str], ratios: np.ndarray, better: Sequence[bool | None], path: Path, title: str) -> None:
+    """Horizontal bars of B/A ratios on a log axis: green where B is better, red where worse,
+    grey where the metric has no better direction."""
     fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.28 * len(labels) + 1)))
-    better = [(r > 1) == hb for r, hb in zip(ratios, higher_better)]
-    colors = ["tab:green" if b else "tab:red" for b in better]
+    colors = ["tab:grey" if b is None else "tab:green" if b else "tab:red" for b in better]
     y = np.arange(len(labels))
     ax.barh(y, np.log10(np.clip(ratios, 1e-30, None)), color=colors)
     ax.set_yticks(y, labels, fontsize=7)
@@ -105,3 +157,4 @@ def ratio_bars(labels: list[str], ratios: np.ndarray, higher_better: list[bool],
     ax.set_xlabel("log10(B / A)")
     ax.set_title(title, fontsize=10)
     _finish(fig, path)
+

@@ -1,0 +1,314 @@
+"""The metric catalogue: every metric a result row can carry, declared once.
+
+A ``MetricSpec`` says what a metric name means: display name, unit, direction (``"higher"`` or
+``"lower"`` is better, ``None`` for context-only numbers such as parameter counts or wall time),
+how it aggregates over seeds, and structured facets (``family``, ``stage``, ``dtype``, ``stat``,
+``mode``, ``axis``) so that readers never parse names. Emitters build names with the builder
+functions (``equivariance_metric("trained", "fp64", "rel_mean")`` ->
+``"equivariance.trained.fp64.rel_mean"``); readers look them up with ``get_metric`` /
+``find_metric``. Plugin tasks and methods declare their own metrics with ``register_metric``.
+
+Scaling-sweep and tensor-product rows are namespaced (``scaling.time_s``,
+``tp_bench.time_s``); rows written before that carried the bare names (``time_s``) with
+``task="scaling"`` / ``task="tp_bench"``, and ``canonical_name(name, task)`` maps them.
+
+Plain Python only: this module sits in ``metrics`` and imports nothing above ``core``.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from ..core.errors import UserError, did_you_mean
+
+Direction = Literal["higher", "lower"] | None
+Aggregate = Literal["mean", "median", "max", "min", "first"]
+NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
+
+# the families of the built-in metrics (a plugin may declare more; readers never need the list)
+FAMILIES = ("params", "status", "equivariance", "lie_derivative", "degeneracy", "train", "test", "throughput",
+            "scaling", "tp_bench")
+STAGES = ("init", "trained")
+DTYPES = ("fp32", "fp64")
+EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max")
+LIE_STATS = ("rel_mean", "rel_max")
+DEGENERACY_AXES = ("gap", "config")
+DEGENERACY_STATS = ("rel_mean", "rel_max", "nonfinite")
+THROUGHPUT_MODES = ("inference", "train")
+THROUGHPUT_STATS = ("graphs_per_s", "nodes_per_s", "time_median_s", "time_iqr_s", "peak_mem_bytes", "flops",
+                    "gflops_per_s", "compile_time_s")
+SCALING_STATS = ("time_s", "time_iqr_s", "graphs_per_s", "nodes_per_s", "peak_mem_bytes", "flops", "gflops_per_s")
+TP_BENCH_STATS = ("time_s", "time_iqr_s", "items_per_s", "peak_mem_bytes", "flops", "gflops_per_s",
+                  "compile_time_s", "rel_err_vs_e3nn", "weights")
+PARAMS = "params"
+STATUS = "status"
+FLOORS = {"fp64": 1e-12, "fp32": 1e-6}  # relative equivariance errors at machine precision
+
+
+class UnknownMetricError(UserError, KeyError):
+    """A metric name the catalogue does not declare (a ``UserError`` and a ``KeyError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What one metric name means.
+
+    ``direction``: "higher" / "lower" is better, None = context only (never ranked or flagged).
+    ``aggregate``: how values of several seeds combine. ``number_format``: "g", "int", "sci",
+    "bytes" or "time" (how reports print it). ``log_scale``: plot on a log axis. ``floor``: values
+    at or below it are machine precision, not compared. ``watch``: the nightly regression rule
+    and the run comparison track it (needs a direction).
+    """
+    name: str
+    display: str
+    family: str
+    unit: str = ""
+    direction: Direction = None
+    aggregate: Aggregate = "mean"
+    stage: str | None = None
+    dtype: str | None = None
+    stat: str | None = None
+    mode: str | None = None
+    axis: str | None = None
+    number_format: NumberFormat = "g"
+    log_scale: bool = True
+    floor: float | None = None
+    watch: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.display:
+            raise ValueError("a MetricSpec needs a name and a display name")
+        if self.direction not in ("higher", "lower", None):
+            raise ValueError(f"{self.name}: direction must be 'higher', 'lower' or None, not {self.direction!r}")
+        if self.aggregate not in ("mean", "median", "max", "min", "first"):
+            raise ValueError(f"{self.name}: unknown aggregate {self.aggregate!r}")
+        if self.number_format not in ("g", "int", "sci", "bytes", "time"):
+            raise ValueError(f"{self.name}: unknown number_format {self.number_format!r}")
+        if self.watch and self.direction is None:
+            raise ValueError(f"{self.name}: a watched metric needs a direction")
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        """True / False from ``direction``; None for context-only metrics."""
+        return None if self.direction is None else self.direction == "higher"
+
+
+_CATALOGUE: dict[str, MetricSpec] = {}
+_LEGACY: dict[tuple[str, str], str] = {}  # (task, bare name written before namespacing) -> name
+
+
+def register_metric(spec: MetricSpec, replace: bool = False) -> MetricSpec:
+    """Declare ``spec``; registering an identical spec again is a no-op, a different one under a
+    taken name raises ``ValueError`` unless ``replace``."""
+    old = _CATALOGUE.get(spec.name)
+    if old is not None and old != spec and not replace:
+        raise ValueError(f"metric {spec.name!r} is already declared differently: {old}")
+    _CATALOGUE[spec.name] = spec
+    return spec
+
+
+def find_metric(name: str) -> MetricSpec | None:
+    """The spec of ``name``, or None when it is not declared."""
+    return _CATALOGUE.get(name)
+
+
+def get_metric(name: str) -> MetricSpec:
+    """The spec of ``name``; ``UnknownMetricError`` (with close matches) when not declared."""
+    spec = _CATALOGUE.get(name)
+    if spec is None:
+        close = difflib.get_close_matches(name, list(_CATALOGUE), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownMetricError(f"unknown metric {name!r}{hint} ({len(_CATALOGUE)} declared: list_metrics() "
+                                 f"lists them; register_metric(MetricSpec(...)) declares a new one)")
+    return spec
+
+
+def list_metrics(**facets: Any) -> list[MetricSpec]:
+    """Declared specs in declaration order, optionally filtered by field values, e.g.
+    ``list_metrics(family="equivariance", stage="trained")``."""
+    known = {f.name for f in fields(MetricSpec)}
+    bad = set(facets) - known
+    if bad:
+        raise ValueError(f"unknown MetricSpec field(s) {sorted(bad)}")
+    return [s for s in _CATALOGUE.values() if all(getattr(s, k) == v for k, v in facets.items())]
+
+
+def canonical_name(name: str, task: str | None = None) -> str:
+    """The declared name of ``name`` as written in a row of ``task``: maps the bare names that
+    scaling / tensor-product rows carried before namespacing (``time_s`` with
+    ``task="scaling"`` -> ``scaling.time_s``); every other name is returned unchanged."""
+    return _LEGACY.get((task or "", name), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# name builders (the only place names are assembled)
+
+def _check(kind: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise did_you_mean(kind, value, allowed)
+    return value
+
+
+def equivariance_metric(stage: str, dtype: str, stat: str) -> str:
+    """``equivariance.<stage>.<dtype>.<stat>``, e.g. relative error of the trained fp64 model."""
+    return (f"equivariance.{_check('stage', stage, STAGES)}.{_check('dtype', dtype, DTYPES)}."
+            f"{_check('equivariance stat', stat, EQUIVARIANCE_STATS)}")
+
+
+def lie_metric(stage: str, stat: str) -> str:
+    """``lie_derivative.<stage>.fp64.<stat>`` (the Lie derivative is measured in fp64 only)."""
+    return f"lie_derivative.{_check('stage', stage, STAGES)}.fp64.{_check('Lie derivative stat', stat, LIE_STATS)}"
+
+
+def degeneracy_metric(axis: str, stat: str) -> str:
+    """``degeneracy.<axis>.<stat>``: axis "gap" (eigenvalue-gap curve) or "config" (symmetric inputs)."""
+    _check("degeneracy axis", axis, DEGENERACY_AXES)
+    return f"degeneracy.{axis}.{_check('degeneracy stat', stat, DEGENERACY_STATS)}"
+
+
+def throughput_metric(mode: str, stat: str) -> str:
+    """``throughput.<mode>.<stat>``, mode "inference" or "train"."""
+    _check("throughput mode", mode, THROUGHPUT_MODES)
+    return f"throughput.{mode}.{_check('throughput stat', stat, THROUGHPUT_STATS)}"
+
+
+def train_metric(name: str) -> str:
+    """``train.<name>`` (final_loss, wall_s, steps, steps_per_s)."""
+    return f"train.{name}"
+
+
+def test_metric(name: str) -> str:
+    """``test.<name>``: a task metric or a method's extra metric on the test split."""
+    return f"test.{name}"
+
+
+def scaling_metric(stat: str) -> str:
+    """``scaling.<stat>``: one point of a scaling sweep (task "scaling")."""
+    return f"scaling.{_check('scaling stat', stat, SCALING_STATS)}"
+
+
+def tp_bench_metric(stat: str) -> str:
+    """``tp_bench.<stat>``: one tensor-product microbenchmark point (task "tp_bench")."""
+    return f"tp_bench.{_check('tp_bench stat', stat, TP_BENCH_STATS)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# declarations
+
+_STAT_WORDS = {"rel_mean": "mean rel.", "rel_median": "median rel.", "rel_max": "max rel.", "abs_max": "max abs.",
+               "nonfinite": "non-finite share"}
+
+
+def _declare_equivariance() -> None:
+    for stage in STAGES:
+        for dtype in DTYPES:
+            for stat in EQUIVARIANCE_STATS:
+                register_metric(MetricSpec(
+                    equivariance_metric(stage, dtype, stat), f"equiv. err {dtype} {stage}, {_STAT_WORDS[stat]}",
+                    "equivariance", direction="lower", aggregate="max" if stat.endswith("_max") else "mean",
+                    stage=stage, dtype=dtype, stat=stat, number_format="sci",
+                    floor=FLOORS[dtype] if stat.startswith("rel_") else None,
+                    watch=stage == "trained" and stat == "rel_mean",
+                    description="||f(g·X) − ρ(g) f(X)|| (relative: / ||f(X)||) over test graphs and group samples"))
+        for stat in LIE_STATS:
+            register_metric(MetricSpec(
+                lie_metric(stage, stat), f"Lie deriv. fp64 {stage}, {_STAT_WORDS[stat]}", "lie_derivative",
+                direction="lower", aggregate="max" if stat == "rel_max" else "mean", stage=stage, dtype="fp64",
+                stat=stat, number_format="sci", description="relative Lie derivative of the fp64 model"))
+    for axis in DEGENERACY_AXES:
+        for stat in DEGENERACY_STATS:
+            register_metric(MetricSpec(
+                degeneracy_metric(axis, stat), f"degeneracy ({axis}) {_STAT_WORDS[stat]}", "degeneracy",
+                direction="lower", aggregate="max" if stat != "rel_mean" else "mean", stage="trained", dtype="fp64",
+                stat=stat, axis=axis, number_format="sci", log_scale=stat != "nonfinite",
+                description="equivariance error (fp64, trained) near degenerate inputs"))
+
+
+_TEST: dict[str, tuple[str, Direction, bool, str]] = {  # name: (unit, direction, log scale, description)
+    "mse": ("", "lower", True, "mean squared error (n-body positions)"),
+    "mae": ("target units", "lower", True, "mean absolute error of the QM9 target, in its units"),
+    "energy_mae": ("eV", "lower", True, "mean absolute energy error (md)"),
+    "force_mae": ("eV/Å", "lower", True, "mean absolute force error (md)"),
+    "1-cos2": ("", "lower", True, "1 − cos² between predicted and true normals"),
+    "angle_deg": ("deg", "lower", True, "mean unoriented angle between predicted and true normals"),
+    "accuracy": ("", "higher", False, "accuracy on the primary (original-orientation) test copies"),
+    "group_accuracy": ("", "higher", False, "accuracy over every rotated test copy"),
+    "upright_accuracy": ("", "higher", False, "accuracy on the unrotated test copies"),
+}
+# method extras (canonicaliser diagnostics): context only, no better direction (on isotropic data no
+# equivariant canonicaliser can stay near the identity; see methods/canonicalization.py)
+_METHOD_EXTRAS: dict[str, tuple[str, bool, str]] = {  # name: (unit, log scale, description)
+    "identity_metric": ("", False, "share of inputs the canonicaliser maps to (near) the identity"),
+    "prior_mse": ("", True, "mean((R − I)²) of the canonical rotation (graph canonicaliser)"),
+    "mean_angle_deg": ("deg", False, "mean rotation angle of the canonical frame (improper = 180)"),
+    "prior_ce": ("", True, "cross-entropy of the canonicaliser's scores to the identity (images)"),
+}
+
+
+def _declare_runs() -> None:
+    register_metric(MetricSpec(PARAMS, "parameters", "params", number_format="int", aggregate="first",
+                               description="trainable parameters"))
+    register_metric(MetricSpec(STATUS, "status", "status", aggregate="first",
+                               description="a run without measurements (failed / not_applicable / skipped)"))
+    train: dict[str, tuple[str, str, Direction, str]] = {
+        "final_loss": ("final loss", "", "lower", "mean training loss over the last 10% of steps"),
+        "wall_s": ("training wall time", "s", None, "wall-clock training time"),
+        "steps": ("training steps", "", None, "optimiser steps taken"),
+        "steps_per_s": ("training steps/s", "steps/s", "higher", "optimiser steps per second")}
+    for key, (display, unit, direction, doc) in train.items():
+        register_metric(MetricSpec(train_metric(key), display, "train", unit=unit, direction=direction, stat=key,
+                                   stage="trained", number_format="int" if key == "steps" else "g",
+                                   description=doc))
+    for key, (unit, direction, log, doc) in _TEST.items():
+        register_metric(MetricSpec(test_metric(key), key, "test", unit=unit, direction=direction, stat=key,
+                                   stage="trained", log_scale=log, watch=True, description=doc))
+    for key, (unit, log, doc) in _METHOD_EXTRAS.items():
+        register_metric(MetricSpec(test_metric(key), key, "test", unit=unit, stat=key, stage="trained",
+                                   log_scale=log, description=doc))
+
+
+# stat: (display, unit, direction, aggregate, number format, description)
+_TIMING: dict[str, tuple[str, str, Direction, Aggregate, NumberFormat, str]] = {
+    "graphs_per_s": ("throughput", "graphs/s", "higher", "mean", "int", "graphs per second"),
+    "nodes_per_s": ("node throughput", "nodes/s", "higher", "mean", "int", "nodes per second"),
+    "items_per_s": ("throughput", "pairs/s", "higher", "mean", "int", "input pairs per second"),
+    "time_median_s": ("time per batch", "s", "lower", "mean", "time", "median time per batch"),
+    "time_s": ("time per call", "s", "lower", "mean", "time", "median time per call"),
+    "time_iqr_s": ("time IQR", "s", None, "mean", "time", "interquartile range of the timed samples"),
+    "peak_mem_bytes": ("peak memory", "B", "lower", "max", "bytes", "peak memory of one step"),
+    "flops": ("FLOPs", "FLOP", None, "first", "g", "floating-point operations per step (counted)"),
+    "gflops_per_s": ("FLOP rate", "GFLOP/s", "higher", "mean", "g", "counted FLOPs / median time"),
+    "compile_time_s": ("compile time", "s", "lower", "mean", "time", "torch.compile time of the first call"),
+    "rel_err_vs_e3nn": ("rel. err vs e3nn", "", "lower", "max", "sci", "max relative difference to e3nn's output"),
+    "weights": ("weights", "", None, "first", "int", "trainable weights of the module"),
+}
+
+
+def _timing_spec(name: str, family: str, stat: str, mode: str | None, watch: bool = False) -> MetricSpec:
+    display, unit, direction, agg, fmt, doc = _TIMING[stat]
+    return MetricSpec(name, f"{mode} {display}" if mode else display, family, unit=unit, direction=direction,
+                      aggregate=agg, stat=stat, mode=mode, number_format=fmt, watch=watch,
+                      description=doc)
+
+
+def _declare_benches() -> None:
+    for mode in THROUGHPUT_MODES:
+        for stat in THROUGHPUT_STATS:
+            register_metric(_timing_spec(throughput_metric(mode, stat), "throughput", stat, mode,
+                                         watch=stat in ("graphs_per_s", "peak_mem_bytes")))
+    for stat in SCALING_STATS:
+        register_metric(_timing_spec(scaling_metric(stat), "scaling", stat, None))
+        _LEGACY[("scaling", stat)] = scaling_metric(stat)
+    for stat in TP_BENCH_STATS:
+        register_metric(_timing_spec(tp_bench_metric(stat), "tp_bench", stat, None))
+        _LEGACY[("tp_bench", stat)] = tp_bench_metric(stat)
+
+
+_declare_equivariance()
+_declare_runs()
+_declare_benches()

@@ -1,0 +1,66 @@
+"""The report's view of the metric catalogue: the spec of any name a row carries (a stand-in
+without direction for names the catalogue does not declare, so such rows still render),
+canonical names on a results frame, row selection by facets, headers and formatted values."""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from ..metrics.catalogue import MetricSpec, canonical_name, find_metric
+from . import fmt
+
+ARROWS = {"higher": "↑", "lower": "↓"}
+
+
+def spec_for(name: str) -> MetricSpec:
+    """The catalogue's spec of ``name``, or a context-only stand-in (family "unknown",
+    displayed under its raw name, no direction)."""
+    return find_metric(name) or MetricSpec(name=name, display=name, family="unknown",
+                                           description="not declared in the metric catalogue")
+
+
+def canonicalise(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every ``metric`` under its catalogue name (legacy bare scaling /
+    tensor-product names mapped by task); the frame itself when nothing changes."""
+    if "metric" not in df or "task" not in df or df.empty:
+        return df
+    names = [canonical_name(m, t) for m, t in zip(df["metric"], df["task"])]
+    if names == list(df["metric"]):
+        return df
+    return df.assign(metric=names)
+
+
+def select(df: pd.DataFrame, **facets: Any) -> pd.DataFrame:
+    """Rows whose metric's spec has the given field values, e.g. ``select(df, family="test")``."""
+    names = [m for m in df["metric"].unique() if all(getattr(spec_for(m), k) == v for k, v in facets.items())]
+    return df[df["metric"].isin(names)]
+
+
+def metric_names(names: Any, **facets: Any) -> list[str]:
+    """The names among ``names`` whose spec has the given field values (order kept)."""
+    return [m for m in dict.fromkeys(names) if all(getattr(spec_for(m), k) == v for k, v in facets.items())]
+
+
+def unit_label(spec: MetricSpec) -> str:
+    """The unit a formatted value is shown in ("" when the value carries its own)."""
+    if spec.number_format == "bytes":
+        return "MB"
+    return "" if spec.number_format == "time" else spec.unit
+
+
+def header(spec: MetricSpec, label: str | None = None, arrow: bool = True) -> str:
+    """Column header: display name (or ``label``), [unit], and ↑ / ↓ for the better direction."""
+    unit = unit_label(spec)
+    text = (label or spec.display) + (f" [{unit}]" if unit else "")
+    return text + (f" {ARROWS[spec.direction]}" if arrow and spec.direction else "")
+
+
+def better_word(spec: MetricSpec) -> str:
+    """"higher is better" / "lower is better" / "" (context only)."""
+    return f"{spec.direction} is better" if spec.direction else ""
+
+
+def value(spec: MetricSpec, v: Any) -> str:
+    """``v`` formatted as the catalogue says (``spec.number_format``)."""
+    return fmt.number(v, spec.number_format)
