@@ -6,18 +6,36 @@
     equibench compare RUN_A RUN_B       side-by-side table and plot of two runs
     equibench nightly [SUITE]           run, append to the history, report trends, flag regressions
                                         (exit code 1 when a regression is flagged)
+    equibench scale / tpbench           cost-vs-size sweeps / tensor-product microbenchmarks
 
-Bad input (unknown name, malformed suite file, wrong option type) prints one line on stderr and
-exits with code 2; results already written are never touched.
+run, nightly, scale and tpbench run every point in a worker process limited by --timeout and
+--max-memory; a second runner on the same run directory stops (or waits with --wait).
+
+Bad input (unknown name, malformed suite file, wrong option type, a run directory in use) prints
+one line on stderr and exits with code 2; a full or unwritable results directory prints one line
+and exits with code 3. Results already written are never touched.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from .core.errors import UserError
+from .benches.scaling import ScaleConfig, ScalingBench, exponents
+from .benches.tp_bench import TPBench, TPBenchConfig
+from .core.config import config_from_dict
+from .core.errors import StorageError, UserError
+from .core.registry import load_plugin
+from .report.build import write_report
+from .report.history import append_history, find_regressions
+from .report.sections import write_sections_report
+from .suite.engine import run_benches
+from .suite.limits import parse_size
+from .suite.runner import run
+from .suite.store import load_results
+from .suite.suites import EXTRA_SECTIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,18 +84,27 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _limits(args: argparse.Namespace) -> dict:
+    """The worker options every running command shares."""
+    return dict(timeout=args.timeout, max_memory=args.max_memory, wait=args.wait, plugins=args.plugin or [],
+                isolate=not args.no_isolate, progress=not args.quiet)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .report.build import write_report
-    from .suite.runner import run
     df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=args.name,
-             resume=args.resume, isolate=not args.no_isolate, timeout=args.timeout, plugins=args.plugin or [],
-             tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device,
-             progress=not args.quiet)
+             resume=args.resume, tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device,
+             **_limits(args))
     run_id = str(df["run_id"].dropna().iloc[0])
     run_dir = Path(args.results_dir) / run_id
-    from .suite.extras import SECTIONS
-    runs = df[~df["task"].isin(SECTIONS)].drop_duplicates("spec_hash")
-    points = df[df["task"].isin(SECTIONS)]["spec_hash"].nunique()
+    runs = df[~df["task"].isin(list(EXTRA_SECTIONS))].drop_duplicates("spec_hash")
+    points = df[df["task"].isin(list(EXTRA_SECTIONS))]["spec_hash"].nunique()
     print(f"results: {run_dir} ({int((runs['status'] == 'ok').sum())}/{len(runs)} runs ok"
           + (f"; {points} scaling/tensor-product points)" if points else ")"))
     if not args.no_report:
@@ -101,15 +128,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from .report.history import append_history, find_regressions
-    from .report.build import write_report
-    from .suite.runner import run
     name = args.name or f"nightly-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=name, resume=True,
-             isolate=not args.no_isolate, timeout=args.timeout, plugins=args.plugin or [], tasks=args.tasks, methods=args.methods,
-             seeds=args.seeds, device=args.device, progress=not args.quiet)
+             tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device, **_limits(args))
     run_dir = Path(args.results_dir) / str(df["run_id"].dropna().iloc[0])
     history = append_history(run_dir, args.history or Path(args.results_dir) / "history.parquet")
     regressions = find_regressions(history, run_dir.name, threshold=args.threshold, window=args.window, k=args.k)
@@ -121,11 +142,14 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     return 1 if regressions else 0
 
 
+def _run_bench(bench, args: argparse.Namespace, prefix: str) -> Path:
+    """Run one bench (``scale``/``tpbench``) into ``--results-dir/--name`` (an existing name resumes)."""
+    name = args.name or f"{prefix}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return run_benches([bench], Path(args.results_dir) / name, **_limits(args))
+
+
 def _cmd_scale(args: argparse.Namespace) -> int:
-    from .benches.scaling import ScaleConfig, exponents, run_scaling
-    from .suite.store import load_results
     for p in args.plugin or []:
-        from .core.registry import load_plugin
         load_plugin(p)
     kw = {k: v for k, v in dict(task=args.task, methods=args.methods, axes=args.axes, nodes=args.nodes,
                                 batch=args.batch, width=args.width, lmax=args.lmax, base_nodes=args.base_nodes,
@@ -133,36 +157,36 @@ def _cmd_scale(args: argparse.Namespace) -> int:
                                 dtype=args.dtype, repeats=args.repeats, min_sample_s=args.min_sample_s,
                                 threads=args.threads, clock=args.clock, max_call_s=args.max_call_s).items()
           if v is not None}
-    cfg = ScaleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
-    from .core.registry import get_method, get_task
-    get_task(cfg.task)
-    for m in cfg.methods:
-        get_method(m)
-    run_dir = run_scaling(cfg, args.results_dir, args.name, progress=None if args.quiet else print)
+    run_dir = _run_bench(ScalingBench(config_from_dict(ScaleConfig, kw, "scale")), args, "scaling")
     ex = exponents(load_results(run_dir))
     if len(ex):
         print(ex[["method", "axis", "slope", "r2", "x_min", "x_max"]].to_string(index=False, float_format="%.3g"))
     print(f"results: {run_dir}")
     if args.report:
-        from .report.sections import write_sections_report
         print(f"report: {write_sections_report(run_dir, args.report, f'equibench scaling: {run_dir.name}')}")
     return 0
 
 
 def _cmd_tpbench(args: argparse.Namespace) -> int:
-    from .benches.tp_bench import TPBenchConfig, run_tp_bench
     kw = {k: v for k, v in dict(lmax=args.lmax, channel_modes=args.channel_modes, impls=args.impls,
                                 channels=args.channels, batch=args.batch, passes=args.passes, device=args.device,
                                 dtype=args.dtype, repeats=args.repeats, min_sample_s=args.min_sample_s,
                                 threads=args.threads, clock=args.clock, flush_l2=args.flush_l2 or None).items()
           if v is not None}
-    cfg = TPBenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
-    run_dir = run_tp_bench(cfg, args.results_dir, args.name, progress=None if args.quiet else print)
+    run_dir = _run_bench(TPBench(config_from_dict(TPBenchConfig, kw, "tpbench")), args, "tpbench")
     print(f"results: {run_dir}")
     if args.report:
-        from .report.sections import write_sections_report
         print(f"report: {write_sections_report(run_dir, args.report, f'equibench tensor products: {run_dir.name}')}")
     return 0
+
+
+def _add_worker_options(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--timeout", type=float, help="seconds allowed per point (a (task, method, seed) run, a size)")
+    r.add_argument("--max-memory", type=_size, metavar="SIZE",
+                   help="resident memory allowed per point, e.g. 4G or 512M (default: 75%% of RAM)")
+    r.add_argument("--wait", action="store_true", help="wait for another runner using the same run directory")
+    r.add_argument("--no-isolate", action="store_true", help="run points in this process (faster, no limits)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_run_options(r: argparse.ArgumentParser) -> None:
@@ -174,10 +198,8 @@ def _add_run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--results-dir", default="results")
     r.add_argument("--reports-dir", default="reports")
     r.add_argument("--name", help="run directory name (default: SUITE-<timestamp>)")
-    r.add_argument("--timeout", type=float, help="seconds allowed per (task, method, seed)")
     r.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--no-isolate", action="store_true", help="run specs in this process (faster, less safe)")
+    _add_worker_options(r)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--name", help="run directory name (default scaling-<timestamp>); reused = resume")
     sc.add_argument("--report", help="also write a stand-alone scaling report into this folder")
     sc.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
-    sc.add_argument("--quiet", action="store_true")
+    _add_worker_options(sc)
     sc.set_defaults(func=_cmd_scale)
 
     tp = sub.add_parser("tpbench", help="tensor-product microbenchmarks (e3nn, Gaunt on S2, cuequivariance)")
@@ -259,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--results-dir", default="results")
     tp.add_argument("--name", help="run directory name (default tpbench-<timestamp>); reused = resume")
     tp.add_argument("--report", help="also write a stand-alone report into this folder")
-    tp.add_argument("--quiet", action="store_true")
+    tp.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
+    _add_worker_options(tp)
     tp.set_defaults(func=_cmd_tpbench)
     return p
 
@@ -271,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"equibench: error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:
+        print(f"equibench: error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("equibench: interrupted; finished results are kept (use --resume)", file=sys.stderr)
         return 130

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -104,12 +101,15 @@ def test_failures_are_rows_and_the_suite_goes_on(tmp_path):
 
 def test_isolation_survives_timeouts_and_hard_exits(tmp_path):
     specs = [tiny("faulty_sleeps"), tiny("faulty_exits"), tiny("baseline", width=8, depth=1)]
-    df = eb.run(specs, results_dir=tmp_path, run_name="r", isolate=True, timeout=60, progress=False,
+    df = eb.run(specs, results_dir=tmp_path, run_name="r", isolate=True, timeout=10, progress=False,
                 plugins=[PLUGIN])
     by = df.drop_duplicates("spec_hash").set_index("method")
-    assert by.loc["faulty_sleeps", "status"] == "failed" and "timeout" in by.loc["faulty_sleeps", "error"]
+    assert by.loc["faulty_sleeps", "status"] == "failed"
+    assert by.loc["faulty_sleeps", "error"].startswith("timeout: exceeded 10 s")
     assert by.loc["faulty_exits", "status"] == "failed" and "code 9" in by.loc["faulty_exits", "error"]
+    assert by.loc["faulty_exits", "exit_code"] == 9 and by.loc["faulty_exits", "peak_rss_bytes"] > 0
     assert by.loc["baseline", "status"] == "ok"
+    assert len(set(df["wall_s"])) == 3 and set(df["executor"]) == {"local"}
 
 
 def test_not_applicable_is_not_a_failure(tmp_path):
@@ -151,17 +151,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 
 @pytest.mark.parametrize("text, message", [
     ("tasks: [nbody\nmethods: [baseline]", "malformed suite file"),
-    ("tasks: [nbody]\nmethods: [baseline]\nseeds: zero", "'seeds' must be"),
-    ("tasks: [nbody]\nmethods: [baseline]\nbogus: 1", "unknown key"),
+    ("tasks: [nbody]\nmethods: [baseline]\nseeds: zero", "'seeds'"),
+    ("tasks: [nbody]\nmethods: [baseline]\nbogus: 1", "'bogus'"),
     ("tasks: [nbody]\nmethods: {baseline: {width: wide}}", "must be int"),
-    ("tasks: [nbody]\nmethods: [baseline]\ntrain: {steps: 1.5}", "must be int"),
+    ("tasks: [nbody]\nmethods: [baseline]\ntrain: {steps: 1.5}", "'steps'"),
     ("methods: [baseline]", "missing 'tasks'"),
 ])
 def test_malformed_suite_files(tmp_path, text, message, capsys):
     path = tmp_path / "suite.yaml"
     path.write_text(text)
     assert main(["run", str(path), "--results-dir", str(tmp_path / "res")]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
     assert not (tmp_path / "res").exists() or not list((tmp_path / "res").rglob(RECORDS))
 
 
@@ -170,30 +171,6 @@ def test_plugin_without_methods_is_rejected(tmp_path, capsys):
     empty.write_text("x = 1\n")
     assert main(["list", "--plugin", str(empty)]) == 2
     assert "does not register any method" in capsys.readouterr().err
-
-
-def test_kill_minus_9_then_resume_runs_every_spec_once(tmp_path):
-    """A real `equibench run` killed with SIGKILL mid-run resumes to exactly one block per spec."""
-    suite = tmp_path / "suite.yaml"
-    suite.write_text(json.dumps({
-        "name": "killtest", "tasks": {"nbody": TINY["task_options"]}, "train": TINY["train"],
-        "evaluate": TINY["evaluate"], "seeds": [0, 1, 2],
-        "methods": {"baseline": {"width": 8, "depth": 1}, "augmentation": {"width": 8, "depth": 1}}}))
-    cmd = [sys.executable, "-m", "equibench.cli", "run", str(suite), "--results-dir", str(tmp_path / "res"),
-           "--name", "k", "--no-isolate", "--quiet", "--no-report"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = tmp_path / "res" / "k" / RECORDS
-    deadline = time.time() + 240
-    while time.time() < deadline and (not records.exists() or records.read_text().count("\n") == 0):
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    first = completed_specs(records.parent)
-    assert 1 <= len(first) < 6, "the kill should land mid-run"
-    assert subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True).returncode == 0
-    recs = read_records(records.parent)
-    blocks = {(r["spec_hash"], r["block"]) for r in recs}
-    assert len({h for h, _ in blocks}) == 6 and len(blocks) == 6  # every spec exactly once
 
 
 def test_third_party_plugin_runs_in_the_suite_and_is_exact(tmp_path):

@@ -18,3 +18,11 @@ def did_you_mean(kind: str, name: str, choices: Iterable[str]) -> UserError:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return UserError(f"unknown {kind} {name!r}{hint} (known: {', '.join(choices) or 'none'})")
+
+
+class StorageError(Exception):
+    """The results directory cannot be written (disk full, over quota, read-only, no permission).
+
+    The run stops; every finished block is intact and ``--resume`` finishes the run once the
+    cause is fixed. The CLI prints ``str(err)`` as a single line on stderr and exits with code 3.
+    """

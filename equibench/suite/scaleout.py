@@ -1,35 +1,38 @@
-"""``executor="submitit"``: the same ``run_one`` specs as a Slurm job array through submitit.
+"""``executor="submitit"``: the same jobs and workers, scheduled through submitit.
 
-With Slurm present (``sbatch`` on PATH) the specs go out as one array job (partition, GPUs per
-node, time limit and array parallelism from ``executor_options``); without it, submitit's local
-executor runs them as subprocesses, ``parallelism`` at a time (default 1: the machine's cores are
-the benchmark's). Rows land in the same store as the local executor's (one atomic block per spec),
-so ``--resume`` works across executors. A job that raises, is killed or times out is recorded as
-a ``failed`` row.
+Each submitit task runs ``submitit_job``, which starts the very same worker command as the local
+executor (``launch.run_worker``: same job file, result files, memory and time limits, log) on the
+node it lands on, and returns the worker's outcome; the runner then stores the results exactly
+as for a local run, so ``--resume`` works across executors. With Slurm (``sbatch`` on PATH) the
+jobs of a wave go out as one array job (partition, GPUs, CPUs, memory, time limit and array
+parallelism from ``executor_options``); without it, submitit's local executor runs them as
+subprocesses, ``parallelism`` at a time (default 1: the machine's cores are the benchmark's).
+The run directory and isolated environments (``$EQUIBENCH_ENV_DIR``) must be on storage the
+nodes share. A submitit task that raises, is killed or times out is a ``failed`` row.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable
 
 from ..core.errors import UserError
-from ..core.registry import load_plugin
-from ..core.spec import RunSpec
-from .store import append_block
+from .jobs import Job
+from .launch import Outcome, run_worker
+from .limits import Limits
 
 OPTION_TYPES = {"partition": str, "gpus_per_node": int, "timeout_min": (int, float), "parallelism": int,
                 "cpus_per_task": int, "mem_gb": (int, float), "cluster": str}
 
 
-def submitit_job(spec_dict: dict[str, Any], plugins: Sequence[str]) -> list[dict[str, Any]]:
-    """What one array task runs (module-level so submitit can pickle it)."""
-    from .runner import run_one
-    for p in plugins:
-        load_plugin(p)
-    return run_one(RunSpec.from_dict(spec_dict))
+def submitit_job(python: str, job_file: str, out_dir: str, log: str, limits: dict[str, Any]) -> dict[str, Any]:
+    """What one submitit task runs (module-level so submitit can pickle it): the worker command."""
+    return run_worker(python, job_file, out_dir, log, Limits(**limits)).to_dict()
 
 
-def make_executor(folder: Path, options: dict[str, Any], timeout: float | None):
+def make_submitit(folder: Path, options: dict[str, Any], timeout: float | None):
+    """A configured ``submitit.AutoExecutor``; unknown or mistyped options are a ``UserError``."""
     import submitit
     for k, v in options.items():
         if k not in OPTION_TYPES:
@@ -37,9 +40,8 @@ def make_executor(folder: Path, options: dict[str, Any], timeout: float | None):
         if not isinstance(v, OPTION_TYPES[k]) or isinstance(v, bool):
             raise UserError(f"submitit option {k!r} has the wrong type: {v!r}")
     executor = submitit.AutoExecutor(folder=folder, cluster=options.get("cluster"))
-    timeout_min = options.get("timeout_min", (timeout / 60.0) if timeout else 60.0)
-    params: dict[str, Any] = {"timeout_min": max(1, int(round(timeout_min))) if executor.cluster == "slurm"
-                              else timeout_min}
+    timeout_min = options.get("timeout_min", (timeout / 60.0 + 5) if timeout else 60.0)
+    params: dict[str, Any] = {"timeout_min": max(1, math.ceil(timeout_min))}  # submitit wants an int
     if "gpus_per_node" in options:
         params["gpus_per_node"] = options["gpus_per_node"]
     if executor.cluster == "slurm":
@@ -54,24 +56,24 @@ def make_executor(folder: Path, options: dict[str, Any], timeout: float | None):
     return executor
 
 
-def run_submitit(specs: Sequence[RunSpec], run_dir: Path, plugins: Sequence[str], options: dict[str, Any],
-                 timeout: float | None) -> None:
-    """Run ``specs`` through submitit and append each one's rows to ``run_dir`` as it finishes."""
-    if not specs:
-        return
-    from .runner import status_rows
-    executor = make_executor(run_dir / "submitit", options, timeout)
-    wave = len(specs) if executor.cluster == "slurm" else max(1, int(options.get("parallelism", 1)))
-    for start in range(0, len(specs), wave):
-        chunk = list(specs[start:start + wave])
-        jobs = executor.map_array(submitit_job, [s.to_dict() for s in chunk], [list(plugins)] * len(chunk))
-        for spec, job in zip(chunk, jobs):
+class SubmititExecutor:
+    """Waves of jobs as submitit tasks; yields each job's outcome in submission order."""
+
+    def __init__(self, folder: Path, options: dict[str, Any], limits: Limits) -> None:
+        self.folder, self.limits = folder, limits
+        self.executor = make_submitit(folder, options, limits.timeout)
+        self.name = f"submitit:{self.executor.cluster}"
+        self.wave = 10_000 if self.executor.cluster == "slurm" else max(1, int(options.get("parallelism", 1)))
+
+    def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
+        limits = {"max_memory": self.limits.max_memory, "timeout": self.limits.timeout}
+        tasks = self.executor.map_array(submitit_job, [j.python for j in jobs], [str(j.job_file) for j in jobs],
+                                        [str(j.dir) for j in jobs], [str(j.log) for j in jobs], [limits] * len(jobs))
+        for job, task in zip(jobs, tasks):
             try:
-                rows = job.result()
-            except Exception as err:  # raised in the job, killed, or timed out
+                outcome = Outcome(**task.result())
+            except Exception as err:  # raised in the task, killed, or timed out by the scheduler
                 last = str(err).strip().splitlines()
-                rows = status_rows(spec, "failed", f"submitit job {job.job_id}: {last[-1] if last else type(err).__name__}")
-            for r in rows:
-                r["run_id"] = run_dir.name
-                r["executor"] = f"submitit:{executor.cluster}"
-            append_block(run_dir, rows)
+                outcome = Outcome(None, None, 0, "", 0.0, f"submitit job {task.job_id}: "
+                                  f"{last[-1] if last else type(err).__name__}", None)
+            yield job, outcome

@@ -6,22 +6,48 @@ then fsync'd; every row carries ``block`` (a unique id) and ``block_size``. A ru
 leaves at most one torn, incomplete block at the end of the file: ``read_records`` drops it (and
 any unparseable line), so finished results are never lost or corrupted, and a resumed run
 re-executes exactly the specs without a complete block.
+
+A write that fails because the disk is full, over quota, read-only or not permitted raises
+``StorageError`` (one line naming the path and the cause): the run stops, what was finished stays
+intact (a torn block is dropped on read) and ``--resume`` finishes the run once there is room.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ..core.errors import UserError
+from ..core.errors import StorageError, UserError
 
 RECORDS = "records.jsonl"
 ID_COLUMNS = ["run_id", "spec_hash", "task", "method", "seed", "metric", "value", "status"]
+#: errno values that mean "this location cannot take results" (full, over quota, read-only,
+#: forbidden, or below a file): not a bug in the run
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR})
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether ``err`` is a full disk, exhausted quota, read-only or forbidden location."""
+    return isinstance(err, OSError) and err.errno in STORAGE_ERRNOS
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a storage ``OSError`` inside the block into a one-line ``StorageError`` about ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+        raise StorageError(f"cannot write {path}: {err.strerror or err}; finished results are kept, "
+                           "make room (or fix the permissions) and rerun with --resume") from None
 
 
 def _json_default(obj: Any) -> Any:
@@ -38,6 +64,11 @@ def append_block(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     lines = [json.dumps({**r, "block": block, "block_size": len(rows)}, default=_json_default,
                         allow_nan=True) for r in rows]
     path = Path(run_dir) / RECORDS
+    with storage_errors(path):
+        _append(path, lines)
+
+
+def _append(path: Path, lines: list[str]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         # a torn previous block may have left the file without a final newline
@@ -82,10 +113,20 @@ def completed_specs(run_dir: Path) -> set[str]:
     return {r["spec_hash"] for r in read_records(run_dir)}
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace`` (readers see the
+    old or the new file, never half of one); storage failures raise ``StorageError``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with storage_errors(path):
+        try:
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=indent, default=_json_default)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
 
 def _run_dirs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -134,6 +175,12 @@ def write_parquet(run_dir: Path) -> Path | None:
     df[obj_cols] = df[obj_cols].astype("string")
     path = Path(run_dir) / "records.parquet"
     tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with storage_errors(path):
+        try:
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
     return path

@@ -1,0 +1,337 @@
+"""``run_benches``: the one loop that measures the points of every kind of bench into a run directory.
+
+It alone owns, for task runs, scaling sweeps and tensor-product benchmarks alike:
+
+* the run directory: created, locked for the whole run (``lock.py``: a second runner exits with
+  one line naming the holder, or waits), ``env.json`` and ``points.json`` (every point's config);
+* resume: points whose hash already has a complete block in ``records.jsonl`` are skipped;
+* isolation: points run in worker subprocesses (``launch.py``/``worker.py``), one job per point,
+  or per run of points sharing a non-empty ``group`` (in order); a job whose worker dies records
+  the failure on the point it was on and its remaining points go to a fresh worker;
+* environments: points of a method with ``requirements`` run in its cached environment
+  (``envs.py``); a failed build is a ``failed`` row for each of its points;
+* rows: each point's rows get its ``identity``, ``spec_hash`` and the run-level columns
+  (``run_id``, ``git_commit``, ``wall_s``, ``executor``, ``environment`` and the worker
+  environment's ``versions``) and go to the store as ONE atomic block as soon as the point ends;
+  failures (crash, signal, out of memory, timeout) are rows built the same way;
+* storage: a full or unwritable results directory stops the run with ``StorageError``; nothing
+  is recorded for a point whose result could not be written, so ``--resume`` runs it again.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from ..benches.base import Bench, Point, Row
+from ..core.envinfo import environment as env_info
+from ..core.envinfo import git_commit
+from ..core.errors import StorageError, UserError
+from ..core.registry import load_plugin, method_class
+from .envs import EnvBuildError, Environment, env_key, environment_for
+from .jobs import EXIT_STORAGE, Job, job_id, read_job
+from .launch import Outcome, run_worker
+from .limits import Limits
+from .lock import exclusive
+from .scaleout import SubmititExecutor
+from .store import append_block, read_records, storage_errors, write_json_atomic, write_parquet
+from .worker import peak_rss, run_job
+
+LOCK_FILE = ".lock"
+POINTS_FILE = "points.json"
+
+
+class Executor(Protocol):
+    """Runs jobs; yields each job with its outcome as it ends (``on_tick`` while it runs)."""
+
+    name: str
+    wave: int
+
+    def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]: ...
+
+
+class LocalExecutor:
+    """One worker subprocess at a time on this machine (``isolate=False``: in this process,
+    without limits, for jobs in the main environment; faster, for debugging)."""
+
+    wave = 1
+
+    def __init__(self, limits: Limits, isolate: bool = True) -> None:
+        self.limits, self.isolate = limits, isolate
+        self.name = "local" if isolate else "inline"
+
+    def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
+        for job in jobs:
+            job.launched = time.time()
+            if self.isolate or job.environment != "main":
+                yield job, run_worker(job.python, job.job_file, job.dir, job.log, self.limits,
+                                      on_tick=lambda job=job: on_tick(job))
+            else:
+                t0 = time.monotonic()
+                code = run_job(read_job(job.job_file), job.dir)
+                yield job, Outcome(code, None, peak_rss(), "", time.monotonic() - t0, "", None)
+
+
+@dataclass
+class Unit:
+    """Points that run in order in one worker (a group, or one point), and all hashes of the
+    group (whose rows are the history its bench sees)."""
+
+    points: list[Point]
+    group_hashes: tuple[str, ...]
+
+
+def requirements_of(point: Point) -> tuple[str, ...]:
+    """The pip requirements declared by the point's method (``()`` when none or no method)."""
+    if not point.method:
+        return ()
+    try:
+        cls = method_class(point.method)
+    except UserError:
+        return ()
+    reqs = getattr(cls, "requirements", ()) or ()
+    if isinstance(reqs, str) or not all(isinstance(r, str) for r in reqs):
+        raise UserError(f"method {point.method!r}: requirements must be a tuple of strings, got {reqs!r}")
+    return tuple(sorted(reqs))
+
+
+def collect_points(benches: Sequence[Bench]) -> list[Point]:
+    """Every bench's points (validated by the bench; ``UserError`` on bad input), first of each hash."""
+    points: dict[str, Point] = {}
+    for bench in benches:
+        for p in bench.points():
+            points.setdefault(p.hash, p)
+    return list(points.values())
+
+
+def make_units(points: Sequence[Point], pending: set[str]) -> list[Unit]:
+    """Jobs to run: each point alone, or the pending points of a group together (at the place
+    of its first point), split where the environment changes."""
+    groups: dict[str, list[Point]] = {}
+    order: list[str] = []
+    for p in points:
+        key = p.group or f"#{p.hash}"
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(p)
+    units = []
+    for key in order:
+        members = groups[key]
+        hashes = tuple(p.hash for p in members)
+        run: list[Point] = []
+        for p in (m for m in members if m.hash in pending):
+            if run and requirements_of(run[-1]) != requirements_of(p):
+                units.append(Unit(run, hashes))
+                run = []
+            run.append(p)
+        if run:
+            units.append(Unit(run, hashes))
+    return units
+
+
+class Engine:
+    """The state of one run: what is recorded, the history per point, environments, progress."""
+
+    def __init__(self, run_dir: Path, executor: Executor, limits: Limits, plugins: list[str],
+                 stored: list[Row], progress: bool, total: int) -> None:
+        self.run_dir, self.executor, self.limits, self.plugins = run_dir, executor, limits, plugins
+        self.history: dict[str, list[Row]] = {}
+        for r in stored:
+            self.history.setdefault(r["spec_hash"], []).append(r)
+        self.recorded: set[str] = set()
+        self.envs: dict[tuple[str, ...], Environment | EnvBuildError] = {}
+        self.attempts: Counter[str] = Counter()
+        self.clock: dict[str, float] = {}
+        self.progress = progress
+        self.bar = _bar(total) if progress else None
+
+    # ---- rows -------------------------------------------------------------------------
+    def record(self, point: Point, rows: list[Row], *, wall_s: float, env: Environment | None,
+               versions: dict[str, str] | None = None) -> None:
+        """Append ``rows`` of ``point`` as one block with the run-level columns."""
+        run_cols = {"spec_hash": point.hash, "run_id": self.run_dir.name, "git_commit": git_commit(),
+                    "wall_s": wall_s, "executor": self.executor.name,
+                    "environment": env.id if env is not None else "main",
+                    "versions": versions if versions is not None else (env.versions if env is not None else {})}
+        out = []
+        for r in rows:
+            row = {**point.identity, "value": None, "status": "ok", "error": "", **r, **run_cols}
+            out.append(row)
+        append_block(self.run_dir, out)
+        self.recorded.add(point.hash)
+        self.history.setdefault(point.hash, []).extend(out)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def fail(self, point: Point, status: str, error: str, *, wall_s: float = 0.0, env: Environment | None = None,
+             **extra: Any) -> None:
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        self.record(point, [{"metric": "status", "value": None, "status": status, "error": error,
+                             "finished_at": now, **extra}], wall_s=wall_s, env=env)
+
+    def harvest(self, job: Job) -> None:
+        """Record every result the job's worker has finished so far, in order."""
+        for p in job.points:
+            if p.hash in self.recorded:
+                continue
+            res = job.read_result(p)
+            if res is None:
+                return
+            start = self.clock.get(job.id) or job.launched or res["started"]
+            self.clock[job.id] = res["finished"]
+            self.record(p, res["rows"], wall_s=res["finished"] - start, env=self._env_of(job),
+                        versions=res.get("versions"))
+
+    # ---- jobs -------------------------------------------------------------------------
+    def environment(self, point: Point) -> Environment | EnvBuildError:
+        reqs = requirements_of(point)
+        if reqs not in self.envs:
+            try:
+                self.envs[reqs] = environment_for(reqs, progress=self.progress)
+            except EnvBuildError as err:
+                self.envs[reqs] = err
+        return self.envs[reqs]
+
+    def _env_of(self, job: Job) -> Environment:
+        return Environment(job.environment, job.python, versions=job.versions)
+
+    def make_job(self, unit: Unit, env: Environment) -> Job:
+        first = unit.points[0]
+        self.attempts[first.hash] += 1
+        jid = job_id(first, self.attempts[first.hash])
+        job = Job(id=jid, dir=self.run_dir / "work" / jid, log=self.run_dir / "logs" / f"{jid}.log",
+                  points=list(unit.points), python=env.python, environment=env.id, versions=env.versions)
+        history = [r for h in unit.group_hashes for r in self.history.get(h, [])]
+        job.write(self.plugins, history, self.limits.max_memory)
+        return job
+
+    def settle(self, job: Job, outcome: Outcome) -> list[Point]:
+        """Record the failure of the point the worker stopped at; the points still to run."""
+        left = [p for p in job.points if p.hash not in self.recorded]
+        if outcome.returncode == EXIT_STORAGE:
+            raise StorageError(f"cannot write results in {job.dir}: disk full, over quota or not writable; "
+                               "finished results are kept, make room and rerun with --resume")
+        if not left:
+            return []
+        point, env = left[0], self._env_of(job)
+        start = self.clock.get(job.id) or job.launched or time.time()
+        extra: dict[str, Any] = {"exit_code": outcome.returncode, "exit_signal": outcome.signal,
+                                 "peak_rss_bytes": outcome.peak_rss}
+        if outcome.killed_for == "out_of_memory":
+            extra["max_memory_bytes"] = self.limits.max_memory
+        if outcome.returncode == 0 and not outcome.killed_for:
+            error = "worker ended without a result" + (f": {outcome.log_tail}" if outcome.log_tail else "")
+        else:
+            error = outcome.describe(self.limits)
+        status = "out_of_memory" if outcome.killed_for == "out_of_memory" else "failed"
+        self.fail(point, status, error, wall_s=time.time() - start, env=env, **extra)
+        return left[1:]
+
+    def run(self, units: list[Unit]) -> None:
+        queue = deque(units)
+        while queue:
+            wave: list[tuple[Unit, Job]] = []
+            while queue and len(wave) < self.executor.wave:
+                unit = queue.popleft()
+                env = self.environment(unit.points[0])
+                if isinstance(env, EnvBuildError):
+                    reqs = requirements_of(unit.points[0])
+                    where = Environment(env_key(reqs), "", reqs)
+                    for p in unit.points:
+                        self.fail(p, "failed", f"environment for {' '.join(reqs)} could not be built: {env}",
+                                  env=where)
+                    continue
+                wave.append((unit, self.make_job(unit, env)))
+            if not wave:
+                continue
+            if self.bar is not None:
+                self.bar.set_postfix_str(wave[0][0].points[0].label)
+            units_of = {job.id: unit for unit, job in wave}
+            requeue = []
+            for job, outcome in self.executor.run([job for _, job in wave], self.harvest):
+                self.harvest(job)
+                rest = self.settle(job, outcome)
+                if rest:
+                    requeue.append(Unit(rest, units_of[job.id].group_hashes))
+                shutil.rmtree(job.dir, ignore_errors=True)
+            queue.extendleft(reversed(requeue))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _bar(total: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="equibench", unit="point", file=sys.stderr)
+
+
+def write_points(run_dir: Path, points: Sequence[Point]) -> None:
+    """``points.json``: every point ever asked of this run directory (by hash), with its config."""
+    path = run_dir / POINTS_FILE
+    try:
+        known = {p["hash"]: p for p in json.loads(path.read_text())["points"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        known = {}
+    known.update({p.hash: p.to_dict() for p in points})
+    write_json_atomic(path, {"points": list(known.values())})
+
+
+def make_executor(executor: str, run_dir: Path, limits: Limits, isolate: bool,
+                  options: dict[str, Any] | None) -> Executor:
+    if executor == "local":
+        if options:
+            raise UserError(f"executor 'local' takes no options, got {sorted(options)}")
+        return LocalExecutor(limits, isolate)
+    if executor == "submitit":
+        return SubmititExecutor(run_dir / "submitit", options or {}, limits)
+    raise UserError(f"unknown executor {executor!r} (known: local, submitit)")
+
+
+def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executor: str = "local",
+                isolate: bool = True, timeout: float | None = None, max_memory: int | str | None = None,
+                wait: bool = False, plugins: Sequence[str | os.PathLike] = (), progress: bool = True,
+                executor_options: dict[str, Any] | None = None) -> Path:
+    """Measure every point of ``benches`` not already finished in ``run_dir``; returns ``run_dir``.
+
+    ``timeout`` (seconds) and ``max_memory`` (bytes or "4G"; default 75 % of RAM) limit each
+    point; ``wait`` waits for another runner holding ``run_dir`` instead of failing. Raises
+    ``UserError`` for bad input (nothing written) and ``StorageError`` when the disk refuses.
+    """
+    plugin_paths = [str(Path(p).resolve()) for p in plugins]
+    for p in plugin_paths:
+        load_plugin(p)
+    points = collect_points(benches)
+    for p in points:
+        requirements_of(p)
+    limits = Limits.make(max_memory, timeout)
+    run_dir = Path(run_dir)
+    ex = make_executor(executor, run_dir, limits, isolate, executor_options)
+    with storage_errors(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(run_dir / LOCK_FILE, f"run directory {run_dir}", wait=wait):
+        if not (run_dir / "env.json").exists():
+            write_json_atomic(run_dir / "env.json", env_info())
+        write_points(run_dir, points)
+        stored = read_records(run_dir)
+        done = {r["spec_hash"] for r in stored}
+        pending = {p.hash for p in points} - done
+        engine = Engine(run_dir, ex, limits, plugin_paths, stored, progress, len(pending))
+        try:
+            engine.run(make_units(points, pending))
+        finally:
+            engine.close()
+        with contextlib.suppress(OSError):
+            (run_dir / "work").rmdir()  # only when empty: a failed clean-up stays for inspection
+        write_parquet(run_dir)
+    return run_dir

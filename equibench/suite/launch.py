@@ -1,0 +1,213 @@
+"""Start one worker as a subprocess and watch it until it ends: memory, time, exit status.
+
+``run_worker`` starts ``<python> -m equibench.suite.worker JOB_FILE OUT_DIR`` with
+``subprocess.Popen`` in a session of its own, stdout and stderr appended to the job's log file,
+the runner's ``equibench`` first on ``PYTHONPATH`` (``-P`` keeps the working directory off
+``sys.path`` on Python >= 3.11, so the worker imports the runner's source, not a checkout that
+happens to be the current folder). While it runs, a few times a second:
+
+* the resident memory (RSS) of the worker's whole process tree is summed (psutil); over
+  ``limits.max_memory`` the tree is killed and the outcome says ``out_of_memory``;
+* the point it is on is read from its marker file; a point running longer than
+  ``limits.timeout`` kills the tree: ``timeout`` (the start-up before the first point, imports
+  and plugins, may take ``STARTUP_GRACE_S`` more);
+* ``on_tick`` is called (the runner stores finished points as they appear).
+
+Waiting uses a pidfd where the kernel has one, so a worker's end is seen at once. The outcome
+carries the exit code, the signal's name, the peak RSS (polled, and the kernel's ``ru_maxrss``
+of the reaped worker) and the last meaningful lines of the log (progress-bar fragments dropped).
+"""
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from .jobs import MARKER, equibench_root
+from .limits import Limits, format_size
+
+POLL_S = 0.2
+#: seconds a worker may take to start (imports, plugins) on top of the first point's timeout
+STARTUP_GRACE_S = 60.0
+_BAR = re.compile(r"\d+%\|.*\||\|[#█▏▎▍▌▋▊▉ ]+\||\d+/\d+ \[\d")
+
+
+@dataclass
+class Outcome:
+    """How a worker ended. ``killed_for`` is "", "out_of_memory" or "timeout"."""
+
+    returncode: int | None
+    signal: str | None
+    peak_rss: int
+    killed_for: str
+    elapsed: float
+    log_tail: str
+    current: str | None
+
+    def describe(self, limits: Limits) -> str:
+        """One line for a failed row of the point the worker was on."""
+        if self.killed_for == "out_of_memory":
+            return (f"out of memory: peak RSS {format_size(self.peak_rss)} over the limit "
+                    f"{format_size(limits.max_memory)} (worker killed)")
+        if self.killed_for == "timeout":
+            return f"timeout: exceeded {limits.timeout:g} s (worker killed)"
+        if self.returncode is None:
+            return self.log_tail or "worker did not report how it ended"
+        how = f"killed by {self.signal}" if self.signal else f"exited with code {self.returncode}"
+        return f"worker {how} (peak RSS {format_size(self.peak_rss)})" + (f": {self.log_tail}" if self.log_tail else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def worker_command(python: str, job_file: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    isolated_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [python, *isolated_path, "-m", "equibench.suite.worker", str(job_file), str(out_dir)]
+
+
+def site_dirs() -> list[str]:
+    """This interpreter's site-packages folders (what an isolated environment inherits)."""
+    import site
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [os.path.realpath(d) for d in dirs if os.path.isdir(d)]
+
+
+def worker_environ() -> dict[str, str]:
+    """The worker's environment: this one, with the runner's ``equibench`` first on the path
+    (unless it lives in a site-packages folder, which must stay behind an isolated environment's
+    own packages), unbuffered output and the runner's pid for ``PR_SET_PDEATHSIG``."""
+    env = dict(os.environ)
+    root = equibench_root()
+    if os.path.realpath(root) not in site_dirs():
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["EQUIBENCH_PARENT_PID"] = str(os.getpid())
+    return env
+
+
+def log_tail(path: str | os.PathLike, n: int = 3, max_bytes: int = 65536) -> str:
+    """The last ``n`` meaningful lines of a log: ``\\r``-separated progress-bar redraws and bars
+    themselves are dropped, so an error is never reported as "37%|███▋ | 37/100"."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [seg.strip() for line in text.splitlines() for seg in line.split("\r")]
+    keep = [ln for ln in lines if ln and not _BAR.search(ln)]
+    return " / ".join(keep[-n:])
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for c in children:
+        try:
+            c.kill()
+        except psutil.Error:
+            continue
+
+
+def _reap(proc: subprocess.Popen, block: bool) -> tuple[int, int] | None:
+    """(exit status as Popen reports it, ru_maxrss in bytes) once the worker has ended."""
+    try:
+        pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:  # already reaped elsewhere
+        return (proc.returncode if proc.returncode is not None else -1), 0
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _waiter(pid: int) -> Callable[[float], None]:
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return time.sleep
+
+    def wait(seconds: float) -> None:
+        select.select([fd], [], [], seconds)
+    wait.fd = fd  # type: ignore[attr-defined]
+    return wait
+
+
+def run_worker(python: str, job_file: str | os.PathLike, out_dir: str | os.PathLike, log: str | os.PathLike,
+               limits: Limits, on_tick: Callable[[], None] | None = None) -> Outcome:
+    """Run one worker to its end under ``limits``; never raises for what the worker does."""
+    marker = Path(out_dir) / MARKER
+    with open(log, "ab") as log_f:
+        started = time.monotonic()
+        proc = subprocess.Popen(worker_command(python, job_file, out_dir), stdin=subprocess.DEVNULL, stdout=log_f,
+                                stderr=subprocess.STDOUT, env=worker_environ(), start_new_session=True)
+    wait = _waiter(proc.pid)
+    ps = psutil.Process(proc.pid)
+    peak, killed_for, current, point_started = 0, "", None, started + STARTUP_GRACE_S
+    try:
+        while (reaped := _reap(proc, block=False)) is None:
+            rss = _tree_rss(ps)
+            peak = max(peak, rss)
+            now = time.monotonic()
+            try:
+                on = marker.read_text().strip() or None
+            except OSError:
+                on = None
+            if on != current:
+                current, point_started = on, now
+            if limits.max_memory and rss > limits.max_memory:
+                killed_for = "out_of_memory"
+            elif limits.timeout and now - point_started > limits.timeout:
+                killed_for = "timeout"
+            if killed_for:
+                _kill_tree(proc)
+                reaped = _reap(proc, block=True)
+                break
+            if on_tick is not None:
+                on_tick()
+            wait(POLL_S)
+    finally:
+        if proc.returncode is None:  # the runner itself is being interrupted
+            _kill_tree(proc)
+            _reap(proc, block=True)
+        if hasattr(wait, "fd"):
+            os.close(wait.fd)
+    code, maxrss = reaped if reaped is not None else (proc.returncode, 0)
+    sig = signal.Signals(-code).name if code is not None and code < 0 and -code in signal.Signals._value2member_map_ else None
+    try:
+        current = marker.read_text().strip() or current
+    except OSError:
+        pass
+    return Outcome(returncode=code, signal=sig, peak_rss=max(peak, maxrss), killed_for=killed_for,
+                   elapsed=time.monotonic() - started, log_tail=log_tail(log), current=current)
