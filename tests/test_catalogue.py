@@ -53,8 +53,8 @@ def test_every_task_metric_and_bench_name_is_declared():
     for task in eb.list_tasks():
         for m in eb.get_task(task).spec.metrics:
             assert cat.find_metric(cat.test_metric(m)), (task, m)
-    from equibench.benches.scaling import COST_METRICS
-    assert all(cat.find_metric(cat.canonical_name(m, "scaling")) for m in COST_METRICS)
+    assert all(cat.get_metric(cat.scaling_metric(m)).family == "scaling" for m in cat.SCALING_STATS)
+    assert all(cat.get_metric(cat.tp_bench_metric(m)).family == "tp_bench" for m in cat.TP_BENCH_STATS)
     for stage in cat.STAGES:
         for dtype in cat.DTYPES:
             for stat in cat.EQUIVARIANCE_STATS:

@@ -33,6 +33,7 @@ from ..core.errors import UserError
 from ..core.spec import TaskSpec
 from ..core.registry import get_method, get_task, method_class
 from ..methods.base import count_parameters
+from ..metrics.catalogue import scaling_metric
 from ..metrics.throughput import MODES, measure_throughput
 from ..symmetry.fieldtypes import POINT, field_dim
 from ..symmetry.precision import default_dtype, parse_dtype
@@ -40,7 +41,7 @@ from .base import Bench, Point, register_bench
 from .taskrun import build_model
 
 AXES = ("nodes", "batch", "width", "lmax")
-COST_METRICS = ("time_s", "time_iqr_s", "graphs_per_s", "nodes_per_s", "peak_mem_bytes", "flops", "gflops_per_s")
+TIME = scaling_metric("time_s")
 
 
 def synthetic_batch(spec: TaskSpec, nodes: int, graphs: int = 1, k: int = 8, seed: int = 0) -> Batch:
@@ -201,7 +202,7 @@ def measure_point(cfg: ScaleConfig, p: dict[str, Any], model_cache: dict[str, An
     values = {"time_s": res["time_median_s"], "time_iqr_s": res["time_iqr_s"], "graphs_per_s": res["graphs_per_s"],
               "nodes_per_s": res["nodes_per_s"], "peak_mem_bytes": res["peak_mem_bytes"], "flops": res["flops"],
               "gflops_per_s": res["gflops_per_s"]}
-    return [{"metric": m, "value": float(v), **ctx} for m, v in values.items() if v is not None]
+    return [{"metric": scaling_metric(m), "value": float(v), **ctx} for m, v in values.items() if v is not None]
 
 
 def too_slow(cfg: ScaleConfig, p: dict[str, Any], history: list[dict[str, Any]]) -> str | None:
@@ -209,7 +210,7 @@ def too_slow(cfg: ScaleConfig, p: dict[str, Any], history: list[dict[str, Any]])
     linearly with size) from the largest size of its (method, axis) measured so far, exceeds
     ``max_call_s``."""
     done = [(int(r["x"]), float(r["value"])) for r in history
-            if r.get("metric") == "time_s" and r.get("status") == "ok"
+            if r.get("metric") == TIME and r.get("status") == "ok"
             and r.get("method") == p["method"] and r.get("x_label") == p["axis"]]
     if not done:
         return None
@@ -268,7 +269,7 @@ class ScalingBench(Bench):
         cls._models.clear()
 
 
-def exponents(df: pd.DataFrame, metric: str = "time_s", tail: float = 0.5) -> pd.DataFrame:
+def exponents(df: pd.DataFrame, metric: str = "scaling.time_s", tail: float = 0.5) -> pd.DataFrame:
     """Fitted exponent per (method, axis) of ``metric`` from scaling rows (a DataFrame with
     columns method, x_label, x, metric, value, status); mean over repeated rows per point."""
     s = df[(df["task"] == "scaling") & (df["status"] == "ok") & (df["metric"] == metric)]

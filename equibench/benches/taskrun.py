@@ -23,7 +23,7 @@ from ..core.errors import UserError
 from ..core.registry import get_method, get_task
 from ..core.spec import RunSpec
 from ..methods.base import count_parameters
-from ..metrics import degeneracy
+from ..metrics import catalogue, degeneracy
 from ..metrics.equivariance import equivariance_error, lie_derivative
 from ..metrics.throughput import device_name, measure_throughput
 from ..symmetry.group3d import common_group
@@ -148,13 +148,14 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: Any, **ctx: Any) -> None:
+        catalogue.get_metric(metric)  # every number a row carries is declared once (register_metric)
         rows.append({**base, "metric": metric, "value": None if value is None else float(value), **ctx})
 
     train_data, test_data = task.load("train"), task.load("test")
     eq_batch = Batch.from_data_list(test_data[:ecfg.equivariance_graphs])
     group = common_group(tspec.group, method.group) if method.exact and tspec.domain == "graph3d" else tspec.group
     model = build_model(method, tspec, spec.seed, torch.float32)
-    add("params", count_parameters(model))
+    add(catalogue.PARAMS, count_parameters(model))
 
     def measure_equivariance(stage: str) -> None:
         fp64 = build_model(method, tspec, spec.seed, torch.float64, state=model.state_dict())
@@ -162,13 +163,13 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
             res = equivariance_error(m.to(device), eq_batch, tspec, n_samples=ecfg.equivariance_samples,
                                      dtype=dtype, group=group, seed=spec.seed)
             for stat in ("rel_mean", "rel_median", "rel_max", "abs_max"):
-                add(f"equivariance.{stage}.{dtype_name(dtype)}.{stat}", res[stat], stage=stage,
+                add(catalogue.equivariance_metric(stage, dtype_name(dtype), stat), res[stat], stage=stage,
                     dtype=dtype_name(dtype), group=group, batch_size=res["n_graphs"],
                     repeats=res["n_samples"])
         if ecfg.lie_derivative and tspec.domain == "graph3d":
             lie = lie_derivative(fp64.to(device), eq_batch, tspec)
             for stat in ("rel_mean", "rel_max"):
-                add(f"lie_derivative.{stage}.fp64.{stat}", lie[stat], stage=stage, dtype="fp64",
+                add(catalogue.lie_metric(stage, stat), lie[stat], stage=stage, dtype="fp64",
                     batch_size=int(eq_batch.num_graphs), repeats=3)
         if stage == "trained" and ecfg.degeneracy and tspec.domain == "graph3d":
             for curve in (degeneracy.degeneracy_curve, degeneracy.symmetric_curve):
@@ -176,16 +177,16 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
                     x_label = "gap" if "gap" in r else "config"
                     x_val = r.get("gap", r.get("config"))
                     for stat in ("rel_mean", "rel_max", "nonfinite"):
-                        add(f"degeneracy.{x_label}.{stat}", r[stat], stage=stage, dtype="fp64", group=group,
+                        add(catalogue.degeneracy_metric(x_label, stat), r[stat], stage=stage, dtype="fp64", group=group,
                             x=x_val if x_label == "gap" else None, x_label=str(x_val),
                             batch_size=int(eq_batch.num_graphs))
 
     measure_equivariance("init")
     hist = train(model, method, task, train_data, cfg, spec.seed, device)
     for k, v in hist.items():
-        add(f"train.{k}", v, batch_size=cfg.batch_size)
+        add(catalogue.train_metric(k), v, batch_size=cfg.batch_size)
     for k, v in evaluate(model, method, task, test_data, cfg.eval_batch_size, device).items():
-        add(f"test.{k}", v, batch_size=cfg.eval_batch_size, n_graphs=len(test_data))
+        add(catalogue.test_metric(k), v, batch_size=cfg.eval_batch_size, n_graphs=len(test_data))
     measure_equivariance("trained")
     if ecfg.throughput:
         tp_data = (test_data * (ecfg.throughput_batch // len(test_data) + 1))[:ecfg.throughput_batch]
@@ -201,7 +202,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
             for stat in ("graphs_per_s", "nodes_per_s", "time_median_s", "time_iqr_s", "peak_mem_bytes",
                          "flops", "gflops_per_s", "compile_time_s"):
                 if res[stat] is not None:
-                    add(f"throughput.{mode}.{stat}", res[stat], **ctx)
+                    add(catalogue.throughput_metric(mode, stat), res[stat], **ctx)
     finished = _dt.datetime.now(_dt.timezone.utc).isoformat()
     for r in rows:
         r["finished_at"] = finished

@@ -41,6 +41,7 @@ from torch_geometric.data import Data
 
 from ..core.config import Config
 from ..core.errors import UserError
+from ..metrics.catalogue import tp_bench_metric
 from ..metrics.throughput import count_flops, make_step, measure_throughput
 from ..symmetry.precision import default_dtype, dtype_name, parse_dtype
 from .base import Bench, Point, register_bench, stable_hash
@@ -353,7 +354,7 @@ def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -
               "gflops_per_s": flops / med / 1e9 if flops else None,
               "compile_time_s": compile_time, "rel_err_vs_e3nn": agreement,
               "weights": float(sum(p.numel() for p in module.parameters()))}
-    return [{"metric": m, "value": float(v), **ctx} for m, v in values.items() if v is not None]
+    return [{"metric": tp_bench_metric(m), "value": float(v), **ctx} for m, v in values.items() if v is not None]
 
 
 @register_bench("tp_bench")
