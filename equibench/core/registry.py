@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 import typing
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -22,13 +24,13 @@ from .errors import UserError, did_you_mean
 
 T = TypeVar("T")
 
-_METHODS: dict[str, type] = {}
-_TASKS: dict[str, type] = {}
+_METHODS: dict[str, type[Any]] = {}
+_TASKS: dict[str, type[Any]] = {}
 _BUILTINS_LOADED = False
 _ENTRY_POINTS_LOADED = False
 
 
-def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type[T]], type[T]]:
+def _register(table: dict[str, type[Any]], kind: str, name: str) -> Callable[[type[T]], type[T]]:
     def decorator(cls: type[T]) -> type[T]:
         if name in table and table[name] is not cls and table[name].__qualname__ != cls.__qualname__:
             raise ValueError(f"{kind} {name!r} is already registered by {table[name].__module__}")
@@ -61,7 +63,7 @@ def _load_builtins() -> None:
                 ep.load()  # importing the module runs its @register_* decorators
 
 
-def load_plugin(path: str | Path) -> list[str]:
+def load_plugin(path: str | os.PathLike[str]) -> list[str]:
     """Import a Python file that registers methods or tasks; returns the names it added."""
     path = Path(path)
     if not path.is_file():
@@ -99,21 +101,21 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def method_class(name: str) -> type:
+def method_class(name: str) -> type[Any]:
     _load_builtins()
     if not isinstance(name, str) or name not in _METHODS:
         raise did_you_mean("method", str(name), _METHODS)
     return _METHODS[name]
 
 
-def task_class(name: str) -> type:
+def task_class(name: str) -> type[Any]:
     _load_builtins()
     if not isinstance(name, str) or name not in _TASKS:
         raise did_you_mean("task", str(name), _TASKS)
     return _TASKS[name]
 
 
-def options_model(cls: type) -> type[BaseModel]:
+def options_model(cls: type[Any]) -> type[BaseModel]:
     """A strict pydantic model of ``cls.__init__``'s keyword options (names, type hints and
     defaults; ``**kwargs`` allows extra keys), built once per class."""
     cached = cls.__dict__.get("_options_model")
@@ -127,14 +129,15 @@ def options_model(cls: type) -> type[BaseModel]:
             continue
         ann = hints.get(key, Any)
         fields[key] = (ann, ... if p.default is p.empty else p.default)
-    extra = "allow" if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) else "forbid"
+    has_var_keyword = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    extra: Literal["allow", "forbid"] = "allow" if has_var_keyword else "forbid"
     model = create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra=extra, strict=True,
                                                                           arbitrary_types_allowed=True), **fields)
-    cls._options_model = model  # type: ignore[attr-defined]
+    cls._options_model = model
     return model
 
 
-def validate_options(cls: type, kind: str, options: dict[str, Any]) -> None:
+def validate_options(cls: type[Any], kind: str, options: dict[str, Any]) -> None:
     """Check option names and types against ``cls.__init__``; raise ``UserError`` otherwise."""
     model = options_model(cls)
     # YAML/JSON give lists where a signature may say tuple
@@ -149,7 +152,8 @@ def validate_options(cls: type, kind: str, options: dict[str, Any]) -> None:
             raise UserError(f"{kind} {cls.name!r} has no option {key!r} (options: {known})") from None
         if e.get("type") == "missing":
             return  # a required option is the constructor's to report
-        ann = model.model_fields[key.split(".")[0]].annotation if key.split(".")[0] in model.model_fields else None
+        field = model.model_fields.get(key.split(".")[0])
+        ann: object = field.annotation if field is not None else None
         tname = getattr(ann, "__name__", str(ann).replace("typing.", ""))
         raise UserError(f"{kind} {cls.name!r} option {key!r} must be {tname}, got {options.get(key.split('.')[0])!r}"
                         ) from None

@@ -38,7 +38,7 @@ and rotating take well under a second, so the prepared splits are rebuilt on loa
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -46,13 +46,21 @@ import torch.nn.functional as F
 from torch_geometric.data import Batch, Data
 
 from ..core.errors import UserError
-from ..symmetry.group2d import disc_mask, group_order, rotate
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
+from ..symmetry.group2d import disc_mask, group_order, rotate
 from .base import SPLITS, Task, atomic_save, cache_dir
 
-SOURCES = {"mnist": {"n": 5000, "size": 28, "pad": 2, "scale": 255.0},
-           "sklearn": {"n": 1797, "size": 8, "pad": 2, "scale": 16.0}}
+
+class Source(TypedDict):
+    n: int  # images
+    size: int  # side in pixels
+    pad: int  # zero padding per side
+    scale: float  # max pixel value
+
+
+SOURCES: dict[str, Source] = {"mnist": {"n": 5000, "size": 28, "pad": 2, "scale": 255.0},
+                              "sklearn": {"n": 1797, "size": 8, "pad": 2, "scale": 16.0}}
 SETTINGS = ("upright/rotated", "rotated/rotated")
 DEFAULT_SIZES = {"mnist": (4000, 0, 1000), "sklearn": (1297, 0, 500)}
 SPLIT_SEED = 20240  # fixed permutation of the source images into test | val | train

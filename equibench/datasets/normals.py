@@ -45,7 +45,7 @@ import hashlib
 import json
 import os
 from importlib.metadata import version
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pybullet_data
@@ -92,7 +92,8 @@ def load_mesh(name: str) -> trimesh.Trimesh:
     """A catalogue mesh by name (``random_urdfs/000/000.obj``, ``bunny.obj``, ``primitive:box``)."""
     if name.startswith("primitive:"):
         return PRIMITIVES[name.split(":", 1)[1]]()
-    return trimesh.load(os.path.join(pybullet_data.getDataPath(), name), force="mesh")
+    # force="mesh" makes trimesh.load (typed as returning any Geometry) return a Trimesh
+    return cast(trimesh.Trimesh, trimesh.load(os.path.join(pybullet_data.getDataPath(), name), force="mesh"))
 
 
 def _usable(name: str) -> bool:

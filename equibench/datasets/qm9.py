@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from ..core.errors import UserError
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
-from .base import SPLITS, Task, atomic_save, cache_dir
+from .base import Task, atomic_save, cache_dir
 from .graphs import radius_graph
 
 if importlib.util.find_spec("qm9pack") is None:  # do not import it: its __init__ needs pkg_resources

@@ -8,8 +8,8 @@ and imported by the methods that use it.
 """
 from __future__ import annotations
 
-from .base import Method, build_at_params, count_parameters
 from ..core.autoimport import import_submodules
+from .base import Method, build_at_params, count_parameters
 
 unavailable: dict[str, str] = import_submodules(__name__, __path__, skip=("base", "blocks"))
 

@@ -30,8 +30,8 @@ class Augmentation(Baseline):
 
     def train_transform(self, batch: Batch, spec: TaskSpec, generator: torch.Generator) -> Batch:
         if spec.domain == "image2d":
-            g = group2d.sample_element(batch, spec.group, generator, permute=False)
-            return group2d.act_on_batch(batch, spec, g)
+            rot = group2d.sample_element(batch, spec.group, generator, permute=False)
+            return group2d.act_on_batch(batch, spec, rot)
         g = sample_element(batch, spec.group, generator, permute=False)
         return act_on_batch(batch, spec, g.to(batch[spec.point_fields[0]].dtype if spec.point_fields
                                               else torch.get_default_dtype()))

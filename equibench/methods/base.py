@@ -7,13 +7,16 @@ through hooks that default to doing nothing, so the runner never branches on a m
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 from torch_geometric.data import Batch
 
 from ..core.spec import TaskSpec
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class Method:
@@ -81,8 +84,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_at_params(factory: Callable[[int], nn.Module], target: int | None, default: int,
-                    lo: int = 2, hi: int = 4096, tolerance: float = 0.10) -> nn.Module:
+def build_at_params(factory: Callable[[int], M], target: int | None, default: int,
+                    lo: int = 2, hi: int = 4096, tolerance: float = 0.10) -> M:
     """Build ``factory(size)`` with the integer ``size`` whose parameter count is closest to
     ``target``. Parameter counts grow monotonically with size: bracket the target by doubling or
     halving from ``default`` (so no huge model is ever built), then bisect. ``target=None`` builds

@@ -28,10 +28,10 @@ from .blocks.image import build_image_model, image_size_options
 @register_method("baseline")
 class Baseline(Method):
     exact = False
-    group = None
+    group: str | None = None  # (the declared type, so that subclasses may name a group)
     wraps_backbone = True
     smoke_options = {"width": 16, "depth": 2}
-    domains = ("graph3d", "image2d")
+    domains: ClassVar[tuple[str, ...]] = ("graph3d", "image2d")
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False, "image2d": False}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None) -> None:

@@ -43,7 +43,7 @@ canonicaliser has ``IMAGE_CANON_DEPTH`` steerable blocks of max(2, width // (2N)
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -60,8 +60,7 @@ from .blocks.backbone import BackboneModel, mlp
 from .blocks.canon2d import Canonicalised
 from .blocks.cnn import resolve_group
 from .blocks.image import build_image_model, image_size_options
-from .blocks.pca_frames import (apply_in_frame, centroid, check_group, first_point_field, frame_support,
-                                gram_schmidt)
+from .blocks.pca_frames import apply_in_frame, centroid, check_group, first_point_field, frame_support, gram_schmidt
 
 #: steerable blocks of the image canonicaliser (image2d)
 IMAGE_CANON_DEPTH = 2
@@ -106,7 +105,8 @@ class VectorCanonicaliser(nn.Module):
 
     def node_inputs(self, batch: Batch, x_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Invariant scalars ``[N, n_s]`` and equivariant vectors ``[N, n_v, 3]`` (points centred)."""
-        scal, vecs = [], []
+        scal: list[torch.Tensor] = []
+        vecs: list[torch.Tensor] = []
         for name, (s_idx, v_idx) in self.layout.items():
             val = batch[name].reshape(batch[name].shape[0], -1)
             if self.spec.inputs[name] == POINT:
@@ -126,11 +126,11 @@ class VectorCanonicaliser(nn.Module):
         src, dst = batch.edge_index
         pos = batch[self.point]
         evec = pos[src] - pos[dst]
-        e_s = [(evec * evec).sum(-1, keepdim=True)]
+        e_parts = [(evec * evec).sum(-1, keepdim=True)]
         for name, idx in self.edge_layout.items():
             val = batch[name].reshape(src.numel(), -1)
-            e_s.extend(val[:, i:i + 1] for i in idx)
-        e_s = torch.cat(e_s, dim=-1)
+            e_parts.extend(val[:, i:i + 1] for i in idx)
+        e_s = torch.cat(e_parts, dim=-1)
         for phi, psi in zip(self.phi, self.psi):
             m = phi(torch.cat([h[dst], h[src], e_s], dim=-1))
             h = h + psi(torch.cat([h, scatter(m, dst, dim=0, dim_size=h.shape[0], reduce="sum")], dim=-1))
@@ -153,7 +153,7 @@ class _LastFrame:
     def store(self, batch: Batch, R: torch.Tensor) -> None:
         self.batch, self.R = batch, R
 
-    def __deepcopy__(self, memo: dict) -> "_LastFrame":
+    def __deepcopy__(self, memo: dict) -> _LastFrame:
         return _LastFrame()
 
     def __getstate__(self) -> dict:
@@ -181,7 +181,7 @@ class CanonicalisedModel(nn.Module):
 
     def rotation(self, batch: Batch) -> torch.Tensor:
         """R = F^T per graph, reusing the last forward's frame when called on the same batch."""
-        if self._last.batch is batch:
+        if self._last.batch is batch and self._last.R is not None:  # store() sets both
             return self._last.R
         return self.frame(batch)[0].transpose(-1, -2)
 
@@ -250,7 +250,7 @@ class Canonicalization(Baseline):
         sizes = image_size_options(self)
         g = resolve_group(sizes.pop("group"), spec, discrete=True)
 
-        def factory(w: int, depth: int, fast: bool) -> nn.Module:
+        def factory(w: int, depth: int, fast: bool) -> Canonicalised:
             fields = max(2, w // (2 * group_order(g)))
             return Canonicalised(spec, w, depth, g, self.prior_weight, fields, IMAGE_CANON_DEPTH,
                                  initialize=not fast, recompute=not fast)
@@ -261,7 +261,8 @@ class Canonicalization(Baseline):
             return model.prior_loss(batch)
         if self.prior_weight == 0:
             return None
-        R = model.rotation(batch)
+        # graph3d: build_graph's CanonicalisedModel (cast, no isinstance: a torch.compile wrapper forwards it)
+        R = cast(CanonicalisedModel, model).rotation(batch)
         eye = torch.eye(3, dtype=R.dtype, device=R.device)
         return self.prior_weight * (R - eye).pow(2).mean()
 
@@ -269,7 +270,8 @@ class Canonicalization(Baseline):
     def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:
         if isinstance(model, Canonicalised):
             return image_canon_metrics(model, batch)
-        R = model.rotation(batch)
+        # graph3d: build_graph's CanonicalisedModel (cast, no isinstance: a torch.compile wrapper forwards it)
+        R = cast(CanonicalisedModel, model).rotation(batch)
         ang = rotation_angle_deg(R.double())
         eye = torch.eye(3, dtype=R.dtype, device=R.device)
         return {"identity_metric": (ang <= self.identity_angle).double().mean().item(),

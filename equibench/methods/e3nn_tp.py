@@ -46,9 +46,9 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import global_add_pool, global_mean_pool
 
-from ..symmetry.fieldtypes import POINT, irreps, is_invariant
 from ..core.registry import register_method
 from ..core.spec import TaskSpec
+from ..symmetry.fieldtypes import POINT, irreps, is_invariant
 from .base import Method
 
 
@@ -106,11 +106,11 @@ class SplitTensorProduct(nn.Module):
         super().__init__()
         self.irreps_in1, self.irreps_in2 = o3.Irreps(irreps_in1), o3.Irreps(irreps_in2)
         self.irreps_out = o3.Irreps(irreps_out)
-        self.tps = nn.ModuleList(
-            o3.FullyConnectedTensorProduct(self.irreps_in1, self.irreps_in2, o3.Irreps([mul_ir]),
-                                           shared_weights=False, internal_weights=False)
-            for mul_ir in self.irreps_out)
-        self.sizes = [tp.weight_numel for tp in self.tps]
+        tps = [o3.FullyConnectedTensorProduct(self.irreps_in1, self.irreps_in2, o3.Irreps([mul_ir]),
+                                              shared_weights=False, internal_weights=False)
+               for mul_ir in self.irreps_out]
+        self.tps = nn.ModuleList(tps)
+        self.sizes: list[int] = [tp.weight_numel for tp in tps]
         self.weight_numel = sum(self.sizes)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -49,14 +49,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch import nn
-from torch_geometric.data import Batch
-from torch_geometric.nn import global_add_pool
-
 from escnn import gspaces
 from escnn import nn as enn
 from escnn.group.groups import o3group, so3group
 from escnn.kernels.wignereckart_solver import RestrictedWignerEckartBasis, WignerEckartBasis
+from torch import nn
+from torch_geometric.data import Batch
+from torch_geometric.nn import global_add_pool
 
 from ..core.registry import register_method
 from ..core.spec import TaskSpec
@@ -90,7 +89,7 @@ class _TorchAsFloat64:
 _ORIGINAL_CG = so3group._clebsh_gordan_tensor_so3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clebsch_gordan(m: int, n: int, j: int) -> np.ndarray:
     return _ORIGINAL_CG(m, n, j)
 
@@ -124,8 +123,8 @@ def escnn_build_context(dtype: torch.dtype) -> Iterator[None]:
                     patch(module, "torch", proxy)
         yield
     finally:
-        for module, name, value in reversed(patched):
-            setattr(module, name, value)
+        for obj, attr, value in reversed(patched):
+            setattr(obj, attr, value)
 
 
 # ---- types: e3nn irreps <-> escnn representations ----------------------------------------------
@@ -157,7 +156,7 @@ def _irrep_str(l: int, p: int) -> str:
     return f"{l}{'e' if p == 1 else 'o'}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def change_of_basis(group: str, l: int, p: int) -> np.ndarray:
     """Orthogonal Q with ``rho_escnn(g) = Q D_e3nn(R_g) Q^T`` for all g in G, where R_g is escnn's
     action of g on R^3 (``gspace.basespace_action``). Solved as the 1-dimensional null space of
@@ -232,6 +231,8 @@ class Gate(nn.Module):
     """Gated nonlinearity on the layout [scalars | gates | gated fields]: SiLU(scalars) and
     sigmoid(gate_k) * field_k (invariant gates keep every field's transformation law)."""
 
+    expand: torch.Tensor  # buffer
+
     def __init__(self, n_scalars: int, field_sizes: list[int]) -> None:
         super().__init__()
         self.n_scalars, self.n_gates = n_scalars, len(field_sizes)
@@ -279,6 +280,11 @@ def hidden_irrep_types(group: str, lmax: int) -> list[Irrep]:
 class EscnnPointNet(nn.Module):
     """The steerable point-convolution network on a task's batch (see module docstring)."""
 
+    # buffers
+    in_basis: torch.Tensor
+    edge_basis: torch.Tensor | None  # None without edge inputs
+    out_basis: torch.Tensor
+
     def __init__(self, spec: TaskSpec, group: str, n_fields: int, depth: int, lmax: int, n_rings: int,
                  kernel_width: float, kernel_sigma: float | None, nonlinearity: str,
                  initialize: bool = True) -> None:
@@ -290,7 +296,7 @@ class EscnnPointNet(nn.Module):
         dtype = torch.get_default_dtype()
 
         node_blocks: list[Irrep] = [(0, 1)]  # a constant 1: lets the first layer see pure geometry
-        for k in self.extra_points:
+        for _ in self.extra_points:
             node_blocks += [(1, -1)]  # other point fields enter as x_k - x (translation invariant)
         for k in self.node_fields:
             node_blocks += type_irreps(spec.inputs[k])
@@ -362,7 +368,7 @@ class EscnnPointNet(nn.Module):
             for name, buf in list(module.named_buffers(recurse=False, remove_duplicate=False)):
                 module.register_buffer(name, buf, persistent=False)
 
-    def train(self, mode: bool = True) -> "EscnnPointNet":
+    def train(self, mode: bool = True) -> EscnnPointNet:
         """escnn layers cache their expanded bias / matrix when switched to eval mode; build those
         caches without autograd history so an eval-mode model can be deep-copied (and cast)."""
         with torch.no_grad():
@@ -478,7 +484,7 @@ class EscnnPoint(Method):
         g = resolve_group(sizes.pop("group"), spec, discrete=False)
         dim = field_size(g, IMAGE_MAX_FREQUENCY)
 
-        def factory(fields: int, depth: int, fast: bool) -> nn.Module:
+        def factory(fields: int, depth: int, fast: bool) -> SteerableCNN:
             return SteerableCNN(spec, fields, depth, g, IMAGE_MAX_FREQUENCY, IMAGE_N_SAMPLES,
                                 initialize=not fast, recompute=not fast)
         return build_image_model(factory, spec, **sizes, field_size=dim, max_size=max(4, 512 // dim),

@@ -38,8 +38,18 @@ from .base import Method
 from .baseline import Baseline
 from .blocks.cnn import GroupAveraged, resolve_group
 from .blocks.image import build_image_model, image_size_options
-from .blocks.pca_frames import (centroid, check_group, covariance, first_point_field, frame_set, frame_support,
-                                into_frame, out_of_frame, principal_axes, replicate)
+from .blocks.pca_frames import (
+    centroid,
+    check_group,
+    covariance,
+    first_point_field,
+    frame_set,
+    frame_support,
+    into_frame,
+    out_of_frame,
+    principal_axes,
+    replicate,
+)
 
 
 class FrameAveragedModel(nn.Module):

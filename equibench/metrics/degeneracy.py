@@ -28,17 +28,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from .equivariance import EPS, cast_batch, model_in_dtype
+from ..core.spec import TaskSpec
 from ..symmetry.group3d import act_on_batch, act_on_output, sample_element, sample_rotations
 from ..symmetry.precision import default_dtype
-from ..core.spec import TaskSpec
+from .equivariance import EPS, cast_batch, model_in_dtype
 
 DEFAULT_GAPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-8, 0.0)
 DEFAULT_CONFIGS = ("polygon", "pyramid", "tetrahedron", "octahedron", "cube", "mirror", "line", "coincident")
@@ -178,7 +179,7 @@ def degeneracy_curve(model: nn.Module, batch: Batch, spec: TaskSpec, gaps: Seque
 
 
 # ---- exactly symmetric configurations ----------------------------------------------------------
-def _shells(vertices: list[tuple[float, float, float]], n: int) -> torch.Tensor | None:
+def _shells(vertices: Sequence[Sequence[float]], n: int) -> torch.Tensor | None:
     """``n // m`` concentric copies (radii 1, 1/2, ...) of an m-vertex solid, plus the centre if
     ``n % m == 1``; None if ``n % m`` is anything else (the symmetry would break)."""
     m = len(vertices)

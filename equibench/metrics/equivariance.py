@@ -27,11 +27,10 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from ..symmetry import group3d
-from ..symmetry import group2d
+from ..core.spec import TaskSpec
+from ..symmetry import group2d, group3d
 from ..symmetry.group3d import GroupElement, OneParameterElement, act_on_batch, act_on_output
 from ..symmetry.precision import default_dtype, dtype_name
-from ..core.spec import TaskSpec
 
 EPS = 1e-12
 

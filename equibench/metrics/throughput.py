@@ -45,9 +45,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -214,21 +214,20 @@ def make_step(model: nn.Module, batch: Batch, mode: str,
         def step() -> Any:
             with torch.no_grad():
                 return fwd(batch)
-        return step
-    if mode == "forward_backward":
+    elif mode == "forward_backward":
         def step() -> Any:
             loss = loss_fn(fwd(batch), batch)
             loss.backward()
             return loss
-        return step
-    opt = torch.optim.Adam(work.parameters(), lr=1e-6)
+    else:
+        opt = torch.optim.Adam(work.parameters(), lr=1e-6)
 
-    def step() -> Any:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(fwd(batch), batch)
-        loss.backward()
-        opt.step()
-        return loss
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(fwd(batch), batch)
+            loss.backward()
+            opt.step()
+            return loss
     return step
 
 
@@ -281,7 +280,7 @@ def cpu_run(step: Callable[[], Any], threads: int, clock: str = "wall") -> Calla
     being descheduled on a shared machine, a reproducible cost measure with ``threads=1``."""
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    extra = {"timer": time.process_time} if clock == "cpu" else {}
+    extra: dict[str, Any] = {"timer": time.process_time} if clock == "cpu" else {}
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads, **extra)
     return lambda n: timer.timeit(n).mean * n
 
@@ -335,8 +334,8 @@ def time_step(step: Callable[[], Any], device: str | torch.device = "cpu", *, th
     """Time any zero-argument ``step`` on ``device``: median/IQR per call and how it was measured
     (``clock`` applies to CPU only; CUDA events always measure GPU elapsed time)."""
     device = torch.device(device)
-    kw = dict(repeats=repeats, warmup=warmup, min_sample_s=min_sample_s, stable_tol=stable_tol,
-              max_warmup_samples=max_warmup_samples)
+    kw: dict[str, Any] = dict(repeats=repeats, warmup=warmup, min_sample_s=min_sample_s, stable_tol=stable_tol,
+                              max_warmup_samples=max_warmup_samples)
     if device.type == "cuda":
         res = sample_times(cuda_run(step, device, flush_l2), **kw)
         timer, threads = "cuda_events" + ("+l2_flush" if flush_l2 else ""), None
@@ -458,5 +457,6 @@ def repeatability(model: nn.Module, batch: Batch, mode: str = "inference", devic
             "max_rel_dev": max(abs(m - ref) / ref for m in medians),
             "iqr_rel": [r["time_iqr_s"] / r["time_median_s"] for r in results],
             "stable": [r["stable"] for r in results], "calls_per_sample": [r["calls_per_sample"] for r in results],
-            "repeats": results[0]["repeats"], "threads": results[0]["threads"], "device_name": results[0]["device_name"],
+            "repeats": results[0]["repeats"], "threads": results[0]["threads"],
+            "device_name": results[0]["device_name"],
             "dtype": results[0]["dtype"], "batch_graphs": results[0]["batch_graphs"], "mode": mode}

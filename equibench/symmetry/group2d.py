@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def group_order(group: str) -> int:
     return int(m.group(1))
 
 
-def is_2d_group(group: str | None) -> bool:
+def is_2d_group(group: str | None) -> TypeGuard[str]:
     """True when ``group`` names a planar rotation group understood here."""
     if not group:
         return False
@@ -141,12 +142,12 @@ class PlanarRotation:
     perm: None = None
 
     def to(self, dtype: torch.dtype | None = None,
-           device: torch.device | str | None = None) -> "PlanarRotation":
+           device: torch.device | str | None = None) -> PlanarRotation:
         """Move to ``device``; the angle stays float64 whatever ``dtype`` (the images are rotated
         in their own dtype)."""
         return PlanarRotation(self.angle.to(device=device, dtype=torch.float64), self.order)
 
-    def inverse(self) -> "PlanarRotation":
+    def inverse(self) -> PlanarRotation:
         return PlanarRotation(-self.angle, self.order)
 
 

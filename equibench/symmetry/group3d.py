@@ -14,9 +14,9 @@ from e3nn import o3
 from torch_geometric.data import Batch
 
 from ..core.errors import UserError
+from ..core.spec import TaskSpec
 from .fieldtypes import POINT, irreps, is_invariant, representation
 from .precision import default_dtype
-from ..core.spec import TaskSpec
 
 # groups acting on 3-D graphs: name -> (reflections included, translations included)
 GROUPS_3D = {
@@ -52,7 +52,7 @@ class GroupElement:
     t: torch.Tensor  # [B, 3]
     perm: torch.Tensor | None = None  # [N]: new node k is old node perm[k]
 
-    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "GroupElement":
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> GroupElement:
         perm = None if self.perm is None else self.perm.to(device or self.perm.device)
         return GroupElement(self.R.to(device=device, dtype=dtype), self.t.to(device=device, dtype=dtype), perm)
 

@@ -17,8 +17,8 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import MessagePassing, global_add_pool
 
-from ...symmetry.fieldtypes import POINT, field_dim
 from ...core.spec import TaskSpec
+from ...symmetry.fieldtypes import POINT, field_dim
 
 
 def mlp(sizes: list[int], act: type[nn.Module] = nn.SiLU, last_act: bool = False) -> nn.Sequential:

@@ -30,7 +30,7 @@ class _LastCall:
         self.images: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
 
-    def __deepcopy__(self, memo: dict) -> "_LastCall":
+    def __deepcopy__(self, memo: dict) -> _LastCall:
         return _LastCall()
 
 
@@ -55,6 +55,8 @@ class Canonicaliser(nn.Module):
 
 class Canonicalised(ImageModel):
     """``canonicalization``: f(x) = phi(r^{-k*(x)} x), k* = argmax of the canonicaliser's scores."""
+
+    angles: torch.Tensor  # buffer
 
     def __init__(self, spec: TaskSpec, width: int, depth: int, group: str, prior_weight: float,
                  canon_fields: int, canon_depth: int, initialize: bool = True,

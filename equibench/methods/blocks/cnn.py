@@ -25,8 +25,7 @@ from torch_geometric.data import Batch
 from ...core.errors import UserError
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import field_dim
-from ...symmetry.group2d import (group_order, image_channels, is_2d_group, is_image_type, is_invariant_type,
-                                 rotate)
+from ...symmetry.group2d import group_order, image_channels, is_2d_group, is_image_type, is_invariant_type, rotate
 
 DEFAULT_WIDTH = 32
 DEFAULT_DEPTH = 4
@@ -56,6 +55,8 @@ def resolve_group(group: str | None, spec: TaskSpec, discrete: bool) -> str:
 
 class ImageModel(nn.Module):
     """Base: ``forward(batch) = self.logits(batch[field])``."""
+
+    size: int  # the size it was built at (set by subclasses; ``blocks.image.build_image_model``)
 
     def __init__(self, spec: TaskSpec) -> None:
         super().__init__()
@@ -114,6 +115,8 @@ def group_angles(group: str) -> torch.Tensor:
 
 class GroupAveraged(ImageModel):
     """f(x) = 1/N sum_k phi(r^k x) over C_N (the frame is the whole group; ``frame_averaging``)."""
+
+    angles: torch.Tensor  # buffer
 
     def __init__(self, spec: TaskSpec, width: int, depth: int, group: str, stochastic: bool) -> None:
         super().__init__(spec)

@@ -27,12 +27,12 @@ from ...core.spec import TaskSpec
 from ...symmetry.group2d import is_2d_group
 from ...symmetry.precision import default_dtype
 from ..base import build_at_params, count_parameters
-from .cnn import DEFAULT_DEPTH, DEFAULT_WIDTH, CNNClassifier
+from .cnn import DEFAULT_DEPTH, DEFAULT_WIDTH, CNNClassifier, ImageModel
 from .steerable2d import resample_bases_float64
 
 #: ``factory(size, depth, fast) -> model``; ``fast=True`` builds a throw-away model only to count
 #: its parameters (no initialisation, cached escnn bases); the model exposes its ``size``
-ImageFactory = Callable[[int, int, bool], nn.Module]
+ImageFactory = Callable[[int, int, bool], ImageModel]
 
 
 def build_image_model(factory: ImageFactory, spec: TaskSpec, *, width: int | None = None,

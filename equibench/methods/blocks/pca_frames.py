@@ -22,9 +22,9 @@ import torch
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from ...symmetry.fieldtypes import POINT, irreps, representation
-from ...symmetry.group3d import GroupElement, act_on_batch, act_on_output
 from ...core.spec import TaskSpec
+from ...symmetry.fieldtypes import representation
+from ...symmetry.group3d import GroupElement, act_on_batch, act_on_output
 
 __all__ = ["FRAME_GROUPS", "FrameElement", "apply_in_frame", "centroid", "check_group", "covariance",
            "exact_rep", "first_point_field", "frame_set", "frame_support", "gram_schmidt", "into_frame", "out_of_frame",

@@ -40,7 +40,10 @@ def field_size(group: str, max_frequency: int) -> int:
 
 def escnn_modules():
     """escnn's ``(gspaces, group, nn)`` modules."""
-    from escnn import gspaces, group as egroup, nn as enn  # imported lazily (slow import)
+    # imported lazily (slow import)
+    from escnn import group as egroup
+    from escnn import gspaces
+    from escnn import nn as enn
     return gspaces, egroup, enn
 
 
@@ -55,8 +58,7 @@ def resample_bases_float64(module: nn.Module) -> None:
     if not any(type(m).__module__.startswith("escnn.") for m in module.modules()):
         return  # nothing to do (and no slow escnn import) for plain CNNs
     from escnn.nn.modules.basismanager.basisexpansion_blocks import BlocksBasisExpansion
-    from escnn.nn.modules.basismanager.basisexpansion_singleblock import (SingleBlockBasisExpansion,
-                                                                          normalize_basis)
+    from escnn.nn.modules.basismanager.basisexpansion_singleblock import SingleBlockBasisExpansion, normalize_basis
     for m in module.modules():
         if not isinstance(m, BlocksBasisExpansion):
             continue

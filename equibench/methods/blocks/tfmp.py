@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from e3nn import o3
@@ -95,7 +95,7 @@ class IrrepsReps:
         return str(self.irreps)
 
 
-Reps = Union[TensorReps, IrrepsReps]
+Reps = TensorReps | IrrepsReps
 _TENSOR_TERM = re.compile(r"^(?:(\d+)x)?(\d+)([np])$")
 
 
@@ -201,7 +201,10 @@ def rho(reps: str | Reps, U: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                 for axis in range(rank):  # U acts on every tensor index
                     t = torch.einsum("eab,emcbd->emcad", U, t.reshape(E, mul, 3**axis, 3, 3 ** (rank - axis - 1)))
             t = t.reshape(E, d)
-            out.append(t * det[:, None] if pseudo else t)
+            if pseudo:
+                assert det is not None  # set above: reps has a pseudo block
+                t = t * det[:, None]
+            out.append(t)
             start += d
     else:
         Ds: dict[int, torch.Tensor] = {}
@@ -213,6 +216,7 @@ def rho(reps: str | Reps, U: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                     Ds[ir.l] = wigner_d(ir.l, U)
                 t = (t.reshape(E, mul, ir.dim) @ Ds[ir.l].transpose(1, 2)).reshape(E, d)
             if ir.p != (-1) ** ir.l:  # polynomial D carries det^l; the irrep wants p^(det<0)
+                assert det is not None  # set above: reps has a pseudo irrep
                 t = t * det[:, None]
             out.append(t)
             start += d
@@ -300,6 +304,8 @@ class LearnedFrames(nn.Module):
     The summed unit neighbour direction ``sum_j env u_ij`` is an equivariant fallback candidate.
     """
 
+    centers: torch.Tensor  # buffer
+
     def __init__(self, node_dim: int, edge_dim: int, so3: bool = False, hidden: int = 32,
                  n_rbf: int = 16, r_max: float = 5.0, cutoff: float | None = None) -> None:
         super().__init__()
@@ -361,7 +367,7 @@ class ArgRep:
     frame: str = "local"  # "local" (own node's frame) | "global"
 
     @staticmethod
-    def make(spec: Any) -> "ArgRep":
+    def make(spec: Any) -> ArgRep:
         if isinstance(spec, ArgRep):
             return spec
         reps, frame = (spec, "local") if not isinstance(spec, tuple) else spec
