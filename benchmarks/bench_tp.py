@@ -10,7 +10,7 @@ CHANNELS, PAIRS = 16, 256
 
 
 def _module(impl: str, mode: str, lmax: int) -> torch.nn.Module:
-    from equibench.suite import tp_bench
+    from equibench.benches import tp_bench
     if impl == "cuet":
         reason = tp_bench.cuet_available(DEVICE)
         if reason:

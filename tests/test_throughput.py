@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch, Data
 
-from equibench.suite import throughput as tp
+from equibench.metrics import throughput as tp
 from equibench.core.errors import UserError
 from equibench.metrics.throughput import (count_flops, make_step, measure_throughput, peak_flops, repeatability,
                                         sample_times, time_step)

@@ -182,9 +182,19 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
                             batch_size=int(eq_batch.num_graphs))
 
     measure_equivariance("init")
-    hist = train(model, method, task, train_data, cfg, spec.seed, device)
-    for k, v in hist.items():
-        add(catalogue.train_metric(k), v, batch_size=cfg.batch_size)
+    val_metric = tspec.metrics[0]
+    higher = catalogue.get_metric(catalogue.test_metric(val_metric)).higher_is_better
+    val_data = task.load("val") if cfg.val_points > 0 else None
+    result = train(model, method, task, train_data, cfg, spec.seed, device, val_data=val_data,
+                   val_metric=val_metric, higher_is_better=bool(higher))
+    base["convergence"] = result.convergence  # on every row of the run, so no number is read without it
+    for r in rows:
+        r["convergence"] = result.convergence
+    for k, v in result.summary.items():
+        add(catalogue.train_metric(k), v, batch_size=cfg.batch_size, val_metric=val_metric, select=cfg.select)
+    for c in result.curve:
+        add(catalogue.CURVE_VAL, c.val, x=c.step, x_label="step", curve_wall_s=c.wall_s, curve_flops=c.flops,
+            train_loss=c.train_loss, val_metric=val_metric, stage="training")
     for k, v in evaluate(model, method, task, test_data, cfg.eval_batch_size, device).items():
         add(catalogue.test_metric(k), v, batch_size=cfg.eval_batch_size, n_graphs=len(test_data))
     measure_equivariance("trained")

@@ -27,8 +27,8 @@ Aggregate = Literal["mean", "median", "max", "min", "first"]
 NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
 
 # the families of the built-in metrics (a plugin may declare more; readers never need the list)
-FAMILIES = ("params", "status", "equivariance", "lie_derivative", "degeneracy", "train", "test", "throughput",
-            "scaling", "tp_bench")
+FAMILIES = ("params", "status", "equivariance", "lie_derivative", "degeneracy", "train", "curve", "test",
+            "throughput", "scaling", "tp_bench")
 STAGES = ("init", "trained")
 DTYPES = ("fp32", "fp64")
 EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max")
@@ -42,6 +42,7 @@ SCALING_STATS = ("time_s", "time_iqr_s", "graphs_per_s", "nodes_per_s", "peak_me
 TP_BENCH_STATS = ("time_s", "time_iqr_s", "items_per_s", "peak_mem_bytes", "flops", "gflops_per_s",
                   "compile_time_s", "rel_err_vs_e3nn", "weights")
 PARAMS = "params"
+CURVE_VAL = "curve.val"  # one row per validation during training (learning curves)
 STATUS = "status"
 FLOORS = {"fp64": 1e-12, "fp32": 1e-6}  # relative equivariance errors at machine precision
 
@@ -259,11 +260,21 @@ def _declare_runs() -> None:
         "final_loss": ("final loss", "", "lower", "mean training loss over the last 10% of steps"),
         "wall_s": ("training wall time", "s", None, "wall-clock training time"),
         "steps": ("training steps", "", None, "optimiser steps taken"),
-        "steps_per_s": ("training steps/s", "steps/s", "higher", "optimiser steps per second")}
+        "steps_per_s": ("training steps/s", "steps/s", "higher", "optimiser steps per second"),
+        "flops": ("training FLOPs", "FLOP", None, "forward+backward FLOPs of the first step x steps taken"),
+        "best_val": ("best validation value", "", None,
+                     "best validation value of the task's first metric (its direction is that metric's)"),
+        "best_step": ("best validation step", "", None, "step of the checkpoint with the best validation value"),
+        "val_improvement_last_fifth": ("validation gain, last fifth", "", None,
+                                       "relative improvement of the best validation value over the last fifth "
+                                       "of the budget (above the tolerance: not converged)")}
     for key, (display, unit, direction, doc) in train.items():
         register_metric(MetricSpec(train_metric(key), display, "train", unit=unit, direction=direction, stat=key,
                                    stage="trained", number_format="int" if key == "steps" else "g",
                                    description=doc))
+    register_metric(MetricSpec(CURVE_VAL, "validation value", "curve", stat="val", stage="training",
+                               aggregate="mean", description="the task's first metric on the validation split "
+                               "during training (x = step; curve_wall_s, curve_flops beside it)"))
     for key, (unit, direction, log, doc) in _TEST.items():
         register_metric(MetricSpec(test_metric(key), key, "test", unit=unit, direction=direction, stat=key,
                                    stage="trained", log_scale=log, watch=True, description=doc))
