@@ -152,8 +152,8 @@ class Engine:
         self.envs: dict[tuple[str, ...], Environment | EnvBuildError] = {}
         self.attempts: Counter[str] = Counter()
         self.clock: dict[str, float] = {}
-        self.progress = progress
-        self.bar = _bar(total) if progress else None
+        self.progress, self.total = progress, total
+        self.bar: Any = None
 
     # ---- rows -------------------------------------------------------------------------
     def record(self, point: Point, rows: list[Row], *, wall_s: float, env: Environment | None,
@@ -238,6 +238,10 @@ class Engine:
         return left[1:]
 
     def run(self, units: list[Unit]) -> None:
+        for unit in units:  # builds first: their output never interleaves with the progress bar
+            self.environment(unit.points[0])
+        if self.progress:
+            self.bar = _bar(self.total)
         queue = deque(units)
         while queue:
             wave: list[tuple[Unit, Job]] = []

@@ -41,7 +41,9 @@ from .launch import site_dirs, worker_environ
 from .lock import exclusive
 
 MARKER = "equibench-env.json"
-_SHOW = re.compile(r"^\s*(Collecting|Downloading|Installing|Successfully|ERROR)")
+_SHOW = re.compile(r"^\s*(Collecting|Downloading|Installing|Successfully)")
+#: pip's notice that the runner's own packages pin other versions: expected in a layered env
+_NOTICE = "dependency resolver does not currently take into account"
 
 
 class EnvBuildError(Exception):
@@ -111,7 +113,7 @@ def _run(cmd: list[str], log, key: str, progress: bool, env: dict[str, str] | No
             _say(progress, f"  [env {key[:8]}] {line.strip()}")
     log.flush()
     if proc.wait() != 0:
-        errors = [ln.strip() for ln in lines if ln.strip().startswith("ERROR")]
+        errors = [ln.strip() for ln in lines if ln.strip().startswith("ERROR") and _NOTICE not in ln]
         last = errors[-1] if errors else next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
         raise EnvBuildError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} failed (exit {proc.returncode}): {last}")
     return "\n".join(lines)

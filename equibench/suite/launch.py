@@ -140,14 +140,26 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             continue
 
 
-def _reap(proc: subprocess.Popen, block: bool) -> tuple[int, int] | None:
-    """(exit status as Popen reports it, ru_maxrss in bytes) once the worker has ended."""
+def _ended(proc: subprocess.Popen) -> bool:
+    """Whether the worker has exited (without reaping it: its pid, hence its process group,
+    stays reserved until ``_reap``)."""
     try:
-        pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _reap(proc: subprocess.Popen) -> tuple[int, int]:
+    """Kill what is left of the worker's session (compile or loader processes), reap the worker:
+    (exit status as Popen reports it, its ru_maxrss in bytes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
     except ChildProcessError:  # already reaped elsewhere
         return (proc.returncode if proc.returncode is not None else -1), 0
-    if pid == 0:
-        return None
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
@@ -176,7 +188,7 @@ def run_worker(python: str, job_file: str | os.PathLike, out_dir: str | os.PathL
     ps = psutil.Process(proc.pid)
     peak, killed_for, current, point_started = 0, "", None, started + STARTUP_GRACE_S
     try:
-        while (reaped := _reap(proc, block=False)) is None:
+        while not _ended(proc):
             rss = _tree_rss(ps)
             peak = max(peak, rss)
             now = time.monotonic()
@@ -192,18 +204,16 @@ def run_worker(python: str, job_file: str | os.PathLike, out_dir: str | os.PathL
                 killed_for = "timeout"
             if killed_for:
                 _kill_tree(proc)
-                reaped = _reap(proc, block=True)
                 break
             if on_tick is not None:
                 on_tick()
             wait(POLL_S)
     finally:
-        if proc.returncode is None:  # the runner itself is being interrupted
+        if not _ended(proc):  # the runner itself is being interrupted
             _kill_tree(proc)
-            _reap(proc, block=True)
+        code, maxrss = _reap(proc)
         if hasattr(wait, "fd"):
             os.close(wait.fd)
-    code, maxrss = reaped if reaped is not None else (proc.returncode, 0)
     sig = signal.Signals(-code).name if code is not None and code < 0 and -code in signal.Signals._value2member_map_ else None
     try:
         current = marker.read_text().strip() or current

@@ -1,0 +1,183 @@
+"""Per-point overhead of the engine's worker processes on a trivial point (no measurement work).
+
+Three ways to run the same job (one point of a no-op bench, registered by a throw-away plugin):
+
+* ``subprocess``: the engine's worker, ``python -m equibench.suite.worker JOB OUT`` started by
+  ``launch.run_worker`` (Popen, RSS polling, marker, result file);
+* ``spawn``: the old approach re-created for comparison — a ``multiprocessing`` *spawn* process
+  running the same ``worker.run_job`` (so both import the same modules and write the same files);
+* ``inline``: ``worker.run_job`` in this process (the floor: no process start, imports cached).
+
+``engine`` is the whole ``run_benches`` path for 4 trivial points (lock, job files, store,
+Parquet), reported per point. asv: ``time_*`` (seconds per call) and ``track_*`` (seconds per
+point, median of 3). Script mode, ``python benchmarks/bench_worker.py [repeats]``, prints all.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # script mode: make `benchmarks.common` and `equibench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import Benchmark  # noqa: E402
+
+PLUGIN = '''
+from equibench.benches.base import Bench, Point, register_bench
+from equibench.core.registry import register_method
+from equibench.methods.base import Method
+
+
+@register_method("noop_worker_bench")
+class Noop(Method):
+    """Nothing."""
+
+
+@register_bench("noop")
+class NoopBench(Bench):
+    def __init__(self, n=1, tag=""):
+        self.n, self.tag = n, tag
+
+    def points(self):
+        return [Point(bench="noop", hash=f"noop{self.tag}{i}", label=f"noop/{i}", config={},
+                      identity={"task": "noop", "method": "noop_worker_bench", "seed": i}) for i in range(self.n)]
+
+    @classmethod
+    def run_point(cls, point, history):
+        return [{"metric": "noop", "value": 0.0}]
+'''
+
+
+def _spawn_target(job: dict[str, Any], out_dir: str, log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from equibench.suite.worker import run_job
+    code = run_job(job, out_dir)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+class WorkerOverhead(Benchmark):
+    """Seconds to run one trivial point in a fresh process, by launch mechanism."""
+
+    repeat = (3, 5, 60.0)
+    timeout = 900
+
+    def setup(self, *params: Any) -> None:
+        super().setup()
+        from equibench.core.registry import load_plugin
+        from equibench.suite.jobs import Job
+        self.tmp = Path(tempfile.mkdtemp(prefix="eb-worker-bench-"))
+        self.plugin = self.tmp / "noop_plugin.py"
+        self.plugin.write_text(PLUGIN)
+        load_plugin(self.plugin)
+        from equibench.benches.base import bench_class
+        self.bench_cls = bench_class("noop")
+        self.job = Job(id="j", dir=self.tmp / "job", log=self.tmp / "job.log",
+                       points=self.bench_cls(1).points(), python=sys.executable)
+        self.job.write([str(self.plugin)], [], None)
+        self.doc = json.loads(self.job.job_file.read_text())
+        self.runs = 0
+
+    def teardown(self, *params: Any) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _clean(self) -> None:
+        for p in self.job.dir.iterdir():
+            if p.name != "job.json":
+                p.unlink()
+
+    def run_subprocess(self) -> float:
+        from equibench.suite.launch import run_worker
+        from equibench.suite.limits import Limits
+        self._clean()
+        t0 = time.perf_counter()
+        out = run_worker(sys.executable, self.job.job_file, self.job.dir, self.job.log, Limits(max_memory=2**40))
+        dt = time.perf_counter() - t0
+        assert out.returncode == 0 and self.job.read_result(self.job.points[0]) is not None, out
+        return dt
+
+    def run_spawn(self) -> float:
+        self._clean()
+        t0 = time.perf_counter()
+        proc = mp.get_context("spawn").Process(target=_spawn_target, args=(self.doc, str(self.job.dir), str(self.job.log)))
+        proc.start()
+        proc.join()
+        dt = time.perf_counter() - t0
+        assert proc.exitcode == 0 and self.job.read_result(self.job.points[0]) is not None
+        return dt
+
+    def run_inline(self) -> float:
+        from equibench.suite.worker import run_job
+        self._clean()
+        t0 = time.perf_counter()
+        assert run_job(self.doc, self.job.dir) == 0
+        return time.perf_counter() - t0
+
+    def run_engine(self, n: int = 4) -> float:
+        """Seconds per point of ``run_benches`` over ``n`` trivial points (env.json pre-written)."""
+        from equibench.suite.engine import run_benches
+        self.runs += 1
+        run_dir = self.tmp / f"run{self.runs}"
+        run_dir.mkdir()
+        (run_dir / "env.json").write_text("{}")  # torch's collect_env is a one-off per run, not per point
+        t0 = time.perf_counter()
+        run_benches([self.bench_cls(n, tag=str(self.runs))], run_dir, plugins=[str(self.plugin)], progress=False)
+        return (time.perf_counter() - t0) / n
+
+    def time_subprocess_worker(self) -> None:
+        self.run_subprocess()
+
+    def time_spawn_worker(self) -> None:
+        self.run_spawn()
+
+    def time_inline(self) -> None:
+        self.run_inline()
+
+    def track_subprocess_worker_s(self) -> float:
+        return statistics.median(self.run_subprocess() for _ in range(3))
+    track_subprocess_worker_s.unit = "s"
+
+    def track_spawn_worker_s(self) -> float:
+        return statistics.median(self.run_spawn() for _ in range(3))
+    track_spawn_worker_s.unit = "s"
+
+    def track_engine_per_point_s(self) -> float:
+        return statistics.median(self.run_engine() for _ in range(3))
+    track_engine_per_point_s.unit = "s"
+
+
+def main(repeats: int = 5) -> None:
+    b = WorkerOverhead()
+    b.setup()
+    try:
+        b.run_inline()  # warm this process's imports
+        results: dict[str, list[float]] = {"subprocess": [], "spawn": [], "inline": [], "engine": []}
+        for _ in range(repeats):  # interleaved, so host-speed drift hits every variant alike
+            results["subprocess"].append(b.run_subprocess())
+            results["spawn"].append(b.run_spawn())
+            results["inline"].append(b.run_inline())
+            results["engine"].append(b.run_engine())
+    finally:
+        b.teardown()
+    print(f"per-point overhead on a trivial point, median (min-max) of {repeats}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}:")
+    labels = {"subprocess": "subprocess worker (python -m equibench.suite.worker)",
+              "spawn": "multiprocessing spawn (old run_isolated)",
+              "inline": "in-process run_job (no new interpreter)",
+              "engine": "run_benches per point (4 points: lock, jobs, store)"}
+    for k, v in results.items():
+        print(f"  {labels[k]:56s} {statistics.median(v):7.3f} s  ({min(v):.3f}-{max(v):.3f})")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
