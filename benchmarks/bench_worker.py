@@ -109,7 +109,8 @@ class WorkerOverhead(Benchmark):
     def run_spawn(self) -> float:
         self._clean()
         t0 = time.perf_counter()
-        proc = mp.get_context("spawn").Process(target=_spawn_target, args=(self.doc, str(self.job.dir), str(self.job.log)))
+        proc = mp.get_context("spawn").Process(target=_spawn_target,
+                                               args=(self.doc, str(self.job.dir), str(self.job.log)))
         proc.start()
         proc.join()
         dt = time.perf_counter() - t0

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import psutil
@@ -29,7 +28,7 @@ from equibench.suite.engine import run_benches
 from equibench.suite.launch import log_tail
 from equibench.suite.limits import parse_size
 from equibench.suite.lock import exclusive
-from equibench.suite.store import RECORDS, read_records
+from equibench.suite.store import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "tests" / "plugins"

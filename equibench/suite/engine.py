@@ -5,7 +5,8 @@ It alone owns, for task runs, scaling sweeps and tensor-product benchmarks alike
 * the run directory: created, locked for the whole run (``lock.py``: a second runner exits with
   one line naming the holder, or waits), ``env.json`` and ``points.json`` (every point's config);
 * resume: points whose hash already has a complete block in ``records.jsonl`` are skipped;
-* isolation: points run in worker subprocesses (``launch.py``/``worker.py``), one job per point,
+* isolation: points run in worker subprocesses (``executors.py``: ``launch.py``/``worker.py``
+  here, or submitit), one job per point,
   or per run of points sharing a non-empty ``group`` (in order); a job whose worker dies records
   the failure on the point it was on and its remaining points go to a fresh worker;
 * environments: points of a method with ``requirements`` run in its cached environment
@@ -27,10 +28,10 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
 from ..benches.base import Bench, Point, Row
 from ..core.envinfo import environment as env_info
@@ -38,47 +39,15 @@ from ..core.envinfo import git_commit
 from ..core.errors import StorageError, UserError
 from ..core.registry import load_plugin, method_class
 from .envs import EnvBuildError, Environment, env_key, environment_for
-from .jobs import EXIT_STORAGE, Job, job_id, read_job
-from .launch import Outcome, run_worker
+from .executors import Executor, make_executor
+from .jobs import EXIT_STORAGE, Job, job_id
+from .launch import Outcome
 from .limits import Limits
 from .lock import exclusive
-from .scaleout import SubmititExecutor
 from .store import append_block, read_records, storage_errors, write_json_atomic, write_parquet
-from .worker import peak_rss, run_job
 
 LOCK_FILE = ".lock"
 POINTS_FILE = "points.json"
-
-
-class Executor(Protocol):
-    """Runs jobs; yields each job with its outcome as it ends (``on_tick`` while it runs)."""
-
-    name: str
-    wave: int
-
-    def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]: ...
-
-
-class LocalExecutor:
-    """One worker subprocess at a time on this machine (``isolate=False``: in this process,
-    without limits, for jobs in the main environment; faster, for debugging)."""
-
-    wave = 1
-
-    def __init__(self, limits: Limits, isolate: bool = True) -> None:
-        self.limits, self.isolate = limits, isolate
-        self.name = "local" if isolate else "inline"
-
-    def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
-        for job in jobs:
-            job.launched = time.time()
-            if self.isolate or job.environment != "main":
-                yield job, run_worker(job.python, job.job_file, job.dir, job.log, self.limits,
-                                      on_tick=lambda job=job: on_tick(job))
-            else:
-                t0 = time.monotonic()
-                code = run_job(read_job(job.job_file), job.dir)
-                yield job, Outcome(code, None, peak_rss(), "", time.monotonic() - t0, "", None)
 
 
 @dataclass
@@ -211,6 +180,7 @@ class Engine:
         jid = job_id(first, self.attempts[first.hash])
         job = Job(id=jid, dir=self.run_dir / "work" / jid, log=self.run_dir / "logs" / f"{jid}.log",
                   points=list(unit.points), python=env.python, environment=env.id, versions=env.versions)
+        shutil.rmtree(job.dir, ignore_errors=True)  # never harvest a stale result or marker
         history = [r for h in unit.group_hashes for r in self.history.get(h, [])]
         job.write(self.plugins, history, self.limits.max_memory)
         return job
@@ -291,17 +261,6 @@ def write_points(run_dir: Path, points: Sequence[Point]) -> None:
     write_json_atomic(path, {"points": list(known.values())})
 
 
-def make_executor(executor: str, run_dir: Path, limits: Limits, isolate: bool,
-                  options: dict[str, Any] | None) -> Executor:
-    if executor == "local":
-        if options:
-            raise UserError(f"executor 'local' takes no options, got {sorted(options)}")
-        return LocalExecutor(limits, isolate)
-    if executor == "submitit":
-        return SubmititExecutor(run_dir / "submitit", options or {}, limits)
-    raise UserError(f"unknown executor {executor!r} (known: local, submitit)")
-
-
 def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executor: str = "local",
                 isolate: bool = True, timeout: float | None = None, max_memory: int | str | None = None,
                 wait: bool = False, plugins: Sequence[str | os.PathLike] = (), progress: bool = True,
@@ -313,17 +272,18 @@ def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executo
     ``UserError`` for bad input (nothing written) and ``StorageError`` when the disk refuses.
     """
     plugin_paths = [str(Path(p).resolve()) for p in plugins]
-    for p in plugin_paths:
-        load_plugin(p)
+    for plugin in plugin_paths:
+        load_plugin(plugin)
     points = collect_points(benches)
-    for p in points:
-        requirements_of(p)
+    for point in points:
+        requirements_of(point)  # a malformed declaration is bad input: fail before writing anything
     limits = Limits.make(max_memory, timeout)
     run_dir = Path(run_dir)
     ex = make_executor(executor, run_dir, limits, isolate, executor_options)
     with storage_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(run_dir / LOCK_FILE, f"run directory {run_dir}", wait=wait):
+        shutil.rmtree(run_dir / "work", ignore_errors=True)  # left by a killed runner (we hold the lock)
         if not (run_dir / "env.json").exists():
             write_json_atomic(run_dir / "env.json", env_info())
         write_points(run_dir, points)

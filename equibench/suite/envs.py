@@ -37,13 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from ..core.envinfo import package_versions
+from ..core.errors import StorageError
 from .launch import site_dirs, worker_environ
 from .lock import exclusive
+from .store import storage_errors
 
 MARKER = "equibench-env.json"
 _SHOW = re.compile(r"^\s*(Collecting|Downloading|Installing|Successfully)")
 #: pip's notice that the runner's own packages pin other versions: expected in a layered env
 _NOTICE = "dependency resolver does not currently take into account"
+_FULL = ("[Errno 28]", "No space left on device", "[Errno 122]", "Disk quota exceeded")
 
 
 class EnvBuildError(Exception):
@@ -84,10 +87,12 @@ def environment_for(requirements: tuple[str, ...] | list[str], progress: bool = 
     key = env_key(reqs)
     path = root / key
     if not (path / MARKER).exists():
-        root.mkdir(parents=True, exist_ok=True)
+        with storage_errors(root):
+            root.mkdir(parents=True, exist_ok=True)
         with exclusive(root / f"{key}.lock", f"environment {key} (being built)", wait=True):
             if not (path / MARKER).exists():
-                _build(path, key, reqs, root / f"{key}.log", progress)
+                with storage_errors(root):
+                    _build(path, key, reqs, root / f"{key}.log", progress)
     info = json.loads((path / MARKER).read_text())
     return Environment(id=key, python=str(path / "bin" / "python"), requirements=reqs, versions=info["versions"])
 
@@ -113,6 +118,9 @@ def _run(cmd: list[str], log, key: str, progress: bool, env: dict[str, str] | No
             _say(progress, f"  [env {key[:8]}] {line.strip()}")
     log.flush()
     if proc.wait() != 0:
+        if any(m in ln for ln in lines for m in _FULL):  # not the requirements' fault: resume later
+            raise StorageError(f"cannot build environment {key} in {env_root()}: no space left (or over quota); "
+                               "make room and rerun with --resume")
         errors = [ln.strip() for ln in lines if ln.strip().startswith("ERROR") and _NOTICE not in ln]
         last = errors[-1] if errors else next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
         raise EnvBuildError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} failed (exit {proc.returncode}): {last}")

@@ -26,9 +26,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -140,6 +141,13 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             continue
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _ended(proc: subprocess.Popen) -> bool:
     """Whether the worker has exited (without reaping it: its pid, hence its process group,
     stays reserved until ``_reap``)."""
@@ -214,7 +222,7 @@ def run_worker(python: str, job_file: str | os.PathLike, out_dir: str | os.PathL
         code, maxrss = _reap(proc)
         if hasattr(wait, "fd"):
             os.close(wait.fd)
-    sig = signal.Signals(-code).name if code is not None and code < 0 and -code in signal.Signals._value2member_map_ else None
+    sig = _signal_name(-code) if code is not None and code < 0 else None
     try:
         current = marker.read_text().strip() or current
     except OSError:

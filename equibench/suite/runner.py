@@ -33,7 +33,8 @@ def resolve_benches(suite_or_runspecs: Suite, tasks: list[str] | None = None, me
     """(suite name, benches) from a suite name, a suite file path or a non-empty list of
     ``RunSpec`` (name "custom", one ``TaskBench``)."""
     if isinstance(suite_or_runspecs, (str, os.PathLike)):
-        suite = suites.read_suite(suite_or_runspecs)
+        suite = suites.read_suite(Path(suite_or_runspecs) if isinstance(suite_or_runspecs, os.PathLike)
+                                  else suite_or_runspecs)
         return suite.name, suites.suite_benches(suite, tasks=tasks, methods=methods, seeds=seeds, device=device,
                                                 extras=extras)
     specs = list(suite_or_runspecs)
