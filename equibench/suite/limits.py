@@ -59,7 +59,7 @@ class Limits:
     timeout: float | None = None
 
     @classmethod
-    def make(cls, max_memory: int | str | None, timeout: float | None) -> "Limits":
+    def make(cls, max_memory: int | str | None, timeout: float | None) -> Limits:
         """Validated limits; ``max_memory=None`` means ``default_max_memory()``."""
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or timeout <= 0):
