@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # script mode: make `benchmarks.common` and `equibench` importable
+if __package__:
+    from .common import Benchmark
+else:  # script mode: python benchmarks/bench_worker.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import Benchmark  # noqa: E402
+    from benchmarks.common import Benchmark
 
 PLUGIN = '''
 from equibench.benches.base import Bench, Point, register_bench

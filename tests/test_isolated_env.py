@@ -7,12 +7,15 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 import equibench as eb
-from equibench.suite.envs import env_key, env_root
+from equibench.suite.envs import env_key, env_root, environment_for
+from equibench.suite.lock import exclusive
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "tests" / "plugins" / "old_e3nn.py")
@@ -63,3 +66,26 @@ def test_a_built_environment_is_reused(env_dir, tmp_path, capfd):
     df = eb.run(specs, results_dir=tmp_path, run_name="again", plugins=[PLUGIN], progress=False)
     assert (df["status"] == "ok").all() and df["versions"].iloc[0]["e3nn"] == "0.5.1"
     assert "building environment" not in capfd.readouterr().err
+
+
+def test_one_builder_per_environment(env_dir, capfd):
+    """While another runner holds an environment's build lock, a second one waits (and says so)."""
+    reqs = ("pyyaml>=5",)  # already in the runner's environment: pip installs nothing, the build is quick
+    key = env_key(reqs)
+    env_root().mkdir(parents=True, exist_ok=True)
+    holding = threading.Event()
+
+    def hold() -> None:
+        with exclusive(env_root() / f"{key}.lock", "environment (test holder)"):
+            holding.set()
+            time.sleep(1.5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(10)
+    t0 = time.monotonic()
+    env = environment_for(reqs)
+    holder.join()
+    assert time.monotonic() - t0 >= 1.0
+    assert f"waiting for environment {key}" in capfd.readouterr().err
+    assert Path(env.python).exists() and env.versions["torch"] == importlib.metadata.version("torch")

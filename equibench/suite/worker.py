@@ -70,8 +70,12 @@ def is_oom(err: BaseException) -> bool:
 
 
 def oom_row(error: str, max_memory: int | None) -> Row:
-    return {"metric": "status", "value": None, "status": "out_of_memory", "error": error,
-            "peak_rss_bytes": peak_rss(), "max_memory_bytes": max_memory}
+    row: Row = {"metric": "status", "value": None, "status": "out_of_memory", "error": error,
+                "peak_rss_bytes": peak_rss(), "max_memory_bytes": max_memory}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a CUDA OOM: the device's peak matters
+        row["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+    return row
 
 
 def measure(point: Point, history: list[Row], max_memory: int | None = None) -> list[Row]:
