@@ -11,7 +11,7 @@ from torch_geometric.data import Batch, Data
 
 import equibench as eb
 from equibench.methods.base import count_parameters
-from equibench.methods.e3nn_tp import E3NN, SplitTensorProduct, parameter_count
+from equibench.methods.architectures.e3nn_tp import E3NN, SplitTensorProduct, parameter_count
 from equibench.metrics.equivariance import cast_batch
 from equibench.symmetry.group3d import GroupElement, act_on_batch
 from equibench.symmetry.precision import default_dtype

@@ -10,7 +10,7 @@ from torch_geometric.nn import EdgeConv, GINEConv
 
 import equibench as eb
 from equibench.methods.blocks.backbone import BackboneLayer, mlp
-from equibench.methods.tensor_frames import frame_invariants
+from equibench.methods.wrappers.tensor_frames import frame_invariants
 from equibench.methods.blocks.tfmp import (FrameWrapped, LearnedFrames, NearestFrames, attach_tensor_frames,
                                            edge_frames, gram_schmidt, rho, rho_matrix, wigner_d)
 from equibench.core.errors import UserError

@@ -6,7 +6,7 @@ import os
 import time
 
 from equibench.methods.blocks.backbone import BackboneModel
-from equibench.methods.baseline import Baseline
+from equibench.methods.wrappers.baseline import Baseline
 from equibench.core.registry import register_method
 
 

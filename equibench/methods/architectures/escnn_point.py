@@ -57,13 +57,13 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import global_add_pool
 
-from ..core.registry import register_method
-from ..core.spec import TaskSpec
-from ..symmetry.fieldtypes import POINT, field_dim, irreps, representation
-from .base import Method, build_at_params, count_parameters
-from .blocks.cnn import resolve_group
-from .blocks.image import build_image_model, image_size_options
-from .blocks.steerable2d import SteerableCNN, field_size
+from ...core.registry import register_method
+from ...core.spec import TaskSpec
+from ...symmetry.fieldtypes import POINT, field_dim, irreps, representation
+from ..base import Method, build_at_params, count_parameters
+from ..blocks.cnn import resolve_group
+from ..blocks.image import build_image_model, image_size_options
+from ..blocks.steerable2d import SteerableCNN, field_size
 
 GROUPS = ("O3", "SO3")
 NONLINEARITIES = ("gate", "norm")

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch
 
-from ..core.registry import register_method
-from ..core.spec import TaskSpec
-from ..symmetry.group3d import act_on_batch, act_on_output
-from .base import Method
+from ...core.registry import register_method
+from ...core.spec import TaskSpec
+from ...symmetry.group3d import act_on_batch, act_on_output
+from ..base import Method
 from .baseline import Baseline
-from .blocks.cnn import GroupAveraged, resolve_group
-from .blocks.image import build_image_model, image_size_options
-from .blocks.pca_frames import (
+from ..blocks.cnn import GroupAveraged, resolve_group
+from ..blocks.image import build_image_model, image_size_options
+from ..blocks.pca_frames import (
     centroid,
     check_group,
     covariance,

@@ -17,10 +17,10 @@ from typing import ClassVar
 import torch
 from torch_geometric.data import Batch
 
-from ..core.registry import register_method
-from ..core.spec import TaskSpec
-from ..symmetry import group2d
-from ..symmetry.group3d import act_on_batch, sample_element
+from ...core.registry import register_method
+from ...core.spec import TaskSpec
+from ...symmetry import group2d
+from ...symmetry.group3d import act_on_batch, sample_element
 from .baseline import Baseline
 
 

@@ -50,17 +50,17 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from ..core.registry import register_method
-from ..core.spec import TaskSpec
-from ..symmetry.fieldtypes import POINT, irreps
-from ..symmetry.group2d import group_order
-from .base import Method, build_at_params
+from ...core.registry import register_method
+from ...core.spec import TaskSpec
+from ...symmetry.fieldtypes import POINT, irreps
+from ...symmetry.group2d import group_order
+from ..base import Method, build_at_params
 from .baseline import Baseline
-from .blocks.backbone import BackboneModel, mlp
-from .blocks.canon2d import Canonicalised
-from .blocks.cnn import resolve_group
-from .blocks.image import build_image_model, image_size_options
-from .blocks.pca_frames import apply_in_frame, centroid, check_group, first_point_field, frame_support, gram_schmidt
+from ..blocks.backbone import BackboneModel, mlp
+from ..blocks.canon2d import Canonicalised
+from ..blocks.cnn import resolve_group
+from ..blocks.image import build_image_model, image_size_options
+from ..blocks.pca_frames import apply_in_frame, centroid, check_group, first_point_field, frame_support, gram_schmidt
 
 #: steerable blocks of the image canonicaliser (image2d)
 IMAGE_CANON_DEPTH = 2

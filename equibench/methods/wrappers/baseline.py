@@ -17,12 +17,12 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..core.registry import register_method
-from ..core.spec import TaskSpec
-from .base import Method, build_at_params
-from .blocks.backbone import BackboneModel
-from .blocks.cnn import CNNClassifier
-from .blocks.image import build_image_model, image_size_options
+from ...core.registry import register_method
+from ...core.spec import TaskSpec
+from ..base import Method, build_at_params
+from ..blocks.backbone import BackboneModel
+from ..blocks.cnn import CNNClassifier
+from ..blocks.image import build_image_model, image_size_options
 
 
 @register_method("baseline")

@@ -22,12 +22,12 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from ..core.registry import register_method
-from ..core.spec import TaskSpec
-from ..symmetry.fieldtypes import POINT, field_dim, irreps
-from .base import Method, build_at_params
-from .blocks.backbone import Backbone, edge_attr_dim, edge_geometry
-from .blocks.tfmp import (
+from ...core.registry import register_method
+from ...core.spec import TaskSpec
+from ...symmetry.fieldtypes import POINT, field_dim, irreps
+from ..base import Method, build_at_params
+from ..blocks.backbone import Backbone, edge_attr_dim, edge_geometry
+from ..blocks.tfmp import (
     DELTA,
     LearnedFrames,
     NearestFrames,

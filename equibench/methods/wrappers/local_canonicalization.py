@@ -8,8 +8,8 @@ the ablation that tensor frames' tensorial messages (rho(R_i R_j^T) h_j) improve
 """
 from __future__ import annotations
 
-from ..core.registry import register_method
-from .blocks.tfmp import Reps, TensorReps
+from ...core.registry import register_method
+from ..blocks.tfmp import Reps, TensorReps
 from .tensor_frames import TensorFrames
 
 

@@ -46,10 +46,10 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import global_add_pool, global_mean_pool
 
-from ..core.registry import register_method
-from ..core.spec import TaskSpec
-from ..symmetry.fieldtypes import POINT, irreps, is_invariant
-from .base import Method
+from ...core.registry import register_method
+from ...core.spec import TaskSpec
+from ...symmetry.fieldtypes import POINT, irreps, is_invariant
+from ..base import Method
 
 
 def hidden_irreps(mul: int, lmax: int) -> tuple[o3.Irreps, o3.Irreps, o3.Irreps]:
