@@ -20,22 +20,24 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .benches.scaling import ScaleConfig, ScalingBench, exponents
 from .benches.tp_bench import TPBench, TPBenchConfig
 from .core.config import config_from_dict
 from .core.errors import StorageError, UserError
-from .core.registry import load_plugin
-from .report.build import write_report
+from .core.registry import get_task, list_methods, list_tasks, load_plugin, method_class
+from .datasets import unavailable as tasks_missing
+from .methods import unavailable as methods_missing
+from .report.build import write_comparison, write_report
 from .report.history import append_history, find_regressions
 from .report.sections import write_sections_report
 from .suite.engine import run_benches
 from .suite.limits import parse_size
 from .suite.runner import run
 from .suite.store import load_results
-from .suite.suites import EXTRA_SECTIONS
+from .suite.suites import EXTRA_SECTIONS, list_suites
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,17 +50,12 @@ def _csv(kind: type = str):
         try:
             return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from None
     return parse
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .datasets import unavailable as tasks_missing
-    from .methods import unavailable as methods_missing
-    from .core.registry import get_task, list_methods, list_tasks, method_class
-    from .suite.suites import list_suites
     for p in args.plugin or []:
-        from .core.registry import load_plugin
         load_plugin(p)
     print("methods:")
     for name in list_methods():
@@ -114,14 +111,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report.build import write_report
     out = args.out or str(Path("reports") / Path(args.runs[0]).name)
     print(f"report: {write_report(args.runs, out)}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .report.build import write_comparison
     out = args.out or str(Path("reports") / f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
     print(f"comparison: {write_comparison(args.run_a, args.run_b, out)}")
     return 0

@@ -9,10 +9,18 @@ import pytest
 import torch
 
 import equibench as eb
+from equibench.benches.scaling import (
+    ScaleConfig,
+    ScalingBench,
+    exponents,
+    fit_exponent,
+    size_option,
+    sweep_points,
+    synthetic_batch,
+)
 from equibench.core.errors import UserError
 from equibench.report.sections import scaling_section
-from equibench.benches.scaling import (ScaleConfig, exponents, fit_exponent, run_scaling, size_option, sweep_points,
-                                     synthetic_batch)
+from equibench.suite.engine import run_benches
 from equibench.suite.store import read_records
 
 
@@ -71,22 +79,23 @@ def test_run_scaling_writes_tidy_rows_resumes_and_reports(tmp_path):
     cfg = ScaleConfig(methods=("baseline",), axes=("nodes", "lmax"), nodes=(8, 16, 32, 64), lmax=(1,),
                       repeats=2, warmup=0, min_sample_s=0.001, max_warmup_samples=0, flops=True,
                       method_options={"baseline": {"width": 8, "depth": 1}})
-    run_dir = run_scaling(cfg, tmp_path, "sc", progress=None)
-    assert (run_dir / "env.json").exists() and json.loads((run_dir / "scaling_config.json").read_text())["k"] == 8
+    run_dir = run_benches([ScalingBench(cfg)], tmp_path / "sc", isolate=False, progress=False)
+    points = json.loads((run_dir / "points.json").read_text())["points"]
+    assert (run_dir / "env.json").exists() and {p["config"]["cfg"]["k"] for p in points} == {8}
     df = eb.load_results(run_dir)
     ok = df[df["status"] == "ok"]
     assert set(ok["task"]) == {"scaling"} and set(ok["x_label"]) == {"nodes"}
-    t = ok[ok["metric"] == "time_s"].sort_values("x")
+    t = ok[ok["metric"] == "scaling.time_s"].sort_values("x")
     assert t["x"].tolist() == [8, 16, 32, 64] and (t["value"] > 0).all()
     assert (t["batch_nodes"] == t["x"]).all()
     assert t["batch_edges"].tolist() == [8 * 7, 16 * 8, 32 * 8, 64 * 8]  # k = 8, at most n - 1
     for col in ("device_name", "dtype", "batch_size", "repeats", "threads", "spec_hash", "timer"):
         assert t[col].notna().all()
-    gps = ok[ok["metric"] == "graphs_per_s"].set_index("x")["value"]
+    gps = ok[ok["metric"] == "scaling.graphs_per_s"].set_index("x")["value"]
     assert np.allclose(gps.loc[t["x"]].to_numpy(), 1 / t["value"].to_numpy())  # one graph per batch
     assert (df[df["x_label"] == "lmax"]["status"] == "not_applicable").all()
     n = len(read_records(run_dir))
-    run_scaling(cfg, tmp_path, "sc", progress=None)  # resume: every point is done
+    run_benches([ScalingBench(cfg)], run_dir, isolate=False, progress=False)  # resume: every point is done
     assert len(read_records(run_dir)) == n
     ex = exponents(df)
     assert list(ex["method"]) == ["baseline"] and np.isfinite(ex["slope"].iloc[0])
@@ -100,7 +109,8 @@ def test_slow_points_stop_a_sweep(tmp_path):
     cfg = ScaleConfig(methods=("baseline",), nodes=(8, 16, 32), repeats=1, warmup=0, min_sample_s=0.0,
                       max_warmup_samples=0, flops=False, max_call_s=1e-12,
                       method_options={"baseline": {"width": 8, "depth": 1}})
-    df = eb.load_results(run_scaling(cfg, tmp_path, "slow", progress=None))
+    # one worker process measures the sweep in order and skips what its own history predicts too slow
+    df = eb.load_results(run_benches([ScalingBench(cfg)], tmp_path / "slow", progress=False))
     status = df.drop_duplicates("x").set_index("x")["status"]
     assert status[8] == "ok" and status[16] == "skipped" and status[32] == "skipped"
     assert "would take" in df[df["x"] == 16]["error"].iloc[0]

@@ -39,7 +39,7 @@ def test_extras_run_into_the_run_directory_and_the_report(tmp_path):
     suite = _write(tmp_path, SUITE)
     df = eb.run(suite, tmp_path / "results", run_name="r", isolate=False, progress=False)
     assert set(df["task"]) == {"nbody", "scaling", "tp_bench"}
-    scaling = df[(df["task"] == "scaling") & (df["metric"] == "time_s")]
+    scaling = df[(df["task"] == "scaling") & (df["metric"] == "scaling.time_s")]
     assert sorted(scaling["x"]) == [8, 16, 32] and (scaling["run_id"] == "r").all()
     assert set(df[(df["task"] == "tp_bench") & (df["status"] == "ok")]["method"]) == {"e3nn", "gaunt"}
     n = len(read_records(tmp_path / "results" / "r"))

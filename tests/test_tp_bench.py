@@ -8,11 +8,23 @@ import torch
 from e3nn import o3
 
 import equibench as eb
-from equibench.symmetry.precision import default_dtype
+from equibench.benches.tp_bench import (
+    GauntTensorProduct,
+    TPBench,
+    TPBenchConfig,
+    bench_one,
+    e3nn_equivalent,
+    e3nn_tp,
+    from_channels,
+    gaunt_path_constants,
+    gaunt_paths,
+    rel_err,
+    sh_irreps,
+    to_channels,
+)
 from equibench.report.sections import tp_section
-from equibench.benches.tp_bench import (GauntTensorProduct, TPBenchConfig, bench_one, e3nn_equivalent, e3nn_tp,
-                                      from_channels, gaunt_path_constants, gaunt_paths, rel_err, run_tp_bench,
-                                      sh_irreps, to_channels)
+from equibench.suite.engine import run_benches
+from equibench.symmetry.precision import default_dtype
 
 
 def _sh(lmax: int, points: torch.Tensor) -> torch.Tensor:
@@ -73,11 +85,11 @@ def test_layout_round_trip():
 
 def test_bench_one_rows_and_skips(tmp_path):
     cfg = TPBenchConfig(lmax=(1,), channels=4, batch=8, repeats=2, warmup=0, min_sample_s=0.001, max_warmup_samples=0)
-    rows = {r["metric"]: r for r in bench_one(cfg, "gaunt", "uvw", 1, "forward")}
+    rows = {r["metric"].removeprefix("tp_bench."): r for r in bench_one(cfg, "gaunt", "uvw", 1, "forward")}
     assert rows["rel_err_vs_e3nn"]["value"] < 1e-5 and rows["time_s"]["value"] > 0
     assert rows["items_per_s"]["value"] == pytest.approx(8 / rows["time_s"]["value"])
     assert rows["flops"]["value"] > 0 and rows["time_s"]["channel_mode"] == "uvw"
-    e3 = {r["metric"]: r for r in bench_one(cfg, "e3nn", "uvu", 1, "forward_backward")}
+    e3 = {r["metric"].removeprefix("tp_bench."): r for r in bench_one(cfg, "e3nn", "uvu", 1, "forward_backward")}
     assert e3["rel_err_vs_e3nn"]["value"] == 0.0 and e3["weights"]["value"] == 4 * len(gaunt_paths(1, 1, 1))
     skipped = bench_one(cfg, "cuet", "uvu", 1, "forward")
     assert skipped[0]["status"] == "skipped" and "CUDA" in skipped[0]["error"]
@@ -86,7 +98,7 @@ def test_bench_one_rows_and_skips(tmp_path):
 def test_run_tp_bench_and_section(tmp_path):
     cfg = TPBenchConfig(lmax=(1, 2), impls=("e3nn", "gaunt", "cuet"), channels=2, batch=4, repeats=2, warmup=0,
                         min_sample_s=0.001, max_warmup_samples=0)
-    run_dir = run_tp_bench(cfg, tmp_path, "tp", progress=None)
+    run_dir = run_benches([TPBench(cfg)], tmp_path / "tp", isolate=False, progress=False)
     df = eb.load_results(run_dir)
     assert (run_dir / "env.json").exists() and set(df["task"]) == {"tp_bench"}
     ok = df[df["status"] == "ok"]
@@ -102,5 +114,6 @@ def test_run_tp_bench_and_section(tmp_path):
 @pytest.mark.slow
 def test_compiled_e3nn_reports_compile_time():
     cfg = TPBenchConfig(lmax=(1,), channels=2, batch=4, repeats=2, warmup=0, min_sample_s=0.001, max_warmup_samples=0)
-    rows = {r["metric"]: r["value"] for r in bench_one(cfg, "e3nn_compiled", "uvw", 1, "forward")}
+    rows = {r["metric"].removeprefix("tp_bench."): r["value"]
+            for r in bench_one(cfg, "e3nn_compiled", "uvw", 1, "forward")}
     assert rows["compile_time_s"] > 0 and rows["rel_err_vs_e3nn"] < 1e-5

@@ -70,8 +70,9 @@ class Bench(ABC):
     @classmethod
     @abstractmethod
     def run_point(cls, point: Point, history: list[Row]) -> list[Row]:
-        """Measure ``point``; ``history`` holds the rows already measured for this bench in the run
-        (earlier points of a sweep). Returns tidy rows; an exception becomes a ``failed`` row."""
+        """Measure ``point``; ``history`` holds the rows already measured for the points of its
+        ``group`` (earlier points of a sweep). Returns tidy rows; an exception becomes a ``failed``
+        row, a ``MemoryError`` / CUDA out-of-memory an ``out_of_memory`` row."""
 
     @classmethod
     def release(cls) -> None:

@@ -127,6 +127,8 @@ def run_one(spec: RunSpec) -> list[dict[str, Any]]:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat()
     try:
         return _run_one(spec, started)
+    except (MemoryError, torch.OutOfMemoryError) as err:  # the point needed more memory than it may use
+        return status_rows(spec, "out_of_memory", f"{type(err).__name__}: {err}"[:500])
     except Exception as err:  # any failure is a result, not a crash of the suite
         msg = f"{type(err).__name__}: {err}"
         if not isinstance(err, (NonFiniteError, UserError)):
