@@ -22,6 +22,7 @@ import datetime as dt
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .benches.scaling import ScaleConfig, ScalingBench, exponents
 from .benches.tp_bench import TPBench, TPBenchConfig
@@ -41,7 +42,7 @@ from .suite.suites import EXTRA_SECTIONS, list_suites
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + message)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage + message)
         raise UserError(f"{self.prog}: {message}")
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ..core.errors import did_you_mean
 
@@ -54,7 +55,7 @@ class Point:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Point":
+    def from_dict(cls, d: dict[str, Any]) -> Point:
         return cls(**d)
 
 
@@ -74,7 +75,7 @@ class Bench(ABC):
         ``group`` (earlier points of a sweep). Returns tidy rows; an exception becomes a ``failed``
         row, a ``MemoryError`` / CUDA out-of-memory an ``out_of_memory`` row."""
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook: most benches keep nothing between points)
     def release(cls) -> None:
         """Drop whatever a worker kept between points (models, caches)."""
 

@@ -30,8 +30,8 @@ from torch_geometric.data import Batch, Data
 
 from ..core.config import Config
 from ..core.errors import UserError
-from ..core.spec import TaskSpec
 from ..core.registry import get_method, get_task, method_class
+from ..core.spec import TaskSpec
 from ..methods.base import count_parameters
 from ..metrics.catalogue import scaling_metric
 from ..metrics.throughput import MODES, measure_throughput
@@ -127,7 +127,7 @@ class ScaleConfig(Config):
     method_options: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="after")
-    def _known_values(self) -> "ScaleConfig":
+    def _known_values(self) -> ScaleConfig:
         bad = [a for a in self.axes if a not in AXES]
         if bad:
             raise UserError(f"unknown scaling axis {bad} (known: {', '.join(AXES)})")
@@ -175,7 +175,8 @@ def sweep_points(cfg: ScaleConfig) -> list[dict[str, Any]]:
     return points
 
 
-def measure_point(cfg: ScaleConfig, p: dict[str, Any], model_cache: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def measure_point(cfg: ScaleConfig, p: dict[str, Any],
+                  model_cache: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Build (or reuse, from ``model_cache``) the model and a synthetic batch for one point and
     measure it; returns tidy rows (without run-level columns)."""
     spec = get_task(cfg.task).spec

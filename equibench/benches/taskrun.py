@@ -49,7 +49,7 @@ class EvalConfig(Config):
     compile: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
         return config_from_dict(cls, d, "evaluate")
 
 

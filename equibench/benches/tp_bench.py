@@ -31,7 +31,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from e3nn import o3
@@ -107,7 +108,11 @@ class GauntTensorProduct(nn.Module):
         self.to1 = o3.ToS2Grid(l1max, res, normalization="integral")
         self.to2 = o3.ToS2Grid(l2max, res, normalization="integral")
         self.back = o3.FromS2Grid(res, lomax, normalization="integral")
-        self.irreps_in1, self.irreps_in2, self.irreps_out = sh_irreps(l1max, mul), sh_irreps(l2max), sh_irreps(lomax, mul)
+        self.irreps_in1, self.irreps_in2 = sh_irreps(l1max, mul), sh_irreps(l2max)
+        self.irreps_out = sh_irreps(lomax, mul)
+        self.deg1: torch.Tensor
+        self.deg2: torch.Tensor
+        self.dego: torch.Tensor
         self.register_buffer("deg1", _degree_index(l1max), persistent=False)
         self.register_buffer("deg2", _degree_index(l2max), persistent=False)
         self.register_buffer("dego", _degree_index(lomax), persistent=False)
@@ -235,7 +240,7 @@ class TPBenchConfig(Config):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _known_values(self) -> "TPBenchConfig":
+    def _known_values(self) -> TPBenchConfig:
         for name, value, known in (("impl", self.impls, IMPLS), ("channel mode", self.channel_modes, CHANNEL_MODES),
                                    ("pass", self.passes, PASSES)):
             bad = [v for v in value if v not in known]
@@ -277,12 +282,16 @@ def _build(impl: str, mode: str, lmax: int, mul: int, device: torch.device, dtyp
     if impl.startswith("gaunt"):
         g = GauntTensorProduct(lmax, lmax, lmax, mul, mode).to(device=device, dtype=dtype)
         tp, w = e3nn_equivalent(g)
-        return g, (lambda a, b: tp(a, b, w)), "vs e3nn with the Gaunt weights mapped per path"
+        def with_gaunt_weights(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return tp(a, b, w)
+        return g, with_gaunt_weights, "vs e3nn with the Gaunt weights mapped per path"
     module = _cuet_module(mode, lmax, mul, device, dtype)
     params = list(module.parameters())
-    if mode == "uvw" and len(params) == 1 and params[0].numel() == reference.weight.numel():
+    ref_weight = reference.weight
+    assert isinstance(ref_weight, torch.Tensor)
+    if mode == "uvw" and len(params) == 1 and params[0].numel() == ref_weight.numel():
         with torch.no_grad():
-            params[0].copy_(reference.weight.reshape(params[0].shape))
+            params[0].copy_(ref_weight.reshape(params[0].shape))
         return module, reference, "vs e3nn FullyConnectedTensorProduct, its weights copied in e3nn order"
     return module, None, "weights not comparable with e3nn's (channel-wise layout differs)"
 
@@ -322,7 +331,10 @@ def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -
     data = Data(x1=x1, x2=x2, num_nodes=cfg.batch)
     compiled = impl.endswith("_compiled")
     timed = PairProduct(torch.compile(module, dynamic=False) if compiled else module)
-    loss = (lambda out, _: out.pow(2).sum())
+
+    def loss(out: torch.Tensor, _: Data) -> torch.Tensor:
+        return out.pow(2).sum()
+
     compile_time = None
     if compiled:
         t0 = time.perf_counter()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch_geometric.data import Data
 from torch.utils.flop_counter import FlopCounterMode
+from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader
 
 from ..core.config import Config, config_from_dict
@@ -57,7 +58,7 @@ class TrainConfig(Config):
     converge_tol: float = 0.01
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return config_from_dict(cls, d, "train")
 
     def step_budget(self, n_train: int) -> int:
@@ -160,7 +161,7 @@ def train(model: nn.Module, method: Method, task: Task, data: list[Data], cfg: T
                 g["lr"] = cfg.lr * lr_factor(step, progress(), cfg)
             batch = method.train_transform(batch, spec, gen).to(device)
 
-            def run_step() -> torch.Tensor:
+            def run_step(batch: Batch = batch, step: int = step) -> torch.Tensor:
                 pred = model(batch)
                 loss = task.loss(pred, batch)
                 aux = method.auxiliary_loss(model, batch, pred)

@@ -42,7 +42,8 @@ from ..core.registry import list_methods, list_tasks
 from ..core.spec import RunSpec
 
 Options = dict[str, Any]
-EXTRA_SECTIONS = {"scaling": (ScaleConfig, ScalingBench), "tp_bench": (TPBenchConfig, TPBench)}
+EXTRA_SECTIONS: dict[str, tuple[type[Config], type[Bench]]] = {"scaling": (ScaleConfig, ScalingBench),
+                                                               "tp_bench": (TPBenchConfig, TPBench)}
 
 
 def _named_options(value: Any) -> Any:
@@ -105,7 +106,7 @@ class SuiteFile(Config):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SuiteFile":
+    def _consistent(self) -> SuiteFile:
         if not self.seeds:
             raise ValueError("'seeds' must be a non-empty list of integers")
         for what, names in (("default_tasks", self.default_tasks), ("sweeps", [w.task for w in self.sweeps]),
@@ -181,7 +182,7 @@ def extra_config(suite: SuiteFile, section: str, device: str) -> Config | None:
         return None
     if "device" in options:
         raise UserError(f"'{section}' runs on the suite's device; remove its 'device' option")
-    cls = EXTRA_SECTIONS[section][0]
+    cls: type[Config] = EXTRA_SECTIONS[section][0]
     return config_from_dict(cls, {**options, "device": device}, section)
 
 

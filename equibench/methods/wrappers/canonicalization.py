@@ -55,12 +55,12 @@ from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, irreps
 from ...symmetry.group2d import group_order
 from ..base import Method, build_at_params
-from .baseline import Baseline
 from ..blocks.backbone import BackboneModel, mlp
 from ..blocks.canon2d import Canonicalised
 from ..blocks.cnn import resolve_group
 from ..blocks.image import build_image_model, image_size_options
 from ..blocks.pca_frames import apply_in_frame, centroid, check_group, first_point_field, frame_support, gram_schmidt
+from .baseline import Baseline
 
 #: steerable blocks of the image canonicaliser (image2d)
 IMAGE_CANON_DEPTH = 2

@@ -35,7 +35,6 @@ from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.group3d import act_on_batch, act_on_output
 from ..base import Method
-from .baseline import Baseline
 from ..blocks.cnn import GroupAveraged, resolve_group
 from ..blocks.image import build_image_model, image_size_options
 from ..blocks.pca_frames import (
@@ -50,6 +49,7 @@ from ..blocks.pca_frames import (
     principal_axes,
     replicate,
 )
+from .baseline import Baseline
 
 
 class FrameAveragedModel(nn.Module):

@@ -21,8 +21,8 @@ from torch_geometric.data import Batch
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ..base import Method
-from .baseline import Baseline
 from ..blocks.pca_frames import apply_in_frame, check_group, first_point_field, frame_support, pca_frame
+from .baseline import Baseline
 
 
 class PCACanonicalModel(nn.Module):
