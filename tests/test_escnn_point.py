@@ -45,7 +45,7 @@ def _one_thread():
 
 
 def ep():
-    from equibench.methods import escnn_point
+    from equibench.methods.architectures import escnn_point
     return escnn_point
 
 

@@ -90,7 +90,8 @@ def measure(point: Point, history: list[Row], max_memory: int | None = None) -> 
         return [{"metric": "status", "value": None, "status": "failed", "error": msg + " | " + " / ".join(tail)}]
     if not rows:
         return [{"metric": "status", "value": None, "status": "failed", "error": f"{point.bench} produced no rows"}]
-    if len(rows) == 1 and rows[0].get("status") == "failed" and str(rows[0].get("error", "")).startswith(OOM_PREFIXES):
+    if len(rows) == 1 and rows[0].get("status") in ("failed", "out_of_memory") \
+            and str(rows[0].get("error", "")).startswith(OOM_PREFIXES):  # a bench that caught the error itself
         return [{**rows[0], **oom_row(str(rows[0]["error"]), max_memory)}]
     return rows
 
