@@ -15,13 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch_geometric.data import Batch
+from torch_geometric.data import Batch, Data
+from torch_geometric.loader import DataLoader
 
 from ..core.config import Config, config_from_dict
 from ..core.envinfo import git_commit, package_versions
 from ..core.errors import UserError
 from ..core.registry import get_method, get_task
 from ..core.spec import RunSpec
+from ..datasets.base import Task
 from ..methods.base import count_parameters
 from ..metrics import catalogue, degeneracy
 from ..metrics.equivariance import equivariance_error, lie_derivative
@@ -122,6 +124,18 @@ def build_model(method, spec_task, seed: int, dtype: torch.dtype, state: dict | 
     return model
 
 
+@torch.no_grad()
+def trivial_metrics(task: Task, train_data: list[Data], test_data: list[Data], batch_size: int) -> dict[str, float]:
+    """The task's metrics for its trivial predictor (``Task.trivial_prediction``) on the test split,
+    averaged like the methods' (``evaluate``)."""
+    predict = task.trivial_prediction(train_data)
+    sums: dict[str, list[torch.Tensor]] = {}
+    for batch in DataLoader(test_data, batch_size=batch_size, shuffle=False):
+        for k, v in task.metric_values(predict(batch), batch).items():
+            sums.setdefault(k, []).append(v.detach().double().cpu())
+    return {k: torch.cat(v).mean().item() for k, v in sums.items()}
+
+
 def run_one(spec: RunSpec) -> list[dict[str, Any]]:
     """Measure one spec; returns tidy rows. Exceptions become a single ``failed`` row."""
     started = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -199,6 +213,8 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
             train_loss=c.train_loss, val_metric=val_metric, stage="training")
     for k, v in evaluate(model, method, task, test_data, cfg.eval_batch_size, device).items():
         add(catalogue.test_metric(k), v, batch_size=cfg.eval_batch_size, n_graphs=len(test_data))
+    for k, v in trivial_metrics(task, train_data, test_data, cfg.eval_batch_size).items():
+        add(catalogue.trivial_metric(k), v, n_graphs=len(test_data))
     measure_equivariance("trained")
     if ecfg.throughput:
         tp_data = (test_data * (ecfg.throughput_batch // len(test_data) + 1))[:ecfg.throughput_batch]

@@ -8,6 +8,7 @@ user's cache directory) so a second load is a file read.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ from torch_geometric.data import Batch, Data
 
 from ..core.errors import UserError
 from ..core.spec import TaskSpec
+from ..symmetry.fieldtypes import POINT, field_dim, irreps
 
 SPLITS = ("train", "val", "test")
 
@@ -60,6 +62,39 @@ class Task:
         """Per-sample values of each metric in ``spec.metrics`` (1-D tensors); the runner
         averages them over the whole test split."""
         raise NotImplementedError
+
+    def trivial_prediction(self, train: list[Data]) -> Callable[[Batch], torch.Tensor]:
+        """What a model that learned nothing but the simplest statistic of the training targets
+        predicts; its test metrics (``trivial.*`` rows) tell whether a method learned anything.
+
+        * classification (``loss == "cross_entropy"``): the majority class of the training split;
+        * ``point`` outputs (positions): the input positions, i.e. no displacement;
+        * irreps outputs: the training mean of every invariant (l = 0) component and 0 for every
+          l >= 1 component (zero forces): the only constants an O(3)-equivariant map can output.
+        Tasks with a better-suited trivial predictor override this (normals: one fixed axis).
+        """
+        spec = self.spec
+        if spec.loss == "cross_entropy":
+            labels = torch.cat([d.y.reshape(-1) for d in train]).long()
+            logits = torch.zeros(field_dim(spec.output))
+            logits[int(torch.bincount(labels, minlength=len(logits)).argmax())] = 1.0
+            return lambda b: logits.to(b.y.device).expand(int(b.num_graphs), -1)
+        if spec.output == POINT:
+            field = spec.point_fields[0]
+            return lambda b: b[field]
+        y = torch.cat([d.y.reshape(-1, field_dim(spec.output)) for d in train]).double()
+        constant = torch.zeros(y.shape[1], dtype=torch.float64)
+        start = 0
+        for mul, ir in irreps(spec.output):
+            stop = start + mul * ir.dim
+            if ir.l == 0:
+                constant[start:stop] = y[:, start:stop].mean(0)
+            start = stop
+
+        def predict(b: Batch) -> torch.Tensor:
+            rows = int(b.num_nodes) if spec.level == "node" else int(b.num_graphs)
+            return constant.to(device=b.y.device, dtype=b.y.dtype).expand(rows, -1)
+        return predict
 
     def provenance(self) -> dict[str, Any]:
         """Where the data comes from (package versions, generator parameters), for result rows."""

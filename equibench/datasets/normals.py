@@ -44,6 +44,7 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any, cast
 
@@ -302,6 +303,14 @@ class NormalsTask(Task):
 
     def loss(self, pred: torch.Tensor, batch: Batch) -> torch.Tensor:
         return torch.mean(1.0 - self._cos(pred, batch.y) ** 2)
+
+    def trivial_prediction(self, train: list[Data]) -> Callable[[Batch], torch.Tensor]:
+        """One fixed axis for every point: the top eigenvector of the training normals' second
+        moment E[n n^T], the constant that minimises the mean 1 - cos^2 (a zero vector, the
+        equivariant constant, has no direction to score)."""
+        n = torch.cat([d.y for d in train]).double()
+        axis = torch.linalg.eigh(n.T @ n)[1][:, -1]
+        return lambda b: axis.to(device=b.y.device, dtype=b.y.dtype).expand(int(b.num_nodes), -1)
 
     def metric_values(self, pred: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         cos = self._cos(pred, batch.y)

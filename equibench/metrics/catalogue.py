@@ -28,7 +28,7 @@ NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
 
 # the families of the built-in metrics (a plugin may declare more; readers never need the list)
 FAMILIES = ("params", "status", "equivariance", "lie_derivative", "degeneracy", "train", "curve", "test",
-            "throughput", "scaling", "tp_bench")
+            "trivial", "throughput", "scaling", "tp_bench")
 STAGES = ("init", "trained")
 DTYPES = ("fp32", "fp64")
 EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max")
@@ -188,6 +188,12 @@ def test_metric(name: str) -> str:
     return f"test.{name}"
 
 
+def trivial_metric(name: str) -> str:
+    """``trivial.<name>``: task metric ``name`` of the task's trivial predictor on the test split
+    (training mean / zero vectors / majority class: ``Task.trivial_prediction``)."""
+    return f"trivial.{name}"
+
+
 def scaling_metric(stat: str) -> str:
     """``scaling.<stat>``: one point of a scaling sweep (task "scaling")."""
     return f"scaling.{_check('scaling stat', stat, SCALING_STATS)}"
@@ -278,6 +284,8 @@ def _declare_runs() -> None:
     for key, (unit, direction, log, doc) in _TEST.items():
         register_metric(MetricSpec(test_metric(key), key, "test", unit=unit, direction=direction, stat=key,
                                    stage="trained", log_scale=log, watch=True, description=doc))
+        register_metric(MetricSpec(trivial_metric(key), f"trivial {key}", "trivial", unit=unit, direction=direction,
+                                   stat=key, log_scale=log, description=f"{doc}, of the task's trivial predictor"))
     for key, (unit, log, doc) in _METHOD_EXTRAS.items():
         register_metric(MetricSpec(test_metric(key), key, "test", unit=unit, stat=key, stage="trained",
                                    log_scale=log, description=doc))
