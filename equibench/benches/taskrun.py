@@ -22,9 +22,9 @@ from ..core.config import Config, config_from_dict
 from ..core.envinfo import git_commit, package_versions
 from ..core.errors import UserError
 from ..core.registry import get_method, get_task
-from ..core.spec import RunSpec
+from ..core.spec import RunSpec, TaskSpec
 from ..datasets.base import Task
-from ..methods.base import count_parameters
+from ..methods.base import Method, count_parameters
 from ..metrics import catalogue, degeneracy
 from ..metrics.equivariance import equivariance_error, lie_derivative
 from ..metrics.throughput import device_name, measure_throughput
@@ -124,6 +124,13 @@ def build_model(method, spec_task, seed: int, dtype: torch.dtype, state: dict | 
     return model
 
 
+def claims_exactness(method: Method, spec: TaskSpec) -> bool:
+    """Whether ``method`` claims exact equivariance on a task of ``spec`` (``exact_on(spec)`` where
+    the method defines it, else its claim for the task's domain)."""
+    exact_on = getattr(method, "exact_on", None)
+    return bool(exact_on(spec)) if callable(exact_on) else method.is_exact(spec.domain)
+
+
 @torch.no_grad()
 def trivial_metrics(task: Task, train_data: list[Data], test_data: list[Data], batch_size: int) -> dict[str, float]:
     """The task's metrics for its trivial predictor (``Task.trivial_prediction``) on the test split,
@@ -160,7 +167,8 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     cfg, ecfg = TrainConfig.from_dict(spec.train), EvalConfig.from_dict(spec.evaluate)
     device = torch.device(spec.device)
     base = {**_base_row(spec), "provenance": task.provenance(), "device_name": device_name(device),
-            "status": "ok", "error": "", "started_at": started}
+            "status": "ok", "error": "", "started_at": started, "exact_claim": claims_exactness(method, tspec),
+            "setting_source": spec.setting_source or "suite file"}
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: Any, **ctx: Any) -> None:

@@ -63,9 +63,10 @@ class RunSpec:
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    setting_source: str = ""  # where the train settings came from (provenance, not part of the hash)
 
     def __post_init__(self) -> None:
-        for name in ("task", "method", "device"):
+        for name in ("task", "method", "device", "setting_source"):
             if not isinstance(getattr(self, name), str):
                 raise UserError(f"RunSpec.{name} must be a string, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -82,8 +83,10 @@ class RunSpec:
 
     @property
     def hash(self) -> str:
-        """Stable 12-hex identity of the spec (canonical JSON, sha256)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable 12-hex identity of the spec (canonical JSON, sha256); ``setting_source`` is
+        provenance and not part of it."""
+        ident = {k: v for k, v in self.to_dict().items() if k != "setting_source"}
+        blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
