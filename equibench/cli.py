@@ -4,6 +4,7 @@
     equibench run SUITE [options]       run a suite (name or YAML path), then write its report
     equibench report RUN... [--out DIR] write a report for one or more run directories
     equibench compare RUN_A RUN_B       side-by-side table and plot of two runs
+    equibench tune SUITE                run the suite's tuning grid, store the chosen settings
     equibench nightly [SUITE]           run, append to the history, report trends, flag regressions
                                         (exit code 1 when a regression is flagged)
     equibench scale / tpbench           cost-vs-size sweeps / tensor-product microbenchmarks
@@ -36,9 +37,10 @@ from .report.history import append_history, find_regressions
 from .report.sections import write_sections_report
 from .suite.engine import run_benches
 from .suite.limits import parse_size
-from .suite.runner import run
+from .suite.runner import run, run_dir_for, tune
 from .suite.store import load_results
-from .suite.suites import EXTRA_SECTIONS, list_suites
+from .suite.suites import EXTRA_SECTIONS, list_suites, read_suite, tuning_config
+from .suite.tuned import tuned_path, write_tuned
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,6 +110,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.no_report:
         index = write_report(run_dir, Path(args.reports_dir) / run_id)
         print(f"report: {index}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    suite = read_suite(args.suite)
+    cfg = tuning_config(suite)
+    if cfg is None:
+        raise UserError(f"suite {suite.name!r} has no 'tuning:' section (grid of train options to tune)")
+    run_dir = run_dir_for(args.results_dir, f"tune-{suite.name}", args.name, args.resume)
+    selection = tune(suite, run_dir, tasks=args.tasks, methods=args.methods, device=args.device,
+                     executor=args.executor, **_limits(args))
+    out = Path(args.out) if args.out else tuned_path(suite.source)
+    write_tuned(out, suite.name, run_dir, cfg, selection)
+    for (task, method), chosen in sorted(selection.items()):
+        setting = ", ".join(f"{k}={v:g}" for k, v in chosen["setting"].items())
+        print(f"{task:10s} {method:24s} {setting:16s} validation {chosen['val_metric']} {chosen['val']:.4g}")
+    print(f"results: {run_dir}\ntuned settings: {out}")
     return 0
 
 
@@ -211,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue the named (or latest) run of this suite")
     r.add_argument("--no-report", action="store_true")
     r.set_defaults(func=_cmd_run)
+
+    tn = sub.add_parser("tune", help="run a suite's tuning grid and store the chosen settings beside the suite")
+    tn.add_argument("suite", help="suite name or path to a suite YAML file with a 'tuning:' section")
+    _add_run_options(tn)
+    tn.add_argument("--resume", action="store_true", help="continue the named (or latest) tuning run")
+    tn.add_argument("--out", help="where to write the tuned settings (default: <suite>.tuned.yaml beside the suite)")
+    tn.set_defaults(func=_cmd_tune)
 
     rep = sub.add_parser("report", help="write an HTML + Markdown report for run directories")
     rep.add_argument("runs", nargs="+", help="run directories (results/<run_id>) or a results root")

@@ -28,7 +28,7 @@ NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
 
 # the families of the built-in metrics (a plugin may declare more; readers never need the list)
 FAMILIES = ("params", "status", "equivariance", "lie_derivative", "degeneracy", "train", "curve", "test",
-            "trivial", "throughput", "scaling", "tp_bench")
+            "trivial", "tune", "throughput", "scaling", "tp_bench")
 STAGES = ("init", "trained")
 DTYPES = ("fp32", "fp64")
 EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max")
@@ -188,6 +188,11 @@ def test_metric(name: str) -> str:
     return f"test.{name}"
 
 
+def tune_metric(name: str) -> str:
+    """``tune.<name>``: what a tuning run reports (best_val, best_step, wall_s)."""
+    return f"tune.{name}"
+
+
 def trivial_metric(name: str) -> str:
     """``trivial.<name>``: task metric ``name`` of the task's trivial predictor on the test split
     (training mean / zero vectors / majority class: ``Task.trivial_prediction``)."""
@@ -278,6 +283,13 @@ def _declare_runs() -> None:
         register_metric(MetricSpec(train_metric(key), display, "train", unit=unit, direction=direction, stat=key,
                                    stage="trained", number_format="int" if key == "steps" else "g",
                                    description=doc))
+    register_metric(MetricSpec(tune_metric("best_val"), "tuning: best validation value", "tune", stat="best_val",
+                               description="best validation value of the task's first metric in a tuning run "
+                               "(its direction is that metric's)"))
+    register_metric(MetricSpec(tune_metric("best_step"), "tuning: best step", "tune", stat="best_step",
+                               number_format="int", description="step of the best validation value"))
+    register_metric(MetricSpec(tune_metric("wall_s"), "tuning: training time", "tune", unit="s", stat="wall_s",
+                               description="training wall time of the tuning run"))
     register_metric(MetricSpec(CURVE_VAL, "validation value", "curve", stat="val", stage="training",
                                aggregate="mean", description="the task's first metric on the validation split "
                                "during training (x = step; curve_wall_s, curve_flops beside it)"))

@@ -17,12 +17,14 @@ import pandas as pd
 
 from ..benches.base import Bench
 from ..benches.taskrun import TaskBench
+from ..benches.tuning import select_settings
 from ..core.errors import UserError
 from ..core.registry import load_plugin
 from ..core.spec import RunSpec
 from . import suites
 from .engine import run_benches
-from .store import load_results
+from .store import load_results, read_records
+from .tuned import Selection
 
 Suite = str | os.PathLike | Sequence[RunSpec]
 
@@ -70,8 +72,34 @@ def run(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "results", ex
     """
     for p in plugins:
         load_plugin(p)
+    options: dict[str, Any] = {"executor": executor, "isolate": isolate, "timeout": timeout,
+                               "max_memory": max_memory, "wait": wait, "plugins": plugins, "progress": progress,
+                               "executor_options": executor_options}
+    if isinstance(suite_or_runspecs, (str, os.PathLike)):
+        suite = suites.read_suite(suite_or_runspecs)
+        cfg = suites.tuning_config(suite)
+        if cfg is not None and cfg.use == "run":  # tune first, in the same run directory, then measure
+            run_dir = run_dir_for(results_dir, suite.name, run_name, resume)
+            selection = tune(suite, run_dir, tasks=tasks, methods=methods, device=device, **options)
+            benches = suites.suite_benches(suite, tasks=tasks, methods=methods, seeds=seeds, device=device,
+                                           extras=extras, selection=selection,
+                                           selection_source=f"tuned in this run ({run_dir.name})")
+            run_benches(benches, run_dir, **options)
+            return load_results(run_dir)
     name, benches = resolve_benches(suite_or_runspecs, tasks, methods, seeds, device, extras)
     run_dir = run_dir_for(results_dir, name, run_name, resume)
-    run_benches(benches, run_dir, executor=executor, isolate=isolate, timeout=timeout, max_memory=max_memory,
-                wait=wait, plugins=plugins, progress=progress, executor_options=executor_options)
+    run_benches(benches, run_dir, **options)
     return load_results(run_dir)
+
+
+def tune(suite: suites.SuiteFile, run_dir: Path, *, tasks: list[str] | None = None,
+         methods: list[str] | None = None, device: str | None = None, **options: Any) -> Selection:
+    """Run ``suite``'s tuning grid into ``run_dir`` and return the chosen setting per (task,
+    method) (``benches.tuning.select_settings``). Raises ``UserError`` without a ``tuning:``
+    section."""
+    bench = suites.tuning_bench(suite, tasks, methods, device)
+    cfg = suites.tuning_config(suite)
+    if bench is None or cfg is None:
+        raise UserError(f"suite {suite.name!r} has no 'tuning:' section to run")
+    run_benches([bench], run_dir, **options)
+    return select_settings(read_records(run_dir), sorted(cfg.grid))

@@ -16,6 +16,7 @@ Schema (every key but ``tasks``/``methods`` optional)::
       - {task: nbody, option: train_size, values: [100, 300, 1000]}   # e.g. sample efficiency
     scaling: {methods: [baseline, e3nn], nodes: [16, 256, 4096]}     # ScaleConfig options
     tp_bench: {lmax: [1, 2, 3], impls: [e3nn, gaunt]}                # TPBenchConfig options
+    tuning: {grid: {lr: [3.0e-3, 1.0e-3, 3.0e-4]}, seeds: [0], use: stored}   # TuningConfig options
 
 ``suite_benches`` turns a suite into the benches the runner drives: the task runs (tasks x
 methods x seeds, sweeps added) and, after them, the ``scaling`` and ``tp_bench`` sections on the
@@ -24,22 +25,25 @@ suite's device. A run narrowed with ``tasks``/``methods`` skips those sections u
 """
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..benches.base import Bench
 from ..benches.scaling import ScaleConfig, ScalingBench
 from ..benches.taskrun import EvalConfig, TaskBench
 from ..benches.tp_bench import TPBench, TPBenchConfig
 from ..benches.training import TrainConfig
+from ..benches.tuning import TuneBench, TuningConfig
 from ..core.config import Config, config_from_dict, one_line
 from ..core.errors import UserError, did_you_mean
 from ..core.registry import list_methods, list_tasks
 from ..core.spec import RunSpec
+from .tuned import Selection, apply_selection, read_tuned, stored_selection, tuned_path
 
 Options = dict[str, Any]
 EXTRA_SECTIONS: dict[str, tuple[type[Config], type[Bench]]] = {"scaling": (ScaleConfig, ScalingBench),
@@ -94,6 +98,13 @@ class SuiteFile(Config):
     sweeps: tuple[Sweep, ...] = ()
     scaling: Options | None = None
     tp_bench: Options | None = None
+    tuning: Options | None = None
+    _source: str = PrivateAttr(default="")
+
+    @property
+    def source(self) -> str:
+        """The suite's name (built-in) or file path it was read from."""
+        return self._source or self.name
 
     @model_validator(mode="before")
     @classmethod
@@ -125,7 +136,7 @@ def list_suites() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("equibench.suites").iterdir() if p.name.endswith(".yaml"))
 
 
-def _load_text(name_or_path: str | Path) -> tuple[str, str, str]:
+def _load_text(name_or_path: str | os.PathLike[str]) -> tuple[str, str, str]:
     """(YAML text, where it came from for messages, default name)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -138,16 +149,19 @@ def _load_text(name_or_path: str | Path) -> tuple[str, str, str]:
         str(name_or_path)
 
 
-def read_suite(name_or_path: str | Path) -> SuiteFile:
+def read_suite(name_or_path: str | os.PathLike[str]) -> SuiteFile:
     """Parse and validate a suite by name (``equibench/suites/<name>.yaml``) or file path."""
     text, where, default_name = _load_text(name_or_path)
+    source = str(name_or_path)
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         loc = f" (line {mark.line + 1})" if mark is not None else ""
         raise UserError(f"malformed suite file {where}{loc}: {getattr(err, 'problem', err)}") from None
-    return validate_suite(doc, where, default_name)
+    suite = validate_suite(doc, where, default_name)
+    suite._source = source
+    return suite
 
 
 def validate_suite(doc: Any, where: str = "suite", default_name: str = "suite") -> SuiteFile:
@@ -170,6 +184,7 @@ def validate_suite(doc: Any, where: str = "suite", default_name: str = "suite") 
             EvalConfig.from_dict({**suite.evaluate, **(over.evaluate if over else {})})
         for section in EXTRA_SECTIONS:
             extra_config(suite, section, "cpu")  # a CUDA suite validates on a machine without a GPU
+        tuning_config(suite)
     except UserError as err:
         raise UserError(f"malformed suite file {where}: {err}") from None
     return suite
@@ -184,6 +199,29 @@ def extra_config(suite: SuiteFile, section: str, device: str) -> Config | None:
         raise UserError(f"'{section}' runs on the suite's device; remove its 'device' option")
     cls: type[Config] = EXTRA_SECTIONS[section][0]
     return config_from_dict(cls, {**options, "device": device}, section)
+
+
+def tuning_config(suite: SuiteFile) -> TuningConfig | None:
+    """The suite's validated ``tuning:`` section (None when absent)."""
+    if suite.tuning is None:
+        return None
+    cfg = config_from_dict(TuningConfig, suite.tuning, "tuning")
+    if cfg.use not in ("stored", "run", "off"):
+        raise UserError(f"tuning option 'use' must be stored, run or off, got {cfg.use!r}")
+    if not cfg.grid or any(not v for v in cfg.grid.values()):
+        raise UserError("tuning option 'grid' needs at least one option with at least one value")
+    for key in cfg.grid:
+        TrainConfig.from_dict({key: cfg.grid[key][0]})  # a grid key is a train option of the right type
+    return cfg
+
+
+def tuning_bench(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str] | None = None,
+                 device: str | None = None) -> TuneBench | None:
+    """The tuning runs of ``suite`` (None without a ``tuning:`` section)."""
+    cfg = tuning_config(suite)
+    if cfg is None:
+        return None
+    return TuneBench(expand_suite(suite, tasks, methods, None, device), cfg)
 
 
 def _pick(names: list[str] | None, available: dict[str, Any], what: str) -> list[str]:
@@ -221,13 +259,27 @@ def expand_suite(suite: SuiteFile, tasks: list[str] | None = None, methods: list
 
 def suite_benches(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str] | None = None,
                   seeds: list[int] | None = None, device: str | None = None,
-                  extras: bool | None = None) -> list[Bench]:
+                  extras: bool | None = None, selection: Selection | None = None,
+                  selection_source: str = "") -> list[Bench]:
     """The benches a run of ``suite`` drives, in order: task runs, then the extra sections (when
-    ``extras`` is True, or None and neither ``tasks`` nor ``methods`` narrows the suite)."""
-    benches: list[Bench] = [TaskBench(expand_suite(suite, tasks, methods, seeds, device))]
+    ``extras`` is True, or None and neither ``tasks`` nor ``methods`` narrows the suite).
+
+    Tuned settings: ``selection`` (chosen in this run) when given, else with ``tuning.use:
+    stored`` the suite's stored ``.tuned.yaml`` when it exists; each spec records where its
+    settings came from."""
+    specs = expand_suite(suite, tasks, methods, seeds, device)
+    cfg = tuning_config(suite)
+    if cfg is not None and selection is None and cfg.use == "stored":
+        doc = read_tuned(tuned_path(suite.source))
+        if doc is not None:
+            selection, selection_source = stored_selection(doc, sorted(cfg.grid))
+            selection_source += f" in {tuned_path(suite.source).name}"
+    if cfg is not None and selection:
+        specs = apply_selection(specs, selection, selection_source, dict(cfg.grid))
+    benches: list[Bench] = [TaskBench(specs)]
     if extras or (extras is None and tasks is None and methods is None):
         for section, (_, bench_cls) in EXTRA_SECTIONS.items():
-            cfg = extra_config(suite, section, device or suite.device)
-            if cfg is not None:
-                benches.append(bench_cls(cfg))  # type: ignore[call-arg]
+            extra = extra_config(suite, section, device or suite.device)
+            if extra is not None:
+                benches.append(bench_cls(extra))  # type: ignore[call-arg]
     return benches

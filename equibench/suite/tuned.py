@@ -1,0 +1,94 @@
+"""Tuned settings stored with a suite: ``<suite>.tuned.yaml`` beside the suite file.
+
+``equibench tune SUITE`` runs the suite's tuning grid (``benches/tuning.py``) and writes, per task
+and method, the chosen setting with the validation value it was chosen on, every grid setting's
+score, the tuning run, its commit and date. A suite whose ``tuning.use`` is ``stored`` applies the
+file when it exists, and every measured row says so in ``setting_source``; without the file the
+suite's own settings are used and ``setting_source`` says "suite file".
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..benches.tuning import TuningConfig
+from ..core.envinfo import git_commit
+from ..core.errors import UserError
+from ..core.spec import RunSpec
+
+SUFFIX = ".tuned.yaml"
+Selection = dict[tuple[str, str], dict[str, Any]]
+
+
+def tuned_path(suite_source: str) -> Path:
+    """Where the tuned settings of the suite read from ``suite_source`` live (a built-in suite's
+    beside its YAML in the package, a suite file's beside the file)."""
+    path = Path(suite_source)
+    if path.suffix in (".yaml", ".yml"):
+        return path.with_name(path.stem + SUFFIX)
+    return Path(str(resources.files("equibench.suites") / f"{suite_source}{SUFFIX}"))
+
+
+def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, selection: Selection) -> Path:
+    """Write the selection (atomically) with where it came from."""
+    settings: dict[str, dict[str, Any]] = {}
+    for (task, method), chosen in sorted(selection.items()):
+        settings.setdefault(task, {})[method] = {
+            **chosen["setting"], "val_metric": chosen["val_metric"], "val": chosen["val"],
+            "scores": chosen["scores"]}
+    doc = {"suite": suite, "tuned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "run": run_dir.name, "commit": git_commit(), "grid": {k: list(v) for k, v in cfg.grid.items()},
+           "seeds": list(cfg.seeds), "train_overrides": dict(cfg.train), "settings": settings}
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def read_tuned(path: Path) -> dict[str, Any] | None:
+    """The stored tuned settings at ``path`` (None when there are none)."""
+    if not path.is_file():
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"malformed tuned settings {path}: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
+        raise UserError(f"malformed tuned settings {path}: expected a mapping with 'settings'")
+    return doc
+
+
+def stored_selection(doc: dict[str, Any], grid_keys: list[str]) -> tuple[Selection, str]:
+    """(selection, description of where it came from) from a stored tuned-settings document."""
+    selection: Selection = {}
+    for task, methods in doc["settings"].items():
+        for method, chosen in methods.items():
+            selection[(task, method)] = {"setting": {k: chosen[k] for k in grid_keys if k in chosen},
+                                         "val_metric": chosen.get("val_metric"), "val": chosen.get("val")}
+    where = f"stored tuning (run {doc.get('run')}, {doc.get('tuned_at', '?')[:10]}, commit {doc.get('commit', '?')})"
+    return selection, where
+
+
+def apply_selection(specs: list[RunSpec], selection: Selection, where: str, grid: dict[str, Any]) -> list[RunSpec]:
+    """``specs`` with each (task, method)'s chosen setting in its train options and a
+    ``setting_source`` saying where it came from; specs without a selection keep the suite's."""
+    grid_text = "; ".join(f"{k} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in sorted(grid.items()))
+    out = []
+    for s in specs:
+        chosen = selection.get((s.task, s.method))
+        if chosen is None or not chosen["setting"]:
+            out.append(s)
+            continue
+        setting = ", ".join(f"{k}={v:g}" for k, v in sorted(chosen["setting"].items()))
+        val = chosen.get("val")
+        source = (f"{setting} chosen on validation {chosen.get('val_metric')}"
+                  + (f" ({val:.4g})" if isinstance(val, (int, float)) else "") + f" from grid {grid_text}; {where}")
+        out.append(RunSpec(task=s.task, method=s.method, seed=s.seed, task_options=s.task_options,
+                           method_options=s.method_options, train={**s.train, **chosen["setting"]},
+                           evaluate=s.evaluate, device=s.device, setting_source=source))
+    return out
