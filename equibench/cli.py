@@ -29,9 +29,7 @@ from .benches.scaling import ScaleConfig, ScalingBench, exponents
 from .benches.tp_bench import TPBench, TPBenchConfig
 from .core.config import config_from_dict
 from .core.errors import StorageError, UserError
-from .core.registry import get_task, list_methods, list_tasks, load_plugin, method_class
-from .datasets import unavailable as tasks_missing
-from .methods import unavailable as methods_missing
+from .core.registry import get_task, list_methods, list_tasks, load_plugin, method_class, unavailable_modules
 from .report.build import write_comparison, write_report
 from .report.history import append_history, find_regressions
 from .report.sections import write_sections_report
@@ -66,8 +64,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
         doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
         print(f"  {name:24s} exact={str(cls.exact):5s} group={str(cls.group):5s} "
               f"domains={','.join(cls.domains):16s} {doc[0] if doc else ''}")
-    for name, why in methods_missing.items():
-        print(f"  ({name}: not available, {why})")
     print("tasks:")
     for name in list_tasks():
         try:
@@ -76,7 +72,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
                   f" ({spec.level}) metrics={','.join(spec.metrics)}")
         except Exception as err:  # a task whose data package is missing still lists
             print(f"  {name:24s} (unavailable: {err})")
-    for name, why in tasks_missing.items():
+    for name, why in unavailable_modules().items():
         print(f"  ({name}: not available, {why})")
     print("suites:")
     for name in list_suites():

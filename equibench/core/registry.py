@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from .autoimport import builtin_index, import_all
 from .errors import UserError, did_you_mean
 
 T = TypeVar("T")
@@ -50,17 +51,43 @@ def register_task(name: str) -> Callable[[type[T]], type[T]]:
     return _register(_TASKS, "task", name)
 
 
+BUILTIN_PACKAGES = {"method": "equibench.methods", "task": "equibench.datasets"}
+_UNAVAILABLE: dict[str, str] = {}
+
+
 def _load_builtins() -> None:
+    """Import every built-in method and task module and the entry-point plugins."""
     global _BUILTINS_LOADED, _ENTRY_POINTS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        importlib.import_module("equibench.methods")
-        importlib.import_module("equibench.datasets")
+        for package in BUILTIN_PACKAGES.values():
+            _UNAVAILABLE.update(import_all(package))
     if not _ENTRY_POINTS_LOADED:
         _ENTRY_POINTS_LOADED = True
         for group in ("equibench.methods", "equibench.tasks"):
             for ep in entry_points(group=group):
                 ep.load()  # importing the module runs its @register_* decorators
+
+
+def _load_one(kind: str, name: str, table: dict[str, type[Any]]) -> None:
+    """Make ``name`` registered: import just its built-in module when the source index knows it
+    (a missing optional dependency then surfaces as a one-line error), else load everything."""
+    module = builtin_index(BUILTIN_PACKAGES[kind]).get((kind, name)) if isinstance(name, str) else None
+    if module is not None and name not in table:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and err.name.split(".")[0] == "equibench":
+                raise
+            raise UserError(f"{kind} {name!r} needs {err.name!r}, which is not installed") from None
+    if name not in table:
+        _load_builtins()
+
+
+def unavailable_modules() -> dict[str, str]:
+    """Built-in modules that registered nothing because a dependency is missing, with the reason."""
+    _load_builtins()
+    return dict(_UNAVAILABLE)
 
 
 def load_plugin(path: str | os.PathLike[str]) -> list[str]:
@@ -102,14 +129,14 @@ def list_tasks() -> list[str]:
 
 
 def method_class(name: str) -> type[Any]:
-    _load_builtins()
+    _load_one("method", name, _METHODS)
     if not isinstance(name, str) or name not in _METHODS:
         raise did_you_mean("method", str(name), _METHODS)
     return _METHODS[name]
 
 
 def task_class(name: str) -> type[Any]:
-    _load_builtins()
+    _load_one("task", name, _TASKS)
     if not isinstance(name, str) or name not in _TASKS:
         raise did_you_mean("task", str(name), _TASKS)
     return _TASKS[name]

@@ -1,9 +1,7 @@
-"""Tasks: one file each, registered with ``@register_task`` (imported automatically)."""
+"""Tasks: one file each, registered with ``@register_task`` (found in the sources and imported
+when first asked for, like the methods)."""
 from __future__ import annotations
 
-from ..core.autoimport import import_submodules
 from .base import Task, cache_dir
 
-unavailable: dict[str, str] = import_submodules(__name__, __path__, skip=("base",))
-
-__all__ = ["Task", "cache_dir", "unavailable"]
+__all__ = ["Task", "cache_dir"]
