@@ -23,10 +23,11 @@ from ..core.registry import load_plugin
 from ..core.spec import RunSpec
 from . import suites
 from .engine import run_benches
-from .store import load_results, read_records
+from .store import load_results, read_records, storage_errors, write_json_atomic
 from .tuned import Selection
 
 Suite = str | os.PathLike | Sequence[RunSpec]
+SUITE_FILE = "suite.json"
 
 
 def resolve_benches(suite_or_runspecs: Suite, tasks: list[str] | None = None, methods: list[str] | None = None,
@@ -85,11 +86,21 @@ def run(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "results", ex
                                            extras=extras, selection=selection,
                                            selection_source=f"tuned in this run ({run_dir.name})")
             run_benches(benches, run_dir, **options)
+            write_suite_file(run_dir, suite)
             return load_results(run_dir)
     name, benches = resolve_benches(suite_or_runspecs, tasks, methods, seeds, device, extras)
     run_dir = run_dir_for(results_dir, name, run_name, resume)
     run_benches(benches, run_dir, **options)
+    if isinstance(suite_or_runspecs, (str, os.PathLike)):
+        write_suite_file(run_dir, suites.read_suite(suite_or_runspecs))
     return load_results(run_dir)
+
+
+def write_suite_file(run_dir: Path, suite: suites.SuiteFile) -> None:
+    """``suite.json``: the suite the run measured (name, description, published figures, ...),
+    for the report."""
+    with storage_errors(run_dir):
+        write_json_atomic(run_dir / SUITE_FILE, {"source": suite.source, **suite.to_dict()})
 
 
 def tune(suite: suites.SuiteFile, run_dir: Path, *, tasks: list[str] | None = None,

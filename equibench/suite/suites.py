@@ -82,6 +82,23 @@ class TaskOverride(Config):
     methods: dict[str, Options] = {}
 
 
+class PublishedValue(Config):
+    """A published figure: its value, the name the paper uses and where it is printed."""
+
+    value: float
+    label: str = ""
+    source: str
+
+
+class Published(Config):
+    """Published numbers to hold a suite's results against (the report tables them side by side)."""
+
+    task: str
+    metric: str
+    protocol: str = ""
+    values: dict[str, PublishedValue]
+
+
 class SuiteFile(Config):
     """A validated suite document (the module docstring gives the schema)."""
 
@@ -99,6 +116,7 @@ class SuiteFile(Config):
     scaling: Options | None = None
     tp_bench: Options | None = None
     tuning: Options | None = None
+    published: Published | None = None
     _source: str = PrivateAttr(default="")
 
     @property
