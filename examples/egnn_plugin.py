@@ -1,6 +1,6 @@
 """A third-party adapter outside the package: an EGNN-style network (Satorras et al., 2021).
 
-Load it with ``equibench run SUITE --plugin examples/egnn_plugin.py --methods egnn``; nothing in
+Load it with ``equibench run SUITE --plugin examples/egnn_plugin.py --methods egnn_example``; nothing in
 equibench changes. E(3)-equivariant by construction: messages use only invariants
 (h_i, h_j, |x_i - x_j|^2, edge inputs); positions move along relative vectors,
 ``x_i <- x_i + mean_j (x_i - x_j) phi_x(m_ij)``; vector inputs enter as ``v_i phi_v(h_i)``.
@@ -72,9 +72,9 @@ class EGNN(nn.Module):
         return global_add_pool(out, batch.batch, size=int(batch.num_graphs)) if self.spec.level == "graph" else out
 
 
-@register_method("egnn")
+@register_method("egnn_example")
 class EGNNMethod(Method):
-    """EGNN (E(n)-equivariant GNN), a third-party plugin example."""
+    """EGNN-style network, a third-party plugin example (the package's own is ``egnn``)."""
 
     exact = True
     group = "O3"

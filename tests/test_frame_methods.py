@@ -200,12 +200,28 @@ def test_prior_loss_and_identity_metric(nbody):
     model.canonicaliser = FixedVectors(torch.cat([torch.eye(3), torch.zeros(1, 3)]).double())
     pred = model(b)
     assert method.auxiliary_loss(model, b, pred).item() == 0.0
-    assert method.extra_metrics(model, b, pred)["identity_metric"] == 1.0
+    metrics = method.extra_metrics(model, b, pred)
+    assert metrics["identity_metric"] == 1.0 and metrics["identity_share"] == 1.0
     tilt = torch.linalg.matrix_exp(torch.tensor([[0, -0.3, 0], [0.3, 0, 0], [0, 0, 0]], dtype=torch.float64))
     model.canonicaliser = FixedVectors(torch.cat([tilt.T, torch.zeros(1, 3, dtype=torch.float64)]))
     pred = model(b)  # R = tilt^T: 0.3 rad = 17.2 degrees from the identity
     metrics = method.extra_metrics(model, b, pred)
-    assert metrics["identity_metric"] == 0.0 and abs(metrics["mean_angle_deg"] - 17.1887) < 1e-3
+    assert metrics["identity_share"] == 0.0 and abs(metrics["mean_angle_deg"] - 17.1887) < 1e-3
+    # equiadapt's identity metric: 1 - MSE(R, I) = 1 - (6 - 2 tr R) / 9, tr R = 1 + 2 cos(0.3)
+    expected = 1.0 - (4.0 - 4.0 * torch.cos(torch.tensor(0.3, dtype=torch.float64)).item()) / 9.0
+    assert abs(metrics["identity_metric"] - expected) < 1e-12
+    assert abs(metrics["prior_mse"] - (1.0 - expected)) < 1e-12
+
+
+def test_canonicalisation_prior_defaults_follow_equiadapt(nbody):
+    """No prior on n-body (equiadapt's n-body example), weight 100 on images (its image setting)."""
+    spec, data = nbody
+    method = eb.get_method("canonicalization")
+    assert method.prior_weight_for("graph3d") == 0.0 and method.prior_weight_for("image2d") == 100.0
+    model = build("canonicalization", spec)
+    b = batch_of(data, 4)
+    assert method.auxiliary_loss(model, b, model(b)) is None
+    assert eb.get_method("canonicalization", prior_weight=3.0).prior_weight_for("image2d") == 3.0
 
 
 @pytest.mark.parametrize("name,opts", FRAME_METHODS)

@@ -176,7 +176,7 @@ def test_plugin_without_methods_is_rejected(tmp_path, capsys):
 def test_third_party_plugin_runs_in_the_suite_and_is_exact(tmp_path):
     """examples/egnn_plugin.py, a separate file, runs through the suite unchanged and is exact."""
     plugin = str(ROOT / "examples" / "egnn_plugin.py")
-    df = eb.run([tiny("egnn", width=16, depth=2)], results_dir=tmp_path, run_name="p", isolate=True,
+    df = eb.run([tiny("egnn_example", width=16, depth=2)], results_dir=tmp_path, run_name="p", isolate=True,
                 plugins=[plugin], progress=False, timeout=300)
     assert (df["status"] == "ok").all()
     fp64 = df[df["metric"] == "equivariance.trained.fp64.rel_max"]["value"].item()

@@ -16,27 +16,45 @@ t = x_bar (+ u_4). The backbone phi sees the canonical input R (x - t), R v, and
 exactly E(3)- (resp. SE(3)-) equivariant wherever u_1, u_2 are non-zero and non-parallel and
 <u3, e1 x e2> != 0. Gradients flow through R into the canonicaliser.
 
-Prior (``auxiliary_loss``): ``prior_weight * mean((R - I)^2)`` over graphs and the 9 entries,
-pushing the canonical orientation towards the data's own. Default weight 1, not equiadapt's 100:
-on isotropic data (n-body) no equivariant R can stay near I (mean((R - I)^2) stays ~2/3, its
-Haar average), so the prior only adds gradient noise; at weight 100 its gradient norm (~75 at
-init) dwarfs the task's (~1.5) and trips the shared gradient clipping. Measured (n-body, 1 000
-train, 600 steps, batch 50, lr 1e-3, 3 seeds): test MSE 0.0304 (w = 100), 0.0282 (w = 1),
-0.0268 (w = 0). Set ``prior_weight=100`` for the reference setting (upright training data).
-``extra_metrics``: ``identity_metric`` = share of graphs with det R = +1 and rotation angle
-arccos((tr R - 1) / 2) <= ``identity_angle`` degrees; ``prior_mse`` = mean((R - I)^2);
-``mean_angle_deg`` = mean of that angle, an improper R (det -1) counting as 180. The parameter
-count (``params``) is matched over canonicaliser + backbone; the canonicaliser's hidden width is
-``canon_width`` or, by default, half the backbone width (about 10% of the parameters), so both
-scale together when matching.
+Prior (``auxiliary_loss``): ``prior_weight * mean((R - I)^2)`` over graphs and the 9 entries
+(equiadapt's continuous-group prior, ``MSELoss(R, I)``). Default per domain, as equiadapt sets
+it: graph3d **no prior** (weight 0: equiadapt's n-body example trains without one), image2d
+weight 100 (equiadapt's image examples). On isotropic data such as n-body no equivariant R can
+stay near I (mean((R - I)^2) stays ~2/3, its Haar average), so a prior only adds gradient noise;
+at weight 100 its gradient norm (~75 at init) dwarfs the task's (~1.5) and trips the shared
+gradient clipping. Measured (n-body, 1 000 train, 600 steps, batch 50, lr 1e-3, 3 seeds): test
+MSE 0.0304 (w = 100), 0.0282 (w = 1), 0.0268 (w = 0). Pass ``prior_weight`` to override.
+
+``extra_metrics`` (graph3d):
+
+* ``identity_metric`` = 1 - mean((R - I)^2), equiadapt's identity metric for continuous groups
+  (``1 - mse_loss(R, I)`` over the batch and the 9 entries): 1 at the identity, 1/3 on average
+  for a Haar-random rotation (proper or improper), -1/3 at R = -I;
+* ``identity_share`` = share of graphs whose canonical element is (near) the identity: det R = +1
+  and rotation angle arccos((tr R - 1) / 2) <= ``identity_angle`` degrees (this was called
+  ``identity_metric`` before it took equiadapt's definition);
+* ``prior_mse`` = mean((R - I)^2) (= 1 - ``identity_metric``; the prior's value at weight 1);
+* ``mean_angle_deg`` = mean of that angle, an improper R (det -1) counting as 180.
+
+Where this still differs from equiadapt's n-body canonicaliser (``EuclideanGroupNBody`` with
+``VNDeepSets``): our canonicaliser is an EGNN-style scalar network weighting equivariant vectors
+(``VectorCanonicaliser``), not vector neurons, and has no bias or dropout on coordinates; it runs
+on any graph size (equiadapt's bakes 5 nodes and the batch size into its hyperparameters); the
+translation is the centroid plus a predicted vector (equiadapt predicts it outright); the frame is
+fitted jointly with the backbone from scratch rather than in front of a pretrained model. The
+Gram-Schmidt agrees (e3 = the part of u3 orthogonal to e1, e2, i.e. sign(<u3, e1 x e2>) e1 x e2).
+The parameter count (``params``) is matched over canonicaliser + backbone; the canonicaliser's
+hidden width is ``canon_width`` or, by default, half the backbone width (about 10% of the
+parameters), so both scale together when matching.
 
 image2d (``blocks.canon2d.Canonicalised``): a small escnn C_N canonicaliser c (C_N = the task's
 cyclic group; an SO(2) task uses C8) scores each group element, c(r^m x) = roll(c(x), m);
 k* = argmax; the baseline CNN phi sees x_c = r^{-k*} x, so f(r^m x) = f(x) exactly wherever the
 argmax is unique (C4 exact). Training uses a straight-through weighting
 w = onehot(k*) + softmax(c) - stopgrad(softmax(c)) (forward value exactly one-hot). Prior
-(``auxiliary_loss``): ``prior_weight * CE(c(x), identity index)``. ``extra_metrics``:
-``identity_metric`` = share of inputs with k* = 0, ``prior_ce`` = that cross-entropy. The
+(``auxiliary_loss``): ``prior_weight * CE(c(x), identity index)``, weight 100 by default
+(equiadapt's image setting). ``extra_metrics``: ``identity_metric`` = share of inputs with
+k* = 0 (equiadapt's identity metric for discrete groups), ``prior_ce`` = that cross-entropy. The
 canonicaliser has ``IMAGE_CANON_DEPTH`` steerable blocks of max(2, width // (2N)) regular fields
 (the graph options ``canon_width`` / ``canon_depth`` do not apply); without ``width`` and
 ``params`` the whole model is parameter-matched to the default baseline CNN.
@@ -52,6 +70,7 @@ from torch_geometric.utils import scatter
 
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
+from ...metrics.catalogue import MetricSpec, register_metric, test_metric
 from ...symmetry.fieldtypes import POINT, irreps
 from ...symmetry.group2d import group_order
 from ..base import Method, build_at_params
@@ -64,6 +83,13 @@ from .baseline import Baseline
 
 #: steerable blocks of the image canonicaliser (image2d)
 IMAGE_CANON_DEPTH = 2
+#: default prior weight per domain (equiadapt: no prior in its n-body example, 100 for images)
+DEFAULT_PRIOR_WEIGHT: dict[str, float] = {"graph3d": 0.0, "image2d": 100.0}
+
+register_metric(MetricSpec(
+    test_metric("identity_share"), "identity_share", "test", stat="identity_share", stage="trained",
+    log_scale=False, description="share of graphs whose canonical rotation is within identity_angle of "
+    "the identity (det +1); equiadapt's identity_metric is 1 − MSE(R, I)"))
 
 
 def _field_layout(t: str) -> tuple[list[int], list[int]]:
@@ -200,6 +226,20 @@ def rotation_angle_deg(R: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def graph_canon_metrics(R: torch.Tensor, identity_angle: float) -> dict[str, float]:
+    """graph3d diagnostics of canonical rotations ``R [B, 3, 3]`` (module docstring):
+    ``identity_metric`` = 1 - mean((R - I)^2) (equiadapt's), ``identity_share`` (det +1 and angle
+    <= ``identity_angle`` degrees), ``prior_mse`` and ``mean_angle_deg``."""
+    R = R.double()
+    mse = (R - torch.eye(3, dtype=R.dtype, device=R.device)).pow(2).mean().item()
+    ang = rotation_angle_deg(R)
+    return {"identity_metric": 1.0 - mse,
+            "identity_share": (ang <= identity_angle).double().mean().item(),
+            "prior_mse": mse,
+            "mean_angle_deg": ang.clamp(max=180.0).mean().item()}
+
+
+@torch.no_grad()
 def image_canon_metrics(model: Canonicalised, batch: Batch) -> dict[str, float]:
     """image2d: ``identity_metric`` (share of inputs mapped to the identity element) and
     ``prior_ce`` (cross-entropy of the canonicaliser's scores to the identity index)."""
@@ -217,13 +257,16 @@ class Canonicalization(Baseline):
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True, "image2d": True}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, group: str = "O3",
-                 prior_weight: float = 1.0, canon_width: int | None = None, canon_depth: int = 2,
+                 prior_weight: float | None = None, canon_width: int | None = None, canon_depth: int = 2,
                  learn_translation: bool = True, identity_angle: float = 10.0) -> None:
         super().__init__(width=width, depth=depth, params=params)
         if (canon_width is not None and canon_width < 1) or canon_depth < 1:
             raise ValueError("canon_width and canon_depth must be positive")
         self.group = check_group(group)
-        self.prior_weight, self.identity_angle = float(prior_weight), float(identity_angle)
+        if prior_weight is not None and prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+        self.prior_weight_option = prior_weight
+        self.identity_angle = float(identity_angle)
         self.canon_width, self.canon_depth = canon_width, canon_depth
         self.learn_translation = learn_translation
         self.options.update(group=group, prior_weight=prior_weight, canon_width=canon_width,
@@ -232,6 +275,13 @@ class Canonicalization(Baseline):
 
     def supports(self, spec: TaskSpec) -> str | None:
         return Method.supports(self, spec) or (None if spec.domain == "image2d" else frame_support(spec))
+
+    def prior_weight_for(self, domain: str) -> float:
+        """The prior weight used on ``domain``: the ``prior_weight`` option, or equiadapt's default
+        for the domain (``DEFAULT_PRIOR_WEIGHT``: 0 on graph3d, 100 on image2d)."""
+        if self.prior_weight_option is not None:
+            return float(self.prior_weight_option)
+        return DEFAULT_PRIOR_WEIGHT.get(domain, 0.0)
 
     def build_graph(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         n_out = 4 if self.learn_translation else 3
@@ -252,19 +302,20 @@ class Canonicalization(Baseline):
 
         def factory(w: int, depth: int, fast: bool) -> Canonicalised:
             fields = max(2, w // (2 * group_order(g)))
-            return Canonicalised(spec, w, depth, g, self.prior_weight, fields, IMAGE_CANON_DEPTH,
+            return Canonicalised(spec, w, depth, g, self.prior_weight_for("image2d"), fields, IMAGE_CANON_DEPTH,
                                  initialize=not fast, recompute=not fast)
         return build_image_model(factory, spec, **sizes, match_baseline=True)
 
     def auxiliary_loss(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> torch.Tensor | None:
         if isinstance(model, Canonicalised):  # image2d: prior_weight * CE(scores, identity index)
             return model.prior_loss(batch)
-        if self.prior_weight == 0:
+        weight = self.prior_weight_for("graph3d")
+        if weight == 0:
             return None
         # graph3d: build_graph's CanonicalisedModel (cast, no isinstance: a torch.compile wrapper forwards it)
         R = cast(CanonicalisedModel, model).rotation(batch)
         eye = torch.eye(3, dtype=R.dtype, device=R.device)
-        return self.prior_weight * (R - eye).pow(2).mean()
+        return weight * (R - eye).pow(2).mean()
 
     @torch.no_grad()
     def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:
@@ -272,8 +323,4 @@ class Canonicalization(Baseline):
             return image_canon_metrics(model, batch)
         # graph3d: build_graph's CanonicalisedModel (cast, no isinstance: a torch.compile wrapper forwards it)
         R = cast(CanonicalisedModel, model).rotation(batch)
-        ang = rotation_angle_deg(R.double())
-        eye = torch.eye(3, dtype=R.dtype, device=R.device)
-        return {"identity_metric": (ang <= self.identity_angle).double().mean().item(),
-                "prior_mse": (R - eye).pow(2).mean().item(),
-                "mean_angle_deg": ang.clamp(max=180.0).mean().item()}
+        return graph_canon_metrics(R, self.identity_angle)

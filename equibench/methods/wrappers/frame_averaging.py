@@ -1,4 +1,12 @@
-"""``frame_averaging``: the shared model averaged over frames (Puny et al., ICLR 2022).
+"""``frame_averaging``: the shared model averaged over frames, once, around the whole model
+(Puny et al., "Frame Averaging for Invariant and Equivariant Network Design", ICLR 2022).
+
+Which is which: this method frames the *input* once and averages the *output* of the whole
+shared backbone (the paper's frame-averaging operator applied to the backbone every wrapping
+method shares, so that the comparison isolates the mechanism). The paper's n-body model, FA-GNN
+(n-body table, test MSE ~0.0057), instead averages at every layer of its GNN, re-framing latent
+features between layers: that is the registered ``fa_gnn`` (``wrappers/fa_gnn.py``), with the
+reference's own network.
 
 graph3d: the shared backbone averaged over PCA frames. For each graph, with the PCA frame set
 {F_k} of its first point field (``blocks.pca_frames``: 8 sign flips for O(3), 4 proper frames

@@ -1,0 +1,397 @@
+"""``e3nn_nequip``: a NequIP-style e3nn network (Batzner et al., "E(3)-equivariant graph neural
+networks for data-efficient and accurate interatomic potentials", Nat. Commun. 2022; reference
+``mir-group/nequip``, its ``InteractionBlock`` / ``ConvNetLayer``), intrinsically O(3)-exact.
+
+Beside the TFN-style ``e3nn`` (fully connected 'uvw' products, Gaussian radial basis, fixed
+average degree), this follows NequIP's convolution:
+
+* Node attributes a_i (NequIP: one-hot species): a constant 1 and the task's invariant node
+  inputs (n-body: q_i; QM9 / md: the element one-hot), as ``n x 0e``. Initial features
+  h_i^0 = Linear(a_i) (``mul x 0e``, NequIP's species embedding) plus the task's non-invariant
+  node inputs in their e3nn layout (n-body: the velocity "1o"; further point fields as
+  ``p_k - p_0``).
+* Edges (r_ij = pos_j - pos_i, PyG edge j -> i): Y(r_ij) spherical harmonics l = 0..lmax
+  ("component" normalisation); a Bessel radial basis B_n(r) = (2 / r_max) sin(w_n r / r_max) / r
+  with trainable w_n (initialised n pi), multiplied by the polynomial cutoff envelope
+  u(r / r_max) (degree ``cutoff_p`` = 6: u(d) = 1 - (p+1)(p+2)/2 d^p + p(p+2) d^{p+1}
+  - p(p+1)/2 d^{p+2}, 0 for d >= 1; u(1) = u'(1) = u''(1) = 0). The task's invariant edge inputs
+  (n-body: q_i q_j) join the radial-MLP input, also multiplied by u, so every edge's message goes
+  to zero smoothly at r_max (the radial MLP has no biases and SiLU(0) = 0).
+* Interaction (``depth`` layers), as NequIP's ``InteractionBlock`` + ``ConvNetLayer``::
+
+      w_ij = MLP(u(r_ij) [B(r_ij), s_ij])                    (``radial_layers`` x ``radial_hidden``, SiLU)
+      m_i  = Linear_2( sum_j TP_uvu(Linear_1(h)_j, Y(r_ij); w_ij) / sqrt(avg_num_neighbors) )
+      h_i <- Gate(m_i + SC(h_i, a_i))          (+ h_i if ``resnet`` and the irreps agree)
+
+  TP_uvu: channel-wise ('uvu') tensor product, one path per (input irrep, Y_l, output irrep)
+  allowed by the hidden irreps, per-edge weights; SC: the self-connection, a fully connected
+  tensor product of h_i with the attributes a_i (a linear map of the node features, one per
+  attribute; NequIP's ``use_sc``). Gate: SiLU on even scalars, tanh on odd scalars, SiLU gates
+  on the l >= 1 irreps (NequIP's defaults). Hidden irreps: ``mul`` copies each of 0e, 0o and
+  (l, +-1) for 1 <= l <= lmax (NequIP's ``feature_irreps_hidden``), restricted per layer to
+  the irreps a path can reach.
+* Readout: ``o3.Linear`` to the output irreps ("point": a "1o" displacement added to the
+  position); graph level: summed over nodes (NequIP's per-atom energies summed).
+
+Data statistics (NequIP takes both from the training set): ``avg_num_neighbors`` and ``r_max``
+default to None = estimated from the data: the mean in-degree, and 1.1 x the longest edge, of
+the first batch the model sees in training mode (the runner's first training batch), then kept
+in the state dict (``GraphStatistics``). Until a training batch has been seen (an untrained
+model in eval mode), each batch's own values are used and not stored. Pass numbers to fix them.
+
+Defaults: NequIP's architecture at a CPU-sized width: ``lmax=2``, ``mul=16``, ``depth=4``,
+``num_basis=8``, ``cutoff_p=6``, radial MLP 2 x 64, no resnet. Every map is an intertwiner of
+O(3) and the statistics are invariant, so f(g.X) = rho_out(g) f(X) to round-off (build under a
+float64 default dtype for float64 checks). Differences from NequIP: attributes may be any
+invariant node inputs (not only one-hot species); vector node inputs enter as features; the
+readout is one ``o3.Linear`` (NequIP: two, to 0e hidden and to the energy); no per-species
+scale/shift; forces (md) are predicted directly, not as -dE/dx.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from e3nn import o3
+from e3nn.nn import FullyConnectedNet, Gate
+from torch import nn
+from torch_geometric.data import Batch
+from torch_geometric.nn import global_add_pool, global_mean_pool
+
+from ...core.registry import register_method
+from ...core.spec import TaskSpec
+from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
+from ..base import Method
+
+
+def polynomial_cutoff(d: torch.Tensor, p: int = 6) -> torch.Tensor:
+    """NequIP's envelope u(d), d = r / r_max: 1 at 0, zero with two vanishing derivatives at 1."""
+    u = (1.0 - (p + 1) * (p + 2) / 2 * d**p + p * (p + 2) * d ** (p + 1) - p * (p + 1) / 2 * d ** (p + 2))
+    return u * (d < 1.0).to(d.dtype)
+
+
+class BesselBasis(nn.Module):
+    """``B_n(r) = (2 / r_max) sin(w_n r / r_max) / r`` with trainable w_n (init n pi); finite at 0."""
+
+    def __init__(self, num_basis: int) -> None:
+        super().__init__()
+        self.weights = nn.Parameter(math.pi * torch.arange(1, num_basis + 1, dtype=torch.get_default_dtype()))
+
+    def forward(self, r: torch.Tensor, r_max: torch.Tensor | float) -> torch.Tensor:
+        a = self.weights / r_max  # sin(a r) / r = a sinc(a r / pi), smooth at r = 0
+        return (2.0 / r_max) * a * torch.sinc(a * r.unsqueeze(-1) / math.pi)
+
+
+class GraphStatistics(nn.Module):
+    """Average in-degree and cutoff radius: fixed numbers, or estimated from the first batch
+    seen in training mode and kept as buffers (NaN until then; see the module docstring)."""
+
+    avg_num_neighbors: torch.Tensor
+    r_max: torch.Tensor
+
+    def __init__(self, avg_num_neighbors: float | None, r_max: float | None, r_max_margin: float = 1.1) -> None:
+        super().__init__()
+        self.fixed_avg, self.fixed_r = avg_num_neighbors, r_max
+        self.margin = r_max_margin
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        self.register_buffer("avg_num_neighbors", nan.clone())
+        self.register_buffer("r_max", nan.clone())
+        self.ready = False  # values held as Python floats too (no device sync per forward)
+        self.values = (float("nan"), float("nan"))
+        self.register_load_state_dict_post_hook(GraphStatistics._after_load)
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: object) -> None:
+        if isinstance(module, GraphStatistics):
+            module.values = (float(module.avg_num_neighbors), float(module.r_max))
+            module.ready = all(math.isfinite(v) for v in module.values)
+
+    def forward(self, batch: Batch, lengths: torch.Tensor) -> tuple[float, float]:
+        """(avg_num_neighbors, r_max) for this batch."""
+        if self.ready:
+            avg, r = self.values
+        else:
+            avg = max(lengths.numel() / max(int(batch.num_nodes), 1), 1.0)
+            r = self.margin * float(lengths.max()) if lengths.numel() else 1.0
+            r = r if r > 0 else 1.0
+            if self.training:  # the first training batch: keep its statistics
+                self.avg_num_neighbors.fill_(avg)
+                self.r_max.fill_(r)
+                self.values, self.ready = (avg, r), True
+        return (self.fixed_avg if self.fixed_avg is not None else avg,
+                self.fixed_r if self.fixed_r is not None else r)
+
+
+def hidden_irreps(mul: int, lmax: int) -> o3.Irreps:
+    """NequIP's ``feature_irreps_hidden``: ``mul`` x (0e, 0o, and (l, +-1) for 1 <= l <= lmax)."""
+    return o3.Irreps([(mul, (l, p)) for l in range(lmax + 1) for p in (1, -1)])
+
+
+def _reachable(irreps_in: o3.Irreps, irreps_edge: o3.Irreps, ir_out: o3.Irrep) -> bool:
+    return any(ir_out in ir1 * ir2 for _, ir1 in irreps_in for _, ir2 in irreps_edge)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The irreps of one interaction layer (NequIP's ``ConvNetLayer`` rules): gate scalars / gates /
+    gated irreps reachable from the input, the convolution's output (= the gate's input), the
+    'uvu' tensor product's output irreps (sorted) and instructions, and the layer's output."""
+    scalars: o3.Irreps
+    gates: o3.Irreps
+    gated: o3.Irreps
+    conv_out: o3.Irreps
+    mid: o3.Irreps
+    instructions: list[tuple[int, int, int, str, bool]]
+    out: o3.Irreps
+
+
+def plan_layer(irreps_in: o3.Irreps, irreps_edge: o3.Irreps, hidden: o3.Irreps) -> LayerPlan:
+    scalars = o3.Irreps([(m, ir) for m, ir in hidden if ir.l == 0 and _reachable(irreps_in, irreps_edge, ir)])
+    gated = o3.Irreps([(m, ir) for m, ir in hidden if ir.l > 0 and _reachable(irreps_in, irreps_edge, ir)])
+    gate_ir = "0e" if _reachable(irreps_in, irreps_edge, o3.Irrep("0e")) else "0o"
+    gates = o3.Irreps([(m, gate_ir) for m, _ in gated])
+    conv_out = (scalars.simplify() + gates.simplify() + gated.simplify()).sort().irreps.simplify()
+    mid: list[tuple[int, o3.Irrep]] = []
+    instructions = []
+    for i, (mul, ir_in) in enumerate(irreps_in):
+        for j, (_, ir_edge) in enumerate(irreps_edge):
+            for ir_out in ir_in * ir_edge:
+                if ir_out in conv_out:
+                    instructions.append((i, j, len(mid), "uvu", True))
+                    mid.append((mul, ir_out))
+    irreps_mid, perm, _ = o3.Irreps(mid).sort()
+    instructions = [(a, b, perm[k], mode, train) for a, b, k, mode, train in instructions]
+    return LayerPlan(scalars, gates, gated, conv_out, irreps_mid, instructions,
+                     scalars.simplify() + gated.simplify())
+
+
+def _linear_numel(a: o3.Irreps, b: o3.Irreps) -> int:
+    """Weights of ``o3.Linear(a, b)`` (no biases): every pair of entries with the same irrep."""
+    return sum(ma * mb for ma, ira in a for mb, irb in b if ira == irb)
+
+
+def parameter_count(spec: TaskSpec, mul: int, lmax: int, depth: int, num_basis: int, radial_hidden: int,
+                    radial_layers: int) -> int:
+    """Trainable parameters of ``NequIPModel`` from the irreps alone (nothing is built): embedding,
+    Bessel frequencies, per layer linear_1 + radial MLP (no biases) + linear_2 + self-connection,
+    and the head. Checked against built models in the tests."""
+    attr_fields, feat_fields, edge_fields = _layout(spec)
+    n_attr = 1 + sum(field_dim(spec.inputs[k]) for k in attr_fields)
+    ir = o3.Irreps(f"{mul}x0e") + _feature_irreps(feat_fields)
+    sh = o3.Irreps.spherical_harmonics(lmax)
+    n_radial = num_basis + sum(field_dim(spec.edge_inputs[k]) for k in edge_fields)
+    hidden = hidden_irreps(mul, lmax)
+    total = n_attr * mul + num_basis
+    sizes = [n_radial] + [radial_hidden] * radial_layers
+    for _ in range(depth):
+        plan = plan_layer(ir, sh, hidden)
+        tp_numel = sum(ir[i].mul for i, _, _, _, _ in plan.instructions)
+        total += _linear_numel(ir, ir) + sum(a * b for a, b in zip(sizes, sizes[1:] + [tp_numel]))
+        total += _linear_numel(plan.mid.simplify(), plan.conv_out)
+        total += sum(m * n_attr * mo for m, ir_in in ir for mo, ir_out in plan.conv_out if ir_out == ir_in)
+        ir = plan.out
+    return total + _linear_numel(ir, output_irreps(spec))
+
+
+class Interaction(nn.Module):
+    """NequIP's ``InteractionBlock`` followed by its gate (``ConvNetLayer``), see module docstring."""
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_edge: o3.Irreps, irreps_attr: o3.Irreps,
+                 hidden: o3.Irreps, n_radial: int, radial_hidden: int, radial_layers: int,
+                 resnet: bool) -> None:
+        super().__init__()
+        plan = plan_layer(irreps_in, irreps_edge, hidden)
+        scalars, gates, gated = plan.scalars, plan.gates, plan.gated
+        silu, tanh = torch.nn.functional.silu, torch.tanh
+        self.gate = Gate(scalars, [silu if ir.p == 1 else tanh for _, ir in scalars],
+                         gates, [silu if ir.p == 1 else tanh for _, ir in gates], gated)
+        irreps_out, irreps_mid, instructions = plan.conv_out, plan.mid, plan.instructions
+        self.linear_1 = o3.Linear(irreps_in, irreps_in)
+        self.tp = o3.TensorProduct(irreps_in, irreps_edge, irreps_mid, instructions,
+                                   shared_weights=False, internal_weights=False)
+        self.radial = FullyConnectedNet([n_radial] + [radial_hidden] * radial_layers + [self.tp.weight_numel],
+                                        torch.nn.functional.silu)
+        self.linear_2 = o3.Linear(irreps_mid.simplify(), irreps_out)
+        self.sc = o3.FullyConnectedTensorProduct(irreps_in, irreps_attr, irreps_out)
+        self.irreps_in, self.irreps_out = irreps_in, self.gate.irreps_out
+        self.resnet = resnet and self.irreps_in == self.irreps_out
+
+    def forward(self, h: torch.Tensor, attrs: torch.Tensor, edge_index: torch.Tensor, sh: torch.Tensor,
+                radial_in: torch.Tensor, avg_num_neighbors: float) -> torch.Tensor:
+        src, dst = edge_index
+        sc = self.sc(h, attrs)
+        x = self.linear_1(h)
+        msg = self.tp(x[src], sh, self.radial(radial_in)) / math.sqrt(avg_num_neighbors)
+        agg = msg.new_zeros(h.shape[0], msg.shape[1]).index_add(0, dst, msg)
+        out = self.gate(self.linear_2(agg) + sc)
+        return h + out if self.resnet else out
+
+
+def _layout(spec: TaskSpec) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """(invariant node inputs = attributes, non-invariant node inputs with their irreps type
+    (extra points as "1o"), invariant edge inputs)."""
+    first = spec.point_fields[0]
+    attrs = [k for k, t in spec.inputs.items() if is_invariant(t)]
+    feats = [(k, "1o" if t == POINT else t) for k, t in spec.inputs.items() if k != first and not is_invariant(t)]
+    edge = [k for k, t in spec.edge_inputs.items() if is_invariant(t)]
+    return attrs, feats, edge
+
+
+def _feature_irreps(feat_fields: list[tuple[str, str]]) -> o3.Irreps:
+    return o3.Irreps("+".join(str(irreps(t)) for _, t in feat_fields)) if feat_fields else o3.Irreps("")
+
+
+def output_irreps(spec: TaskSpec) -> o3.Irreps:
+    return o3.Irreps("1o" if spec.output == POINT else spec.output)
+
+
+class NequIPModel(nn.Module):
+    """The whole network applied to a batch: ``model(batch) -> prediction``."""
+
+    def __init__(self, spec: TaskSpec, mul: int, lmax: int = 2, depth: int = 4, num_basis: int = 8,
+                 radial_hidden: int = 64, radial_layers: int = 2, cutoff_p: int = 6, resnet: bool = False,
+                 avg_num_neighbors: float | None = None, r_max: float | None = None) -> None:
+        super().__init__()
+        self.spec, self.mul, self.cutoff_p = spec, mul, cutoff_p
+        self.point = spec.point_fields[0]
+        self.attr_fields, self.feat_fields, self.edge_fields = _layout(spec)
+        n_attr = 1 + sum(field_dim(spec.inputs[k]) for k in self.attr_fields)
+        self.irreps_attr = o3.Irreps(f"{n_attr}x0e")
+        feat_irreps = _feature_irreps(self.feat_fields)
+        self.embed = o3.Linear(self.irreps_attr, o3.Irreps(f"{mul}x0e"))
+        self.irreps_in = o3.Irreps(f"{mul}x0e") + feat_irreps
+        self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
+        self.sh = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
+        self.basis = BesselBasis(num_basis)
+        self.stats = GraphStatistics(avg_num_neighbors, r_max)
+        n_radial = num_basis + sum(field_dim(spec.edge_inputs[k]) for k in self.edge_fields)
+        hidden = hidden_irreps(mul, lmax)
+        layers, ir = [], self.irreps_in
+        for _ in range(depth):
+            layers.append(Interaction(ir, self.irreps_sh, self.irreps_attr, hidden, n_radial, radial_hidden,
+                                      radial_layers, resnet))
+            ir = layers[-1].irreps_out
+        self.layers = nn.ModuleList(layers)
+        self.head = o3.Linear(ir, output_irreps(spec))
+
+    def node_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attributes ``[N, n_attr]``, initial features ``[N, irreps_in.dim]``)."""
+        pos = batch[self.point]
+        n = pos.shape[0]
+        attrs = torch.cat([torch.ones_like(pos[:, :1]), *(batch[k].reshape(n, -1) for k in self.attr_fields)], -1)
+        feats = [batch[k] - pos if self.spec.inputs[k] == POINT else batch[k] for k, _ in self.feat_fields]
+        h = torch.cat([self.embed(attrs), *(f.reshape(n, -1) for f in feats)], dim=-1)
+        return attrs, h
+
+    def edge_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(Y(r_ij), radial-MLP input u(r/r_max) [B(r), s_ij], avg_num_neighbors)."""
+        src, dst = batch.edge_index
+        pos = batch[self.point]
+        vec = pos[src] - pos[dst]
+        r = vec.norm(dim=-1)
+        avg, r_max = self.stats(batch, r.detach())
+        env = polynomial_cutoff(r / r_max, self.cutoff_p).unsqueeze(-1)
+        radial = torch.cat([self.basis(r, r_max), *(batch[k].reshape(r.numel(), -1) for k in self.edge_fields)], -1)
+        return self.sh(vec), radial * env, avg
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        attrs, h = self.node_inputs(batch)
+        sh, radial, avg = self.edge_inputs(batch)
+        for layer in self.layers:
+            h = layer(h, attrs, batch.edge_index, sh, radial, avg)
+        out = self.head(h)
+        pos = batch[self.point]
+        if self.spec.level == "graph":
+            size = int(batch.num_graphs)
+            out = global_add_pool(out, batch.batch, size=size)
+            return out + global_mean_pool(pos, batch.batch, size=size) if self.spec.output == POINT else out
+        return out + pos if self.spec.output == POINT else out
+
+
+@register_method("e3nn_nequip")
+class E3NNNequIP(Method):
+    """NequIP-style e3nn network (Batzner et al. 2022): 'uvu' convolutions, Bessel basis + cutoff, self-connection."""
+
+    domains = ("graph3d",)
+    exact = True
+    group = "O3"
+    smoke_options = {"mul": 4, "depth": 2, "radial_hidden": 16}
+
+    def __init__(self, *, lmax: int = 2, mul: int = 16, depth: int = 4, params: int | None = None,
+                 num_basis: int = 8, radial_hidden: int = 64, radial_layers: int = 2, cutoff_p: int = 6,
+                 resnet: bool = False, avg_num_neighbors: float | None = None, r_max: float | None = None) -> None:
+        if lmax < 0:
+            raise ValueError(f"lmax must be >= 0, got {lmax}")
+        for name, v in (("mul", mul), ("depth", depth), ("radial_hidden", radial_hidden),
+                        ("radial_layers", radial_layers), ("cutoff_p", cutoff_p)):
+            if v < 1:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if num_basis < 1:
+            raise ValueError(f"num_basis must be positive, got {num_basis}")
+        for name, x in (("avg_num_neighbors", avg_num_neighbors), ("r_max", r_max)):
+            if x is not None and x <= 0:
+                raise ValueError(f"{name} must be positive, got {x}")
+        super().__init__(lmax=lmax, mul=mul, depth=depth, params=params, num_basis=num_basis,
+                         radial_hidden=radial_hidden, radial_layers=radial_layers, cutoff_p=cutoff_p,
+                         resnet=resnet, avg_num_neighbors=avg_num_neighbors, r_max=r_max)
+        self.lmax, self.mul, self.depth, self.params = lmax, mul, depth, params
+        self.num_basis, self.radial_hidden, self.radial_layers = num_basis, radial_hidden, radial_layers
+        self.cutoff_p, self.resnet = cutoff_p, resnet
+        self.avg_num_neighbors, self.r_max = avg_num_neighbors, r_max
+
+    def supports(self, spec: TaskSpec) -> str | None:
+        reason = super().supports(spec)
+        if reason:
+            return reason
+        if not spec.point_fields:
+            return "e3nn_nequip needs a 'point' input (edge geometry comes from positions)"
+        if any(not is_invariant(t) for t in spec.edge_inputs.values()):
+            return "e3nn_nequip takes invariant edge inputs only (they enter the radial MLP)"
+        out_l = 1 if spec.output == POINT else irreps(spec.output).lmax
+        if out_l > self.lmax:
+            return f"output {spec.output!r} has l = {out_l} > lmax = {self.lmax}"
+        return None
+
+    def count(self, spec: TaskSpec, mul: int, radial_hidden: int) -> int:
+        return parameter_count(spec, mul, self.lmax, self.depth, self.num_basis, radial_hidden, self.radial_layers)
+
+    def sizes_for(self, spec: TaskSpec, target: int, tolerance: float = 0.10) -> tuple[int, int]:
+        """(mul, radial_hidden) for ``target`` parameters, from ``parameter_count`` (nothing is
+        built): the ``mul`` whose count is closest (``radial_hidden`` as given); if that misses
+        by more than ``tolerance`` (small models step coarsely in ``mul``), the largest ``mul``
+        below the target with the ``radial_hidden`` whose count is closest."""
+        def bisect(f: Callable[[int], int]) -> tuple[int, int]:
+            lo = hi = 1
+            while f(hi) < target and hi < 4096:
+                lo, hi = hi, hi * 2
+            while hi - lo > 1:  # f(lo) < target <= f(hi) (or lo = hi = 1)
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+            return lo, hi
+
+        rh = self.radial_hidden
+        lo, hi = bisect(lambda m: self.count(spec, m, rh))
+        best = min((lo, hi), key=lambda m: abs(self.count(spec, m, rh) - target))
+        if abs(self.count(spec, best, rh) - target) <= tolerance * target:
+            return best, rh
+        mul = lo
+        a, b = bisect(lambda h: self.count(spec, mul, h))
+        return mul, min((a, b), key=lambda h: abs(self.count(spec, mul, h) - target))
+
+    def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+        reason = self.supports(spec)
+        if reason:
+            raise ValueError(reason)
+        mul, rh = self.mul, self.radial_hidden
+        if self.params is not None:
+            mul, rh = self.sizes_for(spec, self.params)
+            n = self.count(spec, mul, rh)
+            if abs(n - self.params) > 0.10 * self.params:
+                raise ValueError(f"cannot build within 10% of {self.params} parameters "
+                                 f"(closest: {n} at mul={mul}, radial_hidden={rh})")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return NequIPModel(spec, mul, self.lmax, self.depth, self.num_basis, rh, self.radial_layers,
+                               self.cutoff_p, self.resnet, self.avg_num_neighbors, self.r_max)
