@@ -1,5 +1,6 @@
-"""Frame averaging, PCA canonicalisation and learned canonicalisation (methods/frame_averaging.py,
-methods/canonicalization.py, methods/pca_canonicalization.py, methods/blocks/pca_frames.py)."""
+"""Frame averaging (whole-model and per-layer FA-GNN), PCA canonicalisation and learned
+canonicalisation (methods/wrappers/frame_averaging.py, fa_gnn.py, canonicalization.py,
+pca_canonicalization.py, methods/blocks/pca_frames.py)."""
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,7 @@ from equibench.symmetry.precision import default_dtype
 FRAME_METHODS = [("frame_averaging", {}), ("frame_averaging", {"group": "SO3"}),
                  ("frame_averaging", {"stochastic": True}), ("pca_canonicalization", {}),
                  ("pca_canonicalization", {"group": "SO3"}), ("canonicalization", {}),
-                 ("canonicalization", {"group": "SO3"})]
+                 ("canonicalization", {"group": "SO3"}), ("fa_gnn", {}), ("fa_gnn", {"group": "SO3"})]
 
 
 @pytest.fixture(scope="module")
