@@ -250,6 +250,21 @@ def test_nequip_uses_uvu_and_tfn_uses_uvw(nbody):
     assert {ins.connection_mode for layer in tfn.layers for tp in layer.tp.tps for ins in tp.instructions} == {"uvw"}
 
 
+def test_nequip_layer_schedule_follows_nequip(nbody):
+    """Invariant outputs: no self-connection in layer 1, scalars only after the last layer (as
+    NequIP's energy model); with vector node inputs (n-body) every layer keeps its self-connection."""
+    qm9 = build("e3nn_nequip", OTHER_SPECS["qm9"], torch.float32, **SMALL["e3nn_nequip"])
+    assert qm9.layers[0].sc is None and qm9.layers[1].sc is not None
+    assert str(qm9.layers[-1].irreps_out) == "4x0e"
+    task, _, _ = nbody
+    nb = build("e3nn_nequip", task.spec, torch.float32, **SMALL["e3nn_nequip"])
+    assert all(layer.sc is not None for layer in nb.layers) and nb.layers[-1].irreps_out.lmax == 1
+    defaults = eb.get_method("e3nn_nequip")
+    assert (defaults.lmax, defaults.mul, defaults.depth, defaults.radial_hidden) == (1, 32, 4, 64)
+    tfn = eb.get_method("e3nn", params=20_000).sizes_for(task.spec, 20_000)[0]
+    assert eb.get_method("e3nn_nequip").sizes_for(task.spec, 20_000)[0] > tfn  # wider at matched parameters
+
+
 def test_nequip_messages_vanish_smoothly_at_the_cutoff():
     d = torch.linspace(0.0, 1.2, 1201, dtype=torch.float64, requires_grad=True)
     u = polynomial_cutoff(d, 6)

@@ -12,7 +12,8 @@ average degree), this follows NequIP's convolution:
   ``p_k - p_0``).
 * Edges (r_ij = pos_j - pos_i, PyG edge j -> i): Y(r_ij) spherical harmonics l = 0..lmax
   ("component" normalisation); a Bessel radial basis B_n(r) = (2 / r_max) sin(w_n r / r_max) / r
-  with trainable w_n (initialised n pi), multiplied by the polynomial cutoff envelope
+  with w_n = n pi (trainable with ``bessel_trainable``; NequIP's current default is fixed, the
+  paper's trained), multiplied by the polynomial cutoff envelope
   u(r / r_max) (degree ``cutoff_p`` = 6: u(d) = 1 - (p+1)(p+2)/2 d^p + p(p+2) d^{p+1}
   - p(p+1)/2 d^{p+2}, 0 for d >= 1; u(1) = u'(1) = u''(1) = 0). The task's invariant edge inputs
   (n-body: q_i q_j) join the radial-MLP input, also multiplied by u, so every edge's message goes
@@ -26,10 +27,12 @@ average degree), this follows NequIP's convolution:
   TP_uvu: channel-wise ('uvu') tensor product, one path per (input irrep, Y_l, output irrep)
   allowed by the hidden irreps, per-edge weights; SC: the self-connection, a fully connected
   tensor product of h_i with the attributes a_i (a linear map of the node features, one per
-  attribute; NequIP's ``use_sc``). Gate: SiLU on even scalars, tanh on odd scalars, SiLU gates
-  on the l >= 1 irreps (NequIP's defaults). Hidden irreps: ``mul`` copies each of 0e, 0o and
-  (l, +-1) for 1 <= l <= lmax (NequIP's ``feature_irreps_hidden``), restricted per layer to
-  the irreps a path can reach.
+  attribute; NequIP's ``use_sc``), left out of the first layer as NequIP does (its isolated-atom
+  limit) unless the task has non-invariant node inputs (n-body: the node's own velocity reaches
+  layer 1 only through it). Gate: SiLU on even scalars, tanh on odd scalars, SiLU gates on the
+  l >= 1 irreps (NequIP's defaults). Hidden irreps: ``mul`` copies each of 0e, 0o and (l, +-1)
+  for 1 <= l <= lmax (NequIP's ``feature_irreps_hidden``), restricted per layer to the irreps a
+  path can reach; for invariant outputs the last layer keeps ``mul x 0e`` only (as NequIP).
 * Readout: ``o3.Linear`` to the output irreps ("point": a "1o" displacement added to the
   position); graph level: summed over nodes (NequIP's per-atom energies summed).
 
@@ -39,8 +42,10 @@ the first batch the model sees in training mode (the runner's first training bat
 in the state dict (``GraphStatistics``). Until a training batch has been seen (an untrained
 model in eval mode), each batch's own values are used and not stored. Pass numbers to fix them.
 
-Defaults: NequIP's architecture at a CPU-sized width: ``lmax=2``, ``mul=16``, ``depth=4``,
-``num_basis=8``, ``cutoff_p=6``, radial MLP 2 x 64, no resnet. Every map is an intertwiner of
+Defaults = ``nequip.model.NequIPGNNModel``'s: ``lmax=1``, ``mul=32`` (``num_features``),
+``depth=4`` (``num_layers``), ``num_basis=8``, fixed Bessel frequencies, ``cutoff_p=6``, radial
+MLP 2 x 64, no resnet, parity on (178 945 parameters on n-body). ``params`` scales ``mul`` and
+``radial_hidden`` together (their ratio kept; see ``E3NNNequIP.sizes_for``). Every map is an intertwiner of
 O(3) and the statistics are invariant, so f(g.X) = rho_out(g) f(X) to round-off (build under a
 float64 default dtype for float64 checks). Differences from NequIP: attributes may be any
 invariant node inputs (not only one-hot species); vector node inputs enter as features; the
@@ -73,11 +78,17 @@ def polynomial_cutoff(d: torch.Tensor, p: int = 6) -> torch.Tensor:
 
 
 class BesselBasis(nn.Module):
-    """``B_n(r) = (2 / r_max) sin(w_n r / r_max) / r`` with trainable w_n (init n pi); finite at 0."""
+    """``B_n(r) = (2 / r_max) sin(w_n r / r_max) / r`` with w_n = n pi (trainable if asked); finite at 0."""
 
-    def __init__(self, num_basis: int) -> None:
+    weights: torch.Tensor
+
+    def __init__(self, num_basis: int, trainable: bool = False) -> None:
         super().__init__()
-        self.weights = nn.Parameter(math.pi * torch.arange(1, num_basis + 1, dtype=torch.get_default_dtype()))
+        w = math.pi * torch.arange(1, num_basis + 1, dtype=torch.get_default_dtype())
+        if trainable:
+            self.weights = nn.Parameter(w)
+        else:
+            self.register_buffer("weights", w)
 
     def forward(self, r: torch.Tensor, r_max: torch.Tensor | float) -> torch.Tensor:
         a = self.weights / r_max  # sin(a r) / r = a sinc(a r / pi), smooth at r = 0
@@ -172,25 +183,36 @@ def _linear_numel(a: o3.Irreps, b: o3.Irreps) -> int:
     return sum(ma * mb for ma, ira in a for mb, irb in b if ira == irb)
 
 
+def layer_schedule(spec: TaskSpec, mul: int, lmax: int, depth: int) -> list[tuple[o3.Irreps, bool]]:
+    """(hidden irreps, self-connection?) of every layer. As NequIP: the last layer keeps only
+    ``mul x 0e`` when the output is invariant (energies), and the first layer has no
+    self-connection (NequIP's isolated-atom limit) unless the task has non-invariant node inputs
+    (then the node's own vectors reach layer 1 only through it)."""
+    hidden = hidden_irreps(mul, lmax)
+    last = o3.Irreps(f"{mul}x0e") if is_invariant(spec.output) else hidden
+    own_vectors = bool(_layout(spec)[1])
+    return [(last if i == depth - 1 else hidden, i > 0 or own_vectors) for i in range(depth)]
+
+
 def parameter_count(spec: TaskSpec, mul: int, lmax: int, depth: int, num_basis: int, radial_hidden: int,
-                    radial_layers: int) -> int:
+                    radial_layers: int, bessel_trainable: bool = False) -> int:
     """Trainable parameters of ``NequIPModel`` from the irreps alone (nothing is built): embedding,
-    Bessel frequencies, per layer linear_1 + radial MLP (no biases) + linear_2 + self-connection,
-    and the head. Checked against built models in the tests."""
+    (trainable) Bessel frequencies, per layer linear_1 + radial MLP (no biases) + linear_2 (+ the
+    self-connection), and the head. Checked against built models in the tests."""
     attr_fields, feat_fields, edge_fields = _layout(spec)
     n_attr = 1 + sum(field_dim(spec.inputs[k]) for k in attr_fields)
     ir = o3.Irreps(f"{mul}x0e") + _feature_irreps(feat_fields)
     sh = o3.Irreps.spherical_harmonics(lmax)
     n_radial = num_basis + sum(field_dim(spec.edge_inputs[k]) for k in edge_fields)
-    hidden = hidden_irreps(mul, lmax)
-    total = n_attr * mul + num_basis
+    total = n_attr * mul + (num_basis if bessel_trainable else 0)
     sizes = [n_radial] + [radial_hidden] * radial_layers
-    for _ in range(depth):
+    for hidden, use_sc in layer_schedule(spec, mul, lmax, depth):
         plan = plan_layer(ir, sh, hidden)
         tp_numel = sum(ir[i].mul for i, _, _, _, _ in plan.instructions)
         total += _linear_numel(ir, ir) + sum(a * b for a, b in zip(sizes, sizes[1:] + [tp_numel]))
         total += _linear_numel(plan.mid.simplify(), plan.conv_out)
-        total += sum(m * n_attr * mo for m, ir_in in ir for mo, ir_out in plan.conv_out if ir_out == ir_in)
+        if use_sc:
+            total += sum(m * n_attr * mo for m, ir_in in ir for mo, ir_out in plan.conv_out if ir_out == ir_in)
         ir = plan.out
     return total + _linear_numel(ir, output_irreps(spec))
 
@@ -200,7 +222,7 @@ class Interaction(nn.Module):
 
     def __init__(self, irreps_in: o3.Irreps, irreps_edge: o3.Irreps, irreps_attr: o3.Irreps,
                  hidden: o3.Irreps, n_radial: int, radial_hidden: int, radial_layers: int,
-                 resnet: bool) -> None:
+                 resnet: bool, use_sc: bool = True) -> None:
         super().__init__()
         plan = plan_layer(irreps_in, irreps_edge, hidden)
         scalars, gates, gated = plan.scalars, plan.gates, plan.gated
@@ -214,18 +236,18 @@ class Interaction(nn.Module):
         self.radial = FullyConnectedNet([n_radial] + [radial_hidden] * radial_layers + [self.tp.weight_numel],
                                         torch.nn.functional.silu)
         self.linear_2 = o3.Linear(irreps_mid.simplify(), irreps_out)
-        self.sc = o3.FullyConnectedTensorProduct(irreps_in, irreps_attr, irreps_out)
+        self.sc = o3.FullyConnectedTensorProduct(irreps_in, irreps_attr, irreps_out) if use_sc else None
         self.irreps_in, self.irreps_out = irreps_in, self.gate.irreps_out
         self.resnet = resnet and self.irreps_in == self.irreps_out
 
     def forward(self, h: torch.Tensor, attrs: torch.Tensor, edge_index: torch.Tensor, sh: torch.Tensor,
                 radial_in: torch.Tensor, avg_num_neighbors: float) -> torch.Tensor:
         src, dst = edge_index
-        sc = self.sc(h, attrs)
         x = self.linear_1(h)
         msg = self.tp(x[src], sh, self.radial(radial_in)) / math.sqrt(avg_num_neighbors)
         agg = msg.new_zeros(h.shape[0], msg.shape[1]).index_add(0, dst, msg)
-        out = self.gate(self.linear_2(agg) + sc)
+        m = self.linear_2(agg)
+        out = self.gate(m if self.sc is None else m + self.sc(h, attrs))
         return h + out if self.resnet else out
 
 
@@ -250,9 +272,10 @@ def output_irreps(spec: TaskSpec) -> o3.Irreps:
 class NequIPModel(nn.Module):
     """The whole network applied to a batch: ``model(batch) -> prediction``."""
 
-    def __init__(self, spec: TaskSpec, mul: int, lmax: int = 2, depth: int = 4, num_basis: int = 8,
+    def __init__(self, spec: TaskSpec, mul: int, lmax: int = 1, depth: int = 4, num_basis: int = 8,
                  radial_hidden: int = 64, radial_layers: int = 2, cutoff_p: int = 6, resnet: bool = False,
-                 avg_num_neighbors: float | None = None, r_max: float | None = None) -> None:
+                 avg_num_neighbors: float | None = None, r_max: float | None = None,
+                 bessel_trainable: bool = False) -> None:
         super().__init__()
         self.spec, self.mul, self.cutoff_p = spec, mul, cutoff_p
         self.point = spec.point_fields[0]
@@ -264,14 +287,13 @@ class NequIPModel(nn.Module):
         self.irreps_in = o3.Irreps(f"{mul}x0e") + feat_irreps
         self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
         self.sh = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
-        self.basis = BesselBasis(num_basis)
+        self.basis = BesselBasis(num_basis, bessel_trainable)
         self.stats = GraphStatistics(avg_num_neighbors, r_max)
         n_radial = num_basis + sum(field_dim(spec.edge_inputs[k]) for k in self.edge_fields)
-        hidden = hidden_irreps(mul, lmax)
         layers, ir = [], self.irreps_in
-        for _ in range(depth):
+        for hidden, use_sc in layer_schedule(spec, mul, lmax, depth):
             layers.append(Interaction(ir, self.irreps_sh, self.irreps_attr, hidden, n_radial, radial_hidden,
-                                      radial_layers, resnet))
+                                      radial_layers, resnet, use_sc))
             ir = layers[-1].irreps_out
         self.layers = nn.ModuleList(layers)
         self.head = o3.Linear(ir, output_irreps(spec))
@@ -319,26 +341,28 @@ class E3NNNequIP(Method):
     group = "O3"
     smoke_options = {"mul": 4, "depth": 2, "radial_hidden": 16}
 
-    def __init__(self, *, lmax: int = 2, mul: int = 16, depth: int = 4, params: int | None = None,
+    def __init__(self, *, lmax: int = 1, mul: int = 32, depth: int = 4, params: int | None = None,
                  num_basis: int = 8, radial_hidden: int = 64, radial_layers: int = 2, cutoff_p: int = 6,
-                 resnet: bool = False, avg_num_neighbors: float | None = None, r_max: float | None = None) -> None:
+                 resnet: bool = False, bessel_trainable: bool = False, avg_num_neighbors: float | None = None,
+                 r_max: float | None = None) -> None:
         if lmax < 0:
             raise ValueError(f"lmax must be >= 0, got {lmax}")
         for name, v in (("mul", mul), ("depth", depth), ("radial_hidden", radial_hidden),
-                        ("radial_layers", radial_layers), ("cutoff_p", cutoff_p)):
+                        ("radial_layers", radial_layers), ("cutoff_p", cutoff_p), ("num_basis", num_basis)):
             if v < 1:
                 raise ValueError(f"{name} must be positive, got {v}")
-        if num_basis < 1:
-            raise ValueError(f"num_basis must be positive, got {num_basis}")
         for name, x in (("avg_num_neighbors", avg_num_neighbors), ("r_max", r_max)):
             if x is not None and x <= 0:
                 raise ValueError(f"{name} must be positive, got {x}")
+        if params is not None and params < 1:
+            raise ValueError(f"params must be positive, got {params}")
         super().__init__(lmax=lmax, mul=mul, depth=depth, params=params, num_basis=num_basis,
                          radial_hidden=radial_hidden, radial_layers=radial_layers, cutoff_p=cutoff_p,
-                         resnet=resnet, avg_num_neighbors=avg_num_neighbors, r_max=r_max)
+                         resnet=resnet, bessel_trainable=bessel_trainable, avg_num_neighbors=avg_num_neighbors,
+                         r_max=r_max)
         self.lmax, self.mul, self.depth, self.params = lmax, mul, depth, params
         self.num_basis, self.radial_hidden, self.radial_layers = num_basis, radial_hidden, radial_layers
-        self.cutoff_p, self.resnet = cutoff_p, resnet
+        self.cutoff_p, self.resnet, self.bessel_trainable = cutoff_p, resnet, bessel_trainable
         self.avg_num_neighbors, self.r_max = avg_num_neighbors, r_max
 
     def supports(self, spec: TaskSpec) -> str | None:
@@ -355,13 +379,16 @@ class E3NNNequIP(Method):
         return None
 
     def count(self, spec: TaskSpec, mul: int, radial_hidden: int) -> int:
-        return parameter_count(spec, mul, self.lmax, self.depth, self.num_basis, radial_hidden, self.radial_layers)
+        return parameter_count(spec, mul, self.lmax, self.depth, self.num_basis, radial_hidden,
+                               self.radial_layers, self.bessel_trainable)
 
     def sizes_for(self, spec: TaskSpec, target: int, tolerance: float = 0.10) -> tuple[int, int]:
         """(mul, radial_hidden) for ``target`` parameters, from ``parameter_count`` (nothing is
-        built): the ``mul`` whose count is closest (``radial_hidden`` as given); if that misses
-        by more than ``tolerance`` (small models step coarsely in ``mul``), the largest ``mul``
-        below the target with the ``radial_hidden`` whose count is closest."""
+        built). Both scale together, keeping the configured ratio radial_hidden / mul (default
+        64 / 32, NequIP's): otherwise the bias-free radial MLPs (radial_hidden^2 per layer) would
+        take a small budget and leave ``mul`` ~1. If the closest scale misses by more than
+        ``tolerance`` (small models step coarsely), the largest ``mul`` below the target with the
+        ``radial_hidden`` whose count is closest."""
         def bisect(f: Callable[[int], int]) -> tuple[int, int]:
             lo = hi = 1
             while f(hi) < target and hi < 4096:
@@ -371,11 +398,13 @@ class E3NNNequIP(Method):
                 lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
             return lo, hi
 
-        rh = self.radial_hidden
-        lo, hi = bisect(lambda m: self.count(spec, m, rh))
-        best = min((lo, hi), key=lambda m: abs(self.count(spec, m, rh) - target))
-        if abs(self.count(spec, best, rh) - target) <= tolerance * target:
-            return best, rh
+        def radial(m: int) -> int:
+            return max(1, round(m * self.radial_hidden / self.mul))
+
+        lo, hi = bisect(lambda m: self.count(spec, m, radial(m)))
+        best = min((lo, hi), key=lambda m: abs(self.count(spec, m, radial(m)) - target))
+        if abs(self.count(spec, best, radial(best)) - target) <= tolerance * target:
+            return best, radial(best)
         mul = lo
         a, b = bisect(lambda h: self.count(spec, mul, h))
         return mul, min((a, b), key=lambda h: abs(self.count(spec, mul, h) - target))
@@ -394,4 +423,5 @@ class E3NNNequIP(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return NequIPModel(spec, mul, self.lmax, self.depth, self.num_basis, rh, self.radial_layers,
-                               self.cutoff_p, self.resnet, self.avg_num_neighbors, self.r_max)
+                               self.cutoff_p, self.resnet, self.avg_num_neighbors, self.r_max,
+                               self.bessel_trainable)
