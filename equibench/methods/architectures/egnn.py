@@ -10,7 +10,7 @@ and input vectors. One layer (``depth`` of them), for edges j -> i::
     x_i      <- x_i + C sum_j (x_i - x_j) phi_x(m_ij) + phi_v(h_i) v_i    (C = 1 / (neighbours of i))
     h_i      <- h_i + phi_h(h_i, sum_j m_ij)
 
-(the paper's velocity variant, eq. 7: v_i <- phi_v(h_i) v_i^init + C sum_j (x_i - x_j) phi_x(m_ij),
+(the paper's velocity variant: v_i <- phi_v(h_i) v_i^init + C sum_j (x_i - x_j) phi_x(m_ij),
 x_i <- x_i + v_i, written as one position update). phi_e: two linear layers with SiLU after
 each; phi_h: linear, SiLU, linear; phi_x: linear, SiLU, linear (no bias, initialised with gain
 1e-3 as in the reference); phi_v: linear, SiLU, linear. x^0 = the input positions; v^init = the
@@ -29,10 +29,11 @@ task's first "1o" node input (n-body: the velocity), the same v^init in every la
   QM9 model, whose layers do not update coordinates: nor do ours for scalar outputs).
 
 Defaults = the reference's n-body run: ``depth=4``, ``width=64`` (``nf``), SiLU; its optimiser
-(Adam, lr 5e-4, batch 100, 3 000 training samples, 10 000 epochs) belongs to the suite. Differences
-from the reference, on purpose: the reference clamps each coordinate update component-wise to
-+-100 ("never activated", and a component-wise clamp is not rotation-equivariant): not done
-here; the neighbour mean C uses the node's in-degree (the reference divides by the same count).
+(Adam, lr 5e-4, batch 100, 3 000 training samples, 10 000 epochs) belongs to the suite. As in
+the reference, C is 1 / (number of edges into i) (its segment mean) and phi_v sees h before the
+layer's update. Differences, on purpose: the reference clamps each coordinate update
+component-wise to +-100 ("never activated"; a component-wise clamp is not rotation-equivariant):
+not done here; and the charge joins h^0 by default (above).
 
 Other tasks: supported where the output is a point, a node-level "1o" vector, or invariant
 scalars (n-body, normals, QM9, md energies and forces); not supported: outputs with l >= 1 other
