@@ -332,3 +332,17 @@ def test_identity_metric_is_equiadapts_one_minus_mse():
     assert abs(m["identity_metric"] - expected.item()) < 1e-15
     assert m["identity_share"] == pytest.approx(1 / 3)  # only the identity is within 10 degrees
     assert eb.get_method("canonicalization").prior_weight_for("graph3d") == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NEW)
+def test_runs_trains_and_stays_exact_on_cuda(nbody, name):
+    task, train, test = nbody
+    model = build(name, task.spec, torch.float64, **SMALL[name]).cuda()
+    tb = batch_of(train, 16).cuda()
+    loss = task.loss(model(tb), tb)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None or p.grad.is_cuda for p in model.parameters())
+    err = eb.equivariance_error(model, batch_of(test, 16).cuda(), task.spec, n_samples=4, dtype=torch.float64)
+    assert err["rel_max"] < 1e-10
