@@ -196,8 +196,10 @@ def test_sample_efficiency_sweep_is_plotted_not_tabulated(tmp_path):
     index = eb.write_report(tmp_path / "res" / "s", tmp_path / "rep")
     text = index.read_text()
     assert (tmp_path / "rep" / "nbody_sample_efficiency.png").exists() and "sample_efficiency" in text
-    table = text.split("<table")[1].split("</table>")[0]
-    assert table.count("<tr") == 2  # header + one row: only the base configuration is tabulated
+    table = text.split('<table class="results">')[1].split("</table>")[0]
+    assert table.split("<tbody>")[1].count("<tr") == 1  # one row: only the base configuration is tabulated
+    verdict = text.split('<table class="verdict">')[1].split("</table>")[0]
+    assert verdict.split("<tbody>")[1].count("<tr") == 2  # the method and the trivial predictor
 
 
 def test_float64_rebuild_keeps_constant_buffers_but_loads_trained_ones():

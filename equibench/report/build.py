@@ -1,16 +1,24 @@
 """``write_report``: one HTML page (plus a Markdown twin, both from the jinja2 templates in
 ``templates/``) comparing methods per task.
 
-For every task (``task_section``): a table (aggregated over seeds as the metric catalogue says,
-± std when there are several) of parameters, test metrics, relative equivariance error (fp32 as
-deployed, fp64 structural; at init and trained), Lie derivative, inference/train throughput with
-spread, peak memory, FLOP rate and overhead against the shared backbone; plots of the test
-metric vs throughput (with the Pareto front), equivariance error per method (log scale) and,
-when measured, sample efficiency and degeneracy curves. Scaling sweeps and tensor-product
-microbenchmarks have their own sections (``sections``); nightly pages add regressions and trend
-plots (``history``, ``trends``). Every table and figure states how it was measured: device,
-dtype, batch, repeats, threads, group samples, seeds, commit. ``write_comparison`` (``compare``)
-renders two runs side by side.
+Above everything, a banner lists every anomaly with a link to the row that shows it
+(``verdicts.anomalies``: failed specs, unconverged runs, exact methods over their limits, methods
+no better than their task's trivial predictor; nightly regressions). Each task's section opens
+with its verdict table (``verdicts.verdict_table``: ranked by the task's first metric with 95 %
+t-intervals and Welch-test ties, the trivial predictor as a row, equivariance error, throughput,
+convergence and settings), then (``task_section``) a collapsible full table under grouped headers
+(aggregated over seeds as the metric catalogue says, ± std when there are several) of
+parameters, test metrics, relative equivariance error (fp32 as deployed, fp64 structural; at init
+and trained), Lie derivative and method diagnostics, inference/train throughput with spread, FLOP
+rate and overhead against the shared backbone, peak memory, training steps / time / FLOPs and
+convergence; plots of the learning curves (validation value against step, seconds and FLOPs,
+trivial predictor as reference), the test metric vs throughput (with the Pareto front),
+equivariance error per method (log scale) and, when measured, sample efficiency and degeneracy
+curves. Scaling sweeps and tensor-product microbenchmarks have their own sections
+(``sections``); nightly pages add regressions and trend plots (``history``, ``trends``). Every
+table and figure states how it was measured: device, dtype, batch, repeats, threads, group
+samples, seeds, training budget, commit. ``write_comparison`` (``compare``) renders two runs side
+by side.
 """
 from __future__ import annotations
 
@@ -23,19 +31,24 @@ import pandas as pd
 from ..suite.store import load_results
 from .compare import write_comparison
 from .metricinfo import canonicalise
-from .render import Page, Section, TableView, section_view, versions_text, write_page
+from .render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .sections import SECTIONS, SPECIAL_TASKS
 from .tables import status_table
 from .task_section import task_section
 from .trends import trend_figures
+from .verdicts import anomalies
 
 __all__ = ["write_report", "write_comparison"]
 
-HOW_TO_READ = ("Arrows in the headers: ↓ lower is better, ↑ higher is better (from the metric catalogue); rows "
-               "are sorted best first by the task's main test metric. Equivariance error is ||f(g·X) − ρ(g) f(X)|| "
-               "/ ||f(X)|| per graph (mean over graphs and sampled group elements). Exact methods sit near 1e-15 "
-               "(fp64) / 1e-7 (fp32); learned or approximate equivariance shows up between. 'time vs backbone' is "
-               "the wrapper's time per batch divided by the shared backbone's (baseline) at the same batch.")
+HOW_TO_READ = ("Each task opens with its verdict: methods ranked by the task's first metric (mean over seeds ± "
+               "95 % t-interval, ties by Welch's t-test against the next-ranked method), its trivial predictor as a "
+               "row, and beside them equivariance error, throughput, convergence and where the settings came from; "
+               "the full table below it (click to open) has every measured number. Arrows in the headers: ↓ lower "
+               "is better, ↑ higher is better (from the metric catalogue). Equivariance error is "
+               "||f(g·X) − ρ(g) f(X)|| / ||f(X)|| per graph (mean over graphs and sampled group elements). Exact "
+               "methods sit near 1e-15 (fp64) / 1e-7 (fp32); learned or approximate equivariance shows up between. "
+               "'time vs backbone' is the wrapper's time per batch divided by the shared backbone's (baseline) at "
+               "the same batch.")
 
 
 def _sections(df: pd.DataFrame, out: Path) -> list[Section]:
@@ -61,10 +74,22 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     sections = _sections(df, out)
     if history is not None:
         for s in sections:
-            s["figures"] = list(s.get("figures", [])) + trend_figures(history, s["task"], out)
+            s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]
     status = status_table(df, SPECIAL_TASKS)
     versions = next((v for v in df["versions"] if isinstance(v, dict)), {}) if "versions" in df else {}
     page = Page(title=title, intro=[HOW_TO_READ], regressions=regressions,
-                status=TableView.from_frame(status) if len(status) else None,
-                sections=[section_view(s) for s in sections], versions=versions_text(versions))
+                status=TableView.from_frame(status, css="status", row_ids=status.attrs.get("row_ids"))
+                if len(status) else None,
+                sections=[section_view(s) for s in sections], versions=versions_text(versions),
+                banner=banner(df, regressions))
     return write_page(page, out)
+
+
+def banner(df: pd.DataFrame, regressions: list[str] | None = None) -> list[BannerItem]:
+    """The banner's entries: every anomaly of ``df`` (``verdicts.anomalies``), then one entry for
+    the nightly regressions when there are any."""
+    items = [BannerItem(a.kind, a.text, a.anchor, a.md_anchor) for a in anomalies(df, SPECIAL_TASKS)]
+    if regressions:
+        items.append(BannerItem("regression", f"{len(regressions)} regression(s) against the nightly history",
+                                "regressions", md_anchor(f"Regressions ({len(regressions)})")))
+    return items

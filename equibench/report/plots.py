@@ -158,3 +158,40 @@ def ratio_bars(labels: list[str], ratios: np.ndarray, better: Sequence[bool | No
     ax.set_title(title, fontsize=10)
     _finish(fig, path)
 
+
+
+def learning_curves(lines: Sequence[tuple[str, pd.DataFrame, str]], panels: Sequence[tuple[str, str]], ylabel: str,
+                    path: Path, title: str, reference: float | None = None, reference_label: str = "",
+                    logy: bool = True) -> None:
+    """Small panels side by side, one per (column, x label) of ``panels``, each with one line per
+    (label, frame with those columns and ``value``, matplotlib line style) of ``lines`` and
+    ``reference`` as a dashed horizontal line. An x axis is logarithmic when every x is positive
+    and spans more than a decade (FLOPs, seconds across methods)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6), sharey=True, squeeze=False)
+    ys = np.concatenate([d["value"].to_numpy(dtype=float) for _, d, _ in lines] or [np.array([])])
+    if reference is not None and np.isfinite(reference):
+        ys = np.append(ys, reference)
+    logy = logy and len(ys) > 0 and bool((ys[np.isfinite(ys)] > 0).all())
+    for ax, (col, xlabel) in zip(axes[0], panels):
+        xs_all = []
+        for k, (label, data, style) in enumerate(lines):
+            d = data.dropna(subset=[col, "value"]).sort_values(col)
+            if len(d):
+                ax.plot(d[col], d["value"], style, ms=3, lw=1.2, color=f"C{k % 10}", label=label)
+                xs_all.append(d[col].to_numpy(dtype=float))
+        xs = np.concatenate(xs_all) if xs_all else np.array([])
+        if len(xs) and (xs > 0).all() and xs.max() > 10 * xs.min():
+            ax.set_xscale("log")
+        if reference is not None and np.isfinite(reference):
+            ax.axhline(reference, color="k", lw=1.0, ls="--", label=reference_label)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 5), 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

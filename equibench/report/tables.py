@@ -1,6 +1,8 @@
 """Tables of the per-task report sections: aggregation over seeds (as the catalogue says), the
-method table with headers, units and sort order from the catalogue, the list of runs without
-results, the "how it was measured" line and the split of sweep variants from the base runs."""
+full method table with grouped headers (model | accuracy | equivariance | speed | memory |
+training), units and sort order from the catalogue, the list of runs without results, the "how
+it was measured" line (training budget included) and the split of sweep variants from the base
+runs."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..benches.training import TrainConfig
 from ..core.registry import method_class
 from ..metrics.catalogue import (
     PARAMS,
@@ -22,6 +25,7 @@ from ..metrics.catalogue import (
 )
 from . import fmt
 from .metricinfo import header, metric_names, select, spec_for, value
+from .render import slug
 
 _AGGREGATES = ["mean", "median", "max", "min", "first"]
 
@@ -48,11 +52,19 @@ def _declared_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda m: (order.get(m, len(order)), m))
 
 
-def score_columns(agg: pd.DataFrame) -> list[str]:
-    """The test-split metrics in ``agg``: the primary one first, then in catalogue order."""
+def score_columns(agg: pd.DataFrame, primary: str | None = None) -> list[str]:
+    """The test-split metrics in ``agg``: the primary one (``primary`` when given and present,
+    else ``primary_metric``) first, then in catalogue order."""
     cols = _declared_order(metric_names(agg.columns, family="test"))
-    primary = primary_metric(agg, cols)
+    primary = primary if primary in cols else primary_metric(agg, cols)
     return ([primary] if primary else []) + [c for c in cols if c != primary]
+
+
+def diagnostic_columns(agg: pd.DataFrame) -> list[str]:
+    """Method-specific diagnostics on the test split (test metrics without a better direction,
+    e.g. a canonicaliser's identity share or a share of degenerate frames): shown next to the
+    equivariance error, with their catalogue descriptions."""
+    return _declared_order(metric_names(agg.columns, family="test", direction=None))
 
 
 def undeclared_columns(agg: pd.DataFrame) -> list[str]:
@@ -93,54 +105,101 @@ def _wraps_backbone(method: str) -> bool:
         return False
 
 
-def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int) -> pd.DataFrame:
-    """One row per method (best first by the primary test metric), formatted strings: parameters,
-    test metrics (± std over seeds), relative equivariance errors, Lie derivative, throughput
-    (± IQR), peak memory, FLOP rate and time against the shared backbone. Columns no method has
-    are left out."""
+_EQ_LABELS = {"rel_mean": "mean rel.", "rel_max": "max rel."}
+TRAINING_COLUMNS = {train_metric("steps"): "steps", train_metric("wall_s"): "wall time",
+                    train_metric("flops"): "FLOPs", train_metric("best_step"): "best val. step",
+                    train_metric("final_loss"): "final loss"}
+
+
+def _short(name: str) -> str:
+    """Column header inside its group: the catalogue's unit and arrow, a shorter label."""
+    s = spec_for(name)
+    if s.family in ("equivariance", "lie_derivative"):
+        lie = "Lie " if s.family == "lie_derivative" else ""
+        label = f"{lie}{s.dtype} {s.stage} {_EQ_LABELS.get(s.stat or '', s.stat)}"
+        return header(s, label)
+    if s.family == "throughput":
+        return header(s, f"{s.mode} {'peak' if s.stat == 'peak_mem_bytes' else ''}".strip()
+                      if s.stat in ("graphs_per_s", "peak_mem_bytes") else f"{s.mode} {s.display.split(' ', 1)[-1]}")
+    if name in TRAINING_COLUMNS:
+        return header(s, TRAINING_COLUMNS[name])
+    return header(s)
+
+
+def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str | None = None,
+               convergence: dict[Any, str] | None = None) -> pd.DataFrame:
+    """One row per method (best first by ``primary``, else the primary test metric), formatted
+    strings under grouped headers (two-level columns): model (parameters), accuracy (test
+    metrics ± std over seeds), equivariance (relative errors, Lie derivative, method
+    diagnostics), speed (throughput ± IQR, FLOP rate, time against the shared backbone), memory
+    (peak), training (steps, wall time, FLOPs, best step, final loss, convergence). Columns no
+    method has are left out."""
     if agg.empty:
         return pd.DataFrame()
-    tests, undeclared = score_columns(agg), undeclared_columns(agg)
+    tests = [c for c in score_columns(agg, primary) if spec_for(c).direction is not None]
+    diagnostics, undeclared = diagnostic_columns(agg), undeclared_columns(agg)
     base = agg.loc["baseline"] if "baseline" in agg.index else None
-    rows: dict[Any, dict[str, str]] = {}
-    for method in sort_best_first(agg, tests[0] if tests else None):
+    rows: dict[Any, dict[tuple[str, str], str]] = {}
+    for method in sort_best_first(agg, primary if primary in agg else tests[0] if tests else None):
         m, s = agg.loc[method], std.loc[method] if method in std.index else pd.Series(dtype=float)
-        r: dict[str, str] = {header(spec_for(PARAMS)): value(spec_for(PARAMS), m.get(PARAMS))}
+        r: dict[tuple[str, str], str] = {("model", _short(PARAMS)): value(spec_for(PARAMS), m.get(PARAMS))}
         for c in (*tests, *undeclared):
             cell = value(spec_for(c), m.get(c))
             if n_seeds > 1 and np.isfinite(s.get(c, np.nan)) and cell != fmt.MISSING:
                 cell += f" ± {value(spec_for(c), s[c])}"
-            r[header(spec_for(c))] = cell
-        for c in (*EQUIVARIANCE_COLUMNS, LIE_COLUMN):
-            r[header(spec_for(c))] = value(spec_for(c), m.get(c))
+            r[("accuracy" if c in tests else "other", _short(c))] = cell
+        for c in (*EQUIVARIANCE_COLUMNS, LIE_COLUMN, *diagnostics):
+            r[("equivariance", _short(c))] = value(spec_for(c), m.get(c))
         for mode in THROUGHPUT_MODES:
-            gps, mem = throughput_metric(mode, "graphs_per_s"), throughput_metric(mode, "peak_mem_bytes")
+            gps = throughput_metric(mode, "graphs_per_s")
             med, iqr = m.get(throughput_metric(mode, "time_median_s")), m.get(throughput_metric(mode, "time_iqr_s"))
             cell = value(spec_for(gps), m.get(gps))
             if cell != fmt.MISSING and not fmt.missing(iqr) and not fmt.missing(med) and med > 0:
                 cell += f" (IQR {100 * iqr / med:.0f}%)"
-            r[header(spec_for(gps))] = cell
-            r[header(spec_for(mem))] = value(spec_for(mem), m.get(mem))
+            r[("speed", _short(gps))] = cell
         flops = throughput_metric("inference", "gflops_per_s")
-        r[header(spec_for(flops))] = value(spec_for(flops), m.get(flops))
+        r[("speed", _short(flops))] = value(spec_for(flops), m.get(flops))
         for mode in THROUGHPUT_MODES:
             key = throughput_metric(mode, "time_median_s")
             ok = (base is not None and method != "baseline" and _wraps_backbone(str(method))
                   and np.isfinite(m.get(key, np.nan)) and np.isfinite(base.get(key, np.nan)))
             ratio = m[key] / base[key] if ok and base is not None else None
-            r[f"{mode} time vs backbone"] = fmt.number(ratio, "x")
+            r[("speed", f"{mode} time vs backbone")] = fmt.number(ratio, "x")
+        for mode in THROUGHPUT_MODES:
+            mem = throughput_metric(mode, "peak_mem_bytes")
+            r[("memory", _short(mem))] = value(spec_for(mem), m.get(mem))
+        for c in TRAINING_COLUMNS:
+            r[("training", _short(c))] = value(spec_for(c), m.get(c))
+        if convergence is not None:
+            r[("training", "convergence")] = convergence.get(method, fmt.MISSING)
         rows[method] = r
-    table = pd.DataFrame.from_dict(rows, orient="index")
+    keys = list(next(iter(rows.values())))
+    table = pd.DataFrame([[r.get(k, fmt.MISSING) for k in keys] for r in rows.values()], index=list(rows),
+                         columns=pd.MultiIndex.from_tuples(keys))
     return table.loc[:, (table != fmt.MISSING).any(axis=0)]
 
 
 def status_table(df: pd.DataFrame, exclude_tasks: Iterable[str] = ()) -> pd.DataFrame:
-    """(task, method, seed) runs that failed, timed out or do not apply, with their error; the
-    tasks in ``exclude_tasks`` (scaling, tensor products) list their skipped points themselves."""
+    """(task, method, seed) runs that failed, ran out of memory, timed out or do not apply, with
+    their error, exit signal and peak memory against the limit (one row per spec; sweep variants
+    name their task options); the tasks in ``exclude_tasks`` (scaling, tensor products) list
+    their skipped points themselves. ``attrs["row_ids"]``: each row's anchor (``run-<spec
+    hash>``)."""
     bad = df[(df["status"] != "ok") & ~df["task"].isin(list(exclude_tasks))]
-    bad = bad.drop_duplicates(["task", "method", "seed"])
+    has_hash = "spec_hash" in bad and bad["spec_hash"].notna().all()
+    bad = bad.drop_duplicates("spec_hash" if has_hash else ["task", "method", "seed"])
     cols = [c for c in ("task", "method", "seed", "status", "error") if c in bad]
-    return bad[cols].reset_index(drop=True)
+    out = bad[cols].reset_index(drop=True)
+    if "exit_signal" in bad and bad["exit_signal"].notna().any():
+        out["exit signal"] = list(bad["exit_signal"].map(lambda v: v if isinstance(v, str) and v else fmt.MISSING))
+    if "peak_rss_bytes" in bad and bad["peak_rss_bytes"].notna().any():
+        limit = bad["max_memory_bytes"] if "max_memory_bytes" in bad else pd.Series([None] * len(bad), index=bad.index)
+        out["peak / limit memory [MB]"] = [f"{fmt.number(p, 'bytes')} / {fmt.number(q, 'bytes')}"
+                                           for p, q in zip(bad["peak_rss_bytes"], limit)]
+    out.attrs["row_ids"] = [f"run-{slug(str(h))}" if has_hash else f"run-{slug(str(t))}-{slug(str(m))}-{sd}"
+                            for h, t, m, sd in zip(bad["spec_hash"] if has_hash else [None] * len(bad),
+                                                   bad["task"], bad["method"], bad["seed"])]
+    return out
 
 
 def _first(series: pd.Series) -> Any:
@@ -149,33 +208,53 @@ def _first(series: pd.Series) -> Any:
 
 
 def _ints(values: Iterable[Any]) -> str:
-    return ", ".join(str(int(v)) for v in sorted(set(values)))
+    return ", ".join(str(int(v)) for v in sorted(set(values))) or "?"
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    """Column ``name`` without missing values (empty when the rows do not carry it)."""
+    return df[name].dropna() if name in df else pd.Series(dtype=object)
+
+
+def _one(df: pd.DataFrame, name: str, integer: bool = True) -> str:
+    v = _first(_col(df, name))
+    if v is None:
+        return "?"
+    return str(int(v)) if integer else str(v)
+
+
+def _names(df: pd.DataFrame, name: str) -> str:
+    return ", ".join(sorted({str(v) for v in _col(df, name)})) or "?"
 
 
 def context_line(df: pd.DataFrame) -> str:
     """How the numbers of ``df`` were measured: device, throughput dtype / batch / repeats /
-    threads / timer, equivariance graphs × group samples, training steps, seeds, commit."""
+    threads / timer, equivariance graphs × group samples, training budget and settings (what it
+    spent: steps, seconds, FLOPs), seeds, commit. A field the rows do not carry reads "?"."""
     ok = df[df["status"] == "ok"]
     tp, eq = select(ok, family="throughput"), select(ok, family="equivariance")
     steps = ok[ok["metric"] == train_metric("steps")]
-    parts = ["device: " + (", ".join(sorted(set(ok.get("device_name", pd.Series(dtype=str)).dropna()))) or "?")]
+    parts = ["device: " + (", ".join(sorted(set(_col(ok, "device_name")))) or "?")]
     if len(tp):
-        threads = int(_first(tp["threads"]) or 0) if "threads" in tp else "?"
-        parts.append(f"throughput: dtype {', '.join(sorted(set(tp['dtype'].dropna())))}, batch "
-                     f"{_ints(tp['batch_size'].dropna())} graphs, {int(_first(tp['repeats']) or 0)} repeats "
-                     f"(median, IQR), {threads} threads, timer {_first(tp['timer'])}")
+        parts.append(f"throughput: dtype {_names(tp, 'dtype')}, batch {_ints(_col(tp, 'batch_size'))} graphs, "
+                     f"{_one(tp, 'repeats')} repeats (median, IQR), {_one(tp, 'threads')} threads, timer "
+                     f"{_one(tp, 'timer', integer=False)}")
     if len(eq):
-        parts.append(f"equivariance: {int(_first(eq['batch_size']))} test graphs × {int(_first(eq['repeats']))} "
-                     f"group samples ({', '.join(sorted(set(eq['group'].dropna())))}; translation and node "
-                     f"permutation included), fp32 as deployed, fp64 rebuilt under a float64 default")
-    if len(steps):
-        parts.append(f"training: {int(steps['value'].max())} steps, batch {int(_first(steps['batch_size']))}")
+        parts.append(f"equivariance: {_one(eq, 'batch_size')} test graphs × {_one(eq, 'repeats')} group samples "
+                     f"({_names(eq, 'group')}; translation and node permutation included), fp32 as deployed, fp64 "
+                     "rebuilt under a float64 default")
+    training = training_line(df)
+    if training:
+        parts.append(training)
+    elif len(steps):
+        parts.append(f"training: {int(steps['value'].max())} steps, batch {_one(steps, 'batch_size')}")
     parts.append(f"seeds: {', '.join(str(s) for s in sorted(set(df['seed'].dropna())))}")
-    parts.append("commit: " + fmt.commits(df.get("git_commit", pd.Series(dtype=str)).dropna()))
+    parts.append("commit: " + fmt.commits(_col(df, "git_commit")))
     return "; ".join(parts)
 
 
-def _options_key(opts: Any) -> str:
+def options_key(opts: Any) -> str:
+    """A task-options mapping as canonical JSON (the key of a task configuration)."""
     return json.dumps(opts if isinstance(opts, dict) else {}, sort_keys=True)
 
 
@@ -184,7 +263,68 @@ def split_sweeps(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     options shared by the most (method, seed) runs; sweep variants are plotted, not tabulated."""
     if "task_options" not in df:
         return df, df
-    keys = df["task_options"].map(_options_key)
+    keys = df["task_options"].map(options_key)
     counts = df.assign(_k=keys).drop_duplicates("spec_hash").groupby("_k").size()
     base = counts.idxmax() if len(counts) else None
     return df[keys == base], df
+
+
+def train_config(cfg: Any) -> TrainConfig | None:
+    """The effective training settings of a row's ``train_config`` (the suite's keys, defaults
+    filled in); None when missing or not a valid ``TrainConfig`` (a row of another version)."""
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except ValueError:
+            return None
+    if not isinstance(cfg, dict):
+        return None
+    try:
+        return TrainConfig.from_dict(cfg)
+    except Exception:
+        return None
+
+
+def _span(values: Iterable[Any], kind: str) -> str:
+    v = sorted({float(x) for x in values if not fmt.missing(x)})
+    if not v:
+        return fmt.MISSING
+    lo, hi = fmt.number(v[0], kind), fmt.number(v[-1], kind)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def training_line(df: pd.DataFrame) -> str:
+    """The training budget and optimiser settings of ``df``'s runs (from ``train_config``) and what
+    they spent (steps, wall-clock seconds, FLOPs from the ``train.*`` rows); "" without settings."""
+    ok = df[df["status"] == "ok"]
+    if "train_config" not in ok or ok.empty:
+        return ""
+    runs = ok.drop_duplicates("spec_hash") if "spec_hash" in ok else ok
+    cfgs = [c for c in (train_config(v) for v in runs["train_config"]) if c is not None]
+    if not cfgs:
+        return ""
+
+    def uniq(f: Any) -> str:
+        return ", ".join(dict.fromkeys(str(f(c)) for c in cfgs))
+    budget = uniq(lambda c: f"{c.epochs} epochs" if c.epochs else f"{c.steps} steps")
+    caps = [uniq(lambda c: f"at most {c.max_seconds:g} s" if c.max_seconds else ""),
+            uniq(lambda c: f"at most {c.max_flops:.3g} FLOPs" if c.max_flops else "")]
+    budget += "".join(f" ({cap})" for cap in caps if cap.strip(", "))
+    lrs = sorted({c.lr for c in cfgs})
+    lr = f"lr {lrs[0]:g}" if len(lrs) == 1 else "lr per run (verdict table)"
+    spent = []
+    for name, label, kind in ((train_metric("steps"), "steps", "int"), (train_metric("wall_s"), "s", "g"),
+                              (train_metric("flops"), "FLOPs", "g")):
+        vals = ok[ok["metric"] == name]["value"]
+        if len(vals):
+            spent.append(f"{_span(vals, kind)} {label}")
+    c = cfgs[0]
+    text = (f"training budget: {budget}, stopping at whichever is spent first; batch {uniq(lambda c: c.batch_size)}; "
+            f"Adam, {lr}, weight decay {uniq(lambda c: f'{c.weight_decay:g}')}, {uniq(lambda c: c.warmup_steps)} "
+            f"warm-up steps then cosine decay over the budget, gradient clip {uniq(lambda c: f'{c.grad_clip:g}')}; "
+            f"checkpoint: {uniq(lambda c: 'best validation value' if c.select == 'best_val' else 'last step')} "
+            f"of {uniq(lambda c: c.val_points)} validations; not converged = best validation value still improving "
+            f"by more than {100 * c.converge_tol:g} % over the last fifth of the budget")
+    if spent:
+        text += "; spent per run: " + ", ".join(spent)
+    return text

@@ -1,6 +1,8 @@
-"""The section of one task: the method table and its figures (test metric against throughput
-with the Pareto front, equivariance error per method, sample efficiency over a training-size
-sweep, degeneracy curves and the table of exactly symmetric inputs)."""
+"""The section of one task: the verdict table first (``verdicts``), the full method table (grouped
+headers, collapsible) and the figures (learning curves against step, wall-clock seconds and
+training FLOPs with the trivial predictor as reference, test metric against throughput with the
+Pareto front, equivariance error per method, sample efficiency over a training-size sweep,
+degeneracy curves and the table of exactly symmetric inputs)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,15 +10,44 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..metrics.catalogue import degeneracy_metric, equivariance_metric, throughput_metric
+from ..metrics.catalogue import CURVE_VAL, degeneracy_metric, equivariance_metric, throughput_metric
 from . import fmt, plots
 from .metricinfo import spec_for
 from .render import Section, slug
-from .tables import EQUIVARIANCE_COLUMNS, context_line, score_columns, seed_table, split_sweeps, task_table
+from .tables import (
+    EQUIVARIANCE_COLUMNS,
+    context_line,
+    diagnostic_columns,
+    score_columns,
+    seed_table,
+    split_sweeps,
+    task_table,
+)
+from .verdicts import TaskFacts, assess, verdict_table
 
 THROUGHPUT_AXIS = throughput_metric("inference", "graphs_per_s")
 DEGENERACY_CURVE = degeneracy_metric("gap", "rel_max")
 DEGENERACY_SYMMETRIC = degeneracy_metric("config", "rel_max")
+QUALITY_GROUPS = ("model", "accuracy", "equivariance", "other")  # the full table's first part
+
+
+def _verdict_context(df: pd.DataFrame) -> dict[str, str]:
+    """How the verdict table's equivariance and speed columns were measured (for its caption)."""
+    ok = df[df["status"] == "ok"]
+    out = {}
+    eq = ok[ok["metric"] == equivariance_metric("trained", "fp64", "rel_max")]
+    if len(eq) and "batch_size" in eq and eq["batch_size"].notna().any():
+        groups = ", ".join(sorted(set(eq["group"].dropna()))) if "group" in eq else "?"
+        out["equivariance"] = (f"{int(eq['batch_size'].dropna().iloc[0])} test graphs × "
+                               f"{int(eq['repeats'].dropna().iloc[0]) if 'repeats' in eq else '?'} sampled elements of "
+                               f"{groups} (translations and node permutations included)")
+    tp = ok[ok["metric"] == THROUGHPUT_AXIS]
+    if len(tp) and "batch_size" in tp:
+        batch = ", ".join(str(int(b)) for b in sorted(set(tp["batch_size"].dropna())))
+        reps = int(tp["repeats"].dropna().iloc[0]) if "repeats" in tp and tp["repeats"].notna().any() else "?"
+        dtype = ", ".join(sorted(set(tp["dtype"].dropna()))) if "dtype" in tp else "?"
+        out["throughput"] = f"graphs/s, {dtype}, batch {batch} graphs, median of {reps} repeats after warm-up"
+    return out
 
 
 def _pareto_figure(task: str, agg: pd.DataFrame, std: pd.DataFrame, y: str, n_seeds: int, out: Path,
@@ -85,16 +116,76 @@ def _degeneracy(task: str, df: pd.DataFrame, out: Path, ctx: str) -> tuple[tuple
     return figure, table
 
 
+def _learning_curves(task: str, df: pd.DataFrame, facts: TaskFacts, out: Path, ctx: str) -> tuple[str, ...] | None:
+    curve = df[(df["status"] == "ok") & (df["metric"] == CURVE_VAL)]
+    if curve.empty or "x" not in curve:
+        return None
+    spec = facts.spec or spec_for(CURVE_VAL)
+    cols = {"x": "step", "curve_wall_s": "wall_s", "curve_flops": "flops"}
+    curve = curve.assign(**{c: curve[c] if c in curve else np.nan for c in cols})
+    order = [r.method for r in facts.ranked] + sorted(set(curve["method"]) - {r.method for r in facts.ranked})
+    lines = []
+    for method in order:
+        g = curve[curve["method"] == method]
+        if g.empty:
+            continue
+        data = g.groupby("x", as_index=False).agg(value=("value", "mean"), wall_s=("curve_wall_s", "mean"),
+                                                   flops=("curve_flops", "mean")).rename(columns={"x": "step"})
+        unconverged = bool(facts.methods.get(method) and facts.methods[method].not_converged)
+        lines.append((f"{method} (not converged)" if unconverged else str(method), data,
+                      "o--" if unconverged else "o-"))
+    seeds = ", ".join(str(s) for s in sorted(set(curve["seed"].dropna())))
+    path = out / f"{slug(task)}_learning_curves.png"
+    plots.learning_curves(lines, [("step", "optimiser step"), ("wall_s", "training wall-clock time [s]"),
+                                  ("flops", "training FLOPs (forward + backward)")],
+                          plots.axis_label(spec, f"validation {spec.display}"), path,
+                          f"{task}: learning curves (validation {spec.display}, mean over seeds)",
+                          reference=facts.trivial, reference_label="trivial predictor (test split)",
+                          logy=spec.log_scale)
+    trivial = (f" Dashed black: the trivial predictor's test {spec.display} ({fmt.number(facts.trivial)})."
+               if facts.trivial is not None else "")
+    return (path.name, f"Learning curves: validation {spec.display} (the task's first metric, on the validation "
+                       f"split) against optimiser step, training wall-clock seconds (training only, validations "
+                       f"excluded) and training FLOPs (forward + backward FLOPs of the first step × steps), one line "
+                       f"per method, mean over seeds {seeds} at each validation; dashed lines: runs that did not "
+                       f"converge.{trivial} {ctx}", "wide")
+
+
+def _diagnostic_notes(agg: pd.DataFrame) -> list[str]:
+    return [f"{spec_for(c).display}{' [' + spec_for(c).unit + ']' if spec_for(c).unit else ''} (equivariance "
+            f"group): {spec_for(c).description}" for c in diagnostic_columns(agg)]
+
+
+def _convergence_text(facts: TaskFacts) -> dict[str, str]:
+    out = {}
+    for name, m in facts.methods.items():
+        verdicts = sorted(set(m.convergence.values()))
+        out[name] = ", ".join(v.replace("_", " ") for v in verdicts) if verdicts else fmt.MISSING
+    return out
+
+
 def task_section(task: str, df_all: pd.DataFrame, out: Path) -> Section:
     """The section of ``task`` from its rows (all (method, seed) runs, sweeps included)."""
     df, _ = split_sweeps(df_all)
     agg, std = seed_table(df)
     n_seeds = df["seed"].nunique()
     ctx = context_line(df)
-    section: Section = {"task": task, "context": ctx, "table": task_table(agg, std, n_seeds), "figures": [],
-                        "index_label": "method", "css": "results", "tables": []}
-    tests = score_columns(agg) if len(agg) else []
-    figures = [_pareto_figure(task, agg, std, tests[0], n_seeds, out, ctx) if tests else None,
+    facts = assess(task, df)
+    section: Section = {"task": task, "context": ctx, "figures": [], "index_label": "method", "css": "results",
+                        "tables": [], "verdict": verdict_table(facts, _verdict_context(df)),
+                        "collapse": "Full table: every measured number per method (mean over seeds, ± std when "
+                                    "there are several): accuracy and equivariance, then speed, memory and training",
+                        "notes": _diagnostic_notes(agg) if len(agg) else []}
+    full = task_table(agg, std, n_seeds, facts.metric, _convergence_text(facts))
+    if len(full):  # two tables (accuracy and equivariance | speed, memory and training) so that each fits
+        quality = [c for c in full.columns if c[0] in QUALITY_GROUPS]
+        section["table"] = full.loc[:, quality]
+        section["more"] = [("costs", full.loc[:, [c for c in full.columns if c not in quality]])]
+    else:
+        section["table"] = full
+    tests = score_columns(agg, facts.metric) if len(agg) else []
+    figures = [_learning_curves(task, df, facts, out, ctx),
+               _pareto_figure(task, agg, std, tests[0], n_seeds, out, ctx) if tests else None,
                _equivariance_figure(task, agg, out, ctx) if len(agg) else None,
                _sample_efficiency(task, df_all, out, tests[0], ctx) if tests else None]
     deg_figure, symmetric = _degeneracy(task, df, out, ctx)

@@ -1,0 +1,169 @@
+"""Verdict tables and the anomaly banner, on synthetic run directories with known numbers:
+ranking in the catalogue's direction, 95 % t-intervals, Welch-test ties, the trivial predictor's
+row, and the banner's failed / unconverged / exact-over-limit / no-better-than-trivial entries."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+import equibench as eb
+from equibench.report.verdicts import anomalies, assess, rank_methods, t_interval, welch_p
+from equibench.suite.store import append_block, load_results
+
+T_975 = {2: 4.302652729749462, 3: 3.1824463052837078}  # t quantiles (0.975; 2 and 3 degrees of freedom)
+
+
+def run_rows(task: str, method: str, seed: int, score: float | None, *, metric: str = "mse", trivial: float = 10.0,
+             status: str = "ok", convergence: str = "converged", exact: bool = False, fp64: float = 1e-3,
+             fp32: float = 1e-3, gain: float = 0.0, lr: float = 1e-3, source: str = "suite file",
+             error: str = "") -> list[dict]:
+    """The rows of one (task, method, seed) run as the task bench writes them (the subset the
+    report reads)."""
+    base = {"run_id": "r", "spec_hash": f"{task}-{method}-{seed}", "task": task, "method": method, "seed": seed,
+            "status": status, "error": error, "convergence": convergence, "exact_claim": exact,
+            "setting_source": source, "train_config": {"steps": 100, "batch_size": 10, "lr": lr},
+            "task_options": {"train_size": 100}, "device_name": "test CPU", "git_commit": "0123456789abc"}
+    if status != "ok":
+        return [{**base, "metric": "status", "value": None, "exit_signal": "SIGKILL" if status == "failed" else None}]
+    rows = [{**base, "metric": f"test.{metric}", "value": score},
+            {**base, "metric": f"trivial.{metric}", "value": trivial},
+            {**base, "metric": "params", "value": 1000},
+            {**base, "metric": "equivariance.trained.fp64.rel_max", "value": fp64, "dtype": "fp64", "stage": "trained"},
+            {**base, "metric": "equivariance.trained.fp32.rel_max", "value": fp32, "dtype": "fp32", "stage": "trained"},
+            {**base, "metric": "throughput.inference.graphs_per_s", "value": 100.0 + seed, "dtype": "fp32",
+             "batch_size": 10, "repeats": 5},
+            {**base, "metric": "train.steps", "value": 100, "val_metric": metric},
+            {**base, "metric": "train.val_improvement_last_fifth", "value": gain, "val_metric": metric}]
+    for step in (20, 40, 60, 80, 100):
+        rows.append({**base, "metric": "curve.val", "value": (score or 1.0) * (1 + 1 / step), "x": step,
+                     "x_label": "step", "curve_wall_s": step / 10, "curve_flops": step * 1e6, "val_metric": metric,
+                     "stage": "training"})
+    return rows
+
+
+def write_run(tmp_path, runs: list[list[dict]]):
+    run_dir = tmp_path / "res" / "r"
+    run_dir.mkdir(parents=True)
+    for rows in runs:
+        append_block(run_dir, rows)
+    return run_dir
+
+
+def seeds(task, method, values, **kw):
+    return [run_rows(task, method, s, v, **kw) for s, v in enumerate(values)]
+
+
+def test_t_interval_is_the_textbook_formula():
+    mean, half, n = t_interval([1.0, 1.2, 1.4])
+    assert (mean, n) == (pytest.approx(1.2), 3)
+    assert half == pytest.approx(T_975[2] * 0.2 / math.sqrt(3), rel=1e-9)
+    mean, half, n = t_interval([2.0, 4.0, 6.0, 8.0])
+    assert half == pytest.approx(T_975[3] * math.sqrt(20 / 3) / 2, rel=1e-9)
+    mean, half, n = t_interval([3.0])
+    assert mean == 3.0 and n == 1 and math.isnan(half)
+
+
+def test_welch_ties_overlapping_seeds_and_separates_distant_ones():
+    assert welch_p([1.0, 1.2, 1.4], [1.1, 1.3, 1.5]) > 0.05
+    assert welch_p([1.0, 1.2, 1.4], [10.0, 10.1, 9.9]) < 0.05
+    assert math.isnan(welch_p([1.0], [2.0, 2.1]))
+    ranked = rank_methods({"a": [1.0, 1.2, 1.4], "b": [1.1, 1.3, 1.5], "c": [10.0, 10.1, 9.9]}, "lower")
+    assert [(r.method, r.rank, r.joint, r.tied_next) for r in ranked] == [
+        ("a", 1, False, True), ("b", 1, True, False), ("c", 3, False, None)]
+
+
+def test_ranking_follows_the_catalogue_direction(tmp_path):
+    lower = [*seeds("t", "good", [1.0, 1.1, 0.9]), *seeds("t", "bad", [5.0, 5.2, 4.8])]
+    higher = [*seeds("c", "good", [0.9, 0.91, 0.92], metric="accuracy", trivial=0.1),
+              *seeds("c", "bad", [0.5, 0.52, 0.51], metric="accuracy", trivial=0.1)]
+    df = load_results(write_run(tmp_path, lower + higher))
+    for task in ("t", "c"):
+        facts = assess(task, df[df["task"] == task])
+        assert [r.method for r in facts.ranked] == ["good", "bad"], task
+        assert facts.ranked[0].tied_next is False
+    html = eb.write_report(tmp_path / "res" / "r", tmp_path / "rep").read_text()
+    for task in ("t", "c"):
+        section = html.split(f'id="{task}"')[1]
+        assert section.index(f'id="verdict-{task}-good"') < section.index(f'id="verdict-{task}-bad"')
+
+
+def test_verdict_table_interval_ties_and_trivial_row(tmp_path):
+    runs = [*seeds("t", "a", [1.0, 1.2, 1.4]), *seeds("t", "b", [1.1, 1.3, 1.5]),
+            *seeds("t", "c", [3.0, 3.1, 2.9]), *seeds("t", "d", [12.0, 12.5, 11.5])]
+    run_dir = write_run(tmp_path, runs)
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    verdict = html.split('<table class="verdict">')[1].split("</table>")[0]
+    rows = re.findall(r'<tr id="([^"]+)"(?: class="([^"]*)")?>(.*?)</tr>', verdict)
+    order = [r[0].removeprefix("verdict-t-") for r in rows]
+    assert order == ["a", "b", "c", "trivial", "d"]  # the trivial predictor (10.0) ranks between c and d
+    cells = {r[0].removeprefix("verdict-t-"): re.findall(r"<td>(.*?)</td>", r[2]) for r in rows}
+    half = T_975[2] * 0.2 / math.sqrt(3)
+    assert cells["a"][0] == "1" and cells["a"][2] == f"1.2 ± {half:.2g}"
+    assert cells["a"][3].startswith("tied (p = ") and cells["b"][0] == "=1"  # a and b overlap
+    assert cells["b"][3].startswith("separated (p = ") and cells["c"][0] == "3"  # b and c do not
+    assert cells["trivial"][1] == "trivial predictor" and cells["trivial"][2].startswith("10 ")
+    assert dict((r[0], r[1]) for r in rows)["verdict-t-trivial"] == "trivial"
+    assert "not better than trivial" in cells["d"][2] and "not better" not in cells["c"][2]
+    assert "suite file · lr 0.001" in cells["a"] and "converged" in cells["a"]
+    caption = verdict.split("<caption>")[1].split("</caption>")[0]
+    assert "95 % t-interval" in caption and "Welch" in caption and "5 %" in caption
+    banner = html.split('id="anomalies"')[1].split("</div>")[0]
+    assert "t / d" in banner and "t / a" not in banner
+
+
+def test_one_seed_says_so(tmp_path):
+    run_dir = write_run(tmp_path, [run_rows("t", "a", 0, 1.0), run_rows("t", "b", 0, 2.0)])
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    verdict = html.split('<table class="verdict">')[1].split("</table>")[0]
+    assert "1 (1 seed, no interval)" in verdict and "not tested (1 seed)" in verdict
+
+
+def test_banner_lists_every_kind_of_anomaly_with_a_working_link(tmp_path):
+    runs = [*seeds("t", "clean", [1.0, 1.1]),
+            run_rows("t", "broken", 0, None, status="failed", error="Traceback ...\nRuntimeError: boom"),
+            run_rows("t", "broken", 1, None, status="out_of_memory", error="over the memory limit"),
+            run_rows("t", "slow", 0, 1.5, convergence="not_converged", gain=0.031), run_rows("t", "slow", 1, 1.6),
+            *seeds("t", "leaky", [1.2, 1.3], exact=True, fp64=3e-8, fp32=2e-6),
+            *seeds("t", "useless", [11.0, 12.0])]
+    run_dir = write_run(tmp_path, runs)
+    found = anomalies(load_results(run_dir))
+    kinds = {(a.kind, a.method) for a in found}
+    assert kinds == {("failed", "broken"), ("not converged", "slow"), ("exact over limit", "leaky"),
+                     ("not better than trivial", "useless")}
+    assert sum(a.kind == "failed" for a in found) == 2  # both seeds, each with its status
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    banner = html.split('<div id="anomalies"')[1].split("</div>")[0]
+    assert html.index('id="anomalies"') < html.index("<h2")  # above everything
+    assert "Anomalies (5)" in banner
+    for text in ("boom", "out_of_memory", "not converged in seed 0", "+3.1 %", "fp64 3.0e-08 &gt; 1e-10",
+                 "not better than the trivial predictor"):
+        assert text in banner, text
+    for anchor in re.findall(r'href="#([^"]+)"', banner):
+        assert f'id="{anchor}"' in html, anchor  # every entry links to a row of the page
+    verdict = html.split('<table class="verdict">')[1].split("</table>")[0]
+    slow = verdict.split('id="verdict-t-slow"')[1].split("</tr>")[0]
+    assert "⚠ not converged" in slow  # an unconverged run is never ranked without its flag
+    assert "⚠ &gt; 1e-10" in verdict.split('id="verdict-t-leaky"')[1].split("</tr>")[0]
+    assert "no result" in verdict.split('id="verdict-t-broken"')[1].split("</tr>")[0]
+    md = (tmp_path / "rep" / "README.md").read_text()
+    assert md.index("**Anomalies (5)**") < md.index("## Task: t") and "](#task-t)" in md
+
+
+def test_a_clean_run_has_an_empty_banner(tmp_path):
+    run_dir = write_run(tmp_path, [*seeds("t", "a", [1.0, 1.1]), *seeds("t", "e", [2.0, 2.2], exact=True,
+                                                                          fp64=1e-15, fp32=1e-7)])
+    assert anomalies(load_results(run_dir)) == []
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    banner = html.split('<div id="anomalies"')[1].split("</div>")[0]
+    assert "Anomalies (0)" in banner and "<li" not in banner
+
+
+def test_learning_curves_are_plotted_with_the_trivial_reference(tmp_path):
+    run_dir = write_run(tmp_path, [*seeds("t", "a", [1.0, 1.1]), *seeds("t", "b", [2.0, 2.2])])
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    assert (tmp_path / "rep" / "t_learning_curves.png").stat().st_size > 5000
+    caption = html.split('src="t_learning_curves.png"')[1].split("</figcaption>")[0]
+    assert "against optimiser step, training wall-clock seconds" in caption and "trivial predictor" in caption
+    assert "training budget: 100 steps" in html  # the budget says how every number was measured
