@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch_geometric.data import Batch
+from torch_geometric.data import Batch, Data
 
 import equibench as eb
 from equibench.symmetry.group3d import sample_element
@@ -113,6 +113,29 @@ def test_analytic_value_for_a_fixed_offset(nbody_task):
     expected = torch.linalg.norm(a - R @ a) * math.sqrt(n) / torch.linalg.norm(f)
     assert res["rel_mean"] == pytest.approx(expected.item(), rel=1e-12)
     assert res["abs_max"] == pytest.approx((a - R @ a).abs().max().item(), rel=1e-12)
+    # point output: also relative to the predicted displacement f(X) - x = vel * w + a
+    disp = torch.linalg.norm(f - batch.pos)
+    want = torch.linalg.norm(a - R @ a) * math.sqrt(n) / disp
+    assert res["disp_rel_mean"] == pytest.approx(want.item(), rel=1e-12)
+    assert res["disp_rel_max"] == res["disp_rel_median"] == res["disp_rel_mean"]  # one graph, one sample
+    assert res["disp_rel_mean"] > res["rel_mean"]  # the displacement is shorter than the positions
+
+
+def test_displacement_keys_only_for_point_outputs():
+    from equibench.core.spec import TaskSpec
+
+    spec = TaskSpec(name="t", domain="graph3d", group="O3", inputs={"pos": "point"}, output="1o",
+                    level="node", loss="mse", metrics=("mse",))
+
+    class Centred(nn.Module):
+        def forward(self, batch):
+            return batch.pos - batch.pos.mean(0)
+
+    g = torch.Generator().manual_seed(0)
+    b = Batch.from_data_list([Data(pos=torch.randn(5, 3, generator=g, dtype=torch.float64),
+                                   edge_index=torch.zeros(2, 0, dtype=torch.long))])
+    res = eb.equivariance_error(Centred(), b, spec, n_samples=2)
+    assert res["rel_max"] < 1e-13 and "disp_rel_max" not in res
 
 
 def test_lie_derivative_analytic(nbody_task):

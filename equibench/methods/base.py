@@ -30,6 +30,12 @@ class Method:
     * ``exact_by_domain``: exactness per domain where a method builds different models per domain
       (on image2d, exact means invariant over the grid symmetries of the task's planar group: C4
       exactly); ``is_exact(domain)`` falls back to ``exact`` for a domain not listed;
+    * per task, ``exact_on(spec)`` is the claim the runner, the tests and the report use:
+      ``inexact_reason(spec)`` is None exactly when the models built for ``spec`` are equivariant
+      by construction (for ``common_group(spec.group, group)``) on every input of that task that
+      has no exact symmetry of its own; otherwise it says why not. Frame-based methods, where an
+      exactly symmetric input (eigenvalue ties, points on a rotation axis) leaves the frame
+      undefined, report how often that happens through ``extra_metrics`` instead;
     * ``requirements``: pip requirement strings the method needs beyond equibench's own (e.g.
       ``("e3nn==0.5.1",)``); its points then run in a cached virtual environment that has them
       installed on top of the runner's packages (``equibench.suite.envs``). Default ``()``.
@@ -62,6 +68,17 @@ class Method:
     def is_exact(self, domain: str) -> bool:
         """Whether the models built for tasks of ``domain`` are equivariant by construction."""
         return bool(self.exact_by_domain.get(domain, self.exact))
+
+    def inexact_reason(self, spec: TaskSpec) -> str | None:
+        """None when the method claims exact equivariance on tasks like ``spec`` (see the class
+        docstring); else the reason it does not. Default: the claim for the task's domain."""
+        if not self.is_exact(spec.domain):
+            return f"{self.name} is not equivariant by construction on {spec.domain} tasks"
+        return None
+
+    def exact_on(self, spec: TaskSpec) -> bool:
+        """Whether the method claims exact equivariance on ``spec`` (``inexact_reason(spec) is None``)."""
+        return self.inexact_reason(spec) is None
 
     # ---- hooks (default: nothing) -------------------------------------------------------
     def train_transform(self, batch: Batch, spec: TaskSpec, generator: torch.Generator) -> Batch:

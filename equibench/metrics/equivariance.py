@@ -7,6 +7,15 @@ task has ``"point"`` inputs, a within-graph node permutation P), per graph b:
 
 (Frobenius norm over the graph's nodes and components). Reported: mean, median and max of rel
 over graphs and samples, and ``abs_max`` = max |f(g.X) - rho_out(g) f(X)| elementwise.
+
+For ``"point"`` outputs (n-body predicts future positions) ||f(X)|| is dominated by where the
+particles already are, so the same error is also reported relative to the predicted
+*displacement*, with x the input positions of the task's first point field (their graph centroid
+for graph-level outputs):
+
+    disp_rel_b(g) = || f(g.X)_b - g f(X)_b || / (|| f(X)_b - x_b || + eps)
+
+as ``disp_rel_mean``, ``disp_rel_median`` and ``disp_rel_max`` (absent for other output types).
 Models run in eval mode, without gradients, in ``dtype``; a model whose parameters are in
 another dtype is copied and cast (which cannot fix e3nn's constants: build the model under
 ``default_dtype(torch.float64)`` for a structural float64 measurement, as the runner does).
@@ -29,6 +38,7 @@ from torch_geometric.utils import scatter
 
 from ..core.spec import TaskSpec
 from ..symmetry import group2d, group3d
+from ..symmetry.fieldtypes import POINT
 from ..symmetry.group3d import GroupElement, OneParameterElement, act_on_batch, act_on_output
 from ..symmetry.precision import default_dtype, dtype_name
 
@@ -83,6 +93,17 @@ def _summary(rel: torch.Tensor, abs_max: float, **extra: Any) -> dict[str, Any]:
             "rel_max": rel.max().item(), "abs_max": abs_max, **extra}
 
 
+def _displacement_norm(fx: torch.Tensor, spec: TaskSpec, batch: Batch) -> torch.Tensor | None:
+    """Per-graph ||f(X) - x|| for a ``"point"`` output (x: the input positions of the first point
+    field, their graph centroid at graph level); None for other outputs or without a point input."""
+    if spec.output != POINT or not spec.point_fields:
+        return None
+    x = batch[spec.point_fields[0]].to(fx.dtype)
+    if spec.level == "graph":
+        x = scatter(x, batch.batch, dim=0, dim_size=int(batch.num_graphs), reduce="mean")
+    return _per_graph_norm(fx - x, spec, batch)
+
+
 @torch.no_grad()
 def equivariance_error(model: nn.Module, batch: Batch, spec: TaskSpec, n_samples: int = 8,
                        dtype: torch.dtype = torch.float64, group: str | None = None,
@@ -91,10 +112,12 @@ def equivariance_error(model: nn.Module, batch: Batch, spec: TaskSpec, n_samples
 
     ``group`` defaults to the task's group (E(3) with reflections for n-body); pass "SO3"/"SE3"
     for a method that only claims rotations. Returns ``rel_mean``, ``rel_median``, ``rel_max``,
-    ``abs_max``, ``n_samples``, ``n_graphs``, ``dtype`` and ``group``.
+    ``abs_max``, ``n_samples``, ``n_graphs``, ``dtype`` and ``group``; for ``"point"`` outputs also
+    ``disp_rel_mean``, ``disp_rel_median`` and ``disp_rel_max`` (relative to ||f(X) - x||).
     """
     group = group or spec.group
     actions = group_actions(spec)
+    disp_rels: list[torch.Tensor] = []
     gen = torch.Generator().manual_seed(seed)
     model = model_in_dtype(model, dtype)
     was_training = model.training
@@ -103,6 +126,7 @@ def equivariance_error(model: nn.Module, batch: Batch, spec: TaskSpec, n_samples
         with default_dtype(dtype):
             x = cast_batch(batch, dtype).to(_device(model, batch))
             fx = model(x)
+            disp = _displacement_norm(fx, spec, x) if spec.domain == "graph3d" else None
             rels, abs_max = [], 0.0
             for _ in range(n_samples):
                 g = actions.sample_element(x, group, gen, permute=permute).to(dtype, x.batch.device)
@@ -111,11 +135,18 @@ def equivariance_error(model: nn.Module, batch: Batch, spec: TaskSpec, n_samples
                 perm = getattr(g, "perm", None)
                 num = _per_graph_norm(diff, spec, x if perm is None else _permuted(x, g))
                 rels.append(num / (_per_graph_norm(fx, spec, x) + EPS))
+                if disp is not None:
+                    disp_rels.append(num / (disp + EPS))
                 abs_max = max(abs_max, diff.abs().max().item())
     finally:
         model.train(was_training)
+    extra: dict[str, Any] = {}
+    if disp_rels:
+        d = torch.cat(disp_rels).double()
+        extra = {"disp_rel_mean": d.mean().item(), "disp_rel_median": d.median().item(),
+                 "disp_rel_max": d.max().item()}
     return _summary(torch.cat(rels), abs_max, n_samples=n_samples, n_graphs=int(batch.num_graphs),
-                    dtype=dtype_name(dtype), group=group)
+                    dtype=dtype_name(dtype), group=group, **extra)
 
 
 def _permuted(batch: Batch, g: GroupElement) -> Batch:

@@ -28,10 +28,15 @@ from ...symmetry.group3d import GroupElement, act_on_batch, act_on_output
 
 __all__ = ["FRAME_GROUPS", "FrameElement", "apply_in_frame", "centroid", "check_group", "covariance",
            "exact_rep", "first_point_field", "frame_set", "frame_support", "gram_schmidt", "into_frame", "out_of_frame",
-           "pca_frame", "principal_axes", "replicate", "skew_signs"]
+           "pca_degeneracy", "pca_frame", "principal_axes", "replicate", "skew_signs", "GAP_TOL", "SKEW_MARGIN"]
 
 FRAME_GROUPS = ("O3", "SO3")
 _EPS = 1e-12
+#: relative eigenvalue gap (lambda_k - lambda_{k+1}) / lambda_1 below which a PCA frame counts as
+#: tied: float64 eigenvectors then move by up to u / gap ~ 1e-10 under a rotation of the input
+GAP_TOL = 1e-6
+#: a third moment within this many times its rounding error of zero has an undefined sign
+SKEW_MARGIN = 30.0
 
 
 def check_group(group: str) -> str:
@@ -110,6 +115,43 @@ def skew_signs(pos: torch.Tensor, t: torch.Tensor, V: torch.Tensor, index: torch
     proj = torch.einsum("nd,ndk->nk", (pos - t[index]).detach(), V[index])
     m3 = scatter(proj**3, index, dim=0, dim_size=num_graphs, reduce="sum")
     return torch.where(m3 >= 0, torch.ones_like(m3), -torch.ones_like(m3))
+
+
+@torch.no_grad()
+def pca_degeneracy(pos: torch.Tensor, index: torch.Tensor, num_graphs: int,
+                   group: str = "O3") -> dict[str, torch.Tensor]:
+    """Which graphs' PCA frames are undefined or ill-conditioned, ``[B]`` bool each.
+
+    * ``"tie"``: two covariance eigenvalues (near-)tied, ``min_k (lambda_k - lambda_{k+1}) / lambda_1
+      < GAP_TOL`` (symmetric tops such as NH3 or CH4, isotropic clouds; all points coincident);
+      the eigenvectors in a tied eigenspace are arbitrary, so no frame rule is equivariant there.
+    * ``"sign"``: a third moment ``m_k = sum_i <x_i - t, v_k>^3`` used by the sign rule (axes 1-3
+      for "O3", 1-2 for "SO3") is zero within ``SKEW_MARGIN`` times its rounding error
+      ``3 delta sum_i <x_i - t, v_k>^2``, ``delta = u R (1 + lambda_1 / gap)`` (u the float64 unit
+      roundoff, R the largest |x_i - t|): mirror-symmetric inputs, and the normal axis of an
+      exactly planar input. ``skew_signs`` then picks +1, which is finite but not equivariant.
+    * ``"degenerate"``: either.
+
+    For frame averaging only ``"tie"`` matters (it averages over every sign). Computed in float64
+    without gradient, like ``pca_frame``.
+    """
+    check_group(group)
+    x = pos.detach().double()
+    t = centroid(x, index, num_graphs)
+    evals, V = principal_axes(covariance(x, t, index, num_graphs))
+    lam1 = evals[:, 0].clamp_min(0)
+    gaps = (evals[:, :-1] - evals[:, 1:]).clamp_min(0)
+    tiny = torch.finfo(torch.float64).tiny
+    tie = (gaps.min(-1).values <= GAP_TOL * lam1) | (lam1 <= tiny)
+    proj = torch.einsum("nd,ndk->nk", x - t[index], V[index])
+    m3 = scatter(proj**3, index, dim=0, dim_size=num_graphs, reduce="sum")
+    m2 = scatter(proj**2, index, dim=0, dim_size=num_graphs, reduce="sum")
+    R = scatter((x - t[index]).norm(dim=-1), index, dim=0, dim_size=num_graphs, reduce="max")
+    u = torch.finfo(torch.float64).eps / 2
+    delta = u * R * (1 + lam1 / gaps.min(-1).values.clamp_min(tiny))
+    undefined = m3.abs() <= SKEW_MARGIN * 3 * delta[:, None] * m2
+    sign = undefined[:, :3 if group == "O3" else 2].any(-1)
+    return {"tie": tie, "sign": sign, "degenerate": tie | sign}
 
 
 def pca_frame(pos: torch.Tensor, index: torch.Tensor, num_graphs: int,

@@ -12,7 +12,36 @@ is invariant, and ``R_i^T`` maps a local output back to an equivariant global on
 * nearest: ``v_i^(k) = x_{j_k} - x_i`` for the k-th nearest neighbour j_k.
 
 Gram-Schmidt on v^(1), v^(2) gives x, y and z = x cross y; for O(3) the handedness is
-``z <- sign(<v^(3), z>) z``.
+``z <- sign(<h, z>) z`` for the first handedness vector h with ``|<h/|h|, z>| > hand_eps``.
+
+Why handedness needs care (O(3) frames). z = x cross y is a *pseudo*-vector: under an improper g
+it picks up det g = -1, so only the sign flip by an equivariant h makes the frame O(3)-equivariant.
+If the k-NN neighbourhood of node i is exactly planar (points sampled on a flat mesh face; planar
+molecular fragments), every vector built from it lies in the plane and ``<h, z> = 0``: the local
+input is symmetric under the reflection sigma_i through that plane, and no frame built from it
+alone can be O(3)-equivariant (R(sigma X) = R(X) sigma would need R = R sigma). Two variants
+(``handedness``):
+
+* ``"local"`` (the paper's construction, Lippmann et al., "Beyond canonicalization: how tensorial
+  messages improve equivariant message passing", ICLR 2025): h from the neighbourhood only (the
+  third learned vector, then the summed unit neighbour direction); undecided -> no flip, which is
+  NOT equivariant under reflections at such nodes;
+* ``"wide"``: nodes whose local frame is degenerate take further candidates from their whole
+  graph (``context_vectors``: sum_j r_ij^p (x_j - x_i) over the graph for p = 0, 1, 2, the node's
+  own and the graph's summed "1o" input vectors). A planar neighbourhood inside a non-planar input
+  is then decided (for a convex cloud already by the centroid direction). If the whole input is
+  planar and its features are symmetric under the plane's reflection sigma, nothing decides, but
+  then the default z = x cross y is *consistently* a pseudo-vector at every node:
+  R_i(gX) = R_i(X) sigma^[det g < 0] g^T for all i, so f(gX) = rho(g) rho(sigma)^[det g < 0] f(X);
+  the model projects its output on the sigma-fixed subspace, (f + rho(sigma) f) / 2, which is what
+  any O(3)-equivariant map must output on a sigma-symmetric input (0e: anything; 1o and points:
+  in-plane; 1e: along the normal; 0o: zero). See ``planar_symmetry``.
+
+What remains degenerate (``FrameStatus``): nodes with no equivariant x or y candidate (the node
+sits on a rotation axis of its whole input: collinear or exactly symmetric inputs such as
+methane's carbon), and, for O(3), undecided handedness in a non-planar input (a node on a mirror
+plane of an exactly mirror-symmetric input). There no equivariant frame exists; the frame falls
+back to the global axes and the benchmark reports the share of such nodes.
 
 Representations. A feature carries a declared representation ``rho``: Cartesian tensors
 (``TensorReps("16x0n+8x1n+2x2p")``: rank-n tensors, 3^n components, ``rho(U) T = U...U T``,
@@ -33,14 +62,14 @@ extra keywords.
 
 Degenerate inputs (no neighbour, coincident or collinear points, coplanar neighbourhoods):
 outputs stay finite and deterministic, because Gram-Schmidt falls back to further candidate
-vectors, first equivariant ones (the node's summed unit neighbour direction), finally the
-global axes e_x, e_y, e_z, and handedness +1. At such exact degeneracies no equivariant frame
-exists, so equivariance breaks there; this is reported by the benchmark, not hidden.
+vectors, first equivariant ones (the node's summed unit neighbour direction; with "wide" the
+graph-wide context), finally the global axes e_x, e_y, e_z, and handedness +1.
 """
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +82,7 @@ from torch_geometric.utils import scatter
 from .backbone import mlp
 
 EPS = 1e-6  # decision threshold for degenerate frame vectors (norms, sines of angles)
+HANDEDNESS = ("local", "wide")
 DELTA = 1e-9  # length regulariser: r / sqrt(|r|^2 + DELTA^2) is smooth and 0 at r = 0
 
 
@@ -241,42 +271,247 @@ def _normalize(v: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.T
     return v / n.clamp_min(eps).unsqueeze(-1), n
 
 
+def _first_index(valid: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the first True of ``valid: [N, K]`` (0 if none)."""
+    return torch.argmax(valid.to(torch.int8), dim=1)
+
+
 def _pick_first(valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Per row, the value at the first True of ``valid: [N, K]`` (``values: [N, K, 3]``)."""
-    idx = torch.argmax(valid.to(torch.int8), dim=1)
+    idx = _first_index(valid)
     return values.gather(1, idx[:, None, None].expand(-1, 1, 3)).squeeze(1)
 
 
+_HAND_EPS = {torch.float64: 1e-11, torch.float32: 1e-4}
+
+
+def hand_eps(dtype: torch.dtype) -> float:
+    """Threshold of the ``"wide"`` handedness decisions, of the last-resort sine test and of the
+    planarity test: 1e-11 in float64, 1e-4 in float32, 1e-2 below. A sign decision does not amplify
+    rounding, so it may sit far below ``EPS``; it must sit well above the rounding of |<h, z>| on
+    an exactly planar or mirror-symmetric input (~1e-15 in float64 even for ill-conditioned learned
+    frames, ~1e-6 in float32) and below the asymmetries real data carries (float32-stored
+    coordinates break symmetries at ~1e-8 relative: in float64 those still decide)."""
+    return _HAND_EPS.get(dtype, 1e-2)
+
+
+@dataclass(frozen=True)
+class FrameStatus:
+    """Per node: which parts of its frame are not determined equivariantly (``[N]`` bool each).
+
+    ``x_fallback`` / ``y_fallback``: the axis came from the global axes (no equivariant candidate);
+    ``undecided``: O(3) handedness not determined by any handedness vector (left as x cross y);
+    ``widened``: the node's frame needed the graph-wide context (``"wide"`` handedness);
+    ``weak``: y came from a candidate at a sine below ``EPS`` to x (equivariant, but rounding is
+    amplified by 1 / sine: beyond 1e-10 relative in float64).
+    """
+
+    x_fallback: torch.Tensor
+    y_fallback: torch.Tensor
+    undecided: torch.Tensor
+    widened: torch.Tensor
+    weak: torch.Tensor
+
+    @property
+    def degenerate(self) -> torch.Tensor:
+        return self.x_fallback | self.y_fallback | self.undecided
+
+    def merged(self, idx: torch.Tensor, other: FrameStatus) -> FrameStatus:
+        """This status with rows ``idx`` replaced by ``other`` (marked widened)."""
+        def put(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            a = a.clone()
+            a[idx] = b
+            return a
+        return FrameStatus(put(self.x_fallback, other.x_fallback), put(self.y_fallback, other.y_fallback),
+                           put(self.undecided, other.undecided), put(self.widened, torch.ones_like(other.widened)),
+                           put(self.weak, other.weak))
+
+
 def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = None,
-                 eps: float = EPS) -> torch.Tensor:
+                 eps: float = EPS, hand_eps: float | None = None, sin_floor: float | None = None,
+                 return_status: bool = False) -> torch.Tensor | tuple[torch.Tensor, FrameStatus]:
     """Orthonormal frames ``[N, 3, 3]`` (rows x, y, z) from candidate vectors ``[N, K, 3]``.
 
     x = the first candidate with norm > eps; y = the normalised part orthogonal to x of the first
-    candidate with a component orthogonal to x (sine of the angle > eps); z = x cross y. The global
-    axes are appended as last-resort (non-equivariant) candidates, so the result is always a
-    rotation. With ``handedness [N, H, 3]`` (O(3) frames), z is flipped to have a positive inner
-    product with the first handedness vector h with |<h/|h|, z>| > eps (no flip if none).
-    Rows are orthonormal; det is +1 without handedness, +-1 with it.
+    candidate with a component orthogonal to x (sine of the angle > eps; with ``sin_floor``, if no
+    candidate passes, the first with sine > sin_floor: equivariant but ill-conditioned, its
+    rounding grows like 1/sine); z = x cross y. The global axes are appended as last-resort
+    (non-equivariant) candidates, so the result is always a rotation. With ``handedness [N, H, 3]``
+    (O(3) frames), z is flipped to have a positive inner product with the first handedness vector h
+    with |<h/|h|, z>| > ``hand_eps`` (default ``eps``; no flip if none). Rows are orthonormal; det is
+    +1 without handedness, +-1 with it. ``return_status=True`` also returns a ``FrameStatus``
+    (which rows fell back to the global axes / stayed undecided).
     """
-    N = candidates.shape[0]
+    N, K = candidates.shape[:2]
     axes = torch.eye(3, dtype=candidates.dtype, device=candidates.device).expand(N, 3, 3)
     cand = torch.cat([candidates, axes], dim=1)
     u, n = _normalize(cand, eps)
     ok = n > eps
-    x = _pick_first(ok, u)
+    ix = _first_index(ok)
+    x = u.gather(1, ix[:, None, None].expand(-1, 1, 3)).squeeze(1)
     res = u - (u * x[:, None]).sum(-1, keepdim=True) * x[:, None]
     r, rn = _normalize(res, eps)
-    y = _pick_first(ok & (rn > eps), r)
+    iy = _first_index(ok & (rn > eps))
+    weak = torch.zeros(N, dtype=torch.bool, device=candidates.device)
+    if sin_floor is not None and sin_floor < eps:
+        ill = ok & (rn > sin_floor)
+        ill[:, K:] = False
+        weak = (iy >= K) & ill.any(1)
+        iy = torch.where(weak, _first_index(ill), iy)
+    y = r.gather(1, iy[:, None, None].expand(-1, 1, 3)).squeeze(1)
     z = torch.linalg.cross(x, y)
+    undecided = torch.zeros(N, dtype=torch.bool, device=candidates.device)
     if handedness is not None:
-        h, hn = _normalize(handedness, eps)
-        s = (h * z[:, None]).sum(-1)
-        decisive = (hn > eps) & (s.abs() > eps)
-        first = torch.argmax(decisive.to(torch.int8), dim=1)
-        s_first = s.gather(1, first[:, None]).squeeze(1)
-        flip = decisive.any(1) & (s_first < 0)
-        z = torch.where(flip[:, None], -z, z)
-    return torch.stack([x, y, z], dim=1)
+        z, undecided = orient(z, handedness, eps if hand_eps is None else hand_eps, eps)
+    R = torch.stack([x, y, z], dim=1)
+    if not return_status:
+        return R
+    return R, FrameStatus(ix >= K, iy >= K, undecided, torch.zeros_like(undecided), weak)
+
+
+def orient(z: torch.Tensor, handedness: torch.Tensor, h_eps: float,
+           eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z flipped to <h, z> > 0 for the first handedness vector h [N, H, 3] with
+    |<h/|h|, z>| > h_eps, undecided [N])``; undecided rows keep z."""
+    h, hn = _normalize(handedness, eps)
+    s = (h * z[:, None]).sum(-1)
+    decisive = (hn > eps) & (s.abs() > h_eps)
+    first = torch.argmax(decisive.to(torch.int8), dim=1)
+    s_first = s.gather(1, first[:, None]).squeeze(1)
+    undecided = ~decisive.any(1)
+    flip = ~undecided & (s_first < 0)
+    return torch.where(flip[:, None], -z, z), undecided
+
+
+@dataclass(frozen=True)
+class FrameContext:
+    """What the ``"wide"`` fallback may use beyond a node's neighbourhood: the graph index of every
+    node (``None``: one graph), the number of graphs, and equivariant node vectors ``[N, V, 3]``
+    (the "1o" inputs; ``None``: none)."""
+
+    batch: torch.Tensor | None = None
+    num_graphs: int = 1
+    node_vectors: torch.Tensor | None = None
+
+
+def _graph_pairs(batch: torch.Tensor, num_graphs: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row r into ``nodes``, node j) for every node j in the graph of ``nodes[r]``."""
+    counts = torch.bincount(batch, minlength=num_graphs)
+    order = torch.argsort(batch, stable=True)
+    start = torch.cumsum(counts, 0) - counts
+    g = batch[nodes]
+    sizes = counts[g]
+    rows = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), sizes)
+    first = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    offset = torch.arange(rows.numel(), device=nodes.device) - first
+    return rows, order[start[g][rows] + offset]
+
+
+def _graph_moments(pos: torch.Tensor, nodes: torch.Tensor, batch: torch.Tensor, num_graphs: int,
+                   values: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_j r_ij^p v_j`` over every node j of the graph of each of ``nodes``, p = 0, 1, 2,
+    ``[n, 3, 3]``; ``v_j = x_j - x_i`` when ``values`` is None, else ``values[j]``."""
+    rows, j = _graph_pairs(batch, num_graphs, nodes)
+    d = pos[j] - pos[nodes][rows]
+    r = (d * d).sum(-1, keepdim=True).sqrt()
+    v = d if values is None else values[j]
+    n = nodes.numel()
+    return torch.stack([scatter(v * r**p, rows, dim=0, dim_size=n, reduce="sum") for p in range(3)], dim=1)
+
+
+def _batch_of(pos: torch.Tensor, context: FrameContext) -> torch.Tensor:
+    if context.batch is not None:
+        return context.batch
+    return torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+
+
+def context_vectors(pos: torch.Tensor, nodes: torch.Tensor, context: FrameContext | None) -> torch.Tensor:
+    """Graph-wide equivariant candidates ``[n, 3 + 2V, 3]`` for ``nodes``: the moments
+    ``sum_j r_ij^p (x_j - x_i)`` over every node j of i's graph (p = 0: N (centroid - x_i); 1; 2),
+    then the node's own "1o" input vectors and their sum over its graph. O(|graph|) per node, so
+    it is only evaluated where the local frame is degenerate."""
+    context = context or FrameContext()
+    batch = _batch_of(pos, context)
+    vecs = [_graph_moments(pos, nodes, batch, context.num_graphs)]
+    if context.node_vectors is not None and context.node_vectors.shape[1] > 0:
+        nv = context.node_vectors
+        total = scatter(nv, batch, dim=0, dim_size=context.num_graphs, reduce="sum")
+        vecs += [nv[nodes], total[batch[nodes]]]
+    return torch.cat(vecs, dim=1)
+
+
+def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tensor, handedness: str,
+                  context: FrameContext | None) -> tuple[torch.Tensor, FrameStatus]:
+    """Gram-Schmidt on local candidates. With ``handedness="wide"``, for the rows whose frame is
+    degenerate: (1) redo it with the graph-wide ``context_vectors`` appended to the axis candidates
+    and to the handedness vectors (and accept an ill-conditioned equivariant y, sine > ``hand_eps``,
+    before the global axes); (2) orient a still-undecided z by the already decided z axes of its
+    graph (true vectors), ``sum_j r_ij^p z_j``, so that nodes on an (approximate) mirror plane
+    follow the handedness the rest of the input decided. An exactly mirror-symmetric input keeps
+    them undecided: the decided z of mirror partners cancel along the plane normal."""
+    if handedness == "local":
+        return gram_schmidt(cand, hand, return_status=True)  # type: ignore[return-value]
+    context = context or FrameContext()
+    h_eps = hand_eps(pos.dtype)
+    R, status = gram_schmidt(cand, hand, hand_eps=h_eps, return_status=True)  # type: ignore[misc]
+    need = status.degenerate.nonzero().flatten()
+    if need.numel() == 0:
+        return R, status
+    wide = context_vectors(pos, need, context)
+    R2, st2 = gram_schmidt(torch.cat([cand[need], wide], dim=1),
+                           None if hand is None else torch.cat([hand[need], wide], dim=1),
+                           hand_eps=h_eps, sin_floor=h_eps, return_status=True)  # type: ignore[misc]
+    R = R.index_put((need,), R2)
+    status = status.merged(need, st2)
+    und = (status.undecided & ~status.x_fallback & ~status.y_fallback).nonzero().flatten()
+    if hand is None or und.numel() == 0:
+        return R, status
+    with torch.no_grad():  # a sign decision
+        source = ~(status.undecided | status.x_fallback | status.y_fallback)
+        z_dec = R[:, 2].detach() * source[:, None].to(R.dtype)
+        votes = _graph_moments(pos.detach(), und, _batch_of(pos, context), context.num_graphs, z_dec)
+        z_und = R[und, 2].detach()
+        oriented, still = orient(z_und, votes, h_eps)
+        sign = (oriented * z_und).sum(-1).sign()  # -1 where the votes flip z, else +1
+    z = R[:, 2].index_put((und,), R[und, 2] * sign[:, None])
+    R = torch.stack([R[:, 0], R[:, 1], z], dim=1)
+    undecided = status.undecided.clone()
+    undecided[und] = still
+    return R, FrameStatus(status.x_fallback, status.y_fallback, undecided, status.widened, status.weak)
+
+
+def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int, undecided: torch.Tensor,
+                    fields: Sequence[tuple[Reps, torch.Tensor, torch.Tensor]] = (),
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Graphs whose input is symmetric under the reflection through a plane containing all its
+    points: ``(planar [B] bool, normal [B, 3])``.
+
+    A graph qualifies when every node's handedness stayed undecided, its points are planar
+    (thickness sqrt(lambda_min / lambda_max) of the covariance <= ``hand_eps``) and every typed
+    field ``(reps, values [M, dim], graph index [M])`` is fixed by the reflection sigma = I - 2 n n^T
+    (|rho(sigma) f - f| <= hand_eps (|f| + 1) elementwise). Computed without gradient (a decision)."""
+    with torch.no_grad():
+        B = num_graphs
+        eps = hand_eps(pos.dtype)
+        all_undecided = scatter((~undecided).to(pos.dtype), batch, dim=0, dim_size=B, reduce="sum") == 0
+        counts = torch.bincount(batch, minlength=B).clamp_min(1).to(pos.dtype)
+        c = scatter(pos, batch, dim=0, dim_size=B, reduce="sum") / counts[:, None]
+        d = pos - c[batch]
+        C = scatter((d[:, :, None] * d[:, None, :]).reshape(-1, 9), batch, dim=0, dim_size=B,
+                    reduce="sum").reshape(B, 3, 3)
+        evals, evecs = torch.linalg.eigh(torch.nan_to_num(C.double()))
+        normal = evecs[..., 0].to(pos.dtype)
+        thin = evals[:, 0].clamp_min(0) <= (eps**2) * evals[:, 2].clamp_min(0)
+        planar = all_undecided & thin
+        if planar.any():
+            sigma = torch.eye(3, dtype=pos.dtype, device=pos.device) - 2 * normal[:, :, None] * normal[:, None, :]
+            for reps, values, index in fields:
+                if reps.is_invariant or values.numel() == 0:
+                    continue
+                gap = (rho(reps, sigma[index], values) - values).abs() - eps * (values.abs() + 1)
+                broken = scatter((gap > 0).any(-1).to(pos.dtype), index, dim=0, dim_size=B, reduce="sum") > 0
+                planar = planar & ~broken
+    return planar, normal
 
 
 def _unit_edges(pos: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,26 +531,37 @@ def envelope(r: torch.Tensor, cutoff: float | None, p: int = 6) -> torch.Tensor:
     return env * (r < cutoff)
 
 
+def _check_handedness(handedness: str) -> str:
+    if handedness not in HANDEDNESS:
+        raise ValueError(f"handedness must be one of {HANDEDNESS}, got {handedness!r}")
+    return handedness
+
+
 class LearnedFrames(nn.Module):
     """Tensor-frames local frames: ``v_i^(k) = sum_j w^(k)(s_ij) env(r_ij) u_ij``, Gram-Schmidt.
 
     ``s_ij`` = [Gaussian radial basis of r_ij, node invariants of i and j, edge invariants].
     Three learned vectors (O(3), third = handedness) or two (``so3=True``: SO(3) frames).
-    The summed unit neighbour direction ``sum_j env u_ij`` is an equivariant fallback candidate.
+    The summed unit neighbour direction ``sum_j env u_ij`` is an equivariant fallback candidate;
+    with ``handedness="wide"`` degenerate rows also get the graph-wide candidates of
+    ``context_vectors`` (module docstring). ``forward`` returns the frames, ``compute`` also the
+    ``FrameStatus``.
     """
 
     centers: torch.Tensor  # buffer
 
     def __init__(self, node_dim: int, edge_dim: int, so3: bool = False, hidden: int = 32,
-                 n_rbf: int = 16, r_max: float = 5.0, cutoff: float | None = None) -> None:
+                 n_rbf: int = 16, r_max: float = 5.0, cutoff: float | None = None,
+                 handedness: str = "local") -> None:
         super().__init__()
         self.so3, self.cutoff, self.n_vec = so3, cutoff, 2 if so3 else 3
+        self.handedness = _check_handedness(handedness)
         self.register_buffer("centers", torch.linspace(0.0, r_max, n_rbf), persistent=False)
         self.gamma = (n_rbf / r_max) ** 2 / 2
         self.mlp = mlp([n_rbf + 2 * node_dim + edge_dim, hidden, hidden, self.n_vec])
 
-    def forward(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor,
-                edge_inv: torch.Tensor) -> torch.Tensor:
+    def compute(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor,
+                edge_inv: torch.Tensor, context: FrameContext | None = None) -> tuple[torch.Tensor, FrameStatus]:
         src, dst = edge_index
         u, r = _unit_edges(pos, edge_index)
         rbf = torch.exp(-self.gamma * (r[:, None] - self.centers.to(r.dtype)) ** 2)
@@ -325,19 +571,26 @@ class LearnedFrames(nn.Module):
         mean_dir = scatter(eu, dst, dim=0, dim_size=pos.shape[0], reduce="sum")[:, None]
         cand = torch.cat([vecs[:, :2], mean_dir], dim=1)
         hand = None if self.so3 else torch.cat([vecs[:, 2:3], mean_dir], dim=1)
-        return gram_schmidt(cand, hand)
+        return finish_frames(cand, hand, pos, self.handedness, context)
+
+    def forward(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor,
+                edge_inv: torch.Tensor, context: FrameContext | None = None) -> torch.Tensor:
+        return self.compute(pos, edge_index, node_inv, edge_inv, context)[0]
 
 
 class NearestFrames(nn.Module):
     """Fixed frames: ``v^(k) = x_{j_k} - x_i`` for the k-th nearest neighbour (k = 1, 2, 3; the
-    third only for handedness); ties in distance are broken by edge order (not equivariant)."""
+    third only for handedness); ties in distance are broken by edge order (not equivariant).
+    ``handedness`` as for ``LearnedFrames``."""
 
-    def __init__(self, so3: bool = False) -> None:
+    def __init__(self, so3: bool = False, handedness: str = "local") -> None:
         super().__init__()
         self.so3 = so3
+        self.handedness = _check_handedness(handedness)
 
-    def forward(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor | None = None,
-                edge_inv: torch.Tensor | None = None) -> torch.Tensor:
+    def compute(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor | None = None,
+                edge_inv: torch.Tensor | None = None,
+                context: FrameContext | None = None) -> tuple[torch.Tensor, FrameStatus]:
         src, dst = edge_index
         N, E = pos.shape[0], src.numel()
         vec = pos[src] - pos[dst]
@@ -353,7 +606,11 @@ class NearestFrames(nn.Module):
         mean_dir = scatter(u, dst, dim=0, dim_size=N, reduce="sum")[:, None]
         cand = torch.cat([near[:, :2], mean_dir], dim=1)
         hand = None if self.so3 else torch.cat([near[:, 2:3], mean_dir], dim=1)
-        return gram_schmidt(cand, hand)
+        return finish_frames(cand, hand, pos, self.handedness, context)
+
+    def forward(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor | None = None,
+                edge_inv: torch.Tensor | None = None, context: FrameContext | None = None) -> torch.Tensor:
+        return self.compute(pos, edge_index, node_inv, edge_inv, context)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,4 +750,6 @@ class FrameWrapped(nn.Module):
 
 __all__ = ["TensorReps", "IrrepsReps", "parse_reps", "scale_reps", "default_hidden_reps", "rho",
            "rho_matrix", "wigner_d", "gram_schmidt", "LearnedFrames", "NearestFrames", "envelope",
+           "HANDEDNESS", "FrameStatus", "FrameContext", "context_vectors", "finish_frames", "hand_eps", "orient",
+           "planar_symmetry",
            "ArgRep", "EdgeFrames", "edge_frames", "attach_tensor_frames", "set_frames", "FrameWrapped"]

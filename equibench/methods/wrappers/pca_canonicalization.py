@@ -11,8 +11,19 @@ with no averaging. Exactly E(3)- (resp. SE(3)-) equivariant when the eigenvalues
 AND every used third moment is non-zero; it is ill-defined at eigenvalue ties and for
 mirror-/point-symmetric inputs (zero skewness; the rule then picks +1, finite but not
 equivariant). Adds no parameters; no gradient through the frame.
+
+Exactness claim: like every frame method, exact on inputs without an exact symmetry of their own
+(generic point clouds, n-body states, molecules off symmetric geometries); the inputs where the
+frame is undefined or ill-conditioned are counted by ``blocks.pca_frames.pca_degeneracy`` and
+reported per test batch (``extra_metrics``): ``pca_degenerate_share`` (share of graphs with a
+near-tied covariance spectrum, relative gap < 1e-6, or an undefined third-moment sign),
+``pca_tie_share`` and ``pca_sign_share`` (the two causes). An exactly planar input has an undefined
+sign along its normal ("O3"); for invariant outputs that flip is harmless (the canonical
+coordinates along the normal are zero), for vector outputs it is not.
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,9 +31,30 @@ from torch_geometric.data import Batch
 
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
+from ...metrics.catalogue import Direction, MetricSpec, register_metric, test_metric
 from ..base import Method
-from ..blocks.pca_frames import apply_in_frame, check_group, first_point_field, frame_support, pca_frame
+from ..blocks.pca_frames import (
+    apply_in_frame,
+    check_group,
+    first_point_field,
+    frame_support,
+    pca_degeneracy,
+    pca_frame,
+)
 from .baseline import Baseline
+
+#: method extras (``extra_metrics``), one ``test.<name>`` row each
+PCA_METRICS: dict[str, tuple[Direction, str]] = {
+    "pca_degenerate_share": ("lower", "share of test graphs whose PCA frame is undefined or ill-conditioned "
+                                      "(near-tied covariance eigenvalues or an undefined third-moment sign): "
+                                      "exactness does not hold there"),
+    "pca_tie_share": (None, "share of test graphs with near-tied covariance eigenvalues (relative gap < 1e-6)"),
+    "pca_sign_share": (None, "share of test graphs with a third moment indistinguishable from zero on an axis "
+                             "the sign rule uses (mirror-symmetric or exactly planar inputs)"),
+}
+for _name, (_direction, _doc) in PCA_METRICS.items():
+    register_metric(MetricSpec(test_metric(_name), _name.replace("_", " "), "test", direction=_direction,
+                               stat=_name, stage="trained", log_scale=False, description=_doc))
 
 
 class PCACanonicalModel(nn.Module):
@@ -38,6 +70,13 @@ class PCACanonicalModel(nn.Module):
     def rotation(self, batch: Batch) -> torch.Tensor:
         return self.frame(batch)[0].transpose(-1, -2)
 
+    def degeneracy(self, batch: Batch) -> dict[str, float]:
+        """The ``PCA_METRICS`` shares on ``batch``."""
+        d = pca_degeneracy(batch[self.point], batch.batch, int(batch.num_graphs), self.group)
+        return {"pca_degenerate_share": d["degenerate"].double().mean().item(),
+                "pca_tie_share": d["tie"].double().mean().item(),
+                "pca_sign_share": d["sign"].double().mean().item()}
+
     def forward(self, batch: Batch) -> torch.Tensor:
         F, t = self.frame(batch)
         return apply_in_frame(self.backbone, batch, self.spec, F, t)
@@ -45,8 +84,12 @@ class PCACanonicalModel(nn.Module):
 
 @register_method("pca_canonicalization")
 class PCACanonicalization(Baseline):
+    """The shared backbone on one deterministic PCA frame per graph (third-moment signs); options
+    ``width``, ``depth``, ``params``, ``group`` ("O3" | "SO3")."""
+
     exact = True
     group = "O3"
+    exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True}  # (Baseline's says False)
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
                  group: str = "O3") -> None:
@@ -61,3 +104,7 @@ class PCACanonicalization(Baseline):
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         return PCACanonicalModel(self.build_backbone(spec), spec, self.group)
+
+    def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:
+        degeneracy = getattr(model, "degeneracy", None)
+        return degeneracy(batch) if callable(degeneracy) else {}
