@@ -167,3 +167,26 @@ def test_learning_curves_are_plotted_with_the_trivial_reference(tmp_path):
     caption = html.split('src="t_learning_curves.png"')[1].split("</figcaption>")[0]
     assert "against optimiser step, training wall-clock seconds" in caption and "trivial predictor" in caption
     assert "training budget: 100 steps" in html  # the budget says how every number was measured
+
+
+def test_tuning_runs_choose_settings_and_are_not_ranked(tmp_path):
+    """Rows of tuning runs (``tune.*`` with the grid ``setting``) in the same run directory: not in
+    the verdict or the banner (an unconverged tuning run is not an anomaly), but tabulated with
+    the setting the measured runs used; a failed tuning run is listed as failed."""
+    runs = [*seeds("t", "a", [1.0, 1.1], lr=3e-3, source="tuning run (this run)")]
+    for lr, val, conv in ((3e-3, 0.9, "converged"), (1e-3, 1.4, "not_converged")):
+        base = {"run_id": "r", "spec_hash": f"tune-{lr}", "task": "t", "method": "a", "seed": 0, "status": "ok",
+                "error": "", "convergence": conv, "setting": {"lr": lr}, "val_metric": "mse",
+                "train_config": {"steps": 100, "lr": lr}, "task_options": {"train_size": 100}}
+        runs.append([{**base, "metric": "tune.best_val", "value": val}, {**base, "metric": "tune.wall_s", "value": 2}])
+    runs.append([{"run_id": "r", "spec_hash": "tune-bad", "task": "t", "method": "a", "seed": 0, "status": "failed",
+                  "error": "RuntimeError: NaN", "setting": {"lr": 0.01}, "metric": "status", "value": None,
+                  "train_config": {"steps": 100, "lr": 0.01}, "task_options": {"train_size": 100}}])
+    run_dir = write_run(tmp_path, runs)
+    found = anomalies(load_results(run_dir))
+    assert [(a.kind, "tuning run: lr 0.01" in a.text) for a in found] == [("failed", True)]
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    verdict = html.split('<table class="verdict">')[1].split("</table>")[0]
+    assert "tuning run (this run) · lr 0.003" in verdict and verdict.count('id="verdict-t-a"') == 1
+    tuning = html.split("Tuning on the validation split")[1].split("</table>")[0]
+    assert "0.9 ✓" in tuning and "1.4" in tuning and "1.4 ✓" not in tuning

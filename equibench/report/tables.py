@@ -328,3 +328,50 @@ def training_line(df: pd.DataFrame) -> str:
     if spent:
         text += "; spent per run: " + ", ".join(spent)
     return text
+
+
+def split_tuning(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(measured runs, tuning runs) of ``df``: a tuning run's rows carry the grid ``setting`` it
+    tried (or a ``tune.*`` metric); they choose settings and are not ranked."""
+    if df.empty or "metric" not in df:
+        return df, df.iloc[0:0]
+    tuning = df["metric"].map(lambda m: spec_for(str(m)).family == "tune")
+    if "setting" in df:
+        tuning |= df["setting"].map(lambda v: isinstance(v, dict))
+    return df[~tuning], df[tuning]
+
+
+def _setting_label(setting: Any) -> str:
+    if isinstance(setting, str):
+        try:
+            setting = json.loads(setting)
+        except ValueError:
+            return setting
+    if not isinstance(setting, dict):
+        return "?"
+    return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in sorted(setting.items()))
+
+
+def tuning_table(tuning: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
+    """Per method (rows) and grid setting (columns): the tuning runs' best validation value, mean
+    over their seeds; ✓ marks the setting the measured runs trained with (their lr and the other
+    grid keys, from ``train_config``). Empty without tuning rows."""
+    best = tuning[(tuning["status"] == "ok") & (tuning["metric"] == "tune.best_val")] if len(tuning) else tuning
+    if best.empty or "setting" not in best:
+        return pd.DataFrame()
+    best = best.assign(_setting=best["setting"].map(_setting_label))
+    table = best.pivot_table(index="method", columns="_setting", values="value", aggfunc="mean")
+    used: dict[Any, set[str]] = {}
+    keys = sorted({k for v in best["setting"] if isinstance(v, dict) for k in v})
+    runs = measured.drop_duplicates("spec_hash") if "spec_hash" in measured else measured
+    for method, cfg in zip(runs.get("method", []), runs.get("train_config", [])):
+        if isinstance(cfg, dict) and keys and all(k in cfg for k in keys):
+            used.setdefault(method, set()).add(_setting_label({k: cfg[k] for k in keys}))
+    out = table.map(fmt.number).astype(object)
+    for method in out.index:
+        for col in out.columns:
+            if col in used.get(method, set()) and out.loc[method, col] != fmt.MISSING:
+                out.loc[method, col] = f"{out.loc[method, col]} ✓"
+    out.index.name = "method"
+    out.columns.name = None
+    return out

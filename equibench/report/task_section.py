@@ -21,7 +21,9 @@ from .tables import (
     score_columns,
     seed_table,
     split_sweeps,
+    split_tuning,
     task_table,
+    tuning_table,
 )
 from .verdicts import TaskFacts, assess, verdict_table
 
@@ -165,7 +167,9 @@ def _convergence_text(facts: TaskFacts) -> dict[str, str]:
 
 
 def task_section(task: str, df_all: pd.DataFrame, out: Path) -> Section:
-    """The section of ``task`` from its rows (all (method, seed) runs, sweeps included)."""
+    """The section of ``task`` from its rows (all (method, seed) runs, sweeps and tuning runs
+    included)."""
+    df_all, tuning = split_tuning(df_all)
     df, _ = split_sweeps(df_all)
     agg, std = seed_table(df)
     n_seeds = df["seed"].nunique()
@@ -190,6 +194,11 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path) -> Section:
                _sample_efficiency(task, df_all, out, tests[0], ctx) if tests else None]
     deg_figure, symmetric = _degeneracy(task, df, out, ctx)
     section["figures"] = [f for f in (*figures, deg_figure) if f]
+    tuned = tuning_table(tuning, df)
+    if len(tuned):
+        section["tables"].append(("Tuning on the validation split: best validation value of the task's first metric "
+                                  "per grid setting (mean over the tuning seeds; ✓ = the setting the measured runs "
+                                  "used)", tuned))
     if symmetric is not None:
         section["tables"].append(("Max relative equivariance error on exactly symmetric inputs (fp64)", symmetric))
     return section

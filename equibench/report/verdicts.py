@@ -46,7 +46,7 @@ from . import fmt
 from .metricinfo import ARROWS, header, metric_names, spec_for, value
 from .render import TableView, md_anchor, section_anchor, slug
 from .sections import SCALING_TASK, TP_TASK
-from .tables import options_key, primary_metric, seed_table, split_sweeps, train_config
+from .tables import options_key, primary_metric, seed_table, split_sweeps, split_tuning, train_config
 
 LEVEL = 0.95   # two-sided confidence level of the intervals
 ALPHA = 0.05   # level of the Welch test that separates neighbours in the ranking
@@ -249,16 +249,10 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
     ok = df[(df["status"] == "ok")]
     methods: dict[str, MethodFacts] = {}
     for _, run in _first_per_run(df).iterrows():
+        if run["status"] not in (*FAILED_STATUSES, "ok"):
+            continue  # not_applicable / skipped: listed with the runs without results, not judged
         m = methods.setdefault(str(run["method"]), MethodFacts(str(run["method"])))
         seed = run.get("seed")
-        if run["status"] in FAILED_STATUSES:
-            m.failed.append((seed, str(run["status"])))
-            continue
-        if run["status"] != "ok":
-            continue
-        m.seeds.append(seed)
-        verdict = run.get("convergence")
-        m.convergence[seed] = verdict if isinstance(verdict, str) and verdict else "unknown"
         claim = run.get("exact_claim")
         m.exact = m.exact or (isinstance(claim, (bool, np.bool_)) and bool(claim))
         source = run.get("setting_source")
@@ -267,6 +261,12 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
         cfg = train_config(run.get("train_config"))
         if cfg is not None and cfg.lr not in m.lrs:
             m.lrs.append(cfg.lr)
+        if run["status"] in FAILED_STATUSES:
+            m.failed.append((seed, str(run["status"])))
+            continue
+        m.seeds.append(seed)
+        verdict = run.get("convergence")
+        m.convergence[seed] = verdict if isinstance(verdict, str) and verdict else "unknown"
     diagnostics = degeneracy_diagnostics(ok["metric"].unique()) if len(ok) else []
     for method, g in ok.groupby("method"):
         m = methods.setdefault(str(method), MethodFacts(str(method)))
@@ -507,8 +507,12 @@ def _failed_anomalies(df: pd.DataFrame, special_tasks: Sequence[str]) -> list[An
         why = f": {error[-1][:160]}" if error else ""
         signal = r.get("exit_signal")
         sig = f" (signal {signal})" if isinstance(signal, str) and signal else ""
+        setting = r.get("setting")
+        tuning = (" (tuning run: " + ", ".join(f"{k} {v}" for k, v in sorted(setting.items())) + ")"
+                  if isinstance(setting, dict) else "")
         out.append(Anomaly("failed", str(r["task"]), str(r["method"]),
-                           f"{r['task']} / {r['method']} seed {_seeds_text([r['seed']])}: {r['status']}{sig}{why}",
+                           f"{r['task']} / {r['method']} seed {_seeds_text([r['seed']])}{tuning}: {r['status']}{sig}"
+                           f"{why}",
                            status_row_id(r.get("spec_hash"), str(r["task"]), str(r["method"]), r.get("seed")),
                            "runs-that-did-not-produce-results"))
     for (task, method, status), g in bad[special].groupby(["task", "method", "status"]):
@@ -555,7 +559,8 @@ def anomalies(df: pd.DataFrame, special_tasks: Sequence[str] = ()) -> list[Anoma
     """Every anomaly of the rows ``df`` (any tasks), failed specs first, then per kind and task."""
     if df.empty or "status" not in df:
         return []
-    out = _failed_anomalies(df, special_tasks)
-    for task, g in df[~df["task"].isin(list(special_tasks))].groupby("task", sort=True):
+    out = _failed_anomalies(df, special_tasks)  # failed tuning runs included
+    measured, _ = split_tuning(df)
+    for task, g in measured[~measured["task"].isin(list(special_tasks))].groupby("task", sort=True):
         out += task_anomalies(str(task), g)
     return sorted(out, key=lambda a: (KINDS.index(a.kind) if a.kind in KINDS else len(KINDS), a.task, a.method))
