@@ -1,6 +1,8 @@
-"""``egnn``: the E(n)-equivariant graph neural network of Satorras, Hoogeboom and Welling, "E(n)
-Equivariant Graph Neural Networks" (ICML 2021), as its n-body experiment builds it (Table 2, EGNN
-row: test MSE 0.0071; reference ``vgsatorras/egnn``, ``main_nbody.py`` with ``EGNN_vel``).
+"""``egnn``: EGNN with velocities as its paper's n-body experiment builds it (EGNN_vel), E(3)-exact.
+
+Satorras, Hoogeboom and Welling, "E(n) Equivariant Graph Neural Networks" (ICML 2021), n-body
+experiment (Table 2, EGNN row: test MSE 0.0071); reference ``vgsatorras/egnn``, ``main_nbody.py``
+with ``EGNN_vel``.
 
 Group: E(3) = O(3) (reflections included) plus translations, exactly: only invariants (h, squared
 distances, invariant edge inputs) enter the MLPs, and coordinates move along relative vectors

@@ -1,6 +1,8 @@
-"""``e3nn_nequip``: a NequIP-style e3nn network (Batzner et al., "E(3)-equivariant graph neural
-networks for data-efficient and accurate interatomic potentials", Nat. Commun. 2022; reference
-``mir-group/nequip``, its ``InteractionBlock`` / ``ConvNetLayer``), intrinsically O(3)-exact.
+"""``e3nn_nequip``: a NequIP-style e3nn network ('uvu' convolutions, Bessel basis + cutoff), O(3)-exact.
+
+Batzner et al., "E(3)-equivariant graph neural networks for data-efficient and accurate
+interatomic potentials" (Nat. Commun. 2022); reference ``mir-group/nequip``, its
+``InteractionBlock`` / ``ConvNetLayer`` and ``NequIPGNNModel`` defaults.
 
 Beside the TFN-style ``e3nn`` (fully connected 'uvw' products, Gaussian radial basis, fixed
 average degree), this follows NequIP's convolution:

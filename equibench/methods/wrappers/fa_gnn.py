@@ -1,7 +1,8 @@
-"""``fa_gnn``: frame averaging at *every layer* of a message-passing network, as Puny et al. build
-FA-GNN for n-body (Puny, Atzmon, Ben-Hamu, Misra, Grover, Smith, Lipman, "Frame Averaging for
-Invariant and Equivariant Network Design", ICLR 2022, the n-body table: FA-GNN, test MSE ~0.0057;
-reference code ``omri1348/Frame-Averaging``, ``nbody/``).
+"""``fa_gnn``: FA-GNN, PCA frame averaging at every layer of a GNN (Puny et al.'s n-body model).
+
+Puny, Atzmon, Ben-Hamu, Misra, Grover, Smith, Lipman, "Frame Averaging for Invariant and
+Equivariant Network Design" (ICLR 2022), n-body table: FA-GNN, test MSE ~0.0057; reference code
+``omri1348/Frame-Averaging``, ``nbody/``.
 
 This is *not* the registered ``frame_averaging``, which averages once around the whole shared
 backbone (input framed once, the backbone run end to end in each frame, outputs averaged). Here

@@ -1,5 +1,6 @@
-"""``frame_averaging``: the shared model averaged over frames, once, around the whole model
-(Puny et al., "Frame Averaging for Invariant and Equivariant Network Design", ICLR 2022).
+"""``frame_averaging``: the shared model averaged over frames (PCA; C_N on images) once, around it all.
+
+Puny et al., "Frame Averaging for Invariant and Equivariant Network Design" (ICLR 2022).
 
 Which is which: this method frames the *input* once and averages the *output* of the whole
 shared backbone (the paper's frame-averaging operator applied to the backbone every wrapping
