@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..core.registry import list_methods, list_tasks
 from ..suite.store import load_results
 from .compare import write_comparison
 from .metricinfo import canonicalise
@@ -67,6 +68,7 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     """Write ``out_dir/index.html`` and ``out_dir/README.md`` (+ PNGs); returns the HTML path.
 
     ``regressions`` (one line each) are listed first; ``history`` adds trend plots per task."""
+    list_methods(), list_tasks()  # the built-in methods and tasks declare their own metrics when imported
     df = canonicalise(load_results(paths))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

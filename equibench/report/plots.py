@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -182,6 +183,7 @@ def learning_curves(lines: Sequence[tuple[str, pd.DataFrame, str]], panels: Sequ
         xs = np.concatenate(xs_all) if xs_all else np.array([])
         if len(xs) and (xs > 0).all() and xs.max() > 10 * xs.min():
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels of a short span collide
         if reference is not None and np.isfinite(reference):
             ax.axhline(reference, color="k", lw=1.0, ls="--", label=reference_label)
         if logy:

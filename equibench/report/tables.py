@@ -18,10 +18,12 @@ from ..metrics.catalogue import (
     PARAMS,
     THROUGHPUT_MODES,
     equivariance_metric,
+    find_metric,
     lie_metric,
     list_metrics,
     throughput_metric,
     train_metric,
+    trivial_metric,
 )
 from . import fmt
 from .metricinfo import header, metric_names, select, spec_for, value
@@ -52,19 +54,32 @@ def _declared_order(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda m: (order.get(m, len(order)), m))
 
 
+def is_task_metric(name: str) -> bool:
+    """Whether ``name`` is a task's own test metric: declared with a trivial-predictor twin
+    (``trivial.<stat>``; every task metric has one, the runner scores the trivial predictor on
+    each), as opposed to a method's diagnostic on the test split."""
+    s = spec_for(name)
+    return s.family == "test" and bool(s.stat) and find_metric(trivial_metric(s.stat or "")) is not None
+
+
+def task_metric_names(names: Iterable[str]) -> list[str]:
+    """The task metrics among ``names``, in catalogue order."""
+    return _declared_order(m for m in dict.fromkeys(names) if is_task_metric(m))
+
+
 def score_columns(agg: pd.DataFrame, primary: str | None = None) -> list[str]:
-    """The test-split metrics in ``agg``: the primary one (``primary`` when given and present,
+    """The task's test metrics in ``agg``: the primary one (``primary`` when given and present,
     else ``primary_metric``) first, then in catalogue order."""
-    cols = _declared_order(metric_names(agg.columns, family="test"))
+    cols = task_metric_names(agg.columns)
     primary = primary if primary in cols else primary_metric(agg, cols)
     return ([primary] if primary else []) + [c for c in cols if c != primary]
 
 
-def diagnostic_columns(agg: pd.DataFrame) -> list[str]:
-    """Method-specific diagnostics on the test split (test metrics without a better direction,
-    e.g. a canonicaliser's identity share or a share of degenerate frames): shown next to the
-    equivariance error, with their catalogue descriptions."""
-    return _declared_order(metric_names(agg.columns, family="test", direction=None))
+def diagnostic_columns(names: Iterable[str]) -> list[str]:
+    """Method-specific diagnostics on the test split (test metrics that are not task metrics,
+    e.g. a canonicaliser's identity share or a share of nodes with a degenerate frame): shown
+    next to the equivariance error, with their catalogue descriptions."""
+    return _declared_order(m for m in metric_names(names, family="test") if not is_task_metric(m))
 
 
 def undeclared_columns(agg: pd.DataFrame) -> list[str]:
@@ -73,9 +88,9 @@ def undeclared_columns(agg: pd.DataFrame) -> list[str]:
 
 
 def primary_metric(agg: pd.DataFrame, candidates: list[str] | None = None) -> str | None:
-    """The test metric the most methods report; ties go to ranked task metrics (with a
-    direction), then to catalogue order. None when there is no test metric."""
-    cols = candidates if candidates is not None else _declared_order(metric_names(agg.columns, family="test"))
+    """The task metric the most methods report; ties go to metrics with a direction, then to
+    catalogue order. None when there is no task metric."""
+    cols = candidates if candidates is not None else task_metric_names(agg.columns)
     if not cols:
         return None
     reported = {c: int(agg[c].notna().to_numpy().sum()) for c in cols}
@@ -130,14 +145,14 @@ def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str 
                convergence: dict[Any, str] | None = None) -> pd.DataFrame:
     """One row per method (best first by ``primary``, else the primary test metric), formatted
     strings under grouped headers (two-level columns): model (parameters), accuracy (test
-    metrics ± std over seeds), equivariance (relative errors, Lie derivative, method
-    diagnostics), speed (throughput ± IQR, FLOP rate, time against the shared backbone), memory
-    (peak), training (steps, wall time, FLOPs, best step, final loss, convergence). Columns no
-    method has are left out."""
+    metrics ± std over seeds), equivariance (relative errors, Lie derivative), method
+    diagnostics (the method's own numbers on the test split), speed (throughput ± IQR, FLOP
+    rate, time against the shared backbone), memory (peak), training (steps, wall time, FLOPs,
+    best step, final loss, convergence). Columns no method has are left out."""
     if agg.empty:
         return pd.DataFrame()
-    tests = [c for c in score_columns(agg, primary) if spec_for(c).direction is not None]
-    diagnostics, undeclared = diagnostic_columns(agg), undeclared_columns(agg)
+    tests = score_columns(agg, primary)
+    diagnostics, undeclared = diagnostic_columns(agg.columns), undeclared_columns(agg)
     base = agg.loc["baseline"] if "baseline" in agg.index else None
     rows: dict[Any, dict[tuple[str, str], str]] = {}
     for method in sort_best_first(agg, primary if primary in agg else tests[0] if tests else None):
@@ -148,8 +163,10 @@ def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str 
             if n_seeds > 1 and np.isfinite(s.get(c, np.nan)) and cell != fmt.MISSING:
                 cell += f" ± {value(spec_for(c), s[c])}"
             r[("accuracy" if c in tests else "other", _short(c))] = cell
-        for c in (*EQUIVARIANCE_COLUMNS, LIE_COLUMN, *diagnostics):
+        for c in (*EQUIVARIANCE_COLUMNS, LIE_COLUMN):
             r[("equivariance", _short(c))] = value(spec_for(c), m.get(c))
+        for c in diagnostics:
+            r[("method diagnostics", _short(c))] = value(spec_for(c), m.get(c))
         for mode in THROUGHPUT_MODES:
             gps = throughput_metric(mode, "graphs_per_s")
             med, iqr = m.get(throughput_metric(mode, "time_median_s")), m.get(throughput_metric(mode, "time_iqr_s"))

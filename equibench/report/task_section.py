@@ -154,8 +154,8 @@ def _learning_curves(task: str, df: pd.DataFrame, facts: TaskFacts, out: Path, c
 
 
 def _diagnostic_notes(agg: pd.DataFrame) -> list[str]:
-    return [f"{spec_for(c).display}{' [' + spec_for(c).unit + ']' if spec_for(c).unit else ''} (equivariance "
-            f"group): {spec_for(c).description}" for c in diagnostic_columns(agg)]
+    return [f"{spec_for(c).display}{' [' + spec_for(c).unit + ']' if spec_for(c).unit else ''} (method "
+            f"diagnostics): {spec_for(c).description}" for c in diagnostic_columns(agg.columns)]
 
 
 def _convergence_text(facts: TaskFacts) -> dict[str, str]:
@@ -178,13 +178,16 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path) -> Section:
     section: Section = {"task": task, "context": ctx, "figures": [], "index_label": "method", "css": "results",
                         "tables": [], "verdict": verdict_table(facts, _verdict_context(df)),
                         "collapse": "Full table: every measured number per method (mean over seeds, ± std when "
-                                    "there are several): accuracy and equivariance, then speed, memory and training",
+                                    "there are several): accuracy and equivariance, method diagnostics, then "
+                                    "speed, memory and training",
                         "notes": _diagnostic_notes(agg) if len(agg) else []}
     full = task_table(agg, std, n_seeds, facts.metric, _convergence_text(facts))
     if len(full):  # two tables (accuracy and equivariance | speed, memory and training) so that each fits
         quality = [c for c in full.columns if c[0] in QUALITY_GROUPS]
+        diagnostics = [c for c in full.columns if c[0] == "method diagnostics"]
         section["table"] = full.loc[:, quality]
-        section["more"] = [("costs", full.loc[:, [c for c in full.columns if c not in quality]])]
+        section["more"] = [("diagnostics", full.loc[:, diagnostics]),
+                           ("costs", full.loc[:, [c for c in full.columns if c not in quality + diagnostics]])]
     else:
         section["table"] = full
     tests = score_columns(agg, facts.metric) if len(agg) else []

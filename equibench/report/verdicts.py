@@ -43,10 +43,18 @@ from ..metrics.catalogue import (
     trivial_metric,
 )
 from . import fmt
-from .metricinfo import ARROWS, header, metric_names, spec_for, value
+from .metricinfo import ARROWS, header, spec_for, value
 from .render import TableView, md_anchor, section_anchor, slug
 from .sections import SCALING_TASK, TP_TASK
-from .tables import options_key, primary_metric, seed_table, split_sweeps, split_tuning, train_config
+from .tables import (
+    diagnostic_columns,
+    options_key,
+    primary_metric,
+    seed_table,
+    split_sweeps,
+    split_tuning,
+    train_config,
+)
 
 LEVEL = 0.95   # two-sided confidence level of the intervals
 ALPHA = 0.05   # level of the Welch test that separates neighbours in the ranking
@@ -179,15 +187,15 @@ def trivial_doc(task: str) -> str:
 
 
 def degeneracy_diagnostics(names: Any) -> list[str]:
-    """Method-specific degeneracy metrics among ``names``: test-split numbers without a better
-    direction whose catalogue entry is about degenerate inputs or frames (e.g. the share of graphs
-    with a degenerate frame); shown next to the equivariance error."""
+    """The method diagnostics among ``names`` that the verdict shows beside the equivariance
+    error: those with a better direction (e.g. the share of nodes whose frame is degenerate, where
+    exactness does not hold) and any whose catalogue entry is about degenerate inputs or frames."""
     out = []
-    for m in metric_names(names, family="test", direction=None):
+    for m in diagnostic_columns(names):
         s = spec_for(m)
-        if "degenera" in f"{s.name} {s.display} {s.description}".lower():
+        if s.direction is not None or "degenera" in f"{s.name} {s.display}".lower():
             out.append(m)
-    return sorted(out)
+    return out
 
 
 @dataclass
@@ -359,6 +367,19 @@ def _eq_cell(m: MethodFacts, dtype: str) -> str:
     return cell
 
 
+def _diag_header(diag: Sequence[str]) -> str:
+    if len(diag) == 1:
+        return header(spec_for(diag[0]))
+    return "diagnostics"
+
+
+def _diag_cell(m: MethodFacts, diag: Sequence[str]) -> str:
+    if len(diag) == 1:
+        return value(spec_for(diag[0]), m.diagnostics.get(diag[0]))
+    parts = [f"{spec_for(d).display} {value(spec_for(d), m.diagnostics[d])}" for d in diag if d in m.diagnostics]
+    return "; ".join(parts) or fmt.MISSING
+
+
 def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str]) -> str:
     spec = facts.spec
     if spec is None:
@@ -366,6 +387,7 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str]) -> str:
     word = {"higher": "higher is better", "lower": "lower is better"}.get(spec.direction or "", "no better direction")
     seeds = _seeds_text(facts.seeds)
     trivial = trivial_doc(facts.task)
+    diag = sorted({d for m in facts.methods.values() for d in m.diagnostics})
     parts = [
         f"Verdict for {facts.task}: methods ranked by test {spec.display}{' [' + spec.unit + ']' if spec.unit else ''} "
         f"({word}; the task's first metric, direction from the metric catalogue), mean over seeds {seeds} "
@@ -380,6 +402,8 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str]) -> str:
         f"{ctx.get('equivariance', 'the test graphs and group samples')}, worst seed; fp64 = the model rebuilt "
         "in float64, fp32 = as deployed; '(exact)' = the method claims exact equivariance here and is held to "
         "1e-10 (fp64) / 1e-4 (fp32), ⚠ when over.",
+        *(["Diagnostics (mean over seeds): " + "; ".join(f"{spec_for(d).display}: {spec_for(d).description}"
+                                                         for d in diag) + "."] if diag else []),
         f"Speed: inference throughput ({ctx.get('throughput', 'fp32')}), mean over seeds.",
         "Convergence: ⚠ not converged = the best validation value still improved by more than the tolerance over "
         "the last fifth of the training budget (+x % = that improvement).",
@@ -401,9 +425,7 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None) -> Tab
                                       ("accuracy", "vs next-ranked"),
                                       ("equivariance", f"fp64 max rel. err {ARROWS['lower']}"),
                                       ("equivariance", f"fp32 max rel. err {ARROWS['lower']}"),
-                                      *[("equivariance", spec_for(d).display + (f" [{spec_for(d).unit}]"
-                                                                                if spec_for(d).unit else ""))
-                                        for d in diag],
+                                      *([("equivariance", _diag_header(diag))] if diag else []),
                                       ("speed", header(spec_for(THROUGHPUT), "inference")),
                                       ("training", "convergence"), ("training", "settings")]
     rows: list[list[str]] = []
@@ -432,7 +454,7 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None) -> Tab
         if m.over_limit:
             flags.append("exact over limit")
         cells = [rank, m.method + (" (exact)" if m.exact else ""), score, nxt, _eq_cell(m, "fp64"), _eq_cell(m, "fp32"),
-                 *[fmt.number(m.diagnostics.get(d), spec_for(d).number_format) for d in diag],
+                 *([_diag_cell(m, diag)] if diag else []),
                  value(spec_for(THROUGHPUT), m.throughput), _convergence_cell(m), _settings_cell(m)]
         rows.append(cells)
         ids.append(verdict_row_id(facts.task, m.method))
