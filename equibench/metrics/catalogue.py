@@ -255,7 +255,8 @@ _TEST: dict[str, tuple[str, Direction, bool, str]] = {  # name: (unit, direction
 # method extras (canonicaliser diagnostics): context only, no better direction (on isotropic data no
 # equivariant canonicaliser can stay near the identity; see methods/canonicalization.py)
 _METHOD_EXTRAS: dict[str, tuple[str, bool, str]] = {  # name: (unit, log scale, description)
-    "identity_metric": ("", False, "share of inputs the canonicaliser maps to (near) the identity"),
+    "identity_metric": ("", False, "equiadapt's identity metric: 1 - MSE(R, I) of the canonicalising "
+                        "rotation (graph3d); share of inputs mapped to the identity element (images)"),
     "prior_mse": ("", True, "mean((R − I)²) of the canonical rotation (graph canonicaliser)"),
     "mean_angle_deg": ("deg", False, "mean rotation angle of the canonical frame (improper = 180)"),
     "prior_ce": ("", True, "cross-entropy of the canonicaliser's scores to the identity (images)"),
