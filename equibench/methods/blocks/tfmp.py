@@ -338,7 +338,8 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
     rounding grows like 1/sine); z = x cross y. The global axes are appended as last-resort
     (non-equivariant) candidates, so the result is always a rotation. With ``handedness [N, H, 3]``
     (O(3) frames), z is flipped to have a positive inner product with the first handedness vector h
-    with |<h/|h|, z>| > ``hand_eps`` (default ``eps``; no flip if none). Rows are orthonormal; det is
+    with |<h/|h|, z>| > eps (no flip if none); with ``hand_eps`` the threshold is hand_eps / sine(x, y)
+    instead (a sign decision needs a signal above the rounding of z). Rows are orthonormal; det is
     +1 without handedness, +-1 with it. ``return_status=True`` also returns a ``FrameStatus``
     (which rows fell back to the global axes / stayed undecided).
     """
@@ -362,20 +363,26 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
     z = torch.linalg.cross(x, y)
     undecided = torch.zeros(N, dtype=torch.bool, device=candidates.device)
     if handedness is not None:
-        z, undecided = orient(z, handedness, eps if hand_eps is None else hand_eps, eps)
+        if hand_eps is None:
+            h_eps: float | torch.Tensor = eps
+        else:  # z inherits the rounding of y amplified by 1 / sine: demand a signal above it
+            sine = rn.gather(1, iy[:, None]).squeeze(1).detach()
+            h_eps = hand_eps / sine.clamp(min=hand_eps, max=1.0)
+        z, undecided = orient(z, handedness, h_eps, eps)
     R = torch.stack([x, y, z], dim=1)
     if not return_status:
         return R
     return R, FrameStatus(ix >= K, iy >= K, undecided, torch.zeros_like(undecided), weak)
 
 
-def orient(z: torch.Tensor, handedness: torch.Tensor, h_eps: float,
+def orient(z: torch.Tensor, handedness: torch.Tensor, h_eps: float | torch.Tensor,
            eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z flipped to <h, z> > 0 for the first handedness vector h [N, H, 3] with
-    |<h/|h|, z>| > h_eps, undecided [N])``; undecided rows keep z."""
+    |<h/|h|, z>| > h_eps (a number or one per row), undecided [N])``; undecided rows keep z."""
     h, hn = _normalize(handedness, eps)
     s = (h * z[:, None]).sum(-1)
-    decisive = (hn > eps) & (s.abs() > h_eps)
+    thr = h_eps[:, None] if torch.is_tensor(h_eps) else h_eps
+    decisive = (hn > eps) & (s.abs() > thr)
     first = torch.argmax(decisive.to(torch.int8), dim=1)
     s_first = s.gather(1, first[:, None]).squeeze(1)
     undecided = ~decisive.any(1)
@@ -480,36 +487,41 @@ def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tens
     return R, FrameStatus(status.x_fallback, status.y_fallback, undecided, status.widened, status.weak)
 
 
-def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int, undecided: torch.Tensor,
+def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
                     fields: Sequence[tuple[Reps, torch.Tensor, torch.Tensor]] = (),
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Graphs whose input is symmetric under the reflection through a plane containing all its
     points: ``(planar [B] bool, normal [B, 3])``.
 
-    A graph qualifies when every node's handedness stayed undecided, its points are planar
-    (thickness sqrt(lambda_min / lambda_max) of the covariance <= ``hand_eps``) and every typed
-    field ``(reps, values [M, dim], graph index [M])`` is fixed by the reflection sigma = I - 2 n n^T
-    (|rho(sigma) f - f| <= hand_eps (|f| + 1) elementwise). Computed without gradient (a decision)."""
+    A graph qualifies when its points are planar (every height over the plane of the two largest
+    principal axes <= ``hand_eps`` times the largest distance from the centroid; not collinear; at
+    least three points) and every typed field ``(reps, values [M, dim],
+    graph index [M])`` is fixed by the reflection sigma = I - 2 n n^T (|rho(sigma) f - f| <=
+    hand_eps (|f| + 1) elementwise). Then no equivariant vector has a component along n: any
+    handedness "decided" there is rounding noise. Computed without gradient (a decision)."""
     with torch.no_grad():
         B = num_graphs
         eps = hand_eps(pos.dtype)
-        all_undecided = scatter((~undecided).to(pos.dtype), batch, dim=0, dim_size=B, reduce="sum") == 0
-        counts = torch.bincount(batch, minlength=B).clamp_min(1).to(pos.dtype)
-        c = scatter(pos, batch, dim=0, dim_size=B, reduce="sum") / counts[:, None]
-        d = pos - c[batch]
+        x = pos.detach()
+        counts = torch.bincount(batch, minlength=B)
+        c = scatter(x, batch, dim=0, dim_size=B, reduce="sum") / counts.clamp_min(1).to(x.dtype)[:, None]
+        d = x - c[batch]
         C = scatter((d[:, :, None] * d[:, None, :]).reshape(-1, 9), batch, dim=0, dim_size=B,
                     reduce="sum").reshape(B, 3, 3)
         evals, evecs = torch.linalg.eigh(torch.nan_to_num(C.double()))
-        normal = evecs[..., 0].to(pos.dtype)
-        thin = evals[:, 0].clamp_min(0) <= (eps**2) * evals[:, 2].clamp_min(0)
-        planar = all_undecided & thin
+        normal = evecs[..., 0].to(x.dtype)
+        # thickness from the heights over the plane (eigenvalues carry rounding ~ u lambda_max)
+        height = scatter((d * normal[batch]).sum(-1).abs(), batch, dim=0, dim_size=B, reduce="max")
+        radius = scatter(d.norm(dim=-1), batch, dim=0, dim_size=B, reduce="max")
+        planar = (height <= eps * radius) & (evals[:, 1] > 1e-6 * evals[:, 2]) & (counts >= 3)
         if planar.any():
-            sigma = torch.eye(3, dtype=pos.dtype, device=pos.device) - 2 * normal[:, :, None] * normal[:, None, :]
+            sigma = torch.eye(3, dtype=x.dtype, device=x.device) - 2 * normal[:, :, None] * normal[:, None, :]
             for reps, values, index in fields:
                 if reps.is_invariant or values.numel() == 0:
                     continue
-                gap = (rho(reps, sigma[index], values) - values).abs() - eps * (values.abs() + 1)
-                broken = scatter((gap > 0).any(-1).to(pos.dtype), index, dim=0, dim_size=B, reduce="sum") > 0
+                v = values.detach()
+                gap = (rho(reps, sigma[index], v) - v).abs() - eps * (v.abs() + 1)
+                broken = scatter((gap > 0).any(-1).to(x.dtype), index, dim=0, dim_size=B, reduce="sum") > 0
                 planar = planar & ~broken
     return planar, normal
 

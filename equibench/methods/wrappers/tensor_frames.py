@@ -186,7 +186,9 @@ class TensorFramesModel(nn.Module):
 
     def compute_frames(self, batch: Batch) -> FrameInfo:
         """Local frames, their status and (``"wide"`` O(3) frames) the planar, reflection-symmetric
-        graphs. A node undecided in a planar graph is not degenerate: the output is projected."""
+        graphs, whose nodes all keep the default z = x cross y (a pseudo-vector, consistently at
+        every node: any handedness "decided" there is rounding noise) and whose output is projected
+        (``symmetrize``); they are not degenerate."""
         pos = batch[self.point]
         n, B = pos.shape[0], int(batch.num_graphs)
         node_inv, edge_inv = frame_invariants(batch, self.spec, pos)
@@ -194,15 +196,19 @@ class TensorFramesModel(nn.Module):
         R, status = self.frames.compute(pos, batch.edge_index, node_inv, edge_inv, context)
         planar = torch.zeros(B, dtype=torch.bool, device=pos.device)
         normal = pos.new_zeros(B, 3)
-        if self.handedness == "wide" and not self.so3 and bool(status.undecided.any()):
+        if self.handedness == "wide" and not self.so3:
             fields = [(parse_reps(t), batch[name].reshape(n, -1), batch.batch)
                       for name, t in self.spec.inputs.items() if t != POINT]
             dst = batch.edge_index[1]
             fields += [(parse_reps(t), batch[name].reshape(dst.numel(), -1), batch.batch[dst])
                        for name, t in self.spec.edge_inputs.items()]
-            planar, normal = planar_symmetry(pos, batch.batch, B, status.undecided, fields)
-            status = FrameStatus(status.x_fallback, status.y_fallback, status.undecided & ~planar[batch.batch],
-                                 status.widened, status.weak)
+            planar, normal = planar_symmetry(pos, batch.batch, B, fields)
+            if bool(planar.any()):
+                on = planar[batch.batch]
+                z = torch.where(on[:, None], torch.linalg.cross(R[:, 0], R[:, 1]), R[:, 2])
+                R = torch.stack([R[:, 0], R[:, 1], z], dim=1)
+                status = FrameStatus(status.x_fallback, status.y_fallback, status.undecided & ~on,
+                                     status.widened, status.weak)
         return FrameInfo(R, status, planar, normal)
 
     def local_inputs(self, batch: Batch, R: torch.Tensor) -> torch.Tensor:
