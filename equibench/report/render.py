@@ -85,12 +85,18 @@ class TableView:
     def row_class(self, i: int) -> str:
         return self.row_css[i] if i < len(self.row_css) else ""
 
-    def md_columns(self) -> list[str]:
-        """Headers for Markdown (one header row): "group: header" under a group."""
+    def md_groups(self) -> str:
+        """The grouped headers as one line for Markdown (which has no spanning cells): "group:
+        first column – last column" per group; "" without groups."""
         if not self.groups:
-            return list(self.columns)
-        tops = [label for label, n in self.groups for _ in range(n)]
-        return [f"{t}: {c}" if t else c for t, c in zip(tops, self.columns)]
+            return ""
+        parts, start = [], 0
+        for label, n in self.groups:
+            if label:
+                cols = self.columns[start:start + n]
+                parts.append(f"{label}: {cols[0]}" + (f" – {cols[-1]}" if n > 1 else ""))
+            start += n
+        return "; ".join(parts)
 
 
 def _runs(tops: list[str]) -> list[tuple[str, int]]:

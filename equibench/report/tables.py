@@ -133,9 +133,8 @@ def _short(name: str) -> str:
         lie = "Lie " if s.family == "lie_derivative" else ""
         label = f"{lie}{s.dtype} {s.stage} {_EQ_LABELS.get(s.stat or '', s.stat)}"
         return header(s, label)
-    if s.family == "throughput":
-        return header(s, f"{s.mode} {'peak' if s.stat == 'peak_mem_bytes' else ''}".strip()
-                      if s.stat in ("graphs_per_s", "peak_mem_bytes") else f"{s.mode} {s.display.split(' ', 1)[-1]}")
+    if s.family == "throughput" and s.stat == "peak_mem_bytes":
+        return header(s, f"{s.mode} peak")
     if name in TRAINING_COLUMNS:
         return header(s, TRAINING_COLUMNS[name])
     return header(s)
