@@ -48,7 +48,7 @@ TASKS: dict[str, tuple[dict, list[int] | None]] = {
 }
 PLANAR_NORMALS = [10, 15, 27, 29, 38]  # positions in the normals test split (see module docstring)
 #: qm9 test molecules with a node near a rotation axis of the whole molecule (to float32 rounding):
-#: equivariant frames exist but are ill-conditioned there for every frame method (fp64 ~1e-11-1e-10)
+#: the learned canonicaliser measures up to 1e-10 there at init (kept out of the registry-wide audit)
 NEAR_AXIS_QM9 = [344, 1750]
 
 #: option variants audited beside each method's defaults (SO(3)-only frames, PCA, nearest frames)
@@ -144,18 +144,41 @@ def test_local_handedness_is_not_exact_and_does_not_claim_it(name, task_name):
 
 
 @pytest.mark.parametrize("name", ["tensor_frames", "local_canonicalization"])
-def test_near_axis_molecules_are_flagged_weak_not_broken(name):
-    """Near a rotation axis of the whole molecule every equivariant axis candidate is nearly
-    collinear: the frame is still equivariant, but rounding is amplified (held to 1e-8, reported
-    as frame_weak_share) instead of falling back to the non-equivariant global axes."""
+def test_near_axis_molecules_take_their_frame_from_the_graph(name):
+    """Near a rotation axis of the whole molecule (to float32 rounding) the learned axis candidates
+    are nearly collinear; the graph-wide candidates (second moments) give a well-conditioned frame."""
     task = task_of("qm9")
     data = task.load("test")
     batch = Batch.from_data_list([data[i] for i in NEAR_AXIS_QM9])
-    method = small(name, so3=True)
-    assert measure(method, task, batch) < 1e-8
+    for opts in ({}, {"so3": True}):
+        method = small(name, **opts)
+        assert measure(method, task, batch) < LIMIT
+        model = build_model(method, task.spec, 0, F64)
+        report = model.frame_report(cast_batch(batch, F64))
+        assert report["frame_widened_share"] > 0 and report["frame_degenerate_share"] == 0
+
+
+def apex_batch(perturbation: float) -> Batch:
+    """An apex over an equilateral triangle (C3v about the z axis through the apex), complete graph;
+    one base point moved by ``perturbation`` along x."""
+    pos = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [-0.5, 0.75**0.5, 0.0], [-0.5, -(0.75**0.5), 0.0]], dtype=F64)
+    pos[1, 0] += perturbation
+    src, dst = (~torch.eye(4, dtype=torch.bool)).nonzero().T
+    return Batch.from_data_list([Data(pos=pos, edge_index=torch.stack([src, dst]), y=torch.zeros(4, 3, dtype=F64))])
+
+
+def test_frames_on_a_symmetry_axis_are_weak_or_degenerate():
+    """On the axis of an exactly C3v input no equivariant frame exists (frame_degenerate_share > 0);
+    1e-8 off symmetry one exists but is ill-conditioned: kept (equivariant, rounding amplified
+    ~1e8, frame_weak_share > 0) rather than replaced by the non-equivariant global axes."""
+    task = task_of("normals")
+    method = small("tensor_frames", so3=True)
     model = build_model(method, task.spec, 0, F64)
-    report = model.frame_report(cast_batch(batch, F64))
+    exact, near = apex_batch(0.0), apex_batch(1e-8)
+    assert model.frame_report(exact)["frame_degenerate_share"] > 0
+    report = model.frame_report(near)
     assert report["frame_weak_share"] > 0 and report["frame_degenerate_share"] == 0
+    assert measure(method, task, near) < 1e-5
 
 
 def planar_batch(n_graphs: int = 3, n: int = 12, k: int = 4, seed: int = 0, vel: bool = False) -> Batch:

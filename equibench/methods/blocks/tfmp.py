@@ -282,16 +282,21 @@ def _pick_first(valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return values.gather(1, idx[:, None, None].expand(-1, 1, 3)).squeeze(1)
 
 
-_HAND_EPS = {torch.float64: 1e-11, torch.float32: 1e-4}
+_HAND_EPS = {torch.float64: 1e-11, torch.float32: 1e-5}
+#: multiple of u / sine(x, y) added to ``hand_eps``: the rounding of z is ~ u |x| / |x_j - x_i| / sine.
+#: Larger margins leave more nodes undecided, which is certainly wrong on an asymmetric input, while
+#: a decision just above the noise is almost always right (float32, measured on normals and qm9)
+ROUNDING_MARGIN = 10.0
 
 
 def hand_eps(dtype: torch.dtype) -> float:
     """Threshold of the ``"wide"`` handedness decisions, of the last-resort sine test and of the
-    planarity test: 1e-11 in float64, 1e-4 in float32, 1e-2 below. A sign decision does not amplify
+    planarity test: 1e-11 in float64, 1e-5 in float32, 1e-2 below. A sign decision does not amplify
     rounding, so it may sit far below ``EPS``; it must sit well above the rounding of |<h, z>| on
-    an exactly planar or mirror-symmetric input (~1e-15 in float64 even for ill-conditioned learned
-    frames, ~1e-6 in float32) and below the asymmetries real data carries (float32-stored
-    coordinates break symmetries at ~1e-8 relative: in float64 those still decide)."""
+    an exactly planar or mirror-symmetric input (~1e-15 in float64, ~1e-6 in float32; ill-conditioned
+    frames add ``ROUNDING_MARGIN`` u / sine in ``gram_schmidt``) and below the asymmetries real data
+    carries (float32-stored coordinates break symmetries at ~1e-8 relative: in float64 those still
+    decide)."""
     return _HAND_EPS.get(dtype, 1e-2)
 
 
@@ -338,8 +343,9 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
     rounding grows like 1/sine); z = x cross y. The global axes are appended as last-resort
     (non-equivariant) candidates, so the result is always a rotation. With ``handedness [N, H, 3]``
     (O(3) frames), z is flipped to have a positive inner product with the first handedness vector h
-    with |<h/|h|, z>| > eps (no flip if none); with ``hand_eps`` the threshold is hand_eps / sine(x, y)
-    instead (a sign decision needs a signal above the rounding of z). Rows are orthonormal; det is
+    with |<h/|h|, z>| > eps (no flip if none); with ``hand_eps`` the threshold is
+    hand_eps + ROUNDING_MARGIN u / sine(x, y) instead (u the unit roundoff: z carries the rounding of
+    y amplified by 1 / sine, and a sign decision needs a signal above it). Rows are orthonormal; det is
     +1 without handedness, +-1 with it. ``return_status=True`` also returns a ``FrameStatus``
     (which rows fell back to the global axes / stayed undecided).
     """
@@ -365,9 +371,10 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
     if handedness is not None:
         if hand_eps is None:
             h_eps: float | torch.Tensor = eps
-        else:  # z inherits the rounding of y amplified by 1 / sine: demand a signal above it
+        else:  # z inherits the rounding of y amplified by 1 / sine: demand a signal above it too
             sine = rn.gather(1, iy[:, None]).squeeze(1).detach()
-            h_eps = hand_eps / sine.clamp(min=hand_eps, max=1.0)
+            unit = float(torch.finfo(candidates.dtype).eps) / 2
+            h_eps = hand_eps + ROUNDING_MARGIN * unit / sine.clamp_min(unit)
         z, undecided = orient(z, handedness, h_eps, eps)
     R = torch.stack([x, y, z], dim=1)
     if not return_status:
@@ -401,50 +408,56 @@ class FrameContext:
     node_vectors: torch.Tensor | None = None
 
 
-def _graph_pairs(batch: torch.Tensor, num_graphs: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row r into ``nodes``, node j) for every node j in the graph of ``nodes[r]``."""
-    counts = torch.bincount(batch, minlength=num_graphs)
-    order = torch.argsort(batch, stable=True)
-    start = torch.cumsum(counts, 0) - counts
-    g = batch[nodes]
-    sizes = counts[g]
-    rows = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), sizes)
-    first = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-    offset = torch.arange(rows.numel(), device=nodes.device) - first
-    return rows, order[start[g][rows] + offset]
-
-
-def _graph_moments(pos: torch.Tensor, nodes: torch.Tensor, batch: torch.Tensor, num_graphs: int,
-                   values: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_j r_ij^p v_j`` over every node j of the graph of each of ``nodes``, p = 0, 1, 2,
-    ``[n, 3, 3]``; ``v_j = x_j - x_i`` when ``values`` is None, else ``values[j]``."""
-    rows, j = _graph_pairs(batch, num_graphs, nodes)
-    d = pos[j] - pos[nodes][rows]
-    r = (d * d).sum(-1, keepdim=True).sqrt()
-    v = d if values is None else values[j]
-    n = nodes.numel()
-    return torch.stack([scatter(v * r**p, rows, dim=0, dim_size=n, reduce="sum") for p in range(3)], dim=1)
-
-
 def _batch_of(pos: torch.Tensor, context: FrameContext) -> torch.Tensor:
     if context.batch is not None:
         return context.batch
     return torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
 
 
+def _centred(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y = x - centroid of its graph [N, 3], node counts per graph [B])."""
+    counts = torch.bincount(batch, minlength=num_graphs)
+    c = scatter(pos, batch, dim=0, dim_size=num_graphs, reduce="sum") / counts.clamp_min(1).to(pos.dtype)[:, None]
+    return pos - c[batch], counts
+
+
 def context_vectors(pos: torch.Tensor, nodes: torch.Tensor, context: FrameContext | None) -> torch.Tensor:
-    """Graph-wide equivariant candidates ``[n, 3 + 2V, 3]`` for ``nodes``: the moments
-    ``sum_j r_ij^p (x_j - x_i)`` over every node j of i's graph (p = 0: N (centroid - x_i); 1; 2),
-    then the node's own "1o" input vectors and their sum over its graph. O(|graph|) per node, so
-    it is only evaluated where the local frame is degenerate."""
+    """Graph-wide equivariant candidates ``[n, 5 + 2V, 3]`` for ``nodes``, from sums over node i's
+    graph (y_j = x_j - c, c the graph's centroid; M = sum_j y_j y_j^T; T = sum_j |y_j|^2 y_j):
+    ``-y_i = (1/N) sum_j (x_j - x_i)``, ``M y_i``, ``T``, ``M T`` and
+    ``sum_j |x_j - x_i|^2 (x_j - x_i) = T - 2 M y_i - tr(M) y_i - N |y_i|^2 y_i``; then the node's own
+    "1o" input vectors and their sum over its graph. Graph-level sums make it O(N) for all nodes."""
     context = context or FrameContext()
     batch = _batch_of(pos, context)
-    vecs = [_graph_moments(pos, nodes, batch, context.num_graphs)]
+    B = context.num_graphs
+    y, counts = _centred(pos, batch, B)
+    M = scatter((y[:, :, None] * y[:, None, :]).reshape(-1, 9), batch, dim=0, dim_size=B,
+                reduce="sum").reshape(B, 3, 3)
+    T = scatter((y * y).sum(-1, keepdim=True) * y, batch, dim=0, dim_size=B, reduce="sum")
+    g, yi = batch[nodes], y[nodes]
+    My = (M[g] @ yi[:, :, None]).squeeze(-1)
+    trace = M[g].diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    cubic = T[g] - 2 * My - trace * yi - counts[g].to(pos.dtype)[:, None] * (yi * yi).sum(-1, keepdim=True) * yi
+    vecs = [torch.stack([-yi, My, T[g], (M[g] @ T[g][:, :, None]).squeeze(-1), cubic], dim=1)]
     if context.node_vectors is not None and context.node_vectors.shape[1] > 0:
         nv = context.node_vectors
-        total = scatter(nv, batch, dim=0, dim_size=context.num_graphs, reduce="sum")
-        vecs += [nv[nodes], total[batch[nodes]]]
+        total = scatter(nv, batch, dim=0, dim_size=B, reduce="sum")
+        vecs += [nv[nodes], total[g]]
     return torch.cat(vecs, dim=1)
+
+
+def _votes(pos: torch.Tensor, nodes: torch.Tensor, batch: torch.Tensor, num_graphs: int,
+           values: torch.Tensor) -> torch.Tensor:
+    """``sum_j v_j``, ``sum_j <y_j, y_i> v_j`` and ``sum_j |x_j - x_i|^2 v_j`` over the graph of each
+    of ``nodes`` (``values [N, 3]``), ``[n, 3, 3]``, from graph-level sums."""
+    y, _ = _centred(pos, batch, num_graphs)
+    V = scatter(values, batch, dim=0, dim_size=num_graphs, reduce="sum")
+    A = scatter((values[:, :, None] * y[:, None, :]).reshape(-1, 9), batch, dim=0, dim_size=num_graphs,
+                reduce="sum").reshape(num_graphs, 3, 3)
+    W = scatter((y * y).sum(-1, keepdim=True) * values, batch, dim=0, dim_size=num_graphs, reduce="sum")
+    g, yi = batch[nodes], y[nodes]
+    Ay = (A[g] @ yi[:, :, None]).squeeze(-1)
+    return torch.stack([V[g], Ay, W[g] - 2 * Ay + (yi * yi).sum(-1, keepdim=True) * V[g]], dim=1)
 
 
 def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tensor, handedness: str,
@@ -453,7 +466,7 @@ def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tens
     degenerate: (1) redo it with the graph-wide ``context_vectors`` appended to the axis candidates
     and to the handedness vectors (and accept an ill-conditioned equivariant y, sine > ``hand_eps``,
     before the global axes); (2) orient a still-undecided z by the already decided z axes of its
-    graph (true vectors), ``sum_j r_ij^p z_j``, so that nodes on an (approximate) mirror plane
+    graph (true vectors; ``_votes``), so that nodes on an (approximate) mirror plane
     follow the handedness the rest of the input decided. An exactly mirror-symmetric input keeps
     them undecided: the decided z of mirror partners cancel along the plane normal."""
     if handedness == "local":
@@ -476,7 +489,7 @@ def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tens
     with torch.no_grad():  # a sign decision
         source = ~(status.undecided | status.x_fallback | status.y_fallback)
         z_dec = R[:, 2].detach() * source[:, None].to(R.dtype)
-        votes = _graph_moments(pos.detach(), und, _batch_of(pos, context), context.num_graphs, z_dec)
+        votes = _votes(pos.detach(), und, _batch_of(pos, context), context.num_graphs, z_dec)
         z_und = R[und, 2].detach()
         oriented, still = orient(z_und, votes, h_eps)
         sign = (oriented * z_und).sum(-1).sign()  # -1 where the votes flip z, else +1
