@@ -190,3 +190,20 @@ def test_tuning_runs_choose_settings_and_are_not_ranked(tmp_path):
     assert "tuning run (this run) · lr 0.003" in verdict and verdict.count('id="verdict-t-a"') == 1
     tuning = html.split("Tuning on the validation split")[1].split("</table>")[0]
     assert "0.9 ✓" in tuning and "1.4" in tuning and "1.4 ✓" not in tuning
+
+
+def test_published_numbers_sit_beside_the_measured_ones(tmp_path):
+    import json
+    run_dir = write_run(tmp_path, seeds("nbody", "egnn", [0.010, 0.012, 0.011]) +
+                        seeds("nbody", "baseline", [0.020, 0.022, 0.021], convergence="not_converged"))
+    published = {"task": "nbody", "metric": "test.mse", "protocol": "EGNN protocol",
+                  "values": {"egnn": {"value": 0.0071, "label": "EGNN", "source": "EGNN paper, Table 2"},
+                             "baseline": {"value": 0.0107, "label": "GNN", "source": "EGNN paper, Table 2"},
+                             "fa_gnn": {"value": 0.0057, "label": "FA-GNN", "source": "FA paper"}}}
+    (run_dir / "suite.json").write_text(json.dumps({"name": "paper-cpu", "published": published,
+                                                     "train": {"steps": 100}, "seeds": [0, 1, 2]}))
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    assert "Published numbers: suite paper-cpu" in html and "EGNN paper, Table 2" in html
+    half = T_975[2] * 0.001 / math.sqrt(3)  # seeds 0.010, 0.012, 0.011: s = 0.001
+    assert f"0.011 ± {half:.2g} (3 seeds)" in html and "1.55" in html  # 0.011 / 0.0071
+    assert "not run" in html and "⚠ 3 of 3 runs not converged" in html

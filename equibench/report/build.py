@@ -22,14 +22,16 @@ by side.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from ..core.registry import list_methods, list_tasks
-from ..suite.store import load_results
+from ..suite.store import load_results, run_dirs
 from .compare import write_comparison
 from .metricinfo import canonicalise
 from .render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
@@ -37,7 +39,7 @@ from .sections import SECTIONS, SPECIAL_TASKS
 from .tables import status_table
 from .task_section import task_section
 from .trends import trend_figures
-from .verdicts import anomalies
+from .verdicts import anomalies, t_interval
 
 __all__ = ["write_report", "write_comparison"]
 
@@ -73,7 +75,7 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"equibench report: {', '.join(sorted(set(df['run_id'].dropna())))}"
-    sections = _sections(df, out)
+    sections = published_sections(df, run_dirs(paths)) + _sections(df, out)
     if history is not None:
         for s in sections:
             s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]
@@ -95,3 +97,60 @@ def banner(df: pd.DataFrame, regressions: list[str] | None = None) -> list[Banne
         items.append(BannerItem("regression", f"{len(regressions)} regression(s) against the nightly history",
                                 "regressions", md_anchor(f"Regressions ({len(regressions)})")))
     return items
+
+
+# ---------------------------------------------------------------------------------------------
+# published numbers beside the measured ones (a suite's ``published:``, read from the run's suite.json)
+
+SUITE_FILE = "suite.json"
+
+
+def suite_documents(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """The ``suite.json`` of each run directory that has one with ``published`` figures."""
+    docs = []
+    for d in run_dirs:
+        path = d / SUITE_FILE
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            if doc.get("published"):
+                docs.append({**doc, "run_id": d.name})
+    return docs
+
+
+def published_table(df: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame:
+    """One row per published method: published value and source, measured mean ± 95 % interval
+    (seeds), measured / published, convergence of the measured runs."""
+    metric, task = published["metric"], published["task"]
+    rows = []
+    for method, pub in published["values"].items():
+        g = df[(df["task"] == task) & (df["method"] == method) & (df["metric"] == metric) & (df["status"] == "ok")]
+        mean, half, n = t_interval(g["value"].tolist())
+        conv = g["convergence"].dropna().tolist() if "convergence" in g else []
+        unconverged = sum(c == "not_converged" for c in conv)
+        measured = ("not run" if n == 0 else f"{mean:.4g}" + (f" ± {half:.2g}" if n > 1 else " (1 seed)")
+                    + f" ({n} seeds)" * (n > 1))
+        rows.append({"method": method, "as published": pub.get("label") or method,
+                     f"published {metric}": f"{pub['value']:.4g}", "source": pub["source"],
+                     "measured (mean ± 95 % CI)": measured,
+                     "measured / published": f"{mean / pub['value']:.2f}" if n else "–",
+                     "converged": "–" if not conv else ("yes" if not unconverged else f"⚠ {unconverged} of {len(conv)} "
+                                                                                       "runs not converged")})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def published_sections(df: pd.DataFrame, run_dirs: list[Path]) -> list[Section]:
+    """A section per suite document with published figures."""
+    out: list[Section] = []
+    for doc in suite_documents(run_dirs):
+        pub = doc["published"]
+        runs = df[df["run_id"] == doc["run_id"]] if "run_id" in df else df
+        budget = json.dumps(doc.get("train", {}), sort_keys=True)
+        out.append({"task": f"published-{doc['name']}", "heading": f"Published numbers: suite {doc['name']}",
+                    "context": (f"Task {pub['task']}, metric {pub['metric']}; protocol: {pub.get('protocol', '')}; "
+                                f"this run's training settings: {budget}; seeds: {doc.get('seeds')}. Measured "
+                                "values are the mean over seeds with a 95 % t-interval; a budget smaller than the "
+                                "published one makes the values incomparable in size, only the ordering can be "
+                                "compared."),
+                    "table": published_table(runs, pub), "index_label": "method", "css": "published",
+                    "figures": [], "tables": [], "notes": []})
+    return out

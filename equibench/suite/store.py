@@ -129,7 +129,7 @@ def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
             raise
 
 
-def _run_dirs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+def run_dirs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[Path] = []
@@ -148,7 +148,7 @@ def load_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.D
 
     Raises ``UserError`` when nothing is found.
     """
-    dirs = _run_dirs(paths)
+    dirs = run_dirs(paths)
     rows = [r for d in dirs for r in read_records(d)]
     if not rows:
         raise UserError(f"no results found in {', '.join(map(str, dirs)) or paths}")
