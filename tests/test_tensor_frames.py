@@ -9,11 +9,20 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn import EdgeConv, GINEConv
 
 import equibench as eb
-from equibench.methods.blocks.backbone import BackboneLayer, mlp
-from equibench.methods.wrappers.tensor_frames import frame_invariants
-from equibench.methods.blocks.tfmp import (FrameWrapped, LearnedFrames, NearestFrames, attach_tensor_frames,
-                                           edge_frames, gram_schmidt, rho, rho_matrix, wigner_d)
 from equibench.core.errors import UserError
+from equibench.methods.blocks.backbone import BackboneLayer, mlp
+from equibench.methods.blocks.tfmp import (
+    FrameWrapped,
+    LearnedFrames,
+    NearestFrames,
+    attach_tensor_frames,
+    edge_frames,
+    gram_schmidt,
+    rho,
+    rho_matrix,
+    wigner_d,
+)
+from equibench.methods.wrappers.tensor_frames import frame_invariants
 from equibench.symmetry.group3d import sample_rotations
 from equibench.symmetry.precision import default_dtype
 
@@ -314,3 +323,64 @@ def test_general_field_types_node_and_graph_level():
             out = model(b)
             assert out.shape == (6 if level == "graph" else b.num_nodes, 1 + 3 + 3 + 5)
             assert eb.equivariance_error(model, b, s, n_samples=3)["rel_max"] < 1e-10
+
+
+# ---- (vi) "wide" frames: graph-level candidates ------------------------------------------------
+def test_context_vectors_and_votes_match_pairwise_sums():
+    """The closed forms from graph-level moments equal the pairwise sums they stand for."""
+    from equibench.methods.blocks.tfmp import FrameContext, _votes, context_vectors
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(13, 3, generator=g, dtype=F64) * 2 + 1
+    batch = torch.tensor([0] * 5 + [1] * 8)
+    vel = torch.randn(13, 1, 3, generator=g, dtype=F64)
+    z = torch.randn(13, 3, generator=g, dtype=F64)
+    nodes = torch.tensor([0, 3, 5, 12])
+    got = context_vectors(pos, nodes, FrameContext(batch, 2, vel))
+    votes = _votes(pos, nodes, batch, 2, z)
+    for row, i in enumerate(nodes.tolist()):
+        same = batch == batch[i]
+        d = pos[same] - pos[i]
+        c = pos[same].mean(0)
+        y, yi = pos[same] - c, pos[i] - c
+        M = y.T @ y
+        T = ((y * y).sum(-1, keepdim=True) * y).sum(0)
+        want = torch.stack([-yi, M @ yi, T, M @ T, ((d * d).sum(-1, keepdim=True) * d).sum(0),
+                            vel[i, 0], vel[same, 0].sum(0)])
+        assert torch.allclose(got[row], want, atol=1e-10)
+        zs = z[same]
+        want_votes = torch.stack([zs.sum(0), (zs * (y @ yi)[:, None]).sum(0),
+                                  (zs * (d * d).sum(-1, keepdim=True)).sum(0)])
+        assert torch.allclose(votes[row], want_votes, atol=1e-10)
+
+
+def test_wide_frames_are_equivariant_where_local_ones_are_undecided():
+    """A cloud whose first node has an exactly planar neighbourhood: local handedness stays
+    undecided there (status), "wide" decides it from the graph, equivariantly."""
+    torch.manual_seed(0)
+    with default_dtype(F64):
+        pos = torch.randn(12, 3)
+        pos[:6, 2] = 0  # nodes 0-5 coplanar; node 0's neighbours are 1-5
+        knn = torch.cdist(pos, pos).topk(6, largest=False).indices[:, 1:]
+        knn[0] = torch.tensor([1, 2, 3, 4, 5])
+        src = knn.reshape(-1)
+        dst = torch.arange(12).repeat_interleave(5)
+        ei = torch.stack([src, dst])
+        for handedness in ("local", "wide"):
+            frames = NearestFrames(handedness=handedness)
+            R, st = frames.compute(pos, ei)
+            assert bool(st.undecided[0]) == (handedness == "local")
+            errs = []
+            for g in random_o3(6, 5):
+                Rg = frames(pos @ g.T + 1.0, ei)
+                errs.append(float((Rg[0] - R[0] @ g.T).abs().max()))
+            if handedness == "wide":
+                assert max(errs) < 1e-10
+            else:  # left as x cross y: flips under the reflections among the samples
+                assert max(errs) > 0.1
+
+
+def test_handedness_option_is_validated():
+    with pytest.raises(UserError):
+        eb.get_method("tensor_frames", handedness="global")
+    assert eb.get_method("local_canonicalization").options["handedness"] == "wide"
