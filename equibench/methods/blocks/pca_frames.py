@@ -12,6 +12,10 @@ eigenvalues, V -> Q V S with an unknown sign matrix S; hence the *set* {V diag(s
 flips is O(3)-equivariant, and {[s1 v1, s2 v2, s1 v1 x s2 v2]} (4 frames, det +1) is
 SO(3)-equivariant. Ties in lambda make V ill-defined (the benchmark's degeneracy test); eigh
 stays finite there, and the no-gradient frame avoids eigh's 1/(lambda_i - lambda_j) gradients.
+``pca_degeneracy`` flags, per graph, near-ties (relative gap < ``GAP_TOL``: float64 eigenvectors
+then move by more than ~1e-10 under a rotation) and third moments whose sign is below their
+rounding (the sign rule of ``pca_frame`` is then arbitrary): the inputs where a single PCA frame
+cannot be equivariant, reported by the methods as a share of test graphs.
 """
 from __future__ import annotations
 

@@ -35,10 +35,12 @@ locally.
 "wide" also widens the axis candidates x, y (second moments of the whole graph), so its SO(3)
 variant keeps equivariant frames on atoms near a rotation axis where "local" falls back.
 
-Method-specific metrics (``extra_metrics``, declared below): ``frame_degenerate_share`` (share of
-nodes whose frame is not determined equivariantly), ``frame_widened_share`` (share of nodes whose
-frame needed the graph-wide context: degenerate under ``"local"``), ``frame_planar_share`` (share
-of graphs symmetrised as planar inputs).
+Method-specific metrics (``extra_metrics``, declared below; computed on the evaluated model, i.e.
+in its dtype, float32 in the runner, where rounding makes more local frames undecided):
+``frame_degenerate_share`` (share of nodes whose frame is not determined equivariantly),
+``frame_weak_share`` (equivariant but ill-conditioned: y from a candidate at a sine below 1e-6),
+``frame_widened_share`` (share of nodes whose frame needed the graph-wide context: degenerate
+under ``"local"``), ``frame_planar_share`` (share of graphs symmetrised as planar inputs).
 """
 from __future__ import annotations
 
