@@ -45,8 +45,8 @@ def test_tune_stores_settings_and_the_run_uses_them(tmp_path):
     suite = _write(tmp_path, SUITE)
     df = eb.run(suite, tmp_path / "res", run_name="before", isolate=False, progress=False)
     assert set(df["setting_source"].dropna()) == {"suite file"}
-    assert main(["tune", str(suite), "--results-dir", str(tmp_path / "res"), "--name", "t", "--no-isolate",
-                 "--quiet"]) == 0
+    # through the worker subprocesses, as a user runs it
+    assert main(["tune", str(suite), "--results-dir", str(tmp_path / "res"), "--name", "t", "--quiet"]) == 0
     stored = yaml.safe_load((tmp_path / "tiny.tuned.yaml").read_text())
     chosen = stored["settings"]["nbody"]["baseline"]
     assert chosen["lr"] in (0.1, 0.001) and set(chosen["scores"]) == {"lr=0.1", "lr=0.001"}
@@ -73,3 +73,10 @@ def test_tuning_in_the_same_run(tmp_path):
 def test_malformed_tuning_is_one_line(tmp_path, tuning, message):
     with pytest.raises(UserError, match=message):
         read_suite(_write(tmp_path, {**SUITE, "tuning": tuning}))
+
+
+def test_a_tuning_run_without_results_is_one_clear_error(tmp_path, capsys):
+    suite = _write(tmp_path, {**SUITE, "methods": {"baseline": {"width": 8, "depth": 1, "params": 10}}})
+    assert main(["tune", str(suite), "--results-dir", str(tmp_path / "res"), "--no-isolate", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no tuning run" in err and err.count("\n") == 1 and not (tmp_path / "tiny.tuned.yaml").exists()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from ..core.autoimport import import_all
 from ..core.errors import did_you_mean
 
 Row = dict[str, Any]
@@ -94,10 +95,7 @@ def register_bench(kind: str) -> Callable[[B], B]:
 def bench_class(kind: str) -> type[Bench]:
     """The bench registered as ``kind`` (built-in benches are imported on first use)."""
     if kind not in _BENCHES:
-        import importlib
-        importlib.import_module("equibench.benches.taskrun")
-        importlib.import_module("equibench.benches.scaling")
-        importlib.import_module("equibench.benches.tp_bench")
+        import_all("equibench.benches")  # every bench module registers itself when imported
     if kind not in _BENCHES:
         raise did_you_mean("bench", kind, _BENCHES)
     return _BENCHES[kind]

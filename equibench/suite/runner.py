@@ -113,4 +113,12 @@ def tune(suite: suites.SuiteFile, run_dir: Path, *, tasks: list[str] | None = No
     if bench is None or cfg is None:
         raise UserError(f"suite {suite.name!r} has no 'tuning:' section to run")
     run_benches([bench], run_dir, **options)
-    return select_settings(read_records(run_dir), sorted(cfg.grid))
+    rows = read_records(run_dir)
+    selection = select_settings(rows, sorted(cfg.grid))
+    if not selection:
+        failed = [r for r in rows if r.get("status") not in ("ok", "not_applicable")]
+        first = (f": {failed[0]['task']}/{failed[0]['method']}: {str(failed[0].get('error', ''))[:300]}"
+                 if failed else "")
+        raise UserError(f"no tuning run in {run_dir} finished with a validation value "
+                        f"({len(failed)} failed){first}")
+    return selection
