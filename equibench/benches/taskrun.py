@@ -177,7 +177,8 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
 
     train_data, test_data = task.load("train"), task.load("test")
     eq_batch = Batch.from_data_list(test_data[:ecfg.equivariance_graphs])
-    group = common_group(tspec.group, method.group) if method.exact and tspec.domain == "graph3d" else tspec.group
+    exact = claims_exactness(method, tspec)
+    group = common_group(tspec.group, method.group) if exact and tspec.domain == "graph3d" else tspec.group
     model = build_model(method, tspec, spec.seed, torch.float32)
     add(catalogue.PARAMS, count_parameters(model))
 
@@ -186,7 +187,9 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
         for dtype, m in ((torch.float32, model), (torch.float64, fp64)):
             res = equivariance_error(m.to(device), eq_batch, tspec, n_samples=ecfg.equivariance_samples,
                                      dtype=dtype, group=group, seed=spec.seed)
-            for stat in ("rel_mean", "rel_median", "rel_max", "abs_max"):
+            for stat in catalogue.EQUIVARIANCE_STATS:
+                if stat not in res:  # disp_*: point outputs only
+                    continue
                 add(catalogue.equivariance_metric(stage, dtype_name(dtype), stat), res[stat], stage=stage,
                     dtype=dtype_name(dtype), group=group, batch_size=res["n_graphs"],
                     repeats=res["n_samples"])

@@ -31,7 +31,8 @@ FAMILIES = ("params", "status", "equivariance", "lie_derivative", "degeneracy", 
             "trivial", "tune", "throughput", "scaling", "tp_bench")
 STAGES = ("init", "trained")
 DTYPES = ("fp32", "fp64")
-EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max")
+EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max", "disp_rel_mean", "disp_rel_median",
+                      "disp_rel_max")  # disp_*: relative to the predicted displacement (point outputs)
 LIE_STATS = ("rel_mean", "rel_max")
 DEGENERACY_AXES = ("gap", "config")
 DEGENERACY_STATS = ("rel_mean", "rel_max", "nonfinite")
@@ -213,7 +214,8 @@ def tp_bench_metric(stat: str) -> str:
 # declarations
 
 _STAT_WORDS = {"rel_mean": "mean rel.", "rel_median": "median rel.", "rel_max": "max rel.", "abs_max": "max abs.",
-               "nonfinite": "non-finite share"}
+               "disp_rel_mean": "mean rel. to displacement", "disp_rel_median": "median rel. to displacement",
+               "disp_rel_max": "max rel. to displacement", "nonfinite": "non-finite share"}
 
 
 def _declare_equivariance() -> None:
@@ -224,9 +226,10 @@ def _declare_equivariance() -> None:
                     equivariance_metric(stage, dtype, stat), f"equiv. err {dtype} {stage}, {_STAT_WORDS[stat]}",
                     "equivariance", direction="lower", aggregate="max" if stat.endswith("_max") else "mean",
                     stage=stage, dtype=dtype, stat=stat, number_format="sci",
-                    floor=FLOORS[dtype] if stat.startswith("rel_") else None,
+                    floor=FLOORS[dtype] if "rel_" in stat else None,
                     watch=stage == "trained" and stat == "rel_mean",
-                    description="||f(g·X) − ρ(g) f(X)|| (relative: / ||f(X)||) over test graphs and group samples"))
+                    description="||f(g·X) − ρ(g) f(X)|| over test graphs and group samples; relative: / ||f(X)||; "
+                                "relative to displacement (point outputs): / ||f(X) − x||"))
         for stat in LIE_STATS:
             register_metric(MetricSpec(
                 lie_metric(stage, stat), f"Lie deriv. fp64 {stage}, {_STAT_WORDS[stat]}", "lie_derivative",
