@@ -43,7 +43,7 @@ from ..core.config import Config, config_from_dict, one_line
 from ..core.errors import UserError, did_you_mean
 from ..core.registry import list_methods, list_tasks
 from ..core.spec import RunSpec
-from .tuned import Selection, apply_selection, read_tuned, stored_selection, tuned_path
+from .tuned import SUFFIX, Selection, apply_selection, read_tuned, stored_selection, tuned_path
 
 Options = dict[str, Any]
 EXTRA_SECTIONS: dict[str, tuple[type[Config], type[Bench]]] = {"scaling": (ScaleConfig, ScalingBench),
@@ -151,7 +151,8 @@ class SuiteFile(Config):
 
 
 def list_suites() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("equibench.suites").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("equibench.suites").iterdir()
+                  if p.name.endswith(".yaml") and not p.name.endswith(SUFFIX))  # <suite>.tuned.yaml: settings
 
 
 def _load_text(name_or_path: str | os.PathLike[str]) -> tuple[str, str, str]:
