@@ -1,5 +1,10 @@
 """``escnn``: escnn steerable networks (point convolutions on graphs, R2Conv CNNs on images).
 
+Reference setting: Cesa, Lang and Weiler, "A Program to Build E(N)-Equivariant Steerable CNNs",
+ICLR 2022 (escnn; steerable point convolutions on R^3, Gaussian-shell radial profiles times
+spherical harmonics) and Weiler and Cesa, NeurIPS 2019 (E(2)-steerable CNNs on images, the C_N
+regular-representation networks used for ``digits``).
+
 graph3d (escnn's ``R3PointConv``). Group G = O(3) (``gspaces.flipRot3dOnR3``, default) or SO(3)
 (``gspaces.rot3dOnR3``); with relative positions only, the network is E(3)- (or SE(3)-)
 equivariant. One hidden layer is

@@ -1,5 +1,9 @@
 """``pca_canonicalization``: the shared backbone on ONE deterministic PCA frame per graph.
 
+Reference setting: the single-frame (canonicalisation) limit of frame averaging discussed by
+Puny et al., ICLR 2022 (Section 3, "frames of size one") and the PCA canonicalisation baseline of
+Kaba et al., ICML 2023; sign disambiguation by the third moment is ours (stated below).
+
 Frame (``blocks.pca_frames.pca_frame``): t = centroid of the first point field; axes v_1, v_2,
 v_3 = eigenvectors of C = sum_i (x_i - t)(x_i - t)^T by decreasing eigenvalue, each with the sign
 that makes the third moment sum_i <x_i - t, v_k>^3 positive ("O3": all three axes, det F = +-1;
