@@ -8,10 +8,9 @@ image2d: the baseline's plain CNN (``Baseline.build_image``); every training ima
 its own random element of the task's group (``equibench.symmetry.group2d``: C4 exactly with
 ``rot90``; C8 / SO(2) by interpolation).
 
-Equivariance is learned, never exact. Reference setting: the "data augmentation" baselines of
-the EGNN n-body table (Satorras et al., ICML 2021, Table 2, which trains the GNN with random
-rotations) and of equiadapt's image experiments (Mondal et al., NeurIPS 2023, rotation-augmented
-CNN baselines).
+Equivariance is learned, never exact. Reference setting: the usual data-augmentation baseline
+(a Haar-random group element per example and step), as in the rotation-augmented baselines that
+learned-canonicalisation papers compare against (Kaba et al., ICML 2023).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """``pca_canonicalization``: the shared backbone on ONE deterministic PCA frame per graph.
 
-Reference setting: the single-frame (canonicalisation) limit of frame averaging discussed by
-Puny et al., ICLR 2022 (Section 3, "frames of size one") and the PCA canonicalisation baseline of
-Kaba et al., ICML 2023; sign disambiguation by the third moment is ours (stated below).
+Reference setting: canonicalisation as a frame of size one (Kaba et al., ICML 2023) with the PCA
+frames of frame averaging (Puny et al., ICLR 2022); picking one of the sign frames by the third
+moment is this suite's choice (stated below).
 
 Frame (``blocks.pca_frames.pca_frame``): t = centroid of the first point field; axes v_1, v_2,
 v_3 = eigenvectors of C = sum_i (x_i - t)(x_i - t)^T by decreasing eigenvalue, each with the sign
