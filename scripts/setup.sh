@@ -7,7 +7,7 @@
 #   * numpy < 2 (lie_learn 0.0.2, needed by escnn, is incompatible with numpy 2);
 #   * py3nj and lie_learn are built WITHOUT build isolation (their builds call numpy/meson from
 #     the environment, which pip's isolated build environment cannot provide);
-#   * the package itself, editable, with the escnn, data, test and bench extras.
+#   * the package itself, editable, with the escnn, data, test, bench and reference extras.
 # A stamp file keyed on this script and pyproject.toml makes a second call a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +41,7 @@ if ! "$VENV/bin/python" -c "import py3nj, lie_learn.representations.SO3.irrep_ba
   "${PIP[@]}" --no-build-isolation "py3nj==0.2.1" "lie_learn==0.0.2" "numpy<2"
 fi
 say "equibench and its extras"
-"${PIP[@]}" -e ".[escnn,data,test,bench]" "numpy<2" "torch==2.13.0"
+"${PIP[@]}" -e ".[escnn,data,test,bench,reference]" "numpy<2" "torch==2.13.0"
 "$VENV/bin/python" -c "import equibench, escnn, e3nn, torch_geometric" >/dev/null
 rm -f "$VENV"/.equibench-setup-*
 touch "$STAMP"
