@@ -168,7 +168,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     device = torch.device(spec.device)
     base = {**_base_row(spec), "provenance": task.provenance(), "device_name": device_name(device),
             "status": "ok", "error": "", "started_at": started, "exact_claim": claims_exactness(method, tspec),
-            "setting_source": spec.setting_source or "suite file"}
+            "setting_source": spec.setting_source or "suite file", "implementation": method.implementation()}
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: Any, **ctx: Any) -> None:

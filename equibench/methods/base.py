@@ -7,6 +7,7 @@ through hooks that default to doing nothing, so the runner never branches on a m
 """
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -52,6 +53,16 @@ class Method:
     smoke_options: ClassVar[dict[str, Any]] = {}
     #: pip requirements of an isolated environment for this method's points (empty: the runner's)
     requirements: ClassVar[tuple[str, ...]] = ()
+    #: which implementation this is: "equibench" (our own) or the distribution name of the library
+    #: whose model it wraps (its installed version goes into every row, ``implementation()``)
+    origin: ClassVar[str] = "equibench"
+
+    def implementation(self) -> str:
+        """``"equibench <version>"`` or ``"<library> <version>"`` (``"not installed"`` when absent)."""
+        try:
+            return f"{self.origin} {importlib.metadata.version(self.origin)}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{self.origin} (not installed)"
 
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)

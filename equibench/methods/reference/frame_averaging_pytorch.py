@@ -28,7 +28,7 @@ eigenvalues are distinct, like ``frame_averaging``.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -84,7 +84,8 @@ class FrameAveragingPytorch(Baseline):
     exact = True
     group = "O3"
     domains = ("graph3d",)
-    origin = LIBRARY
+    exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True}  # Baseline's says False
+    origin: ClassVar[str] = LIBRARY
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, align: bool = True) -> None:
         super().__init__(width=width, depth=depth, params=params)
