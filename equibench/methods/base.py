@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -150,3 +150,37 @@ def build_at_params(factory: Callable[[int], M], target: int | None, default: in
         raise ValueError(f"cannot build within {tolerance:.0%} of {target} parameters "
                          f"(closest: {n} at size {best})")
     return model
+
+
+class IrrepsSized(Protocol):
+    """A method sized by (channel multiplicity, radial hidden width), like the e3nn networks."""
+
+    params: int | None
+    mul: int
+    radial_hidden: int
+
+    def supports(self, spec: TaskSpec) -> str | None: ...
+
+    def sizes_for(self, spec: TaskSpec, target: int) -> tuple[int, int]: ...
+
+    def count(self, spec: TaskSpec, mul: int, radial_hidden: int) -> int: ...
+
+
+def build_irreps_sized(method: IrrepsSized, spec: TaskSpec, seed: int,
+                       make: Callable[[int, int], nn.Module]) -> nn.Module:
+    """``make(mul, radial_hidden)`` at the method's sizes (matched to ``method.params`` within 10 %
+    when given, from its analytic ``count``), built under ``seed`` without touching the global RNG
+    state; ``ValueError`` when the task is not supported or no size matches."""
+    reason = method.supports(spec)
+    if reason:
+        raise ValueError(reason)
+    mul, rh = method.mul, method.radial_hidden
+    if method.params is not None:
+        mul, rh = method.sizes_for(spec, method.params)
+        n = method.count(spec, mul, rh)
+        if abs(n - method.params) > 0.10 * method.params:
+            raise ValueError(f"cannot build within 10% of {method.params} parameters "
+                             f"(closest: {n} at mul={mul}, radial_hidden={rh})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make(mul, rh)

@@ -60,7 +60,7 @@ from torch_geometric.nn import global_add_pool, global_mean_pool
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, irreps, is_invariant
-from ..base import Method
+from ..base import Method, build_irreps_sized
 
 
 def hidden_irreps(mul: int, lmax: int) -> tuple[o3.Irreps, o3.Irreps, o3.Irreps]:
@@ -314,17 +314,5 @@ class E3NN(Method):
         return mul, max(1, round((target - base) / per_hidden))
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
-        reason = self.supports(spec)
-        if reason:
-            raise ValueError(reason)
-        mul, rh = self.mul, self.radial_hidden
-        if self.params is not None:
-            mul, rh = self.sizes_for(spec, self.params)
-            n = self.count(spec, mul, rh)
-            if abs(n - self.params) > 0.10 * self.params:
-                raise ValueError(f"cannot build within 10% of {self.params} parameters "
-                                 f"(closest: {n} at mul={mul}, radial_hidden={rh})")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return E3NNModel(spec, mul, self.lmax, self.depth, self.r_max, self.num_basis, rh,
-                             self.avg_degree, self.cutoff)
+        return build_irreps_sized(self, spec, seed, lambda mul, rh: E3NNModel(
+            spec, mul, self.lmax, self.depth, self.r_max, self.num_basis, rh, self.avg_degree, self.cutoff))

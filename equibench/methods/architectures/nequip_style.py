@@ -70,7 +70,7 @@ from torch_geometric.nn import global_add_pool, global_mean_pool
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
-from ..base import Method
+from ..base import Method, build_irreps_sized
 
 
 def polynomial_cutoff(d: torch.Tensor, p: int = 6) -> torch.Tensor:
@@ -412,18 +412,6 @@ class E3NNNequIP(Method):
         return mul, min((a, b), key=lambda h: abs(self.count(spec, mul, h) - target))
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
-        reason = self.supports(spec)
-        if reason:
-            raise ValueError(reason)
-        mul, rh = self.mul, self.radial_hidden
-        if self.params is not None:
-            mul, rh = self.sizes_for(spec, self.params)
-            n = self.count(spec, mul, rh)
-            if abs(n - self.params) > 0.10 * self.params:
-                raise ValueError(f"cannot build within 10% of {self.params} parameters "
-                                 f"(closest: {n} at mul={mul}, radial_hidden={rh})")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return NequIPModel(spec, mul, self.lmax, self.depth, self.num_basis, rh, self.radial_layers,
-                               self.cutoff_p, self.resnet, self.avg_num_neighbors, self.r_max,
-                               self.bessel_trainable)
+        return build_irreps_sized(self, spec, seed, lambda mul, rh: NequIPModel(
+            spec, mul, self.lmax, self.depth, self.num_basis, rh, self.radial_layers, self.cutoff_p, self.resnet,
+            self.avg_num_neighbors, self.r_max, self.bessel_trainable))
