@@ -56,6 +56,10 @@ class Method:
     #: which implementation this is: "equibench" (our own) or the distribution name of the library
     #: whose model it wraps (its installed version goes into every row, ``implementation()``)
     origin: ClassVar[str] = "equibench"
+    #: for a wrapped library model: the name of equibench's own method implementing the same
+    #: construction (the report pairs the two: accuracy, equivariance error and throughput side by
+    #: side); None when there is none
+    counterpart: ClassVar[str | None] = None
 
     def implementation(self) -> str:
         """``"equibench <version>"`` or ``"<library> <version>"`` (``"not installed"`` when absent)."""

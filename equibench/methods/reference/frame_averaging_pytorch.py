@@ -86,6 +86,7 @@ class FrameAveragingPytorch(Baseline):
     domains = ("graph3d",)
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True}  # Baseline's says False
     origin: ClassVar[str] = LIBRARY
+    counterpart: ClassVar[str | None] = "frame_averaging"
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, align: bool = True) -> None:
         super().__init__(width=width, depth=depth, params=params)
