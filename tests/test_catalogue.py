@@ -139,7 +139,7 @@ def test_catalogue_imports_nothing_above_metrics():
 def test_report_reads_the_catalogue(run, tmp_path):
     """Headers and arrows come from the catalogue; a metric it does not declare still renders
     under its raw name; the Pareto front follows each axis's direction."""
-    from equibench.report.plots import pareto_front
+    from equibench.report.common.plots import pareto_front
     from equibench.suite.store import append_block, read_records
     run_dir, _ = run
     row = next(r for r in read_records(run_dir) if r["method"] == "baseline" and r["metric"] == "test.mse")
@@ -156,8 +156,8 @@ def test_report_reads_the_catalogue(run, tmp_path):
 
 
 def test_status_rows_are_listed_first_with_their_error(tmp_path):
-    from equibench.report.render import Page, TableView, render
-    from equibench.report.tables import status_table
+    from equibench.report.common.render import Page, TableView, render
+    from equibench.report.common.tables import status_table
     df = pd.DataFrame([{"task": "nbody", "method": "m", "seed": 0, "status": "failed", "error": "boom | <b>x</b>",
                         "metric": "status", "value": None}])
     page = Page(title="t", status=TableView.from_frame(status_table(df)))

@@ -32,11 +32,11 @@ import pandas as pd
 
 from ..core.registry import list_methods, list_tasks
 from ..suite.store import load_results, run_dirs
+from .common.metricinfo import canonicalise
+from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
+from .common.tables import status_table
 from .compare import write_comparison
-from .metricinfo import canonicalise
-from .render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .sections import SECTIONS, SPECIAL_TASKS
-from .tables import status_table
 from .task_section import task_section
 from .trends import trend_figures
 from .verdicts import anomalies, t_interval

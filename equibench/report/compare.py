@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 
 from ..suite.store import load_results
-from . import fmt, plots
+from .common import fmt, plots
+from .common.metricinfo import canonicalise, header, spec_for, value
+from .common.render import FigureView, Page, SectionView, TableView, slug, write_page
+from .common.tables import context_line
 from .history import watched
-from .metricinfo import canonicalise, header, spec_for, value
-from .render import FigureView, Page, SectionView, TableView, slug, write_page
-from .tables import context_line
 
 
 def compare_runs(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..metrics.catalogue import THROUGHPUT_MODES, find_metric, throughput_metric
 from ..suite.store import load_results
-from .metricinfo import canonicalise
+from .common.metricinfo import canonicalise
 
 KEEP = ["run_id", "spec_hash", "task", "method", "seed", "metric", "value", "status", "git_commit",
         "device_name", "dtype", "batch_size", "repeats", "finished_at"]

@@ -18,9 +18,9 @@ import pandas as pd
 from ..benches.scaling import fit_exponent
 from ..metrics.catalogue import scaling_metric, tp_bench_metric
 from ..suite.store import load_results
-from . import fmt, plots
-from .metricinfo import canonicalise, header, spec_for
-from .render import Page, Section, section_view, versions_text, write_page
+from .common import fmt, plots
+from .common.metricinfo import canonicalise, header, spec_for
+from .common.render import Page, Section, section_view, versions_text, write_page
 
 SCALING_TASK, TP_TASK = "scaling", "tp_bench"
 SPECIAL_TASKS = (SCALING_TASK, TP_TASK)

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.catalogue import CURVE_VAL, degeneracy_metric, equivariance_metric, throughput_metric
-from . import fmt, plots
-from .metricinfo import spec_for
-from .render import Section, slug
-from .tables import (
+from .common import fmt, plots
+from .common.metricinfo import spec_for
+from .common.render import Section, slug
+from .common.tables import (
     EQUIVARIANCE_COLUMNS,
     context_line,
     diagnostic_columns,

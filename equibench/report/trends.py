@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..metrics.catalogue import equivariance_metric, throughput_metric
-from . import plots
+from .common import plots
+from .common.metricinfo import metric_names, spec_for
+from .common.render import slug
 from .history import trend_table
-from .metricinfo import metric_names, spec_for
-from .render import slug
 
 TRENDED = (equivariance_metric("trained", "fp32", "rel_mean"), throughput_metric("inference", "graphs_per_s"))
 

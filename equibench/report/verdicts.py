@@ -42,11 +42,10 @@ from ..metrics.catalogue import (
     train_metric,
     trivial_metric,
 )
-from . import fmt
-from .metricinfo import ARROWS, header, spec_for, value
-from .render import TableView, md_anchor, section_anchor, slug
-from .sections import SCALING_TASK, TP_TASK
-from .tables import (
+from .common import fmt
+from .common.metricinfo import ARROWS, header, spec_for, value
+from .common.render import TableView, md_anchor, section_anchor, slug
+from .common.tables import (
     diagnostic_columns,
     options_key,
     primary_metric,
@@ -55,6 +54,7 @@ from .tables import (
     split_tuning,
     train_config,
 )
+from .sections import SCALING_TASK, TP_TASK
 
 LEVEL = 0.95   # two-sided confidence level of the intervals
 ALPHA = 0.05   # level of the Welch test that separates neighbours in the ranking

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..benches.training import TrainConfig
-from ..core.registry import method_class
-from ..metrics.catalogue import (
+from ...benches.training import TrainConfig
+from ...core.registry import method_class
+from ...metrics.catalogue import (
     PARAMS,
     THROUGHPUT_MODES,
     equivariance_metric,

@@ -14,7 +14,7 @@ from typing import Any, TypedDict
 import jinja2
 import pandas as pd
 
-TEMPLATES = Path(__file__).with_name("templates")
+TEMPLATES = Path(__file__).parent.parent / "templates"
 
 
 class Section(TypedDict, total=False):

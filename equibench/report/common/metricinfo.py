@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..metrics.catalogue import MetricSpec, canonical_name, find_metric
+from ...metrics.catalogue import MetricSpec, canonical_name, find_metric
 from . import fmt
 
 ARROWS = {"higher": "↑", "lower": "↓"}

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..metrics.catalogue import MetricSpec  # noqa: E402
+from ...metrics.catalogue import MetricSpec  # noqa: E402
 from .metricinfo import better_word, header  # noqa: E402
 
 
