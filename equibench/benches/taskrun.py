@@ -28,7 +28,7 @@ from ..methods.base import Method, count_parameters
 from ..metrics import catalogue, degeneracy
 from ..metrics.equivariance import equivariance_error, lie_derivative
 from ..metrics.throughput import device_name, measure_throughput
-from ..symmetry.group3d import common_group
+from ..symmetry.group3d import common_group, lie_generators
 from ..symmetry.precision import default_dtype, dtype_name
 from .base import Bench, Point, Row, register_bench
 from .training import NonFiniteError, TrainConfig, evaluate, train
@@ -131,6 +131,15 @@ def claims_exactness(method: Method, spec: TaskSpec) -> bool:
     return bool(exact_on(spec)) if callable(exact_on) else method.is_exact(spec.domain)
 
 
+def broken_group(spec: TaskSpec, method: Method, exact: bool) -> str | None:
+    """The group of the ``equivariance_broken.*`` measurement: the task's ``broken_group`` (None
+    when it declares none; graph3d only), narrowed like the main measurement to what an exact
+    method declares (``common_group``: an SO(3)-exact method is measured on SE(3))."""
+    if spec.broken_group is None or spec.domain != "graph3d":
+        return None
+    return common_group(spec.broken_group, method.group) if exact else spec.broken_group
+
+
 @torch.no_grad()
 def trivial_metrics(task: Task, train_data: list[Data], test_data: list[Data], batch_size: int) -> dict[str, float]:
     """The task's metrics for its trivial predictor (``Task.trivial_prediction``) on the test split,
@@ -179,6 +188,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     eq_batch = Batch.from_data_list(test_data[:ecfg.equivariance_graphs])
     exact = claims_exactness(method, tspec)
     group = common_group(tspec.group, method.group) if exact and tspec.domain == "graph3d" else tspec.group
+    broken = broken_group(tspec, method, exact)
     model = build_model(method, tspec, spec.seed, torch.float32)
     add(catalogue.PARAMS, count_parameters(model))
 
@@ -193,10 +203,18 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
                 add(catalogue.equivariance_metric(stage, dtype_name(dtype), stat), res[stat], stage=stage,
                     dtype=dtype_name(dtype), group=group, batch_size=res["n_graphs"],
                     repeats=res["n_samples"])
+            if broken is not None:  # the same measurement under the group the task's environment breaks
+                res = equivariance_error(m.to(device), eq_batch, tspec, n_samples=ecfg.equivariance_samples,
+                                         dtype=dtype, group=broken, seed=spec.seed)
+                for stat in catalogue.EQUIVARIANCE_STATS:
+                    if stat in res:
+                        add(catalogue.broken_equivariance_metric(stage, dtype_name(dtype), stat), res[stat],
+                            stage=stage, dtype=dtype_name(dtype), group=broken, batch_size=res["n_graphs"],
+                            repeats=res["n_samples"])
         if ecfg.lie_derivative and tspec.domain == "graph3d":
-            lie = lie_derivative(fp64.to(device), eq_batch, tspec)
+            lie = lie_derivative(fp64.to(device), eq_batch, tspec, generators=lie_generators(group))
             for stat in ("rel_mean", "rel_max"):
-                add(catalogue.lie_metric(stage, stat), lie[stat], stage=stage, dtype="fp64",
+                add(catalogue.lie_metric(stage, stat), lie[stat], stage=stage, dtype="fp64", group=group,
                     batch_size=int(eq_batch.num_graphs), repeats=3)
         if stage == "trained" and ecfg.degeneracy and tspec.domain == "graph3d":
             for curve in (degeneracy.degeneracy_curve, degeneracy.symmetric_curve):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import UserError
@@ -18,6 +18,14 @@ class TaskSpec:
     position: rotates and translates). ``group`` is the symmetry the target obeys.
     ``edge_inputs`` (an addition to DESIGN.md, see docs/design.md) types per-edge fields
     such as the n-body charge product q_i q_j.
+
+    Symmetry breaking (additions, both empty by default): ``broken_group`` names the larger group
+    the task would have without its symmetry-breaking environment (``nbody_field``: "E3"; the
+    target obeys only ``group``, e.g. "O2z"). ``breaking_inputs`` types the fields that describe
+    that environment (``{"field": "1o"}``: the external field vector). They are present in every
+    ``Data`` of the task but are *not* in ``inputs``: group actions (equivariance metric,
+    augmentation) leave them fixed, as environment parameters, and methods ignore them unless
+    asked to take them as typed inputs (``with_breaking_inputs``).
     """
 
     name: str
@@ -29,6 +37,8 @@ class TaskSpec:
     loss: str
     metrics: tuple[str, ...]
     edge_inputs: dict[str, str] = field(default_factory=dict)
+    broken_group: str | None = None
+    breaking_inputs: dict[str, str] = field(default_factory=dict)
 
     def __hash__(self) -> int:  # dicts are not hashable; hash the canonical JSON
         return hash(json.dumps(asdict(self), sort_keys=True))
@@ -36,6 +46,14 @@ class TaskSpec:
     @property
     def point_fields(self) -> list[str]:
         return [k for k, t in self.inputs.items() if t == "point"]
+
+    def with_breaking_inputs(self) -> TaskSpec:
+        """The spec a model sees when it takes the symmetry-breaking fields as typed inputs:
+        ``breaking_inputs`` moved into ``inputs`` (so frames, canonicalisers and group actions
+        transform them like any other field of their type). ``self`` when there are none."""
+        if not self.breaking_inputs:
+            return self
+        return replace(self, inputs={**self.inputs, **self.breaking_inputs}, breaking_inputs={})
 
 
 def _freeze(options: dict[str, Any] | None) -> dict[str, Any]:

@@ -45,8 +45,12 @@ def coulomb_forces(loc: np.ndarray, qq: np.ndarray, clip: float | None) -> np.nd
 
 def simulate(n_sims: int, rng: np.random.Generator, n_particles: int = 5, n_steps: int = 4000,
              record_every: int = 100, dt: float = 1e-3, loc_std: float = 1.0, speed: float = 0.5,
-             clip: float | None = 100.0) -> dict[str, np.ndarray]:
+             clip: float | None = 100.0, field: float = 0.0) -> dict[str, np.ndarray]:
     """Vectorised simulation of ``n_sims`` systems.
+
+    ``field`` (``nbody_field``): a constant external field along e_z adds ``q_i * field * e_z`` to
+    the force on particle i, *after* the per-component clip of the Coulomb force (the clip bounds
+    the pair interaction only). ``field == 0`` runs exactly the ``nbody`` arithmetic.
 
     Returns ``loc, vel: [S, frames, n, 3]`` (frame k = step k * record_every; the recorded
     velocity is the leapfrog half-step velocity, as in the reference generator) and
@@ -61,12 +65,21 @@ def simulate(n_sims: int, rng: np.random.Generator, n_particles: int = 5, n_step
     locs = np.empty((n_sims, n_frames, n_particles, 3))
     vels = np.empty_like(locs)
     locs[:, 0], vels[:, 0] = loc, vel
-    vel = vel + dt * coulomb_forces(loc, qq, clip)
+    external = None
+    if field != 0.0:
+        external = np.zeros((n_sims, n_particles, 3))
+        external[:, :, 2] = q * field
+
+    def forces(x: np.ndarray) -> np.ndarray:
+        F = coulomb_forces(x, qq, clip)
+        return F if external is None else F + external
+
+    vel = vel + dt * forces(loc)
     for step in range(1, n_steps + 1):
         loc = loc + dt * vel
         if step % record_every == 0:
             locs[:, step // record_every], vels[:, step // record_every] = loc, vel
-        vel = vel + dt * coulomb_forces(loc, qq, clip)
+        vel = vel + dt * forces(loc)
     return {"loc": locs, "vel": vels, "charges": q}
 
 

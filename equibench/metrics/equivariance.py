@@ -159,9 +159,11 @@ def _permuted(batch: Batch, g: GroupElement) -> Batch:
 
 @torch.no_grad()
 def lie_derivative(model: nn.Module, batch: Batch, spec: TaskSpec, step: float = 1e-4,
-                   dtype: torch.dtype = torch.float64) -> dict[str, Any]:
-    """Norm of the Lie derivative along the three so(3) generators, relative to ||f(X)|| per
-    graph: ``rel_mean`` / ``rel_max`` over graphs and generators (central difference, ``step``)."""
+                   dtype: torch.dtype = torch.float64, generators: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """Norm of the Lie derivative along the so(3) generators ``generators`` (0, 1, 2 = rotations
+    about x, y, z; an axial group such as "O2z" has only z: ``group3d.lie_generators``), relative
+    to ||f(X)|| per graph: ``rel_mean`` / ``rel_max`` over graphs and generators (central
+    difference, ``step``)."""
     model = model_in_dtype(model, dtype)
     was_training = model.training
     model.eval()
@@ -179,7 +181,7 @@ def lie_derivative(model: nn.Module, batch: Batch, spec: TaskSpec, step: float =
                 out = model(act_on_batch(x, spec, OneParameterElement(**base, k=k, s=s), target=False))
                 return act_on_output(out, spec, OneParameterElement(**base, k=k, s=-s), x)
 
-            for k in range(3):
+            for k in generators:
                 deriv = (pulled_back(k, step) - pulled_back(k, -step)) / (2 * step)
                 rels.append(_per_graph_norm(deriv, spec, x) / (_per_graph_norm(fx, spec, x) + EPS))
                 abs_max = max(abs_max, deriv.abs().max().item())

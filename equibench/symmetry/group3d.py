@@ -1,6 +1,7 @@
 """Sampling group elements of E(3) and acting with them on batches and predictions.
 
-An element g = (R, t, P) holds one rotation/reflection ``R_b`` in O(3) (or SO(3)) and one
+An element g = (R, t, P) holds one rotation/reflection ``R_b`` in O(3) (or SO(3), or the
+subgroups fixing the z axis: O(2)_z = C_inf_v and SO(2)_z) and one
 translation ``t_b`` per graph b, plus a node permutation P that reorders nodes *within* each
 graph. It acts on every typed field of a batch (DESIGN.md's type vocabulary), on typed edge
 fields, on the target and on a model's prediction, the same way for every method and metric.
@@ -18,32 +19,52 @@ from ..core.spec import TaskSpec
 from .fieldtypes import POINT, irreps, is_invariant, representation
 from .precision import default_dtype
 
-# groups acting on 3-D graphs: name -> (reflections included, translations included)
-GROUPS_3D = {
-    "E3": (True, True), "O3": (True, False), "SE3": (False, True), "SO3": (False, False),
+# groups acting on 3-D graphs: name -> (reflections included, translations included, axial)
+# "axial" groups keep the z axis fixed (the symmetry of a system in a constant field along e_z):
+# "O2z" = rotations about z and reflections through planes containing z (C_inf_v), with all 3-D
+# translations (a uniform field is translation invariant); "SO2z" = rotations about z only.
+GROUPS_3D_AXIAL = {
+    "E3": (True, True, False), "O3": (True, False, False), "SE3": (False, True, False),
+    "SO3": (False, False, False), "O2z": (True, True, True), "SO2z": (False, True, True),
 }
+GROUPS_3D = {name: flags[:2] for name, flags in GROUPS_3D_AXIAL.items()}
 
 
 def group_flags(group: str) -> tuple[bool, bool]:
     """(reflections, translations) for a 3-D group name."""
-    if group not in GROUPS_3D:
-        raise UserError(f"unknown 3-D group {group!r} (known: {', '.join(GROUPS_3D)})")
-    return GROUPS_3D[group]
+    return group_flags_axial(group)[:2]
+
+
+def group_flags_axial(group: str) -> tuple[bool, bool, bool]:
+    """(reflections, translations, axial) for a 3-D group name (axial: fixes the z axis)."""
+    if group not in GROUPS_3D_AXIAL:
+        raise UserError(f"unknown 3-D group {group!r} (known: {', '.join(GROUPS_3D_AXIAL)})")
+    return GROUPS_3D_AXIAL[group]
 
 
 def common_group(task_group: str, method_group: str | None) -> str:
-    """The largest group both the task's target and the method respect (for measurement)."""
+    """The largest group both the task's target and the method respect (for measurement).
+
+    Reflections only if both have them; translations as the task has them (methods that handle
+    point inputs always handle translations: they centre or use differences); axial (only the
+    rotations about z) if either is: an O(3)-exact method on an "O2z" task is measured on "O2z",
+    an SO(3)-exact one on "SO2z"."""
     if method_group is None:
         return task_group
-    refl_t, trans_t = group_flags(task_group)
-    refl_m, trans_m = group_flags(method_group)
-    # methods that handle point inputs always handle translations (they centre / use differences)
-    refl = refl_t and refl_m
-    trans = trans_t
-    for name, flags in GROUPS_3D.items():
-        if flags == (refl, trans):
+    refl_t, trans_t, axial_t = group_flags_axial(task_group)
+    refl_m, _, axial_m = group_flags_axial(method_group)
+    flags = (refl_t and refl_m, trans_t, axial_t or axial_m)
+    for name, f in GROUPS_3D_AXIAL.items():
+        if f == flags:
             return name
-    raise AssertionError("unreachable")
+    raise UserError(f"no 3-D group is common to {task_group!r} and {method_group!r} "
+                    f"(known: {', '.join(GROUPS_3D_AXIAL)})")
+
+
+def lie_generators(group: str) -> tuple[int, ...]:
+    """Indices of the so(3) generators (x, y, z) inside the group's Lie algebra: all three for
+    O(3)/SO(3)/E(3)/SE(3), only the z rotation for the axial groups."""
+    return (2,) if group_flags_axial(group)[2] else (0, 1, 2)
 
 
 @dataclass
@@ -95,6 +116,21 @@ def sample_rotations(n: int, reflections: bool, generator: torch.Generator,
     return Q.to(dtype)
 
 
+def sample_axial(n: int, reflections: bool, generator: torch.Generator,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``n`` uniform elements of SO(2) about the z axis, ``R_z(a)`` with a ~ U[0, 2 pi); with
+    ``reflections`` half are composed with the mirror y -> -y, giving uniform O(2) about z (every
+    reflection through a plane containing z is R_z(a) diag(1, -1, 1) for some a)."""
+    a = torch.rand(n, generator=generator, dtype=torch.float64) * (2 * torch.pi)
+    c, s = torch.cos(a), torch.sin(a)
+    R = torch.zeros(n, 3, 3, dtype=torch.float64)
+    R[:, 0, 0], R[:, 0, 1], R[:, 1, 0], R[:, 1, 1], R[:, 2, 2] = c, -s, s, c, 1.0
+    if reflections:
+        flip = torch.rand(n, generator=generator) < 0.5
+        R[:, :, 1] = torch.where(flip[:, None], -R[:, :, 1], R[:, :, 1])
+    return R.to(dtype)
+
+
 def _within_graph_permutation(batch_vec: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     keys = torch.rand(batch_vec.numel(), generator=generator, dtype=torch.float64)
     # sort by (graph, random key): stays sorted by graph, random order inside each graph
@@ -105,9 +141,9 @@ def _within_graph_permutation(batch_vec: torch.Tensor, generator: torch.Generato
 def sample_element(batch: Batch, group: str, generator: torch.Generator,
                    permute: bool = True, translation_scale: float = 1.0) -> GroupElement:
     """One random element per graph of ``batch`` for the 3-D group named ``group``."""
-    reflections, translations = group_flags(group)
+    reflections, translations, axial = group_flags_axial(group)
     B = int(batch.num_graphs)
-    R = sample_rotations(B, reflections, generator)
+    R = (sample_axial if axial else sample_rotations)(B, reflections, generator)
     t = torch.randn(B, 3, generator=generator, dtype=torch.float64) * translation_scale
     if not translations:
         t = torch.zeros_like(t)

@@ -9,7 +9,9 @@ average pool after the first two blocks, global mean, linear head; ``width`` = c
 
 ``Baseline.build`` carries the domain dispatch of every backbone-wrapping method: ``build_image``
 on ``image2d`` tasks, ``build_graph`` on ``graph3d`` tasks; each subclass overrides the two in its
-own file.
+own file. It also applies the shared ``field_input`` option (``blocks.breaking``): with
+``field_input=True`` a task's symmetry-breaking fields (``TaskSpec.breaking_inputs``, e.g.
+nbody_field's external field) are built in as typed inputs; by default they are ignored.
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ..base import Method, build_at_params
 from ..blocks.backbone import BackboneModel
+from ..blocks.breaking import FieldInputOption
 from ..blocks.cnn import CNNClassifier
 from ..blocks.image import build_image_model, image_size_options
 
 
 @register_method("baseline")
-class Baseline(Method):
+class Baseline(FieldInputOption, Method):
     exact = False
     group: str | None = None  # (the declared type, so that subclasses may name a group)
     wraps_backbone = True
@@ -34,15 +37,18 @@ class Baseline(Method):
     domains: ClassVar[tuple[str, ...]] = ("graph3d", "image2d")
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False, "image2d": False}
 
-    def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None) -> None:
+    def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
+                 field_input: bool = False) -> None:
         super().__init__(width=width, depth=depth, params=params)
         self.width, self.depth, self.params = width, depth, params
+        self.set_field_input(field_input)
 
     def build_backbone(self, spec: TaskSpec) -> nn.Module:
         """The bare backbone at the requested width/parameter count (used by wrappers too)."""
         return build_at_params(lambda w: BackboneModel(spec, w, self.depth), self.params, self.width)
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+        spec = self.model_spec(spec)  # + the symmetry-breaking inputs under field_input=True
         if spec.domain == "image2d":
             return self.build_image(spec)
         return self.build_graph(spec, seed)

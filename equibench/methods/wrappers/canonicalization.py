@@ -263,8 +263,8 @@ class Canonicalization(Baseline):
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, group: str = "O3",
                  prior_weight: float | None = None, canon_width: int | None = None, canon_depth: int = 2,
-                 learn_translation: bool = True, identity_angle: float = 10.0) -> None:
-        super().__init__(width=width, depth=depth, params=params)
+                 learn_translation: bool = True, identity_angle: float = 10.0, field_input: bool = False) -> None:
+        super().__init__(width=width, depth=depth, params=params, field_input=field_input)
         if (canon_width is not None and canon_width < 1) or canon_depth < 1:
             raise ValueError("canon_width and canon_depth must be positive")
         self.group = check_group(group)

@@ -62,6 +62,7 @@ from ...symmetry.fieldtypes import POINT, field_dim
 from ...symmetry.group3d import act_on_batch, act_on_output
 from ..base import Method, build_at_params
 from ..blocks.backbone import edge_geometry, mlp, node_features
+from ..blocks.breaking import FieldInputOption
 from ..blocks.pca_frames import (
     centroid,
     check_group,
@@ -188,7 +189,7 @@ class FAGNNModel(nn.Module):
 
 
 @register_method("fa_gnn")
-class FAGNN(Method):
+class FAGNN(FieldInputOption, Method):
     """FA-GNN (Puny et al. 2022, n-body table): PCA frame averaging at every message-passing layer."""
 
     domains = ("graph3d",)
@@ -197,7 +198,7 @@ class FAGNN(Method):
     smoke_options = {"width": 15, "depth": 2}
 
     def __init__(self, *, width: int = 60, depth: int = 4, params: int | None = None,
-                 group: str = "O3", residual: bool = False) -> None:
+                 group: str = "O3", residual: bool = False, field_input: bool = False) -> None:
         if width < 3 or width % 3:
             raise ValueError(f"width must be a positive multiple of 3 (width / 3 latent vectors), got {width}")
         if depth < 1:
@@ -205,11 +206,13 @@ class FAGNN(Method):
         super().__init__(width=width, depth=depth, params=params, group=group, residual=residual)
         self.width, self.depth, self.params = width, depth, params
         self.group, self.residual = check_group(group), residual
+        self.set_field_input(field_input)
 
     def supports(self, spec: TaskSpec) -> str | None:
         return super().supports(spec) or frame_support(spec)
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+        spec = self.model_spec(spec)  # + the symmetry-breaking inputs under field_input=True
         reason = self.supports(spec)
         if reason:
             raise ValueError(reason)

@@ -98,8 +98,8 @@ class FrameAveraging(Baseline):
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True, "image2d": True}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
-                 group: str = "O3", stochastic: bool = False) -> None:
-        super().__init__(width=width, depth=depth, params=params)
+                 group: str = "O3", stochastic: bool = False, field_input: bool = False) -> None:
+        super().__init__(width=width, depth=depth, params=params, field_input=field_input)
         self.group = check_group(group)
         self.stochastic = stochastic
         self.options.update(group=group, stochastic=stochastic)

@@ -25,8 +25,10 @@ class LocalCanonicalization(TensorFrames):
     ``handedness`` ("wide" | "local")."""
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
-                 so3: bool = False, frames: str = "learned", handedness: str = "wide") -> None:
-        super().__init__(width=width, depth=depth, params=params, so3=so3, frames=frames, handedness=handedness)
+                 so3: bool = False, frames: str = "learned", handedness: str = "wide",
+                 field_input: bool = False) -> None:
+        super().__init__(width=width, depth=depth, params=params, so3=so3, frames=frames, handedness=handedness,
+                         field_input=field_input)
         self.options.pop("hidden_reps", None)
 
     def hidden_reps(self, size: int) -> Reps:

@@ -96,8 +96,8 @@ class PCACanonicalization(Baseline):
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True}  # (Baseline's says False)
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
-                 group: str = "O3") -> None:
-        super().__init__(width=width, depth=depth, params=params)
+                 group: str = "O3", field_input: bool = False) -> None:
+        super().__init__(width=width, depth=depth, params=params, field_input=field_input)
         self.group = check_group(group)
         self.options.update(group=group)
 
@@ -106,7 +106,7 @@ class PCACanonicalization(Baseline):
 
     domains = ("graph3d",)
 
-    def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+    def build_graph(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         return PCACanonicalModel(self.build_backbone(spec), spec, self.group)
 
     def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:

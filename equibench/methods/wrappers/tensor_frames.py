@@ -57,6 +57,7 @@ from ...metrics.catalogue import MetricSpec, register_metric, test_metric
 from ...symmetry.fieldtypes import POINT, field_dim, irreps
 from ..base import Method, build_at_params
 from ..blocks.backbone import Backbone, edge_attr_dim, edge_geometry
+from ..blocks.breaking import FieldInputOption
 from ..blocks.tfmp import (
     DELTA,
     HANDEDNESS,
@@ -274,7 +275,7 @@ class TensorFramesModel(nn.Module):
 
 
 @register_method("tensor_frames")
-class TensorFrames(Method):
+class TensorFrames(FieldInputOption, Method):
     """Options: ``width`` (hidden dimension), ``depth``, ``params`` (target parameter count,
     scales ``width``), ``so3`` (SO(3) frames from two vectors), ``frames`` ("learned" |
     "nearest"), ``handedness`` ("wide" | "local": whether a degenerate local frame, handedness or
@@ -289,9 +290,10 @@ class TensorFrames(Method):
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
                  so3: bool = False, frames: str = "learned", handedness: str = "wide",
-                 hidden_reps: str | None = None) -> None:
+                 hidden_reps: str | None = None, field_input: bool = False) -> None:
         super().__init__(width=width, depth=depth, params=params, so3=so3, frames=frames,
                          handedness=handedness, hidden_reps=hidden_reps)
+        self.set_field_input(field_input)
         if frames not in FRAME_KINDS:
             raise ValueError(f"frames must be one of {FRAME_KINDS}, got {frames!r}")
         if handedness not in HANDEDNESS:
@@ -333,6 +335,7 @@ class TensorFrames(Method):
                                               self.handedness)
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
+        spec = self.model_spec(spec)  # + the symmetry-breaking inputs under field_input=True
         default = self.template.dim if self.template is not None else self.width
         return build_at_params(self._factory(spec), self.params, default)
 
