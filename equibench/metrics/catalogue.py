@@ -27,8 +27,8 @@ Aggregate = Literal["mean", "median", "max", "min", "first"]
 NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
 
 # the families of the built-in metrics (a plugin may declare more; readers never need the list)
-FAMILIES = ("params", "status", "equivariance", "lie_derivative", "degeneracy", "train", "curve", "test",
-            "trivial", "tune", "throughput", "scaling", "tp_bench")
+FAMILIES = ("params", "status", "equivariance", "equivariance_broken", "lie_derivative", "degeneracy", "train",
+            "curve", "test", "trivial", "tune", "throughput", "scaling", "tp_bench")
 STAGES = ("init", "trained")
 DTYPES = ("fp32", "fp64")
 EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max", "disp_rel_mean", "disp_rel_median",
@@ -162,6 +162,14 @@ def equivariance_metric(stage: str, dtype: str, stat: str) -> str:
             f"{_check('equivariance stat', stat, EQUIVARIANCE_STATS)}")
 
 
+def broken_equivariance_metric(stage: str, dtype: str, stat: str) -> str:
+    """``equivariance_broken.<stage>.<dtype>.<stat>``: the equivariance error measured under the
+    task's *broken* group (``TaskSpec.broken_group``, e.g. E(3) on ``nbody_field``), for tasks
+    whose environment breaks a larger symmetry."""
+    return (f"equivariance_broken.{_check('stage', stage, STAGES)}.{_check('dtype', dtype, DTYPES)}."
+            f"{_check('equivariance stat', stat, EQUIVARIANCE_STATS)}")
+
+
 def lie_metric(stage: str, stat: str) -> str:
     """``lie_derivative.<stage>.fp64.<stat>`` (the Lie derivative is measured in fp64 only)."""
     return f"lie_derivative.{_check('stage', stage, STAGES)}.fp64.{_check('Lie derivative stat', stat, LIE_STATS)}"
@@ -230,6 +238,17 @@ def _declare_equivariance() -> None:
                     watch=stage == "trained" and stat == "rel_mean",
                     description="||f(g·X) − ρ(g) f(X)|| over test graphs and group samples; relative: / ||f(X)||; "
                                 "relative to displacement (point outputs): / ||f(X) − x||"))
+            for stat in EQUIVARIANCE_STATS:
+                register_metric(MetricSpec(
+                    broken_equivariance_metric(stage, dtype, stat),
+                    f"broken-group equiv. err {dtype} {stage}, {_STAT_WORDS[stat]}", "equivariance_broken",
+                    direction=None, aggregate="max" if stat.endswith("_max") else "mean", stage=stage, dtype=dtype,
+                    stat=stat, number_format="sci", floor=FLOORS[dtype] if "rel_" in stat else None,
+                    description="||f(g·X) − ρ(g) f(X)|| as for 'equivariance', with g drawn from the group the "
+                                "task's environment breaks (TaskSpec.broken_group, e.g. E(3) for nbody_field; "
+                                "the symmetry-breaking field itself is held fixed): how far a model follows "
+                                "the symmetry the data do not have. Context, not a score: an accurate model "
+                                "must break it"))
         for stat in LIE_STATS:
             register_metric(MetricSpec(
                 lie_metric(stage, stat), f"Lie deriv. fp64 {stage}, {_STAT_WORDS[stat]}", "lie_derivative",
