@@ -273,6 +273,8 @@ _TEST: dict[str, tuple[str, Direction, bool, str]] = {  # name: (unit, direction
     "accuracy": ("", "higher", False, "accuracy on the primary (original-orientation) test copies"),
     "group_accuracy": ("", "higher", False, "accuracy over every rotated test copy"),
     "upright_accuracy": ("", "higher", False, "accuracy on the unrotated test copies"),
+    "accuracy_6": ("", "higher", False, "accuracy on the test images of class 6 (digits; a half-turn makes a 9)"),
+    "accuracy_9": ("", "higher", False, "accuracy on the test images of class 9 (digits; a half-turn makes a 6)"),
 }
 # method extras (canonicaliser diagnostics): context only, no better direction (on isotropic data no
 # equivariant canonicaliser can stay near the identity; see methods/canonicalization.py)
@@ -282,6 +284,9 @@ _METHOD_EXTRAS: dict[str, tuple[str, bool, str]] = {  # name: (unit, log scale, 
     "prior_mse": ("", True, "mean((R − I)²) of the canonical rotation (graph canonicaliser)"),
     "mean_angle_deg": ("deg", False, "mean rotation angle of the canonical frame (improper = 180)"),
     "prior_ce": ("", True, "cross-entropy of the canonicaliser's scores to the identity (images)"),
+    "backend_agreement": ("", True, "max |f − f_e3nn| / max |f_e3nn| per test batch (mean over batches): the "
+                          "e3nn method with cuEquivariance tensor products against the same weights through "
+                          "e3nn's, in the run's dtype"),
 }
 
 

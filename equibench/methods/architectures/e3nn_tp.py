@@ -44,10 +44,25 @@ only through r_ij = pos_j - pos_i (PyG edge j -> i), so translations cancel.
 Every map is an intertwiner of O(3), so f(g.X) = rho_out(g) f(X) holds to round-off (build
 under ``default_dtype(torch.float64)`` for a float64 check: e3nn makes its CG constants in the
 default dtype).
+
+Backends (option ``backend``): ``"e3nn"`` (default) computes the tensor products with
+``o3.FullyConnectedTensorProduct``; ``"cuequivariance"`` swaps every one of them for
+cuequivariance-torch's ``FullyConnectedTensorProduct`` (NVIDIA cuEquivariance; ``mul_ir``
+layout, per-edge weights), which on a CUDA device runs its fused kernels. Everything else
+(radial MLPs, linears, gates) is e3nn's, and the two products take the same flat weight vector in
+the same order with the same path normalisation, so one state dict serves both backends and the
+outputs agree to round-off (held to 1e-10 in float64 through cuequivariance-torch's pure-PyTorch
+``method="naive"`` on the CPU in ``tests/test_e3nn_backends.py``; on CUDA the row's
+``backend_agreement`` metric measures it in the run's dtype). The method declines the backend
+without a CUDA device: its point is the kernels, and the CPU fallback says nothing about them.
 """
 from __future__ import annotations
 
+import copy
+import importlib.metadata
+import importlib.util
 import math
+from typing import Literal
 
 import torch
 from e3nn import o3
@@ -59,7 +74,9 @@ from torch_geometric.nn import global_add_pool, global_mean_pool
 
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
+from ...metrics.catalogue import test_metric
 from ...symmetry.fieldtypes import POINT, irreps, is_invariant
+from ...symmetry.precision import default_dtype
 from ..base import Method, build_irreps_sized
 
 
@@ -102,6 +119,33 @@ def input_layout(spec: TaskSpec) -> tuple[list[tuple[str, str]], o3.Irreps]:
 _SQRT_HALF = 1.0 / math.sqrt(2.0)  # sums of two unit-variance terms are rescaled to unit variance
 
 
+Backend = Literal["e3nn", "cuequivariance"]
+#: rows of the cuequivariance backend: its deviation from the same network computed by e3nn
+BACKEND_AGREEMENT = test_metric("backend_agreement")
+
+
+def cuequivariance_missing() -> str | None:
+    """None when cuequivariance-torch is importable, else why not."""
+    if importlib.util.find_spec("cuequivariance_torch") is None or importlib.util.find_spec("cuequivariance") is None:
+        return "cuequivariance-torch is not installed (pip install -e .[reference]; kernels: .[cuda])"
+    return None
+
+
+def product(in1: o3.Irreps, in2: o3.Irreps, out: o3.Irreps, backend: Backend) -> nn.Module:
+    """A fully connected tensor product ``(x1, x2, w) -> out`` with per-sample weights ``w`` in
+    e3nn's order, computed by ``backend``. cuequivariance's module picks its CUDA kernels on a
+    CUDA device and its pure-PyTorch ``naive`` method elsewhere (``method=None``: its default
+    dispatch, which needs the kernel package on CUDA)."""
+    if backend == "e3nn" or _tp_numel(in1, in2, out) == 0:  # no allowed path: e3nn's zeros, nothing to compute
+        return o3.FullyConnectedTensorProduct(in1, in2, out, shared_weights=False, internal_weights=False)
+    import cuequivariance as cue  # optional dependency (extras "reference" / "cuda")
+    import cuequivariance_torch as cuet
+    method = None if torch.cuda.is_available() else "naive"
+    return cuet.FullyConnectedTensorProduct(cue.Irreps("O3", str(in1)), cue.Irreps("O3", str(in2)),
+                                            cue.Irreps("O3", str(out)), layout=cue.mul_ir, shared_weights=False,
+                                            internal_weights=False, method=method)
+
+
 class SplitTensorProduct(nn.Module):
     """``o3.FullyConnectedTensorProduct(irreps_in1, irreps_in2, irreps_out)`` with per-sample
     weights, held as one such product per output irrep and concatenated.
@@ -113,15 +157,15 @@ class SplitTensorProduct(nn.Module):
     slice; per-output blocks make that cost ~len(irreps_out) times smaller.
     """
 
-    def __init__(self, irreps_in1: o3.Irreps, irreps_in2: o3.Irreps, irreps_out: o3.Irreps) -> None:
+    def __init__(self, irreps_in1: o3.Irreps, irreps_in2: o3.Irreps, irreps_out: o3.Irreps,
+                 backend: Backend = "e3nn") -> None:
         super().__init__()
         self.irreps_in1, self.irreps_in2 = o3.Irreps(irreps_in1), o3.Irreps(irreps_in2)
         self.irreps_out = o3.Irreps(irreps_out)
-        tps = [o3.FullyConnectedTensorProduct(self.irreps_in1, self.irreps_in2, o3.Irreps([mul_ir]),
-                                              shared_weights=False, internal_weights=False)
-               for mul_ir in self.irreps_out]
-        self.tps = nn.ModuleList(tps)
-        self.sizes: list[int] = [tp.weight_numel for tp in tps]
+        self.tps = nn.ModuleList([product(self.irreps_in1, self.irreps_in2, o3.Irreps([mul_ir]), backend)
+                                  for mul_ir in self.irreps_out])
+        self.sizes: list[int] = [_tp_numel(self.irreps_in1, self.irreps_in2, o3.Irreps([mul_ir]))
+                                 for mul_ir in self.irreps_out]
         self.weight_numel = sum(self.sizes)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -133,12 +177,12 @@ class Interaction(nn.Module):
     """One convolution + self-interaction + gate (see module docstring)."""
 
     def __init__(self, irreps_in: o3.Irreps, edge_irreps: o3.Irreps, n_invariant: int,
-                 mul: int, lmax: int, radial_hidden: int, avg_degree: float) -> None:
+                 mul: int, lmax: int, radial_hidden: int, avg_degree: float, backend: Backend = "e3nn") -> None:
         super().__init__()
         scalars, gates, gated = hidden_irreps(mul, lmax)
         acts = [torch.nn.functional.silu if ir.p == 1 else torch.tanh for _, ir in scalars]
         self.gate = Gate(scalars, acts, gates, [torch.sigmoid] * len(gates), gated)
-        self.tp = SplitTensorProduct(irreps_in, edge_irreps, self.gate.irreps_in)
+        self.tp = SplitTensorProduct(irreps_in, edge_irreps, self.gate.irreps_in, backend)
         self.radial = FullyConnectedNet([n_invariant, radial_hidden, self.tp.weight_numel],
                                         torch.nn.functional.silu)
         self.self_int = o3.Linear(irreps_in, self.gate.irreps_in)
@@ -188,7 +232,8 @@ class E3NNModel(nn.Module):
     """The whole network applied to a batch: ``model(batch) -> prediction``."""
 
     def __init__(self, spec: TaskSpec, mul: int, lmax: int, depth: int, r_max: float,
-                 num_basis: int, radial_hidden: int, avg_degree: float, cutoff: bool) -> None:
+                 num_basis: int, radial_hidden: int, avg_degree: float, cutoff: bool,
+                 backend: Backend = "e3nn") -> None:
         super().__init__()
         self.spec, self.r_max, self.num_basis, self.cutoff = spec, r_max, num_basis, cutoff
         self.mul, self.radial_hidden = mul, radial_hidden
@@ -199,7 +244,7 @@ class E3NNModel(nn.Module):
                                         normalization="component")
         layers, ir = [], self.irreps_in
         for _ in range(depth):
-            layers.append(Interaction(ir, self.irreps_edge, n_inv, mul, lmax, radial_hidden, avg_degree))
+            layers.append(Interaction(ir, self.irreps_edge, n_inv, mul, lmax, radial_hidden, avg_degree, backend))
             ir = layers[-1].irreps_out
         self.layers = nn.ModuleList(layers)
         self.irreps_out = output_irreps(spec)
@@ -240,6 +285,26 @@ class E3NNModel(nn.Module):
         return out + pos if self.spec.output == POINT else out
 
 
+def with_backend(model: nn.Module, backend: Backend) -> nn.Module:
+    """A copy of ``model`` (an ``E3NNModel`` or any module holding one, e.g. a forces-from-energy
+    wrapper) whose tensor products are computed by ``backend``: same weights, device and dtype."""
+    twin = copy.deepcopy(model)
+    ref = next(model.parameters())
+    for m in twin.modules():
+        if isinstance(m, SplitTensorProduct):
+            with default_dtype(ref.dtype):  # e3nn builds its Clebsch-Gordan constants in the default dtype
+                m.tps = nn.ModuleList([product(m.irreps_in1, m.irreps_in2, o3.Irreps([mul_ir]), backend)
+                                       for mul_ir in m.irreps_out]).to(device=ref.device, dtype=ref.dtype)
+    return twin
+
+
+def backend_agreement(model: nn.Module, batch: Batch, pred: torch.Tensor) -> float:
+    """max |f(X) - f_e3nn(X)| / max |f_e3nn(X)| on one batch, f_e3nn = ``model`` with e3nn's
+    tensor products (same weights, same dtype)."""
+    ref = with_backend(model, "e3nn").eval()(batch).detach()
+    return float((pred.detach() - ref).abs().max() / ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny))
+
+
 @register_method("e3nn")
 class E3NN(Method):
     """Irreps tensor-product network, TFN style ('uvw' products; EGNN paper Table 2 TFN row), exact for O(3).
@@ -259,7 +324,7 @@ class E3NN(Method):
 
     def __init__(self, *, lmax: int = 2, mul: int = 16, depth: int = 3, params: int | None = None,
                  r_max: float = 4.0, num_basis: int = 8, radial_hidden: int = 32,
-                 avg_degree: float = 4.0, cutoff: bool = False) -> None:
+                 avg_degree: float = 4.0, cutoff: bool = False, backend: Backend = "e3nn") -> None:
         if lmax < 0:
             raise ValueError(f"lmax must be >= 0, got {lmax}")
         for name, v in (("mul", mul), ("depth", depth), ("radial_hidden", radial_hidden)):
@@ -273,8 +338,9 @@ class E3NN(Method):
             raise ValueError(f"params must be positive, got {params}")
         super().__init__(lmax=lmax, mul=mul, depth=depth, params=params, r_max=r_max,
                          num_basis=num_basis, radial_hidden=radial_hidden, avg_degree=avg_degree,
-                         cutoff=cutoff)
+                         cutoff=cutoff, backend=backend)
         self.lmax, self.mul, self.depth, self.params = lmax, mul, depth, params
+        self.backend: Backend = backend
         self.r_max, self.num_basis, self.radial_hidden = float(r_max), num_basis, radial_hidden
         self.avg_degree, self.cutoff = float(avg_degree), cutoff
 
@@ -282,6 +348,13 @@ class E3NN(Method):
         reason = super().supports(spec)
         if reason:
             return reason
+        if self.backend == "cuequivariance":
+            missing = cuequivariance_missing()
+            if missing:
+                return missing
+            if not torch.cuda.is_available():
+                return ("the cuequivariance backend is measured with its CUDA kernels and there is no CUDA device "
+                        "here (its agreement with e3nn is tested on the CPU through its pure-PyTorch fallback)")
         if not spec.point_fields:
             return "e3nn needs at least one 'point' input (edge geometry comes from positions)"
         out_l = 1 if spec.output == POINT else irreps(spec.output).lmax
@@ -313,6 +386,21 @@ class E3NN(Method):
         per_hidden = self.count(spec, mul, 1) - base
         return mul, max(1, round((target - base) / per_hidden))
 
+    def implementation(self) -> str:
+        own = super().implementation()
+        if self.backend == "e3nn":
+            return own
+        try:
+            return f"{own} + cuequivariance-torch {importlib.metadata.version('cuequivariance-torch')}"
+        except importlib.metadata.PackageNotFoundError:
+            return f"{own} + cuequivariance-torch (not installed)"
+
+    def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:
+        if self.backend == "e3nn":
+            return {}
+        return {BACKEND_AGREEMENT: backend_agreement(model, batch, pred)}
+
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         return build_irreps_sized(self, spec, seed, lambda mul, rh: E3NNModel(
-            spec, mul, self.lmax, self.depth, self.r_max, self.num_basis, rh, self.avg_degree, self.cutoff))
+            spec, mul, self.lmax, self.depth, self.r_max, self.num_basis, rh, self.avg_degree, self.cutoff,
+            self.backend))
