@@ -42,7 +42,19 @@ if ! "$VENV/bin/python" -c "import py3nj, lie_learn.representations.SO3.irrep_ba
 fi
 say "equibench and its extras"
 "${PIP[@]}" -e ".[escnn,data,test,bench,reference]" "numpy<2" "torch==2.13.0"
-"$VENV/bin/python" -c "import equibench, escnn, e3nn, torch_geometric" >/dev/null
+# equiadapt 0.1.2 without its declared torchvision requirement (see pyproject's "reference" extra):
+# it only uses torchvision.transforms (Pad, CenterCrop, Resize, rotate), pure tensor code that
+# torchvision 0.15.2 provides without its compiled ops; torch-scatter is built from its source.
+if ! "$VENV/bin/python" -c "import equiadapt, torchvision.transforms" 2>/dev/null; then
+  say "equiadapt 0.1.2 and torchvision 0.15.2 (no dependencies: torch stays 2.13.0 CPU)"
+  "${PIP[@]}" --no-deps "equiadapt==0.1.2" "torchvision==0.15.2"
+fi
+if ! "$VENV/bin/python" -c "import torch_scatter" 2>/dev/null; then
+  say "building torch-scatter 2.1.2 from source (a few minutes, once)"
+  "${PIP[@]}" --no-build-isolation "torch-scatter==2.1.2"
+fi
+"$VENV/bin/python" -W ignore -c "import equibench, escnn, e3nn, torch_geometric, equiadapt, nequip, egnn_pytorch, \
+torch_scatter, cuequivariance_torch, frame_averaging_pytorch; from equiadapt.images.canonicalization import discrete_group" >/dev/null
 rm -f "$VENV"/.equibench-setup-*
 touch "$STAMP"
 say "done ($VENV)"
