@@ -118,7 +118,7 @@ class LibraryEGNNModel(nn.Module):
         x = x0
         for layer, phi_v in zip(self.layers, self.phi_v):
             h_new, x = layer(h, x, edges=edges, mask=mask, adj_mat=adj)
-            for phi, v in zip(phi_v, vecs):
+            for phi, v in zip(phi_v.children(), vecs):
                 x = x + phi(h) * v  # EGNN_vel's velocity term, h before this layer's update
             h = h_new
         if self.vector_out:
