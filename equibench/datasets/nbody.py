@@ -57,10 +57,19 @@ def simulate(n_sims: int, rng: np.random.Generator, n_particles: int = 5, n_step
     ``charges: [S, n]``.
     """
     q = rng.choice(np.array([1.0, -1.0]), size=(n_sims, n_particles), p=[0.5, 0.5])
-    qq = q[:, :, None] * q[:, None, :]
     loc = rng.standard_normal((n_sims, n_particles, 3)) * loc_std
     vel = rng.standard_normal((n_sims, n_particles, 3))
     vel *= speed / np.linalg.norm(vel, axis=-1, keepdims=True)
+    locs, vels = integrate(loc, vel, q, n_steps=n_steps, record_every=record_every, dt=dt, clip=clip, field=field)
+    return {"loc": locs, "vel": vels, "charges": q}
+
+
+def integrate(loc: np.ndarray, vel: np.ndarray, q: np.ndarray, n_steps: int = 4000, record_every: int = 100,
+              dt: float = 1e-3, clip: float | None = 100.0, field: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Leapfrog from ``loc, vel: [S, n, 3]`` with charges ``q: [S, n]`` (unit masses); returns the
+    recorded ``loc, vel: [S, frames, n, 3]`` (see ``simulate``)."""
+    n_sims, n_particles = q.shape
+    qq = q[:, :, None] * q[:, None, :]
     n_frames = n_steps // record_every + 1
     locs = np.empty((n_sims, n_frames, n_particles, 3))
     vels = np.empty_like(locs)
@@ -80,7 +89,7 @@ def simulate(n_sims: int, rng: np.random.Generator, n_particles: int = 5, n_step
         if step % record_every == 0:
             locs[:, step // record_every], vels[:, step // record_every] = loc, vel
         vel = vel + dt * forces(loc)
-    return {"loc": locs, "vel": vels, "charges": q}
+    return locs, vels
 
 
 def total_energy(loc: np.ndarray, vel: np.ndarray, charges: np.ndarray) -> np.ndarray:
