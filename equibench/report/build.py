@@ -36,6 +36,7 @@ from .common.metricinfo import canonicalise
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .common.tables import status_table
 from .compare import write_comparison
+from .references import reference_sections
 from .sections import SECTIONS, SPECIAL_TASKS
 from .task_section import task_section
 from .trends import trend_figures
@@ -75,7 +76,7 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"equibench report: {', '.join(sorted(set(df['run_id'].dropna())))}"
-    sections = published_sections(df, run_dirs(paths)) + _sections(df, out)
+    sections = published_sections(df, run_dirs(paths)) + reference_sections(df) + _sections(df, out)
     if history is not None:
         for s in sections:
             s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]

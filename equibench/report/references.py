@@ -1,0 +1,148 @@
+"""The reference pairs section: each of equibench's own implementations beside the library
+implementation of the same construction, where a run measured both on the same task.
+
+A pair is (ours, reference) on one task configuration (its base task options, sweeps left out):
+
+* a method whose class names a ``counterpart`` (``Method.counterpart``: e.g.
+  ``frame_averaging_pytorch`` → ``frame_averaging``, ``egnn_pytorch`` → ``egnn``), both present;
+* one method measured with two implementations (rows' ``implementation`` differs, e.g. ``e3nn``
+  with e3nn's tensor products and with cuEquivariance's, ``backend: cuequivariance``): the
+  plain ``equibench`` one is "ours", the other the reference.
+
+Side by side per pair: the task's first test metric (mean over seeds ± 95 % t-interval, Welch's
+p for the difference), the trained models' relative equivariance error (mean over test graphs
+and group samples; fp64 = the structure, fp32 = as deployed), inference throughput (median
+graphs/s) and its ratio, parameters, the reference's agreement metric when its rows carry one,
+and whether every run converged. The cross-checks that need no training run (outputs agreeing
+to 1e-10 in float64 with the same weights) are held by the tests and named in the notes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from ..core.errors import UserError
+from ..core.registry import method_class
+from ..metrics.catalogue import PARAMS, equivariance_metric, test_metric, throughput_metric
+from .common import fmt
+from .common.metricinfo import spec_for, value
+from .common.render import Section
+from .common.tables import context_line, split_sweeps
+from .verdicts import t_interval, task_metric, welch_p
+
+EQ64, EQ32 = equivariance_metric("trained", "fp64", "rel_mean"), equivariance_metric("trained", "fp32", "rel_mean")
+THROUGHPUT = throughput_metric("inference", "graphs_per_s")
+AGREEMENT = test_metric("backend_agreement")
+OWN = "equibench"
+CROSS_CHECKS = ("frame_averaging_pytorch vs frame_averaging: same outputs to 1e-10 in float64 with the library's "
+                "frames aligned to ours (tests/test_reference_methods.py); e3nn with backend cuequivariance vs "
+                "e3nn: same outputs to 1e-10 in float64 with the same weights through cuequivariance-torch's "
+                "pure-PyTorch method (tests/test_e3nn_backends.py).")
+
+
+def _counterpart(method: str) -> str | None:
+    try:
+        return method_class(method).counterpart
+    except (UserError, ImportError):  # a plugin's method not loaded now, or one renamed since the run
+        return None
+
+
+def labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a column ``unit``: the method, or ``method [implementation]`` for a method
+    whose rows on this task came from more than one implementation."""
+    impl = df["implementation"].fillna("?") if "implementation" in df else pd.Series("?", index=df.index)
+    several = impl.groupby(df["method"]).transform("nunique") > 1
+    unit = df["method"].astype(str).where(~several, df["method"].astype(str) + " [" + impl.astype(str) + "]")
+    return df.assign(unit=unit, impl=impl)
+
+
+def pairs(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(ours, reference) units of one task's rows (``labelled``), ours first."""
+    units = df.drop_duplicates("unit")[["unit", "method", "impl"]]
+    plain = {m: u for u, m, i in units.itertuples(index=False) if str(i).startswith(OWN) and "+" not in str(i)}
+    found: list[tuple[str, str]] = []
+    for unit, method, _impl in units.itertuples(index=False):
+        other = _counterpart(str(method))
+        if other and other in plain and unit == method:
+            found.append((plain[other], unit))
+        elif unit != method and plain.get(method) not in (None, unit):
+            found.append((plain[method], unit))
+    return sorted(found)
+
+
+def _values(df: pd.DataFrame, unit: str, metric: str) -> list[float]:
+    rows = df[(df["unit"] == unit) & (df["metric"] == metric) & (df["status"] == "ok")]
+    return [float(v) for v in rows["value"].dropna()]
+
+
+def _mean(df: pd.DataFrame, unit: str, metric: str) -> float | None:
+    vals = _values(df, unit, metric)
+    return sum(vals) / len(vals) if vals else None
+
+
+def _score(df: pd.DataFrame, unit: str, metric: str) -> str:
+    mean, half, n = t_interval(_values(df, unit, metric))
+    if n == 0:
+        return "–"
+    return value(spec_for(metric), mean) + (f" ± {fmt.number(half)}" if n > 1 else " (1 seed)")
+
+
+def _converged(df: pd.DataFrame, unit: str) -> str:
+    runs = df[(df["unit"] == unit) & df["convergence"].notna()] if "convergence" in df else df.iloc[0:0]
+    conv = runs.drop_duplicates("spec_hash")["convergence"].tolist()
+    bad = sum(c == "not_converged" for c in conv)
+    return "–" if not conv else ("yes" if not bad else f"⚠ {bad} of {len(conv)} not")
+
+
+def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | None) -> dict[str, Any]:
+    """One table row: the two units' numbers side by side (see module docstring)."""
+    row: dict[str, Any] = {"task": task, "ours": ours, "reference": ref,
+                           "reference implementation": next(iter(df[df["unit"] == ref]["impl"]), "?")}
+    if metric:
+        a, b = _values(df, ours, metric), _values(df, ref, metric)
+        row[f"{metric} (ours)"] = _score(df, ours, metric)
+        row[f"{metric} (ref.)"] = _score(df, ref, metric)
+        p = welch_p(a, b) if len(a) > 1 and len(b) > 1 else float("nan")
+        row["Welch p"] = "–" if p != p else fmt.number(p)
+    for label, m in (("eq. err fp64", EQ64), ("eq. err fp32", EQ32)):
+        row[f"{label} (ours)"] = value(spec_for(m), _mean(df, ours, m))
+        row[f"{label} (ref.)"] = value(spec_for(m), _mean(df, ref, m))
+    t_ours, t_ref = _mean(df, ours, THROUGHPUT), _mean(df, ref, THROUGHPUT)
+    row["graphs/s (ours)"] = value(spec_for(THROUGHPUT), t_ours)
+    row["graphs/s (ref.)"] = value(spec_for(THROUGHPUT), t_ref)
+    row["ref./ours speed"] = f"{t_ref / t_ours:.2f}×" if t_ours and t_ref else "–"
+    row["params (ours / ref.)"] = (f"{fmt.number(_mean(df, ours, PARAMS), 'int')} / "
+                                   f"{fmt.number(_mean(df, ref, PARAMS), 'int')}")
+    agree = _mean(df, ref, AGREEMENT)
+    row["agreement"] = "–" if agree is None else value(spec_for(AGREEMENT), agree)
+    row["converged (ours / ref.)"] = f"{_converged(df, ours)} / {_converged(df, ref)}"
+    row["seeds"] = str(len(set(df[df["unit"].isin([ours, ref])]["seed"].dropna())))
+    return row
+
+
+def reference_sections(df: pd.DataFrame) -> list[Section]:
+    """The section (at most one) pairing our implementations with their references."""
+    if df.empty or "task" not in df or "method" not in df:
+        return []
+    rows, used = [], []
+    for task, g in df.groupby("task", sort=True):
+        base, _ = split_sweeps(g)
+        base = labelled(base)
+        metric = task_metric(base)
+        for ours, ref in pairs(base):
+            rows.append(pair_row(base, str(task), ours, ref, metric))
+            used.append(base[base["unit"].isin([ours, ref])])
+    if not rows:
+        return []
+    table = pd.DataFrame(rows).set_index("task")
+    return [{"task": "references", "heading": "Our implementations beside their references",
+             "context": ("Each row pairs an equibench implementation with the library implementation of the same "
+                         "construction, measured in the same run(s) on the same task: test metric mean over seeds ± "
+                         "95 % t-interval with Welch's p for the difference; relative equivariance error of the "
+                         "trained models (mean over test graphs and group samples); inference throughput (median "
+                         "graphs/s) and the reference's speed relative to ours; 'agreement' is the reference's "
+                         "measured output deviation from ours with the same weights where its rows carry one. "
+                         + context_line(pd.concat(used))),
+             "table": table, "index_label": "task", "css": "references", "figures": [], "tables": [],
+             "notes": [CROSS_CHECKS]}]

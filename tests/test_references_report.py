@@ -1,0 +1,53 @@
+"""The report's reference pairs (equibench/report/references.py) on hand-made rows: which pairs
+are found (a counterpart, one method with two implementations), what a row says, and no section
+when nothing pairs."""
+from __future__ import annotations
+
+import pandas as pd
+
+from equibench.metrics import catalogue as cat
+from equibench.report.references import labelled, pairs, reference_sections
+
+MSE, EQ64 = cat.test_metric("mse"), cat.equivariance_metric("trained", "fp64", "rel_mean")
+TP = cat.throughput_metric("inference", "graphs_per_s")
+
+
+def rows(method: str, impl: str, mses: list[float], eq: float, speed: float, task: str = "nbody") -> list[dict]:
+    out = []
+    for seed, mse in enumerate(mses):
+        base = {"task": task, "method": method, "seed": seed, "status": "ok", "implementation": impl,
+                "spec_hash": f"{method}-{impl}-{seed}", "convergence": "converged", "task_options": {}}
+        out += [{**base, "metric": MSE, "value": mse}, {**base, "metric": EQ64, "value": eq},
+                {**base, "metric": TP, "value": speed}, {**base, "metric": "params", "value": 1000.0}]
+    return out
+
+
+def frame(*groups: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([r for g in groups for r in g])
+
+
+def test_a_counterpart_and_a_second_implementation_pair_with_ours():
+    df = frame(rows("frame_averaging", "equibench 0.2", [0.10, 0.11, 0.12], 1e-16, 600.0),
+               rows("frame_averaging_pytorch", "frame-averaging-pytorch 0.1.2", [0.20, 0.21, 0.22], 2e-16, 900.0),
+               rows("e3nn", "equibench 0.2", [0.3, 0.3, 0.3], 1e-16, 100.0),
+               rows("e3nn", "equibench 0.2 + cuequivariance-torch 0.13.0", [0.3, 0.3, 0.3], 1e-16, 400.0),
+               rows("baseline", "equibench 0.2", [0.5, 0.5, 0.5], 0.3, 2000.0))
+    found = pairs(labelled(df))
+    assert found == [("e3nn [equibench 0.2]", "e3nn [equibench 0.2 + cuequivariance-torch 0.13.0]"),
+                     ("frame_averaging", "frame_averaging_pytorch")]
+    (section,) = reference_sections(df)
+    table = section["table"]
+    fa = table[table["ours"] == "frame_averaging"].iloc[0]
+    assert fa["reference implementation"] == "frame-averaging-pytorch 0.1.2"
+    assert fa["test.mse (ours)"].startswith("0.11 ±") and fa["test.mse (ref.)"].startswith("0.21 ±")
+    assert float(fa["Welch p"]) < 0.01  # 0.10-0.12 vs 0.20-0.22 separate
+    assert fa["ref./ours speed"] == "1.50×" and fa["seeds"] == "3"
+    cue = table[table["ours"].str.startswith("e3nn")].iloc[0]
+    assert cue["ref./ours speed"] == "4.00×"
+
+
+def test_nothing_to_pair_gives_no_section():
+    df = frame(rows("frame_averaging", "equibench 0.2", [0.1], 1e-16, 600.0),
+               rows("frame_averaging_pytorch", "frame-averaging-pytorch 0.1.2", [0.2], 1e-16, 900.0, task="md"),
+               rows("baseline", "equibench 0.2", [0.5], 0.3, 2000.0))
+    assert reference_sections(df) == []
