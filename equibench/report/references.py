@@ -53,7 +53,8 @@ def labelled(df: pd.DataFrame) -> pd.DataFrame:
     whose rows on this task came from more than one implementation."""
     impl = df["implementation"].fillna("?") if "implementation" in df else pd.Series("?", index=df.index)
     several = impl.groupby(df["method"]).transform("nunique") > 1
-    unit = df["method"].astype(str).where(~several, df["method"].astype(str) + " [" + impl.astype(str) + "]")
+    names = df["method"].astype(str)
+    unit = names.where(~several, names.str.cat(impl.astype(str), sep=" [") + "]")
     return df.assign(unit=unit, impl=impl)
 
 
