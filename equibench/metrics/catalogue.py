@@ -371,3 +371,16 @@ def _declare_benches() -> None:
 _declare_equivariance()
 _declare_runs()
 _declare_benches()
+
+
+# soft_equivariance (methods/wrappers/soft_equivariance.py): the penalty's strength and the tested
+# model's defect; context only (a larger lam is neither better nor worse in itself)
+_SOFT_EQUIVARIANCE: dict[str, tuple[str, bool, str]] = {  # name: (display, log scale, description)
+    "soft_lam": ("penalty strength lam", True, "lam of the tested checkpoint: fixed, or the multiplier fitted by "
+                 "dual ascent (lam_mode='dual')"),
+    "soft_defect": ("relative equivariance defect", True, "mean((f(g·X) − ρ(g) f(X))²) / mean squared target "
+                    "signal on the test batches, one element of the penalised group per graph, eval mode"),
+}
+for _key, (_display, _log, _doc) in _SOFT_EQUIVARIANCE.items():
+    register_metric(MetricSpec(test_metric(_key), _display, "test", stat=_key, stage="trained", log_scale=_log,
+                               number_format="g", description=_doc))
