@@ -52,9 +52,8 @@ def labelled(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with a column ``unit``: the method, or ``method [implementation]`` for a method
     whose rows on this task came from more than one implementation."""
     impl = df["implementation"].fillna("?") if "implementation" in df else pd.Series("?", index=df.index)
-    several = impl.groupby(df["method"]).transform("nunique") > 1
-    names = df["method"].astype(str)
-    unit = names.where(~several, names.str.cat(impl.astype(str), sep=" [") + "]")
+    several = (impl.groupby(df["method"]).transform("nunique") > 1).tolist()
+    unit = [f"{m} [{i}]" if s else str(m) for m, i, s in zip(df["method"], impl, several)]
     return df.assign(unit=unit, impl=impl)
 
 
