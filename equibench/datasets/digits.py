@@ -18,7 +18,11 @@ Settings (``setting = "<train>/<test>"``):
 
 * ``"upright/rotated"``: training images upright;
 * ``"rotated/rotated"``: every training image rotated once by a random group element (drawn per
-  image from the seed, fixed across epochs; per-step augmentation is a *method*).
+  image from the seed, fixed across epochs; per-step augmentation is a *method*);
+* ``"upright/upright"``: training and test images upright (K = 1 test copy, the identity), the
+  setting where the data are *not* rotation-invariant: a 6 turned by 180 degrees reads as a 9, so an
+  exactly C4-invariant classifier (C4 contains the half-turn) maps a 6 and its half-turn to the
+  same output and must confuse the two classes where they are half-turns of each other.
 
 The test split always holds every test image under each of the K test elements: all N elements of
 C_N, or K = ``so2_test_angles`` evenly spaced angles 2 pi k / K for SO(2); items are ordered
@@ -27,7 +31,9 @@ the split has ``K * test_size`` items (val likewise). Metrics (per item, average
 
 * ``accuracy``: on one randomly rotated copy per test image (the classic "test rotated" number);
 * ``group_accuracy``: mean over all K copies (equiadapt's "group accuracy");
-* ``upright_accuracy``: on the identity copy of every test image.
+* ``upright_accuracy``: on the identity copy of every test image;
+* ``accuracy_6``, ``accuracy_9``: ``accuracy`` restricted to the test images of class 6 (resp. 9),
+  the pair a half-turn confuses.
 
 Each item is a ``Data(image=[1, 1, H, W], y=[1], rot_id=[1], angle=[1], primary=[1],
 num_nodes=1)``: ``rot_id`` is the element index k (-1: a random SO(2) angle), ``angle`` its
@@ -61,7 +67,9 @@ class Source(TypedDict):
 
 SOURCES: dict[str, Source] = {"mnist": {"n": 5000, "size": 28, "pad": 2, "scale": 255.0},
                               "sklearn": {"n": 1797, "size": 8, "pad": 2, "scale": 16.0}}
-SETTINGS = ("upright/rotated", "rotated/rotated")
+SETTINGS = ("upright/rotated", "rotated/rotated", "upright/upright")
+#: the classes whose per-class accuracy is reported (a half-turn maps one to the other)
+CLASS_METRICS = {"accuracy_6": 6, "accuracy_9": 9}
 DEFAULT_SIZES = {"mnist": (4000, 0, 1000), "sklearn": (1297, 0, 500)}
 SPLIT_SEED = 20240  # fixed permutation of the source images into test | val | train
 
@@ -129,11 +137,15 @@ class Digits(Task):
     def spec(self) -> TaskSpec:
         return TaskSpec(name="digits", domain="image2d", group=self.options["group"],
                         inputs={"image": "image"}, output="10x0e", level="graph",
-                        loss="cross_entropy", metrics=("accuracy", "group_accuracy", "upright_accuracy"))
+                        loss="cross_entropy",
+                        metrics=("accuracy", "group_accuracy", "upright_accuracy", *CLASS_METRICS))
 
     @property
     def test_angles(self) -> torch.Tensor:
-        """The K angles every test image is shown under (float64 radians)."""
+        """The K angles every test image is shown under (float64 radians); only 0 in the
+        ``"upright/upright"`` setting."""
+        if self.options["setting"] == "upright/upright":
+            return torch.zeros(1, dtype=torch.float64)
         n = group_order(self.options["group"]) or self.options["so2_test_angles"]
         return 2 * math.pi * torch.arange(n, dtype=torch.float64) / n
 
@@ -209,5 +221,8 @@ class Digits(Task):
 
     def metric_values(self, pred: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         correct = (pred.argmax(-1) == batch.y).double()
-        return {"accuracy": correct[batch.primary.bool()], "group_accuracy": correct,
-                "upright_accuracy": correct[batch.rot_id == 0]}
+        primary = batch.primary.bool()
+        out = {"accuracy": correct[primary], "group_accuracy": correct, "upright_accuracy": correct[batch.rot_id == 0]}
+        for name, label in CLASS_METRICS.items():
+            out[name] = correct[primary & (batch.y == label)]
+        return out
