@@ -57,6 +57,17 @@ def test_zero_field_is_nbody():
         assert torch.equal(y.field, torch.zeros_like(y.pos))
 
 
+def test_field_switched_on_at_the_input_frame():
+    """``field_on="at_input"``: the input state is nbody's (field-free), the target is not."""
+    a = eb.get_task("nbody", **SMALL).load("test")
+    b = eb.get_task("nbody_field", field=1.0, field_on="at_input", **SMALL).load("test")
+    for x, y in zip(a, b):
+        assert torch.equal(x.pos, y.pos) and torch.equal(x.vel, y.vel)
+    assert all(not torch.allclose(x.y, y.y, atol=1e-3) for x, y in zip(a, b))
+    with pytest.raises(UserError, match="field_on"):
+        eb.get_task("nbody_field", field_on="later")
+
+
 def test_spec_declares_both_groups_and_the_field(task, batch):
     spec = task.spec
     assert spec.group == "O2z" and spec.broken_group == "E3"

@@ -45,12 +45,13 @@ def coulomb_forces(loc: np.ndarray, qq: np.ndarray, clip: float | None) -> np.nd
 
 def simulate(n_sims: int, rng: np.random.Generator, n_particles: int = 5, n_steps: int = 4000,
              record_every: int = 100, dt: float = 1e-3, loc_std: float = 1.0, speed: float = 0.5,
-             clip: float | None = 100.0, field: float = 0.0) -> dict[str, np.ndarray]:
+             clip: float | None = 100.0, field: float = 0.0, field_from_step: int = 0) -> dict[str, np.ndarray]:
     """Vectorised simulation of ``n_sims`` systems.
 
     ``field`` (``nbody_field``): a constant external field along e_z adds ``q_i * field * e_z`` to
     the force on particle i, *after* the per-component clip of the Coulomb force (the clip bounds
-    the pair interaction only). ``field == 0`` runs exactly the ``nbody`` arithmetic.
+    the pair interaction only), on the kicks of steps >= ``field_from_step`` (0: from the start).
+    ``field == 0`` runs exactly the ``nbody`` arithmetic.
 
     Returns ``loc, vel: [S, frames, n, 3]`` (frame k = step k * record_every; the recorded
     velocity is the leapfrog half-step velocity, as in the reference generator) and
@@ -60,12 +61,14 @@ def simulate(n_sims: int, rng: np.random.Generator, n_particles: int = 5, n_step
     loc = rng.standard_normal((n_sims, n_particles, 3)) * loc_std
     vel = rng.standard_normal((n_sims, n_particles, 3))
     vel *= speed / np.linalg.norm(vel, axis=-1, keepdims=True)
-    locs, vels = integrate(loc, vel, q, n_steps=n_steps, record_every=record_every, dt=dt, clip=clip, field=field)
+    locs, vels = integrate(loc, vel, q, n_steps=n_steps, record_every=record_every, dt=dt, clip=clip, field=field,
+                           field_from_step=field_from_step)
     return {"loc": locs, "vel": vels, "charges": q}
 
 
 def integrate(loc: np.ndarray, vel: np.ndarray, q: np.ndarray, n_steps: int = 4000, record_every: int = 100,
-              dt: float = 1e-3, clip: float | None = 100.0, field: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+              dt: float = 1e-3, clip: float | None = 100.0, field: float = 0.0,
+              field_from_step: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Leapfrog from ``loc, vel: [S, n, 3]`` with charges ``q: [S, n]`` (unit masses); returns the
     recorded ``loc, vel: [S, frames, n, 3]`` (see ``simulate``)."""
     n_sims, n_particles = q.shape
@@ -79,16 +82,16 @@ def integrate(loc: np.ndarray, vel: np.ndarray, q: np.ndarray, n_steps: int = 40
         external = np.zeros((n_sims, n_particles, 3))
         external[:, :, 2] = q * field
 
-    def forces(x: np.ndarray) -> np.ndarray:
+    def forces(x: np.ndarray, step: int) -> np.ndarray:
         F = coulomb_forces(x, qq, clip)
-        return F if external is None else F + external
+        return F if external is None or step < field_from_step else F + external
 
-    vel = vel + dt * forces(loc)
+    vel = vel + dt * forces(loc, 0)
     for step in range(1, n_steps + 1):
         loc = loc + dt * vel
         if step % record_every == 0:
             locs[:, step // record_every], vels[:, step // record_every] = loc, vel
-        vel = vel + dt * forces(loc)
+        vel = vel + dt * forces(loc, step)
     return locs, vels
 
 
