@@ -16,13 +16,17 @@ adds, so it would reinstall torch and the rest into every environment.
 
 Guarantees: two runners never build the same environment at once (a lock per key; the second
 waits, then reuses it); an environment is built in a temporary folder and renamed into place
-only once it imports equibench, so a folder under its key is complete; the build shows which
-environment, the requirements and pip's Collecting/Downloading/Installing lines on stderr and
-logs everything to ``<key>.log``; a failed build raises ``EnvBuildError`` with the installer's
-last error line (the runner records a ``failed`` row for each point of the method).
+only once it imports equibench (its symmetry layer, hence e3nn, included), so a folder under its
+key is complete (``startup_lines`` adds what an old pinned package needs at start); the build
+shows which environment, the requirements and pip's Collecting/Downloading/Installing lines on
+stderr and logs everything to ``<key>.log``; a failed build raises ``EnvBuildError`` with the
+installer's last error line (the runner records a ``failed`` row for each point of the method).
+
+Pre-building (set-up): ``python -m equibench.suite.envs build METHOD...`` (``main``).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -37,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.envinfo import package_versions
-from ..core.errors import StorageError
+from ..core.errors import StorageError, UserError
+from ..core.registry import method_class
 from .launch import site_dirs, worker_environ
 from .lock import exclusive
 from .store import storage_errors
@@ -146,6 +151,11 @@ def _build(path: Path, key: str, reqs: tuple[str, ...], log_path: Path, progress
             out = _run([py, "-c", "import json; from equibench.core.envinfo import package_versions; "
                                   "print(json.dumps(package_versions()))"], log, key, progress, env=worker_environ())
             versions = json.loads(out.strip().splitlines()[-1])
+            startup = startup_lines(versions)
+            if startup:
+                with open(Path(purelib, "_equibench_parent.pth"), "a") as pth:
+                    pth.write("".join(f"{line}\n" for line in startup))
+            _run([py, "-c", "import equibench.symmetry.fieldtypes"], log, key, progress, env=worker_environ())
         info: dict[str, Any] = {"key": key, "requirements": list(reqs), "parent_python": sys.executable,
                                 "parent_prefix": sys.prefix, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 "versions": versions}
@@ -159,5 +169,46 @@ def _build(path: Path, key: str, reqs: tuple[str, ...], log_path: Path, progress
                    f"({', '.join(f'{k} {v}' for k, v in sorted(versions.items()) if k in _names(reqs))})")
 
 
+def startup_lines(versions: dict[str, str]) -> list[str]:
+    """``.pth`` lines an environment runs at interpreter start, for what it has installed.
+
+    e3nn < 0.5 (mace-torch 0.3.16 pins 0.4.4) loads its Wigner constants with ``torch.load``'s
+    default, weights-only since torch 2.6, and its file holds ``slice`` objects: ``import e3nn.o3``
+    fails unless ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set. mace sets it itself, but only when
+    ``mace`` is imported, and a worker imports ``e3nn.o3`` (through equibench) first; so such an
+    environment sets it (if unset) at start, for every process it runs."""
+    e3nn = re.match(r"(\d+)\.(\d+)", versions.get("e3nn", ""))
+    if e3nn and (int(e3nn[1]), int(e3nn[2])) < (0, 5):
+        return ["import os; os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')"]
+    return []
+
+
 def _names(reqs: tuple[str, ...]) -> set[str]:
     return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower().replace("_", "-") for r in reqs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m equibench.suite.envs build METHOD...``: build (or find) the isolated environment
+    of each named method that declares ``requirements`` (e.g. at set-up, so the first run does not
+    pay for it); prints one line per method: its name, environment key and interpreter."""
+    parser = argparse.ArgumentParser(prog="python -m equibench.suite.envs")
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("methods", nargs="+", metavar="METHOD")
+    args = parser.parse_args(argv)
+    try:
+        wanted = {name: tuple(getattr(method_class(name), "requirements", ()) or ()) for name in args.methods}
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, reqs in wanted.items():
+        try:
+            env = environment_for(reqs)
+        except EnvBuildError as err:
+            print(f"error: {name}: environment for {' '.join(reqs)} could not be built: {err}", file=sys.stderr)
+            return 1
+        print(f"{name}\t{env.id}\t{env.python}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
