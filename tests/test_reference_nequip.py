@@ -24,6 +24,7 @@ from equibench.methods.base import count_parameters
 from equibench.methods.blocks.energy_forces import energy_spec, energy_to_forces
 from equibench.metrics.equivariance import cast_batch
 from equibench.symmetry.group3d import common_group
+from equibench.symmetry.precision import default_dtype
 
 pytest.importorskip("nequip")
 from equibench.methods.reference import nequip as nq  # noqa: E402
@@ -89,19 +90,34 @@ def test_trains_and_is_exact_in_float64_on_real_data(name, extra, opts):
     assert torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
-def test_forces_are_minus_the_gradient_of_the_energy():
-    method, t = small(), task("md")
-    forces = build_model(method, t.spec, 0, F64)
-    energy = build_model(method, energy_spec(t.spec), 0, F64)
+def test_forces_equal_the_librarys_own_force_output_and_minus_the_energy_gradient():
+    """Our -dE/dx equals nequip's ForceStressOutput (a model built with do_derivatives=True, same
+    weights and statistics) and the autograd gradient of the same weights' energy model."""
+    method, t = small(r_max=4.0, avg_num_neighbors=7.5), task("md")
+    model = build_model(method, t.spec, 0, F64).eval()
     b = cast_batch(batch("md"), F64)
-    forces.train()(b)  # statistics from a training-mode batch, then the same ones in both
-    energy.load_state_dict(forces.state_dict())
-    forces.eval(), energy.eval()
     with torch.no_grad():  # the forces need no outer gradient mode
-        f = forces(b)
-    _, expected = energy_to_forces(energy, b, training=False)
-    assert f.dtype == F64 and torch.allclose(f, expected, rtol=0, atol=1e-12)
-    assert float(f.abs().max()) > 1e-6
+        f = model(b)
+    assert f.dtype == F64 and f.shape == (b.num_nodes, 3) and float(f.abs().max()) > 1e-6
+    nf, w = method.options["num_features"], method.options["radial_mlp_width"]
+    with default_dtype(F64):
+        library = nq.build_nequip(t.spec, 0, method._config(nf, w), do_derivatives=True).eval()
+    library.load_state_dict(model.nequip.state_dict())
+    data = {"pos": b.pos.clone(), "edge_index": b.edge_index.flip(0), "atom_types": b.x.argmax(-1),
+            "batch": b.batch, "num_atoms": torch.bincount(b.batch)}
+    assert torch.allclose(f, library(data)["forces"], rtol=0, atol=1e-12)
+    energy = build_model(method, energy_spec(t.spec), 0, F64).eval()
+    energy.load_state_dict(model.state_dict())
+    assert torch.allclose(f, energy_to_forces(energy, b, training=False)[1], rtol=0, atol=1e-12)
+
+
+def test_throughput_and_flops_of_a_force_model():
+    method, t = small(), task("md")
+    model = build_model(method, t.spec, 0, torch.float32)
+    b = batch("md")
+    for mode in ("inference", "train"):
+        res = eb.measure_throughput(model, b, mode, "cpu", warmup=1, repeats=2, min_sample_s=0.0)
+        assert res["flops"] > 0 and res["time_median_s"] > 0
 
 
 def test_statistics_written_into_the_library_equal_a_direct_build():
