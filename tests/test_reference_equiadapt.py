@@ -153,3 +153,16 @@ def test_options_are_checked(digits):
     model = build_model(method(canon_kernel=5, canon_layers=3), task.spec, 0, torch.float32)
     with pytest.raises(ValueError, match="too small"):
         model(cast_batch(batch, torch.float32))
+
+
+def test_a_float64_copy_leaves_the_float32_model_alone(digits):
+    """e2cnn shares kernel-basis modules between all its convolutions process-wide; the wrapper
+    gives each model its own, so casting a float64 rebuild does not cast the float32 model."""
+    task, batch = digits
+    m = method()
+    model = build_model(m, task.spec, 0, torch.float32)
+    m64 = build_model(m, task.spec, 0, F64, model.state_dict())
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
+    assert all(t.dtype == F64 for t in m64.state_dict().values() if t.is_floating_point())
+    model.train()
+    assert torch.isfinite(model(batch)).all()  # float32 filters expanded from float32 bases

@@ -210,6 +210,23 @@ def nbody_fields(spec: TaskSpec) -> dict[str, str] | None:
 
 
 # ---- image2d -----------------------------------------------------------------------------------
+def unshare_bases(module: nn.Module) -> nn.Module:
+    """Give ``module`` its own copies of e2cnn's kernel-basis modules. e2cnn caches them per
+    (basis, grid) process-wide and hands the *same* module to every ``R2Conv`` that needs it, so
+    casting one model (``.to(float64)``) would cast the bases of every other model too."""
+    from e2cnn.nn.modules.r2_conv.basisexpansion_singleblock import SingleBlockBasisExpansion
+
+    def walk(parent: nn.Module) -> None:  # every path, not ``modules()``: it skips repeats
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, SingleBlockBasisExpansion):
+                parent._modules[name] = copy.deepcopy(child)
+            elif child is not None:
+                walk(child)
+
+    walk(module)
+    return module
+
+
 class ImageCanonicalised(ImageModel):
     """f(x) = phi(rotate(x, -theta(x))) with theta from ``GroupEquivariantImageCanonicalization``."""
 
@@ -355,7 +372,7 @@ class Equiadapt(Baseline):
 
         def factory(w: int, depth: int, fast: bool) -> ImageModel:
             fields = self.canon_width or max(2, w // (2 * n))  # ``canonicalization``'s rule
-            net = Network(shape, fields, self.canon_kernel, "rotation", n, layers)
+            net = unshare_bases(Network(shape, fields, self.canon_kernel, "rotation", n, layers))
             canonicalizer = Canonicalization(net, _config(beta=self.beta, input_crop_ratio=0.8, resize_shape=32), shape)
             return ImageCanonicalised(spec, canonicalizer, w, depth, self.canon_kernel, convs)
 
