@@ -32,6 +32,7 @@ import pandas as pd
 
 from ..core.registry import list_methods, list_tasks
 from ..suite.store import load_results, run_dirs
+from .approximate import approximate_sections
 from .common.metricinfo import canonicalise
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .common.tables import status_table
@@ -77,6 +78,7 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"equibench report: {', '.join(sorted(set(df['run_id'].dropna())))}"
     sections = published_sections(df, run_dirs(paths)) + reference_sections(df) + _sections(df, out)
+    sections += approximate_sections(df, out)  # sweeps of a symmetry-breaking field (report/approximate.py)
     if history is not None:
         for s in sections:
             s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]

@@ -11,6 +11,8 @@ Schema (every key but ``tasks``/``methods`` optional)::
     tasks: {nbody: {train_size: 3000}, normals: {}}        # task -> options (or a list of names)
     default_tasks: [nbody]                                  # run when no --tasks is given
     methods: {baseline: {params: 30000}, e3nn: {...}}       # method -> options (or a list)
+    # the same method twice: a variant key <method>@<label> (the runs are <method> with those options)
+    #   methods: {frame_averaging: {}, frame_averaging@field: {field_input: true}}
     task_overrides: {normals: {train: {...}, evaluate: {...}, methods: {e3nn: {...}}}}
     sweeps:                                                 # extra specs varying one task option
       - {task: nbody, option: train_size, values: [100, 300, 1000]}   # e.g. sample efficiency
@@ -48,6 +50,16 @@ from .tuned import SUFFIX, Selection, apply_selection, read_tuned, stored_select
 Options = dict[str, Any]
 EXTRA_SECTIONS: dict[str, tuple[type[Config], type[Bench]]] = {"scaling": (ScaleConfig, ScalingBench),
                                                                "tp_bench": (TPBenchConfig, TPBench)}
+
+
+#: separates a method from a variant label in a suite's ``methods:`` keys (``frame_averaging@field``)
+VARIANT_SEP = "@"
+
+
+def method_of(key: str) -> str:
+    """The registered method of a suite ``methods:`` key (``"frame_averaging@field"`` ->
+    ``"frame_averaging"``; a plain name is itself)."""
+    return key.split(VARIANT_SEP, 1)[0]
 
 
 def _named_options(value: Any) -> Any:
@@ -138,6 +150,10 @@ class SuiteFile(Config):
     def _consistent(self) -> SuiteFile:
         if not self.seeds:
             raise ValueError("'seeds' must be a non-empty list of integers")
+        for key in self.methods:
+            base, _, label = key.partition(VARIANT_SEP)
+            if not base or (VARIANT_SEP in key and not label):
+                raise ValueError(f"method key {key!r}: a variant is written <method>{VARIANT_SEP}<label>")
         for what, names in (("default_tasks", self.default_tasks), ("sweeps", [w.task for w in self.sweeps]),
                             ("task_overrides", list(self.task_overrides))):
             unknown = [n for n in names if n not in self.tasks]
@@ -247,15 +263,21 @@ def _pick(names: list[str] | None, available: dict[str, Any], what: str) -> list
     if names is None:
         return list(available)
     known = list_tasks() if what == "task" else list_methods()
+    picked: list[str] = []
     for n in names:
-        if n not in available and n not in known:
+        variants = [k for k in available if what == "method" and method_of(k) == n and k != n]
+        if n not in available and n not in known and not variants:
             raise did_you_mean(what, n, known)
-    return list(names)  # registered but not in the suite: run with default options
+        if n in available or not variants:
+            picked.append(n)  # registered but not in the suite: run with default options
+        picked += variants  # a method's name selects its variants (<method>@<label>) too
+    return list(dict.fromkeys(picked))
 
 
 def expand_suite(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str] | None = None,
                  seeds: list[int] | None = None, device: str | None = None) -> list[RunSpec]:
-    """The cartesian product tasks x methods x seeds as ``RunSpec`` (filters/overrides applied)."""
+    """The cartesian product tasks x methods x seeds as ``RunSpec`` (filters/overrides applied); a
+    variant key ``<method>@<label>`` runs ``<method>`` with the variant's options."""
     task_names = _pick(tasks, suite.tasks, "task") if tasks else list(suite.default_tasks or suite.tasks)
     method_names = _pick(methods, suite.methods, "method")
     variants = [(t, suite.tasks.get(t, {})) for t in task_names]
@@ -267,10 +289,10 @@ def expand_suite(suite: SuiteFile, tasks: list[str] | None = None, methods: list
         over = suite.task_overrides.get(task, TaskOverride())
         train = {**suite.train, **over.train}
         evaluate = {**suite.evaluate, **over.evaluate}
-        for method in method_names:
-            m_opts = {**suite.methods.get(method, {}), **over.methods.get(method, {})}
+        for key in method_names:
+            m_opts = {**suite.methods.get(key, {}), **over.methods.get(key, {})}
             for seed in seeds or suite.seeds:
-                specs.append(RunSpec(task=task, method=method, seed=seed, task_options=task_options,
+                specs.append(RunSpec(task=task, method=method_of(key), seed=seed, task_options=task_options,
                                      method_options=m_opts, train=train, evaluate=evaluate,
                                      device=device or suite.device))
     return list(dict.fromkeys(specs))  # a sweep value equal to the base option is the same spec
