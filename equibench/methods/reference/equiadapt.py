@@ -27,7 +27,11 @@ Not equivariant as written (measured, see ``INEXACT_GRAPH``): the canonicaliser'
 k-th *coordinate row*, across the three vectors, so R is built from rows of U instead of its
 columns (U -> Q U does not give R -> R Q^T); independently, every ``nn.Linear`` of the VN layers
 and the output layer carries a bias, which adds the fixed direction b (1, 1, 1) to each vector
-channel. Dropout (p = 0.5) acts on single coordinates in training (eval: off).
+channel. Dropout (p = 0.5) acts on single coordinates in training (eval: off). Measured in float64
+(E(3) with reflections, translations, permutations; 32 nbody test graphs, 4 samples, seed 0,
+default options): rel_max 0.29 at init; 0.26 with the Gram–Schmidt fed the vectors, 0.27 with the
+biases zeroed, 1.9e-10 with both (round-off of an ill-conditioned frame); after 200 training steps
+(quick's budget, params 20 000) 0.056 (fp64 and fp32 alike).
 
 image2d (C_N tasks; SO(2) uses C8): ``GroupEquivariantImageCanonicalization(
 ESCNNEquivariantNetwork(in_shape, out_channels, kernel_size, "rotation", N, num_layers), cfg,
@@ -87,7 +91,8 @@ INEXACT_GRAPH = (
     "equiadapt 0.1.2's n-body canonicaliser is not O(3)-equivariant as written: its Gram-Schmidt "
     "orthonormalises the coordinate rows of the [3 x 3] vector block (vectors[:, k] indexes a "
     "coordinate, not a vector) and its vector-neuron layers add biases (nn.Linear(bias=True)), "
-    "a fixed (1, 1, 1) direction; measured float64 rel_max ~1 on nbody test graphs")
+    "a fixed (1, 1, 1) direction; measured float64 rel_max 0.16-0.29 on nbody test graphs at init, "
+    "0.056 after 200 steps")
 
 
 def _quiet_import() -> Any:
