@@ -49,9 +49,11 @@ def test_nbody_training_step_prior_and_identity_metric(nbody_task, nbody_batch):
     canon = [c for (name, _), c in zip(model.named_parameters(), changed) if name.startswith("canonicalizer.")]
     assert canon and any(canon), "the canonicaliser got no gradient"
     model.eval()
+    pos, vel = nbody_batch.pos.clone(), nbody_batch.vel.clone()
     with torch.no_grad():
         pred = model(nbody_batch)
     assert pred.shape == (nbody_batch.num_nodes, 3) and torch.isfinite(pred).all()
+    assert torch.equal(nbody_batch.pos, pos) and torch.equal(nbody_batch.vel, vel)  # canonicalised on a copy
     R_node = model.rotation(nbody_batch).detach()
     R = R_node.reshape(-1, 5, 3, 3)
     assert torch.equal(R, R[:, :1].expand_as(R))  # one R per graph, repeated on its 5 nodes
