@@ -31,10 +31,14 @@ def test_a_counterpart_and_a_second_implementation_pair_with_ours():
                rows("frame_averaging_pytorch", "frame-averaging-pytorch 0.1.2", [0.20, 0.21, 0.22], 2e-16, 900.0),
                rows("e3nn", "equibench 0.2", [0.3, 0.3, 0.3], 1e-16, 100.0),
                rows("e3nn", "equibench 0.2 + cuequivariance-torch 0.13.0", [0.3, 0.3, 0.3], 1e-16, 400.0),
-               rows("baseline", "equibench 0.2", [0.5, 0.5, 0.5], 0.3, 2000.0))
+               rows("baseline", "equibench 0.2", [0.5, 0.5, 0.5], 0.3, 2000.0),
+               rows("e3nn_nequip", "equibench 0.2", [0.3], 1e-16, 100.0),
+               rows("e3nn_nequip@cueq", "equibench 0.2 + cuequivariance-torch 0.13.0", [0.3], 1e-16, 300.0),
+               rows("frame_averaging@field", "equibench 0.2", [0.1], 1e-16, 600.0))
     found = pairs(labelled(df))
     assert found == [("e3nn [equibench 0.2]", "e3nn [equibench 0.2 + cuequivariance-torch 0.13.0]"),
-                     ("frame_averaging", "frame_averaging_pytorch")]
+                     ("e3nn_nequip", "e3nn_nequip@cueq"),
+                     ("frame_averaging", "frame_averaging_pytorch")]  # the field variant is no reference
     (section,) = reference_sections(df)
     table = section["table"]
     fa = table[table["ours"] == "frame_averaging"].iloc[0]

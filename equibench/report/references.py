@@ -6,8 +6,8 @@ A pair is (ours, reference) on one task configuration (its base task options, sw
 * a method whose class names a ``counterpart`` (``Method.counterpart``: e.g.
   ``frame_averaging_pytorch`` → ``frame_averaging``, ``egnn_pytorch`` → ``egnn``), both present;
 * one method measured with two implementations (rows' ``implementation`` differs, e.g. ``e3nn``
-  with e3nn's tensor products and with cuEquivariance's, ``backend: cuequivariance``): the
-  plain ``equibench`` one is "ours", the other the reference.
+  with e3nn's tensor products and a suite variant ``e3nn@cuequivariance`` with cuEquivariance's,
+  ``backend: cuequivariance``): the plain ``equibench`` one is "ours", the other the reference.
 
 Side by side per pair: the task's first test metric (mean over seeds ± 95 % t-interval, Welch's
 p for the difference), the trained models' relative equivariance error (mean over test graphs
@@ -25,6 +25,7 @@ import pandas as pd
 from ..core.errors import UserError
 from ..core.registry import method_class
 from ..metrics.catalogue import PARAMS, equivariance_metric, test_metric, throughput_metric
+from ..suite.suites import method_of
 from .common import fmt
 from .common.metricinfo import spec_for, value
 from .common.render import Section
@@ -58,14 +59,21 @@ def labelled(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def pairs(df: pd.DataFrame) -> list[tuple[str, str]]:
-    """(ours, reference) units of one task's rows (``labelled``), ours first."""
+    """(ours, reference) units of one task's rows (``labelled``), ours first: a method (or suite
+    variant ``<method>@<label>``) whose class names a present counterpart; a variant whose
+    implementation differs from its method's own rows; one method name measured with two
+    implementations."""
     units = df.drop_duplicates("unit")[["unit", "method", "impl"]]
     plain = {m: u for u, m, i in units.itertuples(index=False) if str(i).startswith(OWN) and "+" not in str(i)}
+    impl_of = dict(zip(units["unit"], units["impl"]))
     found: list[tuple[str, str]] = []
-    for unit, method, _impl in units.itertuples(index=False):
-        other = _counterpart(str(method))
+    for unit, method, impl in units.itertuples(index=False):
+        base = method_of(str(method))
+        other = _counterpart(base)
         if other and other in plain and unit == method:
             found.append((plain[other], unit))
+        elif base != method and base in plain and impl != impl_of[plain[base]]:
+            found.append((plain[base], unit))
         elif unit != method and plain.get(method) not in (None, unit):
             found.append((plain[method], unit))
     return sorted(found)
