@@ -103,11 +103,12 @@ def test_dynamics_are_exactly_o2z_symmetric_and_not_o3():
 
 
 def test_field_drives_charges_along_z():
-    """Charge-signed z displacement between input (t = 0.3) and target (t = 0.4): the field alone
+    """Field on from the start. Charge-signed z displacement between input (t = 0.3) and target
+    (t = 0.4): the field alone
     gives q dz = field (t_in dt + dt^2 / 2) = 3 (0.03 + 0.005) = 0.105 on average (the random
     initial velocities and the Coulomb forces average out); 0 without the field."""
     for field, expected in ((3.0, 0.105), (0.0, 0.0)):
-        data = eb.get_task("nbody_field", field=field, **SMALL).load("test")
+        data = eb.get_task("nbody_field", field=field, field_on="always", **SMALL).load("test")
         dz = torch.cat([(d.y - d.pos)[:, 2] for d in data])
         q = torch.cat([d.charge[:, 0] for d in data])
         assert abs((dz * q).mean().item() - expected) < 0.03
