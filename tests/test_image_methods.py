@@ -23,8 +23,8 @@ EXACT = [k for k in KINDS if eb.get_method(k).is_exact("image2d")]
 
 
 def test_image_methods_and_their_exactness():
-    assert KINDS == ["augmentation", "baseline", "canonicalization", "escnn", "frame_averaging"]
-    assert EXACT == ["canonicalization", "escnn", "frame_averaging"]
+    assert KINDS == ["augmentation", "baseline", "canonicalization", "equiadapt", "escnn", "frame_averaging"]
+    assert EXACT == ["canonicalization", "equiadapt", "escnn", "frame_averaging"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_shapes_hooks_and_a_training_step(kind, task, batch):
     assert pred.shape == (12, 10) and torch.isfinite(pred).all()
     loss = task.loss(pred, tb)
     aux = m.auxiliary_loss(model, tb, pred)
-    assert (aux is not None) == (kind == "canonicalization")
+    assert (aux is not None) == (kind in ("canonicalization", "equiadapt"))  # their canonicalisers' priors
     total = loss if aux is None else loss + aux
     before = [p.detach().clone() for p in model.parameters()]
     total.backward()
@@ -82,7 +82,7 @@ def test_shapes_hooks_and_a_training_step(kind, task, batch):
     out = model(batch)
     assert torch.isfinite(out).all()
     extra = m.extra_metrics(model, batch, out)
-    assert set(extra) == ({"identity_metric", "prior_ce"} if kind == "canonicalization" else set())
+    assert set(extra) == ({"identity_metric", "prior_ce"} if kind in ("canonicalization", "equiadapt") else set())
     assert all(isinstance(v, float) for v in extra.values())
 
 
