@@ -3,7 +3,15 @@ are found (a counterpart, one method with two implementations), what a row says,
 when nothing pairs."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pandas as pd
+import pytest
+import yaml
+
+import equibench as eb
+from equibench.core.errors import UserError
+from equibench.suite.suites import expand_suite, read_suite
 
 from equibench.metrics import catalogue as cat
 from equibench.report.references import labelled, pairs, reference_sections
@@ -55,3 +63,22 @@ def test_nothing_to_pair_gives_no_section():
                rows("frame_averaging_pytorch", "frame-averaging-pytorch 0.1.2", [0.2], 1e-16, 900.0, task="md"),
                rows("baseline", "equibench 0.2", [0.5], 0.3, 2000.0))
     assert reference_sections(df) == []
+
+
+def test_the_reference_suite_runs_each_pair_on_its_tasks_only(tmp_path):
+    suite = read_suite("reference")
+    specs = expand_suite(suite)
+    per_task = {t: {s.method for s in specs if s.task == t} for t in suite.tasks}
+    assert per_task["md"] == per_task["qm9"] == {"e3nn_nequip", "nequip", "mace"}
+    assert per_task["digits"] == {"canonicalization", "equiadapt"}
+    assert {"frame_averaging", "frame_averaging_pytorch", "egnn", "egnn_pytorch"} <= per_task["nbody"]
+    backends = Counter(s.method_options.get("backend", "e3nn") for s in specs if s.method == "e3nn")
+    assert backends == {"e3nn": 3, "cuequivariance": 3}
+    for method in {s.method for s in specs}:  # every pair member is a real method with a reference or ours
+        assert method in eb.list_methods()
+    bad = {"name": "x", "tasks": {"nbody": {}}, "methods": {"baseline": {}},
+           "task_overrides": {"nbody": {"only": ["e3nn"]}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match="only names method"):
+        read_suite(path)

@@ -13,7 +13,7 @@ Schema (every key but ``tasks``/``methods`` optional)::
     methods: {baseline: {params: 30000}, e3nn: {...}}       # method -> options (or a list)
     # the same method twice: a variant key <method>@<label> (the runs are <method> with those options)
     #   methods: {frame_averaging: {}, frame_averaging@field: {field_input: true}}
-    task_overrides: {normals: {train: {...}, evaluate: {...}, methods: {e3nn: {...}}}}
+    task_overrides: {normals: {train: {...}, evaluate: {...}, methods: {e3nn: {...}}, only: [e3nn]}}
     sweeps:                                                 # extra specs varying one task option
       - {task: nbody, option: train_size, values: [100, 300, 1000]}   # e.g. sample efficiency
     scaling: {methods: [baseline, e3nn], nodes: [16, 256, 4096]}     # ScaleConfig options
@@ -87,11 +87,13 @@ class Sweep(Config):
 
 
 class TaskOverride(Config):
-    """Per-task changes to the suite's train / evaluate settings and method options."""
+    """Per-task changes to the suite's train / evaluate settings and method options; ``only``:
+    the suite's method keys that run on this task (default: all of them)."""
 
     train: Options = {}
     evaluate: Options = {}
     methods: dict[str, Options] = {}
+    only: tuple[str, ...] | None = None
 
 
 class PublishedValue(Config):
@@ -159,6 +161,10 @@ class SuiteFile(Config):
             unknown = [n for n in names if n not in self.tasks]
             if unknown:
                 raise ValueError(f"'{what}' names task(s) {unknown} that are not in 'tasks'")
+        for task, over in self.task_overrides.items():
+            unknown = [m for m in over.only or () if m not in self.methods]
+            if unknown:
+                raise ValueError(f"task_overrides.{task}.only names method(s) {unknown} that are not in 'methods'")
         return self
 
     def section(self, name: str) -> Options | None:
@@ -290,6 +296,8 @@ def expand_suite(suite: SuiteFile, tasks: list[str] | None = None, methods: list
         train = {**suite.train, **over.train}
         evaluate = {**suite.evaluate, **over.evaluate}
         for key in method_names:
+            if over.only is not None and key not in over.only:
+                continue
             m_opts = {**suite.methods.get(key, {}), **over.methods.get(key, {})}
             for seed in seeds or suite.seeds:
                 specs.append(RunSpec(task=task, method=method_of(key), seed=seed, task_options=task_options,
