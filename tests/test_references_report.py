@@ -11,10 +11,9 @@ import yaml
 
 import equibench as eb
 from equibench.core.errors import UserError
-from equibench.suite.suites import expand_suite, read_suite
-
 from equibench.metrics import catalogue as cat
 from equibench.report.references import labelled, pairs, reference_sections
+from equibench.suite.suites import expand_suite, read_suite
 
 MSE, EQ64 = cat.test_metric("mse"), cat.equivariance_metric("trained", "fp64", "rel_mean")
 TP = cat.throughput_metric("inference", "graphs_per_s")
