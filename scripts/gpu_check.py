@@ -4,7 +4,8 @@ Rows, on the same models and batches:
   * timer      the suite's CUDA-event figure (``measure_throughput``) against
                ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises itself);
   * compile    eager against ``torch.compile`` (both through ``measure_throughput``);
-  * cuet       cuEquivariance against e3nn tensor products (agreement and speed), when installed.
+  * cuet       cuEquivariance against e3nn tensor products (agreement and speed), when installed;
+  * backend    the ``e3nn`` method's whole network with e3nn's products against cuEquivariance's.
 Without CUDA it prints one line saying so and exits 0.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> int:
     rows += timer_rows()
     rows += compile_rows()
     rows += cuet_rows()
+    rows += backend_rows()
     name = torch.cuda.get_device_name(0)
     print(f"\ngpu-check on {name}, torch {torch.__version__}, fp32, "
           f"{time.perf_counter() - t0:.0f} s; GPU-marked tests exit code {tests.returncode}")
@@ -113,6 +115,34 @@ def cuet_rows() -> list[tuple[str, ...]]:
                         f"rel err {agree:.1e}" if agree is not None else "weights not comparable"))
         except Exception as err:
             out.append(("cuet", f"uvw lmax={lmax}", "error", "", "", "", "", f"{type(err).__name__}: {err}"[:80]))
+    return out
+
+
+def backend_rows() -> list[tuple[str, ...]]:
+    """The whole ``e3nn`` network (20k parameters, nbody batch of 100) with e3nn's tensor products
+    against the same weights through cuEquivariance's kernels (``backend: cuequivariance``)."""
+    import equibench as eb
+    from equibench.benches.taskrun import build_model
+    from equibench.benches.tp_bench import cuet_available
+    from equibench.methods.architectures.e3nn_tp import backend_agreement, with_backend
+    reason = cuet_available(torch.device("cuda"))
+    if reason:
+        return [("backend", "e3nn", "", "", "", "", "", f"skipped: {reason}")]
+    out = []
+    task, batch = _batch("nbody", 100)
+    batch = batch.cuda()
+    for mode in ("inference", "train"):
+        try:
+            cue = build_model(eb.get_method("e3nn", params=20000, backend="cuequivariance"), task.spec, 0,
+                              torch.float32).cuda()
+            ref = with_backend(cue, "e3nn")
+            a = eb.measure_throughput(ref, batch, mode, "cuda", repeats=20, flops=False)["time_median_s"]
+            b = eb.measure_throughput(cue, batch, mode, "cuda", repeats=20, flops=False)["time_median_s"]
+            agree = backend_agreement(cue.eval(), batch, cue.eval()(batch))
+            out.append(("backend", f"e3nn net {mode}", "e3nn", f"{a * 1e3:.4f}", "cuequivariance", f"{b * 1e3:.4f}",
+                        f"{b / a:.3f}", f"rel dev {agree:.1e}"))
+        except Exception as err:
+            out.append(("backend", f"e3nn net {mode}", "error", "", "", "", "", f"{type(err).__name__}: {err}"[:80]))
     return out
 
 

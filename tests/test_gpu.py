@@ -42,3 +42,21 @@ def test_cuequivariance_agrees_with_e3nn_where_installed():
     cfg = TPBenchConfig(lmax=(2,), channels=8, batch=64, device="cuda", repeats=2)
     rows = {r["metric"]: r["value"] for r in bench_one(cfg, "cuet", "uvw", 2, "forward")}
     assert rows["rel_err_vs_e3nn"] < 1e-5
+
+
+def test_e3nn_method_with_cuequivariance_kernels_agrees_and_stays_exact(nbody_batch):
+    """The ``e3nn`` method's cuEquivariance backend on CUDA (its kernels, not the CPU fallback):
+    the same weights give e3nn's outputs in float32 to 1e-5, and float64 stays exact."""
+    from equibench.benches.tp_bench import cuet_available
+    from equibench.methods.architectures.e3nn_tp import backend_agreement
+    reason = cuet_available(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    task, batch = nbody_batch
+    method = eb.get_method("e3nn", backend="cuequivariance", params=20000)
+    assert method.supports(task.spec) is None
+    model = build_model(method, task.spec, 0, torch.float32).cuda().eval()
+    b = batch.cuda()
+    assert backend_agreement(model, b, model(b)) < 1e-5
+    m64 = build_model(method, task.spec, 0, torch.float64).cuda()
+    assert eb.equivariance_error(m64, b, task.spec, n_samples=4, dtype=torch.float64)["rel_max"] < 1e-10
