@@ -45,8 +45,9 @@ HEADER = ("check", "model", "A", "A [ms]", "B", "B [ms]", "B/A", "agreement")
 
 
 def _batch(task_name: str, n: int):
-    import equibench as eb
     from torch_geometric.data import Batch
+
+    import equibench as eb
     task = eb.get_task(task_name, train_size=16, val_size=8, test_size=n)
     return task, Batch.from_data_list(task.load("test")[:n])
 
