@@ -22,7 +22,7 @@ recorded input state), so the input carries no trace of the field and an O(3)-ex
 the field input cannot know its direction. Its best guess of the field's own displacement of
 particle i over the target window (t = 1), q_i field e_z / 2, is zero: a floor of about
 field^2 / 12 in the per-component MSE (frame_averaging, 20k parameters, 1000 training systems,
-400 steps, 3 seeds: +0.006 over field 0 at field 0.3, +0.077 at field 1).
+400 steps, 3 seeds: +0.006 over field 0 at field 0.3, +0.077 at field 1, +0.70 at field 3).
 ``field_on="always"``: from the start of the simulation, so the input state (frame 30) has been
 shaped by the field for 3 time units: opposite charges have drifted apart along z with a
 charge-correlated velocity along z. The field direction is then recoverable from the input itself
