@@ -14,9 +14,10 @@ per-atom energy readout, per-species scale and shift, and the sum over atoms:
 (forces by autograd of the library's energy, see below). E is invariant and F equivariant under
 E(3) = O(3) x translations (every map is an O(3) intertwiner of invariant inputs and edge
 vectors; with ``parity=False`` the features keep only the natural parity (l, (-1)^l), which is
-still reflection-equivariant), and under permutations of atoms of one species: so ``exact`` with
-group "O3". Float64 equivariance holds to round-off when the model is built under a float64
-default dtype (``model_dtype`` follows the default dtype at build time).
+still reflection-equivariant), and under relabelling of the atoms (a permutation that carries each
+atom's species along): so ``exact`` with group "O3". Float64 equivariance holds to round-off when
+the model is built under a float64 default dtype (``model_dtype`` follows the default dtype at
+build time).
 
 Tasks (``supports``): one "point" input (positions) and invariant scalar node inputs that are a
 one-hot species code (qm9: H, C, N, O, F; md: the molecule's elements), no edge inputs, and either
@@ -55,9 +56,10 @@ an RMS of 0.99 eV/A on the default ethanol trajectory at 500 K: 300 training con
 E - E_ref 0.41 +- 0.15 eV), and as ``e3nn_nequip`` has none.
 
 Defaults are ``NequIPGNNModel``'s (4 layers, l_max 1, parity, 32 features, radial MLP 1 x 128,
-8 Bessels, p = 6). ``params`` scales ``num_features`` and ``radial_mlp_width`` together (their
-ratio kept); where the cubic growth of the self-connection steps over the 10 % band, the largest
-``num_features`` below the target is kept and the radial width chosen. Counts come from
+8 Bessels, p = 6): 438 400 parameters with md's 3 species (the self-connections grow as F^3).
+``params`` scales ``num_features`` and ``radial_mlp_width`` together (their ratio kept); where
+the cubic growth of the self-connection steps over the 10 % band, the largest ``num_features``
+below the target is kept and the radial width chosen. Counts come from
 ``parameter_count`` (NequIP's irreps rules, checked against built models in the tests).
 
 The library's global state (``set_global_state``: float64 default dtype, a global seed, e3nn
