@@ -3,7 +3,9 @@
 ``run_one`` is pure and picklable: build data (cached), build the model, measure equivariance at
 init, train to the shared budget (``training.py``), evaluate the task metrics on the test split,
 measure equivariance (fp32 as deployed; fp64 on a copy rebuilt under a float64 default, the e3nn
-precision trap), the Lie derivative, optional degeneracy curves, and throughput + memory. Every
+precision trap) under the task's group and, where the task declares one, under the group its
+environment breaks (``equivariance_broken.*``, ``TaskSpec.broken_group``), the Lie derivative (along
+the generators of the measured group), optional degeneracy curves, and throughput + memory. Every
 metric name comes from the catalogue (``equibench.metrics.catalogue``).
 """
 from __future__ import annotations
@@ -215,7 +217,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
             lie = lie_derivative(fp64.to(device), eq_batch, tspec, generators=lie_generators(group))
             for stat in ("rel_mean", "rel_max"):
                 add(catalogue.lie_metric(stage, stat), lie[stat], stage=stage, dtype="fp64", group=group,
-                    batch_size=int(eq_batch.num_graphs), repeats=3)
+                    batch_size=int(eq_batch.num_graphs), repeats=len(lie_generators(group)))
         if stage == "trained" and ecfg.degeneracy and tspec.domain == "graph3d":
             for curve in (degeneracy.degeneracy_curve, degeneracy.symmetric_curve):
                 for r in curve(fp64.to(device), eq_batch, tspec, group=group):
