@@ -74,14 +74,20 @@ def small(name: str, **opts):
 
 
 def cases() -> list:
+    """(method, options, task) for every task each method takes; a method that takes none here
+    (its library is not installed in this environment) is one case skipped with its reason."""
     out = []
     for name in eb.list_methods():
         for opts in [{}, *VARIANTS.get(name, [])]:
             method = small(name, **opts)
-            for task in TASKS:
-                if method.supports(task_of(task).spec) is None:
+            reasons = {task: method.supports(task_of(task).spec) for task in TASKS}
+            for task, reason in reasons.items():
+                if reason is None:
                     tag = ",".join(f"{k}={v}" for k, v in opts.items())
                     out.append(pytest.param(name, opts, task, id=f"{name}[{tag}]-{task}" if tag else f"{name}-{task}"))
+            if not opts and None not in reasons.values() and len(set(reasons.values())) == 1:
+                out.append(pytest.param(name, opts, None, id=name,
+                                        marks=pytest.mark.skip(reason=next(iter(reasons.values())))))
     return out
 
 
