@@ -163,7 +163,9 @@ class MaceEnergy(nn.Module):
         graphs = int(batch.num_graphs)
         counts = torch.bincount(batch.batch, minlength=graphs)
         zeros = pos.new_zeros(src.shape[0], 3)
-        data = {"positions": pos if pos.requires_grad else pos.detach(),  # MACE sets requires_grad in place
+        # MACE sets requires_grad on the positions in place: a tensor of its own, a view when they require grad
+        # (FlopCounterMode's module tracker cannot hook a leaf differentiated with autograd.grad)
+        data = {"positions": pos.view_as(pos) if pos.requires_grad else pos.detach(),
                 "node_attrs": torch.cat([batch[k].reshape(n, -1) for k in self.attr_fields], -1).to(pos.dtype),
                 "edge_index": batch.edge_index, "shifts": zeros, "unit_shifts": zeros,
                 "cell": pos.new_zeros(3 * graphs, 3), "batch": batch.batch,
