@@ -4,7 +4,8 @@ For a task whose runs sweep a task option ``field`` (``nbody_field``: a constant
 along e_z; suite ``approximate``), one section with
 
 * a log-log plot of the task's first test metric against the field strength, one line per method
-  variant (mean over seeds, error bars = standard deviation over seeds). The x axis is symlog:
+  variant (mean over seeds, error bars from the lowest to the highest seed; the tables give the
+  standard deviation). The x axis is symlog:
   linear between 0 and the smallest non-zero field, logarithmic above it, so the field-free
   runs (field = 0) sit on the same axis at its left end;
 * the fp64 relative equivariance error of the trained models against the field, under the task's
@@ -216,13 +217,15 @@ def _symlog_x(ax: Any, fields: Sequence[float]) -> None:
 
 def _lines(ax: Any, values: Mapping[str, Mapping[float, Sequence[float]]], exact: set[str], floor: float = 0.0
            ) -> None:
+    """One line per label: mean over seeds, bars from the lowest to the highest seed (a range
+    stays positive on a log axis, where mean ± std may not)."""
     for label in sorted(values):
         per = values[label]
         xs = sorted(per)
         mean = np.array([max(_mean(per[f]), floor) for f in xs])
-        std = np.array([float(np.std(per[f], ddof=1)) if len(per[f]) > 1 else 0.0 for f in xs])
-        lower = np.minimum(std, mean - max(floor, mean.min() * 1e-3))  # keep bars on the log axis
-        ax.errorbar(xs, mean, yerr=[lower, std], marker="o", ms=3.5, capsize=2,
+        lo = np.array([max(min(per[f]), floor) for f in xs])
+        hi = np.array([max(max(per[f]), floor) for f in xs])
+        ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], marker="o", ms=3.5, capsize=2,
                     linestyle="-" if label in exact else "--", label=label)
 
 
@@ -296,7 +299,7 @@ def approximate_section(task: str, df: pd.DataFrame, out: Path) -> Section | Non
     cross = find_crossover(values, exact, spec.direction)
     sentence = crossover_sentence(cross, spec.display)
     name = slug(f"approximate_{task}")
-    plot_error(values, exact, out / f"{name}_error.png", f"test {spec.display} (mean ± std over seeds)",
+    plot_error(values, exact, out / f"{name}_error.png", f"test {spec.display} (mean, range over seeds)",
                f"{task}: test {spec.display} vs {FIELD} (solid: exact without {FIELD} input)")
     eq_task, eq_broken = equivariance_metric("trained", "fp64", EQ_STAT), \
         broken_equivariance_metric("trained", "fp64", EQ_STAT)
@@ -305,12 +308,14 @@ def approximate_section(task: str, df: pd.DataFrame, out: Path) -> Section | Non
                values_by(rows, eq_broken))]
     panels = [p for p in panels if p[1]]
     figures = [(f"{name}_error.png", f"Test {spec.display} against {FIELD} strength, log-log (symlog x: {FIELD} = 0 "
-                "at the left end, linear up to the smallest non-zero field); mean over seeds, bars = std. Solid "
+                "at the left end, linear up to the smallest non-zero field); mean over seeds, bars = lowest to highest "
+                "seed. Solid "
                 f"lines: methods claiming exactness without the {FIELD} input; dashed: the rest.")]
     if panels:
         plot_equivariance(panels, exact, out / f"{name}_equivariance.png")
         figures.append((f"{name}_equivariance.png", "fp64 relative equivariance error of the trained models "
-                        "(||f(g·X) − ρ(g) f(X)|| / ||f(X)||, mean over test graphs and sampled elements) under the "
+                        "(||f(g·X) − ρ(g) f(X)|| / ||f(X)||, mean over test graphs and sampled elements; "
+                        "mean over seeds, bars = range) under the "
                         f"task's group and under the group the {FIELD} breaks; zeros drawn at {FLOOR:g}."))
     seeds = sorted({int(s) for s in rows["seed"].dropna()})
     eq_rows = rows[rows["metric"] == eq_task]
