@@ -87,3 +87,18 @@ def test_batch_action_round_trip_and_edges(nbody_task, nbody_batch):
     assert torch.equal(back.batch, b.batch)
     # the target of a node-level task is acted on like the output
     assert torch.allclose(gb.y, act_on_output(b.y, spec, g, b), atol=1e-12)
+
+
+def test_so3_generators_without_e3nns_table_match_it(monkeypatch):
+    """e3nn 0.4.4 (mace-torch's isolated environment) has no ``o3.so3_generators``: the fallback
+    differentiates ``D_from_matrix`` and must give the same Lie-algebra representation."""
+    from e3nn import o3
+
+    from equibench.symmetry.group3d import _so3_generator
+    from equibench.symmetry.precision import default_dtype
+
+    with default_dtype(torch.float64):
+        table = {(l, k): o3.so3_generators(l)[k] for l in range(4) for k in range(3)}
+        monkeypatch.delattr(o3, "so3_generators")
+        for (l, k), ref in table.items():
+            assert torch.allclose(_so3_generator(l, k), ref, atol=1e-12), (l, k)

@@ -85,8 +85,24 @@ class GroupElement:
 def so3_generator_rep(t: str, k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """d rho_t(A_k): the k-th so(3) generator (e3nn basis; x, y, z for l = 1) acting on type ``t``."""
     with default_dtype(dtype):
-        blocks = [o3.so3_generators(ir.l)[k] for mul, ir in irreps(t) for _ in range(mul)]
+        blocks = [_so3_generator(ir.l, k) for mul, ir in irreps(t) for _ in range(mul)]
         return torch.block_diag(*blocks).to(dtype)
+
+
+def _so3_generator(l: int, k: int) -> torch.Tensor:
+    """e3nn's ``so3_generators(l)[k]``; e3nn < 0.5 (mace-torch's 0.4.4) has none: there it is
+    d/ds D_l(exp(s A_k) R0) at s = 0 times D_l(R0)^T (autograd; R0 a fixed generic rotation, away
+    from the Euler-angle singularity at the identity), equal to e3nn 0.6's to ~5e-15 for l <= 4."""
+    if hasattr(o3, "so3_generators"):
+        return o3.so3_generators(l)[k]
+    A = torch.zeros(3, 3)
+    i, j = [(1, 2), (2, 0), (0, 1)][k]
+    A[j, i], A[i, j] = 1.0, -1.0  # the rotation generator about axis k
+    R0 = torch.linalg.matrix_exp(torch.tensor([[0.0, -0.4, 0.9], [0.4, 0.0, -1.3], [-0.9, 1.3, 0.0]]))
+    ir = o3.Irrep(l, 1)
+    dD = torch.autograd.functional.jacobian(lambda s: ir.D_from_matrix(torch.linalg.matrix_exp(s * A) @ R0),
+                                            torch.zeros(()))
+    return dD @ ir.D_from_matrix(R0).T
 
 
 @dataclass
