@@ -7,7 +7,9 @@
 #   * numpy < 2 (lie_learn 0.0.2, needed by escnn, is incompatible with numpy 2);
 #   * py3nj and lie_learn are built WITHOUT build isolation (their builds call numpy/meson from
 #     the environment, which pip's isolated build environment cannot provide);
-#   * the package itself, editable, with the escnn, data, test, bench and reference extras.
+#   * the package itself, editable, with the escnn, data, test, bench and reference extras;
+#   * equiadapt (no deps) with torchvision 0.15.2 as pure Python, torch-scatter from source;
+#   * the isolated environment of the mace method (mace-torch pins e3nn 0.4.4).
 # A stamp file keyed on this script and pyproject.toml makes a second call a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +57,10 @@ if ! "$VENV/bin/python" -c "import torch_scatter" 2>/dev/null; then
 fi
 "$VENV/bin/python" -W ignore -c "import equibench, escnn, e3nn, torch_geometric, equiadapt, nequip, egnn_pytorch, \
 torch_scatter, cuequivariance_torch, frame_averaging_pytorch; from equiadapt.images.canonicalization import discrete_group" >/dev/null
+# mace-torch pins e3nn 0.4.4: its points run in a layered environment of their own (equibench.suite.envs),
+# built here once so the first `equibench run ... --methods mace` and the mace tests find it ready
+say "the isolated environment of the mace method (mace-torch 0.3.16 with e3nn 0.4.4)"
+"$VENV/bin/python" -m equibench.suite.envs build mace
 rm -f "$VENV"/.equibench-setup-*
 touch "$STAMP"
 say "done ($VENV)"
