@@ -4,6 +4,7 @@ when nothing pairs."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 import equibench as eb
 from equibench.core.errors import UserError
+from equibench.core.registry import method_class
 from equibench.metrics import catalogue as cat
 from equibench.report.references import labelled, pairs, reference_sections
 from equibench.suite.suites import expand_suite, read_suite
@@ -81,3 +83,20 @@ def test_the_reference_suite_runs_each_pair_on_its_tasks_only(tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(UserError, match="only names method"):
         read_suite(path)
+
+
+def test_the_readme_table_lists_every_method_with_its_origin_and_claim():
+    """README's supported-methods table against the registry: every method once, the library it
+    wraps (or equibench), its group, and 'no' in the exact column exactly for inexact methods."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == set(eb.list_methods())
+    for name, (_, origin, _family, group, exact, _tasks) in rows.items():
+        cls = method_class(name)
+        assert origin.startswith(cls.origin), (name, origin)
+        assert group == (cls.group or "–"), (name, group)
+        assert exact.startswith("no") == (not any(cls.exact_by_domain.values()) and not cls.exact), (name, exact)
