@@ -27,12 +27,14 @@ def test_method_variants_expand_to_their_method_with_their_options():
         "frame_averaging": {"width": 8}, "frame_averaging@field": {"width": 8, "field_input": True},
         "baseline": {}}})
     specs = expand_suite(suite)
-    assert [(s.method, s.method_options) for s in specs] == [
-        ("frame_averaging", {"width": 8}), ("frame_averaging", {"width": 8, "field_input": True}),
+    assert [(s.method, s.method_options) for s in specs] == [  # rows keep the variant's name
+        ("frame_averaging", {"width": 8}), ("frame_averaging@field", {"width": 8, "field_input": True}),
         ("baseline", {})]
     picked = expand_suite(suite, methods=["frame_averaging"])  # a method's name selects its variants
     assert [s.method_options for s in picked] == [{"width": 8}, {"width": 8, "field_input": True}]
-    assert [s.method for s in expand_suite(suite, methods=["frame_averaging@field"])] == ["frame_averaging"]
+    assert [s.method for s in expand_suite(suite, methods=["frame_averaging@field"])] == ["frame_averaging@field"]
+    variant = eb.get_method("frame_averaging@field", field_input=True)  # the registry resolves the label
+    assert type(variant) is type(eb.get_method("frame_averaging")) and variant.options["field_input"]
     with pytest.raises(UserError, match="variant"):
         validate_suite({"tasks": {"nbody": {}}, "methods": {"frame_averaging@": {}}})
 
@@ -44,8 +46,9 @@ def test_the_approximate_suite_sweeps_the_field():
     assert fields == [0.0, 0.1, 0.3, 1.0, 3.0]
     variants = {(s.method, json.dumps(s.method_options, sort_keys=True)) for s in specs}
     assert len(variants) == 7 and len(specs) == 7 * 5 * len(suite.seeds) and len(suite.seeds) >= 3
-    assert {m for m, _ in variants} >= {"baseline", "augmentation", "frame_averaging", "egnn", "soft_equivariance"}
-    fa = [json.loads(o) for m, o in variants if m == "frame_averaging"]
+    assert {m.split("@")[0] for m, _ in variants} >= {"baseline", "augmentation", "frame_averaging", "egnn",
+                                                      "soft_equivariance"}
+    fa = [json.loads(o) for m, o in variants if m.split("@")[0] == "frame_averaging"]
     assert sorted(bool(o.get("field_input")) for o in fa) == [False, True]
     for s in specs:  # every variant is a valid method configuration
         eb.get_method(s.method, **s.method_options)
@@ -128,5 +131,5 @@ def test_section_renders_from_a_tiny_run(tmp_path):
     assert "crossover" in text.lower() or "stop winning" in text
     for png in ("approximate_nbody_field_error.png", "approximate_nbody_field_equivariance.png"):
         assert (tmp_path / "rep" / png).exists() and png in index.read_text()
-    assert "frame_averaging (field_input=True)" in text and "soft_equivariance" in text
+    assert "frame_averaging@field" in text and "soft_equivariance@dual" in text  # variants stay apart
     assert "fitted penalty strength lam" in text

@@ -40,11 +40,14 @@ def test_a_counterpart_and_a_second_implementation_pair_with_ours():
                rows("frame_averaging_pytorch", "frame-averaging-pytorch 0.1.2", [0.20, 0.21, 0.22], 2e-16, 900.0),
                rows("e3nn", "equibench 0.2", [0.3, 0.3, 0.3], 1e-16, 100.0),
                rows("e3nn", "equibench 0.2 + cuequivariance-torch 0.13.0", [0.3, 0.3, 0.3], 1e-16, 400.0),
+               [{"task": "nbody", "method": "e3nn_nequip@gpu", "seed": 0, "status": "not_applicable",
+                 "spec_hash": "na", "metric": "status", "value": None, "method_options": {"backend": "x"},
+                 "error": "no CUDA device here"}],
                rows("baseline", "equibench 0.2", [0.5, 0.5, 0.5], 0.3, 2000.0),
                rows("e3nn_nequip", "equibench 0.2", [0.3], 1e-16, 100.0),
                rows("e3nn_nequip@cueq", "equibench 0.2 + cuequivariance-torch 0.13.0", [0.3], 1e-16, 300.0),
                rows("frame_averaging@field", "equibench 0.2", [0.1], 1e-16, 600.0))
-    found = pairs(labelled(df))
+    found = pairs(labelled(df[df["status"] == "ok"]))
     assert found == [("e3nn [equibench 0.2]", "e3nn [equibench 0.2 + cuequivariance-torch 0.13.0]"),
                      ("e3nn_nequip", "e3nn_nequip@cueq"),
                      ("frame_averaging", "frame_averaging_pytorch")]  # the field variant is no reference
@@ -57,6 +60,7 @@ def test_a_counterpart_and_a_second_implementation_pair_with_ours():
     assert fa["ref./ours speed"] == "1.50×" and fa["seeds"] == "3"
     cue = table[table["ours"].str.startswith("e3nn")].iloc[0]
     assert cue["ref./ours speed"] == "4.00×"
+    assert any("e3nn_nequip@gpu" in n and "no CUDA device here" in n for n in section["notes"])
 
 
 def test_nothing_to_pair_gives_no_section():
@@ -73,9 +77,10 @@ def test_the_reference_suite_runs_each_pair_on_its_tasks_only(tmp_path):
     assert per_task["md"] == per_task["qm9"] == {"e3nn_nequip", "nequip", "mace"}
     assert per_task["digits"] == {"canonicalization", "equiadapt"}
     assert {"frame_averaging", "frame_averaging_pytorch", "egnn", "egnn_pytorch"} <= per_task["nbody"]
-    backends = Counter(s.method_options.get("backend", "e3nn") for s in specs if s.method == "e3nn")
+    backends = Counter(s.method_options.get("backend", "e3nn") for s in specs if s.method.startswith("e3nn@")
+                       or s.method == "e3nn")
     assert backends == {"e3nn": 3, "cuequivariance": 3}
-    for method in {s.method for s in specs}:  # every pair member is a real method with a reference or ours
+    for method in {s.method.split("@")[0] for s in specs}:  # every pair member is a registered method
         assert method in eb.list_methods()
     bad = {"name": "x", "tasks": {"nbody": {}}, "methods": {"baseline": {}},
            "task_overrides": {"nbody": {"only": ["e3nn"]}}}

@@ -128,11 +128,24 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+#: separates a method from a variant label: ``frame_averaging@field`` is the registered
+#: ``frame_averaging`` in a second configuration of one suite (its rows carry the whole name)
+VARIANT_SEP = "@"
+
+
+def method_of(name: str) -> str:
+    """The registered method of a (possibly labelled) method name (``"frame_averaging@field"`` ->
+    ``"frame_averaging"``; a plain name is itself)."""
+    return name.split(VARIANT_SEP, 1)[0] if isinstance(name, str) else name
+
+
 def method_class(name: str) -> type[Any]:
-    _load_one("method", name, _METHODS)
-    if not isinstance(name, str) or name not in _METHODS:
+    """The class registered as ``name`` (a variant label ``<method>@<label>`` is ignored)."""
+    base = method_of(name)
+    _load_one("method", base, _METHODS)
+    if not isinstance(base, str) or base not in _METHODS:
         raise did_you_mean("method", str(name), _METHODS)
-    return _METHODS[name]
+    return _METHODS[base]
 
 
 def task_class(name: str) -> type[Any]:

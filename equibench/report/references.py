@@ -23,9 +23,8 @@ from typing import Any
 import pandas as pd
 
 from ..core.errors import UserError
-from ..core.registry import method_class
+from ..core.registry import method_class, method_of
 from ..metrics.catalogue import PARAMS, equivariance_metric, test_metric, throughput_metric
-from ..suite.suites import method_of
 from .common import fmt
 from .common.metricinfo import spec_for, value
 from .common.render import Section
@@ -133,14 +132,16 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
     """The section (at most one) pairing our implementations with their references."""
     if df.empty or "task" not in df or "method" not in df:
         return []
-    rows, used = [], []
+    rows, used, notes = [], [], []
     for task, g in df.groupby("task", sort=True):
         base, _ = split_sweeps(g)
-        base = labelled(base)
-        metric = task_metric(base)
-        for ours, ref in pairs(base):
-            rows.append(pair_row(base, str(task), ours, ref, metric))
-            used.append(base[base["unit"].isin([ours, ref])])
+        ok = labelled(base[base["status"] == "ok"])
+        metric = task_metric(ok)
+        found = pairs(ok)
+        for ours, ref in found:
+            rows.append(pair_row(ok, str(task), ours, ref, metric))
+            used.append(ok[ok["unit"].isin([ours, ref])])
+        notes += unmeasured(str(task), base, {m for pair in found for m in pair} | set(ok["method"]))
     if not rows:
         return []
     table = pd.DataFrame(rows).set_index("task")
@@ -153,4 +154,23 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
                          "measured output deviation from ours with the same weights where its rows carry one. "
                          + context_line(pd.concat(used))),
              "table": table, "index_label": "task", "css": "references", "figures": [], "tables": [],
-             "notes": [CROSS_CHECKS]}]
+             "notes": [CROSS_CHECKS, *notes]}]
+
+
+def unmeasured(task: str, df: pd.DataFrame, present: set[str]) -> list[str]:
+    """One line per method configuration of ``task`` that has no ok row although it is a library
+    method or a variant of a method that did run (e.g. a CUDA-only backend on a CPU run)."""
+    lines: list[str] = []
+    bases = {method_of(m) for m in present}
+    bad = df[df["status"] != "ok"].drop_duplicates("spec_hash")
+    if bad.empty:
+        return lines
+    opts = bad["method_options"].map(repr) if "method_options" in bad else pd.Series("", index=bad.index)
+    errors = bad["error"] if "error" in bad else pd.Series(None, index=bad.index, dtype=object)
+    for (method, options), g in bad.assign(error=errors).groupby([bad["method"], opts], sort=True):
+        if _counterpart(method_of(str(method))) is None and method_of(str(method)) not in bases:
+            continue
+        reason = next((str(e) for e in g["error"].dropna()), "")
+        lines.append(f"Not measured: {method} {options} on {task} ({g['status'].iloc[0]}"
+                     + (f": {reason}" if reason else "") + ").")
+    return lines

@@ -43,23 +43,13 @@ from ..benches.training import TrainConfig
 from ..benches.tuning import TuneBench, TuningConfig
 from ..core.config import Config, config_from_dict, one_line
 from ..core.errors import UserError, did_you_mean
-from ..core.registry import list_methods, list_tasks
+from ..core.registry import VARIANT_SEP, list_methods, list_tasks, method_of
 from ..core.spec import RunSpec
 from .tuned import SUFFIX, Selection, apply_selection, read_tuned, stored_selection, tuned_path
 
 Options = dict[str, Any]
 EXTRA_SECTIONS: dict[str, tuple[type[Config], type[Bench]]] = {"scaling": (ScaleConfig, ScalingBench),
                                                                "tp_bench": (TPBenchConfig, TPBench)}
-
-
-#: separates a method from a variant label in a suite's ``methods:`` keys (``frame_averaging@field``)
-VARIANT_SEP = "@"
-
-
-def method_of(key: str) -> str:
-    """The registered method of a suite ``methods:`` key (``"frame_averaging@field"`` ->
-    ``"frame_averaging"``; a plain name is itself)."""
-    return key.split(VARIANT_SEP, 1)[0]
 
 
 def _named_options(value: Any) -> Any:
@@ -283,7 +273,8 @@ def _pick(names: list[str] | None, available: dict[str, Any], what: str) -> list
 def expand_suite(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str] | None = None,
                  seeds: list[int] | None = None, device: str | None = None) -> list[RunSpec]:
     """The cartesian product tasks x methods x seeds as ``RunSpec`` (filters/overrides applied); a
-    variant key ``<method>@<label>`` runs ``<method>`` with the variant's options."""
+    variant key ``<method>@<label>`` runs ``<method>`` with the variant's options, and its rows
+    carry the whole key as their ``method`` (so reports keep the variants apart)."""
     task_names = _pick(tasks, suite.tasks, "task") if tasks else list(suite.default_tasks or suite.tasks)
     method_names = _pick(methods, suite.methods, "method")
     variants = [(t, suite.tasks.get(t, {})) for t in task_names]
@@ -300,7 +291,7 @@ def expand_suite(suite: SuiteFile, tasks: list[str] | None = None, methods: list
                 continue
             m_opts = {**suite.methods.get(key, {}), **over.methods.get(key, {})}
             for seed in seeds or suite.seeds:
-                specs.append(RunSpec(task=task, method=method_of(key), seed=seed, task_options=task_options,
+                specs.append(RunSpec(task=task, method=key, seed=seed, task_options=task_options,
                                      method_options=m_opts, train=train, evaluate=evaluate,
                                      device=device or suite.device))
     return list(dict.fromkeys(specs))  # a sweep value equal to the base option is the same spec
