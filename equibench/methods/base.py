@@ -156,12 +156,29 @@ def build_at_params(factory: Callable[[int], M], target: int | None, default: in
     return model
 
 
+def bisect_increasing(f: Callable[[int], int], target: int, hi_limit: int = 4096) -> tuple[int, int]:
+    """(lo, hi) with f(lo) < target <= f(hi) for an increasing integer function ``f`` (doubling
+    from 1, then bisecting); lo = hi = 1 when f(1) >= target; hi stops at ``hi_limit``."""
+    lo = hi = 1
+    while f(hi) < target and hi < hi_limit:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return lo, hi
+
+
 class IrrepsSized(Protocol):
     """A method sized by (channel multiplicity, radial hidden width), like the e3nn networks."""
 
-    params: int | None
-    mul: int
-    radial_hidden: int
+    @property
+    def params(self) -> int | None: ...
+
+    @property
+    def mul(self) -> int: ...
+
+    @property
+    def radial_hidden(self) -> int: ...
 
     def supports(self, spec: TaskSpec) -> str | None: ...
 

@@ -58,7 +58,7 @@ from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, is_invariant
 from ..architectures.nequip_style import GraphStatistics
-from ..base import Method, count_parameters
+from ..base import Method, bisect_increasing, build_irreps_sized, count_parameters
 from ..blocks.energy_forces import ForcesFromEnergy
 
 LIBRARY = "mace-torch"
@@ -247,35 +247,21 @@ class MaceMethod(Method):
         def radial(c: int) -> int:
             return max(1, round(c * self.radial_hidden / self.num_channels))
 
-        def closest(f: Any, hi: int = 4096) -> tuple[int, int]:
-            lo, top = 1, 1
-            while f(top) < target and top < hi:
-                lo, top = top, top * 2
-            while top - lo > 1:
-                mid = (lo + top) // 2
-                lo, top = (mid, top) if f(mid) < target else (lo, mid)
-            return lo, top
-
-        lo, hi = closest(lambda c: self.count(spec, c, radial(c)))
+        lo, hi = bisect_increasing(lambda c: self.count(spec, c, radial(c)), target)
         best = min((lo, hi), key=lambda c: abs(self.count(spec, c, radial(c)) - target))
         if abs(self.count(spec, best, radial(best)) - target) <= tolerance * target:
             return best, radial(best)
-        a, b = closest(lambda h: self.count(spec, lo, h))
+        a, b = bisect_increasing(lambda h: self.count(spec, lo, h), target)
         return lo, min((a, b), key=lambda h: abs(self.count(spec, lo, h) - target))
 
+    @property
+    def mul(self) -> int:
+        """The channel count under the name ``build_irreps_sized`` reads."""
+        return self.num_channels
+
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
-        reason = self.supports(spec)
-        if reason:
-            raise ValueError(reason)
-        channels, hidden = self.num_channels, self.radial_hidden
-        if self.params is not None:
-            channels, hidden = self.sizes_for(spec, self.params)
-            n = self.count(spec, channels, hidden)
-            if abs(n - self.params) > 0.10 * self.params:
-                raise ValueError(f"cannot build within 10% of {self.params} parameters "
-                                 f"(closest: {n} at num_channels={channels}, radial_hidden={hidden})")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        def make(channels: int, hidden: int) -> nn.Module:
             mace = make_mace(self._n_attr(spec), channels, hidden, self.structure, self.avg_num_neighbors or 1.0)
-        energy = MaceEnergy(spec, mace, self.avg_num_neighbors)
-        return ForcesFromEnergy(energy, energy.point) if is_force_task(spec) else energy
+            energy = MaceEnergy(spec, mace, self.avg_num_neighbors)
+            return ForcesFromEnergy(energy, energy.point) if is_force_task(spec) else energy
+        return build_irreps_sized(self, spec, seed, make)

@@ -73,7 +73,6 @@ import importlib.util
 import math
 import os
 import random
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -86,7 +85,7 @@ from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import field_dim, irreps, is_invariant
 from ..architectures.nequip_style import GraphStatistics, plan_layer
-from ..base import Method
+from ..base import Method, bisect_increasing
 
 LIBRARY = "nequip"
 RATIO_TOLERANCE = 0.10
@@ -251,17 +250,6 @@ def parameter_count(num_types: int, num_features: int, num_layers: int, l_max: i
     return total + ir.dim
 
 
-def _bisect(f: Callable[[int], int], target: int, hi_limit: int = 1024) -> tuple[int, int]:
-    """(lo, hi) with f(lo) < target <= f(hi), or lo = hi = 1 when f(1) >= target; f increasing."""
-    lo = hi = 1
-    while f(hi) < target and hi < hi_limit:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
-    return lo, hi
-
-
 @register_method("nequip")
 class NequIP(Method):
     """nequip's ``NequIPGNNModel`` (Batzner et al. 2022): energies, forces as -dE/dx; O(3)-exact."""
@@ -348,11 +336,11 @@ class NequIP(Method):
         def width(nf: int) -> int:
             return max(1, round(nf * w0 / nf0))
 
-        lo, hi = _bisect(lambda nf: self.count(spec, nf, width(nf)), target)
+        lo, hi = bisect_increasing(lambda nf: self.count(spec, nf, width(nf)), target, hi_limit=1024)
         best = min((lo, hi), key=lambda nf: abs(self.count(spec, nf, width(nf)) - target))
         if abs(self.count(spec, best, width(best)) - target) <= RATIO_TOLERANCE * target:
             return best, width(best)
-        a, b = _bisect(lambda w: self.count(spec, lo, w), target, hi_limit=1 << 16)
+        a, b = bisect_increasing(lambda w: self.count(spec, lo, w), target, hi_limit=1 << 16)
         return lo, min((a, b), key=lambda w: abs(self.count(spec, lo, w) - target))
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
