@@ -46,7 +46,8 @@ def test_a_counterpart_and_a_second_implementation_pair_with_ours():
                rows("baseline", "equibench 0.2", [0.5, 0.5, 0.5], 0.3, 2000.0),
                rows("e3nn_nequip", "equibench 0.2", [0.3], 1e-16, 100.0),
                rows("e3nn_nequip@cueq", "equibench 0.2 + cuequivariance-torch 0.13.0", [0.3], 1e-16, 300.0),
-               rows("frame_averaging@field", "equibench 0.2", [0.1], 1e-16, 600.0))
+               rows("frame_averaging@field", "equibench 0.2", [0.1], 1e-16, 600.0),
+               rows("mace", "mace-torch 0.3.16", [0.4, 0.5], 1e-15, 50.0))
     found = pairs(labelled(df[df["status"] == "ok"]))
     assert found == [("e3nn [equibench 0.2]", "e3nn [equibench 0.2 + cuequivariance-torch 0.13.0]"),
                      ("e3nn_nequip", "e3nn_nequip@cueq"),
@@ -55,19 +56,26 @@ def test_a_counterpart_and_a_second_implementation_pair_with_ours():
     table = section["table"]
     fa = table[table["ours"] == "frame_averaging"].iloc[0]
     assert fa["reference implementation"] == "frame-averaging-pytorch 0.1.2"
-    assert fa["test.mse (ours)"].startswith("0.11 ±") and fa["test.mse (ref.)"].startswith("0.21 ±")
+    assert fa["score (ours)"].startswith("0.11 ±") and fa["score (ref.)"].startswith("0.21 ±")
+    assert fa["test metric"].startswith("mse (lower")
     assert float(fa["Welch p"]) < 0.01  # 0.10-0.12 vs 0.20-0.22 separate
     assert fa["ref./ours speed"] == "1.50×" and fa["seeds"] == "3"
     cue = table[table["ours"].str.startswith("e3nn")].iloc[0]
     assert cue["ref./ours speed"] == "4.00×"
     assert any("e3nn_nequip@gpu" in n and "no CUDA device here" in n for n in section["notes"])
+    mace = table[table["reference"] == "mace"].iloc[0]  # a library model without a counterpart of ours
+    assert mace["ours"].startswith("–") and mace["score (ref.)"].startswith("0.45 ±") and mace["seeds"] == "2"
 
 
-def test_nothing_to_pair_gives_no_section():
+def test_only_our_methods_give_no_section_and_a_lone_library_method_a_row_of_its_own():
+    ours_only = frame(rows("frame_averaging", "equibench 0.2", [0.1], 1e-16, 600.0),
+                      rows("baseline", "equibench 0.2", [0.5], 0.3, 2000.0))
+    assert reference_sections(ours_only) == []
     df = frame(rows("frame_averaging", "equibench 0.2", [0.1], 1e-16, 600.0),
-               rows("frame_averaging_pytorch", "frame-averaging-pytorch 0.1.2", [0.2], 1e-16, 900.0, task="md"),
-               rows("baseline", "equibench 0.2", [0.5], 0.3, 2000.0))
-    assert reference_sections(df) == []
+               rows("frame_averaging_pytorch", "frame-averaging-pytorch 0.1.2", [0.2], 1e-16, 900.0, task="md"))
+    (section,) = reference_sections(df)
+    (row,) = section["table"].to_dict("records")
+    assert row["reference"] == "frame_averaging_pytorch" and row["ours"].startswith("–")
 
 
 def test_the_reference_suite_runs_each_pair_on_its_tasks_only(tmp_path):

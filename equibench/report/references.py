@@ -9,6 +9,9 @@ A pair is (ours, reference) on one task configuration (its base task options, sw
   with e3nn's tensor products and a suite variant ``e3nn@cuequivariance`` with cuEquivariance's,
   ``backend: cuequivariance``): the plain ``equibench`` one is "ours", the other the reference.
 
+A library method with no counterpart of ours among the rows (``mace``) gets a row of its own,
+the "ours" side empty, so every library model measured appears here.
+
 Side by side per pair: the task's first test metric (mean over seeds ± 95 % t-interval, Welch's
 p for the difference), the trained models' relative equivariance error (mean over test graphs
 and group samples; fp64 = the structure, fp32 = as deployed), inference throughput (median
@@ -35,6 +38,7 @@ EQ64, EQ32 = equivariance_metric("trained", "fp64", "rel_mean"), equivariance_me
 THROUGHPUT = throughput_metric("inference", "graphs_per_s")
 AGREEMENT = test_metric("backend_agreement")
 OWN = "equibench"
+NONE = "– (none of ours)"
 CROSS_CHECKS = ("frame_averaging_pytorch vs frame_averaging: same outputs to 1e-10 in float64 with the library's "
                 "frames aligned to ours (tests/test_reference_methods.py); e3nn with backend cuequivariance vs "
                 "e3nn: same outputs to 1e-10 in float64 with the same weights through cuequivariance-torch's "
@@ -78,6 +82,20 @@ def pairs(df: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted(found)
 
 
+def unpaired_libraries(df: pd.DataFrame, paired: set[str]) -> list[str]:
+    """Units of library methods (``origin`` not equibench) with no counterpart of ours among the
+    rows, e.g. ``mace``: shown with an empty "ours" side."""
+    out = []
+    for unit, method in df.drop_duplicates("unit")[["unit", "method"]].itertuples(index=False):
+        try:
+            cls = method_class(str(method))
+        except (UserError, ImportError):
+            continue
+        if unit not in paired and cls.origin != OWN:
+            out.append(str(unit))
+    return sorted(out)
+
+
 def _values(df: pd.DataFrame, unit: str, metric: str) -> list[float]:
     rows = df[(df["unit"] == unit) & (df["metric"] == metric) & (df["status"] == "ok")]
     return [float(v) for v in rows["value"].dropna()]
@@ -106,12 +124,14 @@ def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | Non
     """One table row: the two units' numbers side by side (see module docstring)."""
     row: dict[str, Any] = {"task": task, "ours": ours, "reference": ref,
                            "reference implementation": next(iter(df[df["unit"] == ref]["impl"]), "?")}
-    if metric:
-        a, b = _values(df, ours, metric), _values(df, ref, metric)
-        row[f"{metric} (ours)"] = _score(df, ours, metric)
-        row[f"{metric} (ref.)"] = _score(df, ref, metric)
-        p = welch_p(a, b) if len(a) > 1 and len(b) > 1 else float("nan")
-        row["Welch p"] = "–" if p != p else fmt.number(p)
+    spec = spec_for(metric) if metric else None
+    row["test metric"] = f"{spec.display} ({'lower' if spec.direction == 'lower' else 'higher'} is better)" \
+        if spec and spec.direction else (metric or "–")
+    a, b = (_values(df, ours, metric), _values(df, ref, metric)) if metric else ([], [])
+    row["score (ours)"] = _score(df, ours, metric) if metric else "–"
+    row["score (ref.)"] = _score(df, ref, metric) if metric else "–"
+    p = welch_p(a, b) if len(a) > 1 and len(b) > 1 else float("nan")
+    row["Welch p"] = "–" if p != p else fmt.number(p)
     for label, m in (("eq. err fp64", EQ64), ("eq. err fp32", EQ32)):
         row[f"{label} (ours)"] = value(spec_for(m), _mean(df, ours, m))
         row[f"{label} (ref.)"] = value(spec_for(m), _mean(df, ref, m))
@@ -119,7 +139,7 @@ def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | Non
     row["graphs/s (ours)"] = value(spec_for(THROUGHPUT), t_ours)
     row["graphs/s (ref.)"] = value(spec_for(THROUGHPUT), t_ref)
     row["ref./ours speed"] = f"{t_ref / t_ours:.2f}×" if t_ours and t_ref else "–"
-    row["params (ours / ref.)"] = (f"{fmt.number(_mean(df, ours, PARAMS), 'int')} / "
+    row["params (ours / ref.)"] = (f"{fmt.number(_mean(df, ours, PARAMS), 'int') if ours != NONE else '–'} / "
                                    f"{fmt.number(_mean(df, ref, PARAMS), 'int')}")
     agree = _mean(df, ref, AGREEMENT)
     row["agreement"] = "–" if agree is None else value(spec_for(AGREEMENT), agree)
@@ -141,6 +161,9 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
         for ours, ref in found:
             rows.append(pair_row(ok, str(task), ours, ref, metric))
             used.append(ok[ok["unit"].isin([ours, ref])])
+        for ref in unpaired_libraries(ok, {u for pair in found for u in pair}):
+            rows.append(pair_row(ok, str(task), NONE, ref, metric))
+            used.append(ok[ok["unit"] == ref])
         notes += unmeasured(str(task), base, {m for pair in found for m in pair} | set(ok["method"]))
     if not rows:
         return []
