@@ -175,3 +175,19 @@ def test_library_set_up_leaves_dtype_and_random_streams_alone(monkeypatch):
     assert global_state.global_state_initialized() and torch.get_default_dtype() == torch.float32
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_a_build_leaves_e3nns_flags_and_later_e3nn_models_copyable():
+    """nequip's build toggles e3nn's legacy ``jit_script_fx`` flag, whose restore used to leave
+    ``jit_mode="script"``: every later e3nn model in the process (e.g. the ``e3nn`` method in an
+    in-process run) then failed to deep-copy for its train-step timing."""
+    import copy
+
+    import e3nn
+
+    before = e3nn.get_optimization_defaults()
+    nq.build_nequip(task("md").spec, 0, {"r_max": 2.0, "avg_num_neighbors": 3.0, "energy_scale": 1.0,
+                                         "energy_shift": 0.0, "num_layers": 1, "num_features": 4})
+    assert e3nn.get_optimization_defaults() == before
+    other = eb.get_method("e3nn", mul=2, depth=1).build(task("md").spec)
+    copy.deepcopy(other)

@@ -107,7 +107,7 @@ def _initialise_nequip() -> None:
             set_global_state()
         finally:
             torch.set_default_dtype(dtype)
-            e3nn.set_optimization_defaults(**flags)
+            _restore_e3nn_flags(flags)
             np.random.set_state(np_state)
             random.setstate(py_state)
             for k, v in env.items():
@@ -133,14 +133,28 @@ def build_nequip(spec: TaskSpec, seed: int, config: dict[str, Any], do_derivativ
     avg_num_neighbors of 1 unless ``config`` fixes them; ``NequIPAdapter`` writes the real ones);
     an energy model unless ``do_derivatives`` (the library's own force output, used by the tests)."""
     _initialise_nequip()
+    import e3nn
     from nequip.model import NequIPGNNModel  # optional dependency
     dtype = "float64" if torch.get_default_dtype() == torch.float64 else "float32"
     c = dict(config)
-    return NequIPGNNModel(
-        seed=seed, model_dtype=dtype, type_names=[f"t{i}" for i in range(n_types(spec))],
-        r_max=c.pop("r_max") or 1.0, avg_num_neighbors=c.pop("avg_num_neighbors") or 1.0,
-        per_type_energy_scales=c.pop("energy_scale"), per_type_energy_shifts=c.pop("energy_shift"),
-        do_derivatives=do_derivatives, **c)
+    flags = e3nn.get_optimization_defaults()
+    try:
+        return NequIPGNNModel(
+            seed=seed, model_dtype=dtype, type_names=[f"t{i}" for i in range(n_types(spec))],
+            r_max=c.pop("r_max") or 1.0, avg_num_neighbors=c.pop("avg_num_neighbors") or 1.0,
+            per_type_energy_scales=c.pop("energy_scale"), per_type_energy_shifts=c.pop("energy_shift"),
+            do_derivatives=do_derivatives, **c)
+    finally:  # the build toggles jit_script_fx and restores it through e3nn's legacy mapping, which
+        _restore_e3nn_flags(flags)  # leaves jit_mode "script": later e3nn modules could not be deep-copied
+
+
+def _restore_e3nn_flags(flags: dict[str, Any]) -> None:
+    """e3nn's optimisation flags as ``flags`` (``jit_mode`` last: setting the legacy
+    ``jit_script_fx`` rewrites it)."""
+    import e3nn
+    e3nn.set_optimization_defaults(**{k: v for k, v in flags.items() if k != "jit_mode"})
+    if "jit_mode" in flags:
+        e3nn.set_optimization_defaults(jit_mode=flags["jit_mode"])
 
 
 class NequIPAdapter(nn.Module):
