@@ -136,3 +136,11 @@ def test_section_renders_from_a_tiny_run(tmp_path):
         assert (tmp_path / "rep" / png).exists() and png in index.read_text()
     assert "frame_averaging@field" in text and "soft_equivariance@dual" in text  # variants stay apart
     assert "fitted penalty strength lam" in text
+
+
+@pytest.mark.parametrize("name", ["approximate", "reference"])
+def test_every_task_configuration_of_the_suite_builds(name):
+    """Task options of a built-in suite are valid together (e.g. sizes within a source's images)."""
+    suite = read_suite(name)
+    for spec in expand_suite(suite):
+        eb.get_task(spec.task, **spec.task_options)
