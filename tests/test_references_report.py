@@ -53,7 +53,9 @@ def test_a_counterpart_and_a_second_implementation_pair_with_ours():
                      ("e3nn_nequip", "e3nn_nequip@cueq"),
                      ("frame_averaging", "frame_averaging_pytorch")]  # the field variant is no reference
     (section,) = reference_sections(df)
-    table = section["table"]
+    (css, cost), = section["more"]  # speed, size, convergence: a second table under the first
+    table = pd.concat([section["table"], cost.drop(columns=["ours", "reference"])], axis=1)
+    assert "graphs/s (ours)" not in section["table"] and "seeds" in cost
     fa = table[table["ours"] == "frame_averaging"].iloc[0]
     assert fa["reference implementation"] == "frame-averaging-pytorch 0.1.2"
     assert fa["score (ours)"].startswith("0.11 ±") and fa["score (ref.)"].startswith("0.21 ±")

@@ -167,7 +167,11 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
         notes += unmeasured(str(task), base, {m for pair in found for m in pair} | set(ok["method"]))
     if not rows:
         return []
-    table = pd.DataFrame(rows).set_index("task")
+    full = pd.DataFrame(rows).set_index("task")
+    ids = ["ours", "reference"]
+    cost = [c for c in full.columns if c.startswith(("graphs/s", "ref./ours", "params", "agreement", "converged"))
+            or c == "seeds"]
+    table = full[[c for c in full.columns if c not in cost]]
     return [{"task": "references", "heading": "Our implementations beside their references",
              "context": ("Each row pairs an equibench implementation with the library implementation of the same "
                          "construction, measured in the same run(s) on the same task: test metric mean over seeds ± "
@@ -176,7 +180,8 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
                          "graphs/s) and the reference's speed relative to ours; 'agreement' is the reference's "
                          "measured output deviation from ours with the same weights where its rows carry one. "
                          + context_line(pd.concat(used))),
-             "table": table, "index_label": "task", "css": "references", "figures": [], "tables": [],
+             "table": table, "more": [("references", full[ids + cost])],
+             "index_label": "task", "css": "references", "figures": [], "tables": [],
              "notes": [CROSS_CHECKS, *notes]}]
 
 
