@@ -196,23 +196,18 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
 
     def measure_equivariance(stage: str) -> None:
         fp64 = build_model(method, tspec, spec.seed, torch.float64, state=model.state_dict())
+        # under the task's group, and under the group its environment breaks where it declares one
+        measured = [(group, catalogue.equivariance_metric)]
+        if broken is not None:
+            measured.append((broken, catalogue.broken_equivariance_metric))
         for dtype, m in ((torch.float32, model), (torch.float64, fp64)):
-            res = equivariance_error(m.to(device), eq_batch, tspec, n_samples=ecfg.equivariance_samples,
-                                     dtype=dtype, group=group, seed=spec.seed)
-            for stat in catalogue.EQUIVARIANCE_STATS:
-                if stat not in res:  # disp_*: point outputs only
-                    continue
-                add(catalogue.equivariance_metric(stage, dtype_name(dtype), stat), res[stat], stage=stage,
-                    dtype=dtype_name(dtype), group=group, batch_size=res["n_graphs"],
-                    repeats=res["n_samples"])
-            if broken is not None:  # the same measurement under the group the task's environment breaks
+            for grp, metric in measured:
                 res = equivariance_error(m.to(device), eq_batch, tspec, n_samples=ecfg.equivariance_samples,
-                                         dtype=dtype, group=broken, seed=spec.seed)
+                                         dtype=dtype, group=grp, seed=spec.seed)
                 for stat in catalogue.EQUIVARIANCE_STATS:
-                    if stat in res:
-                        add(catalogue.broken_equivariance_metric(stage, dtype_name(dtype), stat), res[stat],
-                            stage=stage, dtype=dtype_name(dtype), group=broken, batch_size=res["n_graphs"],
-                            repeats=res["n_samples"])
+                    if stat in res:  # disp_*: point outputs only
+                        add(metric(stage, dtype_name(dtype), stat), res[stat], stage=stage, dtype=dtype_name(dtype),
+                            group=grp, batch_size=res["n_graphs"], repeats=res["n_samples"])
         if ecfg.lie_derivative and tspec.domain == "graph3d":
             lie = lie_derivative(fp64.to(device), eq_batch, tspec, generators=lie_generators(group))
             for stat in ("rel_mean", "rel_max"):

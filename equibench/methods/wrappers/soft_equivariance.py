@@ -119,7 +119,7 @@ class SoftEquivariantModel(nn.Module):
 def penalty_group(spec: TaskSpec, which: str) -> str:
     """The group the penalty samples: the broken (full) group when declared and ``which`` is
     "full", else the task's own group."""
-    if which == "full" and getattr(spec, "broken_group", None):
+    if which == "full" and spec.broken_group:
         return str(spec.broken_group)
     return spec.group
 
