@@ -207,3 +207,16 @@ def test_published_numbers_sit_beside_the_measured_ones(tmp_path):
     half = T_975[2] * 0.001 / math.sqrt(3)  # seeds 0.010, 0.012, 0.011: s = 0.001
     assert f"0.011 ± {half:.2g} (3 seeds)" in html and "1.55" in html  # 0.011 / 0.0071
     assert "not run" in html and "⚠ 3 of 3 runs not converged" in html
+
+
+def test_unranked_table_has_no_rank_column_and_says_so(tmp_path):
+    from equibench.report.verdicts import verdict_table
+    runs = [*seeds("t", "a", [3.0, 3.1, 2.9]), *seeds("t", "b", [1.0, 1.2, 1.4])]
+    df = load_results(write_run(tmp_path, runs))
+    facts = assess("t", df)
+    ranked, plain = verdict_table(facts), verdict_table(facts, ranked=False)
+    assert ranked is not None and plain is not None
+    assert "rank" in ranked.columns and "rank" not in plain.columns
+    assert len(plain.columns) == len(ranked.columns) - 2 and all(len(r) == len(plain.columns) for r in plain.rows)
+    assert plain.row_ids.index("verdict-t-b") < plain.row_ids.index("verdict-t-a")  # still sorted by score
+    assert "not meant for verdicts" in plain.caption and "not meant for verdicts" not in ranked.caption

@@ -380,7 +380,11 @@ def _diag_cell(m: MethodFacts, diag: Sequence[str]) -> str:
     return "; ".join(parts) or fmt.MISSING
 
 
-def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str]) -> str:
+NOT_RANKED_NOTE = ("Not a verdict: this run is not meant for verdicts (too few seeds or too small a budget); rows "
+                   "are sorted by score and no ranks or groups are given.")
+
+
+def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str], ranked: bool = True) -> str:
     spec = facts.spec
     if spec is None:
         return ""
@@ -410,11 +414,15 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str]) -> str:
         "Settings: where the run's training settings came from (suite file, tuning run or stored tuned settings) "
         "and its learning rate.",
     ]
+    if not ranked:
+        parts = [NOT_RANKED_NOTE] + [p for p in parts if not p.startswith("Ties:")]
     return " ".join(parts)
 
 
-def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None) -> TableView | None:
-    """The verdict table of one task configuration (None without a ranked task metric)."""
+def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ranked: bool = True) -> TableView | None:
+    """The verdict table of one task configuration (None without a ranked task metric). With
+    ``ranked=False`` (smoke runs) the rows are still sorted by score but the table has no rank or
+    group column and the caption says the run is not meant for verdicts."""
     spec, metric = facts.spec, facts.metric
     if spec is None or metric is None or not facts.methods:
         return None
@@ -476,8 +484,12 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None) -> Tab
         css.append("trivial")
     for name in sorted(set(facts.methods) - listed):
         method_row(None, facts.methods[name])
+    if not ranked:
+        drop = [i for i, c in enumerate(columns) if c in (("", "rank"), ("accuracy", "vs next-ranked"))]
+        columns = [c for i, c in enumerate(columns) if i not in drop]
+        rows = [[c for i, c in enumerate(row) if i not in drop] for row in rows]
     frame = pd.DataFrame(rows, columns=pd.MultiIndex.from_tuples(columns))
-    return TableView.from_frame(frame, css="verdict", caption=verdict_caption(facts, ctx or {}), row_ids=ids,
+    return TableView.from_frame(frame, css="verdict", caption=verdict_caption(facts, ctx or {}, ranked), row_ids=ids,
                                 row_css=css)
 
 
