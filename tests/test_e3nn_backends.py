@@ -7,7 +7,6 @@ computes the same segmented polynomial as its CUDA kernels (the kernels' agreeme
 measured by ``scripts/gpu-check.sh`` on a GPU machine)."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -23,9 +22,9 @@ from equibench.methods.architectures.e3nn_tp import (
 from equibench.methods.base import count_parameters
 from equibench.metrics.equivariance import cast_batch
 from equibench.symmetry.precision import default_dtype
+from conftest import require
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("cuequivariance_torch") is None,
-                                reason="cuequivariance-torch not installed (extra 'reference')")
+require("cuequivariance_torch")  # installed by scripts/setup.sh (extra 'reference')
 OPTIONS = {"mul": 4, "depth": 2, "lmax": 2}
 
 

@@ -4,7 +4,6 @@ permutations), float64 constants, state dicts, parameter matching, shapes and op
 from __future__ import annotations
 
 import copy
-import importlib.util
 from dataclasses import replace
 
 import numpy as np
@@ -20,8 +19,9 @@ from equibench.symmetry.fieldtypes import representation
 from equibench.symmetry.group3d import GroupElement, act_on_batch
 from equibench.symmetry.precision import default_dtype
 from equibench.core.spec import TaskSpec
+from conftest import require
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("escnn") is None, reason="escnn not installed")
+require("escnn")  # installed by scripts/setup.sh (extra 'escnn')
 
 FP64_TOL, FP32_TOL = 1e-10, 1e-4
 SMALL = {"width": 3, "depth": 2}

@@ -18,6 +18,7 @@ from equibench.benches.taskrun import build_model
 from equibench.benches.training import TrainConfig, train
 from equibench.methods.base import count_parameters
 from equibench.symmetry.group3d import common_group
+from conftest import missing_reference
 
 FP64_TOL, FP32_TOL = 1e-10, 1e-4
 
@@ -49,7 +50,10 @@ def task_for(name: str, nbody_task):
         if reason is None:
             return task
         reasons.append(reason)
-    pytest.skip(reasons[0] if reasons[0] == reasons[1] else "; ".join(reasons))
+    text = reasons[0] if reasons[0] == reasons[1] else "; ".join(reasons)
+    if not method.requirements and "not installed" in text:  # a reference library setup.sh installs
+        missing_reference(f"{name}: {text}")
+    pytest.skip(text)
 
 
 def batch_for(task, nbody_task, nbody_batch) -> Batch:

@@ -27,8 +27,9 @@ from equibench.benches.taskrun import build_model
 from equibench.cli import main
 from equibench.core.errors import UserError
 from equibench.methods.architectures.egnn import EGNNModel
+from conftest import require
 
-pytest.importorskip("egnn_pytorch")
+require("egnn_pytorch")
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"nbody": dict(train_size=4, val_size=2, test_size=8),

@@ -13,9 +13,10 @@ from torch_geometric.data import Batch
 import equibench as eb
 from equibench.benches.taskrun import build_model
 from equibench.metrics.equivariance import cast_batch
+from conftest import require
 
-pytest.importorskip("equiadapt")
-pytest.importorskip("torch_scatter")
+require("equiadapt")
+require("torch_scatter")
 
 F64 = torch.float64
 

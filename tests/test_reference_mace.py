@@ -36,6 +36,7 @@ from equibench.metrics.throughput import measure_throughput
 from equibench.suite.engine import requirements_of
 from equibench.suite.envs import MARKER, env_key, env_root
 from equibench.suite.launch import worker_environ
+from conftest import missing_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 REQS = ("mace-torch==0.3.16",)
@@ -84,7 +85,8 @@ def _pytest_inside(marks: str, min_passed: int) -> None:
     interpreter of mace's pre-built environment (skip when it is not built)."""
     path = env_root() / env_key(REQS)
     if not (path / MARKER).exists():
-        pytest.skip(f"mace's environment is not built in {env_root()}: python -m equibench.suite.envs build mace")
+        missing_reference(f"mace's environment is not built in {env_root()} "
+                          "(python -m equibench.suite.envs build mace)")
     env = {**worker_environ(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run([str(path / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                            "tests/test_reference_mace.py", "tests/test_methods.py", "tests/test_exactness.py",

@@ -8,8 +8,9 @@ from torch_geometric.data import Batch
 
 import equibench as eb
 from equibench.benches.taskrun import build_model
+from conftest import require
 
-pytest.importorskip("frame_averaging_pytorch")
+require("frame_averaging_pytorch")
 F64 = torch.float64
 
 

@@ -25,8 +25,9 @@ from equibench.methods.blocks.energy_forces import energy_spec, energy_to_forces
 from equibench.metrics.equivariance import cast_batch
 from equibench.symmetry.group3d import common_group
 from equibench.symmetry.precision import default_dtype
+from conftest import require
 
-pytest.importorskip("nequip")
+require("nequip")
 from equibench.methods.reference import nequip as nq  # noqa: E402
 
 F64 = torch.float64
