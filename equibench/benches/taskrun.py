@@ -179,7 +179,8 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     device = torch.device(spec.device)
     base = {**_base_row(spec), "provenance": task.provenance(), "device_name": device_name(device),
             "status": "ok", "error": "", "started_at": started, "exact_claim": claims_exactness(method, tspec),
-            "setting_source": spec.setting_source or "suite file", "implementation": method.implementation()}
+            "setting_source": spec.setting_source or "suite file", "implementation": method.implementation(),
+            "tuning_edge": spec.tuning_edge, "budget": cfg.budget}
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: Any, **ctx: Any) -> None:
@@ -226,7 +227,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     measure_equivariance("init")
     val_metric = tspec.metrics[0]
     higher = catalogue.get_metric(catalogue.test_metric(val_metric)).higher_is_better
-    val_data = task.load("val") if cfg.val_points > 0 else None
+    val_data = task.load("val") if cfg.val_points > 0 or cfg.budget == "converge" else None
     result = train(model, method, task, train_data, cfg, spec.seed, device, val_data=val_data,
                    val_metric=val_metric, higher_is_better=bool(higher))
     base["convergence"] = result.convergence  # on every row of the run, so no number is read without it
@@ -236,7 +237,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
         add(catalogue.train_metric(k), v, batch_size=cfg.batch_size, val_metric=val_metric, select=cfg.select)
     for c in result.curve:
         add(catalogue.CURVE_VAL, c.val, x=c.step, x_label="step", curve_wall_s=c.wall_s, curve_flops=c.flops,
-            train_loss=c.train_loss, val_metric=val_metric, stage="training")
+            train_loss=c.train_loss, val_se=c.val_se, val_metric=val_metric, stage="training")
     for k, v in evaluate(model, method, task, test_data, cfg.eval_batch_size, device).items():
         add(catalogue.test_metric(k), v, batch_size=cfg.eval_batch_size, n_graphs=len(test_data))
     for k, v in trivial_metrics(task, train_data, test_data, cfg.eval_batch_size).items():
@@ -251,7 +252,8 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
                                      compile=ecfg.compile, loss_fn=task.loss,
                                      threads=ecfg.throughput_threads or None)
             ctx = {k: res[k] for k in ("mode", "dtype", "batch_nodes", "batch_edges", "repeats", "threads",
-                                       "timer", "compiled", "mem_method", "calls_per_sample")}
+                                       "timer", "compiled", "mem_method", "calls_per_sample", "unstable",
+                                       "load_avg_1min")}
             ctx["batch_size"] = res["batch_graphs"]
             for stat in ("graphs_per_s", "nodes_per_s", "time_median_s", "time_iqr_s", "peak_mem_bytes",
                          "flops", "gflops_per_s", "compile_time_s"):

@@ -65,12 +65,18 @@ def _freeze(options: dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
+PROVENANCE = ("setting_source", "tuning_edge")  # RunSpec fields that record history, not identity
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One (task, method, seed) with all options: the unit the runner executes.
 
     ``train`` holds the shared optimisation budget (steps, batch_size, lr, ...) and ``evaluate``
-    the measurement settings (equivariance samples, throughput batch and repeats).
+    the measurement settings (equivariance samples, throughput batch and repeats). Provenance, not
+    identity (outside ``hash``): ``setting_source`` (where the train settings came from) and
+    ``tuning_edge`` (empty when the tuned setting is interior to its grid, else which edge, e.g.
+    "upper edge lr=0.03 after 3 extensions"); every row of the run carries both.
     """
 
     task: str
@@ -82,13 +88,14 @@ class RunSpec:
     evaluate: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     setting_source: str = ""  # where the train settings came from (provenance, not part of the hash)
+    tuning_edge: str = ""  # a tuned choice left at an edge of its grid, e.g. "upper edge lr=0.03 after 3 extensions"
 
     def __post_init__(self) -> None:
-        for name in ("task", "method", "device", "setting_source"):
+        for name in ("task", "method", "device", "setting_source", "tuning_edge"):
             if not isinstance(getattr(self, name), str):
                 raise UserError(f"RunSpec.{name} must be a string, got {getattr(self, name)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise UserError(f"RunSpec.seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"RunSpec.seed must be a non-negative integer, got {self.seed!r}")
         for name in ("task_options", "method_options", "train", "evaluate"):
             object.__setattr__(self, name, _freeze(getattr(self, name)))
 
@@ -101,9 +108,9 @@ class RunSpec:
 
     @property
     def hash(self) -> str:
-        """Stable 12-hex identity of the spec (canonical JSON, sha256); ``setting_source`` is
-        provenance and not part of it."""
-        ident = {k: v for k, v in self.to_dict().items() if k != "setting_source"}
+        """Stable 12-hex identity of the spec (canonical JSON, sha256); ``setting_source`` and
+        ``tuning_edge`` are provenance and not part of it."""
+        ident = {k: v for k, v in self.to_dict().items() if k not in PROVENANCE}
         blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -28,7 +28,7 @@ NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
 
 # the families of the built-in metrics (a plugin may declare more; readers never need the list)
 FAMILIES = ("params", "status", "equivariance", "equivariance_broken", "lie_derivative", "degeneracy", "train",
-            "curve", "test", "trivial", "tune", "throughput", "scaling", "tp_bench")
+            "curve", "test", "trivial", "floor", "tune", "throughput", "scaling", "tp_bench")
 STAGES = ("init", "trained")
 DTYPES = ("fp32", "fp64")
 EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max", "disp_rel_mean", "disp_rel_median",
@@ -208,6 +208,13 @@ def trivial_metric(name: str) -> str:
     return f"trivial.{name}"
 
 
+def floor_metric(name: str) -> str:
+    """``floor.<name>``: task metric ``name`` of one of the task's floors on the test split: a cheap
+    non-learned reference fitted on the training split (``Task.floors``; the row's ``floor`` column
+    names it, e.g. ``constant_velocity``)."""
+    return f"floor.{name}"
+
+
 def scaling_metric(stat: str) -> str:
     """``scaling.<stat>``: one point of a scaling sweep (task "scaling")."""
     return f"scaling.{_check('scaling stat', stat, SCALING_STATS)}"
@@ -306,10 +313,25 @@ def _declare_runs() -> None:
         "best_step": ("best validation step", "", None, "step of the checkpoint with the best validation value"),
         "val_improvement_last_fifth": ("validation gain, last fifth", "", None,
                                        "relative improvement of the best validation value over the last fifth "
-                                       "of the budget (above the tolerance: not converged)")}
+                                       "of the budget (runs before the convergence rule of issue 18)"),
+        "val_improvement": ("validation gain, judged window", "", None,
+                            "relative improvement of the best validation value over the window the convergence "
+                            "verdict judges: fixed budgets, budget fractions 0.3 to 0.5 (learning rate >= half "
+                            "its peak); convergence-driven budgets, the last `patience` validations before the "
+                            "cool-down"),
+        "val_noise": ("validation noise (SE)", "", None,
+                      "standard error of the validation mean over graphs (s / sqrt(n)) at the reference value "
+                      "of the convergence judgement: the noise an improvement must exceed"),
+        "plateau_step": ("plateau step", "", None,
+                         "convergence-driven budgets: step at which the validation plateau was detected "
+                         "(absent when a cap was reached first)"),
+        "cooldown_steps": ("cool-down steps", "", None,
+                           "convergence-driven budgets: steps of the final linear decay of the learning rate "
+                           "to 0 (cooldown_fraction x the steps before it)")}
     for key, (display, unit, direction, doc) in train.items():
         register_metric(MetricSpec(train_metric(key), display, "train", unit=unit, direction=direction, stat=key,
-                                   stage="trained", number_format="int" if key == "steps" else "g",
+                                   stage="trained",
+                                   number_format="int" if key in ("steps", "plateau_step", "cooldown_steps") else "g",
                                    description=doc))
     register_metric(MetricSpec(tune_metric("best_val"), "tuning: best validation value", "tune", stat="best_val",
                                description="best validation value of the task's first metric in a tuning run "
@@ -326,6 +348,9 @@ def _declare_runs() -> None:
                                    stage="trained", log_scale=log, watch=True, description=doc))
         register_metric(MetricSpec(trivial_metric(key), f"trivial {key}", "trivial", unit=unit, direction=direction,
                                    stat=key, log_scale=log, description=f"{doc}, of the task's trivial predictor"))
+        register_metric(MetricSpec(floor_metric(key), f"floor {key}", "floor", unit=unit, direction=direction,
+                                   stat=key, log_scale=log, description=f"{doc}, of a floor (a non-learned reference "
+                                   "fitted on the training split; the row's floor column names it)"))
     for key, (unit, log, doc) in _METHOD_EXTRAS.items():
         register_metric(MetricSpec(test_metric(key), key, "test", unit=unit, stat=key, stage="trained",
                                    log_scale=log, description=doc))
