@@ -9,7 +9,7 @@ import re
 import pytest
 
 import equibench as eb
-from equibench.report.verdicts import anomalies, assess, rank_methods, t_interval, welch_p
+from equibench.report.verdicts import anomalies, assess, holm, rank_methods, t_interval, verdict_table, welch_p
 from equibench.suite.store import append_block, load_results
 
 T_975 = {2: 4.302652729749462, 3: 3.1824463052837078}  # t quantiles (0.975; 2 and 3 degrees of freedom)
@@ -70,8 +70,61 @@ def test_welch_ties_overlapping_seeds_and_separates_distant_ones():
     assert welch_p([1.0, 1.2, 1.4], [10.0, 10.1, 9.9]) < 0.05
     assert math.isnan(welch_p([1.0], [2.0, 2.1]))
     ranked = rank_methods({"a": [1.0, 1.2, 1.4], "b": [1.1, 1.3, 1.5], "c": [10.0, 10.1, 9.9]}, "lower")
-    assert [(r.method, r.rank, r.joint, r.tied_next) for r in ranked] == [
-        ("a", 1, False, True), ("b", 1, True, False), ("c", 3, False, None)]
+    assert [(r.method, r.rank, r.group, r.leader) for r in ranked] == [
+        ("a", 1, 1, "a"), ("b", 2, 1, "a"), ("c", 3, 2, "c")]
+
+
+def test_holm_matches_a_hand_computed_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4 * 0.005, 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04): step-down is monotone
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02], rel=1e-12)
+    adj = holm([float("nan"), 0.01, 0.02, 0.9])  # NaN is not a test: m = 3
+    assert math.isnan(adj[0]) and adj[1:] == pytest.approx([0.03, 0.04, 0.9], rel=1e-12)
+    assert holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1
+
+
+def test_groups_cannot_chain():
+    """The issue's example: the old neighbour test tied A-B and B-C, so all three were "=1" while
+    A against C has p = 1.6e-5. Every method is now compared with the best: C is separated from A
+    (Holm: 2 x 1.6e-5), B (p = 0.15, seeds 1.2..2.6 overlap A's) is not."""
+    a, b, c = [1.0, 1.1, 0.9], [1.2, 1.9, 2.6], [2.9, 3.0, 3.1]
+    assert welch_p(a, c) == pytest.approx(1.6483e-5, rel=1e-3)
+    ranked = {r.method: r for r in rank_methods({"A": a, "B": b, "C": c}, "lower")}
+    assert ranked["A"].is_leader and ranked["A"].group == 1
+    assert ranked["C"].group != 1 and ranked["C"].p_holm == pytest.approx(2 * welch_p(a, c), rel=1e-9)
+    assert ranked["B"].group == 1 and ranked["B"].p_holm == pytest.approx(welch_p(a, b), rel=1e-9)
+    assert [m for m, r in ranked.items() if r.group == 1 and not r.is_leader] == ["B"]  # C never joins via B
+    # with B's spread halved it is separated too, and A is alone in the top group
+    tight = {r.method: r for r in rank_methods({"A": a, "B": [1.6, 1.9, 2.2], "C": c}, "lower")}
+    assert [m for m, r in tight.items() if r.group == 1] == ["A"]
+    assert (tight["B"].group, tight["B"].leader, tight["C"].group) == (2, "B", 3)
+
+
+def test_floor_verdict_marks_a_method_that_does_not_beat_the_floor(tmp_path):
+    """Floors are per-seed rows (``floor.<metric>``, ``floor`` column); the verdict tests each
+    method's seeds against the strongest one, one-sided, Holm over the methods."""
+    runs = []
+    for method, values in (("good", [0.50, 0.52, 0.51]), ("meh", [0.95, 1.05, 1.0]), ("bad", [1.4, 1.5, 1.6])):
+        for seed, v in enumerate(values):
+            rows = run_rows("t", method, seed, v)
+            base = {k: rows[0][k] for k in rows[0] if k not in ("metric", "value")}
+            rows += [{**base, "metric": "floor.mse", "value": 1.0 + 0.01 * seed, "floor": "linear"},
+                     {**base, "metric": "floor.mse", "value": 3.0, "floor": "weak"}]
+            runs.append(rows)
+    df = load_results(write_run(tmp_path, runs))
+    facts = assess("t", df)
+    assert facts.strongest == "linear" and facts.floors["linear"] == pytest.approx([1.0, 1.01, 1.02])
+    assert facts.vs_floor["good"].beats is True and facts.vs_floor["bad"].beats is False
+    assert facts.vs_floor["meh"].beats is None  # better mean (1.0 < 1.01) but not separated by three seeds
+    table = verdict_table(facts)
+    assert table is not None
+    cells = {rid.removeprefix("verdict-t-"): row for rid, row in zip(table.row_ids, table.rows)}
+    assert list(cells) == ["good", "meh", "floor-linear", "bad", "floor-weak", "trivial"]
+    floor_col = table.columns.index("vs strongest floor")
+    assert cells["good"][floor_col].startswith("beats linear")
+    assert "⚠ not better than linear" in cells["bad"][floor_col] and "not separated" in cells["meh"][floor_col]
+    assert cells["floor-linear"][1] == "floor: linear" and cells["floor-linear"][floor_col] == "strongest floor"
+    kinds = {(a.kind, a.method) for a in anomalies(df)}
+    assert ("not better than a floor", "bad") in kinds and ("not better than a floor", "meh") not in kinds
 
 
 def test_ranking_follows_the_catalogue_direction(tmp_path):
@@ -82,7 +135,7 @@ def test_ranking_follows_the_catalogue_direction(tmp_path):
     for task in ("t", "c"):
         facts = assess(task, df[df["task"] == task])
         assert [r.method for r in facts.ranked] == ["good", "bad"], task
-        assert facts.ranked[0].tied_next is False
+        assert facts.ranked[1].group == 2  # separated from the best
     html = eb.write_report(tmp_path / "res" / "r", tmp_path / "rep").read_text()
     for task in ("t", "c"):
         section = html.split(f'id="{task}"')[1]
@@ -100,15 +153,16 @@ def test_verdict_table_interval_ties_and_trivial_row(tmp_path):
     assert order == ["a", "b", "c", "trivial", "d"]  # the trivial predictor (10.0) ranks between c and d
     cells = {r[0].removeprefix("verdict-t-"): re.findall(r"<td>(.*?)</td>", r[2]) for r in rows}
     half = T_975[2] * 0.2 / math.sqrt(3)
-    assert cells["a"][0] == "1" and cells["a"][2] == f"1.2 ± {half:.2g}"
-    assert cells["a"][3].startswith("tied (p = ") and cells["b"][0] == "=1"  # a and b overlap
-    assert cells["b"][3].startswith("separated (p = ") and cells["c"][0] == "3"  # b and c do not
+    assert cells["a"][0] == "1" and cells["a"][2] == f"1.2 ± {half:.2g}" and cells["a"][3] == "best"
+    assert cells["b"][3].startswith("not distinguishable from the best (p_Holm = ") and cells["b"][0] == "1"
+    assert cells["c"][3].startswith("below the best (p_Holm = ") and cells["c"][0] == "2"  # b and c are not
     assert cells["trivial"][1] == "trivial predictor" and cells["trivial"][2].startswith("10 ")
     assert dict((r[0], r[1]) for r in rows)["verdict-t-trivial"] == "trivial"
     assert "not better than trivial" in cells["d"][2] and "not better" not in cells["c"][2]
     assert "suite file · lr 0.001" in cells["a"] and "converged" in cells["a"]
     caption = verdict.split("<caption>")[1].split("</caption>")[0]
-    assert "95 % t-interval" in caption and "Welch" in caption and "5 %" in caption
+    assert "95 % t-interval" in caption and "Welch" in caption and "Holm" in caption and "5 %" in caption
+    assert "cannot be resolved" in caption and "test split is the same for every seed" in caption
     banner = html.split('id="anomalies"')[1].split("</div>")[0]
     assert "t / d" in banner and "t / a" not in banner
 
@@ -210,13 +264,12 @@ def test_published_numbers_sit_beside_the_measured_ones(tmp_path):
 
 
 def test_unranked_table_has_no_rank_column_and_says_so(tmp_path):
-    from equibench.report.verdicts import verdict_table
     runs = [*seeds("t", "a", [3.0, 3.1, 2.9]), *seeds("t", "b", [1.0, 1.2, 1.4])]
     df = load_results(write_run(tmp_path, runs))
     facts = assess("t", df)
     ranked, plain = verdict_table(facts), verdict_table(facts, ranked=False)
     assert ranked is not None and plain is not None
-    assert "rank" in ranked.columns and "rank" not in plain.columns
+    assert "group" in ranked.columns and "group" not in plain.columns
     assert len(plain.columns) == len(ranked.columns) - 2 and all(len(r) == len(plain.columns) for r in plain.rows)
     assert plain.row_ids.index("verdict-t-b") < plain.row_ids.index("verdict-t-a")  # still sorted by score
     assert "not meant for verdicts" in plain.caption and "not meant for verdicts" not in ranked.caption

@@ -27,7 +27,8 @@ Aggregate = Literal["mean", "median", "max", "min", "first"]
 NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
 
 # the families of the built-in metrics (a plugin may declare more; readers never need the list)
-FAMILIES = ("params", "status", "equivariance", "equivariance_broken", "lie_derivative", "degeneracy", "train",
+FAMILIES = ("params", "status", "equivariance", "equivariance_broken", "lie_derivative", "degeneracy", "symmetric",
+            "train",
             "curve", "test", "trivial", "floor", "tune", "throughput", "scaling", "tp_bench")
 STAGES = ("init", "trained")
 DTYPES = ("fp32", "fp64")
@@ -36,6 +37,7 @@ EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max", "disp_rel_
 LIE_STATS = ("rel_mean", "rel_max")
 DEGENERACY_AXES = ("gap", "config")
 DEGENERACY_STATS = ("rel_mean", "rel_max", "nonfinite")
+SYMMETRIC_STATS = ("rel_mean", "rel_max", "abs_max", "disp_rel_max")  # disp_rel_max: point outputs only
 THROUGHPUT_MODES = ("inference", "train")
 THROUGHPUT_STATS = ("graphs_per_s", "nodes_per_s", "time_median_s", "time_iqr_s", "peak_mem_bytes", "flops",
                     "gflops_per_s", "compile_time_s")
@@ -181,6 +183,13 @@ def degeneracy_metric(axis: str, stat: str) -> str:
     return f"degeneracy.{axis}.{_check('degeneracy stat', stat, DEGENERACY_STATS)}"
 
 
+def symmetric_metric(stage: str, stat: str) -> str:
+    """``symmetric.<stage>.fp64.<stat>``: the equivariance error (fp64) on one of the task's standard
+    exactly symmetric inputs (``Task.symmetric_inputs``); its rows name the input in
+    ``symmetric_input`` (and its point group in ``point_group``)."""
+    return f"symmetric.{_check('stage', stage, STAGES)}.fp64.{_check('symmetric-input stat', stat, SYMMETRIC_STATS)}"
+
+
 def throughput_metric(mode: str, stat: str) -> str:
     """``throughput.<mode>.<stat>``, mode "inference" or "train"."""
     _check("throughput mode", mode, THROUGHPUT_MODES)
@@ -268,6 +277,17 @@ def _declare_equivariance() -> None:
                 direction="lower", aggregate="max" if stat != "rel_mean" else "mean", stage="trained", dtype="fp64",
                 stat=stat, axis=axis, number_format="sci", log_scale=stat != "nonfinite",
                 description="equivariance error (fp64, trained) near degenerate inputs"))
+    for stage in STAGES:
+        for stat in SYMMETRIC_STATS:
+            register_metric(MetricSpec(
+                symmetric_metric(stage, stat), f"symmetric-input equiv. err fp64 {stage}, {_STAT_WORDS[stat]}",
+                "symmetric", direction="lower", aggregate="mean" if stat == "rel_mean" else "max", stage=stage,
+                dtype="fp64", stat=stat, number_format="sci", floor=FLOORS["fp64"] if "rel_" in stat else None,
+                description="||f(g·X) − ρ(g) f(X)|| (equivariance_error, fp64 model, g = (R, t, P) sampled from the "
+                            "measured group) on one exactly symmetric input X of the task (benzene, methane, a "
+                            "ring of equal charges, a symmetric cloud, ...; row column symmetric_input); frame and "
+                            "canonicalisation methods are exact only on inputs without a symmetry of their own "
+                            "(row column exact_scope)"))
 
 
 _TEST: dict[str, tuple[str, Direction, bool, str]] = {  # name: (unit, direction, log scale, description)

@@ -8,18 +8,21 @@ Per task (its base configuration, ``tables.split_sweeps``):
 * **interval**: mean over seeds ± the half-width of the 95 % t-interval,
   ``t_{0.975, n-1} · s / sqrt(n)`` with ``s`` the standard deviation (ddof 1) of the ``n`` seeds'
   values; one seed gives no interval;
-* **ties**: Welch's two-sided t-test (unequal variances) at the 5 % level between each method and
-  the next-ranked one; a pair it cannot separate is tied and shares a rank ("=2"); a method with
-  one seed is not tested;
-* the task's **trivial predictor** (``trivial.<metric>`` rows, identical across the runs of a
-  task) is a row of its own, and a method whose mean is not better is flagged;
+* **groups** (``rank_methods``): the best method against every other by Welch's two-sided t-test,
+  Holm-corrected over the table's methods at a family-wise 5 %; group 1 = not distinguishable
+  from the best; the rest grouped the same way around their own best. No neighbour comparisons,
+  so ties cannot chain. A method with one seed is not tested;
+* the task's **trivial predictor** (``trivial.<metric>`` rows) and its **floors** (``floor.<metric>``
+  rows, the ``floor`` column naming each: ``Task.floors``) are rows of their own, one value per
+  seed (fitted on that seed's training split); per method, whether it beats the strongest of them
+  separated by the seeds (one-sided Welch, Holm-corrected over the methods; ``judge_floors``);
 * beside the score: the trained models' max relative equivariance error (fp64 and fp32, worst
   seed; methods claiming exactness are held to 1e-10 / 1e-4), inference throughput, the
   convergence flag and where each run's training settings came from (``setting_source``, lr).
 
 ``anomalies`` lists, for the banner: specs that failed (failed, out_of_memory, timeout), runs
 that did not converge, exact methods over their limits and methods no better than their task's
-trivial predictor, each with the anchor of the row that shows it.
+trivial predictor or (by mean) its strongest floor, each with the anchor of the row that shows it.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from ..core.registry import task_class
 from ..metrics.catalogue import (
     MetricSpec,
     equivariance_metric,
+    floor_metric,
     test_metric,
     throughput_metric,
     train_metric,
@@ -57,13 +61,18 @@ from .common.tables import (
 from .sections import SCALING_TASK, TP_TASK
 
 LEVEL = 0.95   # two-sided confidence level of the intervals
-ALPHA = 0.05   # level of the Welch test that separates neighbours in the ranking
+ALPHA = 0.05   # family-wise level of the Holm-corrected Welch tests against the best (groups, floors)
 EXACT_LIMITS = {"fp64": 1e-10, "fp32": 1e-4}  # what the tests hold exact methods to
 FAILED_STATUSES = ("failed", "out_of_memory", "timeout")
 EQ_MAX = {dtype: equivariance_metric("trained", dtype, "rel_max") for dtype in ("fp64", "fp32")}
 THROUGHPUT = throughput_metric("inference", "graphs_per_s")
-GAIN = train_metric("val_improvement_last_fifth")
-KINDS = ("failed", "not converged", "exact over limit", "not better than trivial")
+GAIN = train_metric("val_improvement")  # over the window the convergence verdict judges
+OLD_GAIN = train_metric("val_improvement_last_fifth")  # runs before issue 18's convergence rule
+NOT_CONVERGED = ("not_converged", "cap_reached")  # convergence verdicts the banner flags
+KINDS = ("failed", "not converged", "tuning at grid edge", "exact over limit", "not better than trivial",
+         "not better than a floor")
+GROUP_COLUMN = ("", "group")
+VS_BEST_COLUMN = ("accuracy", "vs best (Welch, Holm)")
 SPECIAL_HEADINGS = {SCALING_TASK: "Scaling: cost vs size", TP_TASK: "Tensor-product microbenchmarks"}
 
 
@@ -87,6 +96,29 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
     return float(v.mean()), half, len(v)
 
 
+def _constant(v: np.ndarray) -> bool:
+    """No spread beyond rounding (identical seeds, e.g. a floor that does not depend on the seed)."""
+    return bool(v.std(ddof=1) <= 1e-12 * max(1.0, float(np.abs(v).max())))
+
+
+def _welch(x: np.ndarray, y: np.ndarray, alternative: str) -> float:
+    """Welch's t-test p-value of mean(x) vs mean(y) (``alternative`` as scipy's: "two-sided",
+    "less" = mean(x) < mean(y), "greater"); a sample without spread is a constant, and Welch's
+    statistic then is the one-sample t-test of the other against it; two constants: 0 when the
+    alternative holds, else 1 (two-sided: 1 when equal)."""
+    cx, cy = _constant(x), _constant(y)
+    if cx and cy:
+        d = float(x.mean() - y.mean())
+        holds = {"two-sided": d != 0, "less": d < 0, "greater": d > 0}[alternative]
+        return 0.0 if holds else 1.0
+    if cy:
+        return float(stats.ttest_1samp(x, float(y.mean()), alternative=alternative).pvalue)
+    if cx:
+        flipped = {"two-sided": "two-sided", "less": "greater", "greater": "less"}[alternative]
+        return float(stats.ttest_1samp(y, float(x.mean()), alternative=flipped).pvalue)
+    return float(stats.ttest_ind(x, y, equal_var=False, alternative=alternative).pvalue)
+
+
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided p-value of Welch's t-test (unequal variances) that ``a`` and ``b`` have equal
     means; NaN when either has fewer than two values. Two samples without any spread: 1 when
@@ -94,33 +126,70 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     x, y = _finite(a), _finite(b)
     if len(x) < 2 or len(y) < 2:
         return float("nan")
-    if x.std(ddof=1) == 0 and y.std(ddof=1) == 0:
-        return 1.0 if x.mean() == y.mean() else 0.0
-    return float(stats.ttest_ind(x, y, equal_var=False).pvalue)
+    return _welch(x, y, "two-sided")
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values of a family of tests (NaN entries are not tests and stay
+    NaN; the family size ``m`` counts the finite ones). With the finite p-values sorted,
+    ``p_(1) <= ... <= p_(m)``: ``adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``. Rejecting
+    where ``adj < alpha`` controls the family-wise error rate at ``alpha`` under any dependence."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(len(p), np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    m = len(idx)
+    running = 0.0
+    for j, i in enumerate(idx[np.argsort(p[idx], kind="stable")]):
+        running = max(running, min(1.0, (m - j) * float(p[i])))
+        out[i] = running
+    return [float(v) for v in out]
+
+
+def one_sided_p(a: Sequence[float], b: Sequence[float], direction: str) -> float:
+    """One-sided Welch p-value that ``a`` has the better mean than ``b`` ("lower": mean(a) <
+    mean(b); "higher": greater); NaN when either has fewer than two values; without any spread in
+    either sample 0 when ``a`` is strictly better, else 1."""
+    x, y = _finite(a), _finite(b)
+    if len(x) < 2 or len(y) < 2:
+        return float("nan")
+    return _welch(x, y, "less" if direction == "lower" else "greater")
 
 
 @dataclass
 class Ranked:
-    """One method's place: seed values, mean, interval half-width, rank (1-based; tied methods
-    share the rank of the first of their run, 0 = not ranked), ``joint`` (tied with the method
-    above), the Welch p-value against the next-ranked method and whether they are tied (None:
-    not tested)."""
+    """One method's place: seed values, mean, interval half-width, ``rank`` (its position, 1-based;
+    0 = not ranked), ``group`` (1 = not distinguishable from the best; 0 = not grouped: fewer than
+    two seeds or no finite value), ``leader`` (the best method of its group), ``p_raw`` / ``p_holm``
+    (Welch's two-sided p-value against the leader and its Holm-adjusted value; NaN for the leader
+    and untested methods), ``p_best`` (the Holm-adjusted p-value against the best method)."""
     method: str
     values: list[float]
     mean: float
     half: float
     n: int
     rank: int = 0
-    joint: bool = False
-    p_next: float = float("nan")
-    tied_next: bool | None = None
-    next_method: str | None = None
+    group: int = 0
+    leader: str | None = None
+    p_raw: float = float("nan")
+    p_holm: float = float("nan")
+    p_best: float = float("nan")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.group > 0 and self.leader == self.method
 
 
-def rank_methods(values: Mapping[str, Sequence[float]], direction: str | None) -> list[Ranked]:
+def rank_methods(values: Mapping[str, Sequence[float]], direction: str | None,
+                 alpha: float = ALPHA) -> list[Ranked]:
     """Methods best first by their mean over seeds in ``direction`` ("higher" / "lower"; None:
-    alphabetical, not ranked); methods without a finite value last, unranked. Each method is
-    tested against the next-ranked one (``welch_p`` at ``ALPHA``)."""
+    alphabetical, not ranked); methods without a finite value last, unranked.
+
+    Groups (a procedure that cannot chain): among the methods with at least two seeds, the best
+    one leads group 1; every other is tested against it (``welch_p``, two-sided) and the family of
+    those tests is corrected by Holm's step-down method (``holm``) at ``alpha``; the methods not
+    rejected join group 1 ("not distinguishable from the best"). The remaining methods form group 2
+    the same way around their best, and so on. Every member of a group is compared with its
+    leader, never with a neighbour, so a chain of small steps cannot tie the first to the last."""
     items = [Ranked(str(m), list(_finite(v)), *t_interval(v)) for m, v in values.items()]
     sign = -1.0 if direction == "higher" else 1.0
 
@@ -131,17 +200,45 @@ def rank_methods(values: Mapping[str, Sequence[float]], direction: str | None) -
     if direction is None:
         return items
     for i, r in enumerate(items):
-        if not np.isfinite(r.mean):
-            break
-        nxt = items[i + 1] if i + 1 < len(items) else None
-        if nxt is not None and np.isfinite(nxt.mean):
-            r.next_method = nxt.method
-            r.p_next = welch_p(r.values, nxt.values)
-            r.tied_next = None if not np.isfinite(r.p_next) else bool(r.p_next >= ALPHA)
-        prev = items[i - 1] if i else None
-        r.joint = bool(prev is not None and prev.tied_next)
-        r.rank = prev.rank if prev is not None and r.joint else i + 1
+        r.rank = i + 1 if np.isfinite(r.mean) else 0
+    pending = [r for r in items if r.rank and r.n >= 2]
+    group = 0
+    while pending:
+        group += 1
+        lead, rest = pending[0], pending[1:]
+        lead.group, lead.leader = group, lead.method
+        adjusted = holm([welch_p(lead.values, r.values) for r in rest])
+        left = []
+        for r, adj in zip(rest, adjusted):
+            r.p_raw, r.p_holm = welch_p(lead.values, r.values), adj
+            if group == 1:
+                r.p_best = adj
+            if adj >= alpha:
+                r.group, r.leader = group, lead.method
+            else:
+                left.append(r)
+        pending = left
     return items
+
+
+def resolvable_difference(ranked: Sequence[Ranked], alpha: float = ALPHA) -> tuple[float, float] | None:
+    """The smallest difference from the best method's mean that the grouping can resolve, as a
+    fraction of the best mean's magnitude: Welch's test of two methods with the median seed
+    standard deviation ``s`` of the table and the median seed count ``n`` separates them when
+    ``|d| >= t_{1 - a/2, df} · s · sqrt(2 / n)`` (``df = 2 (n - 1)``). Returned for Holm's
+    strictest step (``a = alpha / m``, ``m`` the tests against the best) and its most lenient one
+    (``a = alpha``); None with fewer than two tested methods or a zero best mean."""
+    tested = [r for r in ranked if r.rank and r.n >= 2]
+    if len(tested) < 2 or not tested[0].mean:
+        return None
+    s = float(np.median([np.std(r.values, ddof=1) for r in tested]))
+    n = int(np.median([r.n for r in tested]))
+    m = len(tested) - 1
+    df = 2 * (n - 1)
+
+    def d(a: float) -> float:
+        return float(stats.t.ppf(1 - a / 2, df) * s * np.sqrt(2 / n) / abs(tested[0].mean))
+    return d(alpha / m), d(alpha)
 
 
 def better(a: float, b: float, direction: str | None) -> bool | None:
@@ -174,6 +271,39 @@ def trivial_score(df: pd.DataFrame, metric: str | None) -> float | None:
         return None
     rows = df[(df["metric"] == trivial_metric(stat)) & (df["status"] == "ok")]["value"].dropna()
     return float(rows.mean()) if len(rows) else None
+
+
+def _per_seed(rows: pd.DataFrame) -> list[float]:
+    """One value per seed (the mean of that seed's rows: every run of a seed scores the same)."""
+    if "seed" not in rows or rows["seed"].isna().all():
+        return [float(v) for v in rows["value"].dropna()]
+    return [float(v) for v in rows.groupby("seed")["value"].mean().dropna()]
+
+
+def trivial_values(df: pd.DataFrame, metric: str | None) -> list[float]:
+    """Per-seed values of the trivial predictor on the task metric (its training split is the seed's)."""
+    stat = spec_for(metric).stat if metric else None
+    if not stat or "metric" not in df:
+        return []
+    return _per_seed(df[(df["metric"] == trivial_metric(stat)) & (df["status"] == "ok")])
+
+
+def floor_values(df: pd.DataFrame, metric: str | None) -> dict[str, list[float]]:
+    """Per floor (the ``floor`` column of the ``floor.<stat>`` rows of the task metric), its
+    per-seed values on the test split."""
+    stat = spec_for(metric).stat if metric else None
+    if not stat or "metric" not in df or "floor" not in df:
+        return {}
+    rows = df[(df["metric"] == floor_metric(stat)) & (df["status"] == "ok")]
+    return {str(name): _per_seed(g) for name, g in rows.groupby("floor", sort=True)}
+
+
+def floor_docs(task: str) -> dict[str, str]:
+    """The task's floors and what each is (``Task.FLOORS``; empty when unknown)."""
+    try:
+        return dict(getattr(task_class(task), "FLOORS", {}) or {})
+    except Exception:  # a plugin task not registered in this process
+        return {}
 
 
 def trivial_doc(task: str) -> str:
@@ -213,10 +343,18 @@ class MethodFacts:
     diagnostics: dict[str, float] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    budgets: list[str] = field(default_factory=list)               # "fixed" / "converge" (row column budget)
+    edges: list[str] = field(default_factory=list)                 # tuning_edge notes (choice at a grid edge)
 
     @property
     def not_converged(self) -> list[Any]:
-        return sorted((s for s, c in self.convergence.items() if c == "not_converged"), key=str)
+        """Seeds whose run did not converge: ``not_converged`` (fixed budget still improving at half
+        the peak learning rate) or ``cap_reached`` (convergence-driven budget capped before a plateau)."""
+        return sorted((s for s, c in self.convergence.items() if c in NOT_CONVERGED), key=str)
+
+    @property
+    def cap_reached(self) -> list[Any]:
+        return sorted((s for s, c in self.convergence.items() if c == "cap_reached"), key=str)
 
     @property
     def over_limit(self) -> list[str]:
@@ -228,8 +366,22 @@ class MethodFacts:
 
 
 @dataclass
+class FloorVerdict:
+    """Whether a method beats the strongest floor: the floor's name, the one-sided p-value
+    (``beats_p``) and its Holm-adjusted value over the table's methods; ``beats`` is True when the
+    adjusted value is under ``ALPHA``, False when the method's mean is not better, None when it
+    is better but not separated by the seeds or could not be tested."""
+    floor: str
+    p: float
+    p_holm: float
+    beats: bool | None
+
+
+@dataclass
 class TaskFacts:
-    """A task configuration's ranking and per-method facts."""
+    """A task configuration's ranking and per-method facts; ``floors``: per floor its per-seed
+    values (the trivial predictor among them as "trivial predictor"), ``strongest``: the floor with
+    the best mean, ``vs_floor``: per ranked method its ``FloorVerdict``."""
     task: str
     metric: str | None
     spec: MetricSpec | None
@@ -237,6 +389,13 @@ class TaskFacts:
     ranked: list[Ranked]
     methods: dict[str, MethodFacts]
     seeds: list[Any]
+    floors: dict[str, list[float]] = field(default_factory=dict)
+    strongest: str | None = None
+    vs_floor: dict[str, FloorVerdict] = field(default_factory=dict)
+
+    def floor_mean(self, name: str) -> float:
+        v = _finite(self.floors.get(name, []))
+        return float(v.mean()) if len(v) else float("nan")
 
     def not_better_than_trivial(self, method: str) -> bool:
         r = next((r for r in self.ranked if r.method == method), None)
@@ -269,6 +428,10 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
         cfg = train_config(run.get("train_config"))
         if cfg is not None and cfg.lr not in m.lrs:
             m.lrs.append(cfg.lr)
+        for column, seen in (("budget", m.budgets), ("tuning_edge", m.edges)):
+            text = run.get(column)
+            if isinstance(text, str) and text and text not in seen:
+                seen.append(text)
         if run["status"] in FAILED_STATUSES:
             m.failed.append((seed, str(run["status"])))
             continue
@@ -292,11 +455,57 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
                 how = spec_for(name).aggregate
                 m.diagnostics[name] = float(v.iloc[0] if how == "first" else getattr(v, how)())
         gains = g[g["metric"] == GAIN]
+        if not len(gains):
+            gains = g[g["metric"] == OLD_GAIN]
         m.gains = {s: float(v) for s, v in zip(gains["seed"], gains["value"]) if not fmt.missing(v)}
     values = {name: f.values for name, f in methods.items() if f.values}
     ranked = rank_methods(values, spec.direction if spec else None)
     seeds = sorted(set(df["seed"].dropna()), key=str) if "seed" in df else []
-    return TaskFacts(task, metric, spec, trivial_score(df, metric), ranked, methods, seeds)
+    facts = TaskFacts(task, metric, spec, trivial_score(df, metric), ranked, methods, seeds)
+    floors = floor_values(ok, metric)
+    trivial = trivial_values(ok, metric)
+    if trivial:
+        floors[TRIVIAL_FLOOR] = trivial
+    facts.floors = floors
+    judge_floors(facts)
+    return facts
+
+
+TRIVIAL_FLOOR = "trivial predictor"
+
+
+def beats_p(values: Sequence[float], floor: Sequence[float], direction: str) -> float:
+    """One-sided p-value that a method's per-seed ``values`` are better than the floor's: Welch's
+    test (``one_sided_p``) when the floor has two or more seeds, a one-sample t-test against its
+    single value otherwise; NaN when the method has fewer than two seeds."""
+    x, y = _finite(values), _finite(floor)
+    if len(x) < 2 or len(y) == 0:
+        return float("nan")
+    if len(y) >= 2:
+        return one_sided_p(values, floor, direction)
+    return _welch(x, np.array([y[0], y[0]]), "less" if direction == "lower" else "greater")  # a constant
+
+
+def judge_floors(facts: TaskFacts) -> None:
+    """Set ``facts.strongest`` (the floor with the best mean) and, per ranked method, whether it
+    beats that floor separated by the seeds: ``beats_p`` with Holm's correction over the table's
+    methods at ``ALPHA``."""
+    direction = facts.spec.direction if facts.spec else None
+    means = {name: facts.floor_mean(name) for name in facts.floors}
+    means = {k: v for k, v in means.items() if np.isfinite(v)}
+    if direction is None or not means:
+        return
+    sign = -1.0 if direction == "higher" else 1.0
+    facts.strongest = min(means, key=lambda k: (sign * means[k], k))
+    floor = facts.floors[facts.strongest]
+    tested = [r for r in facts.ranked if r.rank]
+    raw = [beats_p(r.values, floor, direction) for r in tested]
+    for r, p, adj in zip(tested, raw, holm(raw)):
+        if better(r.mean, means[facts.strongest], direction) is False:
+            beats: bool | None = False
+        else:
+            beats = True if np.isfinite(adj) and adj < ALPHA else None
+        facts.vs_floor[r.method] = FloorVerdict(facts.strongest, p, adj, beats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,36 +536,75 @@ def _score_cell(r: Ranked, spec: MetricSpec, n_total: int) -> str:
     return cell
 
 
-def _next_cell(r: Ranked) -> str:
-    if not r.rank or r.next_method is None:
+def _p(v: float) -> str:
+    return f"{v:.2g}" if np.isfinite(v) else "n/a"
+
+
+def _group_cell(r: Ranked, best: Ranked | None) -> str:
+    """How the method stands against the best of its group (Welch, Holm-adjusted p-values)."""
+    if not r.rank:
         return fmt.MISSING
-    if r.tied_next is None:
-        return "not tested (1 seed)"
-    return f"{'tied' if r.tied_next else 'separated'} (p = {r.p_next:.2g})"
+    if not r.group:
+        return "not tested (1 seed)" if r.n < 2 else fmt.MISSING
+    if r.is_leader:
+        if r.group == 1:
+            return "best"
+        return f"below the best (p_Holm = {_p(r.p_best)}); best of group {r.group}"
+    if r.group == 1:
+        return f"not distinguishable from the best (p_Holm = {_p(r.p_holm)})"
+    return f"not distinguishable from {r.leader} (p_Holm = {_p(r.p_holm)}); below the best (p_Holm = {_p(r.p_best)})"
+
+
+def _floor_cell(facts: TaskFacts, r: Ranked) -> str:
+    v = facts.vs_floor.get(r.method)
+    if v is None:
+        return fmt.MISSING
+    if v.beats:
+        return f"beats {v.floor} (p_Holm = {_p(v.p_holm)})"
+    if v.beats is False:
+        return f"⚠ not better than {v.floor}"
+    if not np.isfinite(v.p_holm):
+        return f"better than {v.floor}, not tested (1 seed)"
+    return f"⚠ better than {v.floor} but not separated by the seeds (p_Holm = {_p(v.p_holm)})"
 
 
 def _convergence_cell(m: MethodFacts) -> str:
+    """The verdicts per seed, prefixed by the kind of budget ("fixed budget" / "until plateau")."""
     if not m.convergence:
         return fmt.MISSING
     parts = []
-    bad = m.not_converged
+
+    def seeds_with_gains(seeds: Sequence[Any]) -> str:
+        return "; ".join(f"seed {_seeds_text([s])}: +{100 * m.gains[s]:.1f} %" if s in m.gains
+                         else f"seed {_seeds_text([s])}" for s in seeds)
+
+    bad = [s for s, c in m.convergence.items() if c == "not_converged"]
+    capped = m.cap_reached
     if bad:
-        gains = [f"seed {_seeds_text([s])}: +{100 * m.gains[s]:.1f} %" if s in m.gains else f"seed {_seeds_text([s])}"
-                 for s in bad]
-        parts.append(f"⚠ not converged ({'; '.join(gains)})")
+        parts.append(f"⚠ not converged ({seeds_with_gains(sorted(bad, key=str))})")
+    if capped:
+        parts.append(f"⚠ cap reached before a plateau ({seeds_with_gains(capped)})")
     good = [s for s, c in m.convergence.items() if c == "converged"]
-    unknown = [s for s, c in m.convergence.items() if c not in ("converged", "not_converged")]
+    unknown = [s for s, c in m.convergence.items() if c not in ("converged", *NOT_CONVERGED)]
+    flagged = bad or capped
     if good:
-        parts.append("converged" + (f" (seed {_seeds_text(good)})" if bad or unknown else ""))
+        parts.append("converged" + (f" (seed {_seeds_text(good)})" if flagged or unknown else ""))
     if unknown:
-        parts.append("unknown" + (f" (seed {_seeds_text(unknown)})" if bad or good else ""))
-    return "; ".join(parts)
+        parts.append("unknown" + (f" (seed {_seeds_text(unknown)})" if flagged or good else ""))
+    kind = " / ".join(BUDGET_WORDS.get(b, b) for b in m.budgets)
+    return (f"{kind}: " if kind else "") + "; ".join(parts)
+
+
+BUDGET_WORDS = {"fixed": "fixed budget", "converge": "until plateau"}
 
 
 def _settings_cell(m: MethodFacts) -> str:
     source = " / ".join(m.sources) or "?"
     lr = ", ".join(f"{v:g}" for v in m.lrs)
-    return f"{source} · lr {lr}" if lr else source
+    cell = f"{source} · lr {lr}" if lr else source
+    if m.edges:
+        cell += " · ⚠ tuned at grid edge (" + "; ".join(m.edges) + ")"
+    return cell
 
 
 def _eq_cell(m: MethodFacts, dtype: str) -> str:
@@ -380,6 +628,32 @@ def _diag_cell(m: MethodFacts, diag: Sequence[str]) -> str:
     return "; ".join(parts) or fmt.MISSING
 
 
+def seed_covers(task: str) -> str:
+    """What a seed draws in the task's data (``Task.SEED_DRAWS``; "" when unknown)."""
+    try:
+        return str(getattr(task_class(task), "SEED_DRAWS", "") or "")
+    except Exception:  # a plugin task not registered in this process
+        return ""
+
+
+def _groups_text(facts: TaskFacts) -> str:
+    """The caption's account of the grouping procedure and the difference it can resolve."""
+    text = ("Groups: the best method (by mean) against every other with Welch's two-sided t-test (unequal "
+            "variances), the p-values corrected by Holm's step-down method over the table's methods at a "
+            "family-wise 5 % level; the methods it cannot separate from the best form group 1 ('not "
+            "distinguishable from the best'); the rest are grouped the same way around their own best (group 2, "
+            "...). Every method is compared with its group's best, never with a neighbour, so ties cannot chain. "
+            "A method with one seed is not tested.")
+    res = resolvable_difference(facts.ranked)
+    if res is not None:
+        tested = [r for r in facts.ranked if r.rank and r.n >= 2]
+        n = int(np.median([r.n for r in tested]))
+        text += (f" With {n} seeds and the table's median seed spread, a difference from the best smaller than "
+                 f"about {100 * res[0]:.2g} % of the best score (Holm's strictest step) or {100 * res[1]:.2g} % "
+                 "(its most lenient) cannot be resolved.")
+    return text
+
+
 NOT_RANKED_NOTE = ("Not a verdict: this run is not meant for verdicts (too few seeds or too small a budget); rows "
                    "are sorted by score and no ranks or groups are given.")
 
@@ -391,17 +665,27 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str], ranked: bool = Tru
     word = {"higher": "higher is better", "lower": "lower is better"}.get(spec.direction or "", "no better direction")
     seeds = _seeds_text(facts.seeds)
     trivial = trivial_doc(facts.task)
+    docs = floor_docs(facts.task)
+    floors = "; ".join(f"{name}: {docs.get(name, 'a floor declared by the task')}" for name in facts.floors
+                       if name != TRIVIAL_FLOOR)
+    covers = ctx.get("seed_covers", "") or seed_covers(facts.task)
     diag = sorted({d for m in facts.methods.values() for d in m.diagnostics})
     parts = [
         f"Verdict for {facts.task}: methods ranked by test {spec.display}{' [' + spec.unit + ']' if spec.unit else ''} "
         f"({word}; the task's first metric, direction from the metric catalogue), mean over seeds {seeds} "
         f"± the half-width of the 95 % t-interval (t(0.975, n−1) · s / √n, s = standard deviation over the n "
         "seeds); one seed gives no interval.",
-        "Ties: Welch's two-sided t-test (unequal variances) at the 5 % level between each method and the "
-        "next-ranked one ('vs next-ranked'); a pair it cannot separate is tied and shares a rank ('=2'); a "
-        "method with one seed is not tested.",
-        "Trivial predictor (italic row" + (f": {trivial[0].lower() + trivial[1:]}" if trivial else "")
-        + "), scored on the same test split; ⚠ marks a method whose mean is not better.",
+        f"What the interval covers: each seed sets the initialisation, the batch order and the draw of the "
+        f"training (and validation) data{' (' + covers + ')' if covers else ''}; the test split is the same for "
+        "every seed, so its own sampling error is not in the interval.",
+        _groups_text(facts),
+        "Trivial predictor and floors (italic rows" + (f"; trivial: {trivial[0].lower() + trivial[1:]}" if trivial
+                                                        else "")
+        + (f"; {floors}" if floors else "") + "): non-learned references fitted on each seed's training split and "
+        "scored on the same test split. 'vs strongest floor': whether the method beats the reference with the best "
+        "mean, separated by the seeds: one-sided Welch t-test of its per-seed scores against the floor's (a "
+        "one-sample t-test when the floor has one seed), Holm-corrected over the table's methods at the 5 % level; "
+        "⚠ when it does not.",
         "Equivariance: max relative error ||f(g·X) − ρ(g) f(X)|| / ||f(X)|| of the trained model over "
         f"{ctx.get('equivariance', 'the test graphs and group samples')}, worst seed; fp64 = the model rebuilt "
         "in float64, fp32 = as deployed; '(exact)' = the method claims exact equivariance here and is held to "
@@ -409,13 +693,17 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str], ranked: bool = Tru
         *(["Diagnostics (mean over seeds): " + "; ".join(f"{spec_for(d).display}: {spec_for(d).description}"
                                                          for d in diag) + "."] if diag else []),
         f"Speed: inference throughput ({ctx.get('throughput', 'fp32')}), mean over seeds.",
-        "Convergence: ⚠ not converged = the best validation value still improved by more than the tolerance over "
-        "the last fifth of the training budget (+x % = that improvement).",
+        "Convergence: fixed budget: ⚠ not converged = while the learning rate was at least half its peak, the "
+        "best validation value still improved by more than its noise (standard error over the validation graphs, "
+        "or the relative tolerance if larger; +x % = that improvement); until plateau: trained at a constant rate "
+        "until no such improvement for a patience window, then cooled down; ⚠ cap reached = stopped by the step, "
+        "time or FLOP cap first.",
         "Settings: where the run's training settings came from (suite file, tuning run or stored tuned settings) "
-        "and its learning rate.",
+        "and its learning rate; ⚠ tuned at grid edge = the chosen value is still the largest or smallest tried "
+        "after the grid's extensions.",
     ]
     if not ranked:
-        parts = [NOT_RANKED_NOTE] + [p for p in parts if not p.startswith("Ties:")]
+        parts = [NOT_RANKED_NOTE] + [p for p in parts if not p.startswith("Groups:")]
     return " ".join(parts)
 
 
@@ -429,8 +717,8 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
     n_total = len(facts.seeds)
     diag = sorted({d for m in facts.methods.values() for d in m.diagnostics})
     score_header = f"{header(spec, 'test ' + spec.display)} mean ± 95 % CI"
-    columns: list[tuple[str, str]] = [("", "rank"), ("", "method"), ("accuracy", score_header),
-                                      ("accuracy", "vs next-ranked"),
+    columns: list[tuple[str, str]] = [GROUP_COLUMN, ("", "method"), ("accuracy", score_header),
+                                      VS_BEST_COLUMN, ("accuracy", "vs strongest floor"),
                                       ("equivariance", f"fp64 max rel. err {ARROWS['lower']}"),
                                       ("equivariance", f"fp32 max rel. err {ARROWS['lower']}"),
                                       *([("equivariance", _diag_header(diag))] if diag else []),
@@ -447,10 +735,14 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
             if facts.not_better_than_trivial(m.method):
                 score += " ⚠ not better than trivial"
                 flags.append("trivial")
-            rank = (f"={r.rank}" if r.joint else str(r.rank)) if r.rank else fmt.MISSING
-            nxt = _next_cell(r) if r.rank else fmt.MISSING
+            v = facts.vs_floor.get(m.method)
+            if v is not None and v.beats is not True and v.floor != TRIVIAL_FLOOR:
+                flags.append("floor")
+            rank = str(r.group) if r.group else fmt.MISSING
+            nxt = _group_cell(r, best)
+            vs_floor = _floor_cell(facts, r)
         else:
-            rank, nxt = fmt.MISSING, fmt.MISSING
+            rank, nxt, vs_floor = fmt.MISSING, fmt.MISSING, fmt.MISSING
             score = fmt.MISSING
         if m.failed:
             statuses = ", ".join(sorted({s for _, s in m.failed}))
@@ -459,33 +751,48 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
             flags.append("failed")
         if m.not_converged:
             flags.append("not converged")
+        if m.edges:
+            flags.append("tuning at grid edge")
         if m.over_limit:
             flags.append("exact over limit")
-        cells = [rank, m.method + (" (exact)" if m.exact else ""), score, nxt, _eq_cell(m, "fp64"), _eq_cell(m, "fp32"),
+        cells = [rank, m.method + (" (exact)" if m.exact else ""), score, nxt, vs_floor, _eq_cell(m, "fp64"),
+                 _eq_cell(m, "fp32"),
                  *([_diag_cell(m, diag)] if diag else []),
                  value(spec_for(THROUGHPUT), m.throughput), _convergence_cell(m), _settings_cell(m)]
         rows.append(cells)
         ids.append(verdict_row_id(facts.task, m.method))
         css.append("failed" if (m.failed and not m.seeds) else "flagged" if flags else "")
 
-    trivial_done = facts.trivial is None
+    best = next((r for r in facts.ranked if r.group == 1 and r.is_leader), None)
+    # the references (trivial predictor, floors), each placed where its score ranks
+    refs: list[tuple[float, list[str], str, str]] = []
+    if facts.trivial is not None:
+        refs.append((facts.trivial, _trivial_row(facts, spec, len(columns)), f"verdict-{slug(facts.task)}-trivial",
+                     "trivial"))
+    for name in facts.floors:
+        if name != TRIVIAL_FLOOR and np.isfinite(facts.floor_mean(name)):
+            refs.append((facts.floor_mean(name), _floor_row(facts, spec, name, len(columns), n_total),
+                         f"verdict-{slug(facts.task)}-floor-{slug(name)}", "trivial floor"))
+    sign = -1.0 if spec.direction == "higher" else 1.0
+    refs.sort(key=lambda ref: sign * ref[0])
     listed = set()
+
+    def place(limit: float | None) -> None:
+        while refs and (limit is None or better(limit, refs[0][0], spec.direction) is False):
+            _, row, rid, cls = refs.pop(0)
+            rows.append(row)
+            ids.append(rid)
+            css.append(cls)
     for r in facts.ranked:
-        if not trivial_done and np.isfinite(r.mean) and better(r.mean, facts.trivial or 0.0, spec.direction) is False:
-            rows.append(_trivial_row(facts, spec, len(columns)))
-            ids.append(f"verdict-{slug(facts.task)}-trivial")
-            css.append("trivial")
-            trivial_done = True
+        if np.isfinite(r.mean):
+            place(r.mean)
         method_row(r, facts.methods[r.method])
         listed.add(r.method)
-    if not trivial_done:
-        rows.append(_trivial_row(facts, spec, len(columns)))
-        ids.append(f"verdict-{slug(facts.task)}-trivial")
-        css.append("trivial")
+    place(None)
     for name in sorted(set(facts.methods) - listed):
         method_row(None, facts.methods[name])
     if not ranked:
-        drop = [i for i, c in enumerate(columns) if c in (("", "rank"), ("accuracy", "vs next-ranked"))]
+        drop = [i for i, c in enumerate(columns) if c in (GROUP_COLUMN, VS_BEST_COLUMN)]
         columns = [c for i, c in enumerate(columns) if i not in drop]
         rows = [[c for i, c in enumerate(row) if i not in drop] for row in rows]
     frame = pd.DataFrame(rows, columns=pd.MultiIndex.from_tuples(columns))
@@ -496,7 +803,23 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
 def _trivial_row(facts: TaskFacts, spec: MetricSpec, n_columns: int) -> list[str]:
     row = [fmt.MISSING] * n_columns
     row[1] = "trivial predictor"
-    row[2] = f"{value(spec, facts.trivial)} (no training, same for every seed)"
+    values = _finite(facts.floors.get(TRIVIAL_FLOOR, []))
+    same = len(values) < 2 or float(values.std()) == 0.0
+    row[2] = f"{value(spec, facts.trivial)} (no training{', same for every seed' if same else ', mean over seeds'})"
+    if facts.strongest == TRIVIAL_FLOOR and len(facts.floors) > 1:
+        row[4] = "strongest floor"
+    return row
+
+
+def _floor_row(facts: TaskFacts, spec: MetricSpec, name: str, n_columns: int, n_total: int) -> list[str]:
+    """A floor's row: ``floor: <name>``, its mean over seeds ± 95 % interval (its fit uses the
+    seed's training split)."""
+    row = [fmt.MISSING] * n_columns
+    row[1] = f"floor: {name}"
+    r = Ranked(name, list(_finite(facts.floors[name])), *t_interval(facts.floors[name]))
+    row[2] = _score_cell(r, spec, n_total) + " (no training; fitted on the training split)"
+    if facts.strongest == name:
+        row[4] = "strongest floor"
     return row
 
 
@@ -571,12 +894,20 @@ def task_anomalies(task: str, df: pd.DataFrame) -> list[Anomaly]:
         where = f" [{label}]" if label else ""
         for name, m in sorted(facts.methods.items()):
             anchor = verdict_row_id(task, name) if is_base else section_anchor(task)
-            if m.not_converged:
-                gains = [f"+{100 * m.gains[s]:.1f} %" for s in m.not_converged if s in m.gains]
-                extra = f" (best validation value still improving: {', '.join(gains)} over the last fifth)" if gains \
-                    else ""
+            bad = [s for s in m.not_converged if s not in m.cap_reached]
+            if bad:
+                gains = [f"+{100 * m.gains[s]:.1f} %" for s in bad if s in m.gains]
+                extra = (f" (best validation value still improving at half the peak learning rate or more: "
+                         f"{', '.join(gains)})" if gains else "")
                 out.append(Anomaly("not converged", task, name, f"{task} / {name}{where}: not converged in seed "
-                                   f"{_seeds_text(m.not_converged)}{extra}", anchor, md))
+                                   f"{_seeds_text(bad)}{extra}", anchor, md))
+            if m.cap_reached:
+                out.append(Anomaly("not converged", task, name, f"{task} / {name}{where}: budget cap reached before "
+                                   f"a validation plateau in seed {_seeds_text(m.cap_reached)}", anchor, md))
+            if m.edges:
+                out.append(Anomaly("tuning at grid edge", task, name, f"{task} / {name}{where}: tuned setting at the "
+                                   f"edge of its grid ({'; '.join(m.edges)}): the optimum may lie outside it",
+                                   anchor, md))
             if m.over_limit:
                 out.append(Anomaly("exact over limit", task, name, f"{task} / {name}{where} claims exact equivariance "
                                    f"but measures {'; '.join(m.over_limit)} (trained, max rel. error)", anchor, md))
@@ -586,6 +917,14 @@ def task_anomalies(task: str, df: pd.DataFrame) -> list[Anomaly]:
                                    f"{task} / {name}{where}: test {facts.spec.display} {value(facts.spec, r.mean)} "
                                    f"is not better than the trivial predictor's {value(facts.spec, facts.trivial)}",
                                    anchor, md))
+            verdict = facts.vs_floor.get(name)
+            if (verdict is not None and verdict.beats is False and verdict.floor != TRIVIAL_FLOOR
+                    and facts.spec is not None):
+                r = next(r for r in facts.ranked if r.method == name)
+                out.append(Anomaly("not better than a floor", task, name,
+                                   f"{task} / {name}{where}: test {facts.spec.display} {value(facts.spec, r.mean)} "
+                                   f"is not better than the floor {verdict.floor}'s "
+                                   f"{value(facts.spec, facts.floor_mean(verdict.floor))}", anchor, md))
     return out
 
 
