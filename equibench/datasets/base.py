@@ -18,6 +18,7 @@ from torch_geometric.data import Batch, Data
 from ..core.errors import UserError
 from ..core.spec import TaskSpec
 from ..symmetry.fieldtypes import POINT, field_dim, irreps
+from .symmetric import Geometry
 
 SPLITS = ("train", "val", "test")
 
@@ -43,6 +44,13 @@ class Task:
     """Base class of all tasks. Options are keyword-only ``__init__`` arguments with type hints."""
 
     name: ClassVar[str] = "?"
+    #: the task's floors (``floors``): name -> what it predicts, one sentence for the verdict caption
+    FLOORS: ClassVar[dict[str, str]] = {}
+    #: what the run's seed draws in the data (``load_splits``), for the verdict caption
+    SEED_DRAWS: ClassVar[str] = ""
+    #: options of a small, fast instance (split sizes): what a suite with ``scale: smoke`` runs a
+    #: task it does not configure with (as methods' ``smoke_options``)
+    smoke_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)
@@ -95,6 +103,34 @@ class Task:
             rows = int(b.num_nodes) if spec.level == "node" else int(b.num_graphs)
             return constant.to(device=b.y.device, dtype=b.y.dtype).expand(rows, -1)
         return predict
+
+    # ---- exactly symmetric inputs (datasets/symmetric.py) ----------------------------------
+    def symmetric_geometries(self) -> list[Geometry]:
+        """The task's standard exactly symmetric inputs as geometries (canonical orientation,
+        known stabiliser; ``datasets.symmetric``); empty for a task that offers none."""
+        return []
+
+    def symmetric_data(self, geometry: Geometry) -> Data:
+        """One symmetric geometry in the task's own fields: every field of ``spec.inputs`` (and
+        ``spec.edge_inputs``, ``spec.breaking_inputs``) and ``edge_index``, built the task's way.
+        No target ``y``: these inputs measure equivariance only."""
+        raise NotImplementedError(f"task {self.name!r} declares symmetric geometries but does not build them")
+
+    def symmetric_inputs(self) -> list[tuple[str, Data]]:
+        """``(name, Data)`` for each standard exactly symmetric input of the task (molecules with
+        D6h, Td, linear, C2v, D2h symmetry; symmetric particle systems; symmetric clouds), in the
+        task's fields and default dtype. A method exact only on inputs without a symmetry of their
+        own is not held to exactness on these (``Method.exactness_scope``)."""
+        return [(g.name, self.symmetric_data(g)) for g in self.symmetric_geometries()]
+
+    def floors(self, train: list[Data]) -> dict[str, Callable[[Batch], torch.Tensor]]:
+        """The task's floors: its strongest cheap non-learned references beside the trivial
+        predictor, each fitted on the training split ``train`` (closed form, no training) and
+        returned as a predictor of a batch, with the output the model would give (same scale as
+        ``metric_values`` expects). Scored on the test split as ``floor.<metric>`` rows; the
+        verdict says per method whether it beats the strongest. Keys: those of ``FLOORS``.
+        Default: none (the trivial predictor is the only reference)."""
+        return {}
 
     def provenance(self) -> dict[str, Any]:
         """Where the data comes from (package versions, generator parameters), for result rows."""

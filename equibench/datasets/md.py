@@ -50,6 +50,8 @@ from ..core.errors import UserError
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
 from .base import SPLITS, Task, atomic_save, cache_dir
+from .symmetric import Geometry
+from .symmetric import molecules as symmetric_molecules
 
 PROTOCOL_SEED = 17
 GENERATOR_VERSION = 1  # bump when the generator changes, to invalidate caches
@@ -174,6 +176,26 @@ def _version(pkg: str) -> str:
 
 @register_task("md")
 class MD(Task):
+    """Forces (or energy) of one small molecule along a GFN2-xTB Langevin MD trajectory.
+
+    Fields of every ``Data`` (types as in ``TaskSpec``):
+
+    * ``pos [n_atoms, 3]``, type ``"point"``: atom positions in Å;
+    * ``x [n_atoms, k]``, type ``"kx0e"``: one-hot element over the molecule's k distinct
+      elements, columns **ordered by atomic number** (``self.elements``; ethanol, the default:
+      H, C, O, so ``"3x0e"``), invariant;
+    * ``z [n_atoms]``: atomic numbers; ``energy [1]``: E - E_ref in eV;
+    * ``edge_index``: the complete graph (every ordered pair, no self-loops), or pairs within
+      ``cutoff`` Å when set;
+    * ``y``: ``target="forces"``: node-level forces ``[n_atoms, 3]``, type ``"1o"`` (eV/Å), metric
+      ``force_mae``; ``target="energy"``: graph-level ``[1, 1]``, type ``"0e"`` (eV), metric
+      ``energy_mae``.
+
+    Symmetry: E(3) and permutations of identical atoms.
+    """
+
+    smoke_options = {"train_size": 64, "val_size": 16, "test_size": 32}
+
     def __init__(self, *, molecule: str = "ethanol", target: str = "forces", temperature: float = 500.0,
                  timestep: float = 0.5, friction: float = 0.02, stride: int = 20,
                  equilibration: int = 400, xtb_method: str = "GFN2-xTB", cutoff: float | None = None,
@@ -277,6 +299,28 @@ class MD(Task):
             out.append(Data(pos=pos, x=onehot, z=z, edge_index=torch.stack([src, dst]),
                             y=y, energy=energy))
         return out
+
+    # -- exactly symmetric inputs -----------------------------------------------------------
+    def symmetric_geometries(self) -> list[Geometry]:
+        """The standard symmetric molecules (``datasets.symmetric``) made only of the task
+        molecule's elements (all six for ethanol and aspirin: H, C, O)."""
+        known = {int(z) for z in self.elements}
+        return [g for g in symmetric_molecules()
+                if {int(n) for n in Atoms(list(g.labels)).numbers} <= known]
+
+    def symmetric_data(self, geometry: Geometry) -> Data:
+        """The molecule in md's fields: ``pos`` (Å), one-hot ``x`` over the task molecule's
+        elements, atomic numbers ``z``, the complete graph (or pairs within ``cutoff``)."""
+        dt = torch.get_default_dtype()
+        z = torch.as_tensor(Atoms(list(geometry.labels)).numbers, dtype=torch.long)
+        pos = torch.as_tensor(geometry.pos, dtype=torch.float64)
+        n = len(z)
+        adj = ~torch.eye(n, dtype=torch.bool)
+        if self.options["cutoff"] is not None:
+            adj &= torch.cdist(pos, pos) < self.options["cutoff"]
+        src, dst = torch.nonzero(adj, as_tuple=True)
+        return Data(pos=pos.to(dt), x=(z[:, None] == torch.tensor(self.elements)[None, :]).to(dt), z=z,
+                    edge_index=torch.stack([src, dst]))
 
     def metric_values(self, pred: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         err = (pred - batch.y).abs()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from ..core.errors import UserError
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
 from .base import SPLITS, Task, atomic_save, cache_dir
+from .symmetric import Geometry, complete_graph, particle_systems
 
 CHUNK = 500
 PROTOCOL_SEED = 43
@@ -107,8 +109,26 @@ def total_energy(loc: np.ndarray, vel: np.ndarray, charges: np.ndarray) -> np.nd
     return kinetic + potential
 
 
+def fit_step(train: list[Data]) -> float:
+    """The least-squares step of constant-velocity extrapolation ``y ≈ x + Δt v`` over every
+    particle of ``train``: ``Δt = sum v·(y − x) / sum |v|^2`` (float64)."""
+    v = torch.cat([d.vel for d in train]).double()
+    dx = torch.cat([d.y - d.pos for d in train]).double()
+    return float((v * dx).sum() / (v * v).sum())
+
+
 @register_task("nbody")
 class NBody(Task):
+    """Charged particles: predict positions 1 000 integration steps ahead (the EGNN protocol).
+
+    Fields: ``pos [5, 3]`` ``"point"``, ``vel [5, 3]`` ``"1o"``, ``charge [5, 1]`` ``"0e"``
+    (q = +-1); ``edge_index`` the complete graph, ``edge_attr [E, 1]`` ``"0e"`` = q_i q_j; target
+    ``y [5, 3]`` ``"point"`` (node level), metric ``mse``. Symmetry: E(3) (exact only with
+    ``clip_force=False``).
+    """
+
+    smoke_options = {"train_size": 64, "val_size": 16, "test_size": 32}
+
     def __init__(self, *, n_particles: int = 5, input_frame: int = 30, target_frame: int = 40,
                  clip_force: bool = True, train_size: int = 3000, val_size: int = 2000,
                  test_size: int = 2000) -> None:
@@ -177,6 +197,33 @@ class NBody(Task):
                             edge_attr=(q[src] * q[dst])[:, None],
                             y=torch.as_tensor(cat["y"][i], dtype=dt)))
         return out
+
+    def symmetric_geometries(self) -> list[Geometry]:
+        """With ``n_particles`` = n: a regular n-gon of equal charges at rest and spinning in its
+        plane, n collinear charges, an (n-1)-gon around an opposite charge at its centre
+        (``datasets.symmetric.particle_systems``; speed 0.5 as the generator's)."""
+        return list(particle_systems(self.options["n_particles"], speed=0.5))
+
+    def symmetric_data(self, geometry: Geometry) -> Data:
+        """The state in the task's fields: ``pos``, ``vel``, ``charge [n, 1]``, the complete
+        graph with ``edge_attr = q_i q_j``."""
+        dt = torch.get_default_dtype()
+        q = torch.tensor(geometry.labels, dtype=dt)
+        edge_index = complete_graph(geometry.n)
+        vel = np.zeros_like(geometry.pos) if geometry.vel is None else geometry.vel
+        return Data(pos=torch.as_tensor(geometry.pos, dtype=dt), vel=torch.as_tensor(vel, dtype=dt),
+                    charge=q[:, None], edge_index=edge_index, edge_attr=(q[edge_index[0]] * q[edge_index[1]])[:, None])
+
+    FLOORS = {"constant_velocity": "constant-velocity extrapolation x + Δt·v with Δt fitted by least squares on the "
+                                   "training split (the EGNN paper's 'Linear' row)"}
+    SEED_DRAWS = "the simulated training and validation systems"
+
+    def floors(self, train: list[Data]) -> dict[str, Callable[[Batch], torch.Tensor]]:
+        """``constant_velocity``: ``x + Δt v`` with ``Δt = fit_step(train)``: no forces, only the
+        inertia a model has to beat (the frame interval is 1.0, but the fitted step is lower: the
+        forces mostly bend the paths back)."""
+        step = fit_step(train)
+        return {"constant_velocity": lambda b: b.pos + step * b.vel}
 
     def metric_values(self, pred: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         per_node = ((pred - batch.y) ** 2).mean(-1)

@@ -36,14 +36,16 @@ where no component reaches the clip, which is rare).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch_geometric.data import Data
+from torch_geometric.data import Batch, Data
 
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
 from .nbody import NBody
+from .symmetric import Geometry
 
 FIELD_ON = ("always", "at_input")
 
@@ -79,6 +81,32 @@ class NBodyField(NBody):
 
     def provenance(self) -> dict[str, Any]:
         return {**super().provenance(), "task": "nbody_field", "external_force": "q_i * field * e_z"}
+
+    def symmetric_data(self, geometry: Geometry) -> Data:
+        """nbody's symmetric states (rings in the xy-plane, the line along e_z: their symmetry
+        axis is the field axis, so their stabiliser inside O(2)_z is C_nv, C_n, C_inf_v) with the
+        task's ``field`` along e_z on every node."""
+        data = super().symmetric_data(geometry)
+        vec = torch.zeros(3, dtype=torch.get_default_dtype())
+        vec[2] = self.options["field"]
+        data.field = vec.expand(data.num_nodes, 3).clone()
+        return data
+
+    FLOORS = {**NBody.FLOORS,
+              "constant_velocity_field": "x + a·v + b·q·field·e_z with a and b fitted by least squares on the training "
+                                         "split: inertia plus the field's constant push (½ t² at unit mass)"}
+
+    def floors(self, train: list[Data]) -> dict[str, Callable[[Batch], torch.Tensor]]:
+        """nbody's ``constant_velocity`` and ``constant_velocity_field``: ``x + a v + b q E``
+        (``E = field e_z``), ``(a, b)`` the least-squares solution over every particle of
+        ``train`` (float64)."""
+        v = torch.cat([d.vel for d in train]).double().reshape(-1)
+        push = torch.cat([d.charge * d.field for d in train]).double().reshape(-1)
+        dx = torch.cat([d.y - d.pos for d in train]).double().reshape(-1)
+        coef = torch.linalg.lstsq(torch.stack([v, push], dim=1), dx[:, None], driver="gelsd").solution.reshape(-1)
+        a, b = float(coef[0]), float(coef[1])
+        return {**super().floors(train),
+                "constant_velocity_field": lambda d: d.pos + a * d.vel + b * d.charge * d.field}
 
     def load(self, split: str, size: int | None = None, seed: int = 0) -> list[Data]:
         data = super().load(split, size, seed)

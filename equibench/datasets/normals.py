@@ -61,6 +61,7 @@ from ..core.registry import register_task
 from ..core.spec import TaskSpec
 from .base import SPLITS, Task, atomic_save, cache_dir
 from .graphs import knn_indices
+from .symmetric import Geometry, knn_graph_closed, point_clouds
 
 PROTOCOL_SEED = 20220127
 CHUNK = 16
@@ -120,6 +121,21 @@ def mesh_catalogue() -> list[str]:
     return good
 
 
+def pca_normals(batch: Batch) -> torch.Tensor:
+    """Unit normals by local PCA: per node i, the eigenvector of the smallest eigenvalue of the
+    covariance of ``x_i`` and its in-neighbours (``edge_index`` j -> i), float64, returned in the
+    batch's dtype (sign arbitrary)."""
+    pos = batch.pos.double()
+    n = pos.shape[0]
+    src, dst = batch.edge_index
+    src = torch.cat([src, torch.arange(n, device=pos.device)])
+    dst = torch.cat([dst, torch.arange(n, device=pos.device)])
+    mean = scatter(pos[src], dst, dim=0, dim_size=n, reduce="mean")
+    d = pos[src] - mean[dst]
+    cov = scatter(d[:, :, None] * d[:, None, :], dst, dim=0, dim_size=n, reduce="mean")
+    return torch.linalg.eigh(cov)[1][:, :, 0].to(batch.pos.dtype)
+
+
 def mesh_split(catalogue: list[str]) -> dict[str, np.ndarray]:
     """Catalogue indices of each split's mesh pool (fixed permutation, 70/10/20 by mesh)."""
     perm = np.random.default_rng(PROTOCOL_SEED).permutation(len(catalogue))
@@ -158,6 +174,15 @@ def haar_element(rng: np.random.Generator, kind: str) -> np.ndarray:
 
 @register_task("normals")
 class NormalsTask(Task):
+    """Unoriented surface normals of point clouds sampled from real meshes.
+
+    Fields: ``pos [n_points, 3]`` ``"point"`` (centred, unit RMS radius); ``edge_index`` the ``k``
+    nearest neighbours; target ``y [n_points, 3]`` ``"1o"`` (unit normal, sign arbitrary),
+    metrics ``1-cos2`` and ``angle_deg``. Symmetry: O(3); ``rotation="TRAIN/TEST"`` rotates splits.
+    """
+
+    smoke_options = {"n_points": 64, "k": 8, "train_size": 32, "val_size": 8, "test_size": 16}
+
     def __init__(self, *, n_points: int = 512, k: int = 16, noise: float = 0.0,
                  rotation: str = "none/none", train_size: int = 512, val_size: int = 64,
                  test_size: int = 128) -> None:
@@ -294,6 +319,31 @@ class NormalsTask(Task):
                                 y=torch.as_tensor(chunk["normal"][j] @ R.T, dtype=dt),
                                 edge_index=torch.stack([src.reshape(-1), dst])))
         return out
+
+    # ---------------------------------------------------------------- exactly symmetric inputs
+    def symmetric_geometries(self) -> list[Geometry]:
+        """Symmetric clouds (``datasets.symmetric.point_clouds``): a symmetric sample of the sphere
+        (I_h), a grid on a cube's faces (O_h), rings on a cylinder (D_16h), centred and scaled to
+        unit RMS radius like the task's clouds."""
+        return list(point_clouds())
+
+    def symmetric_data(self, geometry: Geometry) -> Data:
+        """The cloud with the task's ``k``-nearest-neighbour graph, ties at the k-th distance
+        closed (``knn_graph_closed``: a symmetric cloud has many equal distances, and an arbitrary
+        cut would make the graph break the symmetry). No noise, no rotation."""
+        return Data(pos=torch.as_tensor(geometry.pos, dtype=torch.get_default_dtype()),
+                    edge_index=knn_graph_closed(geometry.pos, self.options["k"]))
+
+    # ---------------------------------------------------------------- floors
+    FLOORS = {"pca": "classical PCA normal estimation: the direction of least variance of each point's k nearest "
+                     "neighbours and itself (unsigned, like the metric)"}
+    SEED_DRAWS = "the training and validation clouds sampled (meshes from the fixed training pool, points, noise)"
+
+    def floors(self, train: list[Data]) -> dict[str, Callable[[Batch], torch.Tensor]]:
+        """``pca``: per point i, the eigenvector of the smallest eigenvalue of the covariance of
+        ``{x_i} ∪ {x_j : j -> i}`` (its kNN graph), computed in float64; nothing is fitted (the
+        training split is not used), so it is the same for every seed."""
+        return {"pca": pca_normals}
 
     # ---------------------------------------------------------------- loss and metrics
     @staticmethod

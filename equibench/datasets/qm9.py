@@ -32,14 +32,23 @@ N -54.583861, O -75.064579, F -99.718730); note PyG calls this quantity ``U0_ato
 the rotational constants (A reaches 6e5 GHz for near-linear molecules), Mulliken charges and
 frequencies (per-atom / per-mode lists), and the polarizability tensor (not in the XYZ frame).
 
-Splits: a permutation of all molecules seeded by ``(PROTOCOL_SEED, seed)``; its first tenth is
-the test pool, the second tenth the val pool, the rest the train pool; a split of size n is the
-first n molecules of its pool (so sizes never change each other's molecules).
+Splits: a fixed permutation of all molecules (seeded by ``(PROTOCOL_SEED, 0)``); its first tenth
+is the test pool, the second tenth the val pool, the rest the train pool, the same for every seed
+(no molecule is in two pools). A split of size n with seed 0 is the first n molecules of its pool
+(so sizes never change each other's molecules); another seed draws n molecules of the pool without
+replacement (seeded by ``(PROTOCOL_SEED, seed, split)``). The runs draw train and val with their
+seed and the test split with seed 0 (``benches.taskrun.load_split``).
+
+Floors (``floors``): beside the training mean (the trivial predictor), a least-squares linear
+regression of the target on the per-molecule counts of H, C, N, O, F plus an intercept, fitted on
+the training split: the standard strong QM9 baseline for extensive targets (it is exact for a sum
+of per-atom energies) and a weak one for intensive ones such as the gap.
 
 Loss and metric: the model predicts the *standardised* target ``(y - mean) / std``; ``loss`` is
 the MSE against it, ``metric_values`` undoes the standardisation and reports the per-molecule
 absolute error in the target's unit (``"mae"``). ``mean`` and ``std`` are those of the training
-split as configured (``train_size``) for the seed of the latest ``load`` (seed 0 before any).
+split as configured (``train_size``) for the seed of the latest ``load("train")`` (seed 0 before
+any).
 """
 from __future__ import annotations
 
@@ -62,6 +71,8 @@ from ..core.registry import register_task
 from ..core.spec import TaskSpec
 from .base import Task, atomic_save, cache_dir
 from .graphs import radius_graph
+from .symmetric import Geometry
+from .symmetric import molecules as symmetric_molecules
 
 if importlib.util.find_spec("qm9pack") is None:  # do not import it: its __init__ needs pkg_resources
     raise ModuleNotFoundError("No module named 'qm9pack'", name="qm9pack")
@@ -163,8 +174,39 @@ def target_values(target: str, mols: dict[str, torch.Tensor]) -> np.ndarray:
     return values * factor
 
 
+def count_features(batch: Batch) -> torch.Tensor:
+    """``[1, n_H, n_C, n_N, n_O, n_F]`` per molecule of ``batch`` (float64), from the one-hot ``x``."""
+    from torch_geometric.utils import scatter
+    counts = scatter(batch.x.double(), batch.batch, dim=0, dim_size=int(batch.num_graphs), reduce="sum")
+    return torch.cat([torch.ones(len(counts), 1, dtype=torch.float64, device=counts.device), counts], dim=1)
+
+
+def fit_count_regression(train: list[Data]) -> torch.Tensor:
+    """Least-squares weights ``w`` of ``y ≈ count_features · w`` on the molecules ``train``."""
+    batch = Batch.from_data_list(train)
+    return torch.linalg.lstsq(count_features(batch), batch.y.double().reshape(-1, 1), driver="gelsd").solution
+
+
 @register_task("qm9")
 class QM9Task(Task):
+    """QM9 molecules: predict one invariant property per molecule (default the HOMO-LUMO gap, eV).
+
+    Fields of every ``Data`` (types as in ``TaskSpec``):
+
+    * ``pos [n_atoms, 3]``, type ``"point"``: atom positions in Å (rotate and translate);
+    * ``x [n_atoms, 5]``, type ``"5x0e"``: one-hot element, columns in the order
+      **H, C, N, O, F** (``ELEMENTS``; column 0 = hydrogen, 4 = fluorine), invariant;
+    * ``edge_index [2, E]``: every pair of atoms closer than ``cutoff`` Å (default 5), edges j -> i,
+      no self-loops; no edge features;
+    * ``y [1, 1]``, type ``"0e"`` at graph level: the *standardised* target (y - mean) / std of the
+      training split; ``metric_values`` reports the MAE in the target's unit (``"mae"``).
+
+    Symmetry: E(3) (rotations, reflections, translations) and atom permutations. Options:
+    ``target`` (module docstring's table), ``cutoff``, ``train_size`` / ``val_size`` / ``test_size``.
+    """
+
+    smoke_options = {"train_size": 64, "val_size": 16, "test_size": 32}
+
     def __init__(self, *, target: str = "gap", cutoff: float = 5.0, train_size: int = 2000,
                  val_size: int = 500, test_size: int = 1000) -> None:
         if target not in TARGETS:
@@ -195,12 +237,15 @@ class QM9Task(Task):
         self.check_split(split)
         size = self.sizes[split] if size is None else size
         n = int(molecules()["index"].numel())
-        perm = np.random.default_rng([PROTOCOL_SEED, seed]).permutation(n)
+        perm = np.random.default_rng([PROTOCOL_SEED, 0]).permutation(n)
         tenth = n // 10
         pool = {"test": perm[:tenth], "val": perm[tenth:2 * tenth], "train": perm[2 * tenth:]}[split]
         if not 1 <= size <= len(pool):
             raise UserError(f"qm9: {split} size must be in 1..{len(pool)}, got {size}")
-        return pool[:size]
+        if seed == 0:
+            return pool[:size]
+        rng = np.random.default_rng([PROTOCOL_SEED, seed, ("train", "val", "test").index(split)])
+        return pool[rng.choice(len(pool), size, replace=False)]
 
     def target_stats(self, seed: int = 0) -> tuple[float, float]:
         """(mean, std) of the target over the configured training split of ``seed``."""
@@ -212,7 +257,8 @@ class QM9Task(Task):
 
     def load(self, split: str, size: int | None = None, seed: int = 0) -> list[Data]:
         ids = self.molecule_ids(split, size, seed)
-        self.target_stats(seed)
+        if split == "train" or self._stats_seed is None:
+            self.target_stats(seed if split == "train" else 0)
         mols = molecules()
         ptr, pos_all, z_all = mols["ptr"], mols["pos"], mols["z"].long()
         y_all = target_values(self.options["target"], mols)
@@ -232,6 +278,21 @@ class QM9Task(Task):
                             edge_index=e - starts[k], y=torch.tensor([[y_all[m]]], dtype=dt)))
         return out
 
+    # ---------------------------------------------------------------- exactly symmetric inputs
+    def symmetric_geometries(self) -> list[Geometry]:
+        """Benzene (D6h), methane (Td), CO2 and acetylene (linear), water (C2v), ethylene (D2h),
+        idealised (``datasets.symmetric``)."""
+        return list(symmetric_molecules())
+
+    def symmetric_data(self, geometry: Geometry) -> Data:
+        """The molecule as a QM9 graph: ``pos`` (Å), one-hot ``x`` over (H, C, N, O, F), edges
+        of every pair within ``cutoff`` (the task's radius graph)."""
+        dt = torch.get_default_dtype()
+        z = torch.tensor([ELEMENTS.index(e) for e in geometry.labels])
+        pos = torch.as_tensor(geometry.pos, dtype=torch.float64)
+        return Data(pos=pos.to(dt), x=torch.nn.functional.one_hot(z, len(ELEMENTS)).to(dt),
+                    edge_index=radius_graph(pos, self.options["cutoff"]))
+
     # ---------------------------------------------------------------- loss and metrics
     def loss(self, pred: torch.Tensor, batch: Batch) -> torch.Tensor:
         mean, std = self._stats if self._stats_seed is not None else self.target_stats(0)
@@ -240,6 +301,23 @@ class QM9Task(Task):
     def trivial_prediction(self, train: list[Data]) -> Callable[[Batch], torch.Tensor]:
         """The training mean: 0 in the standardised target the model predicts."""
         return lambda b: torch.zeros(int(b.num_graphs), 1, dtype=b.y.dtype, device=b.y.device)
+
+    FLOORS = {"atom_counts": "least-squares linear regression of the target on the numbers of H, C, N, O and F "
+                             "atoms plus an intercept, fitted on the training split"}
+    SEED_DRAWS = "the molecules drawn from the fixed training and validation pools"
+
+    def floors(self, train: list[Data]) -> dict[str, Callable[[Batch], torch.Tensor]]:
+        """``atom_counts``: ``y ≈ w_0 + sum_e w_e n_e`` (``n_e`` the molecule's count of element
+        e, from the one-hot ``x``), ``w`` the least-squares solution on ``train`` (float64,
+        ``lstsq``: minimum norm where an element is absent); predicted in the standardised target
+        with the statistics in force when it is called."""
+        weights = fit_count_regression(train)
+
+        def predict(b: Batch) -> torch.Tensor:
+            mean, std = self._stats if self._stats_seed is not None else self.target_stats(0)
+            y = count_features(b) @ weights.to(b.x.device)
+            return ((y - mean) / std).to(b.y.dtype).reshape(-1, 1)
+        return {"atom_counts": predict}
 
     def metric_values(self, pred: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         mean, std = self._stats if self._stats_seed is not None else self.target_stats(0)
