@@ -12,31 +12,58 @@
 run, nightly, scale and tpbench run every point in a worker process limited by --timeout and
 --max-memory; a second runner on the same run directory stops (or waits with --wait).
 
-Bad input (unknown name, malformed suite file, wrong option type, a run directory in use) prints
-one line on stderr and exits with code 2; a full or unwritable results directory prints one line
-and exits with code 3. Results already written are never touched.
+A run directory belongs to one invocation: an existing ``--name`` needs ``--resume`` (finish it)
+or ``--append`` (add points to it). Before running, run and nightly print the resolved
+configuration of every (task, method) (options, budget, parameter count, where each value came
+from; also ``resolved.json`` in the run directory); ``--task-option``/``--method-option`` set
+options over the suite's.
+
+Exit codes: 0 every point finished; 1 (nightly) a regression was flagged; 2 bad input (unknown
+name, malformed suite file, wrong option type, negative seed, an existing run name, a run
+directory in use: one line on stderr); 3 the results directory cannot be written (a file in the
+way, no permission, disk full: one line); 4 some point ended ``failed``, ``timeout`` or
+``out_of_memory`` (``--allow-failures``: 0). 4 takes precedence over 1. The last line of run,
+nightly, tune, scale and tpbench counts the points by outcome. Results already written are never
+touched.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import inspect
+import json
+import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
+
+import pandas as pd
+import yaml
 
 from .benches.scaling import ScaleConfig, ScalingBench, exponents
 from .benches.tp_bench import TPBench, TPBenchConfig
 from .core.config import config_from_dict
 from .core.errors import StorageError, UserError
-from .core.registry import get_task, list_methods, list_tasks, load_plugin, method_class, unavailable_modules
+from .core.registry import (
+    get_task,
+    list_methods,
+    list_tasks,
+    load_plugin,
+    method_class,
+    options_model,
+    task_class,
+    unavailable_modules,
+)
 from .report.build import write_comparison, write_report
+from .report.compare import compare_dirs, display_table
 from .report.history import append_history, find_regressions
 from .report.sections import write_sections_report
 from .suite.engine import run_benches
 from .suite.limits import parse_size
 from .suite.runner import run, run_dir_for, tune
-from .suite.store import load_results
+from .suite.store import FAILED_STATUSES, load_results, point_statuses
 from .suite.suites import EXTRA_SECTIONS, list_suites, read_suite, tuning_config
 from .suite.tuned import tuned_path, write_tuned
 
@@ -55,28 +82,127 @@ def _csv(kind: type = str):
     return parse
 
 
+_NOT_AN_END = re.compile(r"(?:\be\.g|\bi\.e|\bcf|\bvs|\bapprox|\bet al|\bEq|\bFig|\bresp)\.$", re.IGNORECASE)
+
+
+def first_sentence(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph (joined across its lines; a period
+    after "e.g", "i.e", "vs" ... does not end it); the whole paragraph when it has no full stop."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    for m in re.finditer(r"[.!?](?=\s|$)", para):
+        if not _NOT_AN_END.search(para[:m.end()]):
+            return para[:m.end()]
+    return para
+
+
+def _option_defaults(cls: type) -> str:
+    fields = options_model(cls).model_fields
+    return ", ".join(f"{k}={'(required)' if f.is_required() else repr(f.default)}" for k, f in fields.items())
+
+
+def _task_specs() -> dict[str, object]:
+    specs = {}
+    for name in list_tasks():
+        try:
+            specs[name] = get_task(name).spec
+        except Exception as err:  # a task whose data package is missing still lists
+            specs[name] = err
+    return specs
+
+
+def _supported(cls: type, specs: dict[str, object]) -> list[str]:
+    """The tasks a method (with its default options) runs on (``Method.supports``)."""
+    try:
+        method = cls()
+    except Exception:  # a method that needs options to be built: ask the class's defaults nothing
+        return []
+    out = []
+    for name, spec in specs.items():
+        if isinstance(spec, Exception):
+            continue
+        try:
+            if method.supports(spec) is None:
+                out.append(name)
+        except Exception:  # noqa: S112 - a buggy supports() of a plugin must not break the listing
+            continue
+    return out
+
+
+def _implementation(cls: type) -> str:
+    origin = getattr(cls, "origin", "equibench")
+    if origin == "equibench":
+        return ""
+    pair = getattr(cls, "counterpart", None)
+    return f" [library: {origin}" + (f"; our counterpart: {pair}]" if pair else "; no counterpart of ours]")
+
+
+def _describe_task(name: str) -> None:
+    cls = task_class(name)
+    print(f"task {name}: {first_sentence(cls.__doc__) or '(no class docstring)'}")
+    print()
+    print(inspect.cleandoc(cls.__doc__ or ""))
+    print()
+    try:
+        spec = get_task(name).spec
+    except Exception as err:
+        print(f"(unavailable: {err})")
+        return
+    print(f"domain {spec.domain}; symmetry group {spec.group}; output {spec.output!r} per {spec.level}; "
+          f"loss {spec.loss}; metrics {', '.join(spec.metrics)}")
+    print("inputs (field: type):")
+    for k, t in spec.inputs.items():
+        print(f"  {k}: {t!r}")
+    for k, t in spec.edge_inputs.items():
+        print(f"  {k}: {t!r} (per edge)")
+    for k, t in getattr(spec, "breaking_inputs", {}).items():
+        print(f"  {k}: {t!r} (symmetry-breaking environment, not acted on)")
+    print(f"options: {_option_defaults(cls)}")
+
+
+def _describe_method(name: str, specs: dict[str, object]) -> None:
+    cls = method_class(name)
+    print(f"method {name}: {first_sentence(cls.__doc__) or '(no class docstring)'}{_implementation(cls)}")
+    print()
+    print(inspect.cleandoc(cls.__doc__ or ""))
+    print()
+    print(f"exact={cls.exact} group={cls.group} domains={','.join(cls.domains)}")
+    print(f"tasks: {', '.join(_supported(cls, specs)) or '(none of the registered tasks)'}")
+    print(f"options: {_option_defaults(cls)}")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     for p in args.plugin or []:
         load_plugin(p)
-    print("methods:")
+    specs = _task_specs()
+    if args.task or args.method:
+        for name in args.task or []:
+            _describe_task(name)
+        for name in args.method or []:
+            _describe_method(name, specs)
+        return 0
+    print("methods (name, claims, the tasks it runs on, what it is):")
     for name in list_methods():
         cls = method_class(name)
-        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
         print(f"  {name:24s} exact={str(cls.exact):5s} group={str(cls.group):5s} "
-              f"domains={','.join(cls.domains):16s} {doc[0] if doc else ''}")
-    print("tasks:")
-    for name in list_tasks():
-        try:
-            spec = get_task(name).spec
-            print(f"  {name:24s} domain={spec.domain:8s} group={spec.group:4s} output={spec.output}"
-                  f" ({spec.level}) metrics={','.join(spec.metrics)}")
-        except Exception as err:  # a task whose data package is missing still lists
-            print(f"  {name:24s} (unavailable: {err})")
+              f"tasks={','.join(_supported(cls, specs)) or '-'}")
+        print(f"  {'':24s} {first_sentence(cls.__doc__) or '(no class docstring)'}{_implementation(cls)}")
+    print("tasks (equibench list --task NAME: field types, encodings, options):")
+    for name, spec in specs.items():
+        if isinstance(spec, Exception):
+            print(f"  {name:24s} (unavailable: {spec})")
+            continue
+        print(f"  {name:24s} domain={spec.domain:8s} group={spec.group:4s} output={spec.output}"
+              f" ({spec.level}) metrics={','.join(spec.metrics)}")
+        print(f"  {'':24s} {first_sentence(task_class(name).__doc__)}")
     for name, why in unavailable_modules().items():
         print(f"  ({name}: not available, {why})")
-    print("suites:")
+    print("suites (purpose: what the run is for; see README):")
     for name in list_suites():
-        print(f"  {name}")
+        try:
+            suite = read_suite(name)
+            print(f"  {name:24s} purpose={suite.purpose:9s} {first_sentence(suite.description)}")
+        except UserError as err:
+            print(f"  {name:24s} (invalid: {err})")
     return 0
 
 
@@ -87,16 +213,75 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+#: exit codes: 0 every point finished (or --allow-failures); 1 nightly regression; 2 bad input;
+#: 3 storage (results cannot be written); 4 some point ended failed, timeout or out_of_memory
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_FAILURES = 0, 1, 2, 3, 4
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = _csv(int)(text)
+    bad = [s for s in seeds if s < 0]
+    if bad or not seeds:
+        raise argparse.ArgumentTypeError(f"seeds must be non-negative integers, got {text!r}")
+    return seeds
+
+
+def _assignment(text: str) -> tuple[str, str, object]:
+    """``NAME.OPTION=VALUE`` (``--task-option``/``--method-option``) -> (name, option, value); the
+    value is read as JSON, else as YAML (``64``, ``5e-4``, ``true``, ``[1, 2]``, ``gap``)."""
+    left, eq, value = text.partition("=")
+    name, dot, key = left.strip().partition(".")
+    if not (eq and dot and name and key.strip()):
+        raise argparse.ArgumentTypeError(f"expected NAME.OPTION=VALUE (e.g. qm9.train_size=64), got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+    return name, key.strip(), parsed
+
+
+def _by_name(assignments: list[tuple[str, str, object]] | None) -> dict[str, dict[str, object]] | None:
+    out: dict[str, dict[str, object]] = {}
+    for name, key, value in assignments or []:
+        out.setdefault(name, {})[key] = value
+    return out or None
+
+
 def _limits(args: argparse.Namespace) -> dict:
     """The worker options every running command shares."""
     return dict(timeout=args.timeout, max_memory=args.max_memory, wait=args.wait, plugins=args.plugin or [],
                 isolate=not args.no_isolate, progress=not args.quiet)
 
 
+def _suite_options(args: argparse.Namespace) -> dict:
+    """The options ``run``/``nightly`` pass on to ``run`` besides the limits."""
+    return dict(tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device,
+                append=args.append, task_options=_by_name(args.task_option),
+                method_options=_by_name(args.method_option), announce=True)
+
+
+def _outcome(run_dir: Path, args: argparse.Namespace, code: int = EXIT_OK, why: str = "") -> int:
+    """Print the last line, how many points of ``run_dir`` ended how, and return the exit code:
+    ``EXIT_FAILURES`` when a point failed, timed out or ran out of memory (unless
+    ``--allow-failures``), which takes precedence over ``code`` (a nightly regression)."""
+    counts = Counter(point_statuses(run_dir).values())
+    failed = sum(counts[s] for s in FAILED_STATUSES)
+    if failed and not args.allow_failures:
+        code = EXIT_FAILURES
+    elif failed:
+        why = ", ".join(filter(None, [why, "failures allowed by --allow-failures"]))
+    order = ["ok", *FAILED_STATUSES, *sorted(set(counts) - {"ok", *FAILED_STATUSES})]
+    text = ", ".join(f"{counts[s]} {s}" for s in order if counts[s]) or "none recorded"
+    print(f"points: {text} (exit {code}" + (f"; {why}" if why and code != EXIT_FAILURES else "") + ")")
+    return code
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=args.name,
-             resume=args.resume, tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device,
-             **_limits(args))
+             resume=args.resume, **_suite_options(args), **_limits(args))
     run_id = str(df["run_id"].dropna().iloc[0])
     run_dir = Path(args.results_dir) / run_id
     runs = df[~df["task"].isin(list(EXTRA_SECTIONS))].drop_duplicates("spec_hash")
@@ -106,7 +291,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.no_report:
         index = write_report(run_dir, Path(args.reports_dir) / run_id)
         print(f"report: {index}")
-    return 0
+    return _outcome(run_dir, args)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -114,16 +299,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = tuning_config(suite)
     if cfg is None:
         raise UserError(f"suite {suite.name!r} has no 'tuning:' section (grid of train options to tune)")
-    run_dir = run_dir_for(args.results_dir, f"tune-{suite.name}", args.name, args.resume)
+    run_dir = run_dir_for(args.results_dir, f"tune-{suite.name}", args.name, args.resume, args.append)
     selection = tune(suite, run_dir, tasks=args.tasks, methods=args.methods, device=args.device,
+                     task_options=_by_name(args.task_option), method_options=_by_name(args.method_option),
                      executor=args.executor, **_limits(args))
     out = Path(args.out) if args.out else tuned_path(suite.source)
     write_tuned(out, suite.name, run_dir, cfg, selection)
     for (task, method), chosen in sorted(selection.items()):
         setting = ", ".join(f"{k}={v:g}" for k, v in chosen["setting"].items())
-        print(f"{task:10s} {method:24s} {setting:16s} validation {chosen['val_metric']} {chosen['val']:.4g}")
+        edge = f"  ⚠ {chosen['edge_note']}" if chosen.get("edge_note") else ""
+        print(f"{task:10s} {method:24s} {setting:16s} validation {chosen['val_metric']} {chosen['val']:.4g}{edge}")
     print(f"results: {run_dir}\ntuned settings: {out}")
-    return 0
+    return _outcome(run_dir, args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -134,14 +321,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     out = args.out or str(Path("reports") / f"compare-{Path(args.run_a).name}-vs-{Path(args.run_b).name}")
-    print(f"comparison: {write_comparison(args.run_a, args.run_b, out)}")
+    c = compare_dirs(args.run_a, args.run_b, args.threshold, args.k)
+    index = write_comparison(args.run_a, args.run_b, out, comparison=c)
+    print(f"A = {args.run_a}\nB = {args.run_b}")
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
+                           "display.max_colwidth", 48):
+        print(display_table(c.table).to_string(index=False) if len(c.table) else "(no watched metric in either run)")
+    print("\n".join([c.summary, *c.notes]))
+    print(f"comparison: {index}")
     return 0
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
     name = args.name or f"nightly-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=name, resume=True,
-             tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device, **_limits(args))
+    df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=name, resume=args.resume,
+             **_suite_options(args), **_limits(args))
     run_dir = Path(args.results_dir) / str(df["run_id"].dropna().iloc[0])
     history = append_history(run_dir, args.history or Path(args.results_dir) / "history.parquet")
     regressions = find_regressions(history, run_dir.name, threshold=args.threshold, window=args.window, k=args.k)
@@ -150,13 +344,15 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     print(f"results: {run_dir}\nreport: {index}")
     for line in lines:
         print(f"REGRESSION {line}")
-    return 1 if regressions else 0
+    return _outcome(run_dir, args, EXIT_REGRESSION if regressions else EXIT_OK,
+                    f"{len(regressions)} regression(s)" if regressions else "")
 
 
 def _run_bench(bench, args: argparse.Namespace, prefix: str) -> Path:
-    """Run one bench (``scale``/``tpbench``) into ``--results-dir/--name`` (an existing name resumes)."""
-    name = args.name or f"{prefix}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return run_benches([bench], Path(args.results_dir) / name, **_limits(args))
+    """Run one bench (``scale``/``tpbench``) into ``--results-dir/--name`` (an existing name needs
+    ``--resume`` or ``--append``)."""
+    run_dir = run_dir_for(args.results_dir, prefix, args.name, args.resume, args.append)
+    return run_benches([bench], run_dir, **_limits(args))
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
@@ -175,7 +371,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     print(f"results: {run_dir}")
     if args.report:
         print(f"report: {write_sections_report(run_dir, args.report, f'equibench scaling: {run_dir.name}')}")
-    return 0
+    return _outcome(run_dir, args)
 
 
 def _cmd_tpbench(args: argparse.Namespace) -> int:
@@ -188,7 +384,7 @@ def _cmd_tpbench(args: argparse.Namespace) -> int:
     print(f"results: {run_dir}")
     if args.report:
         print(f"report: {write_sections_report(run_dir, args.report, f'equibench tensor products: {run_dir.name}')}")
-    return 0
+    return _outcome(run_dir, args)
 
 
 def _add_worker_options(r: argparse.ArgumentParser) -> None:
@@ -198,17 +394,27 @@ def _add_worker_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--wait", action="store_true", help="wait for another runner using the same run directory")
     r.add_argument("--no-isolate", action="store_true", help="run points in this process (faster, no limits)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even when a point ends failed, timeout or out_of_memory (default: exit 4)")
+    r.add_argument("--append", action="store_true",
+                   help="add points to the existing run --name (without it, or --resume, an existing name is refused)")
 
 
 def _add_run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--tasks", type=_csv(), help="comma-separated task names (default: the suite's)")
     r.add_argument("--methods", type=_csv(), help="comma-separated method names (default: the suite's)")
-    r.add_argument("--seeds", type=_csv(int), help="comma-separated integer seeds")
+    r.add_argument("--seeds", type=_seeds, help="comma-separated non-negative integer seeds")
     r.add_argument("--device", help="cpu or cuda[:N] (default: the suite's)")
     r.add_argument("--executor", default="local", choices=["local", "submitit"])
     r.add_argument("--results-dir", default="results")
     r.add_argument("--reports-dir", default="reports")
-    r.add_argument("--name", help="run directory name (default: SUITE-<timestamp>)")
+    r.add_argument("--name", help="run directory name (default: SUITE-<timestamp>); an existing one needs "
+                                  "--resume or --append")
+    r.add_argument("--task-option", action="append", type=_assignment, metavar="TASK.OPTION=VALUE",
+                   help="set a task option over the suite's, e.g. qm9.train_size=64 (repeatable)")
+    r.add_argument("--method-option", action="append", type=_assignment, metavar="METHOD.OPTION=VALUE",
+                   help="set a method option over the suite's, e.g. egnn.params=5000 (repeatable; a method's "
+                        "name also sets its variants)")
     r.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
     _add_worker_options(r)
 
@@ -218,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ls = sub.add_parser("list", help="list methods, tasks and suites")
     ls.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
+    ls.add_argument("--task", action="append", help="describe one task: docstring, field types and encodings, "
+                                                    "options (repeatable)")
+    ls.add_argument("--method", action="append", help="describe one method: docstring, tasks, options (repeatable)")
     ls.set_defaults(func=_cmd_list)
 
     r = sub.add_parser("run", help="run a suite and write its report")
@@ -243,11 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_a")
     cmp_.add_argument("run_b")
     cmp_.add_argument("--out", help="output directory (default: reports/compare-A-vs-B)")
+    cmp_.add_argument("--threshold", type=float, default=0.10,
+                      help="relative change that counts (default 0.10, as nightly)")
+    cmp_.add_argument("--k", type=float, default=3.0,
+                      help="also require k x the larger measured spread of the two runs (default 3, as nightly)")
     cmp_.set_defaults(func=_cmd_compare)
 
     n = sub.add_parser("nightly", help="run a suite, append to the history, flag regressions")
     n.add_argument("suite", nargs="?", default="nightly")
     _add_run_options(n)
+    n.add_argument("--resume", action="store_true", help="continue the named (or latest) nightly run")
     n.add_argument("--history", help="history Parquet file (default: RESULTS_DIR/history.parquet)")
     n.add_argument("--threshold", type=float, default=0.10, help="relative change that counts (default 0.10)")
     n.add_argument("--window", type=int, default=5, help="earlier runs to compare with (default 5)")
@@ -275,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--clock", choices=["wall", "cpu"], help="CPU timing clock (default wall)")
     sc.add_argument("--max-call-s", type=float, help="stop growing a sweep once a call takes longer (default 5)")
     sc.add_argument("--results-dir", default="results")
-    sc.add_argument("--name", help="run directory name (default scaling-<timestamp>); reused = resume")
+    sc.add_argument("--name", help="run directory name (default scaling-<timestamp>); an existing one needs "
+                                   "--resume or --append")
+    sc.add_argument("--resume", action="store_true", help="continue the named (or latest) scaling run")
     sc.add_argument("--report", help="also write a stand-alone scaling report into this folder")
     sc.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
     _add_worker_options(sc)
@@ -297,7 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--clock", choices=["wall", "cpu"], help="CPU timing clock (default wall)")
     tp.add_argument("--flush-l2", action="store_true", help="CUDA: flush L2 before every timed call")
     tp.add_argument("--results-dir", default="results")
-    tp.add_argument("--name", help="run directory name (default tpbench-<timestamp>); reused = resume")
+    tp.add_argument("--name", help="run directory name (default tpbench-<timestamp>); an existing one needs "
+                                   "--resume or --append")
+    tp.add_argument("--resume", action="store_true", help="continue the named (or latest) tpbench run")
     tp.add_argument("--report", help="also write a stand-alone report into this folder")
     tp.add_argument("--plugin", action="append", help="Python file registering extra methods/tasks")
     _add_worker_options(tp)
@@ -311,10 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"equibench: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except StorageError as err:
         print(f"equibench: error: {err}", file=sys.stderr)
-        return 3
+        return EXIT_STORAGE
     except KeyboardInterrupt:
         print("equibench: interrupted; finished results are kept (use --resume)", file=sys.stderr)
         return 130

@@ -245,7 +245,8 @@ def train(model: nn.Module, method: Method, task: Task, data: list[Data], cfg: T
         val_data = val_data[:cfg.val_graphs]
     val_metric = val_metric or spec.metrics[0]
     model.to(device).train()
-    step, losses, flops_per_step, train_s = 0, [], None, 0.0
+    step, flops_per_step, train_s = 0, None, 0.0
+    losses: list[float] = []
     curve: list[CurvePoint] = []
     fractions: list[float] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None

@@ -18,10 +18,13 @@ Per task (its base configuration, ``tables.split_sweeps``):
   separated by the seeds (one-sided Welch, Holm-corrected over the methods; ``judge_floors``);
 * beside the score: the trained models' max relative equivariance error (fp64 and fp32, worst
   seed; methods claiming exactness are held to 1e-10 / 1e-4), inference throughput, the
-  convergence flag and where each run's training settings came from (``setting_source``, lr).
+  convergence flag with the kind of budget (``budget``: fixed or until a validation plateau;
+  ``cap_reached`` counts as not converged) and where each run's training settings came from
+  (``setting_source``, lr, and ``tuning_edge`` when the tuned choice sits at its grid's edge).
 
 ``anomalies`` lists, for the banner: specs that failed (failed, out_of_memory, timeout), runs
-that did not converge, exact methods over their limits and methods no better than their task's
+that did not converge (or reached their cap before a plateau), tuned settings left at a grid edge
+after the extensions, exact methods over their limits and methods no better than their task's
 trivial predictor or (by mean) its strongest floor, each with the anchor of the row that shows it.
 """
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """Tuned settings stored with a suite: ``<suite>.tuned.yaml`` beside the suite file.
 
-``equibench tune SUITE`` runs the suite's tuning grid (``benches/tuning.py``) and writes, per task
-and method, the chosen setting with the validation value it was chosen on, every grid setting's
-score, the tuning run, its commit and date. A suite whose ``tuning.use`` is ``stored`` applies the
-file when it exists, and every measured row says so in ``setting_source``; without the file the
-suite's own settings are used and ``setting_source`` says "suite file".
+``equibench tune SUITE`` runs the suite's tuning grid (``benches/tuning.py``), extending it in
+waves where a choice sits at its edge, and writes, per task and method, the chosen setting with the
+validation value it was chosen on and the number of seeds, every setting's score (the grid as
+extended: ``grid`` per method), whether the choice is still at an edge after the cap (``edge``,
+``edge_note``, ``extensions``), the tuning run, its commit and date. A suite whose
+``tuning.use`` is ``stored`` applies the file when it exists, and every measured row says so in
+``setting_source``; without the file the suite's own settings are used and ``setting_source``
+says "suite file". A choice left at an edge also sets ``RunSpec.tuning_edge``, which every
+measured row carries (column ``tuning_edge``).
 """
 from __future__ import annotations
 
@@ -38,12 +42,18 @@ def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, select
     """Write the selection (atomically) with where it came from."""
     settings: dict[str, dict[str, Any]] = {}
     for (task, method), chosen in sorted(selection.items()):
-        settings.setdefault(task, {})[method] = {
-            **chosen["setting"], "val_metric": chosen["val_metric"], "val": chosen["val"],
-            "scores": chosen["scores"]}
+        entry = {**chosen["setting"], "val_metric": chosen["val_metric"], "val": chosen["val"],
+                 "seeds": chosen.get("seeds"), "scores": chosen["scores"],
+                 "grid": {k: list(v) for k, v in chosen.get("grid", {}).items()}}
+        for k in ("edge", "edge_note", "extensions"):
+            if k in chosen:
+                entry[k] = chosen[k]
+        settings.setdefault(task, {})[method] = entry
     doc = {"suite": suite, "tuned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "run": run_dir.name, "commit": git_commit(), "grid": {k: list(v) for k, v in cfg.grid.items()},
-           "seeds": list(cfg.seeds), "train_overrides": dict(cfg.train), "settings": settings}
+           "max_extensions": cfg.max_extensions, "extend_factor": cfg.extend_factor,
+           "seeds": list(cfg.seeds), "train_overrides": dict(cfg.train), "settings": settings,
+           "at_edge": [f"{t}/{m}" for (t, m), c in sorted(selection.items()) if c.get("edge_note")]}
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, path)
@@ -69,15 +79,18 @@ def stored_selection(doc: dict[str, Any], grid_keys: list[str]) -> tuple[Selecti
     for task, methods in doc["settings"].items():
         for method, chosen in methods.items():
             selection[(task, method)] = {"setting": {k: chosen[k] for k in grid_keys if k in chosen},
-                                         "val_metric": chosen.get("val_metric"), "val": chosen.get("val")}
+                                         "val_metric": chosen.get("val_metric"), "val": chosen.get("val"),
+                                         "grid": chosen.get("grid") or {}, "seeds": chosen.get("seeds"),
+                                         "edge_note": chosen.get("edge_note") or ""}
     where = f"stored tuning (run {doc.get('run')}, {doc.get('tuned_at', '?')[:10]}, commit {doc.get('commit', '?')})"
     return selection, where
 
 
 def apply_selection(specs: list[RunSpec], selection: Selection, where: str, grid: dict[str, Any]) -> list[RunSpec]:
     """``specs`` with each (task, method)'s chosen setting in its train options and a
-    ``setting_source`` saying where it came from; specs without a selection keep the suite's."""
-    grid_text = "; ".join(f"{k} in {{{', '.join(f'{v:g}' for v in vals)}}}" for k, vals in sorted(grid.items()))
+    ``setting_source`` saying where it came from (the grid as extended for that method when the
+    selection records it) and ``tuning_edge`` (the selection's ``edge_note``: empty when interior);
+    specs without a selection keep the suite's."""
     out = []
     for s in specs:
         chosen = selection.get((s.task, s.method))
@@ -86,9 +99,16 @@ def apply_selection(specs: list[RunSpec], selection: Selection, where: str, grid
             continue
         setting = ", ".join(f"{k}={v:g}" for k, v in sorted(chosen["setting"].items()))
         val = chosen.get("val")
+        tried = chosen.get("grid") or grid
+        grid_text = "; ".join(f"{k} in {{{', '.join(f'{v:g}' for v in sorted(vals))}}}"
+                              for k, vals in sorted(tried.items()))
+        seeds = chosen.get("seeds")
         source = (f"{setting} chosen on validation {chosen.get('val_metric')}"
-                  + (f" ({val:.4g})" if isinstance(val, (int, float)) else "") + f" from grid {grid_text}; {where}")
+                  + (f" ({val:.4g}" + (f", mean of {seeds} seeds)" if seeds else ")")
+                     if isinstance(val, (int, float)) else "")
+                  + f" from grid {grid_text}; {where}")
         out.append(RunSpec(task=s.task, method=s.method, seed=s.seed, task_options=s.task_options,
                            method_options=s.method_options, train={**s.train, **chosen["setting"]},
-                           evaluate=s.evaluate, device=s.device, setting_source=source))
+                           evaluate=s.evaluate, device=s.device, setting_source=source,
+                           tuning_edge=str(chosen.get("edge_note") or "")))
     return out
