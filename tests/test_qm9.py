@@ -92,6 +92,13 @@ def test_splits_disjoint_prefix_and_deterministic():
     assert len(set(allids.tolist())) == len(allids)
     np.testing.assert_array_equal(task.molecule_ids("test", size=40)[:20], ids["test"])  # sizes are prefixes
     assert not np.array_equal(task.molecule_ids("test", seed=1), ids["test"])
+    # every seed draws from the same pools: another seed's training draw never meets seed 0's test split
+    pools = {s: set(task.molecule_ids(s, size=len(Q.molecules()["index"]) // 10).tolist()) for s in ("val", "test")}
+    for seed in (1, 2):
+        train = task.molecule_ids("train", seed=seed)
+        assert not set(train.tolist()) & (pools["val"] | pools["test"]) and len(set(train.tolist())) == len(train)
+        assert set(task.molecule_ids("val", seed=seed).tolist()) <= pools["val"]
+    assert not np.array_equal(task.molecule_ids("train", seed=1), task.molecule_ids("train", seed=2))
     a = task.load("val")
     b = eb.get_task("qm9", **SMALL).load("val")
     for x, y in zip(a, b):
@@ -118,8 +125,10 @@ def test_standardised_loss_and_mae():
     assert set(m) == {"mae"} and m["mae"].shape == (8,) and m["mae"].max() < 1e-5
     m0 = task.metric_values(torch.zeros(8, 1, dtype=torch.float64), batch)["mae"]
     torch.testing.assert_close(m0, (mean - y.reshape(-1)).abs())
-    # loading another split does not change the statistics; another seed does
+    # loading another split, of any seed, does not change the statistics; another seed's training split does
     task.load("val", size=5)
-    assert task.target_stats(0) == (mean, std)
     task.load("val", size=5, seed=1)
-    assert task.provenance()["target_mean"] != mean
+    task.load("test", size=5, seed=1)
+    assert task.target_stats(0) == (mean, std) and task.provenance()["target_mean"] == mean
+    task.load("train", size=5, seed=1)
+    assert task.provenance()["target_mean"] != mean and task.provenance()["stats_seed"] == 1

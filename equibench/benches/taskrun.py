@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import random
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from ..datasets.base import Task
 from ..methods.base import Method, count_parameters
 from ..metrics import catalogue, degeneracy
 from ..metrics.equivariance import equivariance_error, lie_derivative
+from ..metrics.symmetric import symmetric_input_errors
 from ..metrics.throughput import device_name, measure_throughput
 from ..symmetry.group3d import common_group, lie_generators
 from ..symmetry.precision import default_dtype, dtype_name
@@ -43,6 +45,8 @@ class EvalConfig(Config):
     equivariance_graphs: int = 32
     lie_derivative: bool = True
     degeneracy: bool = False
+    #: the fp64 equivariance error on each of the task's exactly symmetric inputs (``symmetric.*``)
+    symmetric_inputs: bool = True
     throughput: bool = True
     throughput_batch: int = 100
     throughput_modes: tuple[str, ...] = ("inference", "train")
@@ -142,16 +146,45 @@ def broken_group(spec: TaskSpec, method: Method, exact: bool) -> str | None:
     return common_group(spec.broken_group, method.group) if exact else spec.broken_group
 
 
+TEST_SEED = 0  # the test split is drawn with this seed in every run, so methods share one test set
+
+
+def load_split(task: Task, split: str, seed: int) -> list[Data]:
+    """Split ``split`` of ``task`` for a run with ``seed``: the seed draws the training and
+    validation data (the subset drawn from a fixed pool, or the systems simulated: each task's
+    ``load`` says which, ``Task.SEED_DRAWS``), while the test split is always that of
+    ``TEST_SEED``, so every seed and method is scored on the same test set and the seeds' spread
+    covers initialisation, batch order and the training-data draw, not the test draw."""
+    return task.load(split, seed=TEST_SEED if split == "test" else seed)
+
+
+def load_splits(task: Task, seed: int) -> tuple[list[Data], list[Data]]:
+    """(train, test) of a run with ``seed`` (``load_split``)."""
+    return load_split(task, "train", seed), load_split(task, "test", seed)
+
+
 @torch.no_grad()
-def trivial_metrics(task: Task, train_data: list[Data], test_data: list[Data], batch_size: int) -> dict[str, float]:
-    """The task's metrics for its trivial predictor (``Task.trivial_prediction``) on the test split,
-    averaged like the methods' (``evaluate``)."""
-    predict = task.trivial_prediction(train_data)
+def score_predictor(task: Task, predict: Callable[[Batch], torch.Tensor], test_data: list[Data],
+                    batch_size: int) -> dict[str, float]:
+    """The task's metrics of a non-learned predictor on ``test_data``, averaged like the methods'
+    (``evaluate``)."""
     sums: dict[str, list[torch.Tensor]] = {}
     for batch in DataLoader(test_data, batch_size=batch_size, shuffle=False):
         for k, v in task.metric_values(predict(batch), batch).items():
             sums.setdefault(k, []).append(v.detach().double().cpu())
     return {k: torch.cat(v).mean().item() for k, v in sums.items()}
+
+
+def trivial_metrics(task: Task, train_data: list[Data], test_data: list[Data], batch_size: int) -> dict[str, float]:
+    """The task's metrics for its trivial predictor (``Task.trivial_prediction``) on the test split."""
+    return score_predictor(task, task.trivial_prediction(train_data), test_data, batch_size)
+
+
+def floor_metrics(task: Task, train_data: list[Data], test_data: list[Data],
+                  batch_size: int) -> dict[str, dict[str, float]]:
+    """Per floor (``Task.floors``, fitted on ``train_data``), its metrics on the test split."""
+    return {name: score_predictor(task, predict, test_data, batch_size)
+            for name, predict in task.floors(train_data).items()}
 
 
 def run_one(spec: RunSpec) -> list[dict[str, Any]]:
@@ -179,6 +212,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     device = torch.device(spec.device)
     base = {**_base_row(spec), "provenance": task.provenance(), "device_name": device_name(device),
             "status": "ok", "error": "", "started_at": started, "exact_claim": claims_exactness(method, tspec),
+            "exact_scope": method.exactness_scope(tspec),
             "setting_source": spec.setting_source or "suite file", "implementation": method.implementation(),
             "tuning_edge": spec.tuning_edge, "budget": cfg.budget}
     rows: list[dict[str, Any]] = []
@@ -187,8 +221,13 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
         catalogue.get_metric(metric)  # every number a row carries is declared once (register_metric)
         rows.append({**base, "metric": metric, "value": None if value is None else float(value), **ctx})
 
-    train_data, test_data = task.load("train"), task.load("test")
+    train_data, test_data = load_splits(task, spec.seed)
     eq_batch = Batch.from_data_list(test_data[:ecfg.equivariance_graphs])
+    symmetric: list[tuple[str, Data]] = []
+    if ecfg.symmetric_inputs and tspec.domain == "graph3d":
+        with default_dtype(torch.float64):  # exactly symmetric in float64, not only to float32 rounding
+            symmetric = task.symmetric_inputs()
+    point_groups = {g.name: g.point_group for g in task.symmetric_geometries()} if symmetric else {}
     exact = claims_exactness(method, tspec)
     group = common_group(tspec.group, method.group) if exact and tspec.domain == "graph3d" else tspec.group
     broken = broken_group(tspec, method, exact)
@@ -209,6 +248,13 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
                     if stat in res:  # disp_*: point outputs only
                         add(metric(stage, dtype_name(dtype), stat), res[stat], stage=stage, dtype=dtype_name(dtype),
                             group=grp, batch_size=res["n_graphs"], repeats=res["n_samples"])
+        for r in symmetric_input_errors(fp64.to(device), symmetric, tspec, n_samples=ecfg.equivariance_samples,
+                                        group=group, seed=spec.seed):
+            for stat in catalogue.SYMMETRIC_STATS:
+                if stat in r:  # disp_rel_max: point outputs only
+                    add(catalogue.symmetric_metric(stage, stat), r[stat], stage=stage, dtype="fp64", group=group,
+                        symmetric_input=r["input"], point_group=point_groups.get(r["input"]), batch_size=1,
+                        repeats=r["n_samples"])
         if ecfg.lie_derivative and tspec.domain == "graph3d":
             lie = lie_derivative(fp64.to(device), eq_batch, tspec, generators=lie_generators(group))
             for stat in ("rel_mean", "rel_max"):
@@ -227,7 +273,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     measure_equivariance("init")
     val_metric = tspec.metrics[0]
     higher = catalogue.get_metric(catalogue.test_metric(val_metric)).higher_is_better
-    val_data = task.load("val") if cfg.val_points > 0 or cfg.budget == "converge" else None
+    val_data = load_split(task, "val", spec.seed) if cfg.val_points > 0 or cfg.budget == "converge" else None
     result = train(model, method, task, train_data, cfg, spec.seed, device, val_data=val_data,
                    val_metric=val_metric, higher_is_better=bool(higher))
     base["convergence"] = result.convergence  # on every row of the run, so no number is read without it
@@ -242,6 +288,9 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
         add(catalogue.test_metric(k), v, batch_size=cfg.eval_batch_size, n_graphs=len(test_data))
     for k, v in trivial_metrics(task, train_data, test_data, cfg.eval_batch_size).items():
         add(catalogue.trivial_metric(k), v, n_graphs=len(test_data))
+    for name, scores in floor_metrics(task, train_data, test_data, cfg.eval_batch_size).items():
+        for k, v in scores.items():
+            add(catalogue.floor_metric(k), v, floor=name, n_graphs=len(test_data))
     measure_equivariance("trained")
     if ecfg.throughput:
         tp_data = (test_data * (ecfg.throughput_batch // len(test_data) + 1))[:ecfg.throughput_batch]

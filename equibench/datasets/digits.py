@@ -44,6 +44,7 @@ and rotating take well under a second, so the prepared splits are rebuilt on loa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import numpy as np
@@ -112,6 +113,17 @@ def source_images(source: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_task("digits")
 class Digits(Task):
+    """Handwritten digits, rotated by a planar group: 10-class classification (image2d domain).
+
+    Fields: ``image [1, 1, H, W]`` (type ``"image"``: the group rotates the grid; masked to the
+    disc), target ``y [1]`` the class index (the model outputs ``"10x0e"`` logits per image, graph
+    level), ``rot_id`` / ``angle`` the test copy's group element; metrics ``accuracy``,
+    ``group_accuracy`` (all rotated copies right), ``upright_accuracy``, ``accuracy_6``,
+    ``accuracy_9``. Symmetry: ``group`` (C4 exact, C8 / SO2 interpolated).
+    """
+
+    smoke_options = {"train_size": 64, "val_size": 16, "test_size": 32}
+
     def __init__(self, *, source: str = "mnist", group: str = "C4", setting: str = "upright/rotated",
                  train_size: int | None = None, val_size: int | None = None, test_size: int | None = None,
                  so2_test_angles: int = 8) -> None:
@@ -169,10 +181,18 @@ class Digits(Task):
         return x[:, None], labels
 
     def _indices(self, split: str, seed: int) -> torch.Tensor:
+        """The split's pool in the order its images are taken: the pools come from one fixed
+        permutation (the same for every seed, so no image is in two pools); seed 0 keeps the pool's
+        order, another seed shuffles it (seeded by ``SPLIT_SEED + 7919 seed + split``), so a split
+        of size n is a fresh draw of n images from the same pool."""
         n = SOURCES[self.options["source"]]["n"]
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED + 7919 * seed))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
         t, v = self.sizes["test"], self.sizes["val"]
-        return {"test": perm[:t], "val": perm[t:t + v], "train": perm[t + v:]}[split]
+        pool = {"test": perm[:t], "val": perm[t:t + v], "train": perm[t + v:]}[split]
+        if seed == 0:
+            return pool
+        gen = torch.Generator().manual_seed(SPLIT_SEED + 7919 * seed + SPLITS.index(split))
+        return pool[torch.randperm(len(pool), generator=gen)]
 
     def _random_angles(self, n: int, gen: torch.Generator) -> torch.Tensor:
         order = group_order(self.options["group"])
@@ -214,6 +234,28 @@ class Digits(Task):
                                 angle=test_angles[k:k + 1],
                                 primary=torch.tensor([bool(k == primary_copy[i])]), num_nodes=1))
         return out
+
+    # ---- floors -----------------------------------------------------------------------------------
+    FLOORS = {"nearest_centroid": "the class whose mean training image is nearest (Euclidean, pixels)"}
+    SEED_DRAWS = ("the training and validation images drawn from their fixed pools (and, rotated/rotated, "
+                  "each training image's rotation)")
+
+    def floors(self, train: list[Data]) -> dict[str, Callable[[Batch], torch.Tensor]]:
+        """``nearest_centroid``: logits ``-|x - c_k|^2`` with ``c_k`` the mean training image of
+        class k (as trained on: upright, or rotated in ``rotated/rotated``); a class absent from the
+        training split gets ``-inf``. Not rotation-invariant: on rotated test images it shows what
+        plain template matching loses."""
+        x = torch.cat([d.image for d in train]).double().flatten(1)
+        y = torch.cat([d.y.reshape(-1) for d in train]).long()
+        centroids = torch.full((10, x.shape[1]), float("nan"), dtype=torch.float64)
+        for k in range(10):
+            if bool((y == k).any()):
+                centroids[k] = x[y == k].mean(0)
+
+        def predict(b: Batch) -> torch.Tensor:
+            d2 = torch.cdist(b.image.double().flatten(1), centroids.to(b.image.device)) ** 2
+            return torch.nan_to_num(-d2, nan=float("-inf")).to(b.image.dtype)
+        return {"nearest_centroid": predict}
 
     # ---- loss and metrics -----------------------------------------------------------------------
     def loss(self, pred: torch.Tensor, batch: Batch) -> torch.Tensor:
