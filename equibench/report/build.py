@@ -5,7 +5,8 @@ Above everything, a banner lists every anomaly with a link to the row that shows
 (``verdicts.anomalies``: failed specs, unconverged runs, exact methods over their limits, methods
 no better than their task's trivial predictor; nightly regressions). Each task's section opens
 with its verdict table (``verdicts.verdict_table``: ranked by the task's first metric with 95 %
-t-intervals and Welch-test ties, the trivial predictor as a row, equivariance error, throughput,
+t-intervals and groups by Holm-corrected Welch tests against the best, the trivial predictor and
+the task's floors as rows, equivariance error, throughput,
 convergence and settings), then (``task_section``) a collapsible full table under grouped headers
 (aggregated over seeds as the metric catalogue says, ± std when there are several) of
 parameters, test metrics, relative equivariance error (fp32 as deployed, fp64 structural; at init
@@ -35,7 +36,7 @@ from ..suite.store import load_results, run_dirs
 from .approximate import approximate_sections
 from .common.metricinfo import canonicalise
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
-from .common.tables import status_table
+from .common.tables import loaded_machine_lines, status_table
 from .compare import write_comparison
 from .references import reference_sections
 from .sections import SECTIONS, SPECIAL_TASKS
@@ -46,8 +47,10 @@ from .verdicts import anomalies, t_interval
 __all__ = ["write_report", "write_comparison"]
 
 HOW_TO_READ = ("Each task opens with its verdict: methods ranked by the task's first metric (mean over seeds ± "
-               "95 % t-interval, ties by Welch's t-test against the next-ranked method), its trivial predictor as a "
-               "row, and beside them equivariance error, throughput, convergence and where the settings came from; "
+               "95 % t-interval; group 1 = not distinguishable from the best by Welch's t-test against the best with "
+               "Holm's correction), its trivial predictor and floors (cheap non-learned references) as rows with, per "
+               "method, whether it beats the strongest floor, and beside them equivariance error, throughput, "
+               "convergence and where the settings came from; "
                "the full table below it (click to open) has every measured number. Arrows in the headers: ↓ lower "
                "is better, ↑ higher is better (from the metric catalogue). Equivariance error is "
                "||f(g·X) − ρ(g) f(X)|| / ||f(X)|| per graph (mean over graphs and sampled group elements). Exact "
@@ -56,11 +59,50 @@ HOW_TO_READ = ("Each task opens with its verdict: methods ranked by the task's f
                "the same batch.")
 
 
-def _sections(df: pd.DataFrame, out: Path) -> list[Section]:
+# ---------------------------------------------------------------------------------------------
+# what kind of run the report shows (the suite's ``purpose:``, stored in the run's suite.json)
+
+#: the first line of a report of a run with this purpose (None: a verdict run, nothing to say)
+PURPOSE_LINES: dict[str, str | None] = {
+    "smoke": "Smoke run, not for verdicts: a seconds-long check that the pipeline works (a few training steps); "
+             "methods are not ranked and no number here says which method is better",
+    "quick": "Screening run (quick): one small, fixed training budget; the ranking holds at this budget only, "
+             "confirm it with a verdict suite before drawing conclusions",
+    "sweep": "Sweep: read the curves over the swept parameter; each verdict table holds at one setting of it",
+    "paper": "Paper protocol: measured under a published protocol, beside the published numbers",
+    "reference": "Reference run: our implementations beside their libraries' at equal settings",
+    "verdict": None,
+}
+#: purposes whose reports rank methods (a smoke run does not: its methods are not trained)
+RANKED_PURPOSES = frozenset({"quick", "verdict", "paper", "sweep", "reference"})
+_STRICTNESS = ("smoke", "quick", "sweep", "reference", "paper", "verdict")  # the weakest purpose speaks first
+
+
+def run_purposes(dirs: list[Path]) -> dict[str, str | None]:
+    """Run id -> the purpose its suite declared (``suite.json``; None for a run of ``RunSpec``
+    lists or one written before purposes existed)."""
+    out: dict[str, str | None] = {}
+    for d in dirs:
+        try:
+            doc = json.loads((d / SUITE_FILE).read_text())
+        except (OSError, ValueError):
+            doc = {}
+        out[d.name] = doc.get("purpose") if isinstance(doc, dict) else None
+    return out
+
+
+def report_purpose(purposes: dict[str, str | None]) -> str | None:
+    """The purpose a report of these runs speaks for: the weakest of them (a report mixing a
+    smoke run with a verdict run is a smoke report); None when no run declares one."""
+    known = [p for p in purposes.values() if p in _STRICTNESS]
+    return min(known, key=_STRICTNESS.index) if known else None
+
+
+def _sections(df: pd.DataFrame, out: Path, ranked: bool = True) -> list[Section]:
     sections = []
     for task, g in df.groupby("task", sort=True):
         special = SECTIONS.get(str(task))
-        section = special(g, out) if special else task_section(str(task), g, out)
+        section = special(g, out) if special else task_section(str(task), g, out, ranked=ranked)
         if section:
             sections.append(section)
     return sections
@@ -73,29 +115,43 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
 
     ``regressions`` (one line each) are listed first; ``history`` adds trend plots per task."""
     list_methods(), list_tasks()  # the built-in methods and tasks declare their own metrics when imported
-    df = canonicalise(load_results(paths))
+    loaded = load_results(paths)
+    merged = loaded.attrs.get("merged", [])  # which runs were merged, which reruns counted once
+    df = canonicalise(loaded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dirs = run_dirs(paths)
+    purpose = report_purpose(run_purposes(dirs))
+    ranked = purpose is None or purpose in RANKED_PURPOSES
     title = title or f"equibench report: {', '.join(sorted(set(df['run_id'].dropna())))}"
-    sections = published_sections(df, run_dirs(paths)) + reference_sections(df) + _sections(df, out)
+    first = PURPOSE_LINES.get(purpose or "verdict")
+    if first:  # the first line says what kind of run this is
+        title = f"{first.split(':')[0]} — {title}"
+    intro = ([f"{first}."] if first else []) + [HOW_TO_READ]
+    if merged:
+        intro.append("Runs merged: " + "; ".join(merged) + ".")
+    sections = published_sections(df, dirs) + reference_sections(df) + _sections(df, out, ranked)
     sections += approximate_sections(df, out)  # sweeps of a symmetry-breaking field (report/approximate.py)
     if history is not None:
         for s in sections:
             s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]
     status = status_table(df, SPECIAL_TASKS)
     versions = next((v for v in df["versions"] if isinstance(v, dict)), {}) if "versions" in df else {}
-    page = Page(title=title, intro=[HOW_TO_READ], regressions=regressions,
+    page = Page(title=title, intro=intro, regressions=regressions,
                 status=TableView.from_frame(status, css="status", row_ids=status.attrs.get("row_ids"))
                 if len(status) else None,
                 sections=[section_view(s) for s in sections], versions=versions_text(versions),
-                banner=banner(df, regressions))
+                banner=banner(df, regressions, loaded_machine_lines(dirs)))
     return write_page(page, out)
 
 
-def banner(df: pd.DataFrame, regressions: list[str] | None = None) -> list[BannerItem]:
-    """The banner's entries: every anomaly of ``df`` (``verdicts.anomalies``), then one entry for
-    the nightly regressions when there are any."""
-    items = [BannerItem(a.kind, a.text, a.anchor, a.md_anchor) for a in anomalies(df, SPECIAL_TASKS)]
+def banner(df: pd.DataFrame, regressions: list[str] | None = None,
+           load_lines: list[str] | None = None) -> list[BannerItem]:
+    """The banner's entries: the runs made on a loaded machine (``load_lines``, one each), every
+    anomaly of ``df`` (``verdicts.anomalies``), then one entry for the nightly regressions when
+    there are any."""
+    items = [BannerItem("loaded machine", line, "anomalies") for line in load_lines or []]
+    items += [BannerItem(a.kind, a.text, a.anchor, a.md_anchor) for a in anomalies(df, SPECIAL_TASKS)]
     if regressions:
         items.append(BannerItem("regression", f"{len(regressions)} regression(s) against the nightly history",
                                 "regressions", md_anchor(f"Regressions ({len(regressions)})")))
