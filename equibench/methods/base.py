@@ -19,6 +19,13 @@ from ..core.spec import TaskSpec
 
 M = TypeVar("M", bound=nn.Module)
 
+#: where an exactness claim holds (``Method.exactness_scope``): on every input, or only on inputs
+#: without an exact symmetry of their own (frames and canonicalisations are undefined there)
+EVERY_INPUT = "every_input"
+GENERIC_INPUTS = "generic_inputs"
+EXACT_SCOPES = (EVERY_INPUT, GENERIC_INPUTS)
+SCOPE_TEXT = {EVERY_INPUT: "every input", GENERIC_INPUTS: "inputs without a symmetry of their own"}
+
 
 class Method:
     """Base class of all adapters. Subclasses take their options as keyword-only ``__init__``
@@ -37,6 +44,14 @@ class Method:
       has no exact symmetry of its own; otherwise it says why not. Frame-based methods, where an
       exactly symmetric input (eigenvalue ties, points on a rotation axis) leaves the frame
       undefined, report how often that happens through ``extra_metrics`` instead;
+    * ``exact_scope`` (per domain ``exact_scope_by_domain``): where the claim holds,
+      ``EVERY_INPUT`` (intrinsic architectures, averaging over a whole finite group) or
+      ``GENERIC_INPUTS`` (frames, canonicalisation, local frames: exact on inputs without an
+      exact symmetry of their own; on a symmetric input, e.g. benzene or a ring of equal charges,
+      the frame is undecided and the error is measured, ``Task.symmetric_inputs``).
+      ``exactness_scope(spec)`` is the scope on a task (None where the method is not exact);
+      ``tests/test_symmetric_inputs.py`` holds EVERY_INPUT methods to 1e-10 on every symmetric
+      input and checks that a GENERIC_INPUTS declaration is needed;
     * ``requirements``: pip requirement strings the method needs beyond equibench's own (e.g.
       ``("e3nn==0.5.1",)``); its points then run in a cached virtual environment that has them
       installed on top of the runner's packages (``equibench.suite.envs``). Default ``()``.
@@ -47,6 +62,8 @@ class Method:
     exact: bool = False
     group: str | None = None
     exact_by_domain: ClassVar[dict[str, bool]] = {}
+    exact_scope: str = EVERY_INPUT
+    exact_scope_by_domain: ClassVar[dict[str, str]] = {}
     #: wrapping methods (same backbone) report their overhead against it
     wraps_backbone: ClassVar[bool] = False
     #: options of a small, fast instance, used by the registry-parametrised tests
@@ -95,6 +112,14 @@ class Method:
         """Whether the method claims exact equivariance on ``spec`` (``inexact_reason(spec) is None``)."""
         return self.inexact_reason(spec) is None
 
+    def exactness_scope(self, spec: TaskSpec) -> str | None:
+        """Where the exactness claim on ``spec`` holds: ``EVERY_INPUT`` or ``GENERIC_INPUTS``
+        (inputs without an exact symmetry of their own); None when the method claims no
+        exactness there (``exact_on``)."""
+        if not self.exact_on(spec):
+            return None
+        return self.exact_scope_by_domain.get(spec.domain, self.exact_scope)
+
     # ---- hooks (default: nothing) -------------------------------------------------------
     def train_transform(self, batch: Batch, spec: TaskSpec, generator: torch.Generator) -> Batch:
         """Transform a training batch before the forward pass (e.g. data augmentation)."""
@@ -109,7 +134,8 @@ class Method:
         return {}
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "exact": self.exact, "group": self.group, **self.options}
+        return {"method": self.name, "exact": self.exact, "group": self.group, "exact_scope": self.exact_scope,
+                **self.options}
 
 
 def count_parameters(model: nn.Module) -> int:

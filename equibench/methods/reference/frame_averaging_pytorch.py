@@ -37,7 +37,7 @@ from torch_geometric.utils import to_dense_batch
 
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
-from ..base import Method
+from ..base import GENERIC_INPUTS, Method
 from ..blocks.pca_frames import frame_support
 from ..wrappers.baseline import Baseline
 from ..wrappers.frame_averaging import FrameAveragedModel
@@ -82,6 +82,7 @@ class FrameAveragingPytorch(Baseline):
     """The shared backbone averaged over frame-averaging-pytorch's PCA frames (O(3), 8 frames)."""
 
     exact = True
+    exact_scope = GENERIC_INPUTS  # the PCA frames are undecided on symmetric inputs
     group = "O3"
     domains = ("graph3d",)
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True}  # Baseline's says False

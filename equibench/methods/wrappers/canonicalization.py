@@ -78,7 +78,7 @@ from ...core.spec import TaskSpec
 from ...metrics.catalogue import MetricSpec, register_metric, test_metric
 from ...symmetry.fieldtypes import POINT, irreps
 from ...symmetry.group2d import group_order
-from ..base import Method, build_at_params
+from ..base import GENERIC_INPUTS, Method, build_at_params
 from ..blocks.backbone import BackboneModel, mlp
 from ..blocks.canon2d import Canonicalised
 from ..blocks.cnn import resolve_group
@@ -257,6 +257,7 @@ def image_canon_metrics(model: Canonicalised, batch: Batch) -> dict[str, float]:
 @register_method("canonicalization")
 class Canonicalization(Baseline):
     exact = True
+    exact_scope = GENERIC_INPUTS  # the canonical frame (argmax on images) is undecided on symmetric inputs
     group = "O3"
     #: image2d: exact over the grid symmetries of C_N (C4 exactly) wherever the argmax is unique
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True, "image2d": True}

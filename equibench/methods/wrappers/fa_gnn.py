@@ -60,7 +60,7 @@ from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim
 from ...symmetry.group3d import act_on_batch, act_on_output
-from ..base import Method, build_at_params
+from ..base import GENERIC_INPUTS, Method, build_at_params
 from ..blocks.backbone import edge_geometry, mlp, node_features
 from ..blocks.breaking import FieldInputOption
 from ..blocks.pca_frames import (
@@ -194,6 +194,7 @@ class FAGNN(FieldInputOption, Method):
 
     domains = ("graph3d",)
     exact = True
+    exact_scope = GENERIC_INPUTS  # per-layer PCA frames are undecided on symmetric inputs
     group = "O3"
     smoke_options = {"width": 15, "depth": 2}
 

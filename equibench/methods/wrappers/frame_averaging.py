@@ -43,7 +43,7 @@ from torch_geometric.data import Batch
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.group3d import act_on_batch, act_on_output
-from ..base import Method
+from ..base import EVERY_INPUT, GENERIC_INPUTS, Method
 from ..blocks.cnn import GroupAveraged, resolve_group
 from ..blocks.image import build_image_model, image_size_options
 from ..blocks.pca_frames import (
@@ -93,6 +93,9 @@ class FrameAveragedModel(nn.Module):
 @register_method("frame_averaging")
 class FrameAveraging(Baseline):
     exact = True
+    exact_scope = GENERIC_INPUTS  # graph3d: the PCA frames are undecided on symmetric inputs
+    #: image2d: the average over the whole of C_N is exact on every image
+    exact_scope_by_domain: ClassVar[dict[str, str]] = {"image2d": EVERY_INPUT}
     group = "O3"
     #: image2d: exact over the grid symmetries of C_N (C4 exactly)
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True, "image2d": True}

@@ -36,7 +36,7 @@ from torch_geometric.data import Batch
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...metrics.catalogue import Direction, MetricSpec, register_metric, test_metric
-from ..base import Method
+from ..base import GENERIC_INPUTS, Method
 from ..blocks.pca_frames import (
     apply_in_frame,
     check_group,
@@ -92,6 +92,7 @@ class PCACanonicalization(Baseline):
     ``width``, ``depth``, ``params``, ``group`` ("O3" | "SO3")."""
 
     exact = True
+    exact_scope = GENERIC_INPUTS  # principal axes are undecided when covariance eigenvalues tie
     group = "O3"
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True}  # (Baseline's says False)
 

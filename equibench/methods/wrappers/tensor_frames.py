@@ -55,7 +55,7 @@ from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...metrics.catalogue import MetricSpec, register_metric, test_metric
 from ...symmetry.fieldtypes import POINT, field_dim, irreps
-from ..base import Method, build_at_params
+from ..base import GENERIC_INPUTS, Method, build_at_params
 from ..blocks.backbone import Backbone, edge_attr_dim, edge_geometry
 from ..blocks.breaking import FieldInputOption
 from ..blocks.tfmp import (
@@ -285,6 +285,7 @@ class TensorFrames(FieldInputOption, Method):
     ``params`` its non-scalar multiplicities are scaled)."""
 
     exact = True
+    exact_scope = GENERIC_INPUTS  # local frames are undecided where a neighbourhood is symmetric
     group = "O3"
     wraps_backbone = True
 
