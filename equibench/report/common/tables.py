@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ...benches.training import TrainConfig
+from ...core.envinfo import loaded
 from ...core.registry import method_class
 from ...metrics.catalogue import (
     PARAMS,
@@ -25,6 +27,7 @@ from ...metrics.catalogue import (
     train_metric,
     trivial_metric,
 )
+from ...metrics.throughput import UNSTABLE_REL_IQR, is_unstable
 from . import fmt
 from .metricinfo import header, metric_names, select, spec_for, value
 from .render import slug
@@ -140,14 +143,39 @@ def _short(name: str) -> str:
     return header(s)
 
 
+UNSTABLE_MARK = "⚠ unstable"
+UNSTABLE_NOTE = (f"{UNSTABLE_MARK}: the timing's repeats disagree (IQR / median above {UNSTABLE_REL_IQR:g} in at "
+                 "least one seed), so the throughput says more about the machine than about the model; rerun on a "
+                 "quiet machine before reading it.")
+
+
+def unstable_timings(df: pd.DataFrame) -> set[tuple[Any, str]]:
+    """(method, mode) pairs whose throughput timing is unstable in any run: the row flag
+    ``unstable`` (``measure_throughput``), or, for rows written before it, IQR / median over
+    ``UNSTABLE_REL_IQR`` from the row's own timing numbers."""
+    ok = df[df["status"] == "ok"]
+    out: set[tuple[Any, str]] = set()
+    for mode in THROUGHPUT_MODES:
+        if "unstable" in ok:
+            rows = ok[ok["metric"] == throughput_metric(mode, "graphs_per_s")]
+            out |= {(m, mode) for m, u in zip(rows["method"], rows["unstable"]) if u is True or u == 1.0}
+        med = ok[ok["metric"] == throughput_metric(mode, "time_median_s")][["method", "spec_hash", "value"]]
+        iqr = ok[ok["metric"] == throughput_metric(mode, "time_iqr_s")][["method", "spec_hash", "value"]]
+        both = med.merge(iqr, on=["method", "spec_hash"], suffixes=("_med", "_iqr"))
+        out |= {(m, mode) for m, q, v in zip(both["method"], both["value_iqr"], both["value_med"]) if is_unstable(q, v)}
+    return out
+
+
 def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str | None = None,
-               convergence: dict[Any, str] | None = None) -> pd.DataFrame:
+               convergence: dict[Any, str] | None = None,
+               unstable: set[tuple[Any, str]] | None = None) -> pd.DataFrame:
     """One row per method (best first by ``primary``, else the primary test metric), formatted
     strings under grouped headers (two-level columns): model (parameters), accuracy (test
     metrics ± std over seeds), equivariance (relative errors, Lie derivative), method
     diagnostics (the method's own numbers on the test split), speed (throughput ± IQR, FLOP
     rate, time against the shared backbone), memory (peak), training (steps, wall time, FLOPs,
-    best step, final loss, convergence). Columns no method has are left out."""
+    best step, final loss, convergence). Columns no method has are left out. A throughput whose
+    (method, mode) is in ``unstable`` (``unstable_timings``) carries ``UNSTABLE_MARK``."""
     if agg.empty:
         return pd.DataFrame()
     tests = score_columns(agg, primary)
@@ -172,6 +200,8 @@ def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str 
             cell = value(spec_for(gps), m.get(gps))
             if cell != fmt.MISSING and not fmt.missing(iqr) and not fmt.missing(med) and med > 0:
                 cell += f" (IQR {100 * iqr / med:.0f}%)"
+            if cell != fmt.MISSING and (method, mode) in (unstable or set()):
+                cell += f" {UNSTABLE_MARK}"
             r[("speed", _short(gps))] = cell
         flops = throughput_metric("inference", "gflops_per_s")
         r[("speed", _short(flops))] = value(spec_for(flops), m.get(flops))
@@ -269,6 +299,23 @@ def context_line(df: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
+def loaded_machine_lines(dirs: Iterable[Path]) -> list[str]:
+    """One line per run directory whose ``env.json`` shows a loaded machine: a 1-minute load
+    average above the CPUs before or after a run invocation (``core.envinfo.loaded``)."""
+    lines = []
+    for d in dirs:
+        try:
+            env = json.loads((Path(d) / "env.json").read_text())
+        except (OSError, ValueError):
+            continue
+        bad = [r for r in env.get("load", []) if isinstance(r, dict) and loaded(r)] if isinstance(env, dict) else []
+        if bad:
+            r = bad[-1]
+            lines.append(f"{Path(d).name} ran on a loaded machine (1/5/15-min load average {r.get('before')} before, "
+                         f"{r.get('after')} after, on {r.get('cpus')} CPUs): its timings competed with other work")
+    return lines
+
+
 def options_key(opts: Any) -> str:
     """A task-options mapping as canonical JSON (the key of a task configuration)."""
     return json.dumps(opts if isinstance(opts, dict) else {}, sort_keys=True)
@@ -322,10 +369,6 @@ def training_line(df: pd.DataFrame) -> str:
 
     def uniq(f: Any) -> str:
         return ", ".join(dict.fromkeys(str(f(c)) for c in cfgs))
-    budget = uniq(lambda c: f"{c.epochs} epochs" if c.epochs else f"{c.steps} steps")
-    caps = [uniq(lambda c: f"at most {c.max_seconds:g} s" if c.max_seconds else ""),
-            uniq(lambda c: f"at most {c.max_flops:.3g} FLOPs" if c.max_flops else "")]
-    budget += "".join(f" ({cap})" for cap in caps if cap.strip(", "))
     lrs = sorted({c.lr for c in cfgs})
     lr = f"lr {lrs[0]:g}" if len(lrs) == 1 else "lr per run (verdict table)"
     spent = []
@@ -334,13 +377,36 @@ def training_line(df: pd.DataFrame) -> str:
         vals = ok[ok["metric"] == name]["value"]
         if len(vals):
             spent.append(f"{_span(vals, kind)} {label}")
-    c = cfgs[0]
-    text = (f"training budget: {budget}, stopping at whichever is spent first; batch {uniq(lambda c: c.batch_size)}; "
-            f"Adam, {lr}, weight decay {uniq(lambda c: f'{c.weight_decay:g}')}, {uniq(lambda c: c.warmup_steps)} "
-            f"warm-up steps then cosine decay over the budget, gradient clip {uniq(lambda c: f'{c.grad_clip:g}')}; "
-            f"checkpoint: {uniq(lambda c: 'best validation value' if c.select == 'best_val' else 'last step')} "
-            f"of {uniq(lambda c: c.val_points)} validations; not converged = best validation value still improving "
-            f"by more than {100 * c.converge_tol:g} % over the last fifth of the budget")
+    fixed = [c for c in cfgs if c.budget == "fixed"]
+    converge = [c for c in cfgs if c.budget == "converge"]
+    common = (f"batch {uniq(lambda c: c.batch_size)}; Adam, {lr}, "
+              f"weight decay {uniq(lambda c: f'{c.weight_decay:g}')}, {uniq(lambda c: c.warmup_steps)} warm-up steps, "
+              f"gradient clip {uniq(lambda c: f'{c.grad_clip:g}')}; "
+              f"checkpoint: {uniq(lambda c: 'best validation value' if c.select == 'best_val' else 'last step')}")
+    noise = (f"its noise (max of {uniq(lambda c: f'{c.noise_factor:g}')} × the standard error over the validation "
+             f"graphs and {uniq(lambda c: f'{100 * c.converge_tol:g}')} % of the value)")
+    parts = []
+    if fixed:
+        cfgs = fixed  # uniq() reads the runs of this kind of budget
+        budget = uniq(lambda c: f"{c.epochs} epochs" if c.epochs else f"{c.steps} steps")
+        caps = [uniq(lambda c: f"at most {c.max_seconds:g} s" if c.max_seconds else ""),
+                uniq(lambda c: f"at most {c.max_flops:.3g} FLOPs" if c.max_flops else "")]
+        budget += "".join(f" ({cap})" for cap in caps if cap.strip(", "))
+        parts.append(f"fixed training budget: {budget}, stopping at whichever is spent first, cosine decay over the "
+                     f"budget, {uniq(lambda c: c.val_points)} validations; not converged = best validation value "
+                     f"still improving by more than {noise} while the learning rate was at least half its peak "
+                     f"(budget fractions 0.3 to 0.5)")
+    if converge:
+        cfgs = converge
+        caps_c = [uniq(lambda c: f"{c.max_steps} steps"),
+                  uniq(lambda c: f"{c.max_seconds:g} s" if c.max_seconds else ""),
+                  uniq(lambda c: f"{c.max_flops:.3g} FLOPs" if c.max_flops else "")]
+        parts.append(f"budget until plateau: constant learning rate, validation every {uniq(lambda c: c.val_every)} "
+                     f"steps, plateau = no improvement by more than {noise} for {uniq(lambda c: c.patience)} "
+                     f"validations, then linear cool-down to 0 over {uniq(lambda c: f'{100 * c.cooldown_fraction:g}')} "
+                     f"% of the steps taken; caps (cool-down included): "
+                     f"{', '.join(cap for cap in caps_c if cap.strip(', '))}; cap reached = no plateau before the cap")
+    text = "; ".join(parts) + f"; {common}"
     if spent:
         text += "; spent per run: " + ", ".join(spent)
     return text
