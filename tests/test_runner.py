@@ -199,7 +199,8 @@ def test_sample_efficiency_sweep_is_plotted_not_tabulated(tmp_path):
     table = text.split('<table class="results">')[1].split("</table>")[0]
     assert table.split("<tbody>")[1].count("<tr") == 1  # one row: only the base configuration is tabulated
     verdict = text.split('<table class="verdict">')[1].split("</table>")[0]
-    assert verdict.split("<tbody>")[1].count("<tr") == 2  # the method and the trivial predictor
+    # the method, the trivial predictor and the task's floor (constant-velocity extrapolation)
+    assert verdict.split("<tbody>")[1].count("<tr") == 3 and "floor: constant_velocity" in verdict
 
 
 def test_float64_rebuild_keeps_constant_buffers_but_loads_trained_ones():
