@@ -185,7 +185,7 @@ def published_table(df: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame
         g = df[(df["task"] == task) & (df["method"] == method) & (df["metric"] == metric) & (df["status"] == "ok")]
         mean, half, n = t_interval(g["value"].tolist())
         conv = g["convergence"].dropna().tolist() if "convergence" in g else []
-        unconverged = sum(c == "not_converged" for c in conv)
+        unconverged = sum(c in ("not_converged", "cap_reached") for c in conv)  # cap_reached: capped before a plateau
         measured = ("not run" if n == 0 else f"{mean:.4g}" + (f" ± {half:.2g}" if n > 1 else " (1 seed)")
                     + f" ({n} seeds)" * (n > 1))
         rows.append({"method": method, "as published": pub.get("label") or method,

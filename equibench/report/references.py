@@ -116,7 +116,7 @@ def _score(df: pd.DataFrame, unit: str, metric: str) -> str:
 def _converged(df: pd.DataFrame, unit: str) -> str:
     runs = df[(df["unit"] == unit) & df["convergence"].notna()] if "convergence" in df else df.iloc[0:0]
     conv = runs.drop_duplicates("spec_hash")["convergence"].tolist()
-    bad = sum(c == "not_converged" for c in conv)
+    bad = sum(c in ("not_converged", "cap_reached") for c in conv)  # cap_reached: capped before a plateau
     return "–" if not conv else ("yes" if not bad else f"⚠ {bad} of {len(conv)} not")
 
 
