@@ -21,18 +21,23 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+from dataclasses import dataclass
 
 import torch
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
+from ...core.errors import UserError
 from ...core.spec import TaskSpec
-from ...symmetry.fieldtypes import representation
+from ...symmetry.fieldtypes import POINT, representation
 from ...symmetry.group3d import GroupElement, act_on_batch, act_on_output
 
 __all__ = ["FRAME_GROUPS", "FrameElement", "apply_in_frame", "centroid", "check_group", "covariance",
            "exact_rep", "first_point_field", "frame_set", "frame_support", "gram_schmidt", "into_frame", "out_of_frame",
-           "pca_degeneracy", "pca_frame", "principal_axes", "replicate", "skew_signs", "GAP_TOL", "SKEW_MARGIN"]
+           "pca_degeneracy", "pca_frame", "principal_axes", "replicate", "skew_signs", "GAP_TOL", "SKEW_MARGIN",
+           "DEGENERATE_MODES", "FrameList", "average_in_frames", "candidate_vectors", "check_degenerate",
+           "gather_graphs", "stabiliser_projection", "symmetric_frames"]
 
 FRAME_GROUPS = ("O3", "SO3")
 _EPS = 1e-12
@@ -147,15 +152,25 @@ def pca_degeneracy(pos: torch.Tensor, index: torch.Tensor, num_graphs: int,
     gaps = (evals[:, :-1] - evals[:, 1:]).clamp_min(0)
     tiny = torch.finfo(torch.float64).tiny
     tie = (gaps.min(-1).values <= GAP_TOL * lam1) | (lam1 <= tiny)
+    undefined = _sign_undefined(x, t, evals, V, index, num_graphs)
+    sign = undefined[:, :3 if group == "O3" else 2].any(-1)
+    return {"tie": tie, "sign": sign, "degenerate": tie | sign}
+
+
+def _sign_undefined(x: torch.Tensor, t: torch.Tensor, evals: torch.Tensor, V: torch.Tensor,
+                    index: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """``[B, 3]``: the third moment along axis k is zero within ``SKEW_MARGIN`` times its rounding
+    (``pca_degeneracy``'s "sign" rule, per axis; float64 inputs)."""
+    lam1 = evals[:, 0].clamp_min(0)
+    gaps = (evals[:, :-1] - evals[:, 1:]).clamp_min(0)
+    tiny = torch.finfo(torch.float64).tiny
     proj = torch.einsum("nd,ndk->nk", x - t[index], V[index])
     m3 = scatter(proj**3, index, dim=0, dim_size=num_graphs, reduce="sum")
     m2 = scatter(proj**2, index, dim=0, dim_size=num_graphs, reduce="sum")
     R = scatter((x - t[index]).norm(dim=-1), index, dim=0, dim_size=num_graphs, reduce="max")
     u = torch.finfo(torch.float64).eps / 2
     delta = u * R * (1 + lam1 / gaps.min(-1).values.clamp_min(tiny))
-    undefined = m3.abs() <= SKEW_MARGIN * 3 * delta[:, None] * m2
-    sign = undefined[:, :3 if group == "O3" else 2].any(-1)
-    return {"tie": tie, "sign": sign, "degenerate": tie | sign}
+    return m3.abs() <= SKEW_MARGIN * 3 * delta[:, None] * m2
 
 
 def pca_frame(pos: torch.Tensor, index: torch.Tensor, num_graphs: int,
@@ -251,3 +266,328 @@ def apply_in_frame(backbone: torch.nn.Module, batch: Batch, spec: TaskSpec, F: t
     (points ``F^T (x - t)``, irreps ``D(F^T) v``) and map its prediction back to the world frame."""
     out = backbone(act_on_batch(batch, spec, into_frame(F, t), target=False))
     return act_on_output(out, spec, out_of_frame(F, t), batch)
+
+
+# ---- frames that stay exact on symmetric inputs (option ``degenerate="average"``) ---------------
+#: the ``degenerate`` option of the PCA frame methods: "arbitrary" (the default and the behaviour
+#: before the option existed: eigh's basis of a tied eigenspace, +1 for an undefined third-moment
+#: sign) or "average" (``symmetric_frames``: the frames the input's own symmetry leaves undecided)
+DEGENERATE_MODES = ("arbitrary", "average")
+
+
+def check_degenerate(mode: str) -> str:
+    if mode not in DEGENERATE_MODES:
+        raise UserError(f"degenerate must be one of {DEGENERATE_MODES}, got {mode!r}")
+    return mode
+
+
+@dataclass
+class FrameList:
+    """Weighted frames of a batch (``symmetric_frames``): frame m (``F [M, 3, 3]``, columns = axes)
+    belongs to graph ``graph[m]`` with weight ``weight[m]`` (summing to 1 per graph); ``t [B, 3]``
+    the origins (centroids, with their gradient); ``stab [B]`` the residual continuous stabiliser
+    to project on after averaging (0: none, 1: rotations about ``axis [B, 3]`` (with the mirrors
+    through planes containing it for O(3)), 2: every rotation (and reflection) about ``t``);
+    ``tied [B]`` the graphs whose frames came from the tie-breaking construction."""
+
+    F: torch.Tensor
+    graph: torch.Tensor
+    weight: torch.Tensor
+    t: torch.Tensor
+    axis: torch.Tensor
+    stab: torch.Tensor
+    tied: torch.Tensor
+    group: str
+
+
+def candidate_vectors(batch: Batch, spec: TaskSpec, t: torch.Tensor) -> torch.Tensor:
+    """``[N, C, 3]``: the equivariant (polar) vectors that may break a tie, per node: every point
+    field relative to the centroid ``t`` and every "1o" input field (velocities)."""
+    rows = batch.batch
+    vecs = [batch[name] - t[rows] if typ == POINT else batch[name]
+            for name, typ in spec.inputs.items() if typ in (POINT, "1o")]
+    return torch.stack(vecs, dim=1)
+
+
+def _sign_frames(V2: torch.Tensor, free: tuple[int, ...], group: str) -> torch.Tensor:
+    """``[M * K, 3, 3]``: the frames ``V2 diag(s)`` with s = +-1 on the columns ``free`` (the axes
+    whose sign the input leaves open) and +1 elsewhere; for "SO3" the last free column is not
+    flipped but the last column is multiplied by det, so every frame is proper."""
+    if group == "SO3":
+        free = tuple(k for k in free if k != 2)
+    out = []
+    for flips in itertools.product((1.0, -1.0), repeat=len(free)):
+        s = torch.ones(3, dtype=V2.dtype, device=V2.device)
+        for k, f in zip(free, flips):
+            s[k] = f
+        F = V2 * s
+        if group == "SO3":
+            F = torch.cat([F[..., :2], F[..., 2:] * torch.linalg.det(F)[..., None, None]], dim=-1)
+        out.append(F)
+    return torch.stack(out, dim=1).reshape(-1, 3, 3)
+
+
+def _complete(u: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``[3, 3]`` (columns) whose first column is the unit vector ``u``."""
+    e = _least_aligned_axis(u[None])[0]
+    e = e - (e @ u) * u
+    e = e / e.norm()
+    return torch.stack([u, e, torch.linalg.cross(u, e)], dim=-1)
+
+
+def _frames_axial(c: torch.Tensor, n: torch.Tensor, Vb: torch.Tensor, top: bool, group: str, tol: float,
+                  scale: float) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Frames of a graph whose covariance has one tied pair: the plane P orthogonal to the simple
+    eigenvector ``n`` (``top``: the tied pair is the largest, so n is the last axis). Candidates
+    are the projections of ``c [C', 3]`` on P; those of largest norm (within ``tol``) each give
+    ``V' = [u, n x u, n]`` (``top``) or ``[n, u, n x u]``, u the unit projection, and all their sign
+    frames (the sign of u is decided by u itself: those of the other two axes only). None in P:
+    the input is fixed by every rotation about n -> eigh's basis and stab 1."""
+    p = c - (c @ n)[:, None] * n
+    r = p.norm(dim=-1)
+    rmax = float(r.max()) if r.numel() else 0.0
+    if rmax <= tol * scale:
+        return frame_set(Vb[None], group)[0], 1, n
+    shell = r >= (1 - tol) * rmax
+    u = p[shell] / r[shell, None]
+    nn_ = n.expand_as(u)
+    w = torch.linalg.cross(nn_, u)
+    V2 = torch.stack([u, w, nn_], dim=-1) if top else torch.stack([nn_, u, w], dim=-1)
+    return _sign_frames(V2, (1, 2) if top else (0, 2), group), 0, torch.zeros_like(n)
+
+
+def _frames_isotropic(c: torch.Tensor, Vb: torch.Tensor, group: str, tol: float,
+                      scale: float) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Frames of a graph with three tied eigenvalues: first axis u from each candidate of largest
+    norm, second from each candidate of largest norm orthogonal to u (Gram-Schmidt), third +-u x e
+    (one proper frame each for SO(3)). No candidate: stab 2; all candidates on one line: stab 1."""
+    r = c.norm(dim=-1)
+    rmax = float(r.max()) if r.numel() else 0.0
+    if rmax <= tol * scale:
+        return frame_set(Vb[None], group)[0], 2, torch.zeros_like(Vb[:, 0])
+    out = []
+    for u in c[r >= (1 - tol) * rmax] / rmax:
+        u = u / u.norm()
+        q = c - (c @ u)[:, None] * u
+        qn = q.norm(dim=-1)
+        qmax = float(qn.max())
+        if qmax <= tol * rmax:
+            return frame_set(_complete(u)[None], group)[0], 1, u
+        e = q[qn >= (1 - tol) * qmax] / qn[qn >= (1 - tol) * qmax, None]
+        uu = u.expand_as(e)
+        out.append(_sign_frames(torch.stack([uu, e, torch.linalg.cross(uu, e)], dim=-1), (2,), group))
+    return torch.cat(out), 0, torch.zeros_like(Vb[:, 0])
+
+
+@torch.no_grad()
+def symmetric_frames(pos: torch.Tensor, cands: torch.Tensor, index: torch.Tensor, num_graphs: int,
+                     group: str = "O3", canonical: bool = False) -> FrameList | None:
+    """Frames that stay equivariant where the PCA frame is undecided (``degenerate="average"``).
+
+    Frame averaging is exact whenever the frame *set* is equivariant, F(gX) = g F(X) (Puny et al.
+    2022, Thm. 1); the PCA sign set is, unless covariance eigenvalues tie. Here, per graph:
+
+    * distinct eigenvalues: the usual sign frames (``frame_set``; with ``canonical`` the one
+      third-moment frame of ``pca_frame``, and both signs of every axis whose third moment is
+      zero within its rounding, ``pca_degeneracy``'s "sign" rule);
+    * a tied pair (relative gap < ``GAP_TOL``; oblate: benzene, a regular polygon, a square and
+      its centre; prolate: linear molecules, collinear particles): in-plane axes from the
+      candidates ``cands [N, C, 3]`` (``candidate_vectors``: points relative to the centroid,
+      velocities) projected on the tied plane, those of largest norm (ties within sqrt(eps) of the
+      input dtype), each with the 4 sign choices of the other two axes (2 proper ones for SO(3)):
+      24 frames for benzene (= |D6h|), 20 for a regular pentagon;
+    * three tied eigenvalues (methane, a cube, any isotropic cloud): ordered pairs of candidates
+      (largest norm, then largest norm orthogonal to the first) and +-their cross product (one
+      proper frame for SO(3)): 24 frames for methane (= |Td|).
+
+    Each set is built from equivariant vectors by rules that only compare invariants, so it is
+    equivariant as a set (with multiplicity), and the (equally weighted) average over it is
+    exact. Where no candidate breaks the tie (no in-plane candidate: every point and vector on
+    the axis, e.g. CO2 with no velocities; no candidate at all: every point at the centroid),
+    every framed input is the same whatever basis of the tied space is used, and the remaining
+    arbitrariness is a rotation about the axis (resp. any rotation), which fixes the input: the
+    average is then projected on the subspace that stabiliser fixes (``stabiliser_projection``,
+    stab 1 / 2), which is what every equivariant map must output there. Returns None when no
+    graph of the batch needs any of this (the caller's plain PCA path is then exact as it is).
+
+    Exact (to rounding) on every input whose non-invariant fields are points and "1o" vectors and
+    whose outputs have l <= 1 (l <= 3 for the axial projection, l <= 2 for the full one). Not
+    covered: inputs with pseudo-vector ("1e") or higher-order fields (they break no tie here and
+    may break the stabiliser the projection assumes), and decisions at the thresholds
+    themselves (a relative eigenvalue gap within rounding of ``GAP_TOL``, candidate norms within
+    rounding of the shell tolerance). Just above ``GAP_TOL`` the ordinary frames are used and are
+    ill-conditioned (eigenvector error ~ u / gap <= ~1e-10 in float64).
+    """
+    check_group(group)
+    B = num_graphs
+    tol = math.sqrt(torch.finfo(pos.dtype).eps)
+    x = pos.detach().double()
+    c_all = cands.detach().double()
+    t = centroid(x, index, B)
+    evals, V = principal_axes(covariance(x, t, index, B))
+    lam1 = evals[:, 0].clamp_min(0)
+    small = lam1 <= torch.finfo(torch.float64).tiny
+    tie12 = ((evals[:, 0] - evals[:, 1]) <= GAP_TOL * lam1) | small
+    tie23 = ((evals[:, 1] - evals[:, 2]) <= GAP_TOL * lam1) | small
+    tied = tie12 | tie23
+    used = 3 if group == "O3" else 2
+    undef = torch.zeros(B, used, dtype=torch.bool, device=x.device)
+    if canonical:
+        undef = _sign_undefined(x, t, evals, V, index, B)[:, :used] & ~tied[:, None]
+    if not bool(tied.any() or undef.any()):
+        return None
+    frames: list[torch.Tensor] = []
+    graphs: list[torch.Tensor] = []
+    stab = torch.zeros(B, dtype=torch.long, device=x.device)
+    axis = torch.zeros(B, 3, dtype=x.dtype, device=x.device)
+
+    def add(b: int, F: torch.Tensor) -> None:
+        frames.append(F.reshape(-1, 3, 3))
+        graphs.append(torch.full((F.reshape(-1, 9).shape[0],), b, dtype=torch.long, device=x.device))
+
+    if canonical:
+        F0 = V * skew_signs(x, t, V, index, B)[:, None, :]
+        for b in range(B):
+            if bool(tied[b]):
+                continue
+            free = undef[b].nonzero().flatten().tolist()
+            for flips in itertools.product((1.0, -1.0), repeat=len(free)):
+                F = F0[b].clone()
+                for k, f in zip(free, flips):
+                    F[:, k] = F[:, k] * f
+                if group == "SO3":
+                    F[:, 2] = torch.linalg.cross(F[:, 0], F[:, 1])
+                add(b, F)
+    else:
+        base = frame_set(V, group)
+        for b in (~tied).nonzero().flatten().tolist():
+            add(b, base[b])
+    for b in tied.nonzero().flatten().tolist():
+        nodes = index == b
+        c = c_all[nodes].reshape(-1, 3)
+        scale = max(float(c.norm(dim=-1).max()) if c.numel() else 0.0, float(x[nodes].norm(dim=-1).max()))
+        if bool(tie12[b] & tie23[b]):
+            F, kind, ax = _frames_isotropic(c, V[b], group, tol, scale)
+        else:
+            top = bool(tie12[b])
+            F, kind, ax = _frames_axial(c, V[b, :, 2] if top else V[b, :, 0], V[b], top, group, tol, scale)
+        add(b, F)
+        stab[b], axis[b] = kind, ax
+    graph = torch.cat(graphs)
+    # frames follow graph order so that a graph's copies are contiguous (stable order within)
+    order = torch.argsort(graph, stable=True)
+    graph = graph[order]
+    weight = 1.0 / torch.bincount(graph, minlength=B).to(x.dtype)[graph]
+    t_grad = centroid(pos, index, B)
+    return FrameList(torch.cat(frames)[order].to(pos.dtype), graph, weight.to(pos.dtype), t_grad,
+                     axis.to(pos.dtype), stab, tied, group)
+
+
+def gather_graphs(batch: Batch, spec: TaskSpec, graph_ids: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+    """A batch of copies of the graphs ``graph_ids [M]`` (in that order, repeats allowed) holding the
+    typed node/edge fields, ``edge_index`` and ``batch`` (like ``replicate``), and for each of its
+    nodes the index of the original node ``[sum_m N_(graph_ids[m])]``. Nodes of a graph must be
+    contiguous (as in every PyG batch)."""
+    B, dev = int(batch.num_graphs), batch.batch.device
+    M = graph_ids.numel()
+    counts = torch.bincount(batch.batch, minlength=B)
+    ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    rep = counts[graph_ids]
+    copy_of_node = torch.repeat_interleave(torch.arange(M, device=dev), rep)
+    offs = rep.cumsum(0) - rep
+    node_idx = ptr[graph_ids][copy_of_node] + torch.arange(int(rep.sum()), device=dev) - offs[copy_of_node]
+    egraph = batch.batch[batch.edge_index[0]]
+    order = torch.argsort(egraph, stable=True)
+    ecounts = torch.bincount(egraph, minlength=B)
+    eptr = torch.cat([ecounts.new_zeros(1), ecounts.cumsum(0)])
+    erep = ecounts[graph_ids]
+    ecopy = torch.repeat_interleave(torch.arange(M, device=dev), erep)
+    eoffs = erep.cumsum(0) - erep
+    esel = order[eptr[graph_ids][ecopy] + torch.arange(int(erep.sum()), device=dev) - eoffs[ecopy]]
+    new = Batch()
+    for name in spec.inputs:
+        new[name] = batch[name][node_idx]
+    for name in spec.edge_inputs:
+        new[name] = batch[name][esel]
+    new.edge_index = batch.edge_index[:, esel] - ptr[graph_ids][ecopy] + offs[ecopy]
+    new.batch = copy_of_node
+    new._num_graphs = M
+    return new, node_idx
+
+
+@functools.lru_cache(maxsize=4)
+def _tetrahedral(reflections: bool) -> tuple[tuple[float, ...], ...]:
+    """The 12 rotations of T (D2 x the 3 cyclic axis permutations), with -1 x them for O(3): a
+    finite group with no invariant vector and no invariant l = 2 tensor."""
+    P = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    d2 = [torch.diag(torch.tensor(s, dtype=torch.float64)) for s in
+          ((1.0, 1.0, 1.0), (1.0, -1.0, -1.0), (-1.0, 1.0, -1.0), (-1.0, -1.0, 1.0))]
+    els = [D @ torch.linalg.matrix_power(P, k) for D in d2 for k in range(3)]
+    if reflections:
+        els = els + [-R for R in els]
+    return tuple(tuple(R.flatten().tolist()) for R in els)
+
+
+def _axial_elements(axis: torch.Tensor, reflections: bool) -> torch.Tensor:
+    """``[B, K, 3, 3]``: the rotations by k pi / 2 about each unit ``axis [B, 3]`` (C4), with their
+    products with one mirror through a plane containing the axis for O(3) (C4v): their average
+    projects l <= 3 fields exactly as the average over the whole axial group O(2) (SO(2)) does."""
+    a = axis / axis.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    e = _least_aligned_axis(a)
+    e = e - (e * a).sum(-1, keepdim=True) * a
+    e = e / e.norm(dim=-1, keepdim=True)
+    f = torch.linalg.cross(a, e)
+    aa, ee, ff = (v[:, :, None] * v[:, None, :] for v in (a, e, f))
+    fe = f[:, :, None] * e[:, None, :]
+    rots = [aa + c * (ee + ff) + s * (fe - fe.transpose(-1, -2)) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1))]
+    if reflections:
+        sigma = torch.eye(3, dtype=a.dtype, device=a.device) - 2 * ee
+        rots = rots + [R @ sigma for R in rots]
+    return torch.stack(rots, dim=1)
+
+
+def stabiliser_projection(out: torch.Tensor, spec: TaskSpec, batch: Batch, frames: FrameList) -> torch.Tensor:
+    """Project each graph's output on the subspace fixed by its residual stabiliser (``frames.stab``):
+    ``(1/|H|) sum_h rho_out(h) y`` with h = (R, t - R t) about the centroid, over C4 (C4v for O(3))
+    about ``frames.axis`` (stab 1) or over T (T x {+-1}) (stab 2). Exactly the projection over the
+    continuous stabiliser for outputs with l <= 1 (the Reynolds operator; points: keep the axial
+    component about t, resp. t itself; 1o: the axial component, resp. 0; 0e unchanged). Such
+    stabilisers fix every node (all points on the axis, resp. at t), so no permutation enters."""
+    reflections = frames.group == "O3"
+    node_rows = spec.level == "node"
+    for kind in (1, 2):
+        mask = frames.stab == kind
+        if not bool(mask.any()):
+            continue
+        B = mask.shape[0]
+        dt = out.dtype
+        if kind == 1:
+            els = _axial_elements(frames.axis.to(dt), reflections)
+        else:
+            T = torch.tensor(_tetrahedral(reflections), dtype=dt, device=out.device).reshape(-1, 3, 3)
+            els = T.unsqueeze(0).expand(B, -1, -1, -1)
+        eye = torch.eye(3, dtype=dt, device=out.device).expand(B, 3, 3)
+        t = frames.t.to(dt)
+        acc = torch.zeros_like(out)
+        for k in range(els.shape[1]):
+            R = torch.where(mask[:, None, None], els[:, k], eye)
+            g = GroupElement(R, t - (R @ t.unsqueeze(-1)).squeeze(-1))
+            acc = acc + act_on_output(out, spec, g, batch)
+        rows = mask[batch.batch] if node_rows else mask
+        out = torch.where(rows[:, None], acc / els.shape[1], out)
+    return out
+
+
+def average_in_frames(backbone: torch.nn.Module, batch: Batch, spec: TaskSpec, frames: FrameList) -> torch.Tensor:
+    """``sum_m w_m rho_out(F_m, t) . backbone((F_m^T, -F_m^T t) . X_(graph m))`` per graph, all
+    frames as one batch (``gather_graphs``), then ``stabiliser_projection``."""
+    big, node_idx = gather_graphs(batch, spec, frames.graph)
+    tk = frames.t[frames.graph]
+    out = backbone(act_on_batch(big, spec, into_frame(frames.F, tk), target=False))
+    out = act_on_output(out, spec, out_of_frame(frames.F, tk), big)
+    w = frames.weight.to(out.dtype)
+    if spec.level == "graph":
+        res = out.new_zeros(int(batch.num_graphs), out.shape[-1]).index_add(0, frames.graph, out * w[:, None])
+    else:
+        res = out.new_zeros(batch.num_nodes, out.shape[-1]).index_add(0, node_idx, out * w[big.batch][:, None])
+    return stabiliser_projection(res, spec, batch, frames)
