@@ -1,7 +1,12 @@
-"""What a result was measured with: package versions, git commit, device, threads."""
+"""What a result was measured with: package versions, git commit, device, threads, and how busy
+the machine was (``os.getloadavg``: the 1-, 5- and 15-minute load averages before and after a
+run, beside the number of CPUs this process may use; a load above that number means other work
+competed for the cores, and wall-clock timings of that run are not comparable)."""
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -39,6 +44,37 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (runnable + waiting processes), None where the OS
+    has none (Windows)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_record(before: list[float] | None, after: list[float] | None) -> dict[str, Any]:
+    """One run invocation's entry of ``env.json["load"]``: the load averages before and after,
+    the CPUs and when it finished."""
+    return {"before": before, "after": after, "cpus": cpu_count(),
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def loaded(record: dict[str, Any]) -> bool:
+    """Whether a ``load_record`` shows a loaded machine: a 1-minute load average before or after
+    the run above the number of CPUs."""
+    cpus = record.get("cpus") or cpu_count()
+    return any(isinstance(v, list) and v and v[0] > cpus for v in (record.get("before"), record.get("after")))
+
+
 def environment() -> dict[str, Any]:
     """Everything for ``env.json``: versions, commit, host, threads and torch's collect_env."""
     from torch.utils import collect_env
@@ -47,5 +83,6 @@ def environment() -> dict[str, Any]:
     except Exception as err:  # collect_env shells out; never let it fail a run
         pretty = f"collect_env failed: {err}"
     return {"versions": package_versions(), "git_commit": git_commit(), "python": platform.python_version(),
-            "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads(), "cpus": cpu_count(),
+            "load_avg_at_start": load_average(),
             "cuda_available": torch.cuda.is_available(), "collect_env": pretty}

@@ -11,7 +11,10 @@ back-to-back calls:
    timer and kernel-launch overhead;
 3. warm-up until stable: more samples until the last three per-call times agree within
    ``stable_tol`` (at most ``max_warmup_samples``; ``stable`` records whether they did);
-4. ``repeats`` samples; reported: median and IQR of the per-call time over samples.
+4. ``repeats`` samples; reported: median and IQR of the per-call time over samples, and
+   ``unstable`` when the samples disagree: relative spread IQR / median above
+   ``UNSTABLE_REL_IQR`` (0.25). Such a figure says more about the machine (other processes,
+   frequency scaling) than about the model; rows carry the flag and the report marks them.
 
 * CPU: ``run`` is ``torch.utils.benchmark.Timer.timeit`` with the thread count fixed (and
   recorded) while it runs; ``clock="wall"`` (default) measures elapsed time, ``clock="cpu"`` the
@@ -59,6 +62,10 @@ from ..core.errors import UserError
 from ..symmetry.precision import dtype_name
 
 MODES = ("inference", "forward_backward", "train")
+#: relative spread (IQR / median of the per-call times over the repeats) above which a timing is
+#: flagged ``unstable``: with 10 repeats on a quiet machine it stays under 0.05; 0.25 means a
+#: quarter of the samples lie further apart than a quarter of the median
+UNSTABLE_REL_IQR = 0.25
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +328,14 @@ def _load_avg() -> float | None:
         return None
 
 
+def is_unstable(iqr: float | None, median: float | None, limit: float = UNSTABLE_REL_IQR) -> bool:
+    """Whether a timing's repeats disagree: ``iqr / median > limit`` (False when either is
+    missing or the median is not positive)."""
+    if iqr is None or median is None or not (median > 0) or not math.isfinite(iqr):
+        return False
+    return iqr / median > limit
+
+
 def _iqr(xs: Sequence[float]) -> float:
     if len(xs) < 2:
         return 0.0
@@ -349,10 +364,11 @@ def time_step(step: Callable[[], Any], device: str | torch.device = "cpu", *, th
         timer = "torch.utils.benchmark.Timer.timeit" + ("(process_time)" if clock == "cpu" else "")
     s = res["samples"]
     med = statistics.median(s)
-    return {"time_median_s": med, "time_iqr_s": _iqr(s), "time_min_s": min(s), "time_samples_s": s,
+    iqr = _iqr(s)
+    return {"time_median_s": med, "time_iqr_s": iqr, "time_min_s": min(s), "time_samples_s": s,
             "repeats": len(s), "calls_per_sample": res["inner"], "warmup_calls": res["warmup_calls"],
-            "warmup_samples": res["warmup_samples"], "stable": res["stable"], "timer": timer,
-            "threads": threads, "load_avg_1min": _load_avg()}
+            "warmup_samples": res["warmup_samples"], "stable": res["stable"],
+            "unstable": is_unstable(iqr, med), "timer": timer, "threads": threads, "load_avg_1min": _load_avg()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def watched(metric: str) -> bool:
     return bool(spec and spec.watch and spec.direction)
 
 
-def _spread_rows(ok: pd.DataFrame) -> pd.DataFrame:
+def spread_rows(ok: pd.DataFrame) -> pd.DataFrame:
     """(spec_hash, metric, rel_spread): the relative IQR of each run's timing, attached to its
     graphs/s throughput metric."""
     parts = []
@@ -53,7 +53,7 @@ def append_history(run_dir: str | os.PathLike, history: str | os.PathLike) -> pd
     df = canonicalise(load_results(run_dir))
     ok = df[df["status"] == "ok"].copy()
     rows = ok[[c for c in KEEP if c in ok]].copy()
-    spread = _spread_rows(ok)
+    spread = spread_rows(ok)
     if len(spread):
         rows = rows.merge(spread, on=["spec_hash", "metric"], how="left")
     path = Path(history)
@@ -92,9 +92,26 @@ def run_order(hist: pd.DataFrame) -> list[str]:
     return list(first.index)
 
 
-def _is_regression(value: float, past: pd.Series, rel_spread: float, direction: str, threshold: float,
-                   k: float) -> tuple[bool, float, float, float]:
-    """(flagged, reference, signed relative change, noise) of ``value`` against ``past``."""
+@dataclass(frozen=True)
+class Change:
+    """``value`` against ``reference`` (the median of earlier values): ``change`` is relative and
+    signed so that positive = worse in the metric's direction; ``distance`` and ``noise`` are on
+    the log scale for positive values (multiplicative noise), else absolute."""
+    reference: float
+    change: float
+    distance: float
+    noise: float
+
+    def beyond(self, threshold: float, k: float) -> bool:
+        """The rule of the regression alarm and of ``compare``: the change is larger than
+        ``threshold`` (relative) and than ``k`` times the measured noise."""
+        return abs(self.change) > threshold and self.distance > k * self.noise
+
+
+def measure_change(value: float, past: pd.Series, rel_spread: float, direction: str) -> Change:
+    """How far ``value`` lies from ``past`` (module doc): the noise is the standard deviation of
+    log(past) (0 for one value), at least ``rel_spread`` (a measured relative spread, e.g. the
+    timing's IQR / median; NaN = none)."""
     reference = float(past.median())
     sign = -1.0 if direction == "higher" else 1.0
     change = sign * (value - reference) / max(abs(reference), 1e-300)
@@ -106,7 +123,14 @@ def _is_regression(value: float, past: pd.Series, rel_spread: float, direction: 
     else:
         distance = abs(value - reference)
         noise = float(past.std()) if len(past) > 1 else 0.0
-    return change > threshold and distance > k * noise, reference, change, noise
+    return Change(reference, change, float(distance), noise)
+
+
+def _is_regression(value: float, past: pd.Series, rel_spread: float, direction: str, threshold: float,
+                   k: float) -> tuple[bool, float, float, float]:
+    """(flagged, reference, signed relative change, noise) of ``value`` against ``past``."""
+    c = measure_change(value, past, rel_spread, direction)
+    return c.change > threshold and c.beyond(threshold, k), c.reference, c.change, c.noise
 
 
 def find_regressions(hist: pd.DataFrame, run_id: str, threshold: float = 0.1, window: int = 5,

@@ -10,7 +10,10 @@ A pair is (ours, reference) on one task configuration (its base task options, sw
   ``backend: cuequivariance``): the plain ``equibench`` one is "ours", the other the reference.
 
 A library method with no counterpart of ours among the rows (``mace``) gets a row of its own,
-the "ours" side empty, so every library model measured appears here.
+so every library model measured appears here: its "ours" side names the counterpart its class
+declares when that one did not run, and says "library method; no counterpart declared" when the
+class declares none (e.g. a plugin that sets ``origin`` only), rather than suggesting that
+something of ours is missing.
 
 Side by side per pair: the task's first test metric (mean over seeds ± 95 % t-interval, Welch's
 p for the difference), the trained models' relative equivariance error (mean over test graphs
@@ -21,6 +24,8 @@ to 1e-10 in float64 with the same weights) are held by the tests and named in th
 """
 from __future__ import annotations
 
+import ast
+import json
 from typing import Any
 
 import pandas as pd
@@ -38,7 +43,18 @@ EQ64, EQ32 = equivariance_metric("trained", "fp64", "rel_mean"), equivariance_me
 THROUGHPUT = throughput_metric("inference", "graphs_per_s")
 AGREEMENT = test_metric("backend_agreement")
 OWN = "equibench"
-NONE = "– (none of ours)"
+NO_COUNTERPART = "– (library method; no counterpart declared)"  # its class sets no ``counterpart``
+
+
+def unpaired_label(df: pd.DataFrame, unit: str) -> str:
+    """The "ours" cell of a library method's row without a pair: the counterpart its class
+    names, absent from these runs, or that it declares none (a plugin wrapping a library model,
+    ``origin`` set, ``counterpart`` None: nothing of ours is missing)."""
+    rows = df[df["unit"] == unit]["method"]
+    other = _counterpart(method_of(str(rows.iloc[0]))) if len(rows) else None
+    return f"– ({other}: not in this run)" if other else NO_COUNTERPART
+
+
 CROSS_CHECKS = ("frame_averaging_pytorch vs frame_averaging: same outputs to 1e-10 in float64 with the library's "
                 "frames aligned to ours (tests/test_reference_methods.py); e3nn with backend cuequivariance vs "
                 "e3nn: same outputs to 1e-10 in float64 with the same weights through cuequivariance-torch's "
@@ -120,6 +136,79 @@ def _converged(df: pd.DataFrame, unit: str) -> str:
     return "–" if not conv else ("yes" if not bad else f"⚠ {bad} of {len(conv)} not")
 
 
+#: what still differs inside each pair beside the force kind (from the reference classes' and our
+#: methods' docstrings), keyed by the reference's method (or, for one method measured with two
+#: implementations, by that method)
+REMAINING_DIFFERENCES = {
+    "nequip": ("readout: ours one o3.Linear to the output, nequip two (to 0e features, then the energy); "
+               "radial MLP: ours 2 hidden layers, nequip 1 (its width ratio kept when sized); "
+               "parameter matching scales mul + radial width vs num_features + radial_mlp_width; "
+               "nequip computes edge lengths and the Bessel basis in float64"),
+    "frame_averaging_pytorch": ("none in the function (same 8 frames, columns aligned; outputs agree to 1e-10 "
+                                "in float64), only the library's dense padded batching and the order of the sum"),
+    "egnn_pytorch": ("MLP hidden widths (2k, 4 m_dim, 2 width vs width), message width (m_dim vs width), "
+                     "coordinate sum vs mean, the self pair in the message sum, the bias of coors_mlp, "
+                     "initialisation (library weights N(0, 1e-3))"),
+    "equiadapt": ("the canonicaliser: equiadapt's vector-neuron deep set (biases, Gram-Schmidt over coordinate "
+                  "rows, dropout 0.5: not equivariant as published) vs ours (exact); same backbone and prior "
+                  "setting"),
+    "e3nn": "the tensor products only (cuEquivariance's instead of e3nn's; same network and weights)",
+}
+NEG_GRAD = "−dE/dx"
+
+
+def _options(df: pd.DataFrame, unit: str) -> dict[str, Any]:
+    """The method options of ``unit``'s rows (a dict, or its JSON / repr text after a round trip)."""
+    col = df[df["unit"] == unit]["method_options"] if "method_options" in df else pd.Series(dtype=object)
+    for v in col:
+        if isinstance(v, dict):
+            return v
+        if isinstance(v, str) and v.strip():
+            try:
+                parsed = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                try:
+                    parsed = json.loads(v)
+                except ValueError:
+                    continue
+            if isinstance(parsed, dict):
+                return parsed
+    return {}
+
+
+def force_kind(method: str, options: dict[str, Any]) -> str:
+    """How ``method`` with ``options`` makes force predictions: ``NEG_GRAD`` when they are minus
+    the gradient of its energy (the class sets ``conservative_forces``, or the instance's
+    ``forces`` option is "conservative"), else "predicted directly"."""
+    try:
+        cls = method_class(method_of(method))
+        conservative = bool(getattr(cls, "conservative_forces", False))
+        conservative = conservative or getattr(cls(**options), "forces", None) == "conservative"
+    except Exception:  # a method not loadable now, or options it no longer takes
+        return "?"
+    return NEG_GRAD if conservative else "predicted directly"
+
+
+def pair_differences(df: pd.DataFrame, ours: str, ref: str, metric: str | None) -> str:
+    """What still differs between the two sides of a pair: on a force task (``metric`` names
+    forces) the kind of forces each predicts, then ``REMAINING_DIFFERENCES`` for the pair, and for
+    ``frame_averaging`` whether ours averages tied eigenspaces (``degenerate``)."""
+    parts = []
+    ours_method = next(iter(df[df["unit"] == ours]["method"]), ours)
+    ref_method = next(iter(df[df["unit"] == ref]["method"]), ref)
+    if metric and "force" in metric and not ours.startswith("–"):
+        a, b = force_kind(str(ours_method), _options(df, ours)), force_kind(str(ref_method), _options(df, ref))
+        parts.append(f"forces: both {a} (same kind)" if a == b else
+                     f"forces: ours {a}, reference {b} (not the same kind)")
+    if _options(df, ours).get("degenerate") == "average":
+        parts.append("tied covariance eigenvalues: ours averages frames built from the input "
+                     "(degenerate: average), the reference uses eigh's arbitrary basis")
+    text = REMAINING_DIFFERENCES.get(method_of(str(ref_method)))
+    if text:
+        parts.append(text)
+    return "; ".join(parts) if parts else "–"
+
+
 def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | None) -> dict[str, Any]:
     """One table row: the two units' numbers side by side (see module docstring)."""
     row: dict[str, Any] = {"task": task, "ours": ours, "reference": ref,
@@ -132,6 +221,7 @@ def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | Non
     row["score (ref.)"] = _score(df, ref, metric) if metric else "–"
     p = welch_p(a, b) if len(a) > 1 and len(b) > 1 else float("nan")
     row["Welch p"] = "–" if p != p else fmt.number(p)
+    row["differences"] = pair_differences(df, ours, ref, metric)
     for label, m in (("eq. err fp64", EQ64), ("eq. err fp32", EQ32)):
         row[f"{label} (ours)"] = value(spec_for(m), _mean(df, ours, m))
         row[f"{label} (ref.)"] = value(spec_for(m), _mean(df, ref, m))
@@ -139,8 +229,8 @@ def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | Non
     row["graphs/s (ours)"] = value(spec_for(THROUGHPUT), t_ours)
     row["graphs/s (ref.)"] = value(spec_for(THROUGHPUT), t_ref)
     row["ref./ours speed"] = f"{t_ref / t_ours:.2f}×" if t_ours and t_ref else "–"
-    row["params (ours / ref.)"] = (f"{fmt.number(_mean(df, ours, PARAMS), 'int') if ours != NONE else '–'} / "
-                                   f"{fmt.number(_mean(df, ref, PARAMS), 'int')}")
+    ours_params = fmt.number(_mean(df, ours, PARAMS), "int") if not ours.startswith("–") else "–"
+    row["params (ours / ref.)"] = f"{ours_params} / {fmt.number(_mean(df, ref, PARAMS), 'int')}"
     agree = _mean(df, ref, AGREEMENT)
     row["agreement"] = "–" if agree is None else value(spec_for(AGREEMENT), agree)
     row["converged (ours / ref.)"] = f"{_converged(df, ours)} / {_converged(df, ref)}"
@@ -162,7 +252,7 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
             rows.append(pair_row(ok, str(task), ours, ref, metric))
             used.append(ok[ok["unit"].isin([ours, ref])])
         for ref in unpaired_libraries(ok, {u for pair in found for u in pair}):
-            rows.append(pair_row(ok, str(task), NONE, ref, metric))
+            rows.append(pair_row(ok, str(task), unpaired_label(ok, ref), ref, metric))
             used.append(ok[ok["unit"] == ref])
         notes += unmeasured(str(task), base, {m for pair in found for m in pair} | set(ok["method"]))
     if not rows:
@@ -178,7 +268,9 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
                          "95 % t-interval with Welch's p for the difference; relative equivariance error of the "
                          "trained models (mean over test graphs and group samples); inference throughput (median "
                          "graphs/s) and the reference's speed relative to ours; 'agreement' is the reference's "
-                         "measured output deviation from ours with the same weights where its rows carry one. "
+                         "measured output deviation from ours with the same weights where its rows carry one; "
+                         "'differences' states what still differs inside the pair (on force tasks first the kind "
+                         "of forces each side predicts). "
                          + context_line(pd.concat(used))),
              "table": table, "more": [("references", full[ids + cost])],
              "index_label": "task", "css": "references", "figures": [], "tables": [],

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..metrics.catalogue import CURVE_VAL, degeneracy_metric, equivariance_metric, throughput_metric
+from ..metrics.catalogue import CURVE_VAL, degeneracy_metric, equivariance_metric, symmetric_metric, throughput_metric
 from .common import fmt, plots
 from .common.metricinfo import spec_for
 from .common.render import Section, slug
 from .common.tables import (
     EQUIVARIANCE_COLUMNS,
+    UNSTABLE_NOTE,
     context_line,
     diagnostic_columns,
     score_columns,
@@ -24,6 +25,7 @@ from .common.tables import (
     split_tuning,
     task_table,
     tuning_table,
+    unstable_timings,
 )
 from .verdicts import TaskFacts, assess, verdict_table
 
@@ -166,9 +168,69 @@ def _convergence_text(facts: TaskFacts) -> dict[str, str]:
     return out
 
 
-def task_section(task: str, df_all: pd.DataFrame, out: Path) -> Section:
+SCOPE_WORDS = {"every_input": "every input", "generic_inputs": "inputs without a symmetry of their own"}
+SYMMETRIC_LIMIT = 1e-10  # what every-input methods are held to (tests/test_symmetric_inputs.py)
+
+
+def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
+    """Per method (rows) and exactly symmetric input (columns, with its point group): the max
+    relative equivariance error of the trained fp64 model over the sampled elements, worst seed,
+    beside the method's declared exactness scope (None without ``symmetric.*`` rows)."""
+    ok = df[df["status"] == "ok"] if len(df) else df
+    rel = ok[ok["metric"] == symmetric_metric("trained", "rel_max")] if len(ok) else ok
+    if rel.empty or "symmetric_input" not in rel:
+        return None
+    disp = ok[ok["metric"] == symmetric_metric("trained", "disp_rel_max")]
+    groups = (rel.dropna(subset=["point_group"]).groupby("symmetric_input")["point_group"].first()
+              if "point_group" in rel else pd.Series(dtype=object))
+    inputs = list(dict.fromkeys(rel["symmetric_input"]))
+    scopes = (ok.drop_duplicates("method").set_index("method")["exact_scope"]
+              if "exact_scope" in ok else pd.Series(dtype=object))
+
+    def worst(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
+        # NaN (a non-finite output) counts as the worst value, never as missing
+        return {k: float("inf") if g["value"].isna().any() else float(g["value"].max())
+                for k, g in rows.groupby(["method", "symmetric_input"])}
+
+    r_max, d_max = worst(rel), worst(disp) if len(disp) else {}
+    order = {"every_input": 0, "generic_inputs": 1}
+    methods = sorted(set(rel["method"]), key=lambda m: (order.get(str(scopes.get(m)), 2), str(m)))
+    data = {}
+    for m in methods:
+        scope = scopes.get(m)
+        row = {"exact on": SCOPE_WORDS.get(str(scope), "not exact") if isinstance(scope, str) else "not exact"}
+        for name in inputs:
+            v = r_max.get((m, name))
+            cell = fmt.MISSING if v is None else "non-finite" if not np.isfinite(v) else fmt.number(v, "sci")
+            if (m, name) in d_max:
+                d = d_max[(m, name)]
+                cell += f" / {'non-finite' if not np.isfinite(d) else fmt.number(d, 'sci')}"
+            if scope == "every_input" and v is not None and not v <= SYMMETRIC_LIMIT:
+                cell += " ⚠"
+            row[f"{name} ({groups[name]})" if name in groups else name] = cell
+        data[m] = row
+    table = pd.DataFrame.from_dict(data, orient="index")
+    table.index.name = "method"
+    n = rel["repeats"].dropna() if "repeats" in rel else pd.Series(dtype=float)
+    grp = ", ".join(sorted(set(rel["group"].dropna()))) if "group" in rel else "?"
+    point = (" For point outputs, a / b: relative to ||f(X)|| / relative to the predicted displacement "
+             "||f(X) − x||." if d_max else "")
+    caption = ("Exactly symmetric inputs: max relative equivariance error ||f(g·X) − ρ(g) f(X)|| / ||f(X)|| of the "
+               f"trained model rebuilt in float64 on each of the task's standard exactly symmetric inputs (point "
+               f"group in the header), over {int(n.iloc[0]) if len(n) else '?'} sampled elements g of {grp} "
+               "(translations and node permutations included), worst seed." + point + " 'exact on': the scope the "
+               "method declares: intrinsic architectures are exact on every input (held to 1e-10, ⚠ when over); "
+               "frame, canonicalisation and local-frame methods only on inputs without a symmetry of their own "
+               "(their frame is undecided on these inputs, so an error here is the declared scope, not an "
+               "anomaly). The curves as an input approaches such a symmetry are the degeneracy figure "
+               "(evaluate: degeneracy: true).")
+    return caption, table
+
+
+def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True) -> Section:
     """The section of ``task`` from its rows (all (method, seed) runs, sweeps and tuning runs
-    included)."""
+    included). ``ranked=False`` (a run not meant for verdicts, e.g. a smoke run): the verdict
+    table has no ranks."""
     df_all, tuning = split_tuning(df_all)
     df, _ = split_sweeps(df_all)
     agg, std = seed_table(df)
@@ -176,12 +238,16 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path) -> Section:
     ctx = context_line(df)
     facts = assess(task, df)
     section: Section = {"task": task, "context": ctx, "figures": [], "index_label": "method", "css": "results",
-                        "tables": [], "verdict": verdict_table(facts, _verdict_context(df)),
+                        "tables": [], "verdict": verdict_table(facts, _verdict_context(df), ranked=ranked),
                         "collapse": "Full table: every measured number per method (mean over seeds, ± std when "
                                     "there are several): accuracy and equivariance, method diagnostics, then "
                                     "speed, memory and training",
                         "notes": _diagnostic_notes(agg) if len(agg) else []}
-    full = task_table(agg, std, n_seeds, facts.metric, _convergence_text(facts))
+    unstable = unstable_timings(df)
+    if unstable:
+        section["notes"] = [*section["notes"], UNSTABLE_NOTE + " Flagged: " + ", ".join(
+            f"{m} ({mode})" for m, mode in sorted(unstable, key=str)) + "."]
+    full = task_table(agg, std, n_seeds, facts.metric, _convergence_text(facts), unstable)
     if len(full):  # two tables (accuracy and equivariance | speed, memory and training) so that each fits
         quality = [c for c in full.columns if c[0] in QUALITY_GROUPS]
         diagnostics = [c for c in full.columns if c[0] == "method diagnostics"]
@@ -202,6 +268,9 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path) -> Section:
         section["tables"].append(("Tuning on the validation split: best validation value of the task's first metric "
                                   "per grid setting (mean over the tuning seeds; ✓ = the setting the measured runs "
                                   "used)", tuned))
+    standard = symmetric_inputs_table(df)
+    if standard is not None:
+        section["tables"].insert(0, standard)
     if symmetric is not None:
         section["tables"].append(("Max relative equivariance error on exactly symmetric inputs (fp64)", symmetric))
     return section

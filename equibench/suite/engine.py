@@ -35,7 +35,7 @@ from typing import Any
 
 from ..benches.base import Bench, Point, Row
 from ..core.envinfo import environment as env_info
-from ..core.envinfo import git_commit
+from ..core.envinfo import git_commit, load_average, load_record
 from ..core.errors import StorageError, UserError
 from ..core.registry import load_plugin, method_class
 from .envs import EnvBuildError, Environment, env_key, environment_for
@@ -261,6 +261,16 @@ def write_points(run_dir: Path, points: Sequence[Point]) -> None:
     write_json_atomic(path, {"points": list(known.values())})
 
 
+def _record_load(run_dir: Path, before: list[float] | None) -> None:
+    """Append this invocation's load averages (before, after) to ``env.json["load"]`` (the report
+    says when the machine was loaded); never fails a run."""
+    path = run_dir / "env.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        env = json.loads(path.read_text())
+        env["load"] = [*env.get("load", []), load_record(before, load_average())]
+        write_json_atomic(path, env)
+
+
 def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executor: str = "local",
                 isolate: bool = True, timeout: float | None = None, max_memory: int | str | None = None,
                 wait: bool = False, plugins: Sequence[str | os.PathLike] = (), progress: bool = True,
@@ -291,10 +301,12 @@ def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executo
         done = {r["spec_hash"] for r in stored}
         pending = {p.hash for p in points} - done
         engine = Engine(run_dir, ex, limits, plugin_paths, stored, progress, len(pending))
+        load_before = load_average()
         try:
             engine.run(make_units(points, pending))
         finally:
             engine.close()
+            _record_load(run_dir, load_before)
         with contextlib.suppress(OSError):
             (run_dir / "work").rmdir()  # only when empty: a failed clean-up stays for inspection
         write_parquet(run_dir)

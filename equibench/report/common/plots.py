@@ -146,19 +146,31 @@ def styled_lines(lines: Sequence[tuple[str, pd.Series, str, str]], path: Path, x
     _finish(fig, path)
 
 
-def ratio_bars(labels: list[str], ratios: np.ndarray, better: Sequence[bool | None], path: Path, title: str) -> None:
-    """Horizontal bars of B/A ratios on a log axis: green where B is better, red where worse,
-    grey where the metric has no better direction."""
-    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.28 * len(labels) + 1)))
+def ratio_bars(labels: list[str], ratios: np.ndarray, better: Sequence[bool | None], path: Path, title: str,
+               noise: Sequence[float] | None = None) -> None:
+    """Horizontal bars of B/A ratios on a log axis: green where B is better beyond the measured
+    noise, red where worse, grey where no change is called (within noise, or no better
+    direction); ``noise`` (log-scale spread per bar) is drawn as a whisker around zero. The figure
+    is as wide as its longest label needs (constrained layout, saved with a tight bounding box),
+    so no label is clipped."""
+    longest = max((len(x) for x in labels), default=10)
+    fig, ax = plt.subplots(figsize=(4.5 + 0.055 * longest, max(2.5, 0.3 * len(labels) + 1.2)), layout="constrained")
     colors = ["tab:grey" if b is None else "tab:green" if b else "tab:red" for b in better]
     y = np.arange(len(labels))
     ax.barh(y, np.log10(np.clip(ratios, 1e-30, None)), color=colors)
+    if noise is not None:
+        band = np.asarray(noise, dtype=float) / np.log(10)  # natural-log spread -> log10 axis
+        ok = np.isfinite(band) & (band > 0)
+        ax.errorbar(np.zeros(int(ok.sum())), y[ok], xerr=band[ok], fmt="none", ecolor="k", elinewidth=0.8,
+                    capsize=2, label="change needed to call it (k × measured noise)")
+        if ok.any():
+            ax.legend(fontsize=7, loc="lower right")
     ax.set_yticks(y, labels, fontsize=7)
     ax.axvline(0, color="k", lw=0.7)
     ax.set_xlabel("log10(B / A)")
     ax.set_title(title, fontsize=10)
-    _finish(fig, path)
-
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def learning_curves(lines: Sequence[tuple[str, pd.DataFrame, str]], panels: Sequence[tuple[str, str]], ylabel: str,
