@@ -232,3 +232,12 @@ def test_training_step_with_the_option(nbody_batch):
             loss.backward()
             torch.optim.Adam(model.parameters(), lr=1e-2).step()
             assert torch.isfinite(loss) and any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_option_claims_exactness_on_every_input():
+    """With the option the claim a reader sees is "every input" (the tests above hold it on the
+    symmetric inputs); without it "inputs without a symmetry of their own"."""
+    spec = eb.get_task("nbody", train_size=8, val_size=2, test_size=8).spec
+    for name in METHODS:
+        assert eb.get_method(name).exactness_scope(spec) == "generic_inputs"
+        assert eb.get_method(name, degenerate="average").exactness_scope(spec) == "every_input"

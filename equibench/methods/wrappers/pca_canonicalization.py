@@ -46,7 +46,7 @@ from torch_geometric.data import Batch
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...metrics.catalogue import Direction, MetricSpec, register_metric, test_metric
-from ..base import GENERIC_INPUTS, Method
+from ..base import EVERY_INPUT, GENERIC_INPUTS, Method
 from ..blocks.pca_frames import (
     apply_in_frame,
     average_in_frames,
@@ -128,6 +128,8 @@ class PCACanonicalization(Baseline):
         self.options.update(group=group)
         if degenerate != "arbitrary":  # recorded only when set: existing rows stay as they were
             self.options.update(degenerate=degenerate)
+            # exact on symmetric inputs too (measured 1e-15; pca_frames.symmetric_frames for the scope)
+            self.exact_scope_by_domain = {**self.exact_scope_by_domain, "graph3d": EVERY_INPUT}
 
     def supports(self, spec: TaskSpec) -> str | None:
         return Method.supports(self, spec) or frame_support(spec)
