@@ -174,5 +174,9 @@ def test_converge_budget_capped_before_a_plateau_is_cap_reached(nbody):
     # the search may use 1 / 1.2 of the cap (10 steps), the cool-down the rest (ceil(0.2 * 10) = 2)
     assert res.convergence == "cap_reached" and res.summary["steps"] == 12
     assert res.summary["cooldown_steps"] == 2 and "plateau_step" not in res.summary
+    # 13 steps: the search stops at step 11 (>= 13 / 1.2); ceil(0.2 * 11) = 3 would overrun, the cap wins
+    method, model = fresh(task)
+    res = train(model, method, task, data, cfg.model_copy(update={"max_steps": 13}), seed=0, val_data=val)
+    assert res.summary["steps"] == 13 and res.summary["cooldown_steps"] == 2
     with pytest.raises(UserError, match="validation split"):
         train(model, method, task, data, cfg, seed=0)

@@ -280,8 +280,14 @@ def train(model: nn.Module, method: Method, task: Task, data: list[Data], cfg: T
             best = (key, copy.deepcopy(model.state_dict()))
 
     def start_cooldown(why: str) -> None:
+        """Cool down over ceil(cooldown_fraction x steps so far), never past the step or FLOP cap
+        (the wall-clock cap can be overrun by the cool-down's share of time measurement noise)."""
         nonlocal cool_start, cool_steps, verdict
-        cool_start, cool_steps, verdict = step, math.ceil(cfg.cooldown_fraction * step), why
+        step_cap = max_steps
+        if cfg.max_flops and flops_per_step:
+            step_cap = min(step_cap, int(cfg.max_flops // flops_per_step))
+        cool_start, verdict = step, why
+        cool_steps = max(0, min(math.ceil(cfg.cooldown_fraction * step), step_cap - step))
 
     done = False
     while not done:
