@@ -223,3 +223,66 @@ def test_run_one_emits_symmetric_input_rows():
     assert max(trained) > LIMIT  # frame averaging is undecided on these inputs
     off = run_one(RunSpec(**{**spec.to_dict(), "evaluate": {**spec.evaluate, "symmetric_inputs": False}}))
     assert not [r for r in off if r["metric"].startswith("symmetric.")]
+
+
+# ---- the report shows it -------------------------------------------------------------------------
+def _rows(method: str, seed: int, *, exact: bool, scope: str | None, symmetric_errors: dict[str, float],
+          fp64: float) -> list[dict]:
+    """One synthetic (task "t", method, seed) run as the task bench writes it (what the report reads)."""
+    base = {"run_id": "r", "spec_hash": f"t-{method}-{seed}", "task": "t", "method": method, "seed": seed,
+            "status": "ok", "error": "", "convergence": "converged", "exact_claim": exact, "exact_scope": scope,
+            "setting_source": "suite file", "train_config": {"steps": 100, "batch_size": 10, "lr": 1e-3},
+            "task_options": {"train_size": 100}, "device_name": "test CPU", "git_commit": "0123456789abc"}
+    rows = [{**base, "metric": "test.mse", "value": 1.0 + 0.1 * seed + 0.01 * len(method)},
+            {**base, "metric": "trivial.mse", "value": 10.0},
+            {**base, "metric": "equivariance.trained.fp64.rel_max", "value": fp64, "dtype": "fp64", "stage": "trained"},
+            {**base, "metric": "equivariance.trained.fp32.rel_max", "value": 1e-7, "dtype": "fp32", "stage": "trained"},
+            {**base, "metric": "train.steps", "value": 100, "val_metric": "mse"}]
+    groups = {"benzene": "D6h", "methane": "Td"}
+    for name, v in symmetric_errors.items():
+        rows.append({**base, "metric": catalogue.symmetric_metric("trained", "rel_max"), "value": v * (1 + seed),
+                     "stage": "trained", "dtype": "fp64", "group": "E3", "symmetric_input": name,
+                     "point_group": groups[name], "batch_size": 1, "repeats": 4})
+    return rows
+
+
+def test_report_shows_symmetric_inputs_and_scoped_exactness(tmp_path):
+    from equibench.report.verdicts import anomalies
+    from equibench.suite.store import append_block, load_results
+
+    runs = []
+    for seed in (0, 1):
+        runs += [_rows("intrinsic", seed, exact=True, scope=EVERY_INPUT, fp64=2e-16,
+                       symmetric_errors={"benzene": 1e-15, "methane": 2e-16}),
+                 _rows("framey", seed, exact=True, scope=GENERIC_INPUTS, fp64=3e-16,
+                       symmetric_errors={"benzene": 5e-3, "methane": 1e-6}),
+                 _rows("liar", seed, exact=True, scope=EVERY_INPUT, fp64=1e-16,
+                       symmetric_errors={"benzene": 3e-5, "methane": 1e-16}),
+                 _rows("plain", seed, exact=False, scope=None, fp64=0.3,
+                       symmetric_errors={"benzene": 0.5, "methane": 0.4})]
+    run_dir = tmp_path / "res" / "r"
+    run_dir.mkdir(parents=True)
+    for rows in runs:
+        append_block(run_dir, rows)
+    found = anomalies(load_results(run_dir))
+    over = {a.method: a.text for a in found if a.kind == "exact over limit"}
+    assert set(over) == {"liar"}  # the declared scope of "framey" is not an anomaly
+    assert "symmetric inputs 6.0e-05 > 1e-10" in over["liar"]  # worst seed (seed 1: 2 x 3e-5)
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    verdict = html.split('<table class="verdict">')[1].split("</table>")[0]
+
+    def row(method: str) -> str:
+        return verdict.split(f'id="verdict-t-{method}"')[1].split("</tr>")[0]
+
+    assert "exact except on symmetric inputs (max 1.0e-02)" in row("framey")
+    assert "(exact on inputs without a symmetry of their own)" in row("framey")
+    assert "2.0e-16 · exact</td>" in row("intrinsic") and "intrinsic (exact)" in row("intrinsic")
+    assert "⚠ symmetric inputs 6.0e-05 &gt; 1e-10" in row("liar")
+    assert "exact" not in row("plain")
+    table = html.split("Exactly symmetric inputs:")[1].split("</table>")[0]
+    assert "benzene (D6h)" in table and "methane (Td)" in table
+    assert table.index("intrinsic") < table.index("framey")  # every-input methods first
+    framey = table.split("framey")[1].split("</tr>")[0]
+    assert "inputs without a symmetry of their own" in framey and "1.0e-02" in framey and "⚠" not in framey
+    assert "⚠" in table.split("liar")[1].split("</tr>")[0]
+    assert "not exact" in table.split("plain")[1].split("</tr>")[0]

@@ -44,6 +44,7 @@ from ..metrics.catalogue import (
     MetricSpec,
     equivariance_metric,
     floor_metric,
+    symmetric_metric,
     test_metric,
     throughput_metric,
     train_metric,
@@ -68,6 +69,8 @@ ALPHA = 0.05   # family-wise level of the Holm-corrected Welch tests against the
 EXACT_LIMITS = {"fp64": 1e-10, "fp32": 1e-4}  # what the tests hold exact methods to
 FAILED_STATUSES = ("failed", "out_of_memory", "timeout")
 EQ_MAX = {dtype: equivariance_metric("trained", dtype, "rel_max") for dtype in ("fp64", "fp32")}
+SYMMETRIC_MAX = symmetric_metric("trained", "rel_max")  # fp64, per exactly symmetric input (symmetric_input)
+EVERY_INPUT, GENERIC_INPUTS = "every_input", "generic_inputs"  # row column exact_scope (methods.base)
 THROUGHPUT = throughput_metric("inference", "graphs_per_s")
 GAIN = train_metric("val_improvement")  # over the window the convergence verdict judges
 OLD_GAIN = train_metric("val_improvement_last_fifth")  # runs before issue 18's convergence rule
@@ -348,6 +351,8 @@ class MethodFacts:
     lrs: list[float] = field(default_factory=list)
     budgets: list[str] = field(default_factory=list)               # "fixed" / "converge" (row column budget)
     edges: list[str] = field(default_factory=list)                 # tuning_edge notes (choice at a grid edge)
+    scope: str | None = None        # where the exactness claim holds (row column exact_scope)
+    symmetric: float | None = None  # max fp64 rel. error over the symmetric inputs and seeds (inf: non-finite)
 
     @property
     def not_converged(self) -> list[Any]:
@@ -364,8 +369,24 @@ class MethodFacts:
         """"fp64 3e-08 > 1e-10"-style notes when the method claims exactness and is over a limit."""
         if not self.exact:
             return []
-        return [f"{d} {fmt.number(v, 'sci')} > {EXACT_LIMITS[d]:.0e}" for d, v in self.equivariance.items()
-                if not fmt.missing(v) and v > EXACT_LIMITS[d]]
+        notes = [f"{d} {fmt.number(v, 'sci')} > {EXACT_LIMITS[d]:.0e}" for d, v in self.equivariance.items()
+                 if not fmt.missing(v) and v > EXACT_LIMITS[d]]
+        if self.scope != GENERIC_INPUTS and self.symmetric is not None and not self.symmetric <= EXACT_LIMITS["fp64"]:
+            # declared exact on every input: its symmetric inputs are held to the limit too
+            notes.append(f"fp64 on symmetric inputs {_symmetric_text(self.symmetric)} > {EXACT_LIMITS['fp64']:.0e}")
+        return notes
+
+    @property
+    def exact_everywhere_measured(self) -> bool:
+        """Claims exactness and is under 1e-10 (fp64) on the test graphs and on every symmetric
+        input measured (False when the symmetric inputs were not measured)."""
+        v = self.equivariance.get("fp64")
+        return (self.exact and self.symmetric is not None and self.symmetric <= EXACT_LIMITS["fp64"]
+                and not (v is not None and not fmt.missing(v) and v > EXACT_LIMITS["fp64"]))
+
+
+def _symmetric_text(v: float) -> str:
+    return "non-finite" if not np.isfinite(v) else fmt.number(v, "sci")
 
 
 @dataclass
@@ -425,6 +446,9 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
         seed = run.get("seed")
         claim = run.get("exact_claim")
         m.exact = m.exact or (isinstance(claim, (bool, np.bool_)) and bool(claim))
+        scope = run.get("exact_scope")
+        if isinstance(scope, str) and scope:
+            m.scope = scope
         source = run.get("setting_source")
         if isinstance(source, str) and source and source not in m.sources:
             m.sources.append(source)
@@ -450,6 +474,9 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
             v = g[g["metric"] == name]["value"].dropna()
             if len(v):
                 m.equivariance[dtype] = float(v.max())
+        sym = g[g["metric"] == SYMMETRIC_MAX]["value"]
+        if len(sym):  # a missing (NaN) value is a non-finite output: never "exact"
+            m.symmetric = float(sym.max()) if sym.notna().all() and np.isfinite(sym).all() else float("inf")
         tp = g[g["metric"] == THROUGHPUT]["value"].dropna()
         m.throughput = float(tp.mean()) if len(tp) else float("nan")
         for name in diagnostics:
@@ -611,11 +638,33 @@ def _settings_cell(m: MethodFacts) -> str:
 
 
 def _eq_cell(m: MethodFacts, dtype: str) -> str:
+    """The error on the test graphs; in the fp64 column, for a method claiming exactness, what the
+    claim is worth: "exact" only when it holds on every input measured (test graphs and symmetric
+    inputs), else "exact except on symmetric inputs (max e)" for a method declared exact only on
+    inputs without a symmetry of their own, ⚠ for one declared exact on every input."""
     v = m.equivariance.get(dtype)
     cell = fmt.number(v, "sci")
-    if m.exact and not fmt.missing(v) and v is not None and v > EXACT_LIMITS[dtype]:
+    over = m.exact and not fmt.missing(v) and v is not None and v > EXACT_LIMITS[dtype]
+    if over:
         cell += f" ⚠ > {EXACT_LIMITS[dtype]:.0e}"
-    return cell
+    if dtype != "fp64" or not m.exact:
+        return cell
+    if m.symmetric is None:
+        return cell + ("" if over else " · exact on the test graphs (symmetric inputs not measured)")
+    if m.symmetric <= EXACT_LIMITS["fp64"]:
+        return cell + ("" if over else " · exact")
+    if m.scope == GENERIC_INPUTS:
+        return cell + f" · exact except on symmetric inputs (max {_symmetric_text(m.symmetric)})"
+    return cell + f" · ⚠ symmetric inputs {_symmetric_text(m.symmetric)} > {EXACT_LIMITS['fp64']:.0e}"
+
+
+def _exact_label(m: MethodFacts) -> str:
+    """The mark beside the method's name: "(exact)" only where exact on every input measured."""
+    if not m.exact:
+        return ""
+    if m.symmetric is not None and not m.symmetric <= EXACT_LIMITS["fp64"] and m.scope == GENERIC_INPUTS:
+        return " (exact on inputs without a symmetry of their own)"
+    return " (exact)"
 
 
 def _diag_header(diag: Sequence[str]) -> str:
@@ -692,7 +741,11 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str], ranked: bool = Tru
         "Equivariance: max relative error ||f(g·X) − ρ(g) f(X)|| / ||f(X)|| of the trained model over "
         f"{ctx.get('equivariance', 'the test graphs and group samples')}, worst seed; fp64 = the model rebuilt "
         "in float64, fp32 = as deployed; '(exact)' = the method claims exact equivariance here and is held to "
-        "1e-10 (fp64) / 1e-4 (fp32), ⚠ when over.",
+        "1e-10 (fp64) / 1e-4 (fp32), ⚠ when over. Exactness (fp64 column): 'exact' only where the claim holds on "
+        "every input measured, the test graphs and the task's exactly symmetric inputs (the table 'Exactly "
+        "symmetric inputs' below); 'exact except on symmetric inputs (max e)' for a frame or canonicalisation "
+        "method, declared exact only on inputs without a symmetry of their own (its frame is undecided on a "
+        "symmetric input); a method declared exact on every input is held to 1e-10 there too, ⚠ when over.",
         *(["Diagnostics (mean over seeds): " + "; ".join(f"{spec_for(d).display}: {spec_for(d).description}"
                                                          for d in diag) + "."] if diag else []),
         f"Speed: inference throughput ({ctx.get('throughput', 'fp32')}), mean over seeds.",
@@ -722,7 +775,7 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
     score_header = f"{header(spec, 'test ' + spec.display)} mean ± 95 % CI"
     columns: list[tuple[str, str]] = [GROUP_COLUMN, ("", "method"), ("accuracy", score_header),
                                       VS_BEST_COLUMN, ("accuracy", "vs strongest floor"),
-                                      ("equivariance", f"fp64 max rel. err {ARROWS['lower']}"),
+                                      ("equivariance", f"fp64 max rel. err {ARROWS['lower']} · exactness"),
                                       ("equivariance", f"fp32 max rel. err {ARROWS['lower']}"),
                                       *([("equivariance", _diag_header(diag))] if diag else []),
                                       ("speed", header(spec_for(THROUGHPUT), "inference")),
@@ -758,7 +811,7 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
             flags.append("tuning at grid edge")
         if m.over_limit:
             flags.append("exact over limit")
-        cells = [rank, m.method + (" (exact)" if m.exact else ""), score, nxt, vs_floor, _eq_cell(m, "fp64"),
+        cells = [rank, m.method + _exact_label(m), score, nxt, vs_floor, _eq_cell(m, "fp64"),
                  _eq_cell(m, "fp32"),
                  *([_diag_cell(m, diag)] if diag else []),
                  value(spec_for(THROUGHPUT), m.throughput), _convergence_cell(m), _settings_cell(m)]
