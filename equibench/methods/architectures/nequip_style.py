@@ -52,7 +52,18 @@ O(3) and the statistics are invariant, so f(g.X) = rho_out(g) f(X) to round-off 
 float64 default dtype for float64 checks). Differences from NequIP: attributes may be any
 invariant node inputs (not only one-hot species); vector node inputs enter as features; the
 readout is one ``o3.Linear`` (NequIP: two, to 0e hidden and to the energy); no per-species
-scale/shift; forces (md) are predicted directly, not as -dE/dx.
+scale/shift; forces (md) are predicted directly unless ``forces="conservative"``.
+
+Forces (``forces``): ``"direct"`` (default) reads a node-level "1o" target (md forces) off the
+network's "1o" head like any vector output. ``"conservative"`` makes it an energy model, as NequIP
+is: on a task whose target is a node-level "1o" field and which has a point input, the network is
+built for a graph-level "0e" output (``blocks.energy_forces.energy_spec``: the energy E, summed
+per-atom energies) and the prediction is F_i = -dE/dx_i by autograd (``ForcesFromEnergy``: graph
+kept in training, so a force loss trains through the second derivative). F is then exactly as
+equivariant as E is invariant, and conservative. On every other task the option changes nothing
+(an energy or other target is predicted directly either way). ``params`` sizes the energy
+network. The ``reference`` suite runs ``e3nn_nequip`` with ``forces: conservative``, so its md
+pair with ``nequip`` compares the same kind of forces.
 """
 from __future__ import annotations
 
@@ -67,10 +78,20 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import global_add_pool, global_mean_pool
 
+from ...core.errors import UserError
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
 from ..base import Method, build_irreps_sized
+from ..blocks.energy_forces import ForcesFromEnergy, energy_spec
+
+#: the ``forces`` option of ``e3nn_nequip``: read forces off a "1o" head, or take -dE/dx of an energy
+FORCE_MODES = ("direct", "conservative")
+
+
+def is_force_task(spec: TaskSpec) -> bool:
+    """A node-level "1o" target on a task with a point input: forces that -dE/dx can produce."""
+    return spec.level == "node" and spec.output == "1o" and bool(spec.point_fields)
 
 
 def polynomial_cutoff(d: torch.Tensor, p: int = 6) -> torch.Tensor:
@@ -346,7 +367,9 @@ class E3NNNequIP(Method):
     def __init__(self, *, lmax: int = 1, mul: int = 32, depth: int = 4, params: int | None = None,
                  num_basis: int = 8, radial_hidden: int = 64, radial_layers: int = 2, cutoff_p: int = 6,
                  resnet: bool = False, bessel_trainable: bool = False, avg_num_neighbors: float | None = None,
-                 r_max: float | None = None) -> None:
+                 r_max: float | None = None, forces: str = "direct") -> None:
+        if forces not in FORCE_MODES:
+            raise UserError(f"e3nn_nequip: forces must be one of {FORCE_MODES}, got {forces!r}")
         if lmax < 0:
             raise ValueError(f"lmax must be >= 0, got {lmax}")
         for name, v in (("mul", mul), ("depth", depth), ("radial_hidden", radial_hidden),
@@ -366,11 +389,20 @@ class E3NNNequIP(Method):
         self.num_basis, self.radial_hidden, self.radial_layers = num_basis, radial_hidden, radial_layers
         self.cutoff_p, self.resnet, self.bessel_trainable = cutoff_p, resnet, bessel_trainable
         self.avg_num_neighbors, self.r_max = avg_num_neighbors, r_max
+        self.forces = forces
+        if forces != "direct":  # recorded only when set: existing rows stay as they were
+            self.options.update(forces=forces)
+
+    def conservative_on(self, spec: TaskSpec) -> bool:
+        """Whether the model on ``spec`` is an energy model with forces -dE/dx."""
+        return self.forces == "conservative" and is_force_task(spec)
 
     def supports(self, spec: TaskSpec) -> str | None:
         reason = super().supports(spec)
         if reason:
             return reason
+        if self.conservative_on(spec):
+            spec = energy_spec(spec)
         if not spec.point_fields:
             return "e3nn_nequip needs a 'point' input (edge geometry comes from positions)"
         if any(not is_invariant(t) for t in spec.edge_inputs.values()):
@@ -381,6 +413,8 @@ class E3NNNequIP(Method):
         return None
 
     def count(self, spec: TaskSpec, mul: int, radial_hidden: int) -> int:
+        if self.conservative_on(spec):
+            spec = energy_spec(spec)
         return parameter_count(spec, mul, self.lmax, self.depth, self.num_basis, radial_hidden,
                                self.radial_layers, self.bessel_trainable)
 
@@ -412,6 +446,9 @@ class E3NNNequIP(Method):
         return mul, min((a, b), key=lambda h: abs(self.count(spec, mul, h) - target))
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
-        return build_irreps_sized(self, spec, seed, lambda mul, rh: NequIPModel(
-            spec, mul, self.lmax, self.depth, self.num_basis, rh, self.radial_layers, self.cutoff_p, self.resnet,
+        conservative = self.conservative_on(spec)
+        net_spec = energy_spec(spec) if conservative else spec
+        model = build_irreps_sized(self, spec, seed, lambda mul, rh: NequIPModel(
+            net_spec, mul, self.lmax, self.depth, self.num_basis, rh, self.radial_layers, self.cutoff_p, self.resnet,
             self.avg_num_neighbors, self.r_max, self.bessel_trainable))
+        return ForcesFromEnergy(model, pos_field=spec.point_fields[0]) if conservative else model

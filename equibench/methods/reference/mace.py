@@ -182,7 +182,9 @@ class MaceMethod(Method):
     group = "O3"
     requirements: ClassVar[tuple[str, ...]] = (f"{LIBRARY}=={VERSION}",)
     origin: ClassVar[str] = LIBRARY
-    counterpart: ClassVar[str | None] = None  # no MACE of our own (e3nn_nequip is two-body, forces direct)
+    counterpart: ClassVar[str | None] = None  # no MACE of our own (e3nn_nequip is two-body)
+    #: forces are -dE/dx of the library's energy (the report's reference pairs state the force kind)
+    conservative_forces: ClassVar[bool] = True
     smoke_options: ClassVar[dict[str, Any]] = {"num_channels": 8, "max_ell": 2, "correlation": 2,
                                                "radial_hidden": 16}
 

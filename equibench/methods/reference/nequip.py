@@ -274,6 +274,8 @@ class NequIP(Method):
     smoke_options: ClassVar[dict[str, Any]] = {"num_features": 4, "num_layers": 2, "radial_mlp_width": 16}
     origin: ClassVar[str] = LIBRARY
     counterpart: ClassVar[str | None] = "e3nn_nequip"
+    #: forces are -dE/dx of the library's energy (the report's reference pairs state the force kind)
+    conservative_forces: ClassVar[bool] = True
 
     def __init__(self, *, num_layers: int = 4, l_max: int = 1, parity: bool = True, num_features: int = 32,
                  radial_mlp_depth: int = 1, radial_mlp_width: int = 128, num_bessels: int = 8,
