@@ -56,6 +56,7 @@ from .core.registry import (
     task_class,
     unavailable_modules,
 )
+from .methods.base import scope_summary
 from .report.build import write_comparison, write_report
 from .report.compare import compare_dirs, display_table
 from .report.history import append_history, find_regressions
@@ -165,7 +166,7 @@ def _describe_method(name: str, specs: dict[str, object]) -> None:
     print()
     print(inspect.cleandoc(cls.__doc__ or ""))
     print()
-    print(f"exact={cls.exact} group={cls.group} domains={','.join(cls.domains)}")
+    print(f"exact={cls.exact} group={cls.group} domains={','.join(cls.domains)}; exact on: {scope_summary(cls)}")
     print(f"tasks: {', '.join(_supported(cls, specs)) or '(none of the registered tasks)'}")
     print(f"options: {_option_defaults(cls)}")
 
@@ -185,6 +186,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cls = method_class(name)
         print(f"  {name:24s} exact={str(cls.exact):5s} group={str(cls.group):5s} "
               f"tasks={','.join(_supported(cls, specs)) or '-'}")
+        print(f"  {'':24s} exact on: {scope_summary(cls)}")
         print(f"  {'':24s} {first_sentence(cls.__doc__) or '(no class docstring)'}{_implementation(cls)}")
     print("tasks (equibench list --task NAME: field types, encodings, options):")
     for name, spec in specs.items():

@@ -13,6 +13,7 @@ import yaml
 import equibench as eb
 from equibench.core.errors import UserError
 from equibench.core.registry import method_class
+from equibench.methods.base import EVERY_INPUT, declared_scopes
 from equibench.metrics import catalogue as cat
 from equibench.report.references import labelled, pairs, reference_sections
 from equibench.suite.suites import expand_suite, read_suite
@@ -116,3 +117,9 @@ def test_the_readme_table_lists_every_method_with_its_origin_and_claim():
         assert origin.startswith(cls.origin), (name, origin)
         assert group == (cls.group or "–"), (name, group)
         assert exact.startswith("no") == (not any(cls.exact_by_domain.values()) and not cls.exact), (name, exact)
+        scopes = set(declared_scopes(cls).values())  # where the claim holds (tests/test_symmetric_inputs.py)
+        if scopes == {EVERY_INPUT}:
+            assert exact.startswith("yes (every input)") or exact.startswith("digits only (every input)"), (name, exact)
+        elif scopes:
+            assert "on inputs without a symmetry of their own" in exact, (name, exact)
+            assert ("every input" in exact) == (EVERY_INPUT in scopes), (name, exact)

@@ -138,6 +138,24 @@ class Method:
                 **self.options}
 
 
+def declared_scopes(cls: type[Method]) -> dict[str, str]:
+    """``{domain: scope}`` for each domain where the class claims exactness (its class attributes;
+    an option may narrow the claim per task, ``Method.exactness_scope``)."""
+    return {d: cls.exact_scope_by_domain.get(d, cls.exact_scope) for d in cls.domains
+            if cls.exact_by_domain.get(d, cls.exact)}
+
+
+def scope_summary(cls: type[Method]) -> str:
+    """Where the class's exactness claim holds, in words: "every input", "inputs without a
+    symmetry of their own", per domain when they differ, "none" when it claims none."""
+    scopes = declared_scopes(cls)
+    if not scopes:
+        return "none"
+    if len(set(scopes.values())) == 1 and set(scopes) == set(cls.domains):
+        return SCOPE_TEXT[next(iter(scopes.values()))]
+    return "; ".join(f"{d}: {SCOPE_TEXT[v]}" for d, v in scopes.items())
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
