@@ -48,6 +48,18 @@ relative to the centroid.
 Works on every graph3d task with a point input (the frames are built from it): n-body (point
 output), normals (``1o``), QM9 and md (``0e`` graph level, or md forces ``1o``). Parameters:
 ``params`` sizes ``width`` (a multiple of 3) with ``build_at_params``.
+
+``degenerate="average"`` (default ``"arbitrary"``: the above, unchanged): when the input's
+covariance has tied eigenvalues (benzene, methane, regular polygons, a square and its centre,
+collinear particles), every frame set of that forward pass, the input's and each latent one, is
+built by ``blocks.pca_frames.symmetric_frames`` (tie-breaking axes from the outermost points /
+velocities, resp. latent vectors, in the tied eigenspace; the number of copies then varies per
+graph and layer, each average weighted 1 / |frames|), and where nothing breaks a tie the latent
+vectors and the output are projected on what the residual stabiliser fixes (latent vectors: the
+axial component, resp. zero). Every frame set is then equivariant, so the model is exact on those
+inputs too (1e-15 measured). Inputs without a tie take the path above, bit for bit: their latent
+covariances only tie by accident (an input's stabiliser forces a latent tie only where it forces
+one in the input's own covariance).
 """
 from __future__ import annotations
 
@@ -60,20 +72,26 @@ from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim
 from ...symmetry.group3d import act_on_batch, act_on_output
-from ..base import GENERIC_INPUTS, Method, build_at_params
+from ..base import EVERY_INPUT, GENERIC_INPUTS, Method, build_at_params
 from ..blocks.backbone import edge_geometry, mlp, node_features
 from ..blocks.breaking import FieldInputOption
 from ..blocks.pca_frames import (
+    FrameList,
+    candidate_vectors,
     centroid,
+    check_degenerate,
     check_group,
     covariance,
     first_point_field,
     frame_set,
     frame_support,
+    gather_graphs,
     into_frame,
     out_of_frame,
     principal_axes,
     replicate,
+    stabiliser_projection,
+    symmetric_frames,
 )
 
 
@@ -108,8 +126,10 @@ class FAGNNModel(nn.Module):
     """FA-GNN (module docstring): embed -> [GCL -> latent frame average -> reframe] x (depth - 1)
     -> GCL -> decoder -> output frame average."""
 
-    def __init__(self, spec: TaskSpec, width: int, depth: int, group: str, residual: bool = False) -> None:
+    def __init__(self, spec: TaskSpec, width: int, depth: int, group: str, residual: bool = False,
+                 degenerate: str = "arbitrary") -> None:
         super().__init__()
+        self.degenerate = check_degenerate(degenerate)
         if width % 3 or width < 3:
             raise ValueError(f"fa_gnn: width must be a positive multiple of 3, got {width}")
         if depth < 1:
@@ -173,7 +193,71 @@ class FAGNNModel(nn.Module):
                          else centroid(batch[self.point], batch.batch, int(batch.num_graphs)))
         return out
 
+    def frame_list(self, vecs: torch.Tensor, index: torch.Tensor, num_graphs: int) -> FrameList:
+        """Frames of latent vectors ``vecs [N, C, 3]`` pooled per graph for the ``degenerate``
+        path: ``symmetric_frames`` of the N x C vectors about their mean, or, where nothing ties,
+        the K sign frames of every graph (weights 1 / K)."""
+        C = vecs.shape[1]
+        flat = vecs.reshape(-1, 3)
+        idx = index.repeat_interleave(C)
+        c = centroid(flat, idx, num_graphs)
+        fl = symmetric_frames(flat, (flat - c[idx]).unsqueeze(1), idx, num_graphs, self.group)
+        if fl is not None:
+            return fl
+        F, _ = frames_of_vectors(vecs, index, num_graphs, self.group)
+        B, K = F.shape[0], F.shape[1]
+        graph = torch.arange(B, device=F.device).repeat_interleave(K)
+        zeros = torch.zeros(B, dtype=torch.long, device=F.device)
+        return FrameList(F.reshape(-1, 3, 3), graph, torch.full((B * K,), 1.0 / K, dtype=F.dtype, device=F.device),
+                         c, torch.zeros_like(c), zeros, zeros.bool(), self.group)
+
+    def forward_symmetric(self, batch: Batch, fl: FrameList) -> torch.Tensor:
+        """The ``degenerate="average"`` forward pass (class docstring): frame lists of varying size
+        per graph (``gather_graphs``), weighted averages, stabiliser projections."""
+        B, N, C = int(batch.num_graphs), batch.num_nodes, self.width // 3
+        t = fl.t  # the input centroid: the origin of point outputs
+        big, node_idx = gather_graphs(batch, self.spec, fl.graph)
+        h = self.embed(node_features(act_on_batch(big, self.spec, into_frame(fl.F, t[fl.graph]), target=False),
+                                     self.spec))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, big.edge_index, edge_geometry(big, self.spec)[1])  # invariant edge attributes
+            if i == self.depth - 1:
+                break
+            self.frame_averages += 1
+            w = fl.weight[big.batch]
+            world = torch.einsum("nij,ncj->nci", fl.F[big.batch], h.reshape(-1, C, 3)) * w[:, None, None]
+            v = world.new_zeros(N, C, 3).index_add(0, node_idx, world)
+            a = fl.axis[batch.batch].unsqueeze(1)
+            stab = fl.stab[batch.batch][:, None, None]
+            v = torch.where(stab == 1, (v * a).sum(-1, keepdim=True) * a, torch.where(stab == 2, 0 * v, v))
+            fl = self.frame_list(v, batch.batch, B)
+            big, node_idx = gather_graphs(batch, self.spec, fl.graph)
+            framed = torch.einsum("nji,ncj->nci", fl.F[big.batch], (v - fl.t[batch.batch].unsqueeze(1))[node_idx])
+            h = framed.reshape(-1, self.width)
+        self.frame_averages += 1
+        y = self.decoder(h)
+        if self.spec.level == "graph":
+            y = global_add_pool(y, big.batch, size=int(big.num_graphs))
+        shift = torch.zeros_like(t) if self.residual else t
+        out = act_on_output(y, self.spec, out_of_frame(fl.F, shift[fl.graph]), big)
+        w = fl.weight.to(out.dtype)
+        if self.spec.level == "graph":
+            res = out.new_zeros(B, out.shape[-1]).index_add(0, fl.graph, out * w[:, None])
+        else:
+            res = out.new_zeros(N, out.shape[-1]).index_add(0, node_idx, out * w[big.batch][:, None])
+        if self.residual and self.spec.output == POINT:
+            res = res + (batch[self.point] if self.spec.level == "node" else t)
+        fl = FrameList(fl.F, fl.graph, fl.weight, t, fl.axis, fl.stab, fl.tied, fl.group)  # about the input centroid
+        return stabiliser_projection(res, self.spec, batch, fl)
+
     def forward(self, batch: Batch) -> torch.Tensor:
+        if self.degenerate == "average":
+            B = int(batch.num_graphs)
+            pos = batch[self.point]
+            fl = symmetric_frames(pos, candidate_vectors(batch, self.spec, centroid(pos, batch.batch, B)),
+                                  batch.batch, B, self.group)
+            if fl is not None:  # the input's covariance ties: frames from the input itself, every layer
+                return self.forward_symmetric(batch, fl)
         F, t = self.input_frames(batch)
         K, B = F.shape[1], int(batch.num_graphs)
         big = replicate(batch, self.spec, K)
@@ -199,7 +283,8 @@ class FAGNN(FieldInputOption, Method):
     smoke_options = {"width": 15, "depth": 2}
 
     def __init__(self, *, width: int = 60, depth: int = 4, params: int | None = None,
-                 group: str = "O3", residual: bool = False, field_input: bool = False) -> None:
+                 group: str = "O3", residual: bool = False, field_input: bool = False,
+                 degenerate: str = "arbitrary") -> None:
         if width < 3 or width % 3:
             raise ValueError(f"width must be a positive multiple of 3 (width / 3 latent vectors), got {width}")
         if depth < 1:
@@ -207,6 +292,11 @@ class FAGNN(FieldInputOption, Method):
         super().__init__(width=width, depth=depth, params=params, group=group, residual=residual)
         self.width, self.depth, self.params = width, depth, params
         self.group, self.residual = check_group(group), residual
+        self.degenerate = check_degenerate(degenerate)
+        if degenerate != "arbitrary":  # recorded only when set: existing rows stay as they were
+            self.options.update(degenerate=degenerate)
+            # exact on symmetric inputs too (measured 1e-15; pca_frames.symmetric_frames for the scope)
+            self.exact_scope_by_domain = {**self.exact_scope_by_domain, "graph3d": EVERY_INPUT}
         self.set_field_input(field_input)
 
     def supports(self, spec: TaskSpec) -> str | None:
@@ -217,5 +307,6 @@ class FAGNN(FieldInputOption, Method):
         reason = self.supports(spec)
         if reason:
             raise ValueError(reason)
-        return build_at_params(lambda c: FAGNNModel(spec, 3 * c, self.depth, self.group, self.residual),
+        return build_at_params(lambda c: FAGNNModel(spec, 3 * c, self.depth, self.group, self.residual,
+                                                    self.degenerate),
                                self.params, self.width // 3)
