@@ -96,6 +96,19 @@ def first_sentence(doc: str | None) -> str:
     return para
 
 
+def summary(cls: type) -> str:
+    """What ``equibench list`` says a method or task is: the first sentence of the class's own
+    docstring; for a class without one (or one that only lists options), the first sentence of
+    its module's docstring without the leading ````name``:`` label."""
+    own = cls.__dict__.get("__doc__")
+    text = first_sentence(own)
+    if text and not text.lower().startswith("options"):
+        return text
+    module = sys.modules.get(cls.__module__)
+    text = re.sub(r"^``[^`]+``:\s*", "", first_sentence(getattr(module, "__doc__", None)))
+    return (text[:1].upper() + text[1:]) if text else "(no docstring)"
+
+
 def _option_defaults(cls: type) -> str:
     fields = options_model(cls).model_fields
     return ", ".join(f"{k}={'(required)' if f.is_required() else repr(f.default)}" for k, f in fields.items())
@@ -134,12 +147,12 @@ def _implementation(cls: type) -> str:
     if origin == "equibench":
         return ""
     pair = getattr(cls, "counterpart", None)
-    return f" [library: {origin}" + (f"; our counterpart: {pair}]" if pair else "; no counterpart of ours]")
+    return f" [library: {origin}" + (f"; our counterpart: {pair}]" if pair else "; no counterpart declared]")
 
 
 def _describe_task(name: str) -> None:
     cls = task_class(name)
-    print(f"task {name}: {first_sentence(cls.__doc__) or '(no class docstring)'}")
+    print(f"task {name}: {summary(cls)}")
     print()
     print(inspect.cleandoc(cls.__doc__ or ""))
     print()
@@ -162,7 +175,7 @@ def _describe_task(name: str) -> None:
 
 def _describe_method(name: str, specs: dict[str, object]) -> None:
     cls = method_class(name)
-    print(f"method {name}: {first_sentence(cls.__doc__) or '(no class docstring)'}{_implementation(cls)}")
+    print(f"method {name}: {summary(cls)}{_implementation(cls)}")
     print()
     print(inspect.cleandoc(cls.__doc__ or ""))
     print()
@@ -187,7 +200,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:24s} exact={str(cls.exact):5s} group={str(cls.group):5s} "
               f"tasks={','.join(_supported(cls, specs)) or '-'}")
         print(f"  {'':24s} exact on: {scope_summary(cls)}")
-        print(f"  {'':24s} {first_sentence(cls.__doc__) or '(no class docstring)'}{_implementation(cls)}")
+        print(f"  {'':24s} {summary(cls)}{_implementation(cls)}")
     print("tasks (equibench list --task NAME: field types, encodings, options):")
     for name, spec in specs.items():
         if isinstance(spec, Exception):
@@ -195,7 +208,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             continue
         print(f"  {name:24s} domain={spec.domain:8s} group={spec.group:4s} output={spec.output}"
               f" ({spec.level}) metrics={','.join(spec.metrics)}")
-        print(f"  {'':24s} {first_sentence(task_class(name).__doc__)}")
+        print(f"  {'':24s} {summary(task_class(name))}")
     for name, why in unavailable_modules().items():
         print(f"  ({name}: not available, {why})")
     print("suites (purpose: what the run is for; see README):")

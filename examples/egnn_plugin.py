@@ -15,10 +15,7 @@ from torch_geometric.data import Batch
 from torch_geometric.nn import global_add_pool
 from torch_geometric.utils import scatter
 
-from equibench.methods.blocks.backbone import mlp
-from equibench.methods.base import Method, build_at_params
-from equibench.symmetry.fieldtypes import POINT, irreps
-from equibench.core.registry import register_method
+from equibench import POINT, Method, build_at_params, irreps, mlp, register_method
 
 
 class EGNNLayer(nn.Module):

@@ -11,9 +11,7 @@ from torch import nn
 from torch_geometric.nn import global_add_pool
 from torch_geometric.utils import to_dense_adj, to_dense_batch
 
-from equibench.core.registry import register_method
-from equibench.methods.base import Method, build_at_params
-from equibench.symmetry.fieldtypes import POINT, field_dim, is_invariant
+from equibench import POINT, Method, build_at_params, field_dim, is_invariant, register_method
 
 
 class Net(nn.Module):

@@ -52,7 +52,9 @@ FIELD_ON = ("always", "at_input")
 
 @register_task("nbody_field")
 class NBodyField(NBody):
-    """Options: those of ``nbody`` plus ``field`` (strength along e_z, in nbody's force units:
+    """Charged particles in a constant external field along e_z: E(3) broken to O(2)_z (nbody's fields, plus ``field``).
+
+    Options: those of ``nbody`` plus ``field`` (strength along e_z, in nbody's force units:
     a unit charge feels ``field``; the median Coulomb force on a particle in nbody's initial
     states is ~0.65) and ``field_on`` ("always" | "at_input", module docstring)."""
 

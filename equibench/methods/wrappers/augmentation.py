@@ -37,6 +37,7 @@ OVER = ("task", "full")
 
 @register_method("augmentation")
 class Augmentation(Baseline):
+    """The shared backbone trained on randomly transformed copies (one group element per graph and step)."""
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False, "image2d": False}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,

@@ -30,6 +30,7 @@ from ..blocks.image import build_image_model, image_size_options
 
 @register_method("baseline")
 class Baseline(FieldInputOption, Method):
+    """The shared message-passing backbone alone, trained on the data as given: no symmetry at all."""
     exact = False
     group: str | None = None  # (the declared type, so that subclasses may name a group)
     wraps_backbone = True

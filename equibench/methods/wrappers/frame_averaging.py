@@ -118,6 +118,7 @@ class FrameAveragedModel(nn.Module):
 
 @register_method("frame_averaging")
 class FrameAveraging(Baseline):
+    """The shared backbone averaged over PCA frames (C_N on images) around the whole model (Puny et al. 2022)."""
     exact = True
     exact_scope = GENERIC_INPUTS  # graph3d: the PCA frames are undecided on symmetric inputs
     #: image2d: the average over the whole of C_N is exact on every image
@@ -137,7 +138,7 @@ class FrameAveraging(Baseline):
         if degenerate != "arbitrary":  # recorded only when set: existing rows stay as they were
             self.options.update(degenerate=degenerate)
             # exact on symmetric inputs too (measured 1e-15; pca_frames.symmetric_frames for the scope)
-            self.exact_scope_by_domain = {**self.exact_scope_by_domain, "graph3d": EVERY_INPUT}
+            self.exact_scope = EVERY_INPUT
 
     def supports(self, spec: TaskSpec) -> str | None:
         return Method.supports(self, spec) or (None if spec.domain == "image2d" else frame_support(spec))

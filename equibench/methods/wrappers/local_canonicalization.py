@@ -21,7 +21,9 @@ from .tensor_frames import TensorFrames
 
 @register_method("local_canonicalization")
 class LocalCanonicalization(TensorFrames):
-    """Options: ``width``, ``depth``, ``params``, ``so3``, ``frames`` ("learned" | "nearest"),
+    """Tensor frames with scalar-only messages: each node's inputs canonicalised in its own local frame.
+
+    Options: ``width``, ``depth``, ``params``, ``so3``, ``frames`` ("learned" | "nearest"),
     ``handedness`` ("wide" | "local")."""
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,

@@ -146,6 +146,7 @@ def equivariance_defect(model: nn.Module, batch: Batch, spec: TaskSpec, pred: to
 
 @register_method("soft_equivariance")
 class SoftEquivariance(Baseline):
+    """The shared backbone trained with an equivariance penalty: soft, never exact (Kim et al. 2023)."""
     domains: ClassVar[tuple[str, ...]] = ("graph3d",)
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False}
     smoke_options = {"width": 16, "depth": 2, "lam": 1.0}

@@ -276,7 +276,9 @@ class TensorFramesModel(nn.Module):
 
 @register_method("tensor_frames")
 class TensorFrames(FieldInputOption, Method):
-    """Options: ``width`` (hidden dimension), ``depth``, ``params`` (target parameter count,
+    """The shared backbone made O(3)-equivariant by local frames and tensorial messages (Lippmann et al. 2025).
+
+    Options: ``width`` (hidden dimension), ``depth``, ``params`` (target parameter count,
     scales ``width``), ``so3`` (SO(3) frames from two vectors), ``frames`` ("learned" |
     "nearest"), ``handedness`` ("wide" | "local": whether a degenerate local frame, handedness or
     axes, may take candidates from the whole graph; module docstring), ``hidden_reps``
