@@ -296,7 +296,7 @@ class FAGNN(FieldInputOption, Method):
         if degenerate != "arbitrary":  # recorded only when set: existing rows stay as they were
             self.options.update(degenerate=degenerate)
             # exact on symmetric inputs too (measured 1e-15; pca_frames.symmetric_frames for the scope)
-            self.exact_scope_by_domain = {**self.exact_scope_by_domain, "graph3d": EVERY_INPUT}
+            self.exact_scope = EVERY_INPUT
         self.set_field_input(field_input)
 
     def supports(self, spec: TaskSpec) -> str | None:
