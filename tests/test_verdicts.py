@@ -1,15 +1,18 @@
 """Verdict tables and the anomaly banner, on synthetic run directories with known numbers:
-ranking in the catalogue's direction, 95 % t-intervals, Welch-test ties, the trivial predictor's
+ranking in the catalogue's direction, 95 % t-intervals, groups against the best, the trivial predictor's
 row, and the banner's failed / unconverged / exact-over-limit / no-better-than-trivial entries."""
 from __future__ import annotations
 
 import math
 import re
 
+import numpy as np
 import pytest
+from scipy import stats
 
 import equibench as eb
-from equibench.report.verdicts import anomalies, assess, holm, rank_methods, t_interval, verdict_table, welch_p
+from equibench.report.verdicts import (anomalies, assess, holm, pooled_p, pooled_variance, rank_methods, t_interval,
+                                       verdict_table, welch_p)
 from equibench.suite.store import append_block, load_results
 
 T_975 = {2: 4.302652729749462, 3: 3.1824463052837078}  # t quantiles (0.975; 2 and 3 degrees of freedom)
@@ -84,19 +87,28 @@ def test_holm_matches_a_hand_computed_example():
 
 def test_groups_cannot_chain():
     """The issue's example: the old neighbour test tied A-B and B-C, so all three were "=1" while
-    A against C has p = 1.6e-5. Every method is now compared with the best: C is separated from A
-    (Holm: 2 x 1.6e-5), B (p = 0.15, seeds 1.2..2.6 overlap A's) is not."""
+    A against C has p = 1.6e-5 (Welch). Every method is now compared with the best, with the seed
+    variance pooled over the table (s² = (2·0.01 + 2·0.49 + 2·0.01) / 6 = 0.17 on 6 degrees of
+    freedom) and Holm's correction: A alone is in the top group, B (t = 0.9 / √(0.17·2/3) = 2.673)
+    and C are not, and C does not join B's group through a chain either."""
     a, b, c = [1.0, 1.1, 0.9], [1.2, 1.9, 2.6], [2.9, 3.0, 3.1]
     assert welch_p(a, c) == pytest.approx(1.6483e-5, rel=1e-3)
+    s2, df = pooled_variance([np.asarray(v) for v in (a, b, c)])
+    assert (s2, df) == (pytest.approx(0.17), 6)
+    p_ab = 2 * stats.t.sf(0.9 / np.sqrt(0.17 * 2 / 3), 6)
+    p_ac = 2 * stats.t.sf(2.0 / np.sqrt(0.17 * 2 / 3), 6)
+    assert pooled_p(a, b, s2, df) == pytest.approx(p_ab, rel=1e-9) and 0.03 < p_ab < 0.04
     ranked = {r.method: r for r in rank_methods({"A": a, "B": b, "C": c}, "lower")}
-    assert ranked["A"].is_leader and ranked["A"].group == 1
-    assert ranked["C"].group != 1 and ranked["C"].p_holm == pytest.approx(2 * welch_p(a, c), rel=1e-9)
-    assert ranked["B"].group == 1 and ranked["B"].p_holm == pytest.approx(welch_p(a, b), rel=1e-9)
-    assert [m for m, r in ranked.items() if r.group == 1 and not r.is_leader] == ["B"]  # C never joins via B
-    # with B's spread halved it is separated too, and A is alone in the top group
-    tight = {r.method: r for r in rank_methods({"A": a, "B": [1.6, 1.9, 2.2], "C": c}, "lower")}
-    assert [m for m, r in tight.items() if r.group == 1] == ["A"]
-    assert (tight["B"].group, tight["B"].leader, tight["C"].group) == (2, "B", 3)
+    assert [m for m, r in ranked.items() if r.group == 1] == ["A"] and ranked["A"].is_leader
+    # Holm over the two tests against A: the smaller p doubled, the larger one as it is (step 2)
+    assert ranked["C"].p_best == pytest.approx(2 * p_ac, rel=1e-9)
+    assert ranked["B"].p_best == pytest.approx(max(p_ab, 2 * p_ac), rel=1e-9) and ranked["B"].p_best < 0.05
+    # group 2 is led by B; C is compared with B, not with A, and is separated from it too
+    assert (ranked["B"].group, ranked["B"].leader) == (2, "B")
+    assert ranked["C"].group == 3
+    # a noisier B that the pooled test cannot separate stays with A, and C still does not chain in
+    wide = {r.method: r for r in rank_methods({"A": a, "B": [0.6, 1.9, 3.2], "C": c}, "lower")}
+    assert wide["B"].group == 1 and wide["C"].group != 1
 
 
 def test_floor_verdict_marks_a_method_that_does_not_beat_the_floor(tmp_path):

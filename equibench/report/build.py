@@ -5,7 +5,7 @@ Above everything, a banner lists every anomaly with a link to the row that shows
 (``verdicts.anomalies``: failed specs, unconverged runs, exact methods over their limits, methods
 no better than their task's trivial predictor; nightly regressions). Each task's section opens
 with its verdict table (``verdicts.verdict_table``: ranked by the task's first metric with 95 %
-t-intervals and groups by Holm-corrected Welch tests against the best, the trivial predictor and
+t-intervals and groups by Holm-corrected pooled-variance t-tests against the best, the trivial predictor and
 the task's floors as rows, equivariance error, throughput,
 convergence and settings), then (``task_section``) a collapsible full table under grouped headers
 (aggregated over seeds as the metric catalogue says, ± std when there are several) of
@@ -47,8 +47,8 @@ from .verdicts import anomalies, t_interval
 __all__ = ["write_report", "write_comparison"]
 
 HOW_TO_READ = ("Each task opens with its verdict: methods ranked by the task's first metric (mean over seeds ± "
-               "95 % t-interval; group 1 = not distinguishable from the best by Welch's t-test against the best with "
-               "Holm's correction), its trivial predictor and floors (cheap non-learned references) as rows with, per "
+               "95 % t-interval; group 1 = not distinguishable from the best by a pooled-variance t-test "
+               "against the best with Holm's correction), its trivial predictor and floors (cheap non-learned references) as rows with, per "
                "method, whether it beats the strongest floor, and beside them equivariance error, throughput, "
                "convergence and where the settings came from; "
                "the full table below it (click to open) has every measured number. Arrows in the headers: ↓ lower "

@@ -8,8 +8,9 @@ Per task (its base configuration, ``tables.split_sweeps``):
 * **interval**: mean over seeds ± the half-width of the 95 % t-interval,
   ``t_{0.975, n-1} · s / sqrt(n)`` with ``s`` the standard deviation (ddof 1) of the ``n`` seeds'
   values; one seed gives no interval;
-* **groups** (``rank_methods``): the best method against every other by Welch's two-sided t-test,
-  Holm-corrected over the table's methods at a family-wise 5 %; group 1 = not distinguishable
+* **groups** (``rank_methods``): the best method against every other by a two-sided t-test with
+  the within-method variance pooled over the table (one-way ANOVA's error, as Hsu's comparisons
+  with the best), Holm-corrected over the table's methods at a family-wise 5 %; group 1 = not distinguishable
   from the best; the rest grouped the same way around their own best. No neighbour comparisons,
   so ties cannot chain. A method with one seed is not tested;
 * the task's **trivial predictor** (``trivial.<metric>`` rows) and its **floors** (``floor.<metric>``
@@ -65,7 +66,7 @@ from .common.tables import (
 from .sections import SCALING_TASK, TP_TASK
 
 LEVEL = 0.95   # two-sided confidence level of the intervals
-ALPHA = 0.05   # family-wise level of the Holm-corrected Welch tests against the best (groups, floors)
+ALPHA = 0.05   # family-wise level of the Holm-corrected tests against the best (groups) and floors
 EXACT_LIMITS = {"fp64": 1e-10, "fp32": 1e-4}  # what the tests hold exact methods to
 FAILED_STATUSES = ("failed", "out_of_memory", "timeout")
 EQ_MAX = {dtype: equivariance_metric("trained", dtype, "rel_max") for dtype in ("fp64", "fp32")}
@@ -78,7 +79,7 @@ NOT_CONVERGED = ("not_converged", "cap_reached")  # convergence verdicts the ban
 KINDS = ("failed", "not converged", "tuning at grid edge", "exact over limit", "not better than trivial",
          "not better than a floor")
 GROUP_COLUMN = ("", "group")
-VS_BEST_COLUMN = ("accuracy", "vs best (Welch, Holm)")
+VS_BEST_COLUMN = ("accuracy", "vs best (pooled t, Holm)")
 SPECIAL_HEADINGS = {SCALING_TASK: "Scaling: cost vs size", TP_TASK: "Tensor-product microbenchmarks"}
 
 
@@ -166,7 +167,7 @@ class Ranked:
     """One method's place: seed values, mean, interval half-width, ``rank`` (its position, 1-based;
     0 = not ranked), ``group`` (1 = not distinguishable from the best; 0 = not grouped: fewer than
     two seeds or no finite value), ``leader`` (the best method of its group), ``p_raw`` / ``p_holm``
-    (Welch's two-sided p-value against the leader and its Holm-adjusted value; NaN for the leader
+    (the pooled-variance t-test's two-sided p-value against the leader and its Holm-adjusted value; NaN for the leader
     and untested methods), ``p_best`` (the Holm-adjusted p-value against the best method)."""
     method: str
     values: list[float]
@@ -185,17 +186,49 @@ class Ranked:
         return self.group > 0 and self.leader == self.method
 
 
+def pooled_variance(samples: Sequence[np.ndarray]) -> tuple[float, int]:
+    """(s², df): the within-method variance pooled over ``samples`` (one-way ANOVA's mean square
+    error), ``s² = Σ_i (n_i − 1) s_i² / Σ_i (n_i − 1)`` with ``df = Σ_i (n_i − 1)``; samples with
+    fewer than two values add nothing."""
+    used = [v for v in samples if len(v) >= 2]
+    df = int(sum(len(v) - 1 for v in used))
+    if df == 0:
+        return float("nan"), 0
+    return float(sum((len(v) - 1) * v.var(ddof=1) for v in used) / df), df
+
+
+def pooled_p(a: Sequence[float], b: Sequence[float], s2: float, df: int) -> float:
+    """Two-sided p-value that ``a`` and ``b`` have equal means, with the pooled variance ``s2`` on
+    ``df`` degrees of freedom: ``t = (ā − b̄) / (s √(1/n_a + 1/n_b))``, ``p = 2 P(T_df > |t|)``.
+    Without any spread (``s2 = 0``): 0 when the means differ, else 1; NaN when either sample has
+    fewer than two values or ``df = 0``."""
+    x, y = _finite(a), _finite(b)
+    if len(x) < 2 or len(y) < 2 or not df or not np.isfinite(s2):
+        return float("nan")
+    d = float(x.mean() - y.mean())
+    se = float(np.sqrt(s2 * (1 / len(x) + 1 / len(y))))
+    if se <= 1e-12 * max(1.0, abs(float(x.mean())), abs(float(y.mean()))):
+        return 0.0 if d != 0 else 1.0
+    return float(2 * stats.t.sf(abs(d) / se, df))
+
+
 def rank_methods(values: Mapping[str, Sequence[float]], direction: str | None,
                  alpha: float = ALPHA) -> list[Ranked]:
     """Methods best first by their mean over seeds in ``direction`` ("higher" / "lower"; None:
     alphabetical, not ranked); methods without a finite value last, unranked.
 
-    Groups (a procedure that cannot chain): among the methods with at least two seeds, the best
-    one leads group 1; every other is tested against it (``welch_p``, two-sided) and the family of
-    those tests is corrected by Holm's step-down method (``holm``) at ``alpha``; the methods not
-    rejected join group 1 ("not distinguishable from the best"). The remaining methods form group 2
-    the same way around their best, and so on. Every member of a group is compared with its
-    leader, never with a neighbour, so a chain of small steps cannot tie the first to the last."""
+    Groups (comparisons with the best, a procedure that cannot chain; Hsu's multiple comparisons
+    with the best use the same pooled error): among the methods with at least two seeds, the best
+    one leads group 1; every other is compared with it by a two-sided t-test whose variance is the
+    within-method variance pooled over all tested methods of the table (``pooled_variance``: one-way
+    ANOVA's mean square error, ``Σ(n_i − 1)`` degrees of freedom, 6 with three methods of three
+    seeds where one pair's Welch test has about 2), and the family of those tests is corrected by
+    Holm's step-down method (``holm``) at ``alpha``; the methods not rejected join group 1 ("not
+    distinguishable from the best"). The remaining methods form group 2 the same way around their
+    best, and so on. Every member of a group is compared with its leader, never with a neighbour,
+    so a chain of small steps cannot tie the first to the last. The pooled variance assumes the
+    methods' seed spreads are alike; a method much noisier than the rest is compared with less
+    spread than its own (the caption says so)."""
     items = [Ranked(str(m), list(_finite(v)), *t_interval(v)) for m, v in values.items()]
     sign = -1.0 if direction == "higher" else 1.0
 
@@ -208,15 +241,17 @@ def rank_methods(values: Mapping[str, Sequence[float]], direction: str | None,
     for i, r in enumerate(items):
         r.rank = i + 1 if np.isfinite(r.mean) else 0
     pending = [r for r in items if r.rank and r.n >= 2]
+    s2, df = pooled_variance([np.asarray(r.values) for r in pending])
     group = 0
     while pending:
         group += 1
         lead, rest = pending[0], pending[1:]
         lead.group, lead.leader = group, lead.method
-        adjusted = holm([welch_p(lead.values, r.values) for r in rest])
+        raw = [pooled_p(lead.values, r.values, s2, df) for r in rest]
+        adjusted = holm(raw)
         left = []
-        for r, adj in zip(rest, adjusted):
-            r.p_raw, r.p_holm = welch_p(lead.values, r.values), adj
+        for r, p, adj in zip(rest, raw, adjusted):
+            r.p_raw, r.p_holm = p, adj
             if group == 1:
                 r.p_best = adj
             if adj >= alpha:
@@ -229,21 +264,22 @@ def rank_methods(values: Mapping[str, Sequence[float]], direction: str | None,
 
 def resolvable_difference(ranked: Sequence[Ranked], alpha: float = ALPHA) -> tuple[float, float] | None:
     """The smallest difference from the best method's mean that the grouping can resolve, as a
-    fraction of the best mean's magnitude: Welch's test of two methods with the median seed
-    standard deviation ``s`` of the table and the median seed count ``n`` separates them when
-    ``|d| >= t_{1 - a/2, df} · s · sqrt(2 / n)`` (``df = 2 (n - 1)``). Returned for Holm's
-    strictest step (``a = alpha / m``, ``m`` the tests against the best) and its most lenient one
+    fraction of the best mean's magnitude: with the pooled seed standard deviation ``s`` on ``df``
+    degrees of freedom (``pooled_variance``) and the median seed count ``n``, two methods are
+    separated when ``|d| >= t_{1 - a/2, df} · s · sqrt(2 / n)``. Returned for Holm's strictest
+    step (``a = alpha / m``, ``m`` the tests against the best) and its most lenient one
     (``a = alpha``); None with fewer than two tested methods or a zero best mean."""
     tested = [r for r in ranked if r.rank and r.n >= 2]
     if len(tested) < 2 or not tested[0].mean:
         return None
-    s = float(np.median([np.std(r.values, ddof=1) for r in tested]))
+    s2, df = pooled_variance([np.asarray(r.values) for r in tested])
+    if not df or not np.isfinite(s2):
+        return None
     n = int(np.median([r.n for r in tested]))
     m = len(tested) - 1
-    df = 2 * (n - 1)
 
     def d(a: float) -> float:
-        return float(stats.t.ppf(1 - a / 2, df) * s * np.sqrt(2 / n) / abs(tested[0].mean))
+        return float(stats.t.ppf(1 - a / 2, df) * np.sqrt(s2) * np.sqrt(2 / n) / abs(tested[0].mean))
     return d(alpha / m), d(alpha)
 
 
@@ -571,7 +607,7 @@ def _p(v: float) -> str:
 
 
 def _group_cell(r: Ranked, best: Ranked | None) -> str:
-    """How the method stands against the best of its group (Welch, Holm-adjusted p-values)."""
+    """How the method stands against the best of its group (pooled t-test, Holm-adjusted p-values)."""
     if not r.rank:
         return fmt.MISSING
     if not r.group:
@@ -690,8 +726,10 @@ def seed_covers(task: str) -> str:
 
 def _groups_text(facts: TaskFacts) -> str:
     """The caption's account of the grouping procedure and the difference it can resolve."""
-    text = ("Groups: the best method (by mean) against every other with Welch's two-sided t-test (unequal "
-            "variances), the p-values corrected by Holm's step-down method over the table's methods at a "
+    text = ("Groups: the best method (by mean) against every other with a two-sided t-test whose variance is the "
+            "seed variance pooled over the table's methods (one-way ANOVA's error, as in Hsu's comparisons with "
+            "the best: more degrees of freedom than one pair's Welch test at a handful of seeds; it assumes the "
+            "methods' seed spreads are alike), the p-values corrected by Holm's step-down method over the table's methods at a "
             "family-wise 5 % level; the methods it cannot separate from the best form group 1 ('not "
             "distinguishable from the best'); the rest are grouped the same way around their own best (group 2, "
             "...). Every method is compared with its group's best, never with a neighbour, so ties cannot chain. "
@@ -700,7 +738,7 @@ def _groups_text(facts: TaskFacts) -> str:
     if res is not None:
         tested = [r for r in facts.ranked if r.rank and r.n >= 2]
         n = int(np.median([r.n for r in tested]))
-        text += (f" With {n} seeds and the table's median seed spread, a difference from the best smaller than "
+        text += (f" With {n} seeds and the table's pooled seed spread, a difference from the best smaller than "
                  f"about {100 * res[0]:.2g} % of the best score (Holm's strictest step) or {100 * res[1]:.2g} % "
                  "(its most lenient) cannot be resolved.")
     return text
