@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from .errors import UserError
+from .errors import UserError, closest
 
 C = TypeVar("C", bound="Config")
 
@@ -44,7 +44,8 @@ def one_line(err: ValidationError, what: str, cls: type[BaseModel] | None = None
         return msg
     if e.get("type") == "extra_forbidden":
         known = ", ".join(sorted(cls.model_fields)) if cls is not None else ""
-        return f"unknown {what} option {loc!r}" + (f" (known: {known})" if known else "")
+        hint = closest(loc, cls.model_fields) if cls is not None else ""
+        return f"unknown {what} option {loc!r}{hint}" + (f" (known: {known})" if known else "")
     if e.get("type") == "missing":
         return f"{what} option {loc!r} is required"
     given = e.get("input")

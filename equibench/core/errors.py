@@ -12,12 +12,16 @@ class UserError(Exception):
     """
 
 
+def closest(name: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` naming the choices closest to ``name`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(str(name), sorted(map(str, choices)), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 def did_you_mean(kind: str, name: str, choices: Iterable[str]) -> UserError:
     """A ``UserError`` for an unknown ``name`` with close matches from ``choices``."""
     choices = sorted(choices)
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return UserError(f"unknown {kind} {name!r}{hint} (known: {', '.join(choices) or 'none'})")
+    return UserError(f"unknown {kind} {name!r}{closest(name, choices)} (known: {', '.join(choices) or 'none'})")
 
 
 class StorageError(Exception):

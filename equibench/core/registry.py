@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from .autoimport import builtin_index, import_all
-from .errors import UserError, did_you_mean
+from .errors import UserError, closest, did_you_mean
 
 T = TypeVar("T")
 
@@ -189,7 +189,8 @@ def validate_options(cls: type[Any], kind: str, options: dict[str, Any]) -> None
         key = ".".join(str(x) for x in e.get("loc", ()))
         if e.get("type") == "extra_forbidden":
             known = ", ".join(sorted(model.model_fields)) or "none"
-            raise UserError(f"{kind} {cls.name!r} has no option {key!r} (options: {known})") from None
+            raise UserError(f"{kind} {cls.name!r} has no option {key!r}{closest(key, model.model_fields)} "
+                            f"(options: {known})") from None
         if e.get("type") == "missing":
             return  # a required option is the constructor's to report
         field = model.model_fields.get(key.split(".")[0])

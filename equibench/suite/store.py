@@ -50,6 +50,22 @@ def storage_errors(path: str | os.PathLike) -> Iterator[None]:
                            "make room (or fix the permissions) and rerun with --resume") from None
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise ``StorageError`` (one line) unless results can be written under ``path``: checked
+    before anything runs, so it names the cause (a file in the way, no permission) instead of
+    the mid-run "finished results are kept" message."""
+    target = Path(path)
+    probe = target
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise StorageError(f"cannot write results in {target}: {probe} is a file, not a directory; choose "
+                           "another --results-dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write results in {target}: {probe} is not writable (permissions or a "
+                           "read-only file system); choose another --results-dir")
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
@@ -108,6 +124,26 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in rows if counts.get(r.get("block", "")) == r.get("block_size")]
 
 
+#: statuses of a point that did not finish its measurement (the CLI exits 4 when any point has one)
+FAILED_STATUSES = ("failed", "timeout", "out_of_memory")
+
+
+def point_statuses(run_dir: Path) -> dict[str, str]:
+    """Each recorded point's outcome (by ``spec_hash``): the worst status among its rows, a
+    failure ("failed", "timeout" for a ``failed`` row whose error is a timeout, "out_of_memory")
+    over "ok" over the rest ("not_applicable", "skipped")."""
+    rank = {"ok": 1, **{s: 2 for s in FAILED_STATUSES}}
+    out: dict[str, str] = {}
+    for r in read_records(run_dir):
+        status = str(r.get("status") or "ok")
+        if status == "failed" and str(r.get("error") or "").startswith("timeout"):
+            status = "timeout"
+        h = str(r.get("spec_hash"))
+        if h not in out or rank.get(status, 0) > rank.get(out[h], 0):
+            out[h] = status
+    return out
+
+
 def completed_specs(run_dir: Path) -> set[str]:
     """Spec hashes with a complete block (finished, failed or not applicable)."""
     return {r["spec_hash"] for r in read_records(run_dir)}
@@ -130,6 +166,8 @@ def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
 
 
 def run_dirs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The run directories named by ``paths`` (a run directory, or a results root holding them),
+    each once."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[Path] = []
@@ -140,19 +178,73 @@ def run_dirs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Pat
             out.extend(sorted(d for d in p.iterdir() if (d / RECORDS).exists()))
         else:
             raise UserError(f"no results at {p} (expected a run directory with {RECORDS} or a results root)")
-    return out
+    seen: set[Path] = set()
+    unique = []
+    for d in out:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            unique.append(d)
+    return unique
+
+
+def _finished(rows: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Sort key of one point's block: finished ("ok") first, then the newest ``finished_at``."""
+    return (any(r.get("status") == "ok" for r in rows), max(str(r.get("finished_at") or "") for r in rows))
+
+
+def merge_runs(per_dir: list[tuple[Path, list[dict[str, Any]]]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of several run directories with every point (``spec_hash``: task, method, options,
+    seed, settings) counted once, and notes saying what was merged. A point recorded in several
+    runs (a rerun) keeps the block of the newest finished one (an ``ok`` block over a failed one,
+    then the latest ``finished_at``); a (task, method, seed) measured under different settings in
+    different runs is kept but named (the tables aggregate its configurations together)."""
+    blocks: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for d, rows in per_dir:
+        mine: dict[str, list[dict[str, Any]]] = {}
+        for i, r in enumerate(rows):  # a row without a point hash is its own point
+            h = r.get("spec_hash")
+            mine.setdefault(str(h) if h is not None else f"{d}#{i}", []).append(r)
+        for h, block in mine.items():
+            blocks.setdefault(h, []).append((d.name, block))
+    kept: list[dict[str, Any]] = []
+    replaced: dict[tuple[str, str], int] = {}
+    for candidates in blocks.values():
+        run, block = max(candidates, key=lambda c: _finished(c[1]))
+        kept.extend(block)
+        for other, _ in candidates:
+            if other != run:
+                replaced[(other, run)] = replaced.get((other, run), 0) + 1
+    notes = []
+    if len(per_dir) > 1:
+        notes.append(f"merged {len(per_dir)} runs: {', '.join(d.name for d, _ in per_dir)}")
+    for (old, new), n in sorted(replaced.items()):
+        notes.append(f"{n} point(s) of run {old} were measured again in run {new} (same task, method, options and "
+                     f"seed): counted once, from {new} (newest finished)")
+    configs: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+    for r in kept:
+        if r.get("task") is not None and r.get("seed") is not None:
+            configs.setdefault((str(r["task"]), str(r.get("method")), str(r["seed"])), set()).add(
+                (str(r.get("spec_hash")), str(r.get("run_id"))))
+    for (task, method, seed), found in sorted(configs.items()):
+        runs = sorted({run for _, run in found})
+        if len({h for h, _ in found}) > 1 and len(runs) > 1:
+            notes.append(f"{task}/{method} seed {seed} was measured under different settings in runs "
+                         f"{', '.join(runs)}: the tables aggregate them together")
+    return kept, notes
 
 
 def load_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """A DataFrame of all complete rows from run directories (or a results root holding them).
+    """A DataFrame of all complete rows from run directories (or a results root holding them),
+    each point counted once (``merge_runs``; its notes in ``df.attrs["merged"]``).
 
     Raises ``UserError`` when nothing is found.
     """
     dirs = run_dirs(paths)
-    rows = [r for d in dirs for r in read_records(d)]
+    rows, notes = merge_runs([(d, read_records(d)) for d in dirs])
     if not rows:
         raise UserError(f"no results found in {', '.join(map(str, dirs)) or paths}")
     df = pd.DataFrame(rows)
+    df.attrs["merged"] = notes
     for col in ID_COLUMNS:
         if col not in df:
             df[col] = None

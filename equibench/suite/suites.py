@@ -429,7 +429,7 @@ def _expand(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str]
         return lambda k: f"command line (--{kind}-option {name}.{k})"
 
     def suite_at(*path: str) -> Callable[[str], str]:
-        return lambda k: suite.at(*path, k)
+        return lambda k: f"suite file {suite.at(*path, k)}"
 
     def smoke_at(cls: type[Any]) -> Callable[[str], str]:
         return lambda k: f"{cls.__module__}.{cls.__name__}.smoke_options"
@@ -438,7 +438,7 @@ def _expand(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str]
         try:
             cls = task_class(t)
         except UserError as err:
-            raise UserError(f"{suite.at('tasks', t)}: {err}") from None
+            raise UserError(f"suite file {suite.at('tasks', t)}: {err}") from None
         layers: list[Layer] = []
         if t not in suite.tasks and suite.scale:
             layers.append((_scale_source(suite), smoke_at(cls), dict(getattr(cls, "smoke_options", {}))))
@@ -462,7 +462,7 @@ def _expand(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str]
             try:
                 cls = method_class(key)
             except UserError as err:
-                raise UserError(f"{suite.at('methods', key)}: {err}") from None
+                raise UserError(f"suite file {suite.at('methods', key)}: {err}") from None
             layers = []
             if key not in suite.methods and suite.scale:
                 layers.append((_scale_source(suite), smoke_at(cls), dict(getattr(cls, "smoke_options", {}))))
