@@ -69,7 +69,7 @@ from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT
 from ...symmetry.group2d import group_order
 from ...symmetry.precision import default_dtype
-from ..base import GENERIC_INPUTS, Method, build_at_params
+from ..base import Method, build_at_params
 from ..blocks.backbone import BackboneModel
 from ..blocks.cnn import ConvCore, ImageModel, image_field, resolve_group
 from ..blocks.image import build_image_model, image_size_options
@@ -279,7 +279,6 @@ class Equiadapt(Baseline):
     """equiadapt's canonicalisers (n-body: VNDeepSets; images: e2cnn C_N) before our networks."""
 
     exact = False
-    exact_scope = GENERIC_INPUTS  # image2d: the argmax is undecided on C4-symmetric images
     group: str | None = "O3"
     domains: ClassVar[tuple[str, ...]] = ("graph3d", "image2d")
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False, "image2d": True}

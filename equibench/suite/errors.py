@@ -1,7 +1,0 @@
-"""Deprecated alias: ``equibench.suite.errors`` moved to ``equibench.core.errors``.
-
-Import the public names from ``equibench`` instead; this module goes in equibench 0.3.
-"""
-from ..core.deprecation import moved_module
-
-moved_module(__name__, "equibench.core.errors")
