@@ -157,7 +157,7 @@ def count_params(resolved: list[dict[str, Any]], budget_s: float = PARAM_COUNT_B
     start = time.perf_counter()
     for entry in resolved:
         cls = method_class(entry["method"])
-        if (not cls.__module__.startswith("equibench.") or getattr(cls, "requirements", ())
+        if (not cls.__module__.startswith("equibench.") or getattr(cls, "requirements", None)
                 or time.perf_counter() - start > budget_s):
             continue
         t_opts = {k: v["value"] for k, v in entry["task_options"].items() if v["source"] != suites.DEFAULT}

@@ -478,8 +478,8 @@ def _expand(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str]
                 out.append((spec, {"task_options": t_src, "method_options": m_src, "train": train_src,
                                    "evaluate": eval_src}))
     first: dict[str, tuple[RunSpec, Sources]] = {}
-    for spec, src in out:
-        first.setdefault(spec.hash, (spec, src))  # a sweep value equal to the base option is the same spec
+    for spec, sources in out:
+        first.setdefault(spec.hash, (spec, sources))  # a sweep value equal to the base option is the same spec
     return list(first.values())
 
 
