@@ -25,7 +25,7 @@ import importlib
 import warnings
 from typing import Any
 
-from .core.deprecation import EquibenchDeprecationWarning
+from .core.deprecation import EquibenchDeprecationWarning, install
 
 __version__ = "0.1.0"
 
@@ -71,6 +71,7 @@ __all__ = sorted([*_API, "EquibenchDeprecationWarning", "__version__"])
 # equibench's own deprecations are shown (Python hides DeprecationWarning outside __main__,
 # which would hide them from every plugin file and notebook helper)
 warnings.filterwarnings("default", category=EquibenchDeprecationWarning)
+install()  # old import paths of moved modules keep working for one release (core/deprecation.py)
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import equibench` stays cheap

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import equibench as eb
-from equibench.core.deprecation import EquibenchDeprecationWarning
+from equibench.core.deprecation import MOVED, EquibenchDeprecationWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what a plugin author needs (issue 19): the interfaces, registries, metric declaration, the
@@ -61,11 +61,7 @@ def test_the_private_import_scan_catches_both_forms():
     assert not PRIVATE_IMPORT.search("from equibench import Method\nimport equibench as eb")
 
 
-@pytest.mark.parametrize("old, new", [("equibench.suite.registry", "equibench.core.registry"),
-                                      ("equibench.suite.spec", "equibench.core.spec"),
-                                      ("equibench.suite.fieldtypes", "equibench.symmetry.fieldtypes"),
-                                      ("equibench.suite.errors", "equibench.core.errors"),
-                                      ("equibench.suite.precision", "equibench.symmetry.precision")])
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
 def test_moved_modules_keep_a_warning_alias(old, new):
     sys.modules.pop(old, None)
     with pytest.warns(DeprecationWarning, match=f"{re.escape(old)} moved to {re.escape(new)}") as record:
@@ -74,6 +70,12 @@ def test_moved_modules_keep_a_warning_alias(old, new):
     target = importlib.import_module(new)
     public = [n for n in vars(target) if not n.startswith("_") and not isinstance(vars(target)[n], type(sys))]
     assert public and all(getattr(alias, n) is getattr(target, n) for n in public)
+    assert not (ROOT / (old.replace(".", "/") + ".py")).exists()  # a virtual alias: no file to discover
+
+
+def test_the_old_paths_are_not_files_and_unknown_paths_still_fail():
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("equibench.suite.no_such_module")
 
 
 def test_an_old_layout_plugin_still_loads_and_is_warned(tmp_path):
