@@ -56,6 +56,7 @@ from .core.registry import (
     task_class,
     unavailable_modules,
 )
+from .core.spec import TaskSpec
 from .methods.base import scope_summary
 from .report.build import write_comparison, write_report
 from .report.compare import compare_dirs, display_table
@@ -114,8 +115,8 @@ def _option_defaults(cls: type) -> str:
     return ", ".join(f"{k}={'(required)' if f.is_required() else repr(f.default)}" for k, f in fields.items())
 
 
-def _task_specs() -> dict[str, object]:
-    specs = {}
+def _task_specs() -> dict[str, TaskSpec | Exception]:
+    specs: dict[str, TaskSpec | Exception] = {}
     for name in list_tasks():
         try:
             specs[name] = get_task(name).spec
@@ -124,7 +125,7 @@ def _task_specs() -> dict[str, object]:
     return specs
 
 
-def _supported(cls: type, specs: dict[str, object]) -> list[str]:
+def _supported(cls: type, specs: dict[str, TaskSpec | Exception]) -> list[str]:
     """The tasks a method (with its default options) runs on (``Method.supports``)."""
     try:
         method = cls()
@@ -173,7 +174,7 @@ def _describe_task(name: str) -> None:
     print(f"options: {_option_defaults(cls)}")
 
 
-def _describe_method(name: str, specs: dict[str, object]) -> None:
+def _describe_method(name: str, specs: dict[str, TaskSpec | Exception]) -> None:
     cls = method_class(name)
     print(f"method {name}: {summary(cls)}{_implementation(cls)}")
     print()
