@@ -5,8 +5,10 @@ init, train to the shared budget (``training.py``), evaluate the task metrics on
 measure equivariance (fp32 as deployed; fp64 on a copy rebuilt under a float64 default, the e3nn
 precision trap) under the task's group and, where the task declares one, under the group its
 environment breaks (``equivariance_broken.*``, ``TaskSpec.broken_group``), the Lie derivative (along
-the generators of the measured group), optional degeneracy curves, and throughput + memory. Every
-metric name comes from the catalogue (``equibench.metrics.catalogue``).
+the generators of the measured group), the fp64 error on each of the task's exactly symmetric
+inputs (``symmetric.*``, at init and trained; ``Task.symmetric_inputs``, built in float64), optional
+degeneracy curves, and throughput + memory. Every metric name comes from the catalogue
+(``equibench.metrics.catalogue``).
 """
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
                 cell += f" / {'non-finite' if not np.isfinite(d) else fmt.number(d, 'sci')}"
             if scope == "every_input" and v is not None and not v <= SYMMETRIC_LIMIT:
                 cell += " ⚠"
-            row[f"{name} ({groups[name]})" if name in groups else name] = cell
+            row[f"{name} ({str(groups[name]).replace('_inf_', '∞')})" if name in groups else name] = cell
         data[m] = row
     table = pd.DataFrame.from_dict(data, orient="index")
     table.index.name = "method"
@@ -223,7 +223,7 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
                "frame, canonicalisation and local-frame methods only on inputs without a symmetry of their own "
                "(their frame is undecided on these inputs, so an error here is the declared scope, not an "
                "anomaly). The curves as an input approaches such a symmetry are the degeneracy figure "
-               "(evaluate: degeneracy: true).")
+               "(evaluate option degeneracy)")
     return caption, table
 
 
