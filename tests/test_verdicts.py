@@ -11,8 +11,18 @@ import pytest
 from scipy import stats
 
 import equibench as eb
-from equibench.report.verdicts import (anomalies, assess, holm, pooled_p, pooled_variance, rank_methods, t_interval,
-                                       verdict_table, welch_p)
+from equibench.report.verdicts import (
+    anomalies,
+    assess,
+    exact_vs_baseline,
+    holm,
+    pooled_p,
+    pooled_variance,
+    rank_methods,
+    t_interval,
+    verdict_table,
+    welch_p,
+)
 from equibench.suite.store import append_block, load_results
 
 T_975 = {2: 4.302652729749462, 3: 3.1824463052837078}  # t quantiles (0.975; 2 and 3 degrees of freedom)
@@ -285,3 +295,20 @@ def test_unranked_table_has_no_rank_column_and_says_so(tmp_path):
     assert len(plain.columns) == len(ranked.columns) - 2 and all(len(r) == len(plain.columns) for r in plain.rows)
     assert plain.row_ids.index("verdict-t-b") < plain.row_ids.index("verdict-t-a")  # still sorted by score
     assert "not meant for verdicts" in plain.caption and "not meant for verdicts" not in ranked.caption
+
+
+def test_exact_vs_baseline_sentence(tmp_path):
+    """The task section's sentence on symmetry against no symmetry: an exact method far below the
+    baseline is 'better', one inside the baseline's spread is 'not separated', and when none is
+    separated the sentence says the run cannot tell them apart."""
+    def facts_of(values: dict[str, list[float]]):
+        runs = []
+        for method, vals in values.items():
+            runs += seeds("t", method, vals, exact=method != "baseline")
+        return assess("t", load_results(write_run(tmp_path / str(len(list(tmp_path.iterdir()))), runs)))
+    text = exact_vs_baseline(facts_of({"baseline": [1.0, 1.1, 0.9], "e3nn": [0.3, 0.32, 0.31],
+                                       "egnn": [1.05, 0.95, 1.0]}))
+    assert "better than the baseline: e3nn" in text and "not separated from the baseline by the seeds: egnn" in text
+    assert "cannot tell" not in text
+    none = exact_vs_baseline(facts_of({"baseline": [1.0, 1.1, 0.9], "egnn": [1.05, 0.95, 1.0]}))
+    assert "cannot tell any exact method" in none

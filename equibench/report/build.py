@@ -48,7 +48,8 @@ __all__ = ["write_report", "write_comparison"]
 
 HOW_TO_READ = ("Each task opens with its verdict: methods ranked by the task's first metric (mean over seeds ± "
                "95 % t-interval; group 1 = not distinguishable from the best by a pooled-variance t-test "
-               "against the best with Holm's correction), its trivial predictor and floors (cheap non-learned references) as rows with, per "
+               "against the best with Holm's correction), its trivial predictor and floors (cheap non-learned "
+               "references) as rows with, per "
                "method, whether it beats the strongest floor, and beside them equivariance error, throughput, "
                "convergence and where the settings came from; "
                "the full table below it (click to open) has every measured number. Arrows in the headers: ↓ lower "

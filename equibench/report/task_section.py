@@ -27,7 +27,7 @@ from .common.tables import (
     tuning_table,
     unstable_timings,
 )
-from .verdicts import TaskFacts, assess, verdict_table
+from .verdicts import TaskFacts, assess, exact_vs_baseline, verdict_table
 
 THROUGHPUT_AXIS = throughput_metric("inference", "graphs_per_s")
 DEGENERACY_CURVE = degeneracy_metric("gap", "rel_max")
@@ -243,6 +243,9 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
                                     "there are several): accuracy and equivariance, method diagnostics, then "
                                     "speed, memory and training",
                         "notes": _diagnostic_notes(agg) if len(agg) else []}
+    versus = exact_vs_baseline(facts) if ranked else ""
+    if versus:
+        section["notes"] = [versus, *section["notes"]]
     unstable = unstable_timings(df)
     if unstable:
         section["notes"] = [*section["notes"], UNSTABLE_NOTE + " Flagged: " + ", ".join(

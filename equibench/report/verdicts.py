@@ -574,6 +574,39 @@ def judge_floors(facts: TaskFacts) -> None:
         facts.vs_floor[r.method] = FloorVerdict(facts.strongest, p, adj, beats)
 
 
+BASELINE = "baseline"  # the shared backbone without any symmetry mechanism
+
+
+def exact_vs_baseline(facts: TaskFacts, baseline: str = BASELINE) -> str:
+    """One sentence: which methods that claim exactness the seeds separate from ``baseline`` (the
+    same backbone without symmetry), better or worse, and which they do not. Each exact method's
+    seeds against the baseline's by the pooled-variance t-test of the groups (``pooled_p``, the
+    seed variance pooled over the table), Holm-corrected over the exact methods at ``ALPHA``.
+    Empty without a direction, a baseline with two seeds or an exact method with two seeds."""
+    ranked = {r.method: r for r in facts.ranked if r.rank and r.n >= 2}
+    base = ranked.get(baseline)
+    direction = facts.spec.direction if facts.spec else None
+    exact = [r for name, r in ranked.items() if name != baseline and facts.methods.get(name, MethodFacts(name)).exact]
+    if base is None or not exact or direction is None:
+        return ""
+    s2, df = pooled_variance([np.asarray(r.values) for r in ranked.values()])
+    adjusted = holm([pooled_p(r.values, base.values, s2, df) for r in exact])
+    groups: dict[str, list[str]] = {"better": [], "worse": [], "not separated": []}
+    for r, adj in zip(exact, adjusted):
+        key = "not separated" if not (np.isfinite(adj) and adj < ALPHA) else \
+            ("better" if better(r.mean, base.mean, direction) else "worse")
+        groups[key].append(f"{r.method} (p_Holm = {_p(adj)})")
+    parts = [f"{k} than the baseline: {', '.join(v)}" for k, v in groups.items() if v and k != "not separated"]
+    if groups["not separated"]:
+        parts.append(f"not separated from the baseline by the seeds: {', '.join(groups['not separated'])}")
+    text = (f"Symmetry against no symmetry ({facts.task}, test {facts.spec.display if facts.spec else ''}, "
+            f"{base.n} seeds; pooled-variance t-test, Holm over the exact methods): " + "; ".join(parts) + ".")
+    if not groups["better"] and not groups["worse"]:
+        text += (" At this size and number of seeds the run cannot tell any exact method from the backbone "
+                 "without symmetry.")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # the verdict table
 
@@ -729,10 +762,10 @@ def _groups_text(facts: TaskFacts) -> str:
     text = ("Groups: the best method (by mean) against every other with a two-sided t-test whose variance is the "
             "seed variance pooled over the table's methods (one-way ANOVA's error, as in Hsu's comparisons with "
             "the best: more degrees of freedom than one pair's Welch test at a handful of seeds; it assumes the "
-            "methods' seed spreads are alike), the p-values corrected by Holm's step-down method over the table's methods at a "
-            "family-wise 5 % level; the methods it cannot separate from the best form group 1 ('not "
-            "distinguishable from the best'); the rest are grouped the same way around their own best (group 2, "
-            "...). Every method is compared with its group's best, never with a neighbour, so ties cannot chain. "
+            "methods' seed spreads are alike), the p-values corrected by Holm's step-down method over the "
+            "table's methods at a family-wise 5 % level; the methods it cannot separate from the best form "
+            "group 1 ('not distinguishable from the best'); the rest are grouped the same way around their own "
+            "best (group 2, ...). Every method is compared with its group's best, never with a neighbour, so ties cannot chain. "
             "A method with one seed is not tested.")
     res = resolvable_difference(facts.ranked)
     if res is not None:
