@@ -765,8 +765,8 @@ def _groups_text(facts: TaskFacts) -> str:
             "methods' seed spreads are alike), the p-values corrected by Holm's step-down method over the "
             "table's methods at a family-wise 5 % level; the methods it cannot separate from the best form "
             "group 1 ('not distinguishable from the best'); the rest are grouped the same way around their own "
-            "best (group 2, ...). Every method is compared with its group's best, never with a neighbour, so ties cannot chain. "
-            "A method with one seed is not tested.")
+            "best (group 2, ...). Every method is compared with its group's best, never with a neighbour, so "
+            "ties cannot chain. A method with one seed is not tested.")
     res = resolvable_difference(facts.ranked)
     if res is not None:
         tested = [r for r in facts.ranked if r.rank and r.n >= 2]
