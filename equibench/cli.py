@@ -331,7 +331,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     out = args.out or str(Path("reports") / Path(args.runs[0]).name)
-    print(f"report: {write_report(args.runs, out)}")
+    index = write_report(args.runs, out)
+    for line in load_results(args.runs).attrs.get("merged", []):  # which runs, which reruns counted once
+        print(line)
+    print(f"report: {index}")
     return 0
 
 
