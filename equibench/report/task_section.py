@@ -189,8 +189,8 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
 
     def worst(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
         # NaN (a non-finite output) counts as the worst value, never as missing
-        return {k: float("inf") if g["value"].isna().any() else float(g["value"].max())
-                for k, g in rows.groupby(["method", "symmetric_input"])}
+        return {(str(m), str(name)): float("inf") if g["value"].isna().any() else float(g["value"].max())
+                for (m, name), g in rows.groupby(["method", "symmetric_input"])}
 
     r_max, d_max = worst(rel), worst(disp) if len(disp) else {}
     order = {"every_input": 0, "generic_inputs": 1}
