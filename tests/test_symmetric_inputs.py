@@ -299,3 +299,13 @@ def test_report_shows_symmetric_inputs_and_scoped_exactness(tmp_path):
     assert "inputs without a symmetry of their own" in framey and "1.0e-02" in framey and "⚠" not in framey
     assert "⚠" in table.split("liar")[1].split("</tr>")[0]
     assert "not exact" in table.split("plain")[1].split("</tr>")[0]
+
+
+def test_the_quick_suite_measures_symmetric_inputs():
+    from equibench.benches.taskrun import EvalConfig
+    from equibench.suite.suites import expand_suite, read_suite
+
+    specs = expand_suite(read_suite("quick"))
+    assert specs and all(EvalConfig.from_dict(s.evaluate).symmetric_inputs for s in specs)
+    assert {s.task for s in specs} >= {"nbody", "normals"}
+    assert all(task_of(t).symmetric_inputs() for t in ("nbody", "normals", "qm9", "md"))
