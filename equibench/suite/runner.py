@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from ..benches.base import Bench
 from ..benches.taskrun import TaskBench
 from ..benches.tuning import TuneBench, extension_settings, select_settings
 from ..core.errors import UserError
-from ..core.registry import load_plugin
+from ..core.registry import get_method, get_task, load_plugin, method_class
 from ..core.spec import RunSpec
+from ..methods.base import count_parameters
 from . import suites
 from .engine import run_benches
 from .store import RECORDS, check_writable, load_results, read_records, storage_errors, write_json_atomic
@@ -150,10 +152,6 @@ def count_params(resolved: list[dict[str, Any]], budget_s: float = PARAM_COUNT_B
     built-in methods without extra requirements, until ``budget_s`` seconds are spent; the others
     keep ``None`` ("at build": the run's ``params`` row has it). A plugin's build may hang, exit
     or need its own environment, so it is never built here."""
-    import torch
-
-    from ..core.registry import get_method, get_task, method_class
-    from ..methods.base import count_parameters
     start = time.perf_counter()
     for entry in resolved:
         cls = method_class(entry["method"])
