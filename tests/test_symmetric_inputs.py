@@ -240,7 +240,7 @@ def test_run_one_emits_symmetric_input_rows():
 
 # ---- the report shows it -------------------------------------------------------------------------
 def _rows(method: str, seed: int, *, exact: bool, scope: str | None, symmetric_errors: dict[str, float],
-          fp64: float) -> list[dict]:
+          fp64: float, error: str = "") -> list[dict]:
     """One synthetic (task "t", method, seed) run as the task bench writes it (what the report reads)."""
     base = {"run_id": "r", "spec_hash": f"t-{method}-{seed}", "task": "t", "method": method, "seed": seed,
             "status": "ok", "error": "", "convergence": "converged", "exact_claim": exact, "exact_scope": scope,
@@ -255,7 +255,8 @@ def _rows(method: str, seed: int, *, exact: bool, scope: str | None, symmetric_e
     for name, v in symmetric_errors.items():
         rows.append({**base, "metric": catalogue.symmetric_metric("trained", "rel_max"), "value": v * (1 + seed),
                      "stage": "trained", "dtype": "fp64", "group": "E3", "symmetric_input": name,
-                     "point_group": groups[name], "batch_size": 1, "repeats": 4})
+                     "point_group": groups[name], "batch_size": 1, "repeats": 4,
+                     **({"symmetric_error": error} if error and v != v else {})})
     return rows
 
 
@@ -272,14 +273,17 @@ def test_report_shows_symmetric_inputs_and_scoped_exactness(tmp_path):
                  _rows("liar", seed, exact=True, scope=EVERY_INPUT, fp64=1e-16,
                        symmetric_errors={"benzene": 3e-5, "methane": 1e-16}),
                  _rows("plain", seed, exact=False, scope=None, fp64=0.3,
-                       symmetric_errors={"benzene": 0.5, "methane": 0.4})]
+                       symmetric_errors={"benzene": 0.5, "methane": 0.4}),
+                 _rows("crashy", seed, exact=True, scope=EVERY_INPUT, fp64=1e-16,
+                       symmetric_errors={"benzene": 1e-16, "methane": float("nan")}, error="LinAlgError: boom")]
     run_dir = tmp_path / "res" / "r"
     run_dir.mkdir(parents=True)
     for rows in runs:
         append_block(run_dir, rows)
     found = anomalies(load_results(run_dir))
     over = {a.method: a.text for a in found if a.kind == "exact over limit"}
-    assert set(over) == {"liar"}  # the declared scope of "framey" is not an anomaly
+    assert set(over) == {"liar", "crashy"}  # the declared scope of "framey" is not an anomaly
+    assert "non-finite" in over["crashy"]
     assert "symmetric inputs 6.0e-05 > 1e-10" in over["liar"]  # worst seed (seed 1: 2 x 3e-5)
     html = eb.write_report(run_dir, tmp_path / "rep").read_text()
     verdict = html.split('<table class="verdict">')[1].split("</table>")[0]
@@ -299,6 +303,24 @@ def test_report_shows_symmetric_inputs_and_scoped_exactness(tmp_path):
     assert "inputs without a symmetry of their own" in framey and "1.0e-02" in framey and "⚠" not in framey
     assert "⚠" in table.split("liar")[1].split("</tr>")[0]
     assert "not exact" in table.split("plain")[1].split("</tr>")[0]
+    assert "failed" in table.split("crashy")[1].split("</tr>")[0]
+
+
+def test_a_model_that_raises_on_a_symmetric_input_gives_a_row_not_a_crash():
+    class Picky(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1, dtype=F64))
+
+        def forward(self, batch):
+            if batch.num_nodes == 3:
+                raise RuntimeError("three atoms")
+            return batch.pos.sum(0, keepdim=True).norm(dim=-1, keepdim=True) * 0 + self.w
+
+    spec = task_of("qm9").spec
+    rows = {r["input"]: r for r in symmetric_input_errors(Picky(), inputs_of("qm9"), spec, n_samples=2)}
+    assert rows["water"]["error"].startswith("RuntimeError: three atoms") and np.isnan(rows["water"]["rel_max"])
+    assert rows["benzene"]["rel_max"] == 0.0 and "error" not in rows["benzene"]  # constant: invariant
 
 
 def test_the_quick_suite_measures_symmetric_inputs():

@@ -256,7 +256,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
                 if stat in r:  # disp_rel_max: point outputs only
                     add(catalogue.symmetric_metric(stage, stat), r[stat], stage=stage, dtype="fp64", group=group,
                         symmetric_input=r["input"], point_group=point_groups.get(r["input"]), batch_size=1,
-                        repeats=r["n_samples"])
+                        repeats=r["n_samples"], **({"symmetric_error": r["error"]} if "error" in r else {}))
         if ecfg.lie_derivative and tspec.domain == "graph3d":
             lie = lie_derivative(fp64.to(device), eq_batch, tspec, generators=lie_generators(group))
             for stat in ("rel_mean", "rel_max"):

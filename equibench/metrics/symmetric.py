@@ -31,11 +31,17 @@ def symmetric_input_errors(model: nn.Module, inputs: Sequence[tuple[str, Data]],
                            seed: int = 0) -> list[dict[str, Any]]:
     """One row per input: ``input`` (its name) and ``equivariance_error``'s statistics
     (``rel_mean``, ``rel_max``, ``abs_max``, ``disp_rel_*`` for point outputs, ``n_samples``,
-    ``group``, ...) on that input alone, with the same ``seed`` for every input."""
+    ``group``, ...) on that input alone, with the same ``seed`` for every input. A model that
+    raises on an input gets NaN statistics and the message in ``error`` (the run goes on)."""
     rows = []
     for name, data in inputs:
-        res = equivariance_error(model, Batch.from_data_list([data]), spec, n_samples=n_samples, dtype=dtype,
-                                 group=group, seed=seed)
+        try:
+            res = equivariance_error(model, Batch.from_data_list([data]), spec, n_samples=n_samples, dtype=dtype,
+                                     group=group, seed=seed)
+        except Exception as err:  # noqa: BLE001 - a model that cannot run on a symmetric input is a result
+            nan = float("nan")
+            res = {"rel_mean": nan, "rel_median": nan, "rel_max": nan, "abs_max": nan, "n_samples": n_samples,
+                   "n_graphs": 1, "group": group or spec.group, "error": f"{type(err).__name__}: {err}"[:300]}
         rows.append({"input": name, **res})
     return rows
 

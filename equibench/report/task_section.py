@@ -193,6 +193,8 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
                 for (m, name), g in rows.groupby(["method", "symmetric_input"])}
 
     r_max, d_max = worst(rel), worst(disp) if len(disp) else {}
+    failed = ({(str(m), str(name)) for m, name, e in zip(rel["method"], rel["symmetric_input"], rel["symmetric_error"])
+               if isinstance(e, str) and e} if "symmetric_error" in rel else set())
     order = {"every_input": 0, "generic_inputs": 1}
     methods = sorted(set(rel["method"]), key=lambda m: (order.get(str(scopes.get(m)), 2), str(m)))
     data = {}
@@ -201,8 +203,9 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
         row = {"exact on": SCOPE_WORDS.get(str(scope), "not exact") if isinstance(scope, str) else "not exact"}
         for name in inputs:
             v = r_max.get((m, name))
-            cell = fmt.MISSING if v is None else "non-finite" if not np.isfinite(v) else fmt.number(v, "sci")
-            if (m, name) in d_max:
+            cell = (fmt.MISSING if v is None else "failed" if (str(m), str(name)) in failed
+                    else "non-finite" if not np.isfinite(v) else fmt.number(v, "sci"))
+            if (m, name) in d_max and (str(m), str(name)) not in failed:
                 d = d_max[(m, name)]
                 cell += f" / {'non-finite' if not np.isfinite(d) else fmt.number(d, 'sci')}"
             if scope == "every_input" and v is not None and not v <= SYMMETRIC_LIMIT:
@@ -218,7 +221,8 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
     caption = ("Exactly symmetric inputs: max relative equivariance error ||f(g·X) − ρ(g) f(X)|| / ||f(X)|| of the "
                f"trained model rebuilt in float64 on each of the task's standard exactly symmetric inputs (point "
                f"group in the header), over {int(n.iloc[0]) if len(n) else '?'} sampled elements g of {grp} "
-               "(translations and node permutations included), worst seed." + point + " 'exact on': the scope the "
+               "(translations and node permutations included), worst seed; 'failed': the model raised on the input, "
+               "'non-finite': it returned NaN or inf." + point + " 'exact on': the scope the "
                "method declares: intrinsic architectures are exact on every input (held to 1e-10, ⚠ when over); "
                "frame, canonicalisation and local-frame methods only on inputs without a symmetry of their own "
                "(their frame is undecided on these inputs, so an error here is the declared scope, not an "
