@@ -1,16 +1,20 @@
 """Per-point overhead of the engine's worker processes on a trivial point (no measurement work).
 
-Three ways to run the same job (one point of a no-op bench, registered by a throw-away plugin):
+Four ways to run the same job (one point of a no-op bench, registered by a throw-away plugin):
 
-* ``subprocess``: the engine's worker, ``python -m equibench.suite.worker JOB OUT`` started by
-  ``launch.run_worker`` (Popen, RSS polling, marker, result file);
+* ``warm``: the engine's default, a child forked by the preloaded warm parent (``warm.py``,
+  started once in ``setup``) and watched by ``launch.watch`` (RSS polling, marker, result file);
+* ``subprocess``: the cold worker, ``python -m equibench.suite.worker JOB OUT`` started by
+  ``launch.run_worker`` (Popen, then the same watching; ``EQUIBENCH_WORKER=cold``);
 * ``spawn``: the old approach re-created for comparison — a ``multiprocessing`` *spawn* process
   running the same ``worker.run_job`` (so both import the same modules and write the same files);
 * ``inline``: ``worker.run_job`` in this process (the floor: no process start, imports cached).
 
 ``engine`` is the whole ``run_benches`` path for 4 trivial points (lock, job files, store,
-Parquet), reported per point. asv: ``time_*`` (seconds per call) and ``track_*`` (seconds per
-point, median of 3). Script mode, ``python benchmarks/bench_worker.py [repeats]``, prints all.
+Parquet), reported per point, with warm workers (the parent already running, as for every point
+of a run but the first) and ``engine_cold`` with cold ones. asv: ``time_*`` (seconds per call)
+and ``track_*`` (seconds per point, median of 3). Script mode,
+``python benchmarks/bench_worker.py [repeats]``, prints all with the machine's load average.
 """
 from __future__ import annotations
 
@@ -88,8 +92,12 @@ class WorkerOverhead(Benchmark):
         self.job.write([str(self.plugin)], [], None)
         self.doc = json.loads(self.job.job_file.read_text())
         self.runs = 0
+        from equibench.suite import warm
+        self.warm = warm.enabled() and warm.parent_for(sys.executable, self.tmp / "logs") is not None
 
     def teardown(self, *params: Any) -> None:
+        from equibench.suite import warm
+        warm.close_all()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _clean(self) -> None:
@@ -103,6 +111,23 @@ class WorkerOverhead(Benchmark):
         self._clean()
         t0 = time.perf_counter()
         out = run_worker(sys.executable, self.job.job_file, self.job.dir, self.job.log, Limits(max_memory=2**40))
+        dt = time.perf_counter() - t0
+        assert out.returncode == 0 and self.job.read_result(self.job.points[0]) is not None, out
+        return dt
+
+    def run_warm(self) -> float:
+        """A child of the warm parent (NaN where warm workers are unavailable)."""
+        from equibench.suite import warm
+        from equibench.suite.launch import STARTUP_GRACE_S, watch
+        from equibench.suite.limits import Limits
+        if not self.warm:
+            return float("nan")
+        self._clean()
+        t0 = time.perf_counter()
+        child = warm.start(sys.executable, self.job.job_file, self.job.dir, self.job.log, self.tmp / "logs")
+        assert child is not None
+        out = watch(child, self.job.dir, self.job.log, Limits(max_memory=2**40), None, time.monotonic(),
+                    STARTUP_GRACE_S)
         dt = time.perf_counter() - t0
         assert out.returncode == 0 and self.job.read_result(self.job.points[0]) is not None, out
         return dt
@@ -125,19 +150,31 @@ class WorkerOverhead(Benchmark):
         assert run_job(self.doc, self.job.dir) == 0
         return time.perf_counter() - t0
 
-    def run_engine(self, n: int = 4) -> float:
-        """Seconds per point of ``run_benches`` over ``n`` trivial points (env.json pre-written)."""
+    def run_engine(self, n: int = 4, mode: str = "warm") -> float:
+        """Seconds per point of ``run_benches`` over ``n`` trivial points (env.json pre-written),
+        with ``mode`` ("warm" or "cold") workers."""
         from equibench.suite.engine import run_benches
         self.runs += 1
         run_dir = self.tmp / f"run{self.runs}"
         run_dir.mkdir()
         (run_dir / "env.json").write_text("{}")  # torch's collect_env is a one-off per run, not per point
-        t0 = time.perf_counter()
-        run_benches([self.bench_cls(n, tag=str(self.runs))], run_dir, plugins=[str(self.plugin)], progress=False)
-        return (time.perf_counter() - t0) / n
+        before = os.environ.get("EQUIBENCH_WORKER")
+        os.environ["EQUIBENCH_WORKER"] = mode
+        try:
+            t0 = time.perf_counter()
+            run_benches([self.bench_cls(n, tag=str(self.runs))], run_dir, plugins=[str(self.plugin)], progress=False)
+            return (time.perf_counter() - t0) / n
+        finally:
+            if before is None:
+                del os.environ["EQUIBENCH_WORKER"]
+            else:
+                os.environ["EQUIBENCH_WORKER"] = before
 
     def time_subprocess_worker(self) -> None:
         self.run_subprocess()
+
+    def time_warm_worker(self) -> None:
+        self.run_warm()
 
     def time_spawn_worker(self) -> None:
         self.run_spawn()
@@ -149,6 +186,10 @@ class WorkerOverhead(Benchmark):
         return statistics.median(self.run_subprocess() for _ in range(3))
     track_subprocess_worker_s.unit = "s"
 
+    def track_warm_worker_s(self) -> float:
+        return statistics.median(self.run_warm() for _ in range(3))
+    track_warm_worker_s.unit = "s"
+
     def track_spawn_worker_s(self) -> float:
         return statistics.median(self.run_spawn() for _ in range(3))
     track_spawn_worker_s.unit = "s"
@@ -157,26 +198,38 @@ class WorkerOverhead(Benchmark):
         return statistics.median(self.run_engine() for _ in range(3))
     track_engine_per_point_s.unit = "s"
 
+    def track_engine_cold_per_point_s(self) -> float:
+        return statistics.median(self.run_engine(mode="cold") for _ in range(3))
+    track_engine_cold_per_point_s.unit = "s"
+
 
 def main(repeats: int = 5) -> None:
     b = WorkerOverhead()
     b.setup()
     try:
         b.run_inline()  # warm this process's imports
-        results: dict[str, list[float]] = {"subprocess": [], "spawn": [], "inline": [], "engine": []}
+        load = os.getloadavg()
+        results: dict[str, list[float]] = {"warm": [], "subprocess": [], "spawn": [], "inline": [], "engine": [],
+                                           "engine_cold": []}
         for _ in range(repeats):  # interleaved, so host-speed drift hits every variant alike
+            results["warm"].append(b.run_warm())
             results["subprocess"].append(b.run_subprocess())
             results["spawn"].append(b.run_spawn())
             results["inline"].append(b.run_inline())
             results["engine"].append(b.run_engine())
+            results["engine_cold"].append(b.run_engine(mode="cold"))
+        load = tuple(max(a, z) for a, z in zip(load, os.getloadavg()))
     finally:
         b.teardown()
     print(f"per-point overhead on a trivial point, median (min-max) of {repeats}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}:")
-    labels = {"subprocess": "subprocess worker (python -m equibench.suite.worker)",
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, {os.cpu_count()} CPUs, "
+          f"load average (1, 5, 15 min; the larger of before/after) {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}:")
+    labels = {"warm": "warm: child forked by the preloaded parent (default)",
+              "subprocess": "cold: python -m equibench.suite.worker",
               "spawn": "multiprocessing spawn (old run_isolated)",
               "inline": "in-process run_job (no new interpreter)",
-              "engine": "run_benches per point (4 points: lock, jobs, store)"}
+              "engine": "run_benches per point, warm (4 points: lock, jobs, store)",
+              "engine_cold": "run_benches per point, cold (EQUIBENCH_WORKER=cold)"}
     for k, v in results.items():
         print(f"  {labels[k]:56s} {statistics.median(v):7.3f} s  ({min(v):.3f}-{max(v):.3f})")
 

@@ -23,7 +23,7 @@ from equibench.cli import main
 from equibench.core.errors import UserError
 from equibench.core.registry import load_plugin
 from equibench.core.spec import RunSpec
-from equibench.suite import store
+from equibench.suite import store, warm
 from equibench.suite.engine import run_benches
 from equibench.suite.launch import log_tail
 from equibench.suite.limits import parse_size
@@ -45,8 +45,9 @@ def tiny(method: str, seed: int = 0, **opts) -> RunSpec:
     return RunSpec(method=method, seed=seed, method_options=opts, **TINY)
 
 
-def write_suite(path: Path, methods: dict, seeds=(0,), name: str = "tiny") -> Path:
-    path.write_text(json.dumps({"name": name, "tasks": {"nbody": TINY["task_options"]}, "train": TINY["train"],
+def write_suite(path: Path, methods: dict, seeds=(0,), name: str = "tiny", steps: int | None = None) -> Path:
+    train = TINY["train"] if steps is None else {**TINY["train"], "steps": steps}
+    path.write_text(json.dumps({"name": name, "tasks": {"nbody": TINY["task_options"]}, "train": train,
                                 "evaluate": TINY["evaluate"], "seeds": list(seeds), "methods": methods}))
     return path
 
@@ -163,14 +164,62 @@ def test_grouped_points_share_a_worker_and_a_dead_worker_is_replaced(tmp_path):
     assert not (run_dir / "work").exists()
 
 
+def test_warm_parent_forks_every_point_and_outlives_a_killed_child(tmp_path):
+    """Main-environment points run in children forked by one preloaded parent: every point has
+    the same parent and a pid of its own; a child killed with SIGKILL is a failed row naming the
+    signal and the next point runs in the same parent; a child's matrix product on 2 threads
+    completes (the parent never started OpenMP's pool, whose threads a forked child lacks) and the
+    parent's OS threads are as many as when it had just imported; a parent killed mid-point is a
+    failed row for that point and the next point gets a fresh parent."""
+    if not warm.enabled():
+        pytest.skip("warm workers need Linux (fork, pidfd) and EQUIBENCH_WORKER != cold")
+    load_plugin(TOY)
+    from equibench.benches.base import bench_class
+    bench = bench_class("toy")([("a", "rows", "", 0), ("b", "rows", "", 0), ("k", "sigkill", "", 0),
+                                ("c", "rows", "", 0), ("p", "parallel", "", 0), ("x", "kill_parent", "", 0),
+                                ("d", "rows", "", 0)])
+    run_dir = run_benches([bench], tmp_path / "warm", timeout=120, plugins=[TOY], progress=False)
+    rows = {r["name"]: r for r in read_records(run_dir)}
+    first = rows["a"]["ppid"]
+    assert first not in (os.getpid(), None)
+    assert rows["b"]["ppid"] == rows["c"]["ppid"] == rows["p"]["ppid"] == first
+    assert len({rows[n]["pid"] for n in "abcp"}) == 4 and first not in {rows[n]["pid"] for n in "abcp"}
+    assert rows["k"]["status"] == "failed" and rows["k"]["exit_signal"] == "SIGKILL"
+    assert "worker killed by SIGKILL" in rows["k"]["error"]
+    assert rows["p"]["status"] == "ok" and rows["p"]["value"] == 2 * 2 * 512 and rows["p"]["threads"] == 2
+    assert rows["x"]["status"] == "failed" and f"warm worker parent (pid {first}) died" in rows["x"]["error"]
+    assert rows["d"]["status"] == "ok" and rows["d"]["ppid"] not in (first, os.getpid())
+    parent = warm._PARENTS[sys.executable]
+    assert parent.pid == rows["d"]["ppid"] and parent.ask_threads() == parent.threads
+    assert all(rows[n]["executor"] == "local" and rows[n]["environment"] == "main" for n in rows)
+
+
+def test_cold_workers_on_request(tmp_path, monkeypatch):
+    """EQUIBENCH_WORKER=cold runs each job in a fresh interpreter started by the runner itself;
+    any other value than warm/cold is a one-line UserError."""
+    load_plugin(TOY)
+    from equibench.benches.base import bench_class
+    monkeypatch.setenv("EQUIBENCH_WORKER", "cold")
+    run_dir = run_benches([bench_class("toy")([("solo", "rows", "", 0)])], tmp_path / "cold", plugins=[TOY],
+                          progress=False)
+    (row,) = read_records(run_dir)
+    assert row["status"] == "ok" and row["ppid"] == os.getpid()
+    monkeypatch.setenv("EQUIBENCH_WORKER", "tepid")
+    with pytest.raises(UserError, match="EQUIBENCH_WORKER='tepid'"):
+        run_benches([bench_class("toy")([("solo", "rows", "", 0)])], tmp_path / "bad", plugins=[TOY],
+                    progress=False)
+
+
 # ---- one runner per run directory; kill -9; full disk ---------------------------------------
 
 def test_kill_minus_9_then_resume_runs_every_spec_once(tmp_path):
     """A real `equibench run` (workers as subprocesses) holds its run directory: a second runner
     exits 2 naming it. Killed with SIGKILL mid-run, it leaves no worker behind and nothing that
-    blocks `--resume`, which then completes every spec exactly once."""
+    blocks `--resume`, which then completes every spec exactly once. (The points train 1500 steps,
+    seconds each: with warm workers the 4-step points would all end before the second runner has
+    even imported equibench.)"""
     suite = write_suite(tmp_path / "suite.yaml", {"baseline": SMALL, "augmentation": SMALL}, seeds=(0, 1, 2),
-                        name="killtest")
+                        name="killtest", steps=1500)
     cmd = [sys.executable, "-m", "equibench.cli", "run", str(suite), "--results-dir", str(tmp_path / "res"),
            "--name", "k", "--quiet", "--no-report"]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,8 +1,11 @@
 """Executors: where jobs run. Each yields every job with the worker's ``Outcome`` as it ends.
 
-* ``LocalExecutor`` (``executor="local"``): one worker subprocess at a time on this machine
-  (``launch.run_worker``: limits, log, marker); with ``isolate=False`` the main environment's jobs
-  run in this process instead (``worker.run_job``: no limits, no interpreter start; debugging).
+* ``LocalExecutor`` (``executor="local"``): one worker at a time on this machine, under the same
+  limits, log and marker either way: a child forked by the environment's warm parent
+  (``warm.py``: torch, torch_geometric and equibench already imported) where ``warm.enabled()``,
+  else a cold worker subprocess (``launch.run_worker``); with ``isolate=False`` the main
+  environment's jobs run in this process instead (``worker.run_job``: no limits, no interpreter
+  start; debugging).
 * ``SubmititExecutor`` (``executor="submitit"``): each submitit task runs ``submitit_job``, which
   starts the very same worker command (same job file, result files, memory and time limits, log)
   on the node it lands on and returns the worker's outcome; the runner then stores the results
@@ -23,8 +26,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import UserError
+from . import warm as warm_workers
 from .jobs import Job, read_job
-from .launch import Outcome, run_worker
+from .launch import STARTUP_GRACE_S, Outcome, run_worker, watch
 from .limits import Limits
 from .worker import peak_rss, run_job
 
@@ -43,22 +47,31 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """One worker subprocess at a time on this machine (``isolate=False``: in this process,
-    without limits, for jobs in the main environment; faster, for debugging)."""
+    """One worker at a time on this machine: forked by a warm parent (``warm=None``: where
+    ``warm.enabled()``) or a cold subprocess (``isolate=False``: in this process, without limits,
+    for jobs in the main environment; faster, for debugging)."""
 
     wave = 1
 
-    def __init__(self, limits: Limits, isolate: bool = True) -> None:
+    def __init__(self, limits: Limits, isolate: bool = True, warm: bool | None = None) -> None:
         self.limits, self.isolate = limits, isolate
+        self.warm = warm_workers.enabled() if warm is None else warm
         self.name = "local" if isolate else "inline"
 
     def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
         for job in jobs:
-            job.launched = time.time()
             if self.isolate or job.environment != "main":
-                yield job, run_worker(job.python, job.job_file, job.dir, job.log, self.limits,
-                                      on_tick=functools.partial(on_tick, job))
+                tick = functools.partial(on_tick, job)
+                # a warm parent's start-up is not the job's time (a cold worker's start is)
+                child = warm_workers.start(job.python, job.job_file, job.dir, job.log, job.log.parent) \
+                    if self.warm else None
+                job.launched = time.time()
+                if child is not None:
+                    yield job, watch(child, job.dir, job.log, self.limits, tick, time.monotonic(), STARTUP_GRACE_S)
+                else:
+                    yield job, run_worker(job.python, job.job_file, job.dir, job.log, self.limits, on_tick=tick)
             else:
+                job.launched = time.time()
                 t0 = time.monotonic()
                 code = run_job(read_job(job.job_file), job.dir)
                 yield job, Outcome(code, None, peak_rss(), "", time.monotonic() - t0, "", None)

@@ -1,6 +1,8 @@
 """Start one worker as a subprocess and watch it until it ends: memory, time, exit status.
 
-``run_worker`` starts ``<python> -m equibench.suite.worker JOB_FILE OUT_DIR`` with
+``watch`` is the one watching loop, for a cold worker (``Subprocess``) and for a child forked by
+a warm parent (``warm.ForkedChild``) alike (``Watched``: pid, ended, wait, kill, reap).
+``run_worker`` starts a *cold* worker: ``<python> -m equibench.suite.worker JOB_FILE OUT_DIR`` with
 ``subprocess.Popen`` in a session of its own, stdout and stderr appended to the job's log file,
 the runner's ``equibench`` first on ``PYTHONPATH`` (``-P`` keeps the working directory off
 ``sys.path`` on Python >= 3.11, so the worker imports the runner's source, not a checkout that
@@ -29,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -111,8 +113,10 @@ def log_tail(path: str | os.PathLike, n: int = 3, max_bytes: int = 65536) -> str
     return " / ".join(keep[-n:])
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def _tree_rss(proc: psutil.Process | None) -> int:
     total = 0
+    if proc is None:
+        return 0
     try:
         procs = [proc] + proc.children(recursive=True)
     except psutil.Error:
@@ -134,14 +138,19 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
         pass
-    for c in children:
+    kill_all(children)
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    """SIGKILL each of ``procs`` (psutil checks each is still the process it was, not a reused pid)."""
+    for c in procs:
         try:
             c.kill()
         except psutil.Error:
             continue
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
     except ValueError:
@@ -172,6 +181,56 @@ def _reap(proc: subprocess.Popen) -> tuple[int, int]:
     return proc.returncode, int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
+class Watched(Protocol):
+    """A running worker as ``watch`` sees it: a cold worker subprocess (``Subprocess``) or a
+    child forked by a warm parent (``warm.ForkedChild``)."""
+
+    pid: int
+
+    def ended(self) -> bool: ...
+
+    def wait(self, seconds: float) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def reap(self) -> tuple[int | None, int]: ...
+
+    def ending(self) -> str: ...
+
+    def process(self) -> psutil.Process | None: ...
+
+
+class Subprocess:
+    """A cold worker: our own child, in a session of its own."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.pid = proc, proc.pid
+        self.ps = psutil.Process(proc.pid)
+        self._wait = _waiter(proc.pid)
+
+    def ended(self) -> bool:
+        return _ended(self.proc)
+
+    def wait(self, seconds: float) -> None:
+        self._wait(seconds)
+
+    def kill(self) -> None:
+        _kill_tree(self.proc)
+
+    def reap(self) -> tuple[int | None, int]:
+        try:
+            return _reap(self.proc)
+        finally:
+            if hasattr(self._wait, "fd"):
+                os.close(self._wait.fd)
+
+    def ending(self) -> str:
+        return ""
+
+    def process(self) -> psutil.Process | None:
+        return self.ps
+
+
 def _waiter(pid: int) -> Callable[[float], None]:
     try:
         fd = os.pidfd_open(pid)
@@ -186,17 +245,24 @@ def _waiter(pid: int) -> Callable[[float], None]:
 
 def run_worker(python: str, job_file: str | os.PathLike, out_dir: str | os.PathLike, log: str | os.PathLike,
                limits: Limits, on_tick: Callable[[], None] | None = None) -> Outcome:
-    """Run one worker to its end under ``limits``; never raises for what the worker does."""
-    marker = Path(out_dir) / MARKER
+    """Run one cold worker to its end under ``limits``; never raises for what the worker does."""
     with open(log, "ab") as log_f:
         started = time.monotonic()
         proc = subprocess.Popen(worker_command(python, job_file, out_dir), stdin=subprocess.DEVNULL, stdout=log_f,
                                 stderr=subprocess.STDOUT, env=worker_environ(), start_new_session=True)
-    wait = _waiter(proc.pid)
-    ps = psutil.Process(proc.pid)
-    peak, killed_for, current, point_started = 0, "", None, started + STARTUP_GRACE_S
+    return watch(Subprocess(proc), out_dir, log, limits, on_tick, started, STARTUP_GRACE_S)
+
+
+def watch(worker: Watched, out_dir: str | os.PathLike, log: str | os.PathLike, limits: Limits,
+          on_tick: Callable[[], None] | None, started: float, grace: float) -> Outcome:
+    """Watch ``worker`` until it ends: its process tree's RSS against ``limits.max_memory``, the
+    marker's point against ``limits.timeout`` (the first point gets ``grace`` more), ``on_tick``;
+    kills its tree when over a limit. Never raises for what the worker does."""
+    marker = Path(out_dir) / MARKER
+    ps = worker.process()
+    peak, killed_for, current, point_started = 0, "", None, started + grace
     try:
-        while not _ended(proc):
+        while not worker.ended():
             rss = _tree_rss(ps)
             peak = max(peak, rss)
             now = time.monotonic()
@@ -211,21 +277,21 @@ def run_worker(python: str, job_file: str | os.PathLike, out_dir: str | os.PathL
             elif limits.timeout and now - point_started > limits.timeout:
                 killed_for = "timeout"
             if killed_for:
-                _kill_tree(proc)
+                worker.kill()
                 break
             if on_tick is not None:
                 on_tick()
-            wait(POLL_S)
+            worker.wait(POLL_S)
     finally:
-        if not _ended(proc):  # the runner itself is being interrupted
-            _kill_tree(proc)
-        code, maxrss = _reap(proc)
-        if hasattr(wait, "fd"):
-            os.close(wait.fd)
-    sig = _signal_name(-code) if code is not None and code < 0 else None
+        if not worker.ended():  # the runner itself is being interrupted
+            worker.kill()
+        code, maxrss = worker.reap()
+    sig = signal_name(-code) if code is not None and code < 0 else None
     try:
         current = marker.read_text().strip() or current
     except OSError:
         pass
+    tail, ending = log_tail(log), worker.ending()
     return Outcome(returncode=code, signal=sig, peak_rss=max(peak, maxrss), killed_for=killed_for,
-                   elapsed=time.monotonic() - started, log_tail=log_tail(log), current=current)
+                   elapsed=time.monotonic() - started, current=current,
+                   log_tail=f"{ending}: {tail}" if ending and tail else ending or tail)

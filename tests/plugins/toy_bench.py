@@ -1,12 +1,17 @@
 """A toy bench (kind ``toy``) whose points do what their config says, for the engine's tests.
 
 Points with the same ``group`` run in one worker, in order. ``action``: ``rows`` (one row with
-the number of history rows it was given and the worker's pid), ``exit`` (prints a progress bar
-and an error line to stderr, then ``os._exit(3)``), ``sleep`` (sleeps ``seconds``).
+the number of history rows it was given, the worker's pid and its parent's), ``exit`` (prints a
+progress bar and an error line to stderr, then ``os._exit(3)``), ``sleep`` (sleeps ``seconds``),
+``sigkill`` (the worker SIGKILLs itself), ``kill_parent`` (SIGKILLs the worker's parent when
+that is a warm parent, i.e. not the runner, then waits to be killed with it), ``parallel`` (a
+matrix product over 2 intra-op threads, which hangs in a forked child whose parent had started
+OpenMP's pool; the row's value is its trace).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -43,5 +48,16 @@ class ToyBench(Bench):
             os._exit(3)
         if action == "sleep":
             time.sleep(point.config["seconds"])
-        return [{"metric": "history_rows", "value": len(history), "pid": os.getpid(),
+        if action == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "kill_parent" and os.getppid() != int(os.environ.get("EQUIBENCH_PARENT_PID", "0")):
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(60)  # PR_SET_PDEATHSIG ends this process with its parent
+        if action == "parallel":
+            import torch
+            torch.set_num_threads(2)
+            x = torch.eye(512, dtype=torch.float64) * 2.0
+            return [{"metric": "trace", "value": float(torch.trace(x @ x)), "pid": os.getpid(),
+                     "ppid": os.getppid(), "threads": torch.get_num_threads()}]
+        return [{"metric": "history_rows", "value": len(history), "pid": os.getpid(), "ppid": os.getppid(),
                  "history_names": [r.get("name") for r in history]}]
