@@ -13,6 +13,7 @@ import equibench as eb
 from equibench.cli import EXIT_FAILURES, main
 from equibench.core.errors import UserError
 from equibench.core.spec import RunSpec
+from equibench.report.configuration import configuration_notes, configuration_table, read_resolved
 from equibench.suite.runner import RESOLVED_FILE, format_resolved, run_dir_for
 from equibench.suite.store import RECORDS, merge_runs, read_records
 from equibench.suite.suites import plan, read_suite
@@ -134,6 +135,68 @@ def test_smoke_suite_runs_an_unlisted_task_at_its_smoke_scale():
     assert "task qm9 is not configured by suite smoke: it runs at its smoke scale (QM9Task.smoke_options)" in text
     assert "train: steps=10, batch_size=16" in text and "(suite file)" in text
 
+
+
+def test_report_shows_the_configuration_that_ran(tmp_path):
+    """A smoke-scale run of a task its suite does not configure: the report's "Configuration that
+    ran" table (from the run directory's resolved.json) gives each option not at its default with
+    its source ("smoke scale" for the unconfigured task, "command line" for an override), the
+    parameter count the run measured, and the note that the task is not configured by the suite;
+    a run without resolved.json (older runs) gets no table and no error."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "purpose": "smoke", "scale": "smoke", "tasks": {"qm9": TASK},
+                                    "train": TRAIN, "evaluate": EVALUATE,
+                                    "methods": {"baseline": {"width": 8, "depth": 1}}}))
+    df = eb.run(str(path), results_dir=tmp_path / "res", run_name="a", isolate=False, progress=False,
+                tasks=["nbody"], task_options={"nbody": {"val_size": 8}})
+    params = int(df[df["metric"] == "params"]["value"].iloc[0])
+    md = (eb.write_report(tmp_path / "res" / "a", tmp_path / "rep").parent / "README.md").read_text()
+    table = md.split("Configuration that ran:")[1].split("\n\n- ")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| baseline |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["baseline", f"{params:,}".replace(",", " "), "0"]
+    assert "train_size=64, test_size=32 (smoke scale); val_size=8 (command line)" in cells
+    assert "width=8, depth=1 (suite file)" in cells and "steps=4, batch_size=8" in row
+    assert "n_particles" not in row  # at its default: omitted
+    assert "task nbody is not configured by suite tiny: it runs at its smoke scale (NBody.smoke_options)" in md
+    assert "methods are listed by the task's first metric" in md and "methods ranked by" not in md  # unranked
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert '<details class="configuration"><summary>Configuration that ran</summary>' in html
+    assert "(smoke scale)" in html.split('<table class="configuration">')[1].split("</table>")[0]
+
+    (tmp_path / "res" / "a" / RESOLVED_FILE).unlink()  # a run written before resolved.json existed
+    md = (eb.write_report(tmp_path / "res" / "a", tmp_path / "rep2").parent / "README.md").read_text()
+    assert "Configuration that ran" not in md and "not configured by suite" not in md
+
+
+def test_configuration_entries_of_several_runs_merge(tmp_path):
+    """Entries of the same configuration in two run directories are one row with the seeds of
+    both and the parameter count either knows; a differing configuration is its own row; parts
+    every method shares are shown once; an unreadable resolved.json contributes nothing."""
+    def entry(method, seeds, params, width, source="suite file"):
+        opts = {"train_size": {"value": 64, "source": "smoke scale"}, "cutoff": {"value": 5.0, "source": "default"}}
+        return {"task": "qm9", "method": method, "seeds": seeds, "device": "cpu", "task_options": opts,
+                "method_options": {"width": {"value": width, "source": source}}, "train": {}, "evaluate": {},
+                "setting_source": "", "notes": ["task qm9 is not configured by suite s: it runs at its smoke scale"],
+                "params": params}
+    for name, entries in (("a", [entry("egnn", [0], None, 16)]),
+                          ("b", [entry("egnn", [1], 4498, 16), entry("egnn", [1], None, 32, "command line")])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RESOLVED_FILE).write_text(json.dumps({"entries": entries}))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / RESOLVED_FILE).write_text("{not json")
+    merged = read_resolved([tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "missing"])
+    assert sorted((e["seeds"], e["params"], e["runs"]) for e in merged) == [([0, 1], 4498, ["a", "b"]),
+                                                                            ([1], None, ["b"])]
+    table = configuration_table(merged)
+    assert table is not None
+    rows = {(r[0], r[2]): dict(zip(table.columns, r)) for r in table.rows}
+    assert rows[("every method", "–")]["task options"] == "train_size=64 (smoke scale)"  # cutoff: default
+    assert rows[("egnn", "0, 1")]["method options"] == "width=16 (suite file)"
+    assert rows[("egnn", "0, 1")]["params"] == "4 498" and rows[("egnn", "0, 1")]["runs"] == "a, b"
+    assert rows[("egnn", "1")]["method options"] == "width=32 (command line)"
+    assert rows[("egnn", "1")]["task options"] == "as above" and rows[("egnn", "1")]["train"] == "as above"
+    assert configuration_notes(merged) == ["task qm9 is not configured by suite s: it runs at its smoke scale"]
 
 def test_command_line_options_win_and_are_validated_like_the_suite(tmp_path):
     suite = read_suite(write_suite(tmp_path / "s.yaml", {"baseline": {"width": 8, "depth": 1}, "egnn": {}}))

@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 import equibench as eb
+from equibench.report.common.tables import UNSTABLE_NOTE, unstable_timings
 from equibench.report.verdicts import (
     anomalies,
     assess,
@@ -296,6 +297,33 @@ def test_unranked_table_has_no_rank_column_and_says_so(tmp_path):
     assert plain.row_ids.index("verdict-t-b") < plain.row_ids.index("verdict-t-a")  # still sorted by score
     assert "not meant for verdicts" in plain.caption and "not meant for verdicts" not in ranked.caption
 
+
+
+def test_unstable_throughput_is_marked_in_the_verdict_table(tmp_path):
+    """A throughput whose timing repeats disagree (the row flag ``unstable``, issue 19 item 4)
+    carries the mark in the verdict table's speed column, for that method only, and the caption
+    says what it means; the report's verdict table shows it too."""
+    runs = [*seeds("t", "a", [3.0, 3.1, 2.9]), *seeds("t", "b", [1.0, 1.2, 1.4])]
+    for rows in runs:
+        for r in rows:
+            if r["metric"] == "throughput.inference.graphs_per_s":
+                r["unstable"] = r["method"] == "a" and r["seed"] == 1  # one seed of a is enough
+    df = load_results(write_run(tmp_path, runs))
+    unstable = unstable_timings(df)
+    assert unstable == {("a", "inference")}
+    for ranked in (True, False):
+        table = verdict_table(assess("t", df), ranked=ranked, unstable=unstable)
+        assert table is not None
+        speed = next(i for i, c in enumerate(table.columns) if "inference" in c)
+        cells = {row[table.columns.index("method")]: row[speed] for row in table.rows}
+        assert cells["a"] == "101 ⚠ unstable" and cells["b"] == "101"  # mean of 100, 101, 102
+        assert UNSTABLE_NOTE in table.caption
+    plain = verdict_table(assess("t", df))
+    assert plain is not None and not any("unstable" in c for row in plain.rows for c in row)
+    assert UNSTABLE_NOTE not in plain.caption
+    html = eb.write_report(tmp_path / "res" / "r", tmp_path / "rep").read_text()
+    verdict = html.split('class="verdict"')[1].split("</table>")[0]
+    assert "101 ⚠ unstable" in verdict
 
 def test_exact_vs_baseline_sentence(tmp_path):
     """The task section's sentence on symmetry against no symmetry: an exact method far below the

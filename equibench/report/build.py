@@ -38,6 +38,7 @@ from .common.metricinfo import canonicalise
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .common.tables import loaded_machine_lines, status_table
 from .compare import write_comparison
+from .configuration import configuration_notes, configuration_table, read_resolved
 from .references import reference_sections
 from .sections import SECTIONS, SPECIAL_TASKS
 from .task_section import task_section
@@ -46,18 +47,33 @@ from .verdicts import anomalies, t_interval
 
 __all__ = ["write_report", "write_comparison"]
 
-HOW_TO_READ = ("Each task opens with its verdict: methods ranked by the task's first metric (mean over seeds ± "
-               "95 % t-interval; group 1 = not distinguishable from the best by a pooled-variance t-test "
-               "against the best with Holm's correction), its trivial predictor and floors (cheap non-learned "
-               "references) as rows with, per "
+_HOW_TO_READ_TABLE = {
+    True: "Each task opens with its verdict: methods ranked by the task's first metric (mean over seeds ± "
+          "95 % t-interval; group 1 = not distinguishable from the best by a pooled-variance t-test "
+          "against the best with Holm's correction), ",
+    False: "Each task opens with a summary table, not a verdict: this run is not meant to rank methods, so the "
+           "table has no rank or group column; methods are listed by the task's first metric (mean over seeds ± "
+           "95 % t-interval, read as a check that the numbers are plausible, not as an ordering), ",
+}
+_HOW_TO_READ_REST = ("its trivial predictor and floors (cheap non-learned references) as rows with, per "
                "method, whether it beats the strongest floor, and beside them equivariance error, throughput, "
                "convergence and where the settings came from; "
-               "the full table below it (click to open) has every measured number. Arrows in the headers: ↓ lower "
-               "is better, ↑ higher is better (from the metric catalogue). Equivariance error is "
+               "the full table below it (click to open) has every measured number{configuration}. Arrows in the "
+               "headers: ↓ lower is better, ↑ higher is better (from the metric catalogue). Equivariance error is "
                "||f(g·X) − ρ(g) f(X)|| / ||f(X)|| per graph (mean over graphs and sampled group elements). Exact "
                "methods sit near 1e-15 (fp64) / 1e-7 (fp32); learned or approximate equivariance shows up between. "
                "'time vs backbone' is the wrapper's time per batch divided by the shared backbone's (baseline) at "
                "the same batch.")
+
+
+def how_to_read(ranked: bool = True, configured: bool = False) -> str:
+    """The report's how-to-read paragraph; ``ranked=False`` (a run not meant for verdicts, e.g. a
+    smoke run, whose verdict tables have no ranks) says the first table does not rank methods;
+    ``configured``: the runs stored their resolved configuration (the sections' "Configuration
+    that ran" tables)."""
+    conf = (", and 'Configuration that ran' (click to open) every option each method ran with that is not at its "
+            "default, with where it came from" if configured else "")
+    return _HOW_TO_READ_TABLE[ranked] + _HOW_TO_READ_REST.format(configuration=conf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,11 +115,18 @@ def report_purpose(purposes: dict[str, str | None]) -> str | None:
     return min(known, key=_STRICTNESS.index) if known else None
 
 
-def _sections(df: pd.DataFrame, out: Path, ranked: bool = True) -> list[Section]:
+def _sections(df: pd.DataFrame, out: Path, ranked: bool = True,
+              resolved: list[dict[str, Any]] | None = None) -> list[Section]:
+    """The sections of each task in ``df``; ``resolved`` (``configuration.read_resolved``) adds
+    each task section's "Configuration that ran" table and its notes."""
     sections = []
     for task, g in df.groupby("task", sort=True):
         special = SECTIONS.get(str(task))
         section = special(g, out) if special else task_section(str(task), g, out, ranked=ranked)
+        if section and not special:
+            entries = [e for e in resolved or [] if e["task"] == task]
+            section["configuration"] = configuration_table(entries, g)
+            section["notes"] = [*configuration_notes(entries), *section.get("notes", [])]
         if section:
             sections.append(section)
     return sections
@@ -128,10 +151,11 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     first = PURPOSE_LINES.get(purpose or "verdict")
     if first:  # the first line says what kind of run this is
         title = f"{first.split(':')[0]} — {title}"
-    intro = ([f"{first}."] if first else []) + [HOW_TO_READ]
+    resolved = read_resolved(dirs)  # the configuration that ran (absent in runs older than resolved.json)
+    intro = ([f"{first}."] if first else []) + [how_to_read(ranked, configured=bool(resolved))]
     if merged:
         intro.append("Runs merged: " + "; ".join(merged) + ".")
-    sections = published_sections(df, dirs) + reference_sections(df) + _sections(df, out, ranked)
+    sections = published_sections(df, dirs) + reference_sections(df) + _sections(df, out, ranked, resolved)
     sections += approximate_sections(df, out)  # sweeps of a symmetry-breaking field (report/approximate.py)
     if history is not None:
         for s in sections:

@@ -241,8 +241,10 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
     n_seeds = df["seed"].nunique()
     ctx = context_line(df)
     facts = assess(task, df)
+    unstable = unstable_timings(df)
     section: Section = {"task": task, "context": ctx, "figures": [], "index_label": "method", "css": "results",
-                        "tables": [], "verdict": verdict_table(facts, _verdict_context(df), ranked=ranked),
+                        "tables": [], "verdict": verdict_table(facts, _verdict_context(df), ranked=ranked,
+                                                               unstable=unstable),
                         "collapse": "Full table: every measured number per method (mean over seeds, ± std when "
                                     "there are several): accuracy and equivariance, method diagnostics, then "
                                     "speed, memory and training",
@@ -250,7 +252,6 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
     versus = exact_vs_baseline(facts) if ranked else ""
     if versus:
         section["notes"] = [versus, *section["notes"]]
-    unstable = unstable_timings(df)
     if unstable:
         section["notes"] = [*section["notes"], UNSTABLE_NOTE + " Flagged: " + ", ".join(
             f"{m} ({mode})" for m, mode in sorted(unstable, key=str)) + "."]

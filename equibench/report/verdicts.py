@@ -55,6 +55,8 @@ from .common import fmt
 from .common.metricinfo import ARROWS, header, spec_for, value
 from .common.render import TableView, md_anchor, section_anchor, slug
 from .common.tables import (
+    UNSTABLE_MARK,
+    UNSTABLE_NOTE,
     diagnostic_columns,
     options_key,
     primary_metric,
@@ -794,7 +796,8 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str], ranked: bool = Tru
     covers = ctx.get("seed_covers", "") or seed_covers(facts.task)
     diag = sorted({d for m in facts.methods.values() for d in m.diagnostics})
     parts = [
-        f"Verdict for {facts.task}: methods ranked by test {spec.display}{' [' + spec.unit + ']' if spec.unit else ''} "
+        f"{'Verdict' if ranked else 'Summary'} for {facts.task}: methods {'ranked' if ranked else 'sorted'} by test "
+        f"{spec.display}{' [' + spec.unit + ']' if spec.unit else ''} "
         f"({word}; the task's first metric, direction from the metric catalogue), mean over seeds {seeds} "
         f"± the half-width of the 95 % t-interval (t(0.975, n−1) · s / √n, s = standard deviation over the n "
         "seeds); one seed gives no interval.",
@@ -834,10 +837,14 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str], ranked: bool = Tru
     return " ".join(parts)
 
 
-def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ranked: bool = True) -> TableView | None:
+def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ranked: bool = True,
+                  unstable: set[tuple[Any, str]] | None = None) -> TableView | None:
     """The verdict table of one task configuration (None without a ranked task metric). With
     ``ranked=False`` (smoke runs) the rows are still sorted by score but the table has no rank or
-    group column and the caption says the run is not meant for verdicts."""
+    group column and the caption says the run is not meant for verdicts. ``unstable``: the
+    (method, mode) pairs whose timing is unstable (``tables.unstable_timings``); their inference
+    throughput carries ``UNSTABLE_MARK`` and the caption says what it means."""
+    unstable = unstable or set()
     spec, metric = facts.spec, facts.metric
     if spec is None or metric is None or not facts.methods:
         return None
@@ -885,7 +892,9 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
         cells = [rank, m.method + _exact_label(m), score, nxt, vs_floor, _eq_cell(m, "fp64"),
                  _eq_cell(m, "fp32"),
                  *([_diag_cell(m, diag)] if diag else []),
-                 value(spec_for(THROUGHPUT), m.throughput), _convergence_cell(m), _settings_cell(m)]
+                 value(spec_for(THROUGHPUT), m.throughput)
+                 + (f" {UNSTABLE_MARK}" if (m.method, "inference") in unstable and np.isfinite(m.throughput) else ""),
+                 _convergence_cell(m), _settings_cell(m)]
         rows.append(cells)
         ids.append(verdict_row_id(facts.task, m.method))
         css.append("failed" if (m.failed and not m.seeds) else "flagged" if flags else "")
@@ -923,8 +932,10 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
         columns = [c for i, c in enumerate(columns) if i not in drop]
         rows = [[c for i, c in enumerate(row) if i not in drop] for row in rows]
     frame = pd.DataFrame(rows, columns=pd.MultiIndex.from_tuples(columns))
-    return TableView.from_frame(frame, css="verdict", caption=verdict_caption(facts, ctx or {}, ranked), row_ids=ids,
-                                row_css=css)
+    caption = verdict_caption(facts, ctx or {}, ranked)
+    if any(UNSTABLE_MARK in row[columns.index(("speed", header(spec_for(THROUGHPUT), "inference")))] for row in rows):
+        caption += " " + UNSTABLE_NOTE
+    return TableView.from_frame(frame, css="verdict", caption=caption, row_ids=ids, row_css=css)
 
 
 def _trivial_row(facts: TaskFacts, spec: MetricSpec, n_columns: int) -> list[str]:

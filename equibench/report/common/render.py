@@ -27,7 +27,9 @@ class Section(TypedDict, total=False):
     cost columns, so each part fits the page); ``collapse``: the summary line of a collapsible
     block holding ``table`` and ``more`` (shown open when absent);
     ``tables``: further (title, DataFrame) pairs; ``notes``; ``figures``: (PNG file name,
-    caption) pairs, or (name, caption, css class) triples ("wide": the page's full width)."""
+    caption) pairs, or (name, caption, css class) triples ("wide": the page's full width);
+    ``configuration``: the configuration each method ran with (``report.configuration``),
+    shown collapsed after the full table."""
     task: str
     heading: str
     context: str
@@ -40,6 +42,7 @@ class Section(TypedDict, total=False):
     tables: list[tuple[str, pd.DataFrame]]
     notes: list[str]
     figures: Sequence[tuple[str, ...]]
+    configuration: TableView | None
 
 
 def _cell(v: Any) -> str:
@@ -132,6 +135,7 @@ class SectionView:
     more: list[TableView] = field(default_factory=list)
     collapse: str = ""
     md_anchor: str = ""
+    configuration: TableView | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,7 @@ def section_view(s: Section) -> SectionView:
                        notes=list(s.get("notes") or []),
                        figures=[FigureView(*f) for f in s.get("figures", [])],
                        verdict=s.get("verdict"), collapse=s.get("collapse", ""), md_anchor=md_anchor(heading),
+                       configuration=s.get("configuration"),
                        more=[TableView.from_frame(t, s.get("index_label", "method"), css)
                              for css, t in s.get("more", []) if len(t)])
 
