@@ -93,7 +93,9 @@ class WorkerOverhead(Benchmark):
         self.doc = json.loads(self.job.job_file.read_text())
         self.runs = 0
         from equibench.suite import warm
+        t0 = time.perf_counter()
         self.warm = warm.enabled() and warm.parent_for(sys.executable, self.tmp / "logs") is not None
+        self.parent_start_s = time.perf_counter() - t0  # once per runner and environment
 
     def teardown(self, *params: Any) -> None:
         from equibench.suite import warm
@@ -232,6 +234,7 @@ def main(repeats: int = 5) -> None:
               "engine_cold": "run_benches per point, cold (EQUIBENCH_WORKER=cold)"}
     for k, v in results.items():
         print(f"  {labels[k]:56s} {statistics.median(v):7.3f} s  ({min(v):.3f}-{max(v):.3f})")
+    print(f"  {'(once per runner and environment) warm parent start':56s} {b.parent_start_s:7.3f} s")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ It alone owns, for task runs, scaling sweeps and tensor-product benchmarks alike
 * the run directory: created, locked for the whole run (``lock.py``: a second runner exits with
   one line naming the holder, or waits), ``env.json`` and ``points.json`` (every point's config);
 * resume: points whose hash already has a complete block in ``records.jsonl`` are skipped;
-* isolation: points run in worker subprocesses (``executors.py``: ``launch.py``/``worker.py``
-  here, or submitit), one job per point,
+* isolation: points run in worker processes (``executors.py``: here children forked by the
+  environment's warm parent, ``warm.py``, or cold ``launch.py``/``worker.py`` subprocesses; or
+  submitit), one job per point,
   or per run of points sharing a non-empty ``group`` (in order); a job whose worker dies records
   the failure on the point it was on and its remaining points go to a fresh worker;
 * environments: points of a method with ``requirements`` run in its cached environment
