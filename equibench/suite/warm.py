@@ -46,6 +46,7 @@ environment variables the runner would give a worker change (they were read at i
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -259,8 +261,11 @@ class WarmParent:
                str(theirs.fileno())]
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as log_f:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True, pass_fds=(theirs.fileno(),))
+            # started from one long-lived thread: PR_SET_PDEATHSIG fires when the *thread* that
+            # started a process ends, and a run in a short-lived thread must not take its parent along
+            self.proc = _spawner().submit(subprocess.Popen, cmd, stdin=subprocess.DEVNULL, stdout=log_f,
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                          pass_fds=(theirs.fileno(),)).result()
         theirs.close()
         self.conn = Lines(ours)
         line = self.conn.read(READY_TIMEOUT_S)
@@ -269,6 +274,8 @@ class WarmParent:
             raise ParentGone(f"warm worker parent did not start (log: {log})")
         _, pid, threads = line.split()
         self.pid, self.threads = int(pid), int(threads)
+        #: a job's child is running (set by ``start``, cleared when its end is known)
+        self.busy = False
 
     def alive(self) -> bool:
         return self.proc.poll() is None and not self.conn.closed
@@ -358,6 +365,7 @@ class ForkedChild:
         deadline = time.monotonic() + ANSWER_TIMEOUT_S
         while self.result is None and not self.gone and time.monotonic() < deadline:
             self._take(max(0.0, deadline - time.monotonic()))
+        self.parent.busy = False
         if self.result is None:
             if not self.gone:
                 self.gone = f"warm worker parent (pid {self.parent.pid}) did not reap the point's process"
@@ -373,6 +381,15 @@ class ForkedChild:
         return self.ps
 
 
+_SPAWNER: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    if not _SPAWNER:
+        _SPAWNER.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="equibench-warm"))
+    return _SPAWNER[0]
+
+
 def _env_key(env: dict[str, str]) -> str:
     """What a parent was started with (the runner's switch ``EQUIBENCH_WORKER`` aside)."""
     return hashlib.sha256(json.dumps(sorted((k, v) for k, v in env.items() if k != "EQUIBENCH_WORKER"))
@@ -382,6 +399,7 @@ def _env_key(env: dict[str, str]) -> str:
 _PARENTS: dict[str, WarmParent] = {}
 _BROKEN: set[tuple[str, str]] = set()
 _OWNER = [os.getpid()]
+_LOCK = threading.Lock()
 
 
 def parent_for(python: str, log_dir: Path) -> WarmParent | None:
@@ -396,8 +414,11 @@ def parent_for(python: str, log_dir: Path) -> WarmParent | None:
         for inherited in _PARENTS.values():
             inherited.conn.sock.close()
         _PARENTS.clear()
+        _SPAWNER.clear()  # its thread did not survive the fork
         _OWNER[0] = os.getpid()
     parent = _PARENTS.get(python)
+    if parent is not None and parent.busy:  # another thread's job: never replaced under it
+        return parent
     if parent is not None and (parent.env_key != key or not parent.alive()):
         parent.close()
         parent = None
@@ -416,12 +437,15 @@ def start(python: str, job_file: str | os.PathLike, out_dir: str | os.PathLike, 
           log_dir: Path) -> ForkedChild | None:
     """The job's child, forked by the warm parent of ``python`` (started if need be), or None
     when there is none to fork it: the caller runs the job cold."""
-    parent = parent_for(python, log_dir)
-    if parent is None:
-        return None
+    with _LOCK:  # runs in two threads of one runner share no parent: the second one runs cold
+        parent = parent_for(python, log_dir)
+        if parent is None or parent.busy:
+            return None
+        parent.busy = True
     try:
         return parent.start(job_file, out_dir, log)
     except ParentGone:  # it died between jobs: nothing of the job ran yet
+        parent.busy = False
         return None
 
 
