@@ -106,6 +106,7 @@ def test_lock_names_the_holder_and_wait_blocks_until_released(tmp_path):
 
 # ---- workers ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # engine fault test, ~20-80 s: run by .ci/run's slow step and scripts/test.sh --slow
 def test_script_without_main_guard(tmp_path):
     """A plain script calling eb.run at top level (no `if __name__ == "__main__":`) runs every
     spec in worker subprocesses without re-executing itself."""
@@ -212,6 +213,7 @@ def test_cold_workers_on_request(tmp_path, monkeypatch):
 
 # ---- one runner per run directory; kill -9; full disk ---------------------------------------
 
+@pytest.mark.slow  # engine fault test, ~20-80 s: run by .ci/run's slow step and scripts/test.sh --slow
 def test_kill_minus_9_then_resume_runs_every_spec_once(tmp_path):
     """A real `equibench run` (workers as subprocesses) holds its run directory: a second runner
     exits 2 naming it. Killed with SIGKILL mid-run, it leaves no worker behind and nothing that

@@ -41,6 +41,7 @@ def env_dir(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow  # builds an environment (~40 s); .ci/run's slow step
 def test_pinned_method_runs_in_its_own_environment(env_dir, tmp_path, capfd):
     assert importlib.metadata.version("e3nn") == "0.6.0"
     specs = [eb.RunSpec(method=m, method_options=E3NN, **TINY) for m in ("e3nn_051", "e3nn", "no_such_requirement")]
@@ -61,6 +62,7 @@ def test_pinned_method_runs_in_its_own_environment(env_dir, tmp_path, capfd):
     assert importlib.metadata.version("e3nn") == "0.6.0" and _pip_list_e3nn() == "0.6.0"
 
 
+@pytest.mark.slow  # builds an environment (~40 s); .ci/run's slow step
 def test_a_built_environment_is_reused(env_dir, tmp_path, capfd):
     specs = [eb.RunSpec(method="e3nn_051", seed=1, method_options=E3NN, **TINY)]
     df = eb.run(specs, results_dir=tmp_path, run_name="again", plugins=[PLUGIN], progress=False)
@@ -68,6 +70,7 @@ def test_a_built_environment_is_reused(env_dir, tmp_path, capfd):
     assert "building environment" not in capfd.readouterr().err
 
 
+@pytest.mark.slow  # builds an environment (~40 s); .ci/run's slow step
 def test_one_builder_per_environment(env_dir, capfd):
     """While another runner holds an environment's build lock, a second one waits (and says so)."""
     reqs = ("pyyaml>=5",)  # already in the runner's environment: pip installs nothing, the build is quick

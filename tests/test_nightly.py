@@ -83,6 +83,7 @@ def nights(tmp_path_factory):
     return root, codes
 
 
+@pytest.mark.slow  # three nightly runs (~50 s); .ci/run's slow step
 def test_nightly_flags_exactly_the_slowed_method(nights, capsys):
     root, codes = nights
     assert codes == [0, 0, 1]
@@ -97,6 +98,7 @@ def test_nightly_flags_exactly_the_slowed_method(nights, capsys):
     assert list((root / "rep" / "night2").glob("nbody_trend_*.png"))
 
 
+@pytest.mark.slow  # three nightly runs (~50 s); .ci/run's slow step
 def test_compare_two_runs(nights, capsys):
     root, _ = nights
     out = root / "cmp"

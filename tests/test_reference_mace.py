@@ -100,6 +100,7 @@ def _pytest_inside(marks: str, min_passed: int) -> None:
 
 
 @outside
+@pytest.mark.slow  # ~60 s: a pytest run inside mace's environment; .ci/run's slow step
 def test_registry_tests_inside_the_mace_environment():
     """test_methods (shapes and a training step, exact at init and after training, parameter
     matching), test_exactness (md, qm9) and the quick inside tests below: ~30 s."""

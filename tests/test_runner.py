@@ -99,6 +99,7 @@ def test_failures_are_rows_and_the_suite_goes_on(tmp_path):
     assert "non-finite" in df[df["method"] == "faulty_nan"]["error"].item()
 
 
+@pytest.mark.slow  # ~20 s of timeouts; .ci/run's slow step
 def test_isolation_survives_timeouts_and_hard_exits(tmp_path):
     specs = [tiny("faulty_sleeps"), tiny("faulty_exits"), tiny("baseline", width=8, depth=1)]
     df = eb.run(specs, results_dir=tmp_path, run_name="r", isolate=True, timeout=10, progress=False,
