@@ -2,10 +2,11 @@
 
 Started by the runner as a plain command (never multiprocessing), or forked by a warm parent
 that has already imported everything (``warm.py``; the child calls ``run_job`` as ``main`` does),
-so the user's script is never re-imported and ``eb.run`` behaves the same from a script without a main guard, ``python -c``, a
-notebook or the CLI. Protocol: ``jobs.py``. For each point, in order, the worker marks it as
-current, runs ``bench_class(point.bench).run_point(point, history)`` and writes its result file
-atomically; ``history`` starts with the job's rows and grows with each point's rows.
+so the user's script is never re-imported and ``eb.run`` behaves the same from a script without
+a main guard, ``python -c``, a notebook or the CLI. Protocol: ``jobs.py``. For each point, in
+order, the worker marks it as current, runs ``bench_class(point.bench).run_point(point,
+history)`` and writes its result file atomically; ``history`` starts with the job's rows and
+grows with each point's rows.
 
 Guarantees:
 
