@@ -108,8 +108,7 @@ class WorkerOverhead(Benchmark):
                 p.unlink()
 
     def run_subprocess(self) -> float:
-        from equibench.suite.launch import run_worker
-        from equibench.suite.limits import Limits
+        from equibench.suite.launch import Limits, run_worker
         self._clean()
         t0 = time.perf_counter()
         out = run_worker(sys.executable, self.job.job_file, self.job.dir, self.job.log, Limits(max_memory=2**40))
@@ -120,8 +119,7 @@ class WorkerOverhead(Benchmark):
     def run_warm(self) -> float:
         """A child of the warm parent (NaN where warm workers are unavailable)."""
         from equibench.suite import warm
-        from equibench.suite.launch import STARTUP_GRACE_S, watch
-        from equibench.suite.limits import Limits
+        from equibench.suite.launch import STARTUP_GRACE_S, Limits, watch
         if not self.warm:
             return float("nan")
         self._clean()

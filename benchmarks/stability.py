@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.05)
     args = p.parse_args(argv)
     from common import build, nbody_batch  # benchmarks/common.py
+
     from equibench.metrics.throughput import measure_throughput
     batch = nbody_batch(args.batch)
     failed = 0

@@ -63,7 +63,7 @@ from .report.compare import compare_dirs, display_table
 from .report.history import append_history, find_regressions
 from .report.sections import write_sections_report
 from .suite.engine import run_benches
-from .suite.limits import parse_size
+from .suite.launch import parse_size
 from .suite.runner import run, run_dir_for, tune
 from .suite.store import FAILED_STATUSES, load_results, point_statuses
 from .suite.suites import EXTRA_SECTIONS, list_suites, read_suite, tuning_config

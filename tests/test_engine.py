@@ -25,8 +25,7 @@ from equibench.core.registry import load_plugin
 from equibench.core.spec import RunSpec
 from equibench.suite import store, warm
 from equibench.suite.engine import run_benches
-from equibench.suite.launch import log_tail
-from equibench.suite.limits import parse_size
+from equibench.suite.launch import log_tail, parse_size
 from equibench.suite.lock import exclusive
 from equibench.suite.store import read_records
 

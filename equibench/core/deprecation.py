@@ -31,6 +31,7 @@ MOVED = {
     "equibench.suite.equivariance": "equibench.metrics.equivariance",
     "equibench.suite.throughput": "equibench.metrics.throughput",
     "equibench.methods.backbone": "equibench.methods.blocks.backbone",
+    "equibench.suite.limits": "equibench.suite.launch",
 }
 
 

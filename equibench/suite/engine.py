@@ -42,8 +42,7 @@ from ..core.registry import load_plugin, method_class
 from .envs import EnvBuildError, Environment, env_key, environment_for
 from .executors import Executor, make_executor
 from .jobs import EXIT_STORAGE, Job, job_id
-from .launch import Outcome
-from .limits import Limits
+from .launch import Limits, Outcome
 from .lock import exclusive
 from .store import append_block, read_records, storage_errors, write_json_atomic, write_parquet
 

@@ -28,8 +28,7 @@ from typing import Any, Protocol
 from ..core.errors import UserError
 from . import warm as warm_workers
 from .jobs import Job, read_job
-from .launch import STARTUP_GRACE_S, Outcome, run_worker, watch
-from .limits import Limits
+from .launch import STARTUP_GRACE_S, Limits, Outcome, run_worker, watch
 from .worker import peak_rss, run_job
 
 OPTION_TYPES: dict[str, type | tuple[type, ...]] = {

@@ -61,6 +61,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from ..core.envinfo import package_versions
+from ..core.errors import UserError
+from ..core.registry import _load_builtins, import_all
+from .jobs import read_job
+from .launch import kill_all, worker_environ
+from .worker import die_with_parent, run_job
+
 #: seconds a parent may take to import everything before the runner gives up on it (runs cold)
 READY_TIMEOUT_S = 300.0
 #: seconds the runner waits for the parent to answer a request (fork, reap)
@@ -72,7 +81,6 @@ def enabled() -> bool:
     and pidfd)."""
     mode = os.environ.get("EQUIBENCH_WORKER", "warm").strip().lower()
     if mode not in ("warm", "cold", ""):
-        from ..core.errors import UserError
         raise UserError(f"EQUIBENCH_WORKER={mode!r}: expected 'warm' or 'cold'")
     return mode != "cold" and sys.platform.startswith("linux") and hasattr(os, "fork") \
         and hasattr(os, "pidfd_open")
@@ -84,14 +92,8 @@ def preload() -> None:
     """Import what every job needs, without running a torch operation."""
     import torch  # noqa: F401
     import torch_geometric  # noqa: F401
-
-    import equibench  # noqa: F401
-
-    from ..core.registry import _load_builtins, import_all
-    from . import worker  # noqa: F401
     import_all("equibench.benches")
     _load_builtins()
-    from ..core.envinfo import package_versions
     package_versions()  # cached: every job's result carries it (20-40 ms of metadata reads each)
 
 
@@ -159,8 +161,6 @@ def _child(request: dict[str, Any], conn: Lines, parent: int, threads: int) -> N
         torch.manual_seed(torch.initial_seed())  # the generator as a fresh interpreter has it
         np.random.seed()
         torch.set_num_threads(threads)
-        from .jobs import read_job
-        from .worker import run_job
         status = run_job(read_job(request["job"]), request["out"])
     except SystemExit as err:  # what the interpreter prints and returns for it
         if isinstance(err.code, int) or err.code is None:
@@ -225,7 +225,6 @@ def _kill(pid: int) -> None:
 
 def serve(fd: int) -> int:
     """The parent's loop on socket ``fd``."""
-    from .worker import die_with_parent
     die_with_parent()
     conn = Lines(socket.socket(fileno=fd))
     preload()
@@ -318,7 +317,6 @@ class ForkedChild:
     """A job's child as ``launch.watch`` sees it (``launch.Watched``)."""
 
     def __init__(self, parent: WarmParent, pid: int) -> None:
-        import psutil
         self.parent, self.pid = parent, pid
         try:
             self.ps: psutil.Process | None = psutil.Process(pid)
@@ -347,9 +345,6 @@ class ForkedChild:
         self._take(seconds)
 
     def kill(self) -> None:
-        import psutil
-
-        from .launch import kill_all
         try:
             tree = [self.ps] + self.ps.children(recursive=True) if self.ps is not None else []
         except psutil.Error:
@@ -405,7 +400,6 @@ _LOCK = threading.Lock()
 def parent_for(python: str, log_dir: Path) -> WarmParent | None:
     """The warm parent for ``python`` (started when missing, dead or started with other
     variables), or None when this interpreter cannot have one (its imports failed): run cold."""
-    from .launch import worker_environ
     env = worker_environ()
     key = _env_key(env)
     if (python, key) in _BROKEN:
