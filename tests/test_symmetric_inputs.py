@@ -296,7 +296,7 @@ def test_report_shows_symmetric_inputs_and_scoped_exactness(tmp_path):
     assert "2.0e-16 · exact</td>" in row("intrinsic") and "intrinsic (exact)" in row("intrinsic")
     assert "⚠ symmetric inputs 6.0e-05 &gt; 1e-10" in row("liar")
     assert "exact" not in row("plain")
-    table = html.split("Exactly symmetric inputs:")[1].split("</table>")[0]
+    table = html.split("<h3>Exactly symmetric inputs</h3>")[1].split("</table>")[0]
     assert "benzene (D6h)" in table and "methane (Td)" in table
     assert table.index("intrinsic") < table.index("framey")  # every-input methods first
     framey = table.split("framey")[1].split("</tr>")[0]
