@@ -260,3 +260,24 @@ def test_pareto_plot_uses_the_metric_every_method_reports(smoke_run, tmp_path):
                         | {"metric": "test.aaa_only_baseline", "value": 0.5}])
     text = eb.write_report(copy, tmp_path / "rep").read_text()
     assert "Test mse (mean over seeds)" in text and "Test aaa_only_baseline (mean" not in text
+
+
+def test_seed_independent_measurements_are_taken_once_per_configuration(tmp_path):
+    """measure_once (the default): the planner names the first seed in every seed's spec, and only
+    that seed's point carries throughput rows; ``measure_once: false`` measures in every seed."""
+    from equibench.benches.taskrun import run_one
+    from equibench.suite.suites import expand_suite, read_suite
+
+    doc = {"name": "once", "seeds": [3, 1], "train": TINY["train"], "evaluate": TINY["evaluate"],
+           "tasks": {"nbody": TINY["task_options"]}, "methods": {"baseline": {}}}
+    path = tmp_path / "once.yaml"
+    path.write_text(json.dumps(doc))
+    specs = expand_suite(read_suite(str(path)))
+    assert [s.seed for s in specs] == [3, 1] and {s.evaluate["architecture_seed"] for s in specs} == {3}
+    rows = {s.seed: run_one(s) for s in specs}
+    measured = {seed: any(r["metric"].startswith("throughput.") for r in rs) for seed, rs in rows.items()}
+    assert measured == {3: True, 1: False}
+    assert all(any(r["metric"] == "test.mse" for r in rs) for rs in rows.values())
+    path.write_text(json.dumps({**doc, "evaluate": {**TINY["evaluate"], "measure_once": False}}))
+    every = expand_suite(read_suite(str(path)))
+    assert all(s.evaluate.get("architecture_seed") is None for s in every)

@@ -181,3 +181,28 @@ def test_waves_run_through_the_engine_and_an_edge_choice_is_an_anomaly(tmp_path)
     assert table is not None and any("⚠ tuned at grid edge" in cell for row in table.rows for cell in row)
     rows["tuning_edge"] = ""
     assert not [a for a in anomalies(rows) if a.kind == "tuning at grid edge"]
+
+
+def test_a_narrowed_tune_keeps_the_other_stored_settings(tmp_path):
+    """Re-tuning one (task, method) (``tune --task/--method``) replaces its entry only; every entry
+    names the tuning run it came from, and a kept entry's specs say so."""
+    from equibench.core.spec import RunSpec
+    from equibench.suite.tuned import apply_selection, stored_selection, write_tuned
+
+    cfg = TuningConfig(grid={"lr": [0.1, 0.01]}, seeds=[0, 1])
+
+    def chosen(lr: float) -> dict:
+        return {"setting": {"lr": lr}, "val_metric": "mse", "val": 1.0, "seeds": 2, "scores": {f"lr={lr}": 1.0},
+                "grid": {"lr": [0.01, 0.1]}, "edge": "", "edge_note": ""}
+
+    path = tmp_path / "s.tuned.yaml"
+    write_tuned(path, "s", tmp_path / "tune-1", cfg, {("nbody", "a"): chosen(0.1), ("nbody", "b"): chosen(0.1)})
+    write_tuned(path, "s", tmp_path / "tune-2", cfg, {("nbody", "b"): chosen(0.01)})
+    doc = yaml.safe_load(path.read_text())
+    assert doc["settings"]["nbody"]["a"]["lr"] == 0.1 and doc["settings"]["nbody"]["a"]["run"] == "tune-1"
+    assert doc["settings"]["nbody"]["b"]["lr"] == 0.01 and doc["settings"]["nbody"]["b"]["run"] == "tune-2"
+    selection, where = stored_selection(doc, ["lr"])
+    specs = apply_selection([RunSpec(task="nbody", method=m) for m in ("a", "b")], selection, where, cfg.grid)
+    assert "run tune-1" in specs[0].setting_source and "run tune-2" in specs[1].setting_source
+    write_tuned(path, "other", tmp_path / "tune-3", cfg, {("nbody", "b"): chosen(0.1)})  # another suite's file
+    assert set(yaml.safe_load(path.read_text())["settings"]["nbody"]) == {"b"}

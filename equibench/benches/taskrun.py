@@ -57,6 +57,18 @@ class EvalConfig(Config):
     throughput_threads: int = 0  # CPU threads while timing; 0 = torch's default
     flops: bool = True
     compile: bool = False
+    #: throughput, memory and FLOPs depend on the architecture and the batch, not on the trained
+    #: weights or the seed: measure them in one seed's point per configuration (the planner sets
+    #: ``architecture_seed`` to the first seed of the suite) instead of in every seed's
+    measure_once: bool = True
+    #: the seed whose point takes the seed-independent measurements (None: every seed); set by the
+    #: planner when ``measure_once``, the same value in every seed's spec of a configuration
+    architecture_seed: int | None = None
+
+    def measures_architecture(self, seed: int) -> bool:
+        """Whether the point of ``seed`` takes the seed-independent measurements (throughput,
+        memory, FLOPs)."""
+        return self.throughput and (self.architecture_seed is None or seed == self.architecture_seed)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
@@ -294,7 +306,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
         for k, v in scores.items():
             add(catalogue.floor_metric(k), v, floor=name, n_graphs=len(test_data))
     measure_equivariance("trained")
-    if ecfg.throughput:
+    if ecfg.measures_architecture(spec.seed):
         tp_data = (test_data * (ecfg.throughput_batch // len(test_data) + 1))[:ecfg.throughput_batch]
         tp_batch = Batch.from_data_list(tp_data)
         for mode in ecfg.throughput_modes:

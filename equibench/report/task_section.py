@@ -50,7 +50,12 @@ def _verdict_context(df: pd.DataFrame) -> dict[str, str]:
         batch = ", ".join(str(int(b)) for b in sorted(set(tp["batch_size"].dropna())))
         reps = int(tp["repeats"].dropna().iloc[0]) if "repeats" in tp and tp["repeats"].notna().any() else "?"
         dtype = ", ".join(sorted(set(tp["dtype"].dropna()))) if "dtype" in tp else "?"
-        out["throughput"] = f"graphs/s, {dtype}, batch {batch} graphs, median of {reps} repeats after warm-up"
+        per_config = tp.groupby("method")["seed"].nunique() if "seed" in tp else pd.Series(dtype=int)
+        once = (f"measured once per configuration (seed {', '.join(str(int(s)) for s in sorted(set(tp['seed'])))}"
+                "'s point: throughput does not depend on the weights)" if len(per_config) and per_config.max() == 1
+                else "mean over the seeds that measured it")
+        out["throughput"] = (f"graphs/s, {dtype}, batch {batch} graphs, median of {reps} repeats after warm-up; "
+                             f"{once}")
     return out
 
 

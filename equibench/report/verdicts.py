@@ -822,7 +822,7 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str], ranked: bool = Tru
         "symmetric input); a method declared exact on every input is held to 1e-10 there too, ⚠ when over.",
         *(["Diagnostics (mean over seeds): " + "; ".join(f"{spec_for(d).display}: {spec_for(d).description}"
                                                          for d in diag) + "."] if diag else []),
-        f"Speed: inference throughput ({ctx.get('throughput', 'fp32')}), mean over seeds.",
+        f"Speed: inference throughput ({ctx.get('throughput', 'fp32, mean over seeds')}).",
         "Convergence: fixed budget: ⚠ not converged = while the learning rate was at least half its peak, the "
         "best validation value still improved by more than its noise (standard error over the validation graphs, "
         "or the relative tolerance if larger; +x % = that improvement); until plateau: trained at a constant rate "

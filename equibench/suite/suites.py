@@ -415,6 +415,19 @@ def _command_line(kind: str, given: dict[str, Options], run: list[str]) -> None:
                             f"({kind}s: {', '.join(run)})")
 
 
+MEASURE_ONCE_SOURCE = "planner (measure_once: the first seed's point measures throughput, memory, FLOPs)"
+
+
+def once_per_configuration(evaluate: Options, sources: dict[str, str],
+                           seeds: list[int]) -> tuple[Options, dict[str, str]]:
+    """``evaluate`` with ``architecture_seed`` set to the first of ``seeds`` when ``measure_once``
+    (EvalConfig's default) holds and the settings do not name it: only that seed's point measures
+    what does not depend on the seed (throughput, memory, FLOPs)."""
+    if not evaluate.get("measure_once", True) or "architecture_seed" in evaluate or not seeds:
+        return evaluate, sources
+    return {**evaluate, "architecture_seed": seeds[0]}, {**sources, "architecture_seed": MEASURE_ONCE_SOURCE}
+
+
 def _expand(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str] | None = None,
             seeds: list[int] | None = None, device: str | None = None, task_options: dict[str, Options] | None = None,
             method_options: dict[str, Options] | None = None) -> list[tuple[RunSpec, Sources]]:
@@ -472,11 +485,13 @@ def _expand(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str]
                         cli_methods.get(method_of(key), {}) if key != method_of(key) else {}),
                        (COMMAND_LINE, cli_at("method", key), cli_methods.get(key, {}))]
             m_opts, m_src = _merge("method", cls, layers)
-            for seed in seeds or suite.seeds:
+            run_seeds = list(seeds or suite.seeds)
+            m_eval, m_eval_src = once_per_configuration(evaluate, eval_src, run_seeds)
+            for seed in run_seeds:
                 spec = RunSpec(task=task, method=key, seed=seed, task_options=t_opts, method_options=m_opts,
-                               train=train, evaluate=evaluate, device=device or suite.device)
+                               train=train, evaluate=m_eval, device=device or suite.device)
                 out.append((spec, {"task_options": t_src, "method_options": m_src, "train": train_src,
-                                   "evaluate": eval_src}))
+                                   "evaluate": m_eval_src}))
     first: dict[str, tuple[RunSpec, Sources]] = {}
     for spec, sources in out:
         first.setdefault(spec.hash, (spec, sources))  # a sweep value equal to the base option is the same spec

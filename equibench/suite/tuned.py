@@ -39,8 +39,21 @@ def tuned_path(suite_source: str) -> Path:
 
 
 def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, selection: Selection) -> Path:
-    """Write the selection (atomically) with where it came from."""
+    """Write the selection (atomically) with where it came from. Every entry names the tuning run,
+    date and commit it came from; entries of an existing file for the same suite that this
+    selection does not cover (a tune narrowed with ``--task`` / ``--method``) are kept as they were,
+    so re-tuning one (task, method) never drops the others."""
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    origin = {"run": run_dir.name, "tuned_at": now, "commit": git_commit()}
     settings: dict[str, dict[str, Any]] = {}
+    old = read_tuned(path) if path.is_file() else None
+    if old and old.get("suite") == suite:
+        old_origin = {k: old.get(k) for k in origin}
+        for task, methods in (old.get("settings") or {}).items():
+            for method, entry in methods.items():
+                if (task, method) not in selection:
+                    settings.setdefault(task, {})[method] = {**entry, **{k: entry.get(k, v)
+                                                                          for k, v in old_origin.items()}}
     for (task, method), chosen in sorted(selection.items()):
         entry = {**chosen["setting"], "val_metric": chosen["val_metric"], "val": chosen["val"],
                  "seeds": chosen.get("seeds"), "scores": chosen["scores"],
@@ -48,12 +61,12 @@ def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, select
         for k in ("edge", "edge_note", "extensions"):
             if k in chosen:
                 entry[k] = chosen[k]
-        settings.setdefault(task, {})[method] = entry
-    doc = {"suite": suite, "tuned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "run": run_dir.name, "commit": git_commit(), "grid": {k: list(v) for k, v in cfg.grid.items()},
+        settings.setdefault(task, {})[method] = {**entry, **origin}
+    settings = {t: dict(sorted(ms.items())) for t, ms in sorted(settings.items())}
+    doc = {"suite": suite, **origin, "grid": {k: list(v) for k, v in cfg.grid.items()},
            "max_extensions": cfg.max_extensions, "extend_factor": cfg.extend_factor,
            "seeds": list(cfg.seeds), "train_overrides": dict(cfg.train), "settings": settings,
-           "at_edge": [f"{t}/{m}" for (t, m), c in sorted(selection.items()) if c.get("edge_note")]}
+           "at_edge": [f"{t}/{m}" for t, ms in settings.items() for m, e in ms.items() if e.get("edge_note")]}
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, path)
@@ -82,8 +95,14 @@ def stored_selection(doc: dict[str, Any], grid_keys: list[str]) -> tuple[Selecti
                                          "val_metric": chosen.get("val_metric"), "val": chosen.get("val"),
                                          "grid": chosen.get("grid") or {}, "seeds": chosen.get("seeds"),
                                          "edge_note": chosen.get("edge_note") or ""}
-    where = f"stored tuning (run {doc.get('run')}, {doc.get('tuned_at', '?')[:10]}, commit {doc.get('commit', '?')})"
-    return selection, where
+            if chosen.get("run") and chosen.get("run") != doc.get("run"):  # kept from an earlier tune
+                selection[(task, method)]["where"] = _origin(chosen)
+    return selection, _origin(doc)
+
+
+def _origin(entry: dict[str, Any]) -> str:
+    return (f"stored tuning (run {entry.get('run')}, {str(entry.get('tuned_at') or '?')[:10]}, "
+            f"commit {entry.get('commit', '?')})")
 
 
 def apply_selection(specs: list[RunSpec], selection: Selection, where: str, grid: dict[str, Any]) -> list[RunSpec]:
@@ -106,7 +125,7 @@ def apply_selection(specs: list[RunSpec], selection: Selection, where: str, grid
         source = (f"{setting} chosen on validation {chosen.get('val_metric')}"
                   + (f" ({val:.4g}" + (f", mean of {seeds} seeds)" if seeds else ")")
                      if isinstance(val, (int, float)) else "")
-                  + f" from grid {grid_text}; {where}")
+                  + f" from grid {grid_text}; {chosen.get('where') or where}")
         out.append(RunSpec(task=s.task, method=s.method, seed=s.seed, task_options=s.task_options,
                            method_options=s.method_options, train={**s.train, **chosen["setting"]},
                            evaluate=s.evaluate, device=s.device, setting_source=source,
