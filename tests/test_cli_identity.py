@@ -136,6 +136,12 @@ def test_smoke_suite_runs_an_unlisted_task_at_its_smoke_scale():
     assert "train: steps=10, batch_size=16" in text and "(suite file)" in text
 
 
+def test_a_converge_budget_prints_its_step_cap_not_the_fixed_step_default():
+    _, resolved = plan(read_suite("verdict-cpu"), tasks=["nbody"], methods=["baseline"])
+    line = next(t for t in format_resolved(resolved).splitlines() if t.strip().startswith("train:"))
+    assert "budget=converge" in line and "max_steps=4000" in line and "steps=500" not in line.replace("max_", "")
+
+
 
 def test_report_shows_the_configuration_that_ran(tmp_path):
     """A smoke-scale run of a task its suite does not configure: the report's "Configuration that

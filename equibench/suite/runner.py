@@ -184,6 +184,13 @@ def _fmt(options: dict[str, dict[str, Any]], keep: set[str] | None = None) -> st
 
 #: train settings always shown (the budget); the others only when set
 BUDGET_KEYS = {"budget", "steps", "epochs", "max_seconds", "max_flops", "batch_size", "lr"}
+#: under ``budget: converge`` the step budget is the cap ``max_steps``; ``steps`` / ``epochs`` do not apply
+CONVERGE_KEYS = (BUDGET_KEYS - {"steps", "epochs"}) | {"max_steps", "val_every", "patience"}
+
+
+def budget_keys(train: dict[str, dict[str, Any]]) -> set[str]:
+    """The train settings ``format_resolved`` always shows for this budget kind."""
+    return CONVERGE_KEYS if train.get("budget", {}).get("value") == "converge" else BUDGET_KEYS
 
 
 def format_resolved(resolved: list[dict[str, Any]], path: Path | None = None) -> str:
@@ -198,7 +205,7 @@ def format_resolved(resolved: list[dict[str, Any]], path: Path | None = None) ->
     for group in by_task.values():
         e0 = group[0]
         lines.append(f"  task {e0['task']}: {_fmt(e0['task_options'])}")
-        lines.append(f"    train: {_fmt(e0['train'], BUDGET_KEYS)}")
+        lines.append(f"    train: {_fmt(e0['train'], budget_keys(e0['train']))}")
         lines.append(f"    evaluate: {_fmt(e0['evaluate'], set())}")
         for note in dict.fromkeys(n for e in group for n in e["notes"] if n.startswith("task ")):
             lines.append(f"    note: {note}")
