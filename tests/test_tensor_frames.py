@@ -384,3 +384,33 @@ def test_handedness_option_is_validated():
     with pytest.raises(UserError):
         eb.get_method("tensor_frames", handedness="global")
     assert eb.get_method("local_canonicalization").options["handedness"] == "wide"
+
+
+def test_wide_handedness_takes_the_strongest_signal_not_the_first_past_the_threshold():
+    """float32, qm9-like: an earlier handedness vector whose sign disagrees sits at |<h, z>| ~ hand_eps;
+    rounding moving it across the threshold must not flip z (measured: 2e-2 relative output error)."""
+    from equibench.methods.blocks.tfmp import gram_schmidt
+    cand = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]).expand(2, -1, -1)
+    hand = torch.tensor([[[1.0, 0.0, -1.2e-5], [0.0, 1.0, 8e-5]],    # just above the threshold
+                         [[1.0, 0.0, -1.0e-5], [0.0, 1.0, 8e-5]]])   # just below it
+    R = gram_schmidt(cand, hand, hand_eps=1e-5)
+    assert torch.equal(R[0, 2], R[1, 2]) and R[0, 2, 2] > 0
+
+
+def test_wide_frames_float32_avoid_nearly_parallel_y_candidate():
+    """float32: v2 at a sine of 3e-5 to v1 (trained weights do this) amplifies rounding ~ u / sine;
+    a later equivariant candidate at a large sine gives a frame equivariant to float32 rounding."""
+    from equibench.methods.blocks.tfmp import finish_frames
+    gen = torch.Generator().manual_seed(0)
+    v1 = torch.tensor([6.0, 1.0, -2.0], dtype=torch.float64)
+    v2 = 0.5 * v1 + 3e-5 * 6.4 * torch.tensor([0.3, -0.6, -0.6], dtype=torch.float64)
+    md = torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)
+    cand = torch.stack([v1, v2, md])[None]
+    hand = torch.stack([md + torch.tensor([0.0, 0.0, 3.0], dtype=torch.float64)])[None]
+    pos = torch.zeros(1, 3)
+    errs = []
+    for g in sample_rotations(8, True, gen):
+        R0 = finish_frames(cand.float(), hand.float(), pos, "wide", None)[0]
+        Rg = finish_frames((cand @ g.T).float(), (hand @ g.T).float(), pos, "wide", None)[0]
+        errs.append((Rg - R0 @ g.T.float()).abs().max().item())
+    assert max(errs) < 1e-5, errs

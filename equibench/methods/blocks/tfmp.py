@@ -283,6 +283,9 @@ def _pick_first(valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 _HAND_EPS = {torch.float64: 1e-11, torch.float32: 1e-5}
+#: ``"wide"`` frames: a y candidate at a sine below this (to x) is used only if no later equivariant
+#: candidate has a larger one; float32 rounding of y is ~ u / sine (1e-4 relative at 6e-4)
+_SIN_WELL = {torch.float32: 1e-3}
 #: multiple of u / sine(x, y) added to ``hand_eps``: the rounding of z is ~ u |x| / |x_j - x_i| / sine.
 #: Larger margins leave more nodes undecided, which is certainly wrong on an asymmetric input, while
 #: a decision just above the noise is almost always right (float32, measured on normals and qm9)
@@ -334,18 +337,23 @@ class FrameStatus:
 
 def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = None,
                  eps: float = EPS, hand_eps: float | None = None, sin_floor: float | None = None,
+                 sin_well: float | None = None,
                  return_status: bool = False) -> torch.Tensor | tuple[torch.Tensor, FrameStatus]:
     """Orthonormal frames ``[N, 3, 3]`` (rows x, y, z) from candidate vectors ``[N, K, 3]``.
 
     x = the first candidate with norm > eps; y = the normalised part orthogonal to x of the first
     candidate with a component orthogonal to x (sine of the angle > eps; with ``sin_floor``, if no
     candidate passes, the first with sine > sin_floor: equivariant but ill-conditioned, its
-    rounding grows like 1/sine); z = x cross y. The global axes are appended as last-resort
+    rounding grows like 1/sine; with ``sin_well`` > eps, an equivariant candidate with sine > sin_well
+    is preferred to earlier ones with a smaller sine: y carries rounding ~ u / sine, 2e-3 in float32
+    at sine 3e-5, which trained weights produce, v^(2) nearly parallel to v^(1)); z = x cross y.
+    The global axes are appended as last-resort
     (non-equivariant) candidates, so the result is always a rotation. With ``handedness [N, H, 3]``
     (O(3) frames), z is flipped to have a positive inner product with the first handedness vector h
     with |<h/|h|, z>| > eps (no flip if none); with ``hand_eps`` the threshold is
     hand_eps + ROUNDING_MARGIN u / sine(x, y) instead (u the unit roundoff: z carries the rounding of
-    y amplified by 1 / sine, and a sign decision needs a signal above it). Rows are orthonormal; det is
+    y amplified by 1 / sine, and a sign decision needs a signal above it; and the decisive h with the
+    largest |<h/|h|, z>| decides, ``orient(strongest=True)``). Rows are orthonormal; det is
     +1 without handedness, +-1 with it. ``return_status=True`` also returns a ``FrameStatus``
     (which rows fell back to the global axes / stayed undecided).
     """
@@ -359,6 +367,10 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
     res = u - (u * x[:, None]).sum(-1, keepdim=True) * x[:, None]
     r, rn = _normalize(res, eps)
     iy = _first_index(ok & (rn > eps))
+    if sin_well is not None and sin_well > eps:
+        well = ok & (rn > sin_well)
+        well[:, K:] = False  # the global axes are no equivariant candidates
+        iy = torch.where(well.any(1), _first_index(well), iy)
     weak = torch.zeros(N, dtype=torch.bool, device=candidates.device)
     if sin_floor is not None and sin_floor < eps:
         ill = ok & (rn > sin_floor)
@@ -375,7 +387,7 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
             sine = rn.gather(1, iy[:, None]).squeeze(1).detach()
             unit = float(torch.finfo(candidates.dtype).eps) / 2
             h_eps = hand_eps + ROUNDING_MARGIN * unit / sine.clamp_min(unit)
-        z, undecided = orient(z, handedness, h_eps, eps)
+        z, undecided = orient(z, handedness, h_eps, eps, strongest=hand_eps is not None)
     R = torch.stack([x, y, z], dim=1)
     if not return_status:
         return R
@@ -383,14 +395,23 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
 
 
 def orient(z: torch.Tensor, handedness: torch.Tensor, h_eps: float | torch.Tensor,
-           eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+           eps: float = EPS, strongest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z flipped to <h, z> > 0 for the first handedness vector h [N, H, 3] with
-    |<h/|h|, z>| > h_eps (a number or one per row), undecided [N])``; undecided rows keep z."""
+    |<h/|h|, z>| > h_eps (a number or one per row), undecided [N])``; undecided rows keep z.
+
+    ``strongest=True``: h is instead the decisive vector with the largest |<h/|h|, z>|. Taking the
+    first decisive one flips z whenever an earlier candidate whose sign disagrees with the later
+    ones crosses the threshold under rounding (float32: |<h, z>| ~ h_eps on near-planar
+    neighbourhoods); the strongest one changes only at a tie of two opposite signals, both far above
+    the threshold when another candidate is decisive."""
     h, hn = _normalize(handedness, eps)
     s = (h * z[:, None]).sum(-1)
     thr = h_eps[:, None] if torch.is_tensor(h_eps) else h_eps
     decisive = (hn > eps) & (s.abs() > thr)
-    first = torch.argmax(decisive.to(torch.int8), dim=1)
+    if strongest:
+        first = torch.argmax(torch.where(decisive, s.abs(), torch.full_like(s, -1.0)), dim=1)
+    else:
+        first = torch.argmax(decisive.to(torch.int8), dim=1)
     s_first = s.gather(1, first[:, None]).squeeze(1)
     undecided = ~decisive.any(1)
     flip = ~undecided & (s_first < 0)
@@ -473,14 +494,16 @@ def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tens
         return gram_schmidt(cand, hand, return_status=True)  # type: ignore[return-value]
     context = context or FrameContext()
     h_eps = hand_eps(pos.dtype)
-    R, status = gram_schmidt(cand, hand, hand_eps=h_eps, return_status=True)  # type: ignore[misc]
+    well = _SIN_WELL.get(pos.dtype)
+    R, status = gram_schmidt(cand, hand, hand_eps=h_eps, sin_well=well, return_status=True)  # type: ignore[misc]
     need = status.degenerate.nonzero().flatten()
     if need.numel() == 0:
         return R, status
     wide = context_vectors(pos, need, context)
     R2, st2 = gram_schmidt(torch.cat([cand[need], wide], dim=1),
                            None if hand is None else torch.cat([hand[need], wide], dim=1),
-                           hand_eps=h_eps, sin_floor=h_eps, return_status=True)  # type: ignore[misc]
+                           hand_eps=h_eps, sin_floor=h_eps, sin_well=well,
+                           return_status=True)  # type: ignore[misc]
     R = R.index_put((need,), R2)
     status = status.merged(need, st2)
     und = (status.undecided & ~status.x_fallback & ~status.y_fallback).nonzero().flatten()
@@ -491,7 +514,7 @@ def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tens
         z_dec = R[:, 2].detach() * source[:, None].to(R.dtype)
         votes = _votes(pos.detach(), und, _batch_of(pos, context), context.num_graphs, z_dec)
         z_und = R[und, 2].detach()
-        oriented, still = orient(z_und, votes, h_eps)
+        oriented, still = orient(z_und, votes, h_eps, strongest=True)
         sign = (oriented * z_und).sum(-1).sign()  # -1 where the votes flip z, else +1
     z = R[:, 2].index_put((und,), R[und, 2] * sign[:, None])
     R = torch.stack([R[:, 0], R[:, 1], z], dim=1)
