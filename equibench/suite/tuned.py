@@ -40,11 +40,12 @@ def tuned_path(suite_source: str) -> Path:
 
 def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, selection: Selection) -> Path:
     """Write the selection (atomically) with where it came from. Every entry names the tuning run,
-    date and commit it came from; entries of an existing file for the same suite that this
+    date, commit, tuning budget (``train_overrides``) and extension cap it came from; entries of an existing file for the same suite that this
     selection does not cover (a tune narrowed with ``--task`` / ``--method``) are kept as they were,
     so re-tuning one (task, method) never drops the others."""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    origin = {"run": run_dir.name, "tuned_at": now, "commit": git_commit()}
+    origin = {"run": run_dir.name, "tuned_at": now, "commit": git_commit(), "train_overrides": dict(cfg.train),
+              "max_extensions": cfg.max_extensions}
     settings: dict[str, dict[str, Any]] = {}
     old = read_tuned(path) if path.is_file() else None
     if old and old.get("suite") == suite:
@@ -64,8 +65,7 @@ def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, select
         settings.setdefault(task, {})[method] = {**entry, **origin}
     settings = {t: dict(sorted(ms.items())) for t, ms in sorted(settings.items())}
     doc = {"suite": suite, **origin, "grid": {k: list(v) for k, v in cfg.grid.items()},
-           "max_extensions": cfg.max_extensions, "extend_factor": cfg.extend_factor,
-           "seeds": list(cfg.seeds), "train_overrides": dict(cfg.train), "settings": settings,
+           "extend_factor": cfg.extend_factor, "seeds": list(cfg.seeds), "settings": settings,
            "at_edge": [f"{t}/{m}" for t, ms in settings.items() for m, e in ms.items() if e.get("edge_note")]}
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
