@@ -228,6 +228,19 @@ def test_banner_lists_every_kind_of_anomaly_with_a_working_link(tmp_path):
     assert md.index("**Anomalies (5)**") < md.index("## Task: t") and "](#task-t)" in md
 
 
+def test_a_known_float32_limit_is_named_where_the_error_is_flagged(tmp_path):
+    """A method's ``float32_caveat`` (row column) explains its float32 error over 1e-4 in the banner
+    and marks the verdict cell; the flag itself stays."""
+    runs = [[{**r, "float32_caveat": "frames flip near float32 rounding"} for r in rows]
+            for rows in seeds("t", "framed", [1.0, 1.1], exact=True, fp64=1e-13, fp32=5e-2)]
+    run_dir = write_run(tmp_path, runs)
+    found = [a for a in anomalies(load_results(run_dir)) if a.kind == "exact over limit"]
+    assert len(found) == 1 and "known float32 limit: frames flip near float32 rounding" in found[0].text
+    html = eb.write_report(run_dir, tmp_path / "rep").read_text()
+    cell = html.split('<table class="verdict">')[1].split('id="verdict-t-framed"')[1].split("</tr>")[0]
+    assert "⚠ &gt; 1e-04 (known float32 limit" in cell
+
+
 def test_a_clean_run_has_an_empty_banner(tmp_path):
     run_dir = write_run(tmp_path, [*seeds("t", "a", [1.0, 1.1]), *seeds("t", "e", [2.0, 2.2], exact=True,
                                                                           fp64=1e-15, fp32=1e-7)])

@@ -228,7 +228,8 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
             "status": "ok", "error": "", "started_at": started, "exact_claim": claims_exactness(method, tspec),
             "exact_scope": method.exactness_scope(tspec),
             "setting_source": spec.setting_source or "suite file", "implementation": method.implementation(),
-            "tuning_edge": spec.tuning_edge, "budget": cfg.budget}
+            "tuning_edge": spec.tuning_edge, "budget": cfg.budget,
+            "float32_caveat": getattr(method, "float32_caveat", "")}
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: Any, **ctx: Any) -> None:

@@ -391,6 +391,7 @@ class MethodFacts:
     edges: list[str] = field(default_factory=list)                 # tuning_edge notes (choice at a grid edge)
     scope: str | None = None        # where the exactness claim holds (row column exact_scope)
     symmetric: float | None = None  # max fp64 rel. error over the symmetric inputs and seeds (inf: non-finite)
+    float32_caveat: str = ""        # the method's known float32 limit (row column float32_caveat)
 
     @property
     def not_converged(self) -> list[Any]:
@@ -407,8 +408,9 @@ class MethodFacts:
         """"fp64 3e-08 > 1e-10"-style notes when the method claims exactness and is over a limit."""
         if not self.exact:
             return []
-        notes = [f"{d} {fmt.number(v, 'sci')} > {EXACT_LIMITS[d]:.0e}" for d, v in self.equivariance.items()
-                 if not fmt.missing(v) and v > EXACT_LIMITS[d]]
+        notes = [f"{d} {fmt.number(v, 'sci')} > {EXACT_LIMITS[d]:.0e}"
+                 + (f" (known float32 limit: {self.float32_caveat})" if d == "fp32" and self.float32_caveat else "")
+                 for d, v in self.equivariance.items() if not fmt.missing(v) and v > EXACT_LIMITS[d]]
         if self.scope != GENERIC_INPUTS and self.symmetric is not None and not self.symmetric <= EXACT_LIMITS["fp64"]:
             # declared exact on every input: its symmetric inputs are held to the limit too
             notes.append(f"fp64 on symmetric inputs {_symmetric_text(self.symmetric)} > {EXACT_LIMITS['fp64']:.0e}")
@@ -487,6 +489,9 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
         scope = run.get("exact_scope")
         if isinstance(scope, str) and scope:
             m.scope = scope
+        caveat = run.get("float32_caveat")
+        if isinstance(caveat, str) and caveat:
+            m.float32_caveat = caveat
         source = run.get("setting_source")
         if isinstance(source, str) and source and source not in m.sources:
             m.sources.append(source)
@@ -717,7 +722,8 @@ def _eq_cell(m: MethodFacts, dtype: str) -> str:
     cell = fmt.number(v, "sci")
     over = m.exact and not fmt.missing(v) and v is not None and v > EXACT_LIMITS[dtype]
     if over:
-        cell += f" ⚠ > {EXACT_LIMITS[dtype]:.0e}"
+        cell += f" ⚠ > {EXACT_LIMITS[dtype]:.0e}" + (" (known float32 limit, see the anomalies)"
+                                                     if dtype == "fp32" and m.float32_caveat else "")
     if dtype != "fp64" or not m.exact:
         return cell
     if m.symmetric is None:
