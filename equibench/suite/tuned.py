@@ -40,9 +40,10 @@ def tuned_path(suite_source: str) -> Path:
 
 def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, selection: Selection) -> Path:
     """Write the selection (atomically) with where it came from. Every entry names the tuning run,
-    date, commit, tuning budget (``train_overrides``) and extension cap it came from; entries of an existing file for the same suite that this
-    selection does not cover (a tune narrowed with ``--task`` / ``--method``) are kept as they were,
-    so re-tuning one (task, method) never drops the others."""
+    date, commit, tuning budget (``train_overrides``) and extension cap it came from; entries of an
+    existing file for the same suite that this selection does not cover (a tune narrowed with
+    ``--task`` / ``--method``) are kept as they were, so re-tuning one (task, method) never drops
+    the others."""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     origin = {"run": run_dir.name, "tuned_at": now, "commit": git_commit(), "train_overrides": dict(cfg.train),
               "max_extensions": cfg.max_extensions}
