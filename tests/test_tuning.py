@@ -206,3 +206,4 @@ def test_a_narrowed_tune_keeps_the_other_stored_settings(tmp_path):
     assert "run tune-1" in specs[0].setting_source and "run tune-2" in specs[1].setting_source
     write_tuned(path, "other", tmp_path / "tune-3", cfg, {("nbody", "b"): chosen(0.1)})  # another suite's file
     assert set(yaml.safe_load(path.read_text())["settings"]["nbody"]) == {"b"}
+    assert "&id" not in path.read_text()  # no YAML anchors: every entry reads on its own

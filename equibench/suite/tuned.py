@@ -38,6 +38,13 @@ def tuned_path(suite_source: str) -> Path:
     return Path(str(resources.files("equibench.suites") / f"{suite_source}{SUFFIX}"))
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Safe YAML without anchors: repeated values (each entry's tuning budget) are written out."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, selection: Selection) -> Path:
     """Write the selection (atomically) with where it came from. Every entry names the tuning run,
     date, commit, tuning budget (``train_overrides``) and extension cap it came from; entries of an
@@ -69,7 +76,7 @@ def write_tuned(path: Path, suite: str, run_dir: Path, cfg: TuningConfig, select
            "extend_factor": cfg.extend_factor, "seeds": list(cfg.seeds), "settings": settings,
            "at_edge": [f"{t}/{m}" for t, ms in settings.items() for m, e in ms.items() if e.get("edge_note")]}
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.write_text(yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False))
     os.replace(tmp, path)
     return path
 
