@@ -198,6 +198,7 @@ def test_a_narrowed_tune_keeps_the_other_stored_settings(tmp_path):
     path = tmp_path / "s.tuned.yaml"
     write_tuned(path, "s", tmp_path / "tune-1", cfg, {("nbody", "a"): chosen(0.1), ("nbody", "b"): chosen(0.1)})
     write_tuned(path, "s", tmp_path / "tune-2", cfg, {("nbody", "b"): chosen(0.01)})
+    assert "&id" not in path.read_text()  # no YAML anchors: every entry reads on its own
     doc = yaml.safe_load(path.read_text())
     assert doc["settings"]["nbody"]["a"]["lr"] == 0.1 and doc["settings"]["nbody"]["a"]["run"] == "tune-1"
     assert doc["settings"]["nbody"]["b"]["lr"] == 0.01 and doc["settings"]["nbody"]["b"]["run"] == "tune-2"
@@ -206,4 +207,3 @@ def test_a_narrowed_tune_keeps_the_other_stored_settings(tmp_path):
     assert "run tune-1" in specs[0].setting_source and "run tune-2" in specs[1].setting_source
     write_tuned(path, "other", tmp_path / "tune-3", cfg, {("nbody", "b"): chosen(0.1)})  # another suite's file
     assert set(yaml.safe_load(path.read_text())["settings"]["nbody"]) == {"b"}
-    assert "&id" not in path.read_text()  # no YAML anchors: every entry reads on its own
