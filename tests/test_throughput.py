@@ -54,7 +54,7 @@ def test_measure_throughput_cpu_fields_are_consistent(lin_batch):
     assert res["gflops_per_s"] == pytest.approx(res["flops"] / med / 1e9)
     assert res["fraction_of_peak"] is None and res["peak_flops_per_s"] is None  # CPU: no peak table
     assert res["dtype"] == "fp32" and res["batch_nodes"] == B and res["batch_edges"] == 2 * (B // 8)
-    assert res["timer"].startswith("torch.utils.benchmark") and res["compiled"] is False
+    assert res["timer"] == tp.CPU_TIMER and res["compiled"] is False  # median of short blocks (issue 20)
     assert res["peak_mem_bytes"] >= B * OUT * 4  # at least the output tensor
     assert torch.get_num_threads() >= 1
 

@@ -32,6 +32,7 @@ from ..datasets.base import Task
 from ..methods.base import Method, count_parameters
 from ..metrics import catalogue, degeneracy
 from ..metrics.equivariance import equivariance_error, lie_derivative
+from ..metrics.profile import profile_breakdown
 from ..metrics.symmetric import symmetric_input_errors
 from ..metrics.throughput import device_name, measure_throughput
 from ..symmetry.group3d import common_group, lie_generators
@@ -55,6 +56,9 @@ class EvalConfig(Config):
     throughput_min_sample_s: float = 0.05
     throughput_repeats: int = 10
     throughput_threads: int = 0  # CPU threads while timing; 0 = torch's default
+    #: where inference time goes: torch.profiler shares of the wrappers' labelled regions (frames,
+    #: backbone, to_frame) or of op categories (``metrics/profile.py``), in the architecture point
+    profile: bool = True
     flops: bool = True
     compile: bool = False
     #: throughput, memory and FLOPs depend on the architecture and the batch, not on the trained
@@ -323,6 +327,13 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
                          "flops", "gflops_per_s", "compile_time_s"):
                 if res[stat] is not None:
                     add(catalogue.throughput_metric(mode, stat), res[stat], **ctx)
+        if ecfg.profile:
+            prof = profile_breakdown(model, tp_batch, device, threads=ecfg.throughput_threads or None)
+            pctx = {"mode": "inference", "batch_size": int(tp_batch.num_graphs), "threads": prof["threads"],
+                    "repeats": prof["calls"], "profile_scheme": prof["scheme"], "profile_time_s": prof["time_s"],
+                    "profile_method": prof["method"]}
+            for region, share in prof["shares"].items():
+                add(catalogue.profile_metric("inference", region), share, **pctx)
     finished = _dt.datetime.now(_dt.timezone.utc).isoformat()
     for r in rows:
         r["finished_at"] = finished

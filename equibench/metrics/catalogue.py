@@ -29,7 +29,7 @@ NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
 # the families of the built-in metrics (a plugin may declare more; readers never need the list)
 FAMILIES = ("params", "status", "equivariance", "equivariance_broken", "lie_derivative", "degeneracy", "symmetric",
             "train",
-            "curve", "test", "trivial", "floor", "tune", "throughput", "scaling", "tp_bench")
+            "curve", "test", "trivial", "floor", "tune", "throughput", "profile", "scaling", "tp_bench")
 STAGES = ("init", "trained")
 DTYPES = ("fp32", "fp64")
 EQUIVARIANCE_STATS = ("rel_mean", "rel_median", "rel_max", "abs_max", "disp_rel_mean", "disp_rel_median",
@@ -41,6 +41,10 @@ SYMMETRIC_STATS = ("rel_mean", "rel_max", "abs_max", "disp_rel_max")  # disp_rel
 THROUGHPUT_MODES = ("inference", "train")
 THROUGHPUT_STATS = ("graphs_per_s", "nodes_per_s", "time_median_s", "time_iqr_s", "peak_mem_bytes", "flops",
                     "gflops_per_s", "compile_time_s")
+#: where inference time goes (``metrics/profile.py``): the wrappers' labelled regions (frames, backbone, to_frame)
+#: or, for architectures without labels, op categories (tensor_product, linear, scatter); "other" in both
+PROFILE_MODES = ("inference",)
+PROFILE_REGIONS = ("frames", "backbone", "to_frame", "tensor_product", "linear", "scatter", "other")
 SCALING_STATS = ("time_s", "time_iqr_s", "graphs_per_s", "nodes_per_s", "peak_mem_bytes", "flops", "gflops_per_s")
 TP_BENCH_STATS = ("time_s", "time_iqr_s", "items_per_s", "peak_mem_bytes", "flops", "gflops_per_s",
                   "compile_time_s", "rel_err_vs_e3nn", "weights")
@@ -194,6 +198,13 @@ def throughput_metric(mode: str, stat: str) -> str:
     """``throughput.<mode>.<stat>``, mode "inference" or "train"."""
     _check("throughput mode", mode, THROUGHPUT_MODES)
     return f"throughput.{mode}.{_check('throughput stat', stat, THROUGHPUT_STATS)}"
+
+
+def profile_metric(mode: str, region: str) -> str:
+    """``profile.<mode>.<region>_share``: the share of the profiled time of one forward spent in
+    ``region`` (``metrics/profile.py``), mode "inference"."""
+    _check("profile mode", mode, PROFILE_MODES)
+    return f"profile.{mode}.{_check('profile region', region, PROFILE_REGIONS)}_share"
 
 
 def train_metric(name: str) -> str:
@@ -393,6 +404,22 @@ _TIMING: dict[str, tuple[str, str, Direction, Aggregate, NumberFormat, str]] = {
 }
 
 
+_PROFILE_DOCS = {
+    "frames": "frame / canonicalisation construction (record_function 'equibench.frames')",
+    "backbone": "calls of the shared backbone (record_function 'equibench.backbone')",
+    "to_frame": "mapping into / out of the frames and averaging (record_function 'equibench.to_frame')",
+    "tensor_product": "tensor-product modules (e3nn, cuEquivariance) and escnn point convolutions, an "
+                      "architecture without wrapper labels",
+    "linear": "linear layers and matrix products outside tensor products, an architecture without wrapper labels",
+    "scatter": "gathers and scatters of message passing (index_select, scatter_add, ...), an architecture "
+               "without wrapper labels",
+    "other": "everything else: glue outside the labelled regions (wrappers), element-wise ops and activations "
+             "(architectures), and the Python of forward itself",
+}
+_PROFILE_DOCS = {k: f"share of one inference forward's profiled time (torch.profiler, self time of the ops, median "
+                    f"over forwards) spent in {v}; context, not a score" for k, v in _PROFILE_DOCS.items()}
+
+
 def _timing_spec(name: str, family: str, stat: str, mode: str | None, watch: bool = False) -> MetricSpec:
     display, unit, direction, agg, fmt, doc = _TIMING[stat]
     return MetricSpec(name, f"{mode} {display}" if mode else display, family, unit=unit, direction=direction,
@@ -405,6 +432,12 @@ def _declare_benches() -> None:
         for stat in THROUGHPUT_STATS:
             register_metric(_timing_spec(throughput_metric(mode, stat), "throughput", stat, mode,
                                          watch=stat in ("graphs_per_s", "peak_mem_bytes")))
+    for mode in PROFILE_MODES:
+        for region in PROFILE_REGIONS:
+            register_metric(MetricSpec(
+                profile_metric(mode, region), f"{mode} time share: {region.replace('_', ' ')}", "profile",
+                direction=None, aggregate="mean", stat=f"{region}_share", mode=mode, number_format="g",
+                log_scale=False, description=_PROFILE_DOCS[region]))
     for stat in SCALING_STATS:
         register_metric(_timing_spec(scaling_metric(stat), "scaling", stat, None))
         _LEGACY[("scaling", stat)] = scaling_metric(stat)

@@ -16,10 +16,15 @@ back-to-back calls:
    ``UNSTABLE_REL_IQR`` (0.25). Such a figure says more about the machine (other processes,
    frequency scaling) than about the model; rows carry the flag and the report marks them.
 
-* CPU: ``run`` is ``torch.utils.benchmark.Timer.timeit`` with the thread count fixed (and
-  recorded) while it runs; ``clock="wall"`` (default) measures elapsed time, ``clock="cpu"`` the
-  process's CPU time, which a busy shared machine disturbs far less (the 1-minute load average
-  is recorded with every measurement).
+* CPU: ``run(n)`` times the ``n`` calls in short blocks (as many calls as last ``BLOCK_S``,
+  1 ms: one call for any model step of a millisecond or more) and returns ``n`` x the median
+  per-call time over the blocks, with the thread count fixed (and recorded) and garbage
+  collection off. The median of short blocks is ``torch.utils.benchmark``'s
+  ``blocked_autorange`` estimator, so the two agree (``benchmarks/bench_timing.py``; issue 20):
+  a mean over a long sample absorbs every moment the process was descheduled, the median of
+  short blocks drops such blocks as outliers. ``clock="wall"`` (default) measures
+  elapsed time, ``clock="cpu"`` the process's CPU time, which a busy shared machine disturbs far
+  less (the 1-minute load average is recorded with every measurement).
 * CUDA: ``run`` records CUDA events around the calls and synchronises; with ``flush_l2`` every
   call gets its own event pair and a write of twice the L2 size before it (outside the timed
   window), so each call starts from a cold L2.
@@ -48,13 +53,13 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.data import Batch
 
@@ -277,19 +282,49 @@ def sample_times(run: Callable[[int], float], *, repeats: int = 10, warmup: int 
 
 
 CLOCKS = ("wall", "cpu")
+#: the shortest timed block on CPU: a block is as many back-to-back calls as last this long (one
+#: call for anything slower), long enough that the timer's own cost (~0.1 µs) is below 1e-4 of it
+BLOCK_S = 1e-3
+CPU_TIMER = "median of 1 ms blocks (timeit)"
 
 
-def cpu_run(step: Callable[[], Any], threads: int, clock: str = "wall") -> Callable[[int], float]:
-    """``run(n)`` on CPU: ``torch.utils.benchmark.Timer.timeit(n)`` at ``threads`` threads.
+def _block_size(timer: timeit.Timer, block_s: float, max_block: int = 1 << 20) -> int:
+    """Calls per block: grown from one (these calls also warm up) until a block lasts ``block_s``."""
+    k = 1
+    while True:
+        dt = timer.timeit(k)
+        if dt >= block_s or k >= max_block:
+            return k
+        k = min(max_block, max(2 * k, math.ceil(1.2 * k * block_s / max(dt, 1e-9))))
 
-    ``clock="wall"`` times elapsed time (``time.perf_counter``); ``clock="cpu"`` the CPU time of
-    the process (``time.process_time``: all threads summed), which is insensitive to the process
-    being descheduled on a shared machine, a reproducible cost measure with ``threads=1``."""
+
+def cpu_run(step: Callable[[], Any], threads: int, clock: str = "wall",
+            block_s: float = BLOCK_S) -> Callable[[int], float]:
+    """``run(n)`` on CPU at ``threads`` threads: ``n`` calls timed in blocks of ``b`` calls (``b``
+    such that a block lasts ``block_s``: one call for a step of a millisecond or more), returning
+    ``n`` x the *median* per-call time over the blocks, with garbage collection off (``timeit``).
+
+    The median of short blocks is ``torch.utils.benchmark.Timer.blocked_autorange``'s estimator:
+    a block during which the process was descheduled (another process, an interrupt) is an outlier
+    the median drops, where the mean of a long sample (the suite's estimator before issue 20)
+    absorbs it. ``clock="wall"`` times
+    elapsed time (``time.perf_counter``); ``clock="cpu"`` the CPU time of the process
+    (``time.process_time``: all threads summed), insensitive to being descheduled, a reproducible
+    cost measure with ``threads=1``."""
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    extra: dict[str, Any] = {"timer": time.process_time} if clock == "cpu" else {}
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads, **extra)
-    return lambda n: timer.timeit(n).mean * n
+    timer = timeit.Timer(stmt="step()", globals={"step": step},
+                         timer=time.process_time if clock == "cpu" else time.perf_counter)
+    block: list[int] = []
+
+    def run(n: int) -> float:
+        torch.set_num_threads(threads)  # time_step restores the caller's count
+        if not block:
+            block.append(_block_size(timer, block_s))
+        k = min(block[0], max(n, 1))
+        per_call = [timer.timeit(k) / k for _ in range(max(1, round(n / k)))]
+        return n * statistics.median(per_call)
+    return run
 
 
 def cuda_run(step: Callable[[], Any], device: torch.device, flush_l2: bool = False) -> Callable[[int], float]:
@@ -361,7 +396,7 @@ def time_step(step: Callable[[], Any], device: str | torch.device = "cpu", *, th
             res = sample_times(cpu_run(step, threads, clock), **kw)
         finally:
             torch.set_num_threads(prev)
-        timer = "torch.utils.benchmark.Timer.timeit" + ("(process_time)" if clock == "cpu" else "")
+        timer = CPU_TIMER + (" (process_time)" if clock == "cpu" else "")
     s = res["samples"]
     med = statistics.median(s)
     iqr = _iqr(s)

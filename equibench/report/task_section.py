@@ -19,6 +19,7 @@ from .common.tables import (
     UNSTABLE_NOTE,
     context_line,
     diagnostic_columns,
+    profile_table,
     score_columns,
     seed_table,
     split_sweeps,
@@ -54,8 +55,9 @@ def _verdict_context(df: pd.DataFrame) -> dict[str, str]:
         once = (f"measured once per configuration (seed {', '.join(str(int(s)) for s in sorted(set(tp['seed'])))}"
                 "'s point: throughput does not depend on the weights)" if len(per_config) and per_config.max() == 1
                 else "mean over the seeds that measured it")
-        out["throughput"] = (f"graphs/s, {dtype}, batch {batch} graphs, median of {reps} repeats after warm-up; "
-                             f"{once}")
+        timer = ", ".join(sorted(set(tp["timer"].dropna()))) if "timer" in tp else ""
+        out["throughput"] = (f"graphs/s, {dtype}, batch {batch} graphs, median of {reps} repeats after warm-up"
+                             f"{f' (timer: {timer})' if timer else ''}; {once}")
     return out
 
 
@@ -281,6 +283,9 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
         section["tables"].append(("Tuning on the validation split: best validation value of the task's first metric "
                                   "per grid setting (mean over the tuning seeds; ✓ = the setting the measured runs "
                                   "used)", tuned))
+    profile = profile_table(df)
+    if profile is not None:  # beside the speed columns: what a wrapper's time is made of
+        section["tables"].insert(0, profile)
     standard = symmetric_inputs_table(df)
     if standard is not None:
         section["tables"].insert(0, standard)

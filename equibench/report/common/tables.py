@@ -18,11 +18,13 @@ from ...core.envinfo import loaded
 from ...core.registry import method_class
 from ...metrics.catalogue import (
     PARAMS,
+    PROFILE_REGIONS,
     THROUGHPUT_MODES,
     equivariance_metric,
     find_metric,
     lie_metric,
     list_metrics,
+    profile_metric,
     throughput_metric,
     train_metric,
     trivial_metric,
@@ -223,6 +225,43 @@ def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str 
     table = pd.DataFrame([[r.get(k, fmt.MISSING) for k in keys] for r in rows.values()], index=list(rows),
                          columns=pd.MultiIndex.from_tuples(keys))
     return table.loc[:, (table != fmt.MISSING).any(axis=0)]
+
+
+def profile_table(df: pd.DataFrame, mode: str = "inference") -> tuple[str, pd.DataFrame] | None:
+    """Where each method's ``mode`` time goes (``profile.<mode>.<region>_share`` rows, mean over
+    the points that measured it): one row per method, one column per region any method reports
+    (percent of the profiled forward), the grouping scheme and the profiled time per forward;
+    with the caption saying how it was measured. None when no row carries a profile."""
+    ok = df[(df["status"] == "ok") & df["value"].notna()] if len(df) else df
+    names = {profile_metric(mode, r): r for r in PROFILE_REGIONS}
+    rows = ok[ok["metric"].isin(list(names))] if len(ok) else ok
+    if rows.empty:
+        return None
+    shares = rows.groupby(["method", "metric"])["value"].mean().unstack("metric")
+    regions = [n for n in names if n in shares.columns and shares[n].notna().any()]
+    table = pd.DataFrame(index=shares.index)
+    for n in regions:
+        table[names[n].replace("_", " ")] = [fmt.MISSING if fmt.missing(v) else f"{100 * v:.0f}%" for v in shares[n]]
+    if "profile_scheme" in rows:
+        scheme = rows.groupby("method")["profile_scheme"].first()
+        table["regions by"] = [{"labels": "wrapper labels", "ops": "op categories"}.get(str(scheme.get(m)), "?")
+                               for m in table.index]
+    if "profile_time_s" in rows:
+        t = rows.groupby("method")["profile_time_s"].mean()
+        table["profiled time / forward"] = [fmt.number(t.get(m), "time") for m in table.index]
+    table.index.name = "method"
+    how = _first(_col(rows, "profile_method")) or "torch.profiler"
+    caption = (f"Where {mode} time goes: share of one forward's profiled time per region, at the throughput batch "
+               f"({_ints(_col(rows, 'batch_size'))} graphs) in the point that measured throughput ({how}). Wrappers "
+               "label their parts with record_function: frames = frame / canonicalisation construction, backbone = "
+               "the shared backbone's calls, to frame = mapping into and out of the frames and averaging, other = "
+               "the glue outside them. Architectures without labels are split by op: tensor product (tensor-product "
+               "modules, escnn point convolutions), linear (linear layers, matrix products), scatter (message "
+               "passing's gathers and scatters), other (element-wise ops, activations, Python). The profiler adds a "
+               "cost per op, so op-heavy regions read somewhat larger than their share of unprofiled time, and the "
+               "profiled time is not a throughput; the time against the backbone is in the full table's speed "
+               "columns")
+    return caption, table
 
 
 def status_table(df: pd.DataFrame, exclude_tasks: Iterable[str] = ()) -> pd.DataFrame:
