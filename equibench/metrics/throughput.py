@@ -53,13 +53,13 @@ import statistics
 import sys
 import tempfile
 import time
-import timeit
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.data import Batch
 
@@ -285,14 +285,19 @@ CLOCKS = ("wall", "cpu")
 #: the shortest timed block on CPU: a block is as many back-to-back calls as last this long (one
 #: call for anything slower), long enough that the timer's own cost (~0.1 µs) is below 1e-4 of it
 BLOCK_S = 1e-3
-CPU_TIMER = "median of 1 ms blocks (timeit)"
+CPU_TIMER = "median of 1 ms blocks (torch.utils.benchmark.Timer.timeit)"
 
 
-def _block_size(timer: timeit.Timer, block_s: float, max_block: int = 1 << 20) -> int:
+def _block_time(timer: benchmark.Timer, k: int) -> float:
+    """Seconds for ``k`` back-to-back calls (``torch.utils.benchmark.Timer.timeit``, gc off)."""
+    return timer.timeit(k).mean * k
+
+
+def _block_size(timer: benchmark.Timer, block_s: float, max_block: int = 1 << 20) -> int:
     """Calls per block: grown from one (these calls also warm up) until a block lasts ``block_s``."""
     k = 1
     while True:
-        dt = timer.timeit(k)
+        dt = _block_time(timer, k)
         if dt >= block_s or k >= max_block:
             return k
         k = min(max_block, max(2 * k, math.ceil(1.2 * k * block_s / max(dt, 1e-9))))
@@ -302,7 +307,8 @@ def cpu_run(step: Callable[[], Any], threads: int, clock: str = "wall",
             block_s: float = BLOCK_S) -> Callable[[int], float]:
     """``run(n)`` on CPU at ``threads`` threads: ``n`` calls timed in blocks of ``b`` calls (``b``
     such that a block lasts ``block_s``: one call for a step of a millisecond or more), returning
-    ``n`` x the *median* per-call time over the blocks, with garbage collection off (``timeit``).
+    ``n`` x the *median* per-call time over the blocks, with garbage collection off
+    (``torch.utils.benchmark.Timer.timeit``).
 
     The median of short blocks is ``torch.utils.benchmark.Timer.blocked_autorange``'s estimator:
     a block during which the process was descheduled (another process, an interrupt) is an outlier
@@ -313,8 +319,8 @@ def cpu_run(step: Callable[[], Any], threads: int, clock: str = "wall",
     cost measure with ``threads=1``."""
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    timer = timeit.Timer(stmt="step()", globals={"step": step},
-                         timer=time.process_time if clock == "cpu" else time.perf_counter)
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads,
+                            timer=time.process_time if clock == "cpu" else time.perf_counter)
     block: list[int] = []
 
     def run(n: int) -> float:
@@ -322,7 +328,7 @@ def cpu_run(step: Callable[[], Any], threads: int, clock: str = "wall",
         if not block:
             block.append(_block_size(timer, block_s))
         k = min(block[0], max(n, 1))
-        per_call = [timer.timeit(k) / k for _ in range(max(1, round(n / k)))]
+        per_call = [_block_time(timer, k) / k for _ in range(max(1, round(n / k)))]
         return n * statistics.median(per_call)
     return run
 
