@@ -58,6 +58,7 @@ from ..blocks.pca_frames import (
     frame_support,
     pca_degeneracy,
     pca_frame,
+    region,
     symmetric_frames,
 )
 from .baseline import Baseline
@@ -105,7 +106,8 @@ class PCACanonicalModel(nn.Module):
             frames = symmetric_frames(pos, cands, batch.batch, B, self.group, canonical=True)
             if frames is not None:  # a tie or an undefined sign: average over the undecided frames
                 return average_in_frames(self.backbone, batch, self.spec, frames)
-        F, t = self.frame(batch)
+        with region("equibench.frames"):
+            F, t = self.frame(batch)
         return apply_in_frame(self.backbone, batch, self.spec, F, t)
 
 
