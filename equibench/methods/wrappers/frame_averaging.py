@@ -19,8 +19,13 @@ where phi is the shared backbone and ``(R, s) . X`` acts on every typed field (p
 ``R x + s``, irreps fields ``D(R) v``, invariants unchanged). Because the frame set is
 equivariant, f is exactly E(3)- (resp. SE(3)-) equivariant wherever the covariance eigenvalues
 are distinct; at ties the frame is ill-defined (see ``equibench.metrics.degeneracy``). All
-frames run as one batch of |F| x B graphs. The frame carries no gradient (eigenvectors
-detached); the centroid keeps its (linear, harmless) gradient.
+frames run as one batch of |F| x B graphs (on the CPU in the fewest equal chunks of whole copies
+that keep a backbone call under ``blocks.pca_frames.CPU_EDGES_PER_CALL`` edges: larger calls cost
+more per graph there). Every frame is F_k = W diag(sigma_k) (W = V, resp. [v1, v2, v1 x v2]), so
+on points / l = 1 fields the input is projected on W once and copy k is that times sigma_k, and
+the average is ``rho_out(W, t) (1/|F| sum_k sigma_k * y_k)`` (``forward_signs``; other field types
+take the per-frame 3 x 3 products, the same function). The frame carries no gradient
+(eigenvectors detached); the centroid keeps its (linear, harmless) gradient.
 
 ``stochastic=True`` (FAENet): in training mode one uniformly random frame per graph and
 forward pass; in eval mode the full average. FA adds no parameters: ``params`` sizes the
@@ -61,18 +66,26 @@ from ..blocks.cnn import GroupAveraged, resolve_group
 from ..blocks.image import build_image_model, image_size_options
 from ..blocks.pca_frames import (
     average_in_frames,
+    average_sign_frames,
     candidate_vectors,
     centroid,
     check_degenerate,
     check_group,
+    copies_per_call,
     covariance,
     first_point_field,
     frame_set,
+    frame_signs,
     frame_support,
     into_frame,
     out_of_frame,
+    pca_axes,
     principal_axes,
+    proper_base,
+    region,
     replicate,
+    sign_framed_copies,
+    sign_frames_supported,
     symmetric_frames,
 )
 from .baseline import Baseline
@@ -103,6 +116,8 @@ class FrameAveragedModel(nn.Module):
             frames = symmetric_frames(pos, cands, batch.batch, B, self.group)
             if frames is not None:  # some graph has tied eigenvalues
                 return average_in_frames(self.backbone, batch, self.spec, frames)
+        if sign_frames_supported(self.spec):
+            return self.forward_signs(batch)
         F, t = self.frames(batch)
         B, K = F.shape[0], F.shape[1]
         if self.stochastic and self.training:
@@ -114,6 +129,29 @@ class FrameAveragedModel(nn.Module):
         out = self.backbone(act_on_batch(big, self.spec, into_frame(Fk, tk), target=False))
         out = act_on_output(out, self.spec, out_of_frame(Fk, tk), big)
         return out.reshape(K, -1, out.shape[-1]).mean(0)
+
+    def forward_signs(self, batch: Batch) -> torch.Tensor:
+        """The forward pass on points / l = 1 fields: every frame is ``F_k = W diag(sigma_k)``
+        (``frame_signs``), so each field is projected on W once and copy k is that times sigma_k
+        (``sign_framed_copies``), and the average is mapped out of W once (``average_sign_frames``);
+        the same function as the generic path (up to rounding), a fraction of its cost."""
+        with region("equibench.frames"):
+            B = int(batch.num_graphs)
+            V, t = pca_axes(batch[self.point], batch.batch, B)
+            W = proper_base(V, self.group)
+            sig = frame_signs(self.group, V.dtype, V.device).unsqueeze(1)  # [K, 1, 3]
+            if self.stochastic and self.training:  # one random frame per graph
+                sig = sig[torch.randint(sig.shape[0], (B,), device=V.device), 0].unsqueeze(0)  # [1, B, 3]
+        chunk = copies_per_call(batch, sig.shape[0])
+        outs = []
+        for k in range(0, sig.shape[0], chunk):  # one call for every frame, except large CPU batches
+            with region("equibench.to_frame"):
+                big = sign_framed_copies(batch, self.spec, W, t, sig[k:k + chunk])
+            with region("equibench.backbone"):
+                outs.append(self.backbone(big))
+        with region("equibench.to_frame"):
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            return average_sign_frames(out, self.spec, W, t, sig, batch)
 
 
 @register_method("frame_averaging")
