@@ -14,7 +14,8 @@ built from the latent features:
    copy k sees the framed input ``(F_k^T, -F_k^T t) . X`` (points ``F_k^T (x - t)``, vectors
    ``F_k^T v``, invariants unchanged), flattened into one feature vector per node, then a linear
    embedding to ``width`` channels.
-2. Layer l (``depth`` of them, all copies as one batch of K x B graphs): the reference's GCL,
+2. Layer l (``depth`` of them, all copies as one batch of K x B graphs, on the CPU in equal
+   chunks of whole copies, ``blocks.pca_frames.copies_per_call``): the reference's GCL,
    ``m_ij = phi([h_i, h_j, e_ij])`` (two linear layers, SiLU after each),
    ``h_i <- h_i + psi([h_i, sum_j m_ij])`` (linear, SiLU, linear), with invariant edge
    attributes e_ij = (|x_i - x_j|^2, the task's invariant edge inputs; n-body: q_i q_j). The
@@ -77,19 +78,27 @@ from ..blocks.backbone import edge_geometry, mlp, node_features
 from ..blocks.breaking import FieldInputOption
 from ..blocks.pca_frames import (
     FrameList,
+    average_sign_frames,
     candidate_vectors,
     centroid,
     check_degenerate,
     check_group,
+    copies_per_call,
     covariance,
     first_point_field,
     frame_set,
+    frame_signs,
     frame_support,
     gather_graphs,
     into_frame,
     out_of_frame,
+    pca_axes,
     principal_axes,
+    proper_base,
+    region,
     replicate,
+    sign_framed_copies,
+    sign_frames_supported,
     stabiliser_projection,
     symmetric_frames,
 )
@@ -105,7 +114,7 @@ class GCL(nn.Module):
 
     def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
         src, dst = edge_index
-        m = self.phi(torch.cat([h[dst], h[src], edge_attr], dim=-1))
+        m = self.phi(torch.cat([h.index_select(0, dst), h.index_select(0, src), edge_attr], dim=-1))
         agg = m.new_zeros(h.shape[0], m.shape[1]).index_add(0, dst, m)
         return h + self.psi(torch.cat([h, agg], dim=-1))
 
@@ -258,6 +267,8 @@ class FAGNNModel(nn.Module):
                                   batch.batch, B, self.group)
             if fl is not None:  # the input's covariance ties: frames from the input itself, every layer
                 return self.forward_symmetric(batch, fl)
+        if sign_frames_supported(self.spec):
+            return self.forward_signs(batch)
         F, t = self.input_frames(batch)
         K, B = F.shape[1], int(batch.num_graphs)
         big = replicate(batch, self.spec, K)
@@ -270,6 +281,82 @@ class FAGNNModel(nn.Module):
                 v = self.average_latent(h, F, batch.batch)
                 h, F = self.reframe(v, batch.batch, B)
         return self.average_output(self.decoder(h), F, t, big, batch)
+
+
+    def forward_signs(self, batch: Batch) -> torch.Tensor:
+        """``forward`` where every input is a point, an l = 1 vector or invariant, and so is the
+        output (``sign_frames_supported``): every frame of a set is ``F_k = W diag(sigma_k)``
+        (``frame_signs``), so framing is one projection on W times the K sign vectors, and a frame
+        average is ``W (1/K sum_k sigma_k * v_k)``: one 3 x 3 product per node and vector instead
+        of K. The invariant edge attributes are computed once and repeated. The same function as
+        the generic path (to rounding)."""
+        B, N, C = int(batch.num_graphs), batch.num_nodes, self.width // 3
+        index = batch.batch
+        with region("equibench.frames"):
+            V, t = pca_axes(batch[self.point], index, B)
+            W = proper_base(V, self.group)
+            sig = frame_signs(self.group, V.dtype, V.device)  # [K, 3]
+            K = sig.shape[0]
+            sig_v = sig[:, None, None, :]
+        with region("equibench.to_frame"):
+            big = sign_framed_copies(batch, self.spec, W, t, sig.unsqueeze(1))
+            edge_attr = edge_geometry(batch, self.spec)[1].repeat(K, 1)  # invariants: the same in every frame
+            h = self.embed(node_features(big, self.spec))
+        chunk = copies_per_call(batch, K)
+        for i, layer in enumerate(self.layers):
+            with region("equibench.backbone"):
+                h = self.run_layer(layer, h, big.edge_index, edge_attr, K, chunk)
+            if i == self.depth - 1:
+                break
+            with region("equibench.to_frame"):
+                self.frame_averages += 1
+                v = (h.reshape(K, N, C, 3) * sig_v).mean(0) @ W.index_select(0, index).transpose(-1, -2)  # world
+            with region("equibench.frames"):
+                W, c = latent_axes(v, index, B, self.group)
+            with region("equibench.to_frame"):
+                Wn = W.index_select(0, index)
+                h = (((v - c.index_select(0, index).unsqueeze(1)) @ Wn).unsqueeze(0) * sig_v).reshape(K * N, self.width)
+        with region("equibench.to_frame"):
+            self.frame_averages += 1
+            y = self.decoder(h)
+            if self.spec.level == "graph":
+                y = global_add_pool(y, big.batch, size=int(big.num_graphs))
+            shift = torch.zeros_like(t) if self.residual else t
+            out = average_sign_frames(y, self.spec, W, shift, sig.unsqueeze(1), batch)
+            if self.residual and self.spec.output == POINT:
+                out = out + (batch[self.point] if self.spec.level == "node" else t)
+            return out
+
+
+    @staticmethod
+    def run_layer(layer: GCL, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor, copies: int,
+                  chunk: int) -> torch.Tensor:
+        """``layer`` on the ``copies`` copy-major copies of a batch, ``chunk`` copies per call
+        (``copies_per_call``): the copies share no edge, and every chunk of c copies has the
+        edges of the first c (same offsets), so a chunk is one call on a slice."""
+        if chunk >= copies:
+            return layer(h, edge_index, edge_attr)
+        N, E = h.shape[0] // copies, edge_index.shape[1] // copies
+        outs = []
+        for k in range(0, copies, chunk):
+            c = min(chunk, copies - k)
+            outs.append(layer(h[k * N:(k + c) * N], edge_index[:, :c * E], edge_attr[:c * E]))
+        return torch.cat(outs)
+
+
+def latent_axes(vecs: torch.Tensor, index: torch.Tensor, num_graphs: int,
+                group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W [B, 3, 3], c [B, 3])``: ``frames_of_vectors`` as the base W of its sign frames
+    (``proper_base``), from per-node sums instead of a ``[N * C, 3]`` scatter: c = the mean of each
+    graph's N_b x C vectors, W from the eigenvectors of sum (v - c)(v - c)^T."""
+    C = vecs.shape[1]
+    count = torch.bincount(index, minlength=num_graphs).clamp_min(1).to(vecs.dtype) * C
+    c = vecs.new_zeros(num_graphs, 3).index_add_(0, index, vecs.sum(1)) / count.unsqueeze(-1)
+    d = (vecs - c.index_select(0, index).unsqueeze(1)).detach()
+    outer = (d.unsqueeze(-1) * d.unsqueeze(-2)).sum(1)  # [N, 3, 3], exactly symmetric
+    cov = outer.new_zeros(num_graphs, 3, 3).index_add_(0, index, outer)
+    _, V = principal_axes(cov)
+    return proper_base(V, group), c
 
 
 @register_method("fa_gnn")

@@ -1,0 +1,109 @@
+"""The fast paths of the frame wrappers (issue 20, item 3: wrappers close to their backbone) compute
+the same function as the generic paths they short-cut: ``framed_batch`` / ``output_from_frame``
+against ``act_on_batch`` / ``act_on_output``, the sign-frame forward of ``frame_averaging`` and
+``fa_gnn`` (one projection on W times the sign vectors, chunked backbone calls on the CPU) against
+the per-copy 3 x 3 products of the generic forward, and ``pca_frame`` against
+``covariance`` / ``principal_axes`` / ``skew_signs``."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+import equibench as eb
+from equibench.methods.blocks import pca_frames
+from equibench.methods.blocks.pca_frames import (
+    framed_batch,
+    into_frame,
+    out_of_frame,
+    output_from_frame,
+    pca_frame,
+    principal_axes,
+    skew_signs,
+)
+from equibench.methods.wrappers import fa_gnn, frame_averaging
+from equibench.metrics.equivariance import cast_batch
+from equibench.symmetry.group3d import act_on_batch, act_on_output, sample_rotations
+from equibench.symmetry.precision import default_dtype
+
+
+@pytest.fixture(scope="module")
+def nbody():
+    task = eb.get_task("nbody", train_size=20, val_size=20, test_size=20)
+    return task.spec, cast_batch(Batch.from_data_list(task.load("test")[:12]), torch.float64)
+
+
+def build(name, spec, **opts):
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        return eb.get_method(name, **opts).build(spec, 0).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_framed_batch_matches_act_on_batch(nbody):
+    spec, batch = nbody
+    B = int(batch.num_graphs)
+    F = sample_rotations(B, True, torch.Generator().manual_seed(1))
+    t = torch.randn(B, 3, dtype=torch.float64)
+    fast = framed_batch(batch, spec, F, t)
+    ref = act_on_batch(batch, spec, into_frame(F, t), target=False)
+    for name in (*spec.inputs, *spec.edge_inputs):
+        assert rel(fast[name], ref[name]) < 1e-14, name
+    assert fast.edge_index is batch.edge_index and torch.equal(fast.y, batch.y)  # shared, untouched
+    out = torch.randn(batch.num_nodes, 3, dtype=torch.float64)
+    assert rel(output_from_frame(out, spec, F, t, batch), act_on_output(out, spec, out_of_frame(F, t), batch)) < 1e-14
+
+
+@pytest.mark.parametrize("group", ["O3", "SO3"])
+def test_pca_frame_matches_its_definition(nbody, group):
+    spec, batch = nbody
+    pos, index, B = batch.pos, batch.batch, int(batch.num_graphs)
+    F, t = pca_frame(pos, index, B, group)
+    t_ref = pca_frames.scatter(pos, index, dim=0, dim_size=B, reduce="mean")
+    _, V = principal_axes(pca_frames.covariance(pos, t_ref, index, B))
+    F_ref = V * skew_signs(pos, t_ref, V, index, B)[:, None, :]
+    if group == "SO3":
+        F_ref = torch.stack([F_ref[..., 0], F_ref[..., 1], torch.linalg.cross(F_ref[..., 0], F_ref[..., 1])], -1)
+    assert rel(t, t_ref) < 1e-14
+    assert rel(F, F_ref) < 1e-12
+
+
+@pytest.mark.parametrize("opts", [{}, {"group": "SO3"}])
+@pytest.mark.parametrize("edges_per_call", [None, 1])  # None: one call; 1: one copy per backbone call
+def test_frame_averaging_sign_path_matches_generic(nbody, monkeypatch, opts, edges_per_call):
+    spec, batch = nbody
+    model = build("frame_averaging", spec, params=5000, **opts)
+    if edges_per_call is not None:
+        monkeypatch.setattr(pca_frames, "CPU_EDGES_PER_CALL", edges_per_call)
+    with torch.no_grad():
+        fast = model(batch)
+        monkeypatch.setattr(frame_averaging, "sign_frames_supported", lambda spec: False)
+        ref = model(batch)
+    assert rel(fast, ref) < 1e-12
+
+
+@pytest.mark.parametrize("opts", [{}, {"group": "SO3"}, {"residual": True}])
+@pytest.mark.parametrize("edges_per_call", [None, 1])
+def test_fa_gnn_sign_path_matches_generic(nbody, monkeypatch, opts, edges_per_call):
+    spec, batch = nbody
+    model = build("fa_gnn", spec, width=15, depth=3, **opts)
+    if edges_per_call is not None:
+        monkeypatch.setattr(pca_frames, "CPU_EDGES_PER_CALL", edges_per_call)
+    with torch.no_grad():
+        fast = model(batch)
+        averages = model.frame_averages
+        monkeypatch.setattr(fa_gnn, "sign_frames_supported", lambda spec: False)
+        ref = model(batch)
+    assert averages == model.frame_averages - averages == model.depth
+    assert rel(fast, ref) < 1e-10
+
+
+def test_copies_per_call_bounds_the_cpu_batch(nbody, monkeypatch):
+    spec, batch = nbody
+    size = batch.edge_index.shape[1] + batch.num_nodes
+    for budget, expected in ((1, 1), (size, 1), (3 * size, 3), (5 * size, 4), (100 * size, 8)):
+        monkeypatch.setattr(pca_frames, "CPU_EDGES_PER_CALL", budget)
+        assert pca_frames.copies_per_call(batch, 8) == expected, budget  # the fewest equal chunks
