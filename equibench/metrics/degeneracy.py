@@ -5,7 +5,8 @@ positions; the frame is undefined when covariance eigenvalues tie or the input i
 Two curves, both rewriting ONLY the first point field of each graph (velocities, charges, ...
 stay as in the batch) and then measuring the relative equivariance error exactly as
 ``equibench.metrics.equivariance.equivariance_error`` does (same sampling of g = (R, t, P) from
-``seed``, same per-graph ``rel = ||f(gX) - rho(g) f(X)|| / (||f(X)|| + eps)``):
+``seed``, same per-graph ``rel = ||f(gX) - rho(g) f(X)|| / (||f(X)|| + eps_B)``, eps_B the
+floor of ``equivariance.output_scale`` over the graphs with a finite output):
 
 * ``degeneracy_curve``: the centred cloud of each graph is rescaled along its principal axes
   so that C = sum_i (x_i - t)(x_i - t)^T gets eigenvalues s * (1, 1 + gap, 3) (centroid t and
@@ -39,7 +40,7 @@ from torch_geometric.utils import scatter
 from ..core.spec import TaskSpec
 from ..symmetry.group3d import act_on_batch, act_on_output, sample_element, sample_rotations
 from ..symmetry.precision import default_dtype
-from .equivariance import EPS, cast_batch, model_in_dtype
+from .equivariance import EPS, SCALE_FLOOR, cast_batch, model_in_dtype
 
 DEFAULT_GAPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-8, 0.0)
 DEFAULT_CONFIGS = ("polygon", "pyramid", "tetrahedron", "octahedron", "cube", "mirror", "line", "coincident")
@@ -80,6 +81,7 @@ def robust_equivariance_error(model: nn.Module, batch: Batch, spec: TaskSpec, n_
             B = int(x.num_graphs)
             fx = model(x)
             n_fx, ok_fx = _per_graph(fx, _graph_rows(x, spec, fx.shape[0], None), B)
+            floor = SCALE_FLOOR * n_fx[ok_fx].median() if ok_fx.any() else n_fx.new_zeros(())
             n_bad = (~torch.isfinite(fx)).sum().item()
             n_all = fx.numel()
             rels, abs_max = [], 0.0
@@ -91,7 +93,7 @@ def robust_equivariance_error(model: nn.Module, batch: Batch, spec: TaskSpec, n_
                 diff = fgx - act_on_output(fx, spec, g, x)
                 n_diff, ok = _per_graph(diff, _graph_rows(x, spec, diff.shape[0], g.perm), B)
                 ok = ok & ok_fx
-                rels.append((n_diff / (n_fx + EPS))[ok])
+                rels.append((n_diff / (n_fx + EPS + floor))[ok])
                 finite = torch.isfinite(diff)
                 if finite.any():
                     abs_max = max(abs_max, diff[finite].abs().max().item())
