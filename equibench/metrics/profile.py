@@ -135,6 +135,7 @@ def _raw_events(prof: profile) -> list[tuple[str, int, int, int, bool, int, int]
     event the profiler kept (read from kineto directly: ``prof.events()`` builds a Python object
     tree that costs seconds for an e3nn forward's 10^4 ops)."""
     out = []
+    assert prof.profiler is not None and prof.profiler.kineto_results is not None  # read after the profile ran
     for e in prof.profiler.kineto_results.events():
         out.append((e.name(), e.start_ns(), e.end_ns(), e.start_thread_id(), e.device_type() == DeviceType.CPU,
                     e.correlation_id(), e.linked_correlation_id()))
@@ -170,6 +171,7 @@ def breakdown_from_events(events: list[tuple[str, int, int, int, bool, int, int]
         if parent is not None:
             parent[2] += end - start
         fwd = parent[5] if parent is not None else -1
+        region: str | None
         if name == FORWARD:
             region, fwd = "other", len(per_fwd)
             per_fwd.append(dict.fromkeys(regions, 0.0))

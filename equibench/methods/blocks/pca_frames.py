@@ -373,13 +373,14 @@ def output_from_frame(out: torch.Tensor, spec: TaskSpec, F: torch.Tensor, t: tor
         return out
     if not _vector_like(t_out):
         return act_on_output(out, spec, out_of_frame(F, t), batch)
+    origin: torch.Tensor | None
     if spec.level == "graph":
-        Fo, origin = F, t
+        Fo, origin = F, (t if t_out == POINT else None)
     else:
         Fo = F.index_select(0, batch.batch) if Fn is None else Fn
         origin = t.index_select(0, batch.batch) if t_out == POINT else None
     res = _project(out, Fo.transpose(-1, -2))
-    return res + origin if t_out == POINT else res
+    return res + origin if origin is not None else res
 
 
 def apply_in_frame(backbone: torch.nn.Module, batch: Batch, spec: TaskSpec, F: torch.Tensor,

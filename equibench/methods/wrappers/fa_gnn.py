@@ -64,6 +64,8 @@ one in the input's own covariance).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch_geometric.data import Batch
@@ -305,7 +307,7 @@ class FAGNNModel(nn.Module):
         chunk = copies_per_call(batch, K)
         for i, layer in enumerate(self.layers):
             with region("equibench.backbone"):
-                h = self.run_layer(layer, h, big.edge_index, edge_attr, K, chunk)
+                h = self.run_layer(cast(GCL, layer), h, big.edge_index, edge_attr, K, chunk)
             if i == self.depth - 1:
                 break
             with region("equibench.to_frame"):
