@@ -43,6 +43,10 @@ def test_without_alignment_it_is_another_exact_function(nbody):
     with torch.no_grad():
         a, b = ours.eval()(batch), raw.eval()(batch)
     assert ((a - b).norm() / a.norm()).item() > 1e-6  # the column order changes what the backbone reads
+    # and the library's frames are what runs: reversing their columns (align) changes the output
+    aligned = build_model(eb.get_method("frame_averaging_pytorch", width=16, depth=2), task.spec, 0, F64)
+    with torch.no_grad():
+        assert not torch.equal(aligned.eval()(batch), b)
     assert eb.equivariance_error(raw, batch, task.spec, n_samples=4, dtype=F64)["rel_max"] < 1e-10
 
 

@@ -92,6 +92,10 @@ from .baseline import Baseline
 
 
 class FrameAveragedModel(nn.Module):
+    """The backbone averaged over the frame set ``frames(batch)``. The sign-frame fast path
+    (``forward_signs``) recomputes equibench's own PCA frames, so it runs only where ``frames`` is
+    this class's: a subclass with its own frame set (a reference library's) takes the generic path."""
+
     def __init__(self, backbone: nn.Module, spec: TaskSpec, group: str, stochastic: bool,
                  degenerate: str = "arbitrary") -> None:
         super().__init__()
@@ -116,7 +120,7 @@ class FrameAveragedModel(nn.Module):
             frames = symmetric_frames(pos, cands, batch.batch, B, self.group)
             if frames is not None:  # some graph has tied eigenvalues
                 return average_in_frames(self.backbone, batch, self.spec, frames)
-        if sign_frames_supported(self.spec):
+        if sign_frames_supported(self.spec) and type(self).frames is FrameAveragedModel.frames:
             return self.forward_signs(batch)
         F, t = self.frames(batch)
         B, K = F.shape[0], F.shape[1]
