@@ -428,6 +428,21 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------
 # the public measurement
 
+def _threads(n: int | None) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """A context factory running its block at ``n`` torch threads (the caller's count restored after;
+    ``None``: unchanged)."""
+    @contextlib.contextmanager
+    def ctx() -> Iterator[None]:
+        prev = torch.get_num_threads()
+        if n:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(prev)
+    return ctx
+
+
 def measure_throughput(model: nn.Module, batch: Batch, mode: str = "inference",
                        device: str | torch.device = "cpu", *, warmup: int = 3, repeats: int = 10,
                        min_sample_s: float = 0.05, threads: int | None = None,
@@ -447,12 +462,15 @@ def measure_throughput(model: nn.Module, batch: Batch, mode: str = "inference",
     model = model.to(device)
     batch = batch.to(device)
     compile_time = compiled_graphs = recompiles_timing = recompiles_sizes = None
+    # dynamo guards on the thread count: compile (and count recompiles) at the count the timing runs at
+    at_threads = _threads(threads if device.type == "cpu" else None)
     if compile:
         g0 = _graphs_compiled()
         step = make_step(model, batch, mode, loss_fn, compile=True, compile_dynamic=compile_dynamic)
         _sync(device)
         t0 = time.perf_counter()
-        step()  # first call: trace + compile (forward, and backward for the training modes)
+        with at_threads():
+            step()  # first call: trace + compile (forward, and backward for the training modes)
         _sync(device)
         compile_time = time.perf_counter() - t0
         compiled_graphs = _graphs_compiled() - g0
@@ -468,7 +486,7 @@ def measure_throughput(model: nn.Module, batch: Batch, mode: str = "inference",
     mem, mem_method = peak_memory(step, device) if memory else (None, "")
     if compile and recompile_batches:
         fwd = torch.compile(model.eval(), dynamic=compile_dynamic)
-        with torch.no_grad():
+        with torch.no_grad(), at_threads():
             fwd(batch)  # compiled (or found in dynamo's cache) for the timed size
             g2 = _graphs_compiled()
             for b in recompile_batches:
