@@ -260,3 +260,22 @@ def test_stability_script_groups_runs_and_judges_against_the_tolerance(order, ca
     assert out.count("group ") == 2 and "PASS" in out and "host drift" in out and f"order={order}" in out
     assert stability.main(args + ["--tolerance", "-1"]) == 1  # a negative tolerance cannot pass
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_suite_cost_split_adds_up_from_the_rows():
+    """benchmarks/bench_suite_cost.time_split: training from ``train.wall_s``, measurement = time in the
+    worker minus training, overhead = the engine's end-to-end time minus time in the worker, per point."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_suite_cost import time_split
+
+    def point(h: str, wall: float, inside: float, train: float) -> list[dict]:
+        base = {"spec_hash": h, "status": "ok", "wall_s": wall, "started_at": "2026-12-07T00:00:00+00:00",
+                "finished_at": f"2026-12-07T00:00:{inside:02.0f}+00:00"}
+        return [{**base, "metric": "test.mse", "value": 1.0}, {**base, "metric": "train.wall_s", "value": train}]
+
+    rows = point("a", 12.0, 10, 6.0) + point("b", 5.5, 5, 1.0) + [{"spec_hash": "c", "status": "failed",
+                                                                   "metric": "status", "value": None}]
+    split = time_split(rows)
+    assert split == {"training_s": 7.0, "measurement_s": 8.0, "overhead_s": 2.5, "points_s": 17.5, "points": 2.0}
