@@ -107,11 +107,7 @@ def centroid(pos: torch.Tensor, index: torch.Tensor, num_graphs: int) -> torch.T
 
 def covariance(pos: torch.Tensor, t: torch.Tensor, index: torch.Tensor, num_graphs: int) -> torch.Tensor:
     """``C_b = sum_{i in b} (x_i - t_b)(x_i - t_b)^T``, ``[B, 3, 3]`` (exactly symmetric)."""
-    return _scatter_outer(pos - t[index], index, num_graphs)
-
-
-def _scatter_outer(c: torch.Tensor, index: torch.Tensor, num_graphs: int) -> torch.Tensor:
-    """``sum_{i in b} c_i c_i^T`` per graph from centred points ``c [N, 3]``."""
+    c = pos - t.index_select(0, index)
     return _sum_per_graph(c.unsqueeze(-1) * c.unsqueeze(-2), index, num_graphs)
 
 
@@ -127,14 +123,6 @@ def principal_axes(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c = 0.5 * (c + c.transpose(-1, -2))
     evals, evecs = torch.linalg.eigh(c)
     return evals.flip(-1).to(cov.dtype), evecs.flip(-1).to(cov.dtype)
-
-
-@torch.no_grad()
-def _axes_of_symmetric(cov: torch.Tensor) -> torch.Tensor:
-    """The eigenvectors of ``principal_axes`` alone, for an exactly symmetric ``cov`` (as
-    ``covariance`` builds it: its symmetrisation is then the identity, bit for bit)."""
-    _, evecs = torch.linalg.eigh(torch.nan_to_num(cov.detach().double(), nan=0.0, posinf=0.0, neginf=0.0))
-    return evecs.flip(-1).to(cov.dtype)
 
 
 @functools.lru_cache(maxsize=4)
@@ -175,17 +163,13 @@ def _project(c: torch.Tensor, Vn: torch.Tensor) -> torch.Tensor:
     return (c.unsqueeze(-2) @ Vn).squeeze(-2)
 
 
-def _signs_of(m3: torch.Tensor) -> torch.Tensor:
-    """+1 where ``m3 >= 0`` (a zero third moment included), else -1."""
-    return torch.where(m3 >= 0, 1.0, -1.0).to(m3.dtype)
-
-
 def skew_signs(pos: torch.Tensor, t: torch.Tensor, V: torch.Tensor, index: torch.Tensor,
                num_graphs: int) -> torch.Tensor:
     """``s_k = sign(sum_i <x_i - t, v_k>^3)`` per graph and axis, ``[B, 3]``; a zero third
     moment (symmetric input: the rule is ill-defined there) gives +1, so it stays finite."""
-    proj = _project((pos - t[index]).detach(), V[index])
-    return _signs_of(_sum_per_graph(proj**3, index, num_graphs))
+    proj = _project((pos - t.index_select(0, index)).detach(), V.index_select(0, index))
+    m3 = _sum_per_graph(proj**3, index, num_graphs)
+    return torch.where(m3 >= 0, 1.0, -1.0).to(m3.dtype)
 
 
 @torch.no_grad()
@@ -241,12 +225,9 @@ def pca_frame(pos: torch.Tensor, index: torch.Tensor, num_graphs: int,
 
     Axes by decreasing variance, each oriented so the third moment of the projections is
     positive; "SO3" takes the third axis as the cross product of the first two (det +1).
-    (``covariance`` / ``principal_axes`` / ``skew_signs`` in one pass over the centred points.)
     """
-    t = centroid(pos, index, num_graphs)
-    c = (pos - t.index_select(0, index)).detach()
-    V = _axes_of_symmetric(_scatter_outer(c, index, num_graphs))
-    F = V * _signs_of(_sum_per_graph(_project(c, V.index_select(0, index)) ** 3, index, num_graphs))[:, None, :]
+    V, t = pca_axes(pos, index, num_graphs)
+    F = V * skew_signs(pos, t, V, index, num_graphs)[:, None, :]
     if check_group(group) == "SO3":
         F = torch.stack([F[..., 0], F[..., 1], torch.linalg.cross(F[..., 0], F[..., 1])], dim=-1)
     return F.detach(), t
@@ -401,7 +382,7 @@ def pca_axes(pos: torch.Tensor, index: torch.Tensor, num_graphs: int) -> tuple[t
     """``(V [B, 3, 3], t [B, 3])``: ``principal_axes(covariance(pos, t))`` eigenvectors (no
     gradient) and the centroid t (with its gradient)."""
     t = centroid(pos, index, num_graphs)
-    return _axes_of_symmetric(_scatter_outer((pos - t.index_select(0, index)).detach(), index, num_graphs)), t
+    return principal_axes(covariance(pos.detach(), t.detach(), index, num_graphs))[1], t
 
 
 def sign_frames_supported(spec: TaskSpec) -> bool:
