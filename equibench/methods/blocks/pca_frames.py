@@ -42,7 +42,7 @@ __all__ = ["FRAME_GROUPS", "FrameElement", "apply_in_frame", "centroid", "check_
            "gather_graphs", "stabiliser_projection", "symmetric_frames", "region", "framed_batch",
            "output_from_frame", "REGIONS", "pca_axes", "proper_base", "frame_signs",
            "sign_frames_supported", "sign_framed_copies", "average_sign_frames", "copies_per_call",
-           "CPU_EDGES_PER_CALL"]
+           "CPU_EDGES_PER_CALL", "sum_per_graph"]
 
 FRAME_GROUPS = ("O3", "SO3")
 _EPS = 1e-12
@@ -94,21 +94,22 @@ def region(name: str) -> contextlib.AbstractContextManager:
 
 
 # ---- PCA --------------------------------------------------------------------------------------
-def _sum_per_graph(x: torch.Tensor, index: torch.Tensor, num_graphs: int) -> torch.Tensor:
-    """``sum_{i: index_i = b} x_i`` for every graph b, ``[B, ...]`` (one ``index_add``)."""
+def sum_per_graph(x: torch.Tensor, index: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """``out[b] = sum_{i: index_i = b} x_i`` for b < ``num_graphs`` (per graph, or per node for edge
+    messages), ``[num_graphs, ...]``, as one ``index_add``."""
     return x.new_zeros((num_graphs, *x.shape[1:])).index_add_(0, index, x)
 
 
 def centroid(pos: torch.Tensor, index: torch.Tensor, num_graphs: int) -> torch.Tensor:
     """Mean of each graph's points, ``[B, 3]`` (an empty graph gives 0)."""
     count = torch.bincount(index, minlength=num_graphs).clamp_min(1).to(pos.dtype)
-    return _sum_per_graph(pos, index, num_graphs) / count.unsqueeze(-1)
+    return sum_per_graph(pos, index, num_graphs) / count.unsqueeze(-1)
 
 
 def covariance(pos: torch.Tensor, t: torch.Tensor, index: torch.Tensor, num_graphs: int) -> torch.Tensor:
     """``C_b = sum_{i in b} (x_i - t_b)(x_i - t_b)^T``, ``[B, 3, 3]`` (exactly symmetric)."""
     c = pos - t.index_select(0, index)
-    return _sum_per_graph(c.unsqueeze(-1) * c.unsqueeze(-2), index, num_graphs)
+    return sum_per_graph(c.unsqueeze(-1) * c.unsqueeze(-2), index, num_graphs)
 
 
 @torch.no_grad()
@@ -168,7 +169,7 @@ def skew_signs(pos: torch.Tensor, t: torch.Tensor, V: torch.Tensor, index: torch
     """``s_k = sign(sum_i <x_i - t, v_k>^3)`` per graph and axis, ``[B, 3]``; a zero third
     moment (symmetric input: the rule is ill-defined there) gives +1, so it stays finite."""
     proj = _project((pos - t.index_select(0, index)).detach(), V.index_select(0, index))
-    m3 = _sum_per_graph(proj**3, index, num_graphs)
+    m3 = sum_per_graph(proj**3, index, num_graphs)
     return torch.where(m3 >= 0, 1.0, -1.0).to(m3.dtype)
 
 

@@ -91,6 +91,7 @@ from ..blocks.pca_frames import (
     frame_support,
     gram_schmidt,
     region,
+    sum_per_graph,
 )
 from .baseline import Baseline
 
@@ -172,11 +173,11 @@ class VectorCanonicaliser(nn.Module):
         e_s = torch.cat(e_parts, dim=-1)
         for phi, psi in zip(self.phi, self.psi):
             m = _run_mlp(phi, torch.cat([h.index_select(0, dst), h.index_select(0, src), e_s], dim=-1))
-            h = h + _run_mlp(psi, torch.cat([h, _sum_into(m, dst, h.shape[0])], dim=-1))
+            h = h + _run_mlp(psi, torch.cat([h, sum_per_graph(m, dst, h.shape[0])], dim=-1))
         a = nn.functional.linear(h, self.node_coef.weight, self.node_coef.bias).reshape(-1, self.n_v, self.n_out)
-        u_node = _sum_into(a.transpose(1, 2) @ V, batch.batch, B)  # sum_v a_nvk V_nvd
+        u_node = sum_per_graph(a.transpose(1, 2) @ V, batch.batch, B)  # sum_v a_nvk V_nvd
         b = nn.functional.linear(m, self.edge_coef.weight, self.edge_coef.bias)
-        u_edge = _sum_into(b.unsqueeze(-1) * evec.unsqueeze(1), batch.batch.index_select(0, dst), B)
+        u_edge = sum_per_graph(b.unsqueeze(-1) * evec.unsqueeze(1), batch.batch.index_select(0, dst), B)
         return u_node + u_edge
 
 
@@ -188,12 +189,6 @@ def _triu_cached(n: int, device: str) -> torch.Tensor:
 def _triu(n: int, device: torch.device) -> torch.Tensor:
     """``torch.triu_indices(n, n)``, built once per (n, device)."""
     return _triu_cached(n, str(device))
-
-
-def _sum_into(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """``out[b] = sum_{i: index_i = b} x_i``, ``[size, ...]`` (``scatter(..., reduce="sum")`` as one
-    ``index_add``)."""
-    return x.new_zeros((size, *x.shape[1:])).index_add_(0, index, x)
 
 
 def _run_mlp(seq: nn.Module, x: torch.Tensor) -> torch.Tensor:

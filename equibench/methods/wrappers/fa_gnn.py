@@ -102,6 +102,7 @@ from ..blocks.pca_frames import (
     sign_framed_copies,
     sign_frames_supported,
     stabiliser_projection,
+    sum_per_graph,
     symmetric_frames,
 )
 
@@ -284,7 +285,6 @@ class FAGNNModel(nn.Module):
                 h, F = self.reframe(v, batch.batch, B)
         return self.average_output(self.decoder(h), F, t, big, batch)
 
-
     def forward_signs(self, batch: Batch) -> torch.Tensor:
         """``forward`` where every input is a point, an l = 1 vector or invariant, and so is the
         output (``sign_frames_supported``): every frame of a set is ``F_k = W diag(sigma_k)``
@@ -329,7 +329,6 @@ class FAGNNModel(nn.Module):
                 out = out + (batch[self.point] if self.spec.level == "node" else t)
             return out
 
-
     @staticmethod
     def run_layer(layer: GCL, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor, copies: int,
                   chunk: int) -> torch.Tensor:
@@ -353,10 +352,10 @@ def latent_axes(vecs: torch.Tensor, index: torch.Tensor, num_graphs: int,
     graph's N_b x C vectors, W from the eigenvectors of sum (v - c)(v - c)^T."""
     C = vecs.shape[1]
     count = torch.bincount(index, minlength=num_graphs).clamp_min(1).to(vecs.dtype) * C
-    c = vecs.new_zeros(num_graphs, 3).index_add_(0, index, vecs.sum(1)) / count.unsqueeze(-1)
+    c = sum_per_graph(vecs.sum(1), index, num_graphs) / count.unsqueeze(-1)
     d = (vecs - c.index_select(0, index).unsqueeze(1)).detach()
     outer = (d.unsqueeze(-1) * d.unsqueeze(-2)).sum(1)  # [N, 3, 3], exactly symmetric
-    cov = outer.new_zeros(num_graphs, 3, 3).index_add_(0, index, outer)
+    cov = sum_per_graph(outer, index, num_graphs)
     _, V = principal_axes(cov)
     return proper_base(V, group), c
 
