@@ -285,22 +285,30 @@ def test_seed_independent_measurements_are_taken_once_per_configuration(tmp_path
 
 def test_an_unstable_timing_is_measured_again(monkeypatch):
     """Measured once per configuration, a disturbed (unstable) timing is retaken: the rows carry the
-    stable retake, how often it was retaken, and the FLOPs of the first measurement."""
+    stable retake, how often it was retaken, and the FLOPs, counted once."""
     from equibench.benches import taskrun
+    from equibench.metrics import throughput
 
-    real = taskrun.measure_throughput
-    calls: list[bool] = []
+    real_time, real_flops = throughput.time_step, throughput.count_flops
+    calls: list[bool] = []  # per timing: were the FLOPs counted before it (only the first is unstable)
+    flop_counts: list[int] = []
 
     def flaky(*args, **kwargs):
-        res = real(*args, **kwargs)
-        calls.append(kwargs["flops"])
+        res = real_time(*args, **kwargs)
+        calls.append(not flop_counts)
         first = len(calls) == 1
-        return {**res, "unstable": first, "graphs_per_s": 1.0 if first else res["graphs_per_s"]}
+        return {**res, "unstable": first, "time_median_s": 1e6 if first else res["time_median_s"]}
 
-    monkeypatch.setattr(taskrun, "measure_throughput", flaky)
+    def counted(*args, **kwargs):
+        flop_counts.append(real_flops(*args, **kwargs))
+        return flop_counts[-1]
+
+    monkeypatch.setattr(throughput, "time_step", flaky)
+    monkeypatch.setattr(throughput, "count_flops", counted)
     spec = RunSpec(method="baseline", **{**TINY, "evaluate": {**TINY["evaluate"], "throughput_modes": ["inference"],
                                                                "profile": False}})
     rows = [r for r in taskrun.run_one(spec) if r["metric"].startswith("throughput.inference.")]
     gps = next(r for r in rows if r["metric"] == "throughput.inference.graphs_per_s")
-    assert calls == [True, False] and gps["remeasured"] == 1 and gps["value"] > 1.0 and not gps["unstable"]
+    assert calls == [True, True] and len(flop_counts) == 1  # two timings, before the one FLOP count
+    assert gps["remeasured"] == 1 and gps["value"] > 1.0 and not gps["unstable"]
     assert next(r for r in rows if r["metric"] == "throughput.inference.flops")["value"] > 0

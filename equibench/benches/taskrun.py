@@ -317,22 +317,16 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
         tp_data = (test_data * (ecfg.throughput_batch // len(test_data) + 1))[:ecfg.throughput_batch]
         tp_batch = Batch.from_data_list(tp_data)
         for mode in ecfg.throughput_modes:
-            def measure(count_flops: bool, mode: str = mode) -> dict[str, Any]:
-                return measure_throughput(model, tp_batch, mode=mode, device=device, repeats=ecfg.throughput_repeats,
-                                          min_sample_s=ecfg.throughput_min_sample_s, flops=count_flops,
-                                          compile=ecfg.compile, loss_fn=task.loss,
-                                          threads=ecfg.throughput_threads or None)
-            res, remeasured = measure(ecfg.flops), 0
-            while res["unstable"] and remeasured < ecfg.throughput_remeasure:
-                # measured once per configuration: one disturbed timing is not averaged out by other
-                # seeds, so an unstable one is taken again (the rows say how often; FLOPs kept)
-                again, remeasured = measure(False), remeasured + 1
-                res = {**again, "flops": res["flops"], "gflops_per_s": (res["flops"] / again["time_median_s"] / 1e9
-                                                                         if res["flops"] else None)}
+            # measured once per configuration, so a disturbed timing is not averaged out by other
+            # seeds: an unstable one is taken again (``throughput_remeasure``)
+            res = measure_throughput(model, tp_batch, mode=mode, device=device, repeats=ecfg.throughput_repeats,
+                                     min_sample_s=ecfg.throughput_min_sample_s, flops=ecfg.flops,
+                                     compile=ecfg.compile, loss_fn=task.loss,
+                                     threads=ecfg.throughput_threads or None, remeasure=ecfg.throughput_remeasure)
             ctx = {k: res[k] for k in ("mode", "dtype", "batch_nodes", "batch_edges", "repeats", "threads",
                                        "timer", "compiled", "mem_method", "calls_per_sample", "unstable",
-                                       "load_avg_1min")}
-            ctx["batch_size"], ctx["remeasured"] = res["batch_graphs"], remeasured
+                                       "load_avg_1min", "remeasured")}
+            ctx["batch_size"] = res["batch_graphs"]
             for stat in ("graphs_per_s", "nodes_per_s", "time_median_s", "time_iqr_s", "peak_mem_bytes",
                          "flops", "gflops_per_s", "compile_time_s"):
                 if res[stat] is not None:

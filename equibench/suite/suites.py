@@ -469,6 +469,8 @@ def _expand(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str]
         over_src = f"{SUITE} (task_overrides.{task})"
         train_src = {**{k: SUITE for k in suite.train}, **{k: over_src for k in over.train}}
         eval_src = {**{k: SUITE for k in suite.evaluate}, **{k: over_src for k in over.evaluate}}
+        run_seeds = list(seeds or suite.seeds)
+        evaluate, eval_src = once_per_configuration(evaluate, eval_src, run_seeds)
         for key in method_names:
             if over.only is not None and key not in over.only:
                 continue
@@ -485,13 +487,11 @@ def _expand(suite: SuiteFile, tasks: list[str] | None = None, methods: list[str]
                         cli_methods.get(method_of(key), {}) if key != method_of(key) else {}),
                        (COMMAND_LINE, cli_at("method", key), cli_methods.get(key, {}))]
             m_opts, m_src = _merge("method", cls, layers)
-            run_seeds = list(seeds or suite.seeds)
-            m_eval, m_eval_src = once_per_configuration(evaluate, eval_src, run_seeds)
             for seed in run_seeds:
                 spec = RunSpec(task=task, method=key, seed=seed, task_options=t_opts, method_options=m_opts,
-                               train=train, evaluate=m_eval, device=device or suite.device)
+                               train=train, evaluate=evaluate, device=device or suite.device)
                 out.append((spec, {"task_options": t_src, "method_options": m_src, "train": train_src,
-                                   "evaluate": m_eval_src}))
+                                   "evaluate": eval_src}))
     first: dict[str, tuple[RunSpec, Sources]] = {}
     for spec, sources in out:
         first.setdefault(spec.hash, (spec, sources))  # a sweep value equal to the base option is the same spec
