@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.utils import benchmark
 
+from equibench.metrics.profile import REGIONS as PROFILE_REGIONS
+
 TASK_OPTIONS: dict[str, dict[str, Any]] = {  # the quick suite's task options (equibench/suites/quick.yaml)
     "nbody": {"train_size": 1000, "val_size": 100, "test_size": 500},
     "normals": {"n_points": 128, "k": 8, "train_size": 96, "val_size": 16, "test_size": 24,
@@ -39,7 +41,7 @@ METHODS = ("canonicalization", "pca_canonicalization", "tensor_frames", "local_c
 #: the issue's targets: ratio <= target (frame averaging and fa_gnn: ratio / frames <= target)
 TARGETS = {"canonicalization": 1.3, "pca_canonicalization": 1.2, "tensor_frames": 1.5,
            "local_canonicalization": 1.5, "frame_averaging": 0.6, "fa_gnn": 1.2}
-REGIONS = ("equibench.frames", "equibench.backbone", "equibench.to_frame")
+REGIONS = tuple(PROFILE_REGIONS)  # the wrappers' labels
 
 
 def make_batch(task_name: str, graphs: int):

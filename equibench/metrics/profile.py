@@ -70,6 +70,17 @@ _SCATTER_OPS = re.compile(r"^(aten::(index_select|scatter\w*|index_add\w*|gather
                           r"|torch_scatter::.*)$")
 
 
+def region(name: str) -> contextlib.AbstractContextManager:
+    """The label ``name`` (one of ``REGIONS``) around a wrapper's part: ``record_function(name)``
+    while a profiler runs, else a no-op (a record costs ~8 us per call even unprofiled, 0.5 % of a
+    50-graph n-body forward)."""
+    if name not in REGIONS:
+        raise ValueError(f"unknown profiler region {name!r}: one of {sorted(REGIONS)}")
+    if torch.autograd.profiler._is_profiler_enabled:
+        return record_function(name)
+    return contextlib.nullcontext()
+
+
 def _is_tensor_product(module: nn.Module) -> bool:
     """Whether ``module`` is (a subclass of) a tensor product (e3nn, cuEquivariance, ours) or an
     escnn point convolution."""

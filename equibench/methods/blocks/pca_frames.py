@@ -19,7 +19,6 @@ cannot be equivariant, reported by the methods as a share of test graphs.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import itertools
@@ -32,6 +31,8 @@ from torch_geometric.utils import scatter
 
 from ...core.errors import UserError
 from ...core.spec import TaskSpec
+from ...metrics.profile import REGIONS as PROFILE_LABELS
+from ...metrics.profile import region
 from ...symmetry.fieldtypes import POINT, is_invariant, representation
 from ...symmetry.group3d import GroupElement, act_on_batch, act_on_output
 
@@ -78,19 +79,9 @@ def out_of_frame(F: torch.Tensor, t: torch.Tensor) -> FrameElement:
     return FrameElement(F, t)
 
 
-# ---- profiler regions -------------------------------------------------------------------------
-#: the ``torch.profiler.record_function`` labels of the frame wrappers: frame / canonicalisation
-#: construction, calls of the shared backbone, mapping inputs into / outputs out of frames (and
-#: averaging); read by the profiler breakdown of the report
-REGIONS = ("equibench.frames", "equibench.backbone", "equibench.to_frame")
-
-
-def region(name: str) -> contextlib.AbstractContextManager:
-    """``torch.profiler.record_function(name)`` while a profiler runs, else a no-op (a record
-    costs ~8 us per call even unprofiled, 0.5 % of a 50-graph n-body forward)."""
-    if torch.autograd.profiler._is_profiler_enabled:
-        return torch.profiler.record_function(name)
-    return contextlib.nullcontext()
+#: the profiler labels of the frame wrappers (``metrics.profile``, which reads them): frame /
+#: canonicalisation construction, calls of the shared backbone, mapping into / out of frames
+REGIONS = tuple(PROFILE_LABELS)
 
 
 # ---- PCA --------------------------------------------------------------------------------------
