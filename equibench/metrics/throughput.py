@@ -324,7 +324,6 @@ def cpu_run(step: Callable[[], Any], threads: int, clock: str = "wall",
     block: list[int] = []
 
     def run(n: int) -> float:
-        torch.set_num_threads(threads)  # time_step restores the caller's count
         if not block:
             block.append(_block_size(timer, block_s))
         k = min(block[0], max(n, 1))
