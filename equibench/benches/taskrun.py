@@ -235,7 +235,7 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
             "exact_scope": method.exactness_scope(tspec),
             "setting_source": spec.setting_source or "suite file", "implementation": method.implementation(),
             "tuning_edge": spec.tuning_edge, "budget": cfg.budget,
-            "float32_caveat": getattr(method, "float32_caveat", "")}
+            "float32_caveat": method.float32_caveat}
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: Any, **ctx: Any) -> None:
