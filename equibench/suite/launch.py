@@ -80,7 +80,6 @@ def format_size(n: int | float | None) -> str:
 
 def default_max_memory() -> int:
     """75 % of the machine's total RAM (bytes)."""
-    import psutil
     return int(psutil.virtual_memory().total * DEFAULT_FRACTION)
 
 
