@@ -60,7 +60,7 @@ class SuiteTimeSplit(Benchmark):
 
     def setup_cache(self) -> dict[str, float]:
         import equibench as eb
-        from equibench.suite.store import read_records
+        from equibench.results.store import read_records
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             eb.run(SUITE, results_dir=Path(tmp), run_name="cost", progress=False, extras=False)

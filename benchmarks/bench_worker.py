@@ -4,7 +4,7 @@ Four ways to run the same job (one point of a no-op bench, registered by a throw
 
 * ``warm``: the engine's default, a child forked by the preloaded warm parent (``warm.py``,
   started once in ``setup``) and watched by ``launch.watch`` (RSS polling, marker, result file);
-* ``subprocess``: the cold worker, ``python -m equibench.suite.worker JOB OUT`` started by
+* ``subprocess``: the cold worker, ``python -m equibench.engine.worker JOB OUT`` started by
   ``launch.run_worker`` (Popen, then the same watching; ``EQUIBENCH_WORKER=cold``);
 * ``spawn``: the old approach re-created for comparison — a ``multiprocessing`` *spawn* process
   running the same ``worker.run_job`` (so both import the same modules and write the same files);
@@ -65,7 +65,7 @@ def _spawn_target(job: dict[str, Any], out_dir: str, log: str) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    from equibench.suite.worker import run_job
+    from equibench.engine.worker import run_job
     code = run_job(job, out_dir)
     sys.stdout.flush()
     os._exit(code)
@@ -80,7 +80,7 @@ class WorkerOverhead(Benchmark):
     def setup(self, *params: Any) -> None:
         super().setup()
         from equibench.core.registry import load_plugin
-        from equibench.suite.jobs import Job
+        from equibench.engine.jobs import Job
         self.tmp = Path(tempfile.mkdtemp(prefix="eb-worker-bench-"))
         self.plugin = self.tmp / "noop_plugin.py"
         self.plugin.write_text(PLUGIN)
@@ -92,13 +92,13 @@ class WorkerOverhead(Benchmark):
         self.job.write([str(self.plugin)], [], None)
         self.doc = json.loads(self.job.job_file.read_text())
         self.runs = 0
-        from equibench.suite import warm
+        from equibench.engine import warm
         t0 = time.perf_counter()
         self.warm = warm.enabled() and warm.parent_for(sys.executable, self.tmp / "logs") is not None
         self.parent_start_s = time.perf_counter() - t0  # once per runner and environment
 
     def teardown(self, *params: Any) -> None:
-        from equibench.suite import warm
+        from equibench.engine import warm
         warm.close_all()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -108,7 +108,7 @@ class WorkerOverhead(Benchmark):
                 p.unlink()
 
     def run_subprocess(self) -> float:
-        from equibench.suite.launch import Limits, run_worker
+        from equibench.engine.launch import Limits, run_worker
         self._clean()
         t0 = time.perf_counter()
         out = run_worker(sys.executable, self.job.job_file, self.job.dir, self.job.log, Limits(max_memory=2**40))
@@ -118,8 +118,8 @@ class WorkerOverhead(Benchmark):
 
     def run_warm(self) -> float:
         """A child of the warm parent (NaN where warm workers are unavailable)."""
-        from equibench.suite import warm
-        from equibench.suite.launch import STARTUP_GRACE_S, Limits, watch
+        from equibench.engine import warm
+        from equibench.engine.launch import STARTUP_GRACE_S, Limits, watch
         if not self.warm:
             return float("nan")
         self._clean()
@@ -144,7 +144,7 @@ class WorkerOverhead(Benchmark):
         return dt
 
     def run_inline(self) -> float:
-        from equibench.suite.worker import run_job
+        from equibench.engine.worker import run_job
         self._clean()
         t0 = time.perf_counter()
         assert run_job(self.doc, self.job.dir) == 0
@@ -153,7 +153,7 @@ class WorkerOverhead(Benchmark):
     def run_engine(self, n: int = 4, mode: str = "warm") -> float:
         """Seconds per point of ``run_benches`` over ``n`` trivial points (env.json pre-written),
         with ``mode`` ("warm" or "cold") workers."""
-        from equibench.suite.engine import run_benches
+        from equibench.engine.engine import run_benches
         self.runs += 1
         run_dir = self.tmp / f"run{self.runs}"
         run_dir.mkdir()
@@ -225,7 +225,7 @@ def main(repeats: int = 5) -> None:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, {os.cpu_count()} CPUs, "
           f"load average (1, 5, 15 min; the larger of before/after) {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}:")
     labels = {"warm": "warm: child forked by the preloaded parent (default)",
-              "subprocess": "cold: python -m equibench.suite.worker",
+              "subprocess": "cold: python -m equibench.engine.worker",
               "spawn": "multiprocessing spawn (old run_isolated)",
               "inline": "in-process run_job (no new interpreter)",
               "engine": "run_benches per point, warm (4 points: lock, jobs, store)",

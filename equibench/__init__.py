@@ -61,8 +61,8 @@ _API = {
     "Task": "equibench.datasets.base", "cache_dir": "equibench.datasets.base",
     "atomic_save": "equibench.datasets.base",
     # running and reading
-    "run": "equibench.suite.runner", "run_one": "equibench.benches.taskrun",
-    "load_results": "equibench.suite.store", "write_report": "equibench.report.build",
+    "run": "equibench.engine.runner", "run_one": "equibench.benches.taskrun",
+    "load_results": "equibench.results.store", "write_report": "equibench.report.build",
     "write_comparison": "equibench.report.compare",
 }
 

@@ -57,17 +57,17 @@ from .core.registry import (
     unavailable_modules,
 )
 from .core.spec import TaskSpec
+from .engine.engine import run_benches
+from .engine.launch import parse_size
+from .engine.runner import run, run_dir_for, tune
 from .methods.base import scope_summary
+from .plan.suites import EXTRA_SECTIONS, list_suites, read_suite, tuning_config
+from .plan.tuned import tuned_path, write_tuned
 from .report.build import write_comparison, write_report
 from .report.compare import compare_dirs, display_table
 from .report.history import append_history, find_regressions
 from .report.sections import write_sections_report
-from .suite.engine import run_benches
-from .suite.launch import parse_size
-from .suite.runner import run, run_dir_for, tune
-from .suite.store import FAILED_STATUSES, load_results, point_statuses
-from .suite.suites import EXTRA_SECTIONS, list_suites, read_suite, tuning_config
-from .suite.tuned import tuned_path, write_tuned
+from .results.store import FAILED_STATUSES, load_results, point_statuses
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,7 +17,7 @@ from equibench.report.approximate import (
     values_by,
     variant_labels,
 )
-from equibench.suite.suites import expand_suite, read_suite, validate_suite
+from equibench.plan.suites import expand_suite, read_suite, validate_suite
 
 MSE = "test.mse"
 

@@ -131,8 +131,9 @@ def test_register_metric(monkeypatch):
 def test_catalogue_imports_nothing_above_metrics():
     code = ("import sys, equibench.metrics.catalogue; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'pandas') or "
-            "m.startswith(('equibench.methods', 'equibench.datasets', 'equibench.benches', 'equibench.suite', "
-            "'equibench.report', 'equibench.symmetry'))]; print(bad); assert not bad")
+            "m.startswith(('equibench.methods', 'equibench.datasets', 'equibench.benches', 'equibench.results', "
+            "'equibench.plan', 'equibench.engine', 'equibench.report', 'equibench.symmetry'))]; print(bad); "
+            "assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
@@ -140,7 +141,7 @@ def test_report_reads_the_catalogue(run, tmp_path):
     """Headers and arrows come from the catalogue; a metric it does not declare still renders
     under its raw name; the Pareto front follows each axis's direction."""
     from equibench.report.common.plots import pareto_front
-    from equibench.suite.store import append_block, read_records
+    from equibench.results.store import append_block, read_records
     run_dir, _ = run
     row = next(r for r in read_records(run_dir) if r["method"] == "baseline" and r["metric"] == "test.mse")
     append_block(run_dir, [{k: v for k, v in row.items() if k not in ("block", "block_size")}

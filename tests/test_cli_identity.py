@@ -14,9 +14,9 @@ from equibench.cli import EXIT_FAILURES, main
 from equibench.core.errors import UserError
 from equibench.core.spec import RunSpec
 from equibench.report.configuration import configuration_notes, configuration_table, read_resolved
-from equibench.suite.runner import RESOLVED_FILE, format_resolved, run_dir_for
-from equibench.suite.store import RECORDS, merge_runs, read_records
-from equibench.suite.suites import plan, read_suite
+from equibench.engine.runner import RESOLVED_FILE, format_resolved, run_dir_for
+from equibench.results.store import RECORDS, merge_runs, read_records
+from equibench.plan.suites import plan, read_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "tests" / "plugins" / "faulty_methods.py")
@@ -67,7 +67,7 @@ def test_failed_point_exits_4_and_allow_failures_exits_0(tmp_path, capsys):
 
 
 def test_timeouts_and_memory_kills_count_as_failures(tmp_path, capsys):
-    from equibench.suite.store import append_block, point_statuses
+    from equibench.results.store import append_block, point_statuses
     append_block(tmp_path, [{"spec_hash": "a", "metric": "status", "status": "failed",
                              "error": "timeout: exceeded 10 s (worker killed)"}])
     append_block(tmp_path, [{"spec_hash": "b", "metric": "status", "status": "out_of_memory", "error": "rss"}])

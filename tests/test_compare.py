@@ -15,7 +15,7 @@ from equibench.core.envinfo import load_average, load_record, loaded
 from equibench.metrics import throughput
 from equibench.report.common.tables import UNSTABLE_MARK, loaded_machine_lines, seed_table, task_table, unstable_timings
 from equibench.report.compare import LOADED_VERDICT, compare_dirs, compare_runs
-from equibench.suite.store import append_block, load_results
+from equibench.results.store import append_block, load_results
 
 TP = "throughput.inference.graphs_per_s"
 

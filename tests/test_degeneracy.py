@@ -1,4 +1,4 @@
-"""The degeneracy stress test (equibench/suite/degeneracy.py)."""
+"""The degeneracy stress test (equibench/metrics/degeneracy.py)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""The engine (``equibench.suite.engine``): worker subprocesses, limits, locks, storage failures.
+"""The engine (``equibench.engine.engine``): worker subprocesses, limits, locks, storage failures.
 
 Every worker is a fresh interpreter that imports torch and equibench (a few seconds here), so
 these tests keep to a handful of points each.
@@ -23,11 +23,12 @@ from equibench.cli import main
 from equibench.core.errors import UserError
 from equibench.core.registry import load_plugin
 from equibench.core.spec import RunSpec
-from equibench.suite import store, warm
-from equibench.suite.engine import run_benches
-from equibench.suite.launch import log_tail, parse_size
-from equibench.suite.lock import exclusive
-from equibench.suite.store import read_records
+from equibench.engine import warm
+from equibench.results import store
+from equibench.engine.engine import run_benches
+from equibench.engine.launch import log_tail, parse_size
+from equibench.engine.lock import exclusive
+from equibench.results.store import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "tests" / "plugins"

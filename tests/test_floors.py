@@ -136,7 +136,7 @@ def test_run_rows_carry_the_floors_and_the_report_shows_them(tmp_path):
     from equibench.benches.taskrun import run_one
     from equibench.core.spec import RunSpec
     from equibench.metrics import catalogue
-    from equibench.suite.store import append_block
+    from equibench.results.store import append_block
     run_dir = tmp_path / "res" / "r"
     run_dir.mkdir(parents=True)
     floors: dict[tuple[str, int], float] = {}

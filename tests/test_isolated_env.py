@@ -1,4 +1,4 @@
-"""Isolated method environments (``equibench.suite.envs``): a method pinned to e3nn 0.5.1 runs
+"""Isolated method environments (``equibench.engine.envs``): a method pinned to e3nn 0.5.1 runs
 in its own layered virtual environment and reports that version, while the main environment
 keeps e3nn 0.6.0. Needs PyPI (or pip's cache) the first time; the environment is built into a
 fresh folder per test session so the build itself is exercised."""
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import equibench as eb
-from equibench.suite.envs import env_key, env_root, environment_for
-from equibench.suite.lock import exclusive
+from equibench.engine.envs import env_key, env_root, environment_for
+from equibench.engine.lock import exclusive
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "tests" / "plugins" / "old_e3nn.py")

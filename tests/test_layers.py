@@ -1,7 +1,7 @@
 """The package's structure, checked: layers point one way, no import cycles, folders stay small.
 
-Layers (docs/design.md): core -> symmetry -> metrics -> methods | datasets -> benches -> suite ->
-report -> cli. A module may import modules of its own layer or lower ones; ``methods`` and
+Layers (docs/design.md): core -> symmetry -> metrics -> methods | datasets -> benches -> results ->
+plan | engine -> report -> cli. A module may import modules of its own layer or lower ones; ``methods`` and
 ``datasets`` do not import each other; an ``equibench`` import inside a function is a hidden
 dependency and is not allowed (function-local imports are for optional third-party packages).
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "equibench"
-LAYERS = {"core": 0, "symmetry": 1, "metrics": 2, "methods": 3, "datasets": 3, "benches": 4, "suite": 5,
-          "report": 6, "cli": 7}
+LAYERS = {"core": 0, "symmetry": 1, "metrics": 2, "methods": 3, "datasets": 3, "benches": 4, "results": 5,
+          "plan": 6, "engine": 6, "report": 7, "cli": 8}
 MAX_MODULES = 12
 
 

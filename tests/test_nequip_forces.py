@@ -22,7 +22,7 @@ from equibench.methods.base import count_parameters
 from equibench.methods.blocks.energy_forces import ForcesFromEnergy
 from equibench.metrics.equivariance import equivariance_error
 from equibench.report.references import pair_row
-from equibench.suite.suites import read_suite
+from equibench.plan.suites import read_suite
 from equibench.symmetry.precision import default_dtype
 
 F64 = torch.float64

@@ -20,8 +20,8 @@ from equibench.core import registry
 from equibench.core.errors import UserError
 from equibench.report.build import RANKED_PURPOSES, report_purpose, run_purposes
 from equibench.report.references import NO_COUNTERPART, reference_sections
-from equibench.suite.store import append_block, load_results
-from equibench.suite.suites import list_suites, read_suite
+from equibench.results.store import append_block, load_results
+from equibench.plan.suites import list_suites, read_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHNET = ROOT / "examples" / "schnet_plugin.py"

@@ -4,7 +4,7 @@ In the main environment (e3nn 0.6, no ``mace``): the method is listed, says why 
 here, and the runner routes its points to the environment of its ``requirements``; the
 registry-parametrised tests (``test_methods.py``, ``test_exactness.py``) and this file's quick
 ``inside`` tests are run *inside* that environment by ``test_registry_tests_inside_the_mace_environment``
-when it is already built (``python -m equibench.suite.envs build mace``), its slow ones by
+when it is already built (``python -m equibench.engine.envs build mace``), its slow ones by
 ``test_slow_tests_inside_the_mace_environment``; ``test_the_mace_environment_is_built_and_runs_a_point``
 (slow) builds one from scratch and runs an md point through ``eb.run``.
 
@@ -33,9 +33,9 @@ from equibench.benches.training import TrainConfig, train
 from equibench.core.errors import UserError
 from equibench.methods.base import count_parameters
 from equibench.metrics.throughput import measure_throughput
-from equibench.suite.engine import requirements_of
-from equibench.suite.envs import MARKER, env_key, env_root
-from equibench.suite.launch import worker_environ
+from equibench.engine.engine import requirements_of
+from equibench.engine.envs import MARKER, env_key, env_root
+from equibench.engine.launch import worker_environ
 from conftest import missing_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def _pytest_inside(marks: str, min_passed: int) -> None:
     path = env_root() / env_key(REQS)
     if not (path / MARKER).exists():
         missing_reference(f"mace's environment is not built in {env_root()} "
-                          "(python -m equibench.suite.envs build mace)")
+                          "(python -m equibench.engine.envs build mace)")
     env = {**worker_environ(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run([str(path / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                            "tests/test_reference_mace.py", "tests/test_methods.py", "tests/test_exactness.py",

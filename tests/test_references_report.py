@@ -16,7 +16,7 @@ from equibench.core.registry import method_class
 from equibench.methods.base import EVERY_INPUT, declared_scopes
 from equibench.metrics import catalogue as cat
 from equibench.report.references import labelled, pairs, reference_sections
-from equibench.suite.suites import expand_suite, read_suite
+from equibench.plan.suites import expand_suite, read_suite
 
 MSE, EQ64 = cat.test_metric("mse"), cat.equivariance_metric("trained", "fp64", "rel_mean")
 TP = cat.throughput_metric("inference", "graphs_per_s")

@@ -12,7 +12,7 @@ import pytest
 
 import equibench as eb
 from equibench.metrics.catalogue import MetricSpec, find_metric, register_metric
-from equibench.suite.store import append_block, read_records
+from equibench.results.store import append_block, read_records
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

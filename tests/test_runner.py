@@ -12,7 +12,7 @@ import pytest
 import equibench as eb
 from equibench.cli import main
 from equibench.core.spec import RunSpec
-from equibench.suite.store import RECORDS, append_block, completed_specs, read_records
+from equibench.results.store import RECORDS, append_block, completed_specs, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "tests" / "plugins" / "faulty_methods.py")
@@ -251,7 +251,7 @@ def test_pareto_plot_uses_the_metric_every_method_reports(smoke_run, tmp_path):
     but must not become the accuracy axis."""
     import shutil
 
-    from equibench.suite.store import append_block, read_records
+    from equibench.results.store import append_block, read_records
     run_dir, _ = smoke_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -266,7 +266,7 @@ def test_seed_independent_measurements_are_taken_once_per_configuration(tmp_path
     """measure_once (the default): the planner names the first seed in every seed's spec, and only
     that seed's point carries throughput rows; ``measure_once: false`` measures in every seed."""
     from equibench.benches.taskrun import run_one
-    from equibench.suite.suites import expand_suite, read_suite
+    from equibench.plan.suites import expand_suite, read_suite
 
     doc = {"name": "once", "seeds": [3, 1], "train": TINY["train"], "evaluate": TINY["evaluate"],
            "tasks": {"nbody": TINY["task_options"]}, "methods": {"baseline": {}}}

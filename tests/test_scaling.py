@@ -20,8 +20,8 @@ from equibench.benches.scaling import (
 )
 from equibench.core.errors import UserError
 from equibench.report.sections import scaling_section
-from equibench.suite.engine import run_benches
-from equibench.suite.store import read_records
+from equibench.engine.engine import run_benches
+from equibench.results.store import read_records
 
 
 @pytest.fixture(scope="module")

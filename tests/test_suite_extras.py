@@ -11,8 +11,8 @@ import yaml
 
 import equibench as eb
 from equibench.core.errors import UserError
-from equibench.suite.store import read_records
-from equibench.suite.suites import read_suite
+from equibench.results.store import read_records
+from equibench.plan.suites import read_suite
 
 SUITE = {
     "name": "extras",

@@ -262,7 +262,7 @@ def _rows(method: str, seed: int, *, exact: bool, scope: str | None, symmetric_e
 
 def test_report_shows_symmetric_inputs_and_scoped_exactness(tmp_path):
     from equibench.report.verdicts import anomalies
-    from equibench.suite.store import append_block, load_results
+    from equibench.results.store import append_block, load_results
 
     runs = []
     for seed in (0, 1):
@@ -325,7 +325,7 @@ def test_a_model_that_raises_on_a_symmetric_input_gives_a_row_not_a_crash():
 
 def test_the_quick_suite_measures_symmetric_inputs():
     from equibench.benches.taskrun import EvalConfig
-    from equibench.suite.suites import expand_suite, read_suite
+    from equibench.plan.suites import expand_suite, read_suite
 
     specs = expand_suite(read_suite("quick"))
     assert specs and all(EvalConfig.from_dict(s.evaluate).symmetric_inputs for s in specs)

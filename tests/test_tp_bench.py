@@ -23,7 +23,7 @@ from equibench.benches.tp_bench import (
     to_channels,
 )
 from equibench.report.sections import tp_section
-from equibench.suite.engine import run_benches
+from equibench.engine.engine import run_benches
 from equibench.symmetry.precision import default_dtype
 
 

@@ -14,8 +14,8 @@ import equibench as eb
 from equibench.benches.tuning import TuningConfig, extension_settings, select_settings
 from equibench.cli import main
 from equibench.core.errors import UserError
-from equibench.suite.store import read_records
-from equibench.suite.suites import read_suite
+from equibench.results.store import read_records
+from equibench.plan.suites import read_suite
 
 SUITE = {
     "name": "tiny",
@@ -187,7 +187,7 @@ def test_a_narrowed_tune_keeps_the_other_stored_settings(tmp_path):
     """Re-tuning one (task, method) (``tune --task/--method``) replaces its entry only; every entry
     names the tuning run it came from, and a kept entry's specs say so."""
     from equibench.core.spec import RunSpec
-    from equibench.suite.tuned import apply_selection, stored_selection, write_tuned
+    from equibench.plan.tuned import apply_selection, stored_selection, write_tuned
 
     cfg = TuningConfig(grid={"lr": [0.1, 0.01]}, seeds=[0, 1])
 

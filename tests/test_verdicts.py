@@ -24,7 +24,7 @@ from equibench.report.verdicts import (
     verdict_table,
     welch_p,
 )
-from equibench.suite.store import append_block, load_results
+from equibench.results.store import append_block, load_results
 
 T_975 = {2: 4.302652729749462, 3: 3.1824463052837078}  # t quantiles (0.975; 2 and 3 degrees of freedom)
 

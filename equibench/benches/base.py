@@ -2,7 +2,7 @@
 
 A *bench* turns its configuration into measurement *points* (``points()``); one point is
 measured by ``run_point(point, history)`` in a worker process and yields tidy rows (one per
-metric, each with its measurement context). The runner (``equibench.suite.runner``) owns
+metric, each with its measurement context). The engine (``equibench.engine``) owns
 everything else for every kind alike: run directory, lock, ``env.json``, resume by point hash,
 worker processes with memory and time limits, isolated environments, failed rows and the store.
 

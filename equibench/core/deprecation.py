@@ -31,8 +31,17 @@ MOVED = {
     "equibench.suite.equivariance": "equibench.metrics.equivariance",
     "equibench.suite.throughput": "equibench.metrics.throughput",
     "equibench.methods.backbone": "equibench.methods.blocks.backbone",
-    "equibench.suite.limits": "equibench.suite.launch",
+    "equibench.suite.limits": "equibench.engine.launch",
+    # the split of suite/ into plan/, engine/ and results/ (issue 21)
+    "equibench.suite.suites": "equibench.plan.suites",
+    "equibench.suite.tuned": "equibench.plan.tuned",
+    "equibench.suite.store": "equibench.results.store",
+    **{f"equibench.suite.{m}": f"equibench.engine.{m}"
+       for m in ("engine", "runner", "executors", "launch", "worker", "warm", "jobs", "envs", "lock")},
 }
+#: packages that no longer exist -> where their modules went: each is a virtual, empty package
+#: (no file) so that its moved submodules above still import (and warn)
+MOVED_PACKAGES = {"equibench.suite": "equibench.plan, equibench.engine and equibench.results"}
 
 
 class EquibenchDeprecationWarning(DeprecationWarning):
@@ -45,14 +54,18 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,
                   target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in MOVED:
+        if fullname not in MOVED and fullname not in MOVED_PACKAGES:
             return None
-        return importlib.machinery.ModuleSpec(fullname, self)
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=fullname in MOVED_PACKAGES)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return None  # the default module object
 
     def exec_module(self, module: types.ModuleType) -> None:
+        if module.__name__ in MOVED_PACKAGES:  # an empty package: its moved submodules warn when imported
+            module.__path__ = []
+            module.__doc__ = f"Deprecated: {module.__name__} was split into {MOVED_PACKAGES[module.__name__]}."
+            return
         old, new = module.__name__, MOVED[module.__name__]
         target = importlib.import_module(new)
         names = getattr(target, "__all__", None) or [n for n in vars(target) if not n.startswith("_")]

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from ..core.registry import list_methods, list_tasks
-from ..suite.store import load_results, run_dirs
+from ..results.store import load_results, run_dirs
 from .approximate import approximate_sections
 from .common.metricinfo import canonicalise
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.throughput import UNSTABLE_REL_IQR
-from ..suite.store import load_results, run_dirs
+from ..results.store import load_results, run_dirs
 from .common import fmt, plots
 from .common.metricinfo import canonicalise, header, spec_for, value
 from .common.render import FigureView, Page, SectionView, TableView, slug, write_page

@@ -1,6 +1,6 @@
 """The configuration that ran (issue 19, item 3): each task section's collapsible "Configuration
 that ran" table, read from the ``resolved.json`` the runner writes into every run directory
-(``suite.runner.record_resolved``; entries from ``suite.suites.resolved_configs``).
+(``engine.runner.record_resolved``; entries from ``plan.suites.resolved_configs``).
 
 One row per (method, configuration): the parameter count (counted when the run was planned,
 else the run's own ``params`` rows), seeds, device, and every task option, training setting,
@@ -22,9 +22,9 @@ from typing import Any
 
 import pandas as pd
 
+from ..engine.runner import RESOLVED_FILE
 from ..metrics.catalogue import PARAMS
-from ..suite.runner import RESOLVED_FILE
-from ..suite.suites import DEFAULT
+from ..plan.suites import DEFAULT
 from .common.render import TableView
 
 #: the option groups of an entry, in the table's column order, with their column headers

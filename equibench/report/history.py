@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.catalogue import THROUGHPUT_MODES, find_metric, throughput_metric
-from ..suite.store import load_results
+from ..results.store import load_results
 from .common.metricinfo import canonicalise
 
 KEEP = ["run_id", "spec_hash", "task", "method", "seed", "metric", "value", "status", "git_commit",

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..benches.scaling import fit_exponent
 from ..metrics.catalogue import scaling_metric, tp_bench_metric
-from ..suite.store import load_results
+from ..results.store import load_results
 from .common import fmt, plots
 from .common.metricinfo import canonicalise, header, spec_for
 from .common.render import Page, Section, section_view, versions_text, write_page

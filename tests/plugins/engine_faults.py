@@ -59,7 +59,7 @@ class DiskFull(Method):
     """A small backbone; its worker's result file hits ENOSPC while $EQUIBENCH_TEST_DISK_FULL exists."""
 
     def build(self, spec, seed=0):
-        from equibench.suite import jobs
+        from equibench.engine import jobs
         if not getattr(jobs.write_durably, "patched", False):
             jobs.write_durably = _full_disk_write(jobs.write_durably)
             jobs.write_durably.patched = True

@@ -2,7 +2,7 @@
 
 ``watch`` is the one watching loop, for a cold worker (``Subprocess``) and for a child forked by
 a warm parent (``warm.ForkedChild``) alike (``Watched``: pid, ended, wait, kill, reap).
-``run_worker`` starts a *cold* worker: ``<python> -m equibench.suite.worker JOB_FILE OUT_DIR`` with
+``run_worker`` starts a *cold* worker: ``<python> -m equibench.engine.worker JOB_FILE OUT_DIR`` with
 ``subprocess.Popen`` in a session of its own, stdout and stderr appended to the job's log file,
 the runner's ``equibench`` first on ``PYTHONPATH`` (``-P`` keeps the working directory off
 ``sys.path`` on Python >= 3.11, so the worker imports the runner's source, not a checkout that
@@ -38,7 +38,7 @@ import psutil
 from ..core.errors import UserError
 from .jobs import MARKER, equibench_root
 
-# ---- resource limits of one point (was suite/limits.py) ------------------------------
+# ---- resource limits of one point (was suite/limits.py, then suite/launch.py) ------------------------------
 # Resource limits of one measurement point: memory (bytes) and wall time (seconds).
 #
 # ``parse_size("4G")`` reads a size as the CLI and ``run(max_memory=...)`` take it (binary units:
@@ -136,7 +136,7 @@ class Outcome:
 
 def worker_command(python: str, job_file: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
     isolated_path = ["-P"] if sys.version_info >= (3, 11) else []
-    return [python, *isolated_path, "-m", "equibench.suite.worker", str(job_file), str(out_dir)]
+    return [python, *isolated_path, "-m", "equibench.engine.worker", str(job_file), str(out_dir)]
 
 
 def site_dirs() -> list[str]:

@@ -31,10 +31,10 @@ from ..core.errors import UserError
 from ..core.registry import get_method, get_task, load_plugin, method_class
 from ..core.spec import RunSpec
 from ..methods.base import count_parameters
-from . import suites
+from ..plan import suites
+from ..plan.tuned import Selection
+from ..results.store import RECORDS, check_writable, load_results, read_records, storage_errors, write_json_atomic
 from .engine import run_benches
-from .store import RECORDS, check_writable, load_results, read_records, storage_errors, write_json_atomic
-from .tuned import Selection
 
 Suite = str | os.PathLike | Sequence[RunSpec]
 SUITE_FILE = "suite.json"

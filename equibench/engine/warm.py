@@ -1,8 +1,8 @@
 """Warm workers: a preloaded parent per environment forks one child per job.
 
-A cold worker (``python -m equibench.suite.worker JOB OUT``) spends seconds importing torch,
+A cold worker (``python -m equibench.engine.worker JOB OUT``) spends seconds importing torch,
 torch_geometric and equibench before its first point. A *warm parent* pays that once:
-``python -P -m equibench.suite.warm FD`` (started by the runner, like a cold worker, with the
+``python -P -m equibench.engine.warm FD`` (started by the runner, like a cold worker, with the
 environment's interpreter and ``launch.worker_environ()``) imports torch, torch_geometric,
 equibench, every bench module and the built-in method and task registries, then waits for
 requests on the socket ``FD``. For each job it ``os.fork()``s a child that runs exactly what a
@@ -256,7 +256,7 @@ class WarmParent:
     def __init__(self, python: str, log: Path, env: dict[str, str]) -> None:
         self.python, self.log, self.env_key = python, log, _env_key(env)
         ours, theirs = socket.socketpair()
-        cmd = [python, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "equibench.suite.warm",
+        cmd = [python, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "equibench.engine.warm",
                str(theirs.fileno())]
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as log_f:
@@ -456,7 +456,7 @@ atexit.register(close_all)
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        print("usage: python -m equibench.suite.warm SOCKET_FD", file=sys.stderr)
+        print("usage: python -m equibench.engine.warm SOCKET_FD", file=sys.stderr)
         sys.exit(2)
     code = serve(int(sys.argv[1]))
     sys.stdout.flush()

@@ -22,7 +22,7 @@ shows which environment, the requirements and pip's Collecting/Downloading/Insta
 stderr and logs everything to ``<key>.log``; a failed build raises ``EnvBuildError`` with the
 installer's last error line (the runner records a ``failed`` row for each point of the method).
 
-Pre-building (set-up): ``python -m equibench.suite.envs build METHOD...`` (``main``).
+Pre-building (set-up): ``python -m equibench.engine.envs build METHOD...`` (``main``).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ from typing import Any
 from ..core.envinfo import package_versions
 from ..core.errors import StorageError, UserError
 from ..core.registry import method_class
+from ..results.store import storage_errors
 from .launch import site_dirs, worker_environ
 from .lock import exclusive
-from .store import storage_errors
 
 MARKER = "equibench-env.json"
 _SHOW = re.compile(r"^\s*(Collecting|Downloading|Installing|Successfully)")
@@ -188,10 +188,10 @@ def _names(reqs: tuple[str, ...]) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m equibench.suite.envs build METHOD...``: build (or find) the isolated environment
+    """``python -m equibench.engine.envs build METHOD...``: build (or find) the isolated environment
     of each named method that declares ``requirements`` (e.g. at set-up, so the first run does not
     pay for it); prints one line per method: its name, environment key and interpreter."""
-    parser = argparse.ArgumentParser(prog="python -m equibench.suite.envs")
+    parser = argparse.ArgumentParser(prog="python -m equibench.engine.envs")
     parser.add_argument("command", choices=["build"])
     parser.add_argument("methods", nargs="+", metavar="METHOD")
     args = parser.parse_args(argv)

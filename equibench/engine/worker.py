@@ -1,4 +1,4 @@
-"""The worker: ``python -m equibench.suite.worker JOB_FILE OUT_DIR`` measures a job's points.
+"""The worker: ``python -m equibench.engine.worker JOB_FILE OUT_DIR`` measures a job's points.
 
 Started by the runner as a plain command (never multiprocessing), or forked by a warm parent
 that has already imported everything (``warm.py``; the child calls ``run_job`` as ``main`` does),
@@ -33,9 +33,9 @@ from typing import Any
 from ..benches.base import Point, Row, bench_class
 from ..core.envinfo import package_versions
 from ..core.registry import load_plugin
+from ..results.store import is_storage_error
 from . import jobs
 from .jobs import EXIT_STORAGE, MARKER, equibench_root, read_job
-from .store import is_storage_error
 
 OOM_PREFIXES = ("MemoryError", "OutOfMemoryError", "torch.OutOfMemoryError")
 
@@ -140,7 +140,7 @@ def run_job(job: dict[str, Any], out_dir: str | os.PathLike) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m equibench.suite.worker JOB_FILE OUT_DIR", file=sys.stderr)
+        print("usage: python -m equibench.engine.worker JOB_FILE OUT_DIR", file=sys.stderr)
         return 2
     die_with_parent()
     return run_job(read_job(args[0]), args[1])

@@ -12,7 +12,7 @@ A *job* is a list of points that one worker interpreter measures in order, in it
                     {"hash", "rows": [...], "versions": {package: version}, "environment",
                      "started": unix time, "finished": unix time}
 
-The worker is ``python -m equibench.suite.worker <job.json> <job folder>`` (``worker.py``); its
+The worker is ``python -m equibench.engine.worker <job.json> <job folder>`` (``worker.py``); its
 stdout and stderr go to ``<run_dir>/logs/<job id>.log``. A result file exists only for a point
 whose rows are complete, so whatever the worker's fate, the runner records exactly the points with
 a result and knows the next one (the first without) is where the worker stopped.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..benches.base import Point, Row
-from .store import storage_errors, write_json_atomic
+from ..results.store import storage_errors, write_json_atomic
 
 PROTOCOL = 1
 JOB_FILE = "job.json"

@@ -39,12 +39,12 @@ from ..core.envinfo import environment as env_info
 from ..core.envinfo import git_commit, load_average, load_record
 from ..core.errors import StorageError, UserError
 from ..core.registry import load_plugin, method_class
+from ..results.store import append_block, read_records, storage_errors, write_json_atomic, write_parquet
 from .envs import EnvBuildError, Environment, env_key, environment_for
 from .executors import Executor, make_executor
 from .jobs import EXIT_STORAGE, Job, job_id
 from .launch import Limits, Outcome
 from .lock import exclusive
-from .store import append_block, read_records, storage_errors, write_json_atomic, write_parquet
 
 LOCK_FILE = ".lock"
 POINTS_FILE = "points.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
-from .store import storage_errors
+from ..results.store import storage_errors
 
 
 def holder_info() -> dict[str, Any]:

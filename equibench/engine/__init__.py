@@ -1,0 +1,1 @@
+"""Execution: the one loop over points (engine), workers, limits, locks, isolated environments, executors."""

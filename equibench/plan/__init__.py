@@ -1,0 +1,1 @@
+"""Planning: suite files, stored tuning, and their expansion into benches and points."""

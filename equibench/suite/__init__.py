@@ -1,1 +1,0 @@
-"""The engine: specs, registry, group actions, metrics, runner, store, report, CLI."""
