@@ -255,8 +255,21 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     model = build_model(method, tspec, spec.seed, torch.float32)
     add(catalogue.PARAMS, count_parameters(model))
 
+    fp64_copy: list[torch.nn.Module] = []  # built once per point, then loaded with each stage's weights
+
+    def float64_copy() -> torch.nn.Module:
+        """The model rebuilt under a float64 default (float64 build-time constants) holding the
+        current weights: built at the first stage, re-loaded (``load_state_keep_constants``) at
+        the next, in train mode so no eval-time cache of the previous weights survives."""
+        if not fp64_copy:
+            fp64_copy.append(build_model(method, tspec, spec.seed, torch.float64, state=model.state_dict()))
+        else:
+            fp64_copy[0].train()
+            load_state_keep_constants(fp64_copy[0], model.state_dict())
+        return fp64_copy[0]
+
     def measure_equivariance(stage: str) -> None:
-        fp64 = build_model(method, tspec, spec.seed, torch.float64, state=model.state_dict())
+        fp64 = float64_copy()
         # under the task's group, and under the group its environment breaks where it declares one
         measured = [(group, catalogue.equivariance_metric)]
         if broken is not None:
