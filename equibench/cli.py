@@ -43,6 +43,7 @@ import pandas as pd
 import yaml
 
 from .benches.scaling import ScaleConfig, ScalingBench, exponents
+from .benches.taskrun import TaskBench
 from .benches.tp_bench import TPBench, TPBenchConfig
 from .core.config import config_from_dict
 from .core.errors import StorageError, UserError
@@ -67,7 +68,8 @@ from .report.build import write_comparison, write_report
 from .report.compare import compare_dirs, display_table
 from .report.history import append_history, find_regressions
 from .report.sections import write_sections_report
-from .results.store import FAILED_STATUSES, load_results, point_statuses
+from .results.status import FAILURES, Status
+from .results.store import load_results, point_statuses
 
 
 class _Parser(argparse.ArgumentParser):
@@ -279,18 +281,19 @@ def _suite_options(args: argparse.Namespace) -> dict:
                 method_options=_by_name(args.method_option), announce=True)
 
 
-def _outcome(run_dir: Path, args: argparse.Namespace, code: int = EXIT_OK, why: str = "") -> int:
+def _outcome(run_dir: Path, args: argparse.Namespace, code: int = EXIT_OK, why: str = "",
+             rows: list[dict] | None = None) -> int:
     """Print the last line, how many points of ``run_dir`` ended how, and return the exit code:
     ``EXIT_FAILURES`` when a point failed, timed out or ran out of memory (unless
-    ``--allow-failures``), which takes precedence over ``code`` (a nightly regression)."""
-    counts = Counter(point_statuses(run_dir).values())
-    failed = sum(counts[s] for s in FAILED_STATUSES)
+    ``--allow-failures``), which takes precedence over ``code`` (a nightly regression). ``rows``:
+    the run's rows when the caller has them (else read from ``run_dir``)."""
+    counts = Counter(point_statuses(run_dir, rows).values())
+    failed = sum(counts[s] for s in FAILURES)
     if failed and not args.allow_failures:
         code = EXIT_FAILURES
     elif failed:
         why = ", ".join(filter(None, [why, "failures allowed by --allow-failures"]))
-    order = ["ok", *FAILED_STATUSES, *sorted(set(counts) - {"ok", *FAILED_STATUSES})]
-    text = ", ".join(f"{counts[s]} {s}" for s in order if counts[s]) or "none recorded"
+    text = ", ".join(f"{counts[s]} {s}" for s in Status if counts[s]) or "none recorded"
     print(f"points: {text} (exit {code}" + (f"; {why}" if why and code != EXIT_FAILURES else "") + ")")
     return code
 
@@ -300,9 +303,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
              resume=args.resume, **_suite_options(args), **_limits(args))
     run_id = str(df["run_id"].dropna().iloc[0])
     run_dir = Path(args.results_dir) / run_id
-    runs = df[~df["task"].isin(list(EXTRA_SECTIONS))].drop_duplicates("spec_hash")
-    points = df[df["task"].isin(list(EXTRA_SECTIONS))]["spec_hash"].nunique()
-    print(f"results: {run_dir} ({int((runs['status'] == 'ok').sum())}/{len(runs)} runs ok"
+    statuses = point_statuses(run_dir)
+    runs = df[df["bench"] == TaskBench.kind]["spec_hash"].unique()
+    points = df[df["bench"].isin(list(EXTRA_SECTIONS))]["spec_hash"].nunique()
+    print(f"results: {run_dir} ({sum(statuses.get(h) == Status.OK for h in runs)}/{len(runs)} runs ok"
           + (f"; {points} scaling/tensor-product points)" if points else ")"))
     if not args.no_report:
         index = write_report(run_dir, Path(args.reports_dir) / run_id)

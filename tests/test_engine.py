@@ -153,7 +153,7 @@ def test_grouped_points_share_a_worker_and_a_dead_worker_is_replaced(tmp_path):
                                 ("solo", "rows", "", 0)])
     run_dir = run_benches([bench], tmp_path / "toy", timeout=8, plugins=[TOY], progress=False)
     rows = {r["name"]: r for r in read_records(run_dir)}
-    assert [rows[n]["status"] for n in "abcdef"] == ["ok", "ok", "failed", "ok", "failed", "ok"]
+    assert [rows[n]["status"] for n in "abcdef"] == ["ok", "ok", "failed", "ok", "timeout", "ok"]
     assert rows["c"]["exit_code"] == 3 and "fatal: the toy point broke" in rows["c"]["error"]
     assert "%|" not in rows["c"]["error"]
     assert "timeout: exceeded 8 s" in rows["e"]["error"]

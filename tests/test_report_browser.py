@@ -101,8 +101,9 @@ def quick_style(src, dst) -> None:
                                     "peak_rss_bytes": 4.3e9, "max_memory_bytes": 4.29e9}])
                 continue
             if (task, method) == ("normals", "local_canonicalization"):
-                trace = ("Traceback (most recent call last):\n  File \"/work/main/equibench/suite/worker.py\", line 88,"
-                         " in run_point\n" + "/very/long/path/without/spaces" * 8 + "\nRuntimeError: NaN in the loss")
+                trace = ("Traceback (most recent call last):\n  File \"/work/main/equibench/engine/worker.py\", "
+                         "line 88, in run_point\n" + "/very/long/path/without/spaces" * 8
+                         + "\nRuntimeError: NaN in the loss")
                 append_block(dst, [{**template[0], "task": task, "method": method, "spec_hash": spec_hash,
                                     "metric": "status", "value": None, "status": "failed", "error": trace,
                                     "exit_signal": "SIGABRT"}])
@@ -136,12 +137,12 @@ def quick_style(src, dst) -> None:
         block = []
         for n in (16, 64, 256, 1024, 4096):
             if method == "escnn" and n == 4096:
-                block.append({**base, "task": "scaling", "method": method, "spec_hash": f"sc-{method}",
+                block.append({**base, "bench": "scaling", "task": None, "method": method, "spec_hash": f"sc-{method}",
                               "metric": "status", "value": None, "status": "out_of_memory", "x": n,
                               "x_label": "nodes", "error": "over the memory limit"})
                 continue
             for metric, v in (("scaling.time_s", 1e-4 * n ** 1.1), ("scaling.peak_mem_bytes", 1e4 * n)):
-                block.append({**base, "task": "scaling", "method": method, "spec_hash": f"sc-{method}",
+                block.append({**base, "bench": "scaling", "task": None, "method": method, "spec_hash": f"sc-{method}",
                               "metric": metric, "value": v, "x": n, "x_label": "nodes", "scaling_task": "nbody",
                               "k_neighbours": 8, "mode": "inference", "mem_method": "profiler"})
         append_block(dst, block)
@@ -152,7 +153,8 @@ def quick_style(src, dst) -> None:
                 for metric, v in (("tp_bench.time_s", 1e-4 * lmax ** 3), ("tp_bench.time_iqr_s", 1e-6),
                                   ("tp_bench.rel_err_vs_e3nn", 1e-7), ("tp_bench.weights", 100 * lmax ** 2),
                                   ("tp_bench.gflops_per_s", 3.0), ("tp_bench.compile_time_s", 2.0)):
-                    block.append({**base, "task": "tp_bench", "method": impl, "spec_hash": f"tp-{impl}-{cmode}",
+                    block.append({**base, "bench": "tp_bench", "task": None, "method": impl,
+                                  "spec_hash": f"tp-{impl}-{cmode}",
                                   "metric": metric, "value": v, "x": lmax, "x_label": "lmax", "channel_mode": cmode,
                                   "mode": "forward", "batch_size": 64, "channels": 16})
             append_block(dst, block)

@@ -19,8 +19,8 @@ from equibench.benches.scaling import (
     synthetic_batch,
 )
 from equibench.core.errors import UserError
-from equibench.report.sections import scaling_section
 from equibench.engine.engine import run_benches
+from equibench.report.sections import scaling_section
 from equibench.results.store import read_records
 
 
@@ -65,7 +65,7 @@ def test_size_options_and_sweep_points():
     cfg = ScaleConfig(methods=("baseline", "e3nn"), axes=("nodes", "lmax"), nodes=(16, 32), lmax=(0, 1))
     pts = sweep_points(cfg)
     assert len(pts) == 8 and len({p["spec_hash"] for p in pts}) == 8
-    assert [p["status"] for p in pts if p["method"] == "baseline" and p["axis"] == "lmax"] == ["not_applicable"] * 2
+    assert [p["applicable"] for p in pts if p["method"] == "baseline" and p["axis"] == "lmax"] == [False] * 2
     e3 = [p for p in pts if p["method"] == "e3nn" and p["axis"] == "lmax"]
     assert [p["method_options"] for p in e3] == [{"lmax": 0}, {"lmax": 1}]
     assert [p["spec_hash"] for p in sweep_points(cfg)] == [p["spec_hash"] for p in pts]  # stable
@@ -84,7 +84,7 @@ def test_run_scaling_writes_tidy_rows_resumes_and_reports(tmp_path):
     assert (run_dir / "env.json").exists() and {p["config"]["cfg"]["k"] for p in points} == {8}
     df = eb.load_results(run_dir)
     ok = df[df["status"] == "ok"]
-    assert set(ok["task"]) == {"scaling"} and set(ok["x_label"]) == {"nodes"}
+    assert set(ok["bench"]) == {"scaling"} and set(ok["scaling_task"]) == {"nbody"} and set(ok["x_label"]) == {"nodes"}
     t = ok[ok["metric"] == "scaling.time_s"].sort_values("x")
     assert t["x"].tolist() == [8, 16, 32, 64] and (t["value"] > 0).all()
     assert (t["batch_nodes"] == t["x"]).all()
@@ -102,7 +102,7 @@ def test_run_scaling_writes_tidy_rows_resumes_and_reports(tmp_path):
     sec = scaling_section(df, tmp_path / "report")
     assert sec["task"].startswith("Scaling") and "nodes: time exponent" in sec["table"].columns
     assert all((tmp_path / "report" / name).exists() for name, _ in sec["figures"])
-    assert "k = 8" in sec["context"] and scaling_section(df[df["task"] == "nope"], tmp_path) is None
+    assert "k = 8" in sec["context"] and scaling_section(df[df["bench"] == "nope"], tmp_path) is None
 
 
 def test_slow_points_stop_a_sweep(tmp_path):

@@ -11,8 +11,8 @@ import yaml
 
 import equibench as eb
 from equibench.core.errors import UserError
-from equibench.results.store import read_records
 from equibench.plan.suites import read_suite
+from equibench.results.store import read_records
 
 SUITE = {
     "name": "extras",
@@ -38,10 +38,10 @@ def _write(tmp_path: Path, doc: dict) -> Path:
 def test_extras_run_into_the_run_directory_and_the_report(tmp_path):
     suite = _write(tmp_path, SUITE)
     df = eb.run(suite, tmp_path / "results", run_name="r", isolate=False, progress=False)
-    assert set(df["task"]) == {"nbody", "scaling", "tp_bench"}
-    scaling = df[(df["task"] == "scaling") & (df["metric"] == "scaling.time_s")]
+    assert set(df["bench"]) == {"task", "scaling", "tp_bench"} and set(df["task"].dropna()) == {"nbody"}
+    scaling = df[(df["bench"] == "scaling") & (df["metric"] == "scaling.time_s")]
     assert sorted(scaling["x"]) == [8, 16, 32] and (scaling["run_id"] == "r").all()
-    assert set(df[(df["task"] == "tp_bench") & (df["status"] == "ok")]["method"]) == {"e3nn", "gaunt"}
+    assert set(df[(df["bench"] == "tp_bench") & (df["status"] == "ok")]["method"]) == {"e3nn", "gaunt"}
     n = len(read_records(tmp_path / "results" / "r"))
     eb.run(suite, tmp_path / "results", run_name="r", resume=True, isolate=False, progress=False)
     assert len(read_records(tmp_path / "results" / "r")) == n  # every spec and point already done
@@ -55,10 +55,10 @@ def test_extras_run_into_the_run_directory_and_the_report(tmp_path):
 def test_a_narrowed_run_skips_the_extras_unless_asked(tmp_path):
     suite = _write(tmp_path, {**SUITE, "tp_bench": {**SUITE["tp_bench"], "impls": ["gaunt"]}})
     df = eb.run(suite, tmp_path / "res", run_name="a", methods=["baseline"], isolate=False, progress=False)
-    assert set(df["task"]) == {"nbody"}
+    assert set(df["bench"]) == {"task"}
     df = eb.run(suite, tmp_path / "res", run_name="b", methods=["baseline"], isolate=False, progress=False,
                 extras=True)
-    assert set(df["task"]) == {"nbody", "scaling", "tp_bench"}
+    assert set(df["bench"]) == {"task", "scaling", "tp_bench"}
 
 
 @pytest.mark.parametrize("section, options, message", [

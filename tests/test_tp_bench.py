@@ -22,8 +22,9 @@ from equibench.benches.tp_bench import (
     sh_irreps,
     to_channels,
 )
-from equibench.report.sections import tp_section
+from equibench.core.errors import Skipped
 from equibench.engine.engine import run_benches
+from equibench.report.sections import tp_section
 from equibench.symmetry.precision import default_dtype
 
 
@@ -91,8 +92,8 @@ def test_bench_one_rows_and_skips(tmp_path):
     assert rows["flops"]["value"] > 0 and rows["time_s"]["channel_mode"] == "uvw"
     e3 = {r["metric"].removeprefix("tp_bench."): r for r in bench_one(cfg, "e3nn", "uvu", 1, "forward_backward")}
     assert e3["rel_err_vs_e3nn"]["value"] == 0.0 and e3["weights"]["value"] == 4 * len(gaunt_paths(1, 1, 1))
-    skipped = bench_one(cfg, "cuet", "uvu", 1, "forward")
-    assert skipped[0]["status"] == "skipped" and "CUDA" in skipped[0]["error"]
+    with pytest.raises(Skipped, match="CUDA"):  # the engine records it as a skipped row (test_run_tp_bench_...)
+        bench_one(cfg, "cuet", "uvu", 1, "forward")
 
 
 def test_run_tp_bench_and_section(tmp_path):
@@ -100,7 +101,7 @@ def test_run_tp_bench_and_section(tmp_path):
                         min_sample_s=0.001, max_warmup_samples=0)
     run_dir = run_benches([TPBench(cfg)], tmp_path / "tp", isolate=False, progress=False)
     df = eb.load_results(run_dir)
-    assert (run_dir / "env.json").exists() and set(df["task"]) == {"tp_bench"}
+    assert (run_dir / "env.json").exists() and set(df["bench"]) == {"tp_bench"}
     ok = df[df["status"] == "ok"]
     assert set(ok["method"]) == {"e3nn", "gaunt"} and set(ok["x"]) == {1, 2}
     assert (df[df["method"] == "cuet"]["status"] == "skipped").all()

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 import equibench as eb
-from equibench.benches.tuning import TuningConfig, extension_settings, select_settings
+from equibench.benches.tuning import TuningConfig
+from equibench.plan.tuned import extension_settings, select_settings
 from equibench.cli import main
 from equibench.core.errors import UserError
 from equibench.results.store import read_records

@@ -8,7 +8,9 @@ density, and edges to the ``k`` nearest neighbours, so the edge count grows line
 nodes (the complete graph of n-body would be quadratic and is not what large systems use).
 
 Each point is one ``measure_throughput`` call (median/IQR over repeats, peak memory, FLOPs) and
-becomes tidy rows (``task="scaling"``, ``x`` = size, ``x_label`` = axis) appended as one block to
+becomes tidy rows (bench ``scaling``, the task in ``scaling_task``, ``x`` = size, ``x_label`` = axis;
+a method without the axis's option raises ``NotApplicable``, a size predicted too slow
+``Skipped``) appended as one block to
 ``results/<name>/records.jsonl``; a point already finished is skipped on resume. The cost exponent
 is the least-squares slope of log(cost) against log(size) over the upper part of the sweep
 (``fit_exponent``), where fixed per-call overheads no longer dominate.
@@ -29,7 +31,7 @@ from scipy.spatial import cKDTree
 from torch_geometric.data import Batch, Data
 
 from ..core.config import Config
-from ..core.errors import UserError
+from ..core.errors import NotApplicable, Skipped, UserError
 from ..core.registry import get_method, get_task, method_class
 from ..core.spec import TaskSpec
 from ..methods.base import count_parameters
@@ -152,7 +154,7 @@ def _hash(obj: dict[str, Any]) -> str:
 
 def sweep_points(cfg: ScaleConfig) -> list[dict[str, Any]]:
     """Every (method, axis, x) point of ``cfg`` with its batch shape, options and spec hash;
-    points of an axis a method has no option for are marked ``not_applicable``."""
+    points of an axis a method has no option for are marked not ``applicable``."""
     points = []
     for method in cfg.methods:
         for axis in cfg.axes:
@@ -165,7 +167,7 @@ def sweep_points(cfg: ScaleConfig) -> list[dict[str, Any]]:
                     options[opt] = int(x)
                 p = {"method": method, "axis": axis, "x": int(x), "nodes": int(nodes), "graphs": int(graphs),
                      "method_options": options, "option": opt,
-                     "status": "not_applicable" if axis in ("width", "lmax") and opt is None else "ok"}
+                     "applicable": not (axis in ("width", "lmax") and opt is None)}
                 ident = {k: v for k, v in cfg.to_dict().items() if k not in ("methods", "axes", "nodes", "batch",
                                                                                    "width", "lmax", "method_options",
                                                                                    "max_call_s")}
@@ -190,7 +192,7 @@ def measure_point(cfg: ScaleConfig, p: dict[str, Any],
         cache[key] = (None, reason) if reason else (build_model(method, spec, cfg.seed, dtype), None)
     model, reason = cache[key]
     if reason:
-        return [{"metric": "status", "value": None, "status": "not_applicable", "error": reason}]
+        raise NotApplicable(reason)
     with default_dtype(dtype):
         batch = synthetic_batch(spec, p["nodes"], p["graphs"], cfg.k, cfg.seed)
     res = measure_throughput(model, batch, cfg.mode, cfg.device, warmup=cfg.warmup, repeats=cfg.repeats,
@@ -199,7 +201,7 @@ def measure_point(cfg: ScaleConfig, p: dict[str, Any],
     ctx = {k: res[k] for k in ("mode", "dtype", "device_name", "batch_nodes", "batch_edges", "repeats", "threads",
                                "timer", "calls_per_sample", "mem_method", "stable", "load_avg_1min")}
     ctx.update(batch_size=res["batch_graphs"], params=count_parameters(model), compiled=False,
-               spread_iqr_s=res["time_iqr_s"], status="ok", error="")
+               spread_iqr_s=res["time_iqr_s"])
     values = {"time_s": res["time_median_s"], "time_iqr_s": res["time_iqr_s"], "graphs_per_s": res["graphs_per_s"],
               "nodes_per_s": res["nodes_per_s"], "peak_mem_bytes": res["peak_mem_bytes"], "flops": res["flops"],
               "gflops_per_s": res["gflops_per_s"]}
@@ -211,7 +213,7 @@ def too_slow(cfg: ScaleConfig, p: dict[str, Any], history: list[dict[str, Any]])
     linearly with size) from the largest size of its (method, axis) measured so far, exceeds
     ``max_call_s``."""
     done = [(int(r["x"]), float(r["value"])) for r in history
-            if r.get("metric") == TIME and r.get("status") == "ok"
+            if r.get("metric") == TIME and r.get("value") is not None
             and r.get("method") == p["method"] and r.get("x_label") == p["axis"]]
     if not done:
         return None
@@ -240,7 +242,7 @@ class ScalingBench(Bench):
         cfg = self.cfg.to_dict()
         out = []
         for p in sweep_points(self.cfg):
-            identity = {"task": "scaling", "method": p["method"], "spec_hash": p["spec_hash"], "x": p["x"],
+            identity = {"method": p["method"], "spec_hash": p["spec_hash"], "x": p["x"],
                         "x_label": p["axis"], "nodes_per_graph": p["nodes"], "method_options": p["method_options"],
                         "seed": self.cfg.seed, "device": self.cfg.device, "k_neighbours": self.cfg.k,
                         "clock": self.cfg.clock, "scaling_task": self.cfg.task}
@@ -253,12 +255,11 @@ class ScalingBench(Bench):
     def run_point(cls, point: Point, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cfg = ScaleConfig.model_validate(point.config["cfg"])
         p = point.config["point"]
-        if p["status"] == "not_applicable":
-            return [{"metric": "status", "value": None, "status": "not_applicable",
-                     "error": f"{p['method']} has no option for axis {p['axis']!r}"}]
+        if not p["applicable"]:
+            raise NotApplicable(f"{p['method']} has no option for axis {p['axis']!r}")
         slow = too_slow(cfg, p, history)
         if slow:
-            return [{"metric": "status", "value": None, "status": "skipped", "error": slow}]
+            raise Skipped(slow)
         try:
             return measure_point(cfg, p, cls._models)
         except Exception:
@@ -270,10 +271,11 @@ class ScalingBench(Bench):
         cls._models.clear()
 
 
-def exponents(df: pd.DataFrame, metric: str = "scaling.time_s", tail: float = 0.5) -> pd.DataFrame:
-    """Fitted exponent per (method, axis) of ``metric`` from scaling rows (a DataFrame with
-    columns method, x_label, x, metric, value, status); mean over repeated rows per point."""
-    s = df[(df["task"] == "scaling") & (df["status"] == "ok") & (df["metric"] == metric)]
+def exponents(df: pd.DataFrame, metric: str = TIME, tail: float = 0.5) -> pd.DataFrame:
+    """Fitted exponent per (method, axis) of ``metric`` from the rows of a scaling sweep (a
+    DataFrame with columns bench, method, x_label, x, metric, value; only measured rows carry a
+    value); mean over repeated rows per point."""
+    s = df[(df["bench"] == ScalingBench.kind) & (df["metric"] == metric) & df["value"].notna()]
     out = []
     for (method, axis), g in s.groupby(["method", "x_label"]):
         pts = g.groupby("x")["value"].mean()

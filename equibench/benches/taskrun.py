@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import random
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +23,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader
 
 from ..core.config import Config, config_from_dict
-from ..core.envinfo import git_commit, package_versions
-from ..core.errors import UserError
+from ..core.errors import NotApplicable, UserError
 from ..core.registry import get_method, get_task
 from ..core.spec import RunSpec, TaskSpec
 from ..datasets.base import Task
@@ -38,7 +36,7 @@ from ..metrics.throughput import device_name, measure_throughput
 from ..symmetry.group3d import common_group, lie_generators
 from ..symmetry.precision import default_dtype, dtype_name
 from .base import Bench, Point, Row, register_bench
-from .training import NonFiniteError, TrainConfig, evaluate, train
+from .training import TrainConfig, evaluate, train
 
 
 class EvalConfig(Config):
@@ -102,16 +100,6 @@ def spec_identity(spec: RunSpec) -> Row:
     return {"spec_hash": spec.hash, "task": spec.task, "method": spec.method, "seed": spec.seed,
             "task_options": spec.task_options, "method_options": spec.method_options,
             "train_config": spec.train, "eval_config": spec.evaluate, "device": spec.device}
-
-
-def _base_row(spec: RunSpec) -> Row:
-    return {**spec_identity(spec), "git_commit": git_commit(), "versions": package_versions()}
-
-
-def status_rows(spec: RunSpec, status: str, error: str = "") -> list[dict[str, Any]]:
-    """A single row recording a spec that did not produce measurements."""
-    return [{**_base_row(spec), "metric": "status", "value": float("nan"), "status": status,
-             "error": error, "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}]
 
 
 def load_state_keep_constants(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -208,17 +196,11 @@ def floor_metrics(task: Task, train_data: list[Data], test_data: list[Data],
 
 
 def run_one(spec: RunSpec) -> list[dict[str, Any]]:
-    """Measure one spec; returns tidy rows. Exceptions become a single ``failed`` row."""
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    try:
-        return _run_one(spec, started)
-    except (MemoryError, torch.OutOfMemoryError) as err:  # the point needed more memory than it may use
-        return status_rows(spec, "out_of_memory", f"{type(err).__name__}: {err}"[:500])
-    except Exception as err:  # any failure is a result, not a crash of the suite
-        msg = f"{type(err).__name__}: {err}"
-        if not isinstance(err, (NonFiniteError, UserError)):
-            msg += " | " + " / ".join(traceback.format_exc().strip().splitlines()[-3:])
-        return status_rows(spec, "failed", msg)
+    """Measure one spec; returns tidy rows (the spec's identity and measurement context; the
+    engine adds the run-level columns). Raises ``NotApplicable`` when the method does not
+    support the task; any other exception propagates: the engine's one writer
+    (``results.rows.exception_rows``) records it as the point's ``failed`` / ``out_of_memory`` row."""
+    return _run_one(spec, _dt.datetime.now(_dt.timezone.utc).isoformat())
 
 
 def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
@@ -227,11 +209,11 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     tspec = task.spec
     reason = method.supports(tspec)
     if reason:
-        return status_rows(spec, "not_applicable", reason)
+        raise NotApplicable(reason)
     cfg, ecfg = TrainConfig.from_dict(spec.train), EvalConfig.from_dict(spec.evaluate)
     device = torch.device(spec.device)
-    base = {**_base_row(spec), "provenance": task.provenance(), "device_name": device_name(device),
-            "status": "ok", "error": "", "started_at": started, "exact_claim": claims_exactness(method, tspec),
+    base = {**spec_identity(spec), "provenance": task.provenance(), "device_name": device_name(device),
+            "started_at": started, "exact_claim": claims_exactness(method, tspec),
             "exact_scope": method.exactness_scope(tspec),
             "setting_source": spec.setting_source or "suite file", "implementation": method.implementation(),
             "tuning_edge": spec.tuning_edge, "budget": cfg.budget,

@@ -41,7 +41,7 @@ from torch import nn
 from torch_geometric.data import Data
 
 from ..core.config import Config
-from ..core.errors import UserError
+from ..core.errors import Skipped, UserError
 from ..metrics.catalogue import tp_bench_metric
 from ..metrics.throughput import count_flops, make_step, measure_throughput
 from ..symmetry.precision import default_dtype, dtype_name, parse_dtype
@@ -318,7 +318,7 @@ def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -
     if impl == "cuet":
         reason = cuet_available(device)
         if reason:
-            return [{"metric": "status", "value": None, "status": "skipped", "error": reason}]
+            raise Skipped(reason)
     torch.manual_seed(cfg.seed)
     with default_dtype(dtype):
         reference = e3nn_tp(lmax, lmax, lmax, cfg.channels, mode).to(device)
@@ -359,8 +359,7 @@ def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -
            "batch_size": cfg.batch, "channels": cfg.channels, "repeats": res["repeats"], "threads": res["threads"],
            "timer": res["timer"], "calls_per_sample": res["calls_per_sample"], "stable": res["stable"],
            "load_avg_1min": res["load_avg_1min"], "mem_method": res["mem_method"], "compiled": compiled,
-           "agreement_note": note, "n_paths": len(gaunt_paths(lmax, lmax, lmax)), "spread_iqr_s": res["time_iqr_s"],
-           "status": "ok", "error": ""}
+           "agreement_note": note, "n_paths": len(gaunt_paths(lmax, lmax, lmax)), "spread_iqr_s": res["time_iqr_s"]}
     values = {"time_s": med, "time_iqr_s": res["time_iqr_s"], "items_per_s": res["nodes_per_s"],
               "peak_mem_bytes": res["peak_mem_bytes"], "flops": flops,
               "gflops_per_s": flops / med / 1e9 if flops else None,
@@ -387,7 +386,7 @@ class TPBench(Bench):
                     for lmax in self.cfg.lmax:
                         key = {**ident, "impl": impl, "channel_mode": mode, "lmax": lmax, "pass": pass_}
                         h = stable_hash(key, 16)
-                        identity = {"task": "tp_bench", "method": impl, "spec_hash": h, "x": lmax, "x_label": "lmax",
+                        identity = {"method": impl, "spec_hash": h, "x": lmax, "x_label": "lmax",
                                     "channel_mode": mode, "mode": pass_, "seed": self.cfg.seed,
                                     "device": self.cfg.device, "clock": self.cfg.clock}
                         out.append(Point(bench=self.kind, hash=h, label=f"tp_bench/{pass_}/{mode}/{impl}/lmax={lmax}",

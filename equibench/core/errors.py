@@ -30,3 +30,21 @@ class StorageError(Exception):
     The run stops; every finished block is intact and ``--resume`` finishes the run once the
     cause is fixed. The CLI prints ``str(err)`` as a single line on stderr and exits with code 3.
     """
+
+
+class PointNotMeasured(Exception):
+    """Raised by a bench when a point ends without measurements by design, not by failure; the
+    engine's one writer (``results.rows``) records it as a status row with ``str(err)`` as the
+    reason. ``context`` (keyword arguments) adds columns to that row."""
+
+    def __init__(self, reason: str, **context: object) -> None:
+        super().__init__(reason)
+        self.context = context
+
+
+class NotApplicable(PointNotMeasured):
+    """The method cannot run on this task (``Method.supports``), or has no option for a swept axis."""
+
+
+class Skipped(PointNotMeasured):
+    """Not measured on purpose: a sweep size predicted too slow, a backend this machine lacks."""

@@ -22,7 +22,6 @@ It alone owns, for task runs, scaling sweeps and tensor-product benchmarks alike
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import os
 import shutil
@@ -39,6 +38,8 @@ from ..core.envinfo import environment as env_info
 from ..core.envinfo import git_commit, load_average, load_record
 from ..core.errors import StorageError, UserError
 from ..core.registry import load_plugin, method_class
+from ..results.rows import RunColumns, point_record, status_row
+from ..results.status import Status
 from ..results.store import append_block, read_records, storage_errors, write_json_atomic, write_parquet
 from .envs import EnvBuildError, Environment, env_key, environment_for
 from .executors import Executor, make_executor
@@ -118,6 +119,7 @@ class Engine:
         for r in stored:
             self.history.setdefault(r["spec_hash"], []).append(r)
         self.recorded: set[str] = set()
+        self.written: list[Row] = []  # the rows this run appended, in order
         self.envs: dict[tuple[str, ...], Environment | EnvBuildError] = {}
         self.attempts: Counter[str] = Counter()
         self.clock: dict[str, float] = {}
@@ -127,26 +129,23 @@ class Engine:
     # ---- rows -------------------------------------------------------------------------
     def record(self, point: Point, rows: list[Row], *, wall_s: float, env: Environment | None,
                versions: dict[str, str] | None = None) -> None:
-        """Append ``rows`` of ``point`` as one block with the run-level columns."""
-        run_cols = {"spec_hash": point.hash, "run_id": self.run_dir.name, "git_commit": git_commit(),
-                    "wall_s": wall_s, "executor": self.executor.name,
-                    "environment": env.id if env is not None else "main",
-                    "versions": versions if versions is not None else (env.versions if env is not None else {})}
-        out = []
-        for r in rows:
-            row = {**point.identity, "value": None, "status": "ok", "error": "", **r, **run_cols}
-            out.append(row)
+        """Append ``rows`` of ``point`` as one block, stamped by the one writer
+        (``results.rows.point_record``: identity, run-level columns, units, schema version)."""
+        run = RunColumns(run_id=self.run_dir.name, spec_hash=point.hash, bench=point.bench, git_commit=git_commit(),
+                         versions=versions if versions is not None else (env.versions if env is not None else {}),
+                         environment=env.id if env is not None else "main", executor=self.executor.name,
+                         wall_s=wall_s)
+        out = point_record(point.identity, rows, run).rows()
         append_block(self.run_dir, out)
         self.recorded.add(point.hash)
         self.history.setdefault(point.hash, []).extend(out)
+        self.written.extend(out)
         if self.bar is not None:
             self.bar.update(1)
 
-    def fail(self, point: Point, status: str, error: str, *, wall_s: float = 0.0, env: Environment | None = None,
+    def fail(self, point: Point, status: Status, error: str, *, wall_s: float = 0.0, env: Environment | None = None,
              **extra: Any) -> None:
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat()
-        self.record(point, [{"metric": "status", "value": None, "status": status, "error": error,
-                             "finished_at": now, **extra}], wall_s=wall_s, env=env)
+        self.record(point, [status_row(status, error, **extra)], wall_s=wall_s, env=env)
 
     def harvest(self, job: Job) -> None:
         """Record every result the job's worker has finished so far, in order."""
@@ -197,14 +196,13 @@ class Engine:
         start = self.clock.get(job.id) or job.launched or time.time()
         extra: dict[str, Any] = {"exit_code": outcome.returncode, "exit_signal": outcome.signal,
                                  "peak_rss_bytes": outcome.peak_rss}
-        if outcome.killed_for == "out_of_memory":
+        if outcome.killed_for == Status.OUT_OF_MEMORY:
             extra["max_memory_bytes"] = self.limits.max_memory
-        if outcome.returncode == 0 and not outcome.killed_for:
+        if outcome.returncode == 0 and outcome.killed_for is None:
             error = "worker ended without a result" + (f": {outcome.log_tail}" if outcome.log_tail else "")
         else:
             error = outcome.describe(self.limits)
-        status = "out_of_memory" if outcome.killed_for == "out_of_memory" else "failed"
-        self.fail(point, status, error, wall_s=time.time() - start, env=env, **extra)
+        self.fail(point, outcome.killed_for or Status.FAILED, error, wall_s=time.time() - start, env=env, **extra)
         return left[1:]
 
     def run(self, units: list[Unit]) -> None:
@@ -222,7 +220,7 @@ class Engine:
                     reqs = requirements_of(unit.points[0])
                     where = Environment(env_key(reqs), "", reqs)
                     for p in unit.points:
-                        self.fail(p, "failed", f"environment for {' '.join(reqs)} could not be built: {env}",
+                        self.fail(p, Status.FAILED, f"environment for {' '.join(reqs)} could not be built: {env}",
                                   env=where)
                     continue
                 wave.append((unit, self.make_job(unit, env)))

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -73,7 +74,7 @@ class LocalExecutor:
                 job.launched = time.time()
                 t0 = time.monotonic()
                 code = run_job(read_job(job.job_file), job.dir)
-                yield job, Outcome(code, None, peak_rss(), "", time.monotonic() - t0, "", None)
+                yield job, Outcome(code, None, peak_rss(), None, time.monotonic() - t0, "", None)
 
 
 def submitit_job(python: str, job_file: str, out_dir: str, log: str, limits: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +117,7 @@ class SubmititExecutor:
         self.wave = 10_000 if self.executor.cluster == "slurm" else max(1, int(options.get("parallelism", 1)))
 
     def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
-        limits = {"max_memory": self.limits.max_memory, "timeout": self.limits.timeout}
+        limits = dataclasses.asdict(self.limits)
         tasks = self.executor.map_array(submitit_job, [j.python for j in jobs], [str(j.job_file) for j in jobs],
                                         [str(j.dir) for j in jobs], [str(j.log) for j in jobs], [limits] * len(jobs))
         for job, task in zip(jobs, tasks):
@@ -124,7 +125,7 @@ class SubmititExecutor:
                 outcome = Outcome(**task.result())
             except Exception as err:  # raised in the task, killed, or timed out by the scheduler
                 last = str(err).strip().splitlines()
-                outcome = Outcome(None, None, 0, "", 0.0, f"submitit job {task.job_id}: "
+                outcome = Outcome(None, None, 0, None, 0.0, f"submitit job {task.job_id}: "
                                   f"{last[-1] if last else type(err).__name__}", None)
             yield job, outcome
 

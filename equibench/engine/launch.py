@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import psutil
 
 from ..core.errors import UserError
+from ..results.status import Status
 from .jobs import MARKER, equibench_root
 
 # ---- resource limits of one point (was suite/limits.py, then suite/launch.py) ------------------------------
@@ -108,22 +109,23 @@ _BAR = re.compile(r"\d+%\|.*\||\|[#█▏▎▍▌▋▊▉ ]+\||\d+/\d+ \[\d")
 
 @dataclass
 class Outcome:
-    """How a worker ended. ``killed_for`` is "", "out_of_memory" or "timeout"."""
+    """How a worker ended. ``killed_for``: None, or the status of the limit it was killed for
+    (``Status.OUT_OF_MEMORY``, ``Status.TIMEOUT``)."""
 
     returncode: int | None
     signal: str | None
     peak_rss: int
-    killed_for: str
+    killed_for: Status | None
     elapsed: float
     log_tail: str
     current: str | None
 
     def describe(self, limits: Limits) -> str:
         """One line for a failed row of the point the worker was on."""
-        if self.killed_for == "out_of_memory":
+        if self.killed_for == Status.OUT_OF_MEMORY:
             return (f"out of memory: peak RSS {format_size(self.peak_rss)} over the limit "
                     f"{format_size(limits.max_memory)} (worker killed)")
-        if self.killed_for == "timeout":
+        if self.killed_for == Status.TIMEOUT:
             return f"timeout: exceeded {limits.timeout:g} s (worker killed)"
         if self.returncode is None:
             return self.log_tail or "worker did not report how it ended"
@@ -322,7 +324,8 @@ def watch(worker: Watched, out_dir: str | os.PathLike, log: str | os.PathLike, l
     kills its tree when over a limit. Never raises for what the worker does."""
     marker = Path(out_dir) / MARKER
     ps = worker.process()
-    peak, killed_for, current, point_started = 0, "", None, started + grace
+    peak, current, point_started = 0, None, started + grace
+    killed_for: Status | None = None
     try:
         while not worker.ended():
             rss = _tree_rss(ps)
@@ -335,9 +338,9 @@ def watch(worker: Watched, out_dir: str | os.PathLike, log: str | os.PathLike, l
             if on != current:
                 current, point_started = on, now
             if limits.max_memory and rss > limits.max_memory:
-                killed_for = "out_of_memory"
+                killed_for = Status.OUT_OF_MEMORY
             elif limits.timeout and now - point_started > limits.timeout:
-                killed_for = "timeout"
+                killed_for = Status.TIMEOUT
             if killed_for:
                 worker.kill()
                 break

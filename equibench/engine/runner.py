@@ -26,13 +26,14 @@ import torch
 
 from ..benches.base import Bench
 from ..benches.taskrun import TaskBench
-from ..benches.tuning import TuneBench, extension_settings, select_settings
+from ..benches.tuning import TuneBench
 from ..core.errors import UserError
 from ..core.registry import get_method, get_task, load_plugin, method_class
 from ..core.spec import RunSpec
 from ..methods.base import count_parameters
 from ..plan import suites
-from ..plan.tuned import Selection
+from ..plan.tuned import Selection, extension_settings, select_settings
+from ..results.status import FAILURES
 from ..results.store import RECORDS, check_writable, load_results, read_records, storage_errors, write_json_atomic
 from .engine import run_benches
 
@@ -120,9 +121,8 @@ def run(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "results", ex
     """
     for p in plugins:
         load_plugin(p)
-    options: dict[str, Any] = {"executor": executor, "isolate": isolate, "timeout": timeout,
-                               "max_memory": max_memory, "wait": wait, "plugins": plugins, "progress": progress,
-                               "executor_options": executor_options}
+    options: dict[str, Any] = dict(executor=executor, isolate=isolate, timeout=timeout, max_memory=max_memory,
+                                   wait=wait, plugins=plugins, progress=progress, executor_options=executor_options)
     overrides: dict[str, Any] = {"task_options": task_options, "method_options": method_options}
     if isinstance(suite_or_runspecs, (str, os.PathLike)):
         suite = suites.read_suite(suite_or_runspecs)
@@ -258,7 +258,7 @@ def tune(suite: suites.SuiteFile, run_dir: Path, *, tasks: list[str] | None = No
          task_options: dict[str, dict[str, Any]] | None = None,
          method_options: dict[str, dict[str, Any]] | None = None, **options: Any) -> Selection:
     """Run ``suite``'s tuning grid into ``run_dir`` and return the chosen setting per (task,
-    method) (``benches.tuning.select_settings``). Raises ``UserError`` without a ``tuning:``
+    method) (``plan.tuned.select_settings``). Raises ``UserError`` without a ``tuning:``
     section.
 
     In waves through the engine: the grid, then up to ``tuning.max_extensions`` waves of the
@@ -277,7 +277,7 @@ def tune(suite: suites.SuiteFile, run_dir: Path, *, tasks: list[str] | None = No
     rows = read_records(run_dir)
     selection = select_settings(rows, sorted(cfg.grid), cfg)
     if not selection:
-        failed = [r for r in rows if r.get("status") not in ("ok", "not_applicable")]
+        failed = [r for r in rows if r.get("status") in FAILURES]
         first = (f": {failed[0]['task']}/{failed[0]['method']}: {str(failed[0].get('error', ''))[:300]}"
                  if failed else "")
         raise UserError(f"no tuning run in {run_dir} finished with a validation value "

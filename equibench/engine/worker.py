@@ -10,9 +10,10 @@ grows with each point's rows.
 
 Guarantees:
 
-* an exception in a point is a ``failed`` row (type, message, last traceback lines) and the job
-  goes on; ``MemoryError`` / ``torch.OutOfMemoryError`` (also when a bench caught it into a
-  ``failed`` row) is an ``out_of_memory`` row with the worker's peak RSS and the limit;
+* an exception in a point is its row, made by the one writer (``results.rows.exception_rows``):
+  ``failed`` (type, message, last traceback lines), ``out_of_memory`` for ``MemoryError`` /
+  ``torch.OutOfMemoryError`` (with the worker's peak RSS and the limit), ``not_applicable`` /
+  ``skipped`` for a bench's ``NotApplicable`` / ``Skipped``; the job goes on;
 * a result it cannot write because the disk is full or not writable ends the worker with exit
   status ``EXIT_STORAGE`` and no result: the point was not measured and is run again on resume;
 * it imports the ``equibench`` the runner runs (checked against the job's ``equibench_root``)
@@ -26,18 +27,16 @@ import os
 import resource
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from ..benches.base import Point, Row, bench_class
 from ..core.envinfo import package_versions
 from ..core.registry import load_plugin
+from ..results.rows import exception_rows
 from ..results.store import is_storage_error
 from . import jobs
 from .jobs import EXIT_STORAGE, MARKER, equibench_root, read_job
-
-OOM_PREFIXES = ("MemoryError", "OutOfMemoryError", "torch.OutOfMemoryError")
 
 
 def _json_default(obj: Any) -> Any:
@@ -65,37 +64,13 @@ def peak_rss() -> int:
     return int(kb if sys.platform == "darwin" else kb * 1024)
 
 
-def is_oom(err: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    return isinstance(err, MemoryError) or (oom_type is not None and isinstance(err, oom_type))
-
-
-def oom_row(error: str, max_memory: int | None) -> Row:
-    row: Row = {"metric": "status", "value": None, "status": "out_of_memory", "error": error,
-                "peak_rss_bytes": peak_rss(), "max_memory_bytes": max_memory}
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():  # a CUDA OOM: the device's peak matters
-        row["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
-    return row
-
-
 def measure(point: Point, history: list[Row], max_memory: int | None = None) -> list[Row]:
-    """The point's rows; never raises for an error inside the bench (it becomes a row)."""
+    """The point's rows; never raises for an error inside the bench: it becomes the point's row
+    (``results.rows.exception_rows``: ``failed``, ``out_of_memory``, ``not_applicable``, ...)."""
     try:
-        rows = bench_class(point.bench).run_point(point, history)
+        return bench_class(point.bench).run_point(point, history)
     except Exception as err:  # a failure is a result, not a crash of the job
-        msg = f"{type(err).__name__}: {err}"
-        if is_oom(err):
-            return [oom_row(msg, max_memory)]
-        tail = traceback.format_exc().strip().splitlines()[-3:]
-        return [{"metric": "status", "value": None, "status": "failed", "error": msg + " | " + " / ".join(tail)}]
-    if not rows:
-        return [{"metric": "status", "value": None, "status": "failed", "error": f"{point.bench} produced no rows"}]
-    if len(rows) == 1 and rows[0].get("status") in ("failed", "out_of_memory") \
-            and str(rows[0].get("error", "")).startswith(OOM_PREFIXES):  # a bench that caught the error itself
-        return [{**rows[0], **oom_row(str(rows[0]["error"]), max_memory)}]
-    return rows
+        return exception_rows(err, peak_rss=peak_rss(), max_memory=max_memory)
 
 
 def check_source(root: str) -> None:

@@ -9,8 +9,8 @@ functions (``equivariance_metric("trained", "fp64", "rel_mean")`` ->
 ``find_metric``. Plugin tasks and methods declare their own metrics with ``register_metric``.
 
 Scaling-sweep and tensor-product rows are namespaced (``scaling.time_s``,
-``tp_bench.time_s``); rows written before that carried the bare names (``time_s``) with
-``task="scaling"`` / ``task="tp_bench"``, and ``canonical_name(name, task)`` maps them.
+``tp_bench.time_s``); records written before that carried the bare names (``time_s``), which
+``equibench.results.upgrade`` maps on read.
 
 Plain Python only: this module sits in ``metrics`` and imports nothing above ``core``.
 """
@@ -107,7 +107,6 @@ class MetricSpec:
 
 
 _CATALOGUE: dict[str, MetricSpec] = {}
-_LEGACY: dict[tuple[str, str], str] = {}  # (task, bare name written before namespacing) -> name
 
 
 def register_metric(spec: MetricSpec, replace: bool = False) -> MetricSpec:
@@ -144,13 +143,6 @@ def list_metrics(**facets: Any) -> list[MetricSpec]:
     if bad:
         raise ValueError(f"unknown MetricSpec field(s) {sorted(bad)}")
     return [s for s in _CATALOGUE.values() if all(getattr(s, k) == v for k, v in facets.items())]
-
-
-def canonical_name(name: str, task: str | None = None) -> str:
-    """The declared name of ``name`` as written in a row of ``task``: maps the bare names that
-    scaling / tensor-product rows carried before namespacing (``time_s`` with
-    ``task="scaling"`` -> ``scaling.time_s``); every other name is returned unchanged."""
-    return _LEGACY.get((task or "", name), name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +228,12 @@ def floor_metric(name: str) -> str:
 
 
 def scaling_metric(stat: str) -> str:
-    """``scaling.<stat>``: one point of a scaling sweep (task "scaling")."""
+    """``scaling.<stat>``: one point of a scaling sweep (bench ``scaling``)."""
     return f"scaling.{_check('scaling stat', stat, SCALING_STATS)}"
 
 
 def tp_bench_metric(stat: str) -> str:
-    """``tp_bench.<stat>``: one tensor-product microbenchmark point (task "tp_bench")."""
+    """``tp_bench.<stat>``: one tensor-product microbenchmark point (bench ``tp_bench``)."""
     return f"tp_bench.{_check('tp_bench stat', stat, TP_BENCH_STATS)}"
 
 
@@ -440,10 +432,8 @@ def _declare_benches() -> None:
                 log_scale=False, description=_PROFILE_DOCS[region]))
     for stat in SCALING_STATS:
         register_metric(_timing_spec(scaling_metric(stat), "scaling", stat, None))
-        _LEGACY[("scaling", stat)] = scaling_metric(stat)
     for stat in TP_BENCH_STATS:
         register_metric(_timing_spec(tp_bench_metric(stat), "tp_bench", stat, None))
-        _LEGACY[("tp_bench", stat)] = tp_bench_metric(stat)
 
 
 _declare_equivariance()

@@ -75,8 +75,9 @@ Lines = dict[tuple[str, ...], int]
 #: budget only), verdict = a measurement to decide on (the default), paper = a published protocol,
 #: sweep = curves over one parameter, reference = our implementations beside their libraries'
 Purpose = Literal["smoke", "quick", "verdict", "paper", "sweep", "reference"]
-EXTRA_SECTIONS: dict[str, tuple[type[Config], type[Bench]]] = {"scaling": (ScaleConfig, ScalingBench),
-                                                               "tp_bench": (TPBenchConfig, TPBench)}
+#: a suite's bench sections besides its task runs, named by the bench kind they add
+EXTRA_SECTIONS: dict[str, tuple[type[Config], type[Bench]]] = {ScalingBench.kind: (ScaleConfig, ScalingBench),
+                                                               TPBench.kind: (TPBenchConfig, TPBench)}
 
 
 def _named_options(value: Any) -> Any:

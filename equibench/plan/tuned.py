@@ -13,17 +13,22 @@ measured row carries (column ``tuning_edge``).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..benches.tuning import TuningConfig
+from ..benches.base import Row
+from ..benches.tuning import TaskMethod, TuningConfig
 from ..core.envinfo import git_commit
 from ..core.errors import UserError
 from ..core.spec import RunSpec
+from ..metrics import catalogue
+from ..results.status import FAILURES, Status
 
 SUFFIX = ".tuned.yaml"
 Selection = dict[tuple[str, str], dict[str, Any]]
@@ -138,4 +143,102 @@ def apply_selection(specs: list[RunSpec], selection: Selection, where: str, grid
                            method_options=s.method_options, train={**s.train, **chosen["setting"]},
                            evaluate=s.evaluate, device=s.device, setting_source=source,
                            tuning_edge=str(chosen.get("edge_note") or "")))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing from the tuning rows (``benches.tuning``: the grid points)
+
+def extended_value(value: float, factor: float, up: bool) -> float:
+    """The next grid value beyond ``value`` (× or ÷ ``factor``), to 3 significant digits."""
+    return float(f"{(value * factor if up else value / factor):.3g}")
+
+
+def _label(keys: list[str], setting: tuple[float, ...]) -> str:
+    return ",".join(f"{k}={x:g}" for k, x in zip(keys, setting))
+
+
+def select_settings(rows: list[Row], grid_keys: list[str],
+                    cfg: TuningConfig | None = None) -> dict[TaskMethod, dict[str, Any]]:
+    """Per (task, method): the grid setting with the best mean validation value over seeds.
+
+    Returns ``setting``, ``val_metric``, ``val`` (the chosen mean), ``seeds`` (how many seeds it
+    was chosen on), ``scores`` (every setting tried: its mean, or None when a seed failed or
+    diverged; such a setting ranks below every finished one) and ``grid`` (the values tried per
+    option, as extended). With ``cfg`` and a one-option grid also ``edge`` ("upper", "lower",
+    "upper and lower" or "" when the choice has a tried neighbour on both sides), ``extensions``
+    (values tried beyond the initial grid, per side) and ``edge_note`` (the text measured rows
+    carry in ``tuning_edge``; empty when interior)."""
+    groups: dict[TaskMethod, dict[tuple[float, ...], list[float]]] = {}
+    failed: dict[TaskMethod, set[tuple[float, ...]]] = {}
+    meta: dict[TaskMethod, tuple[str, bool]] = {}
+    best_val = catalogue.tune_metric("best_val")
+    for r in rows:
+        if not isinstance(r.get("train_config"), dict) or not all(k in r["train_config"] for k in grid_keys):
+            continue
+        if not isinstance(r.get("setting"), dict) and r.get("metric") != best_val:
+            continue  # not a tuning row (a measured run sharing the run directory)
+        key = (str(r["task"]), str(r["method"]))
+        setting = tuple(float(r["train_config"][k]) for k in grid_keys)
+        if r.get("status") in FAILURES:
+            failed.setdefault(key, set()).add(setting)
+            groups.setdefault(key, {}).setdefault(setting, [])
+            continue
+        if r.get("metric") != best_val or r.get("status") != Status.OK or r.get("value") is None:
+            continue
+        value = float(r["value"])
+        if not math.isfinite(value):
+            failed.setdefault(key, set()).add(setting)
+        groups.setdefault(key, {}).setdefault(setting, []).append(value)
+        higher = bool(catalogue.get_metric(catalogue.test_metric(r["val_metric"])).higher_is_better)
+        meta[key] = (r["val_metric"], higher)
+    out = {}
+    for key, by_setting in groups.items():
+        if key not in meta:
+            continue  # every setting failed: nothing to choose
+        metric, higher = meta[key]
+        bad = failed.get(key, set())
+        means = {s: (sum(v) / len(v) if v and s not in bad else None) for s, v in by_setting.items()}
+        finished = {s: m for s, m in means.items() if m is not None}
+        if not finished:
+            continue
+        best = (max if higher else min)(finished, key=lambda s: finished[s])
+        tried = {k: sorted({s[i] for s in by_setting}) for i, k in enumerate(grid_keys)}
+        chosen: dict[str, Any] = {
+            "setting": dict(zip(grid_keys, best)), "val_metric": metric, "val": finished[best],
+            "seeds": len(by_setting[best]), "scores": {_label(grid_keys, s): m for s, m in sorted(means.items())},
+            "grid": tried}
+        if cfg is not None and len(grid_keys) == 1:
+            k = grid_keys[0]
+            values, initial = tried[k], cfg.grid[k]
+            upper, lower = best[0] >= values[-1], best[0] <= values[0]
+            ext = {"upper": sum(v > max(initial) for v in values), "lower": sum(v < min(initial) for v in values)}
+            sides = [side for side, at in (("upper", upper), ("lower", lower)) if at]
+            chosen["edge"] = " and ".join(sides)
+            chosen["extensions"] = ext
+            chosen["edge_note"] = "; ".join(f"{side} edge {k}={best[0]:g} of {{{', '.join(f'{v:g}' for v in values)}}} "
+                                            f"after {ext[side]} extension{'s' if ext[side] != 1 else ''}"
+                                            for side in sides)
+        out[key] = chosen
+    return out
+
+
+def extension_settings(selection: Mapping[TaskMethod, dict[str, Any]],
+                       cfg: TuningConfig) -> dict[TaskMethod, list[dict[str, float]]]:
+    """The next wave: per (task, method) whose choice sits at an edge of the values tried, the
+    value beyond that edge (× or ÷ ``cfg.extend_factor``), unless that side already had
+    ``cfg.max_extensions`` extensions. Empty for grids of more than one option."""
+    if len(cfg.grid) != 1 or cfg.max_extensions <= 0:
+        return {}
+    (k,) = cfg.grid
+    out: dict[TaskMethod, list[dict[str, float]]] = {}
+    for key, chosen in selection.items():
+        values, ext = chosen["grid"][k], chosen.get("extensions", {})
+        new = []
+        if "upper" in chosen.get("edge", "") and ext.get("upper", 0) < cfg.max_extensions:
+            new.append({k: extended_value(values[-1], cfg.extend_factor, up=True)})
+        if "lower" in chosen.get("edge", "") and ext.get("lower", 0) < cfg.max_extensions:
+            new.append({k: extended_value(values[0], cfg.extend_factor, up=False)})
+        if new:
+            out[key] = new
     return out

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..metrics.catalogue import broken_equivariance_metric, equivariance_metric, test_metric  # noqa: E402
+from ..results.status import Status  # noqa: E402
 from .common import fmt  # noqa: E402
 from .common.metricinfo import spec_for  # noqa: E402
 from .common.render import Section, slug  # noqa: E402
@@ -89,7 +90,7 @@ def field_runs(df: pd.DataFrame) -> pd.DataFrame:
     only rows whose task options carry ``field``."""
     if df.empty or "task_options" not in df:
         return df.iloc[0:0]
-    ok = df[(df["status"] == "ok") & df["value"].notna()].copy()
+    ok = df[(df["status"] == Status.OK) & df["value"].notna()].copy()
     fields = ok["task_options"].map(lambda o: _options(o).get(FIELD))
     ok = ok[fields.notna()].copy()
     if ok.empty:

@@ -31,16 +31,18 @@ from typing import Any
 
 import pandas as pd
 
+from ..benches.taskrun import TaskBench
+from ..benches.tuning import TuneBench
 from ..core.registry import list_methods, list_tasks
+from ..results.status import Status
 from ..results.store import load_results, run_dirs
 from .approximate import approximate_sections
-from .common.metricinfo import canonicalise
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .common.tables import loaded_machine_lines, status_table
 from .compare import write_comparison
 from .configuration import configuration_notes, configuration_table, read_resolved
 from .references import reference_sections
-from .sections import SECTIONS, SPECIAL_TASKS
+from .sections import SECTIONS, SPECIAL_BENCHES
 from .task_section import task_section
 from .trends import trend_figures
 from .verdicts import anomalies, t_interval
@@ -117,18 +119,22 @@ def report_purpose(purposes: dict[str, str | None]) -> str | None:
 
 def _sections(df: pd.DataFrame, out: Path, ranked: bool = True,
               resolved: list[dict[str, Any]] | None = None) -> list[Section]:
-    """The sections of each task in ``df``; ``resolved`` (``configuration.read_resolved``) adds
-    each task section's "Configuration that ran" table and its notes."""
+    """A section per task of the task runs in ``df`` (with their tuning runs), then one per bench
+    with a section of its own (``sections.SECTIONS``: scaling, tensor products), selected by the
+    ``bench`` column; ``resolved`` (``configuration.read_resolved``) adds each task section's
+    "Configuration that ran" table and its notes."""
     sections = []
-    for task, g in df.groupby("task", sort=True):
-        special = SECTIONS.get(str(task))
-        section = special(g, out) if special else task_section(str(task), g, out, ranked=ranked)
-        if section and not special:
+    runs = df[df["bench"].isin([TaskBench.kind, TuneBench.kind])]
+    for task, g in runs.groupby("task", sort=True):
+        section = task_section(str(task), g, out, ranked=ranked)
+        if section:
             entries = [e for e in resolved or [] if e["task"] == task]
             section["configuration"] = configuration_table(entries, g)
             section["notes"] = [*configuration_notes(entries), *section.get("notes", [])]
-        if section:
             sections.append(section)
+    for bench, make in SECTIONS.items():
+        if (df["bench"] == bench).any() and (own := make(df, out)):
+            sections.append(own)
     return sections
 
 
@@ -139,9 +145,8 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
 
     ``regressions`` (one line each) are listed first; ``history`` adds trend plots per task."""
     list_methods(), list_tasks()  # the built-in methods and tasks declare their own metrics when imported
-    loaded = load_results(paths)
-    merged = loaded.attrs.get("merged", [])  # which runs were merged, which reruns counted once
-    df = canonicalise(loaded)
+    df = load_results(paths)
+    merged = df.attrs.get("merged", [])  # which runs were merged, which reruns counted once
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dirs = run_dirs(paths)
@@ -160,7 +165,7 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     if history is not None:
         for s in sections:
             s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]
-    status = status_table(df, SPECIAL_TASKS)
+    status = status_table(df, SPECIAL_BENCHES)
     versions = next((v for v in df["versions"] if isinstance(v, dict)), {}) if "versions" in df else {}
     page = Page(title=title, intro=intro, regressions=regressions,
                 status=TableView.from_frame(status, css="status", row_ids=status.attrs.get("row_ids"))
@@ -176,7 +181,7 @@ def banner(df: pd.DataFrame, regressions: list[str] | None = None,
     anomaly of ``df`` (``verdicts.anomalies``), then one entry for the nightly regressions when
     there are any."""
     items = [BannerItem("loaded machine", line, "anomalies") for line in load_lines or []]
-    items += [BannerItem(a.kind, a.text, a.anchor, a.md_anchor) for a in anomalies(df, SPECIAL_TASKS)]
+    items += [BannerItem(a.kind, a.text, a.anchor, a.md_anchor) for a in anomalies(df)]
     if regressions:
         items.append(BannerItem("regression", f"{len(regressions)} regression(s) against the nightly history",
                                 "regressions", md_anchor(f"Regressions ({len(regressions)})")))
@@ -207,7 +212,7 @@ def published_table(df: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame
     metric, task = published["metric"], published["task"]
     rows = []
     for method, pub in published["values"].items():
-        g = df[(df["task"] == task) & (df["method"] == method) & (df["metric"] == metric) & (df["status"] == "ok")]
+        g = df[(df["task"] == task) & (df["method"] == method) & (df["metric"] == metric) & (df["status"] == Status.OK)]
         mean, half, n = t_interval(g["value"].tolist())
         conv = g["convergence"].dropna().tolist() if "convergence" in g else []
         unconverged = sum(c in ("not_converged", "cap_reached") for c in conv)  # cap_reached: capped before a plateau

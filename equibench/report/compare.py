@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.throughput import UNSTABLE_REL_IQR
+from ..results.status import Status
 from ..results.store import load_results, run_dirs
 from .common import fmt, plots
-from .common.metricinfo import canonicalise, header, spec_for, value
+from .common.metricinfo import header, spec_for, value
 from .common.render import FigureView, Page, SectionView, TableView, slug, write_page
 from .common.tables import context_line, loaded_machine_lines
 from .history import measure_change, spread_rows, watched
@@ -74,12 +75,11 @@ def compare_dirs(run_a: str | os.PathLike, run_b: str | os.PathLike, threshold: 
 def _per_run(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per (task, method, metric): mean over seeds, log-spread over seeds, relative timing
     spread, n seeds; per (task, method): the statuses of its runs) of one run's rows."""
-    df = canonicalise(df)
     status = df.drop_duplicates(["task", "method", "spec_hash"])[["task", "method", "status"]]
-    ok = df[(df["status"] == "ok") & df["metric"].map(watched)]
+    ok = df[(df["status"] == Status.OK) & df["metric"].map(watched)]
     if ok.empty:
         return pd.DataFrame(columns=["task", "method", "metric", "mean", "log_std", "rel_spread", "n"]), status
-    spread = spread_rows(df[df["status"] == "ok"])
+    spread = spread_rows(df[df["status"] == Status.OK])
     per_seed = ok.groupby(["task", "method", "metric", "seed"], as_index=False).agg(value=("value", "mean"),
                                                                                   spec_hash=("spec_hash", "first"))
     per_seed = per_seed.merge(spread, on=["spec_hash", "metric"], how="left") if len(spread) else \
@@ -96,7 +96,7 @@ def _per_run(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _absent(key: tuple[Any, Any], status: pd.DataFrame, run: str) -> str:
     """"only in A/B" when ``run`` has no row of (task, method), else "<status> in <run>"."""
     mine = status[(status["task"] == key[0]) & (status["method"] == key[1])]["status"]
-    bad = sorted({str(s) for s in mine if s != "ok"})
+    bad = sorted({str(s) for s in mine if s != Status.OK})
     return f"{'/'.join(bad)} in {run}" if bad else f"only in {'B' if run == 'A' else 'A'}"
 
 

@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.catalogue import THROUGHPUT_MODES, find_metric, throughput_metric
+from ..results.status import Status
 from ..results.store import load_results
-from .common.metricinfo import canonicalise
 
-KEEP = ["run_id", "spec_hash", "task", "method", "seed", "metric", "value", "status", "git_commit",
+KEEP = ["run_id", "spec_hash", "bench", "task", "method", "seed", "metric", "value", "status", "git_commit",
         "device_name", "dtype", "batch_size", "repeats", "finished_at"]
 
 
@@ -50,8 +50,8 @@ def spread_rows(ok: pd.DataFrame) -> pd.DataFrame:
 
 def append_history(run_dir: str | os.PathLike, history: str | os.PathLike) -> pd.DataFrame:
     """Add a run's ok rows to the Parquet history (atomically); returns the whole history."""
-    df = canonicalise(load_results(run_dir))
-    ok = df[df["status"] == "ok"].copy()
+    df = load_results(run_dir)
+    ok = df[df["status"] == Status.OK].copy()
     rows = ok[[c for c in KEEP if c in ok]].copy()
     spread = spread_rows(ok)
     if len(spread):

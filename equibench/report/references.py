@@ -33,6 +33,7 @@ import pandas as pd
 from ..core.errors import UserError
 from ..core.registry import method_class, method_of
 from ..metrics.catalogue import PARAMS, equivariance_metric, test_metric, throughput_metric
+from ..results.status import Status
 from .common import fmt
 from .common.metricinfo import spec_for, value
 from .common.render import Section
@@ -113,7 +114,7 @@ def unpaired_libraries(df: pd.DataFrame, paired: set[str]) -> list[str]:
 
 
 def _values(df: pd.DataFrame, unit: str, metric: str) -> list[float]:
-    rows = df[(df["unit"] == unit) & (df["metric"] == metric) & (df["status"] == "ok")]
+    rows = df[(df["unit"] == unit) & (df["metric"] == metric) & (df["status"] == Status.OK)]
     return [float(v) for v in rows["value"].dropna()]
 
 
@@ -245,7 +246,7 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
     rows, used, notes = [], [], []
     for task, g in df.groupby("task", sort=True):
         base, _ = split_sweeps(g)
-        ok = labelled(base[base["status"] == "ok"])
+        ok = labelled(base[base["status"] == Status.OK])
         metric = task_metric(ok)
         found = pairs(ok)
         for ours, ref in found:
@@ -282,7 +283,7 @@ def unmeasured(task: str, df: pd.DataFrame, present: set[str]) -> list[str]:
     method or a variant of a method that did run (e.g. a CUDA-only backend on a CPU run)."""
     lines: list[str] = []
     bases = {method_of(m) for m in present}
-    bad = df[df["status"] != "ok"].drop_duplicates("spec_hash")
+    bad = df[df["status"] != Status.OK].drop_duplicates("spec_hash")
     if bad.empty:
         return lines
     opts = bad["method_options"].map(repr) if "method_options" in bad else pd.Series("", index=bad.index)

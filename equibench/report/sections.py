@@ -1,8 +1,8 @@
-"""Report sections for the scaling sweep (``task="scaling"``) and the tensor-product
-microbenchmarks (``task="tp_bench"``), and a stand-alone page of the two.
+"""Report sections for the scaling sweep (bench ``scaling``) and the tensor-product
+microbenchmarks (bench ``tp_bench``), and a stand-alone page of the two.
 
-Each section function takes the results DataFrame (any rows; it picks its own task; bare
-metric names of older runs are mapped to the catalogue's), draws its PNGs into the report's
+Each section function takes the results DataFrame (any rows; it picks its own bench's by the
+``bench`` column), draws its PNGs into the report's
 output folder and returns a ``Section`` (``render.Section``): ``task`` (title), ``context``
 (how it was measured), ``table`` (formatted strings), ``figures`` ((png name, caption) pairs)
 and ``notes``; or None when the DataFrame holds no such rows.
@@ -15,24 +15,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..benches.scaling import fit_exponent
+from ..benches.scaling import ScalingBench, fit_exponent
+from ..benches.tp_bench import TPBench
 from ..metrics.catalogue import scaling_metric, tp_bench_metric
+from ..results.status import Status
 from ..results.store import load_results
 from .common import fmt, plots
-from .common.metricinfo import canonicalise, header, spec_for
+from .common.metricinfo import header, spec_for
 from .common.render import Page, Section, section_view, versions_text, write_page
 
-SCALING_TASK, TP_TASK = "scaling", "tp_bench"
-SPECIAL_TASKS = (SCALING_TASK, TP_TASK)
+SCALING, TP_BENCH = ScalingBench.kind, TPBench.kind
+#: the benches with a section of their own (the task runs' sections are ``task_section``)
+SPECIAL_BENCHES = (SCALING, TP_BENCH)
 AXIS_LABELS = {"nodes": "nodes per graph", "batch": "graphs per batch", "width": "width (channels)", "lmax": "lmax"}
 SCALING_TIME, SCALING_MEMORY = scaling_metric("time_s"), scaling_metric("peak_mem_bytes")
 
 
-def _rows(df: pd.DataFrame, task: str, ok: bool) -> pd.DataFrame:
-    if "task" not in df or "status" not in df:
+def _rows(df: pd.DataFrame, bench: str, ok: bool) -> pd.DataFrame:
+    if "bench" not in df or "status" not in df:
         return df.iloc[0:0]
-    df = canonicalise(df[df["task"] == task])
-    return df[df["status"] == "ok"] if ok else df[df["status"] != "ok"]
+    df = df[df["bench"] == bench]
+    return df[df["status"] == Status.OK] if ok else df[df["status"] != Status.OK]
 
 
 def _uniq(s: pd.DataFrame, col: str) -> str:
@@ -100,7 +103,7 @@ def _scaling_figure(s: pd.DataFrame, axis: str, metric: str, path: Path, tail: f
 def scaling_section(df: pd.DataFrame, out: Path, tail: float = 0.5) -> Section | None:
     """Cost-vs-size curves (log-log) per axis, one line per method, with the fitted exponent
     of time per call (and of peak memory) over the upper ``tail`` of each sweep."""
-    s = _rows(df, SCALING_TASK, ok=True)
+    s = _rows(df, SCALING, ok=True)
     if not len(s):
         return None
     out = Path(out)
@@ -123,7 +126,7 @@ def scaling_section(df: pd.DataFrame, out: Path, tail: float = 0.5) -> Section |
             _scaling_figure(s, axis, SCALING_MEMORY, out / name, tail)
             figures.append((name, f"Peak memory of one call against {label} ({_uniq(s, 'mem_method')})."))
     notes = []
-    for (method, skipped_axis, status), g in _rows(df, SCALING_TASK, ok=False).groupby(["method", "x_label", "status"]):
+    for (method, skipped_axis, status), g in _rows(df, SCALING, ok=False).groupby(["method", "x_label", "status"]):
         sizes = ", ".join(str(int(x)) for x in sorted(set(g["x"].dropna())))
         notes.append(f"{method} {skipped_axis} = {sizes}: {status} ({g['error'].iloc[0] if 'error' in g else ''})")
     return {"task": "Scaling: cost vs size", "heading": "Scaling: cost vs size", "context": context,
@@ -171,7 +174,7 @@ def _tp_row(g: pd.DataFrame, lmaxes: list[int]) -> dict[str, str]:
 def tp_section(df: pd.DataFrame, out: Path) -> Section | None:
     """One table and one plot of time per call over lmax for every (implementation, channel
     mode), with the agreement against e3nn and compile times."""
-    s = _rows(df, TP_TASK, ok=True)
+    s = _rows(df, TP_BENCH, ok=True)
     if not len(s):
         return None
     out = Path(out)
@@ -185,7 +188,7 @@ def tp_section(df: pd.DataFrame, out: Path) -> Section | None:
         rows[str(label)] = _tp_row(g, lmaxes)
         lines.append((label, _per_lmax(g, TP["time_s"]), "o-" if cmode == "uvu" else "s--",
                       f"C{impls.index(impl) % 10}"))
-    skipped = _rows(df, TP_TASK, ok=False)
+    skipped = _rows(df, TP_BENCH, ok=False)
     notes = [TP_NOTE] + sorted({f"{r['method']}: {r['status']} ({r.get('error', '')})" for _, r in skipped.iterrows()})
     context = (f"device: {_uniq(s, 'device_name')}; dtype {_uniq(s, 'dtype')}; pass {', '.join(passes)}; batch "
                f"{_uniq(s, 'batch_size')} pairs; C = {_uniq(s, 'channels')} channels; x1 = C×(0e+1o+…+lmax), "
@@ -201,7 +204,7 @@ def tp_section(df: pd.DataFrame, out: Path) -> Section | None:
             "figures": [(name, f"Time per call of each tensor-product implementation over lmax. {context}")]}
 
 
-SECTIONS = {SCALING_TASK: scaling_section, TP_TASK: tp_section}
+SECTIONS = {SCALING: scaling_section, TP_BENCH: tp_section}
 
 
 def write_sections_report(paths: Any, out_dir: str | Path, title: str) -> Path:

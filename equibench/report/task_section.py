@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.catalogue import CURVE_VAL, degeneracy_metric, equivariance_metric, symmetric_metric, throughput_metric
+from ..results.status import Status
 from .common import fmt, plots
 from .common.metricinfo import spec_for
 from .common.render import Section, slug
@@ -38,7 +39,7 @@ QUALITY_GROUPS = ("model", "accuracy", "equivariance", "other")  # the full tabl
 
 def _verdict_context(df: pd.DataFrame) -> dict[str, str]:
     """How the verdict table's equivariance and speed columns were measured (for its caption)."""
-    ok = df[df["status"] == "ok"]
+    ok = df[df["status"] == Status.OK]
     out = {}
     eq = ok[ok["metric"] == equivariance_metric("trained", "fp64", "rel_max")]
     if len(eq) and "batch_size" in eq and eq["batch_size"].notna().any():
@@ -89,7 +90,7 @@ def _equivariance_figure(task: str, agg: pd.DataFrame, out: Path, ctx: str) -> t
 
 
 def _sample_efficiency(task: str, df: pd.DataFrame, out: Path, metric: str, ctx: str) -> tuple[str, str] | None:
-    ok = df[(df["status"] == "ok") & (df["metric"] == metric)].copy()
+    ok = df[(df["status"] == Status.OK) & (df["metric"] == metric)].copy()
     if ok.empty or "task_options" not in ok:
         return None
     ok["train_size"] = ok["task_options"].map(lambda o: o.get("train_size") if isinstance(o, dict) else None)
@@ -107,7 +108,7 @@ def _sample_efficiency(task: str, df: pd.DataFrame, out: Path, metric: str, ctx:
 
 
 def _degeneracy(task: str, df: pd.DataFrame, out: Path, ctx: str) -> tuple[tuple[str, str] | None, pd.DataFrame | None]:
-    ok = df[df["status"] == "ok"]
+    ok = df[df["status"] == Status.OK]
     deg = ok[ok["metric"] == DEGENERACY_CURVE]
     if deg.empty:
         return None, None
@@ -128,7 +129,7 @@ def _degeneracy(task: str, df: pd.DataFrame, out: Path, ctx: str) -> tuple[tuple
 
 
 def _learning_curves(task: str, df: pd.DataFrame, facts: TaskFacts, out: Path, ctx: str) -> tuple[str, ...] | None:
-    curve = df[(df["status"] == "ok") & (df["metric"] == CURVE_VAL)]
+    curve = df[(df["status"] == Status.OK) & (df["metric"] == CURVE_VAL)]
     if curve.empty or "x" not in curve:
         return None
     spec = facts.spec or spec_for(CURVE_VAL)
@@ -183,7 +184,7 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
     """Per method (rows) and exactly symmetric input (columns, with its point group): the max
     relative equivariance error of the trained fp64 model over the sampled elements, worst seed,
     beside the method's declared exactness scope (None without ``symmetric.*`` rows)."""
-    ok = df[df["status"] == "ok"] if len(df) else df
+    ok = df[df["status"] == Status.OK] if len(df) else df
     rel = ok[ok["metric"] == symmetric_metric("trained", "rel_max")] if len(ok) else ok
     if rel.empty or "symmetric_input" not in rel:
         return None
@@ -210,7 +211,7 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
         row = {"exact on": SCOPE_WORDS.get(str(scope), "not exact") if isinstance(scope, str) else "not exact"}
         for name in inputs:
             v = r_max.get((m, name))
-            cell = (fmt.MISSING if v is None else "failed" if (str(m), str(name)) in failed
+            cell = (fmt.MISSING if v is None else Status.FAILED.value if (str(m), str(name)) in failed
                     else "non-finite" if not np.isfinite(v) else fmt.number(v, "sci"))
             if (m, name) in d_max and (str(m), str(name)) not in failed:
                 d = d_max[(m, name)]

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..benches.taskrun import TaskBench
 from ..core.registry import task_class
 from ..metrics.catalogue import (
     MetricSpec,
@@ -51,6 +52,8 @@ from ..metrics.catalogue import (
     train_metric,
     trivial_metric,
 )
+from ..results.status import FAILURES, Status
+from ..results.store import upgrade_frame
 from .common import fmt
 from .common.metricinfo import ARROWS, header, spec_for, value
 from .common.render import TableView, md_anchor, section_anchor, slug
@@ -62,15 +65,13 @@ from .common.tables import (
     primary_metric,
     seed_table,
     split_sweeps,
-    split_tuning,
     train_config,
 )
-from .sections import SCALING_TASK, TP_TASK
+from .sections import SCALING, SPECIAL_BENCHES, TP_BENCH
 
 LEVEL = 0.95   # two-sided confidence level of the intervals
 ALPHA = 0.05   # family-wise level of the Holm-corrected tests against the best (groups) and floors
 EXACT_LIMITS = {"fp64": 1e-10, "fp32": 1e-4}  # what the tests hold exact methods to
-FAILED_STATUSES = ("failed", "out_of_memory", "timeout")
 EQ_MAX = {dtype: equivariance_metric("trained", dtype, "rel_max") for dtype in ("fp64", "fp32")}
 SYMMETRIC_MAX = symmetric_metric("trained", "rel_max")  # fp64, per exactly symmetric input (symmetric_input)
 EVERY_INPUT, GENERIC_INPUTS = "every_input", "generic_inputs"  # row column exact_scope (methods.base)
@@ -78,11 +79,12 @@ THROUGHPUT = throughput_metric("inference", "graphs_per_s")
 GAIN = train_metric("val_improvement")  # over the window the convergence verdict judges
 OLD_GAIN = train_metric("val_improvement_last_fifth")  # runs before issue 18's convergence rule
 NOT_CONVERGED = ("not_converged", "cap_reached")  # convergence verdicts the banner flags
-KINDS = ("failed", "not converged", "tuning at grid edge", "exact over limit", "not better than trivial",
+FAILED = Status.FAILED.value  # the banner's kind for points that did not finish (any failure status)
+KINDS = (FAILED, "not converged", "tuning at grid edge", "exact over limit", "not better than trivial",
          "not better than a floor")
 GROUP_COLUMN = ("", "group")
 VS_BEST_COLUMN = ("accuracy", "vs best (pooled t, Holm)")
-SPECIAL_HEADINGS = {SCALING_TASK: "Scaling: cost vs size", TP_TASK: "Tensor-product microbenchmarks"}
+SPECIAL_HEADINGS = {SCALING: "Scaling: cost vs size", TP_BENCH: "Tensor-product microbenchmarks"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +315,7 @@ def trivial_score(df: pd.DataFrame, metric: str | None) -> float | None:
     stat = spec_for(metric).stat if metric else None
     if not stat or "metric" not in df:
         return None
-    rows = df[(df["metric"] == trivial_metric(stat)) & (df["status"] == "ok")]["value"].dropna()
+    rows = df[(df["metric"] == trivial_metric(stat)) & (df["status"] == Status.OK)]["value"].dropna()
     return float(rows.mean()) if len(rows) else None
 
 
@@ -329,7 +331,7 @@ def trivial_values(df: pd.DataFrame, metric: str | None) -> list[float]:
     stat = spec_for(metric).stat if metric else None
     if not stat or "metric" not in df:
         return []
-    return _per_seed(df[(df["metric"] == trivial_metric(stat)) & (df["status"] == "ok")])
+    return _per_seed(df[(df["metric"] == trivial_metric(stat)) & (df["status"] == Status.OK)])
 
 
 def floor_values(df: pd.DataFrame, metric: str | None) -> dict[str, list[float]]:
@@ -338,7 +340,7 @@ def floor_values(df: pd.DataFrame, metric: str | None) -> dict[str, list[float]]
     stat = spec_for(metric).stat if metric else None
     if not stat or "metric" not in df or "floor" not in df:
         return {}
-    rows = df[(df["metric"] == floor_metric(stat)) & (df["status"] == "ok")]
+    rows = df[(df["metric"] == floor_metric(stat)) & (df["status"] == Status.OK)]
     return {str(name): _per_seed(g) for name, g in rows.groupby("floor", sort=True)}
 
 
@@ -475,12 +477,12 @@ def _first_per_run(df: pd.DataFrame) -> pd.DataFrame:
 
 def assess(task: str, df: pd.DataFrame) -> TaskFacts:
     """The facts of one task configuration's rows (every status; one options set)."""
-    metric = task_metric(df[df["status"] == "ok"]) if len(df) else None
+    metric = task_metric(df[df["status"] == Status.OK]) if len(df) else None
     spec = spec_for(metric) if metric else None
-    ok = df[(df["status"] == "ok")]
+    ok = df[(df["status"] == Status.OK)]
     methods: dict[str, MethodFacts] = {}
     for _, run in _first_per_run(df).iterrows():
-        if run["status"] not in (*FAILED_STATUSES, "ok"):
+        if run["status"] not in (*FAILURES, Status.OK):
             continue  # not_applicable / skipped: listed with the runs without results, not judged
         m = methods.setdefault(str(run["method"]), MethodFacts(str(run["method"])))
         seed = run.get("seed")
@@ -502,7 +504,7 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
             text = run.get(column)
             if isinstance(text, str) and text and text not in seen:
                 seen.append(text)
-        if run["status"] in FAILED_STATUSES:
+        if run["status"] in FAILURES:
             m.failed.append((seed, str(run["status"])))
             continue
         m.seeds.append(seed)
@@ -888,7 +890,7 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
             statuses = ", ".join(sorted({s for _, s in m.failed}))
             note = f"{statuses}: seed {_seeds_text([s for s, _ in m.failed])}"
             score = f"no result ({note})" if score == fmt.MISSING else f"{score}; {note}"
-            flags.append("failed")
+            flags.append(FAILED)
         if m.not_converged:
             flags.append("not converged")
         if m.edges:
@@ -903,7 +905,7 @@ def verdict_table(facts: TaskFacts, ctx: Mapping[str, str] | None = None, *, ran
                  _convergence_cell(m), _settings_cell(m)]
         rows.append(cells)
         ids.append(verdict_row_id(facts.task, m.method))
-        css.append("failed" if (m.failed and not m.seeds) else "flagged" if flags else "")
+        css.append(FAILED if (m.failed and not m.seeds) else "flagged" if flags else "")
 
     best = next((r for r in facts.ranked if r.group == 1 and r.is_leader), None)
     # the references (trivial predictor, floors), each placed where its score ranks
@@ -999,10 +1001,10 @@ def _configs(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, bool]]:
     return out
 
 
-def _failed_anomalies(df: pd.DataFrame, special_tasks: Sequence[str]) -> list[Anomaly]:
-    bad = df[df["status"].isin(FAILED_STATUSES)]
+def _failed_anomalies(df: pd.DataFrame) -> list[Anomaly]:
+    bad = df[df["status"].isin(FAILURES)]
     out = []
-    special = bad["task"].isin(list(special_tasks))
+    special = bad["bench"].isin(SPECIAL_BENCHES)
     for _, r in _first_per_run(bad[~special]).iterrows():
         error = str(r.get("error") or "").strip().splitlines()
         why = f": {error[-1][:160]}" if error else ""
@@ -1011,18 +1013,18 @@ def _failed_anomalies(df: pd.DataFrame, special_tasks: Sequence[str]) -> list[An
         setting = r.get("setting")
         tuning = (" (tuning run: " + ", ".join(f"{k} {v}" for k, v in sorted(setting.items())) + ")"
                   if isinstance(setting, dict) else "")
-        out.append(Anomaly("failed", str(r["task"]), str(r["method"]),
+        out.append(Anomaly(FAILED, str(r["task"]), str(r["method"]),
                            f"{r['task']} / {r['method']} seed {_seeds_text([r['seed']])}{tuning}: {r['status']}{sig}"
                            f"{why}",
                            status_row_id(r.get("spec_hash"), str(r["task"]), str(r["method"]), r.get("seed")),
                            "runs-that-did-not-produce-results"))
-    for (task, method, status), g in bad[special].groupby(["task", "method", "status"]):
+    for (bench, method, status), g in bad[special].groupby(["bench", "method", "status"]):
         where = ""
         if "x" in g and g["x"].notna().any():
             label = g["x_label"].dropna().iloc[0] if "x_label" in g and g["x_label"].notna().any() else "x"
             where = f" at {label} = " + ", ".join(f"{x:g}" for x in sorted(set(g["x"].dropna())))
-        heading = SPECIAL_HEADINGS.get(str(task), str(task))
-        out.append(Anomaly("failed", str(task), str(method), f"{task} / {method}: {status}{where}",
+        heading = SPECIAL_HEADINGS.get(str(bench), str(bench))
+        out.append(Anomaly(FAILED, str(bench), str(method), f"{bench} / {method}: {status}{where}",
                            section_anchor(heading), md_anchor(heading)))
     return out
 
@@ -1072,12 +1074,14 @@ def task_anomalies(task: str, df: pd.DataFrame) -> list[Anomaly]:
     return out
 
 
-def anomalies(df: pd.DataFrame, special_tasks: Sequence[str] = ()) -> list[Anomaly]:
-    """Every anomaly of the rows ``df`` (any tasks), failed specs first, then per kind and task."""
+def anomalies(df: pd.DataFrame) -> list[Anomaly]:
+    """Every anomaly of the rows ``df`` (any benches), failed points first (the scaling and
+    tensor-product benches' per method and status), then per kind and task of the task runs."""
     if df.empty or "status" not in df:
         return []
-    out = _failed_anomalies(df, special_tasks)  # failed tuning runs included
-    measured, _ = split_tuning(df)
-    for task, g in measured[~measured["task"].isin(list(special_tasks))].groupby("task", sort=True):
+    df = upgrade_frame(df)
+    out = _failed_anomalies(df)  # failed tuning runs included
+    measured = df[df["bench"] == TaskBench.kind]
+    for task, g in measured.groupby("task", sort=True):
         out += task_anomalies(str(task), g)
     return sorted(out, key=lambda a: (KINDS.index(a.kind) if a.kind in KINDS else len(KINDS), a.task, a.method))

@@ -1,6 +1,7 @@
-"""Results on disk: ``results/<run_id>/records.jsonl`` (+ ``env.json``, ``specs.json``, Parquet).
+"""Results on disk: ``results/<run_id>/records.jsonl`` (+ ``env.json``, ``points.json``, Parquet).
 
-One tidy row per (task, method, seed, metric, value) with its measurement context. The rows of
+One tidy row per (task, method, seed, metric, value) with its measurement context, in the layout
+of ``schema.py`` (rows of earlier layouts are upgraded on read, ``upgrade.py``). The rows of
 one finished spec are appended as ONE block by a single ``write`` on an ``O_APPEND`` descriptor,
 then fsync'd; every row carries ``block`` (a unique id) and ``block_size``. A run killed mid-write
 leaves at most one torn, incomplete block at the end of the file: ``read_records`` drops it (and
@@ -25,9 +26,12 @@ from typing import Any
 import pandas as pd
 
 from ..core.errors import StorageError, UserError
+from .schema import PointRecord
+from .status import Status, worst
+from .upgrade import upgrade
 
 RECORDS = "records.jsonl"
-ID_COLUMNS = ["run_id", "spec_hash", "task", "method", "seed", "metric", "value", "status"]
+ID_COLUMNS = ["run_id", "spec_hash", "bench", "task", "method", "seed", "metric", "value", "status"]
 #: errno values that mean "this location cannot take results" (full, over quota, read-only,
 #: forbidden, or below a file): not a bug in the run
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR})
@@ -104,7 +108,8 @@ def _append(path: Path, lines: list[str]) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """All rows of complete blocks in ``run_dir/records.jsonl`` (torn blocks dropped)."""
+    """All rows of complete blocks in ``run_dir/records.jsonl`` (torn blocks dropped), each in
+    today's layout (rows of earlier schema versions are upgraded: ``upgrade.upgrade``)."""
     path = Path(run_dir) / RECORDS
     if not path.exists():
         return []
@@ -121,27 +126,26 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.get("block", "")] = counts.get(r.get("block", ""), 0) + 1
-    return [r for r in rows if counts.get(r.get("block", "")) == r.get("block_size")]
+    return [upgrade(r) for r in rows if counts.get(r.get("block", "")) == r.get("block_size")]
 
 
-#: statuses of a point that did not finish its measurement (the CLI exits 4 when any point has one)
-FAILED_STATUSES = ("failed", "timeout", "out_of_memory")
+def read_points(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> list[PointRecord]:
+    """The point records of ``run_dir`` (one per complete block, in order), from ``rows`` when
+    the caller has read them already."""
+    blocks: dict[str, list[dict[str, Any]]] = {}
+    for r in read_records(run_dir) if rows is None else rows:
+        blocks.setdefault(str(r.get("block", "")), []).append(r)
+    return [PointRecord.from_rows(b) for b in blocks.values()]
 
 
-def point_statuses(run_dir: Path) -> dict[str, str]:
-    """Each recorded point's outcome (by ``spec_hash``): the worst status among its rows, a
-    failure ("failed", "timeout" for a ``failed`` row whose error is a timeout, "out_of_memory")
-    over "ok" over the rest ("not_applicable", "skipped")."""
-    rank = {"ok": 1, **{s: 2 for s in FAILED_STATUSES}}
-    out: dict[str, str] = {}
-    for r in read_records(run_dir):
-        status = str(r.get("status") or "ok")
-        if status == "failed" and str(r.get("error") or "").startswith("timeout"):
-            status = "timeout"
-        h = str(r.get("spec_hash"))
-        if h not in out or rank.get(status, 0) > rank.get(out[h], 0):
-            out[h] = status
-    return out
+def point_statuses(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> dict[str, Status]:
+    """Each recorded point's outcome (by ``spec_hash``): the worst status among its rows
+    (``status.worst``: a failure over ``ok`` over ``not_applicable`` / ``skipped``); from
+    ``rows`` when the caller has read them already."""
+    by_point: dict[str, list[object]] = {}
+    for r in read_records(run_dir) if rows is None else rows:
+        by_point.setdefault(str(r.get("spec_hash")), []).append(r.get("status"))
+    return {h: worst(statuses) for h, statuses in by_point.items()}
 
 
 def completed_specs(run_dir: Path) -> set[str]:
@@ -188,8 +192,8 @@ def run_dirs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Pat
 
 
 def _finished(rows: list[dict[str, Any]]) -> tuple[bool, str]:
-    """Sort key of one point's block: finished ("ok") first, then the newest ``finished_at``."""
-    return (any(r.get("status") == "ok" for r in rows), max(str(r.get("finished_at") or "") for r in rows))
+    """Sort key of one point's block: finished (``ok``) first, then the newest ``finished_at``."""
+    return (any(r.get("status") == Status.OK for r in rows), max(str(r.get("finished_at") or "") for r in rows))
 
 
 def merge_runs(per_dir: list[tuple[Path, list[dict[str, Any]]]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -276,3 +280,16 @@ def write_parquet(run_dir: Path) -> Path | None:
                 tmp.unlink()
             raise
     return path
+
+
+def upgrade_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (rows as a DataFrame, e.g. built by hand or read from an older Parquet copy) in
+    today's layout: the frame itself when every row names its ``bench``, else its rows upgraded
+    (``upgrade.upgrade``; a row without ``schema_version`` is version 1)."""
+    if df.empty or ("bench" in df and df["bench"].notna().all()):
+        return df
+    rows = [{str(k): v for k, v in r.items() if not (isinstance(v, float) and v != v and k != "value")}
+            for r in df.to_dict("records")]
+    out = pd.DataFrame([upgrade(r) for r in rows], index=df.index)
+    out.attrs.update(df.attrs)
+    return out

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from ...metrics.catalogue import MetricSpec, canonical_name, find_metric
+from ...metrics.catalogue import MetricSpec, find_metric
 from . import fmt
 
 ARROWS = {"higher": "↑", "lower": "↓"}
@@ -18,17 +18,6 @@ def spec_for(name: str) -> MetricSpec:
     displayed under its raw name, no direction)."""
     return find_metric(name) or MetricSpec(name=name, display=name, family="unknown",
                                            description="not declared in the metric catalogue")
-
-
-def canonicalise(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with every ``metric`` under its catalogue name (legacy bare scaling /
-    tensor-product names mapped by task); the frame itself when nothing changes."""
-    if "metric" not in df or "task" not in df or df.empty:
-        return df
-    names = [canonical_name(m, t) for m, t in zip(df["metric"], df["task"])]
-    if names == list(df["metric"]):
-        return df
-    return df.assign(metric=names)
 
 
 def select(df: pd.DataFrame, **facets: Any) -> pd.DataFrame:

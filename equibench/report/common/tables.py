@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ...benches.training import TrainConfig
+from ...benches.tuning import TuneBench
 from ...core.envinfo import loaded
 from ...core.registry import method_class
 from ...metrics.catalogue import (
@@ -28,8 +29,11 @@ from ...metrics.catalogue import (
     throughput_metric,
     train_metric,
     trivial_metric,
+    tune_metric,
 )
 from ...metrics.throughput import UNSTABLE_REL_IQR, is_unstable
+from ...results.status import Status
+from ...results.store import upgrade_frame
 from . import fmt
 from .metricinfo import header, metric_names, select, spec_for, value
 from .render import slug
@@ -45,7 +49,7 @@ LIE_COLUMN = lie_metric("trained", "rel_mean")
 def seed_table(df: pd.DataFrame, index: str = "method") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(aggregate over seeds, std over seeds) of every metric of the ok rows; index = ``index``,
     columns = metric. Each metric aggregates as its catalogue spec says (mean, max, ...)."""
-    ok = df[(df["status"] == "ok") & df["value"].notna()] if len(df) else df
+    ok = df[(df["status"] == Status.OK) & df["value"].notna()] if len(df) else df
     if ok.empty:
         return pd.DataFrame(), pd.DataFrame()
     stats = ok.groupby([index, "metric"])["value"].agg([*_AGGREGATES, "std"])
@@ -155,7 +159,7 @@ def unstable_timings(df: pd.DataFrame) -> set[tuple[Any, str]]:
     """(method, mode) pairs whose throughput timing is unstable in any run: the row flag
     ``unstable`` (``measure_throughput``), or, for rows written before it, IQR / median over
     ``UNSTABLE_REL_IQR`` from the row's own timing numbers."""
-    ok = df[df["status"] == "ok"]
+    ok = df[df["status"] == Status.OK]
     out: set[tuple[Any, str]] = set()
     for mode in THROUGHPUT_MODES:
         if "unstable" in ok:
@@ -232,7 +236,7 @@ def profile_table(df: pd.DataFrame, mode: str = "inference") -> tuple[str, pd.Da
     the points that measured it): one row per method, one column per region any method reports
     (percent of the profiled forward), the grouping scheme and the profiled time per forward;
     with the caption saying how it was measured. None when no row carries a profile."""
-    ok = df[(df["status"] == "ok") & df["value"].notna()] if len(df) else df
+    ok = df[(df["status"] == Status.OK) & df["value"].notna()] if len(df) else df
     names = {profile_metric(mode, r): r for r in PROFILE_REGIONS}
     rows = ok[ok["metric"].isin(list(names))] if len(ok) else ok
     if rows.empty:
@@ -264,13 +268,14 @@ def profile_table(df: pd.DataFrame, mode: str = "inference") -> tuple[str, pd.Da
     return caption, table
 
 
-def status_table(df: pd.DataFrame, exclude_tasks: Iterable[str] = ()) -> pd.DataFrame:
+def status_table(df: pd.DataFrame, exclude_benches: Iterable[str] = ()) -> pd.DataFrame:
     """(task, method, seed) runs that failed, ran out of memory, timed out or do not apply, with
     their error, exit signal and peak memory against the limit (one row per spec; sweep variants
-    name their task options); the tasks in ``exclude_tasks`` (scaling, tensor products) list
+    name their task options); the benches in ``exclude_benches`` (scaling, tensor products) list
     their skipped points themselves. ``attrs["row_ids"]``: each row's anchor (``run-<spec
     hash>``)."""
-    bad = df[(df["status"] != "ok") & ~df["task"].isin(list(exclude_tasks))]
+    df = upgrade_frame(df)
+    bad = df[(df["status"] != Status.OK) & ~df["bench"].isin(list(exclude_benches))]
     has_hash = "spec_hash" in bad and bad["spec_hash"].notna().all()
     bad = bad.drop_duplicates("spec_hash" if has_hash else ["task", "method", "seed"])
     cols = [c for c in ("task", "method", "seed", "status", "error") if c in bad]
@@ -316,7 +321,7 @@ def context_line(df: pd.DataFrame) -> str:
     """How the numbers of ``df`` were measured: device, throughput dtype / batch / repeats /
     threads / timer, equivariance graphs × group samples, training budget and settings (what it
     spent: steps, seconds, FLOPs), seeds, commit. A field the rows do not carry reads "?"."""
-    ok = df[df["status"] == "ok"]
+    ok = df[df["status"] == Status.OK]
     tp, eq = select(ok, family="throughput"), select(ok, family="equivariance")
     steps = ok[ok["metric"] == train_metric("steps")]
     parts = ["device: " + (", ".join(sorted(set(_col(ok, "device_name")))) or "?")]
@@ -398,7 +403,7 @@ def _span(values: Iterable[Any], kind: str) -> str:
 def training_line(df: pd.DataFrame) -> str:
     """The training budget and optimiser settings of ``df``'s runs (from ``train_config``) and what
     they spent (steps, wall-clock seconds, FLOPs from the ``train.*`` rows); "" without settings."""
-    ok = df[df["status"] == "ok"]
+    ok = df[df["status"] == Status.OK]
     if "train_config" not in ok or ok.empty:
         return ""
     runs = ok.drop_duplicates("spec_hash") if "spec_hash" in ok else ok
@@ -452,13 +457,12 @@ def training_line(df: pd.DataFrame) -> str:
 
 
 def split_tuning(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(measured runs, tuning runs) of ``df``: a tuning run's rows carry the grid ``setting`` it
-    tried (or a ``tune.*`` metric); they choose settings and are not ranked."""
+    """(measured runs, tuning runs) of ``df``: the rows of ``tune`` points (bench column) choose
+    settings and are not ranked."""
     if df.empty or "metric" not in df:
         return df, df.iloc[0:0]
-    tuning = df["metric"].map(lambda m: spec_for(str(m)).family == "tune")
-    if "setting" in df:
-        tuning |= df["setting"].map(lambda v: isinstance(v, dict))
+    df = upgrade_frame(df)
+    tuning = df["bench"] == TuneBench.kind
     return df[~tuning], df[tuning]
 
 
@@ -477,7 +481,8 @@ def tuning_table(tuning: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
     """Per method (rows) and grid setting (columns): the tuning runs' best validation value, mean
     over their seeds; ✓ marks the setting the measured runs trained with (their lr and the other
     grid keys, from ``train_config``). Empty without tuning rows."""
-    best = tuning[(tuning["status"] == "ok") & (tuning["metric"] == "tune.best_val")] if len(tuning) else tuning
+    best = tuning[(tuning["status"] == Status.OK) & (tuning["metric"] == tune_metric("best_val"))] \
+        if len(tuning) else tuning
     if best.empty or "setting" not in best:
         return pd.DataFrame()
     best = best.assign(_setting=best["setting"].map(_setting_label))
