@@ -61,7 +61,8 @@ _API = {
     "Task": "equibench.datasets.base", "cache_dir": "equibench.datasets.base",
     "atomic_save": "equibench.datasets.base",
     # running and reading
-    "run": "equibench.engine.runner", "run_one": "equibench.benches.taskrun",
+    "run": "equibench.engine.runner", "run_suite": "equibench.engine.runner", "run_one": "equibench.benches.taskrun",
+    "RunRecords": "equibench.results.store", "Status": "equibench.results.status",
     "load_results": "equibench.results.store", "write_report": "equibench.report.build",
     "write_comparison": "equibench.report.compare",
 }

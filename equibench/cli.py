@@ -60,7 +60,7 @@ from .core.registry import (
 from .core.spec import TaskSpec
 from .engine.engine import run_benches
 from .engine.launch import parse_size
-from .engine.runner import run, run_dir_for, tune
+from .engine.runner import run_dir_for, run_suite, tune
 from .methods.base import scope_summary
 from .plan.suites import EXTRA_SECTIONS, list_suites, read_suite, tuning_config
 from .plan.tuned import tuned_path, write_tuned
@@ -69,7 +69,7 @@ from .report.compare import compare_dirs, display_table
 from .report.history import append_history, find_regressions
 from .report.sections import write_sections_report
 from .results.status import FAILURES, Status
-from .results.store import load_results, point_statuses
+from .results.store import RunRecords, load_results, point_statuses
 
 
 class _Parser(argparse.ArgumentParser):
@@ -282,12 +282,12 @@ def _suite_options(args: argparse.Namespace) -> dict:
 
 
 def _outcome(run_dir: Path, args: argparse.Namespace, code: int = EXIT_OK, why: str = "",
-             rows: list[dict] | None = None) -> int:
+             statuses: dict[str, Status] | None = None) -> int:
     """Print the last line, how many points of ``run_dir`` ended how, and return the exit code:
     ``EXIT_FAILURES`` when a point failed, timed out or ran out of memory (unless
-    ``--allow-failures``), which takes precedence over ``code`` (a nightly regression). ``rows``:
-    the run's rows when the caller has them (else read from ``run_dir``)."""
-    counts = Counter(point_statuses(run_dir, rows).values())
+    ``--allow-failures``), which takes precedence over ``code`` (a nightly regression).
+    ``statuses``: the points' outcomes when the caller has them (else read from ``run_dir``)."""
+    counts = Counter((point_statuses(run_dir) if statuses is None else statuses).values())
     failed = sum(counts[s] for s in FAILURES)
     if failed and not args.allow_failures:
         code = EXIT_FAILURES
@@ -299,19 +299,17 @@ def _outcome(run_dir: Path, args: argparse.Namespace, code: int = EXIT_OK, why: 
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=args.name,
-             resume=args.resume, **_suite_options(args), **_limits(args))
-    run_id = str(df["run_id"].dropna().iloc[0])
-    run_dir = Path(args.results_dir) / run_id
-    statuses = point_statuses(run_dir)
+    records = run_suite(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=args.name,
+                        resume=args.resume, **_suite_options(args), **_limits(args))
+    run_dir, df, statuses = records.path, records.frame(), records.statuses()  # records.jsonl read once
     runs = df[df["bench"] == TaskBench.kind]["spec_hash"].unique()
     points = df[df["bench"].isin(list(EXTRA_SECTIONS))]["spec_hash"].nunique()
     print(f"results: {run_dir} ({sum(statuses.get(h) == Status.OK for h in runs)}/{len(runs)} runs ok"
           + (f"; {points} scaling/tensor-product points)" if points else ")"))
     if not args.no_report:
-        index = write_report(run_dir, Path(args.reports_dir) / run_id)
+        index = write_report(run_dir, Path(args.reports_dir) / run_dir.name, results=df)
         print(f"report: {index}")
-    return _outcome(run_dir, args)
+    return _outcome(run_dir, args, statuses=statuses)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -320,9 +318,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if cfg is None:
         raise UserError(f"suite {suite.name!r} has no 'tuning:' section (grid of train options to tune)")
     run_dir = run_dir_for(args.results_dir, f"tune-{suite.name}", args.name, args.resume, args.append)
+    records = RunRecords(run_dir)
     selection = tune(suite, run_dir, tasks=args.tasks, methods=args.methods, device=args.device,
                      task_options=_by_name(args.task_option), method_options=_by_name(args.method_option),
-                     executor=args.executor, **_limits(args))
+                     executor=args.executor, records=records, **_limits(args))
     out = Path(args.out) if args.out else tuned_path(suite.source)
     write_tuned(out, suite.name, run_dir, cfg, selection)
     for (task, method), chosen in sorted(selection.items()):
@@ -330,13 +329,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         edge = f"  ⚠ {chosen['edge_note']}" if chosen.get("edge_note") else ""
         print(f"{task:10s} {method:24s} {setting:16s} validation {chosen['val_metric']} {chosen['val']:.4g}{edge}")
     print(f"results: {run_dir}\ntuned settings: {out}")
-    return _outcome(run_dir, args)
+    return _outcome(run_dir, args, statuses=records.statuses())
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     out = args.out or str(Path("reports") / Path(args.runs[0]).name)
-    index = write_report(args.runs, out)
-    for line in load_results(args.runs).attrs.get("merged", []):  # which runs, which reruns counted once
+    df = load_results(args.runs)
+    index = write_report(args.runs, out, results=df)
+    for line in df.attrs.get("merged", []):  # which runs, which reruns counted once
         print(line)
     print(f"report: {index}")
     return 0
@@ -357,25 +357,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
     name = args.name or f"nightly-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    df = run(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=name, resume=args.resume,
-             **_suite_options(args), **_limits(args))
-    run_dir = Path(args.results_dir) / str(df["run_id"].dropna().iloc[0])
-    history = append_history(run_dir, args.history or Path(args.results_dir) / "history.parquet")
+    records = run_suite(args.suite, results_dir=args.results_dir, executor=args.executor, run_name=name,
+                        resume=args.resume, **_suite_options(args), **_limits(args))
+    run_dir, df = records.path, records.frame()
+    history = append_history(run_dir, args.history or Path(args.results_dir) / "history.parquet", results=df)
     regressions = find_regressions(history, run_dir.name, threshold=args.threshold, window=args.window, k=args.k)
     lines = [r.describe() for r in regressions]
-    index = write_report(run_dir, Path(args.reports_dir) / run_dir.name, regressions=lines, history=history)
+    index = write_report(run_dir, Path(args.reports_dir) / run_dir.name, regressions=lines, history=history,
+                         results=df)
     print(f"results: {run_dir}\nreport: {index}")
     for line in lines:
         print(f"REGRESSION {line}")
     return _outcome(run_dir, args, EXIT_REGRESSION if regressions else EXIT_OK,
-                    f"{len(regressions)} regression(s)" if regressions else "")
+                    f"{len(regressions)} regression(s)" if regressions else "", statuses=records.statuses())
 
 
-def _run_bench(bench, args: argparse.Namespace, prefix: str) -> Path:
+def _run_bench(bench, args: argparse.Namespace, prefix: str) -> RunRecords:
     """Run one bench (``scale``/``tpbench``) into ``--results-dir/--name`` (an existing name needs
-    ``--resume`` or ``--append``)."""
-    run_dir = run_dir_for(args.results_dir, prefix, args.name, args.resume, args.append)
-    return run_benches([bench], run_dir, **_limits(args))
+    ``--resume`` or ``--append``); the handle to what it wrote."""
+    records = RunRecords(run_dir_for(args.results_dir, prefix, args.name, args.resume, args.append))
+    run_benches([bench], records.path, records=records, **_limits(args))
+    return records
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
@@ -387,14 +389,15 @@ def _cmd_scale(args: argparse.Namespace) -> int:
                                 dtype=args.dtype, repeats=args.repeats, min_sample_s=args.min_sample_s,
                                 threads=args.threads, clock=args.clock, max_call_s=args.max_call_s).items()
           if v is not None}
-    run_dir = _run_bench(ScalingBench(config_from_dict(ScaleConfig, kw, "scale")), args, "scaling")
-    ex = exponents(load_results(run_dir))
+    records = _run_bench(ScalingBench(config_from_dict(ScaleConfig, kw, "scale")), args, "scaling")
+    run_dir = records.path
+    ex = exponents(records.frame())
     if len(ex):
         print(ex[["method", "axis", "slope", "r2", "x_min", "x_max"]].to_string(index=False, float_format="%.3g"))
     print(f"results: {run_dir}")
     if args.report:
         print(f"report: {write_sections_report(run_dir, args.report, f'equibench scaling: {run_dir.name}')}")
-    return _outcome(run_dir, args)
+    return _outcome(run_dir, args, statuses=records.statuses())
 
 
 def _cmd_tpbench(args: argparse.Namespace) -> int:
@@ -403,11 +406,12 @@ def _cmd_tpbench(args: argparse.Namespace) -> int:
                                 dtype=args.dtype, repeats=args.repeats, min_sample_s=args.min_sample_s,
                                 threads=args.threads, clock=args.clock, flush_l2=args.flush_l2 or None).items()
           if v is not None}
-    run_dir = _run_bench(TPBench(config_from_dict(TPBenchConfig, kw, "tpbench")), args, "tpbench")
+    records = _run_bench(TPBench(config_from_dict(TPBenchConfig, kw, "tpbench")), args, "tpbench")
+    run_dir = records.path
     print(f"results: {run_dir}")
     if args.report:
         print(f"report: {write_sections_report(run_dir, args.report, f'equibench tensor products: {run_dir.name}')}")
-    return _outcome(run_dir, args)
+    return _outcome(run_dir, args, statuses=records.statuses())
 
 
 def _add_worker_options(r: argparse.ArgumentParser) -> None:

@@ -221,3 +221,54 @@ def test_the_engine_writes_the_current_schema(tmp_path):
     Record.model_validate(row)
     with pytest.raises(ValueError):
         Status("crashed")
+
+
+# ---- one invocation reads its records and its suite once (issue 21, item 5) -----------------
+
+def test_one_run_reads_its_records_and_parses_its_suite_once(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from equibench.cli import main
+    from equibench.plan import suites
+    from equibench.results import store
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "tiny", "purpose": "smoke", "seeds": [0], "device": "cpu",
+        "tasks": {"nbody": {"train_size": 16, "val_size": 8, "test_size": 8}},
+        "train": {"steps": 2, "batch_size": 8, "warmup_steps": 1, "eval_batch_size": 8},
+        "evaluate": {"equivariance_samples": 1, "equivariance_graphs": 2, "throughput": False, "profile": False,
+                     "lie_derivative": False, "symmetric_inputs": False},
+        "methods": {"baseline": {"width": 8, "depth": 1}, "augmentation": {"width": 8, "depth": 1}}}))
+    argv = ["run", str(suite), "--results-dir", str(tmp_path / "res"), "--name", "r", "--no-isolate", "--quiet"]
+    assert main([*argv, "--methods", "baseline", "--no-report"]) == 0
+    before = (tmp_path / "res" / "r" / RECORDS).read_text().count("\n")
+    parsed: list[int] = []
+    parse, validate = store._parse, suites.validate_suite
+    validated: list[str] = []
+    monkeypatch.setattr(store, "_parse", lambda lines: parsed.append(len(lines)) or parse(lines))
+    monkeypatch.setattr(suites, "validate_suite", lambda *a, **k: validated.append(a[1]) or validate(*a, **k))
+    assert main([*argv, "--append"]) == 0  # resume the baseline, run augmentation, report, count outcomes
+    assert sum(parsed) == before  # the earlier rows once; this run's own rows never read back
+    assert len(validated) == 1  # the suite file parsed once
+    out = capsys.readouterr().out
+    assert "2/2 runs ok" in out and "report: " in out and "points: 2 ok (exit 0)" in out
+    df = eb.load_results(tmp_path / "res" / "r")
+    assert set(df["method"]) == {"baseline", "augmentation"} and (df["schema_version"] == SCHEMA_VERSION).all()
+
+
+def test_run_suite_returns_the_handle_to_what_it_wrote(tmp_path):
+    spec = eb.RunSpec(task="nbody", method="baseline", seed=0,
+                      task_options={"train_size": 16, "val_size": 8, "test_size": 8},
+                      method_options={"width": 8, "depth": 1},
+                      train={"steps": 2, "batch_size": 8, "warmup_steps": 1, "eval_batch_size": 8},
+                      evaluate={"equivariance_samples": 1, "equivariance_graphs": 2, "throughput": False,
+                                "profile": False, "lie_derivative": False, "symmetric_inputs": False})
+    records = eb.run_suite([spec], results_dir=tmp_path, run_name="h", isolate=False, progress=False)
+    assert isinstance(records, eb.RunRecords) and records.path == tmp_path / "h"
+    assert records.rows == read_records(tmp_path / "h")  # what it holds is what is on disk
+    assert records.statuses() == {spec.hash: eb.Status.OK}
+    (point,) = records.points()
+    assert point.bench == "task" and point.method == "baseline" and point.status == Status.OK
+    df = eb.run([spec], results_dir=tmp_path, run_name="h", resume=True, isolate=False, progress=False)
+    assert df.attrs["run_dir"] == str(tmp_path / "h") and len(df) == len(records.rows)

@@ -40,7 +40,7 @@ from ..core.errors import StorageError, UserError
 from ..core.registry import load_plugin, method_class
 from ..results.rows import RunColumns, point_record, status_row
 from ..results.status import Status
-from ..results.store import append_block, read_records, storage_errors, write_json_atomic, write_parquet
+from ..results.store import RunRecords, storage_errors, write_json_atomic, write_parquet
 from .envs import EnvBuildError, Environment, env_key, environment_for
 from .executors import Executor, make_executor
 from .jobs import EXIT_STORAGE, Job, job_id
@@ -112,14 +112,14 @@ def make_units(points: Sequence[Point], pending: set[str]) -> list[Unit]:
 class Engine:
     """The state of one run: what is recorded, the history per point, environments, progress."""
 
-    def __init__(self, run_dir: Path, executor: Executor, limits: Limits, plugins: list[str],
-                 stored: list[Row], progress: bool, total: int) -> None:
-        self.run_dir, self.executor, self.limits, self.plugins = run_dir, executor, limits, plugins
+    def __init__(self, records: RunRecords, executor: Executor, limits: Limits, plugins: list[str],
+                 progress: bool, total: int) -> None:
+        self.records, self.run_dir = records, records.path
+        self.executor, self.limits, self.plugins = executor, limits, plugins
         self.history: dict[str, list[Row]] = {}
-        for r in stored:
+        for r in records.rows:
             self.history.setdefault(r["spec_hash"], []).append(r)
         self.recorded: set[str] = set()
-        self.written: list[Row] = []  # the rows this run appended, in order
         self.envs: dict[tuple[str, ...], Environment | EnvBuildError] = {}
         self.attempts: Counter[str] = Counter()
         self.clock: dict[str, float] = {}
@@ -135,11 +135,9 @@ class Engine:
                          versions=versions if versions is not None else (env.versions if env is not None else {}),
                          environment=env.id if env is not None else "main", executor=self.executor.name,
                          wall_s=wall_s)
-        out = point_record(point.identity, rows, run).rows()
-        append_block(self.run_dir, out)
+        out = self.records.append(point_record(point.identity, rows, run).rows())
         self.recorded.add(point.hash)
         self.history.setdefault(point.hash, []).extend(out)
-        self.written.extend(out)
         if self.bar is not None:
             self.bar.update(1)
 
@@ -272,12 +270,15 @@ def _record_load(run_dir: Path, before: list[float] | None) -> None:
 def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executor: str = "local",
                 isolate: bool = True, timeout: float | None = None, max_memory: int | str | None = None,
                 wait: bool = False, plugins: Sequence[str | os.PathLike] = (), progress: bool = True,
-                executor_options: dict[str, Any] | None = None) -> Path:
+                executor_options: dict[str, Any] | None = None, records: RunRecords | None = None) -> Path:
     """Measure every point of ``benches`` not already finished in ``run_dir``; returns ``run_dir``.
 
     ``timeout`` (seconds) and ``max_memory`` (bytes or "4G"; default 75 % of RAM) limit each
     point; ``wait`` waits for another runner holding ``run_dir`` instead of failing. Raises
     ``UserError`` for bad input (nothing written) and ``StorageError`` when the disk refuses.
+    ``records``: the run directory's records as the caller has read them (``RunRecords``; read
+    here, only what is new, and kept up to date with what this run appends), so an invocation
+    that runs several waves into one directory reads ``records.jsonl`` once.
     """
     plugin_paths = [str(Path(p).resolve()) for p in plugins]
     for plugin in plugin_paths:
@@ -295,10 +296,10 @@ def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executo
         if not (run_dir / "env.json").exists():
             write_json_atomic(run_dir / "env.json", env_info())
         write_points(run_dir, points)
-        stored = read_records(run_dir)
-        done = {r["spec_hash"] for r in stored}
+        records = (records if records is not None and records.path == run_dir else RunRecords(run_dir)).refresh()
+        done = {r["spec_hash"] for r in records.rows}
         pending = {p.hash for p in points} - done
-        engine = Engine(run_dir, ex, limits, plugin_paths, stored, progress, len(pending))
+        engine = Engine(records, ex, limits, plugin_paths, progress, len(pending))
         load_before = load_average()
         try:
             engine.run(make_units(points, pending))
@@ -307,5 +308,5 @@ def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executo
             _record_load(run_dir, load_before)
         with contextlib.suppress(OSError):
             (run_dir / "work").rmdir()  # only when empty: a failed clean-up stays for inspection
-        write_parquet(run_dir)
+        write_parquet(run_dir, records.rows)
     return run_dir

@@ -3,7 +3,9 @@
 Everything about running — run directory, lock, resume, workers, limits, environments, failed
 rows, the store — is ``engine.run_benches``; this module only turns the user's request into
 benches (``suites.suite_benches``: the task runs plus the suite's ``scaling``/``tp_bench``
-sections) and a run directory name, and returns the run's rows as a DataFrame.
+sections) and a run directory name, and returns what the run wrote: the handle ``RunRecords``
+(``run_suite``) or the run's rows as a DataFrame (``run``). The suite file is parsed once and
+``records.jsonl`` read once per invocation.
 
 A run directory belongs to one invocation: naming an existing one is refused unless the caller
 says ``resume`` (finish it) or ``append`` (add points to it), so two runs never merge silently.
@@ -34,7 +36,7 @@ from ..methods.base import count_parameters
 from ..plan import suites
 from ..plan.tuned import Selection, extension_settings, select_settings
 from ..results.status import FAILURES
-from ..results.store import RECORDS, check_writable, load_results, read_records, storage_errors, write_json_atomic
+from ..results.store import RECORDS, RunRecords, check_writable, storage_errors, write_json_atomic
 from .engine import run_benches
 
 Suite = str | os.PathLike | Sequence[RunSpec]
@@ -45,17 +47,19 @@ RESOLVED_FILE = "resolved.json"
 PARAM_COUNT_BUDGET_S = 10.0
 
 
-def resolve_benches(suite_or_runspecs: Suite, tasks: list[str] | None = None, methods: list[str] | None = None,
+def resolve_benches(suite_or_runspecs: Suite | suites.SuiteFile, tasks: list[str] | None = None,
+                    methods: list[str] | None = None,
                     seeds: list[int] | None = None, device: str | None = None,
                     extras: bool | None = None, task_options: dict[str, dict[str, Any]] | None = None,
                     method_options: dict[str, dict[str, Any]] | None = None
                     ) -> tuple[str, list[Bench], list[dict[str, Any]]]:
-    """(suite name, benches, resolved configuration) from a suite name, a suite file path or a
-    non-empty list of ``RunSpec`` (name "custom", one ``TaskBench``; its options' source is
-    "RunSpec")."""
-    if isinstance(suite_or_runspecs, (str, os.PathLike)):
-        suite = suites.read_suite(Path(suite_or_runspecs) if isinstance(suite_or_runspecs, os.PathLike)
-                                  else suite_or_runspecs)
+    """(suite name, benches, resolved configuration) from a suite name, a suite file path, a
+    parsed suite or a non-empty list of ``RunSpec`` (name "custom", one ``TaskBench``; its
+    options' source is "RunSpec")."""
+    if isinstance(suite_or_runspecs, (str, os.PathLike, suites.SuiteFile)):
+        suite = (suite_or_runspecs if isinstance(suite_or_runspecs, suites.SuiteFile)
+                 else suites.read_suite(Path(suite_or_runspecs) if isinstance(suite_or_runspecs, os.PathLike)
+                                        else suite_or_runspecs))
         benches, resolved = suites.plan(suite, tasks=tasks, methods=methods, seeds=seeds, device=device,
                                         extras=extras, task_options=task_options, method_options=method_options)
         return suite.name, benches, resolved
@@ -98,53 +102,69 @@ def run_dir_for(results_dir: str | os.PathLike, name: str, run_name: str | None,
     return run_dir
 
 
-def run(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "results", executor: str = "local", *,
-        run_name: str | None = None, resume: bool = False, append: bool = False, isolate: bool = True,
-        timeout: float | None = None, max_memory: int | str | None = None, wait: bool = False,
-        plugins: Sequence[str | os.PathLike] = (), tasks: list[str] | None = None,
-        methods: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None,
-        progress: bool = True, executor_options: dict[str, Any] | None = None, extras: bool | None = None,
-        task_options: dict[str, dict[str, Any]] | None = None,
-        method_options: dict[str, dict[str, Any]] | None = None, announce: bool = False) -> pd.DataFrame:
-    """Run every point not already finished in ``results_dir/<run_name>``; returns the run's rows
-    as a DataFrame (``load_results``).
-
-    ``executor`` is "local" (worker subprocesses here) or "submitit"; ``timeout`` (s) and
-    ``max_memory`` (bytes or "4G"; default 75 % of RAM) limit each point; ``wait`` waits for
-    another runner of the same run directory. The suite's ``scaling``/``tp_bench`` sections run
-    when ``extras`` is True, or when it is None and neither ``tasks`` nor ``methods`` narrows the
-    suite. ``isolate=False`` runs main-environment points in this process (no limits; debugging).
-    An existing ``run_name`` needs ``resume`` or ``append`` (``run_dir_for``). ``task_options`` /
-    ``method_options`` (task or method -> options) override the suite's, validated like it.
-    ``announce`` prints the resolved configuration (with parameter counts) before running; it is
-    written to ``resolved.json`` either way.
-    """
+def run_suite(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "results", executor: str = "local", *,
+              run_name: str | None = None, resume: bool = False, append: bool = False, isolate: bool = True,
+              timeout: float | None = None, max_memory: int | str | None = None, wait: bool = False,
+              plugins: Sequence[str | os.PathLike] = (), tasks: list[str] | None = None,
+              methods: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None,
+              progress: bool = True, executor_options: dict[str, Any] | None = None, extras: bool | None = None,
+              task_options: dict[str, dict[str, Any]] | None = None,
+              method_options: dict[str, dict[str, Any]] | None = None, announce: bool = False) -> RunRecords:
+    """``run`` returning the handle to what the run wrote (``RunRecords``: its directory, rows,
+    DataFrame, point outcomes), with the suite file parsed once, plugins loaded once and
+    ``records.jsonl`` read once (only what earlier invocations wrote; this run's rows are kept as
+    they are appended). Options as ``run``."""
     for p in plugins:
         load_plugin(p)
     options: dict[str, Any] = dict(executor=executor, isolate=isolate, timeout=timeout, max_memory=max_memory,
                                    wait=wait, plugins=plugins, progress=progress, executor_options=executor_options)
     overrides: dict[str, Any] = {"task_options": task_options, "method_options": method_options}
-    if isinstance(suite_or_runspecs, (str, os.PathLike)):
-        suite = suites.read_suite(suite_or_runspecs)
-        cfg = suites.tuning_config(suite)
-        if cfg is not None and cfg.use == "run":  # tune first, in the same run directory, then measure
-            suites.plan(suite, tasks=tasks, methods=methods, seeds=seeds, device=device, **overrides)  # validate
-            run_dir = run_dir_for(results_dir, suite.name, run_name, resume, append)
-            selection = tune(suite, run_dir, tasks=tasks, methods=methods, device=device, **overrides, **options)
-            benches, resolved = suites.plan(suite, tasks=tasks, methods=methods, seeds=seeds, device=device,
-                                            extras=extras, selection=selection,
-                                            selection_source=f"tuned in this run ({run_dir.name})", **overrides)
-            record_resolved(run_dir, resolved, announce, append)
-            run_benches(benches, run_dir, **options)
-            write_suite_file(run_dir, suite)
-            return load_results(run_dir)
-    name, benches, resolved = resolve_benches(suite_or_runspecs, tasks, methods, seeds, device, extras, **overrides)
-    run_dir = run_dir_for(results_dir, name, run_name, resume, append)
+    suite = suites.read_suite(suite_or_runspecs) if isinstance(suite_or_runspecs, (str, os.PathLike)) else None
+    cfg = suites.tuning_config(suite) if suite is not None else None
+    if suite is not None and cfg is not None and cfg.use == "run":  # tune first, in the same run directory
+        suites.plan(suite, tasks=tasks, methods=methods, seeds=seeds, device=device, **overrides)  # validate
+        run_dir = run_dir_for(results_dir, suite.name, run_name, resume, append)
+        records = RunRecords(run_dir)
+        selection = tune(suite, run_dir, tasks=tasks, methods=methods, device=device, records=records,
+                         **overrides, **options)
+        benches, resolved = suites.plan(suite, tasks=tasks, methods=methods, seeds=seeds, device=device,
+                                        extras=extras, selection=selection,
+                                        selection_source=f"tuned in this run ({run_dir.name})", **overrides)
+    else:
+        name, benches, resolved = resolve_benches(suite if suite is not None else suite_or_runspecs, tasks, methods,
+                                                  seeds, device, extras, **overrides)
+        run_dir = run_dir_for(results_dir, name, run_name, resume, append)
+        records = RunRecords(run_dir)
     record_resolved(run_dir, resolved, announce, append)
-    run_benches(benches, run_dir, **options)
-    if isinstance(suite_or_runspecs, (str, os.PathLike)):
-        write_suite_file(run_dir, suites.read_suite(suite_or_runspecs))
-    return load_results(run_dir)
+    run_benches(benches, run_dir, records=records, **options)
+    if suite is not None:
+        write_suite_file(run_dir, suite)
+    return records
+
+
+def run(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "results", executor: str = "local",
+        **options: Any) -> pd.DataFrame:
+    """Run every point not already finished in ``results_dir/<run_name>``; returns the run's rows
+    as a DataFrame (as ``load_results`` gives them; ``df.attrs["run_dir"]`` names the directory;
+    ``run_suite`` returns the handle ``RunRecords`` instead).
+
+    Options (keywords): ``run_name``, ``resume``, ``append``, ``isolate``, ``timeout``,
+    ``max_memory``, ``wait``, ``plugins``, ``tasks``, ``methods``, ``seeds``, ``device``,
+    ``progress``, ``executor_options``, ``extras``, ``task_options``, ``method_options``,
+    ``announce``. ``executor`` is "local" (worker subprocesses here) or "submitit"; ``timeout``
+    (s) and ``max_memory`` (bytes or "4G"; default 75 % of RAM) limit each point; ``wait`` waits
+    for another runner of the same run directory. The suite's ``scaling``/``tp_bench`` sections
+    run when ``extras`` is True, or when it is None and neither ``tasks`` nor ``methods`` narrows
+    the suite. ``isolate=False`` runs main-environment points in this process (no limits;
+    debugging). An existing ``run_name`` needs ``resume`` or ``append`` (``run_dir_for``).
+    ``task_options`` / ``method_options`` (task or method -> options) override the suite's,
+    validated like it. ``announce`` prints the resolved configuration (with parameter counts)
+    before running; it is written to ``resolved.json`` either way.
+    """
+    records = run_suite(suite_or_runspecs, results_dir, executor, **options)
+    df = records.frame()
+    df.attrs["run_dir"] = str(records.path)
+    return df
 
 
 def count_params(resolved: list[dict[str, Any]], budget_s: float = PARAM_COUNT_BUDGET_S) -> None:
@@ -256,10 +276,12 @@ def write_suite_file(run_dir: Path, suite: suites.SuiteFile) -> None:
 def tune(suite: suites.SuiteFile, run_dir: Path, *, tasks: list[str] | None = None,
          methods: list[str] | None = None, device: str | None = None,
          task_options: dict[str, dict[str, Any]] | None = None,
-         method_options: dict[str, dict[str, Any]] | None = None, **options: Any) -> Selection:
+         method_options: dict[str, dict[str, Any]] | None = None, records: RunRecords | None = None,
+         **options: Any) -> Selection:
     """Run ``suite``'s tuning grid into ``run_dir`` and return the chosen setting per (task,
     method) (``plan.tuned.select_settings``). Raises ``UserError`` without a ``tuning:``
-    section.
+    section. ``records``: the run directory's records handle to share with the caller (kept up
+    to date; a new one when None).
 
     In waves through the engine: the grid, then up to ``tuning.max_extensions`` waves of the
     values beyond the edge where a (task, method)'s best mean sits (``extension_settings``), each
@@ -268,13 +290,14 @@ def tune(suite: suites.SuiteFile, run_dir: Path, *, tasks: list[str] | None = No
     cfg = suites.tuning_config(suite)
     if bench is None or cfg is None:
         raise UserError(f"suite {suite.name!r} has no 'tuning:' section to run")
-    run_benches([bench], run_dir, **options)
+    records = records if records is not None else RunRecords(run_dir)
+    run_benches([bench], run_dir, records=records, **options)
     for _ in range(cfg.max_extensions):
-        extra = extension_settings(select_settings(read_records(run_dir), sorted(cfg.grid), cfg), cfg)
+        extra = extension_settings(select_settings(records.rows, sorted(cfg.grid), cfg), cfg)
         if not extra:
             break
-        run_benches([TuneBench(bench.specs, cfg, settings_for=extra)], run_dir, **options)
-    rows = read_records(run_dir)
+        run_benches([TuneBench(bench.specs, cfg, settings_for=extra)], run_dir, records=records, **options)
+    rows = records.rows
     selection = select_settings(rows, sorted(cfg.grid), cfg)
     if not selection:
         failed = [r for r in rows if r.get("status") in FAILURES]

@@ -35,7 +35,7 @@ from ..benches.taskrun import TaskBench
 from ..benches.tuning import TuneBench
 from ..core.registry import list_methods, list_tasks
 from ..results.status import Status
-from ..results.store import load_results, run_dirs
+from ..results.store import load_results, run_dirs, upgrade_frame
 from .approximate import approximate_sections
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .common.tables import loaded_machine_lines, status_table
@@ -140,12 +140,14 @@ def _sections(df: pd.DataFrame, out: Path, ranked: bool = True,
 
 def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                  title: str | None = None, regressions: list[str] | None = None,
-                 history: pd.DataFrame | None = None) -> Path:
+                 history: pd.DataFrame | None = None, results: pd.DataFrame | None = None) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/README.md`` (+ PNGs); returns the HTML path.
 
-    ``regressions`` (one line each) are listed first; ``history`` adds trend plots per task."""
+    ``regressions`` (one line each) are listed first; ``history`` adds trend plots per task;
+    ``results``: the rows of ``paths`` when the caller has them (``load_results(paths)``, e.g.
+    the run just made: ``RunRecords.frame()``), else read here."""
     list_methods(), list_tasks()  # the built-in methods and tasks declare their own metrics when imported
-    df = load_results(paths)
+    df = load_results(paths) if results is None else upgrade_frame(results)
     merged = df.attrs.get("merged", [])  # which runs were merged, which reruns counted once
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

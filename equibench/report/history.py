@@ -48,9 +48,11 @@ def spread_rows(ok: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True).drop_duplicates(["spec_hash", "metric"])
 
 
-def append_history(run_dir: str | os.PathLike, history: str | os.PathLike) -> pd.DataFrame:
-    """Add a run's ok rows to the Parquet history (atomically); returns the whole history."""
-    df = load_results(run_dir)
+def append_history(run_dir: str | os.PathLike, history: str | os.PathLike,
+                   results: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Add a run's ok rows to the Parquet history (atomically); returns the whole history.
+    ``results``: the run's rows when the caller has them (else read from ``run_dir``)."""
+    df = load_results(run_dir) if results is None else results
     ok = df[df["status"] == Status.OK].copy()
     rows = ok[[c for c in KEEP if c in ok]].copy()
     spread = spread_rows(ok)

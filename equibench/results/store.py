@@ -76,16 +76,18 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def append_block(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append ``rows`` (one spec's results) atomically as one block to ``records.jsonl``."""
+def append_block(run_dir: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Append ``rows`` (one spec's results) atomically as one block to ``records.jsonl``;
+    returns them as written (with ``block`` and ``block_size``)."""
     if not rows:
-        return
+        return []
     block = uuid.uuid4().hex[:12]
-    lines = [json.dumps({**r, "block": block, "block_size": len(rows)}, default=_json_default,
-                        allow_nan=True) for r in rows]
+    written = [{**r, "block": block, "block_size": len(rows)} for r in rows]
+    lines = [json.dumps(r, default=_json_default, allow_nan=True) for r in written]
     path = Path(run_dir) / RECORDS
     with storage_errors(path):
         _append(path, lines)
+    return written
 
 
 def _append(path: Path, lines: list[str]) -> None:
@@ -107,26 +109,91 @@ def _append(path: Path, lines: list[str]) -> None:
         os.close(fd)
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """All rows of complete blocks in ``run_dir/records.jsonl`` (torn blocks dropped), each in
-    today's layout (rows of earlier schema versions are upgraded: ``upgrade.upgrade``)."""
-    path = Path(run_dir) / RECORDS
-    if not path.exists():
-        return []
-    rows: list[dict[str, Any]] = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+def _parse(lines: Iterable[bytes]) -> list[dict[str, Any]]:
+    rows = []
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def complete_blocks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of complete blocks (a block cut short by a kill is dropped), each upgraded to
+    today's layout (``upgrade.upgrade``)."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.get("block", "")] = counts.get(r.get("block", ""), 0) + 1
     return [upgrade(r) for r in rows if counts.get(r.get("block", "")) == r.get("block_size")]
+
+
+class RunRecords:
+    """The records of one run directory, read once: ``refresh`` reads only what was appended
+    since the last read (complete lines), ``append`` writes a block and keeps it, so one
+    invocation of ``equibench run`` (resume, tuning waves, the run's DataFrame, its outcome, its
+    report, its Parquet copy) never reads ``records.jsonl`` twice. The handle ``eb.run_suite``
+    returns."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir)
+        self._raw: list[dict[str, Any]] = []
+        self._offset = 0
+        self._rows: list[dict[str, Any]] | None = None
+
+    def refresh(self) -> RunRecords:
+        """Read what was appended to ``records.jsonl`` since the last read."""
+        path = self.path / RECORDS
+        if not path.exists():
+            return self
+        with open(path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line without its newline is still being written (or torn)
+        if end:
+            self._raw.extend(_parse(data[:end].splitlines()))
+            self._offset += end
+            self._rows = None
+        return self
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append ``rows`` as one block (``append_block``) and keep them; the caller holds the
+        run directory's lock, so nothing else was appended since the last read."""
+        written = append_block(self.path, rows)
+        if written:
+            self._raw.extend(written)
+            self._offset = (self.path / RECORDS).stat().st_size
+            self._rows = None
+        return written
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row of a complete block, in today's layout."""
+        if self._rows is None:
+            self._rows = complete_blocks(self._raw)
+        return self._rows
+
+    def frame(self) -> pd.DataFrame:
+        """The rows as ``load_results`` returns them for this directory."""
+        rows, notes = merge_runs([(self.path, self.rows)])
+        return results_frame(rows, notes, [self.path])
+
+    def statuses(self) -> dict[str, Status]:
+        """Each recorded point's outcome (``point_statuses``)."""
+        return point_statuses(self.path, self.rows)
+
+    def points(self) -> list[PointRecord]:
+        """The point records (``read_points``)."""
+        return read_points(self.path, self.rows)
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """All rows of complete blocks in ``run_dir/records.jsonl`` (torn blocks dropped), each in
+    today's layout (rows of earlier schema versions are upgraded: ``upgrade.upgrade``)."""
+    return RunRecords(run_dir).refresh().rows
 
 
 def read_points(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> list[PointRecord]:
@@ -247,6 +314,14 @@ def load_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.D
     rows, notes = merge_runs([(d, read_records(d)) for d in dirs])
     if not rows:
         raise UserError(f"no results found in {', '.join(map(str, dirs)) or paths}")
+    return results_frame(rows, notes, dirs)
+
+
+def results_frame(rows: list[dict[str, Any]], notes: list[str], dirs: Sequence[Path]) -> pd.DataFrame:
+    """``rows`` as the DataFrame ``load_results`` returns (``notes`` in ``attrs["merged"]``);
+    ``UserError`` when there are none."""
+    if not rows:
+        raise UserError(f"no results found in {', '.join(map(str, dirs))}")
     df = pd.DataFrame(rows)
     df.attrs["merged"] = notes
     for col in ID_COLUMNS:
@@ -256,9 +331,10 @@ def load_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.D
     return df
 
 
-def write_parquet(run_dir: Path) -> Path | None:
-    """Parquet copy of a run's rows (for history); nested values are stored as JSON strings."""
-    rows = read_records(run_dir)
+def write_parquet(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Path | None:
+    """Parquet copy of a run's rows (for history; ``rows`` when the caller has them, else read);
+    nested values are stored as JSON strings."""
+    rows = read_records(run_dir) if rows is None else rows
     if not rows:
         return None
     df = pd.DataFrame(rows)
