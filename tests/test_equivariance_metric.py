@@ -198,3 +198,24 @@ def test_a_graph_with_a_near_zero_output_is_measured_against_the_typical_output(
 
     res = eb.equivariance_error(Spread(), batch, spec, n_samples=4, dtype=torch.float32)
     assert res["abs_max"] > 0 and res["rel_max"] < 1e-4
+
+
+@pytest.mark.parametrize("method", ["baseline", "frame_averaging"])
+def test_stacked_samples_equal_one_forward_per_sample(nbody_task, method, monkeypatch):
+    """The group samples run as one forward over stacked copies of the batch; the numbers are those
+    of one forward per sample (``MAX_BATCHED_NODES`` too small to stack: the loop), to float64
+    rounding, for an inexact model (errors of order 1) and an exact one."""
+    from torch_geometric.data import Batch
+
+    from equibench.metrics import equivariance as eq
+    from equibench.symmetry.precision import default_dtype
+
+    batch = Batch.from_data_list(nbody_task.load("test", seed=0)[:6])
+    with default_dtype(torch.float64):
+        model = eb.get_method(method).build(nbody_task.spec, seed=0).double()
+    stacked = eb.equivariance_error(model, batch, nbody_task.spec, n_samples=3, seed=4)
+    monkeypatch.setattr(eq, "MAX_BATCHED_NODES", 1)
+    looped = eb.equivariance_error(model, batch, nbody_task.spec, n_samples=3, seed=4)
+    for key in ("rel_mean", "rel_max", "disp_rel_max", "abs_max"):
+        assert stacked[key] == pytest.approx(looped[key], rel=1e-9, abs=1e-14), key
+    assert (stacked["rel_max"] > 1e-3) == (method == "baseline")

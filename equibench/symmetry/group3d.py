@@ -82,6 +82,22 @@ class GroupElement:
         return representation(t, self.R.to(dtype))
 
 
+def stack_elements(elements: list[GroupElement], n_nodes: int) -> GroupElement:
+    """K elements sampled for one batch of B graphs and N nodes as one element of the batch of K
+    copies of it (``repeat_batch``): copy k's graphs get element k's R and t, and its nodes element
+    k's permutation offset by k N, so one forward measures all K samples."""
+    perms = [g.perm for g in elements]
+    if any(p is None for p in perms) and not all(p is None for p in perms):
+        raise ValueError("stack_elements: either every element permutes nodes or none does")
+    perm = None if perms[0] is None else torch.cat([p + k * n_nodes for k, p in enumerate(perms)])
+    return GroupElement(torch.cat([g.R for g in elements]), torch.cat([g.t for g in elements]), perm)
+
+
+def repeat_batch(batch: Batch, k: int) -> Batch:
+    """The batch of ``k`` copies of ``batch`` (graphs in the order copy 0's, copy 1's, ...)."""
+    return batch if k == 1 else Batch.from_data_list(batch.to_data_list() * k)
+
+
 def so3_generator_rep(t: str, k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """d rho_t(A_k): the k-th so(3) generator (e3nn basis; x, y, z for l = 1) acting on type ``t``."""
     with default_dtype(dtype):
