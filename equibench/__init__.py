@@ -25,6 +25,7 @@ import importlib
 import warnings
 from typing import Any
 
+from .core.autoimport import declare_builtin
 from .core.deprecation import EquibenchDeprecationWarning, install
 
 __version__ = "0.1.0"
@@ -38,7 +39,8 @@ _API = {
     "register_method": "equibench.core.registry", "register_task": "equibench.core.registry",
     "get_method": "equibench.core.registry", "get_task": "equibench.core.registry",
     "list_methods": "equibench.core.registry", "list_tasks": "equibench.core.registry",
-    "load_plugin": "equibench.core.registry",
+    "load_plugin": "equibench.core.registry", "register_probe": "equibench.core.registry",
+    "list_probes": "equibench.core.registry",
     # field types (how each field transforms)
     "POINT": "equibench.symmetry.fieldtypes", "irreps": "equibench.symmetry.fieldtypes",
     "field_dim": "equibench.symmetry.fieldtypes", "is_invariant": "equibench.symmetry.fieldtypes",
@@ -73,6 +75,14 @@ __all__ = sorted([*_API, "EquibenchDeprecationWarning", "__version__"])
 # which would hide them from every plugin file and notebook helper)
 warnings.filterwarnings("default", category=EquibenchDeprecationWarning)
 install()  # old import paths of moved modules keep working for one release (core/deprecation.py)
+
+# the built-in plugins: the registry (core, layer 0) is a passive store and names no package above
+# it; this top-level module, which composes the layers, says where the built-in registrations live
+# (their sources are indexed, and a module is imported when one of its names is first asked for)
+declare_builtin("method", "equibench.methods")
+declare_builtin("task", "equibench.datasets")
+declare_builtin("probe", "equibench.metrics")  # equivariance, Lie derivative, symmetric inputs, ...
+declare_builtin("probe", "equibench.benches.training")  # the learning curve
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import equibench` stays cheap

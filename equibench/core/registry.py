@@ -1,7 +1,12 @@
-"""Registries of methods and tasks.
+"""Registries of methods, tasks and probes: a passive store.
 
-``@register_method("name")`` / ``@register_task("name")`` add a class; third-party packages add
-entries through the entry-point groups ``equibench.methods`` / ``equibench.tasks``, and
+``@register_method("name")`` / ``@register_task("name")`` / ``@register_probe("name")`` add a
+class; a registered class's ``on_register()`` classmethod, when it has one, runs then (tasks,
+methods and probes declare the metrics they report there, so the metric catalogue is assembled
+from what is registered). Which modules hold the built-in registrations is declared by whoever
+composes the package (``core.autoimport.declare_builtin``, called by ``equibench/__init__.py``):
+this module names no package above ``core``. Third-party packages add entries through the
+entry-point groups ``equibench.methods`` / ``equibench.tasks`` / ``equibench.probes``, and
 ``load_plugin(path)`` imports a file that registers its own. ``get_method(name, **options)``
 validates option names and types against the class's ``__init__`` signature.
 """
@@ -14,21 +19,21 @@ import os
 import sys
 import typing
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from .autoimport import builtin_index, import_all
+from . import autoimport
+from .autoimport import import_all  # noqa: F401  (re-exported: engine.warm preloads with it)
 from .errors import UserError, closest, did_you_mean
 
 T = TypeVar("T")
 
 _METHODS: dict[str, type[Any]] = {}
 _TASKS: dict[str, type[Any]] = {}
-_BUILTINS_LOADED = False
-_ENTRY_POINTS_LOADED = False
+_PROBES: dict[str, type[Any]] = {}
+_TABLES = {"method": _METHODS, "task": _TASKS, "probe": _PROBES}
 
 
 def _register(table: dict[str, type[Any]], kind: str, name: str) -> Callable[[type[T]], type[T]]:
@@ -36,6 +41,9 @@ def _register(table: dict[str, type[Any]], kind: str, name: str) -> Callable[[ty
         if name in table and table[name] is not cls and table[name].__qualname__ != cls.__qualname__:
             raise ValueError(f"{kind} {name!r} is already registered by {table[name].__module__}")
         cls.name = name  # type: ignore[attr-defined]
+        hook = getattr(cls, "on_register", None)
+        if callable(hook):
+            hook()  # what the class declares (its metrics), before it can be looked up
         table[name] = cls
         return cls
     return decorator
@@ -51,43 +59,40 @@ def register_task(name: str) -> Callable[[type[T]], type[T]]:
     return _register(_TASKS, "task", name)
 
 
-BUILTIN_PACKAGES = {"method": "equibench.methods", "task": "equibench.datasets"}
-_UNAVAILABLE: dict[str, str] = {}
+def register_probe(name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: make a ``Probe`` subclass (a per-run measurement, ``metrics/probe.py``)
+    available as ``probe_class(name)`` and its toggle ``name:`` in a suite's ``evaluate:``."""
+    return _register(_PROBES, "probe", name)
 
 
-def _load_builtins() -> None:
-    """Import every built-in method and task module and the entry-point plugins."""
-    global _BUILTINS_LOADED, _ENTRY_POINTS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        for package in BUILTIN_PACKAGES.values():
-            _UNAVAILABLE.update(import_all(package))
-    if not _ENTRY_POINTS_LOADED:
-        _ENTRY_POINTS_LOADED = True
-        for group in ("equibench.methods", "equibench.tasks"):
-            for ep in entry_points(group=group):
-                ep.load()  # importing the module runs its @register_* decorators
+def _load_builtins(*kinds: str) -> None:
+    """Import every declared built-in module of ``kinds`` (default: all) and the entry-point plugins."""
+    autoimport.load(*kinds)
 
 
 def _load_one(kind: str, name: str, table: dict[str, type[Any]]) -> None:
     """Make ``name`` registered: import just its built-in module when the source index knows it
     (a missing optional dependency then surfaces as a one-line error), else load everything."""
-    module = builtin_index(BUILTIN_PACKAGES[kind]).get((kind, name)) if isinstance(name, str) else None
+    module = autoimport.module_of(kind, name) if isinstance(name, str) else None
     if module is not None and name not in table:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name and err.name.split(".")[0] == "equibench":
+            if err.name and err.name.split(".")[0] == __name__.split(".")[0]:
                 raise
             raise UserError(f"{kind} {name!r} needs {err.name!r}, which is not installed") from None
     if name not in table:
-        _load_builtins()
+        _load_builtins(kind)
 
 
 def unavailable_modules() -> dict[str, str]:
     """Built-in modules that registered nothing because a dependency is missing, with the reason."""
     _load_builtins()
-    return dict(_UNAVAILABLE)
+    return autoimport.unavailable()
+
+
+def _names() -> set[str]:
+    return {f"{kind}:{name}" if kind != "method" else name for kind, table in _TABLES.items() for name in table}
 
 
 def load_plugin(path: str | os.PathLike[str]) -> list[str]:
@@ -96,7 +101,7 @@ def load_plugin(path: str | os.PathLike[str]) -> list[str]:
     if not path.is_file():
         raise UserError(f"plugin file not found: {path}")
     _load_builtins()
-    before = set(_METHODS) | {f"task:{t}" for t in _TASKS}
+    before = _names()
     mod_name = f"equibench_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
     if mod_name in sys.modules:
         return list(getattr(sys.modules[mod_name], "__equibench_added__", []))
@@ -109,23 +114,35 @@ def load_plugin(path: str | os.PathLike[str]) -> list[str]:
     except Exception as err:
         del sys.modules[mod_name]
         raise UserError(f"plugin {path} failed to import: {type(err).__name__}: {err}") from None
-    added = sorted((set(_METHODS) | {f"task:{t}" for t in _TASKS}) - before)
+    added = sorted(_names() - before)
     if not added:
         del sys.modules[mod_name]
-        raise UserError(f"plugin {path} does not register any method or task "
-                        "(use @register_method / @register_task)")
+        raise UserError(f"plugin {path} does not register any method, task or probe "
+                        "(use @register_method / @register_task / @register_probe)")
     module.__equibench_added__ = added  # type: ignore[attr-defined]
     return added
 
 
 def list_methods() -> list[str]:
-    _load_builtins()
+    _load_builtins("method")
     return sorted(_METHODS)
 
 
 def list_tasks() -> list[str]:
-    _load_builtins()
+    _load_builtins("task")
     return sorted(_TASKS)
+
+
+def list_probes() -> list[str]:
+    """Names of the registered probes (built-in and plugins)."""
+    _load_builtins("probe")
+    return sorted(_PROBES)
+
+
+def probe_classes() -> list[type[Any]]:
+    """Every registered probe class (built-in and plugins loaded so far), in registration order."""
+    _load_builtins("probe")
+    return list(_PROBES.values())
 
 
 #: separates a method from a variant label: ``frame_averaging@field`` is the registered
@@ -153,6 +170,14 @@ def task_class(name: str) -> type[Any]:
     if not isinstance(name, str) or name not in _TASKS:
         raise did_you_mean("task", str(name), _TASKS)
     return _TASKS[name]
+
+
+def probe_class(name: str) -> type[Any]:
+    """The probe class registered as ``name``."""
+    _load_one("probe", name, _PROBES)
+    if not isinstance(name, str) or name not in _PROBES:
+        raise did_you_mean("probe", str(name), _PROBES)
+    return _PROBES[name]
 
 
 def options_model(cls: type[Any]) -> type[BaseModel]:
