@@ -48,7 +48,8 @@ _API = {
     "default_dtype": "equibench.symmetry.precision",
     # metrics
     "MetricSpec": "equibench.metrics.catalogue", "register_metric": "equibench.metrics.catalogue",
-    "get_metric": "equibench.metrics.catalogue",
+    "get_metric": "equibench.metrics.catalogue", "task_metric": "equibench.metrics.catalogue",
+    "Probe": "equibench.metrics.probe", "ProbeContext": "equibench.metrics.probe",
     "equivariance_error": "equibench.metrics.equivariance", "lie_derivative": "equibench.metrics.equivariance",
     "measure_throughput": "equibench.metrics.throughput",
     # writing a method: the interface, parameter matching, the shared backbone

@@ -1,14 +1,16 @@
 """The ``task`` bench: train and evaluate one (task, method, seed) — ``run_one(spec)``.
 
-``run_one`` is pure and picklable: build data (cached), build the model, measure equivariance at
-init, train to the shared budget (``training.py``), evaluate the task metrics on the test split,
-measure equivariance (fp32 as deployed; fp64 on a copy rebuilt under a float64 default, the e3nn
-precision trap) under the task's group and, where the task declares one, under the group its
-environment breaks (``equivariance_broken.*``, ``TaskSpec.broken_group``), the Lie derivative (along
-the generators of the measured group), the fp64 error on each of the task's exactly symmetric
-inputs (``symmetric.*``, at init and trained; ``Task.symmetric_inputs``, built in float64), optional
-degeneracy curves, and throughput + memory. Every metric name comes from the catalogue
-(``equibench.metrics.catalogue``).
+``run_one`` is pure and picklable: build data (cached), build the model, run the probes of the
+``init`` phase, train to the shared budget (``training.py``), run the ``training`` probes (the
+learning curve), evaluate the task metrics on the test split (and its trivial predictor and
+floors), run the ``trained`` probes and, in one seed's point per configuration, the
+``architecture`` probes. The probes (``metrics/probe.py``; built in: equivariance in fp32 as
+deployed and fp64 on a copy rebuilt under a float64 default, the e3nn precision trap, under the
+task's group and its broken group; the Lie derivative; the fp64 error on the task's exactly
+symmetric inputs; degeneracy curves; throughput, memory and FLOPs; the profile) are switched and
+set by the suite's ``evaluate:`` mapping (``EvalConfig``). Every row's metric is declared by its
+owner: the task (``Task.METRICS``), the method (``Method.METRICS``), the probe
+(``Probe.METRICS``) or the catalogue (params, ``train.*``).
 """
 from __future__ import annotations
 
@@ -22,61 +24,24 @@ import torch
 from torch_geometric.data import Batch, Data
 from torch_geometric.loader import DataLoader
 
-from ..core.config import Config, config_from_dict
 from ..core.errors import NotApplicable, UserError
 from ..core.registry import get_method, get_task
 from ..core.spec import RunSpec, TaskSpec
 from ..datasets.base import Task
 from ..methods.base import Method, count_parameters
-from ..metrics import catalogue, degeneracy
-from ..metrics.equivariance import equivariance_error, lie_derivative
-from ..metrics.profile import profile_breakdown
-from ..metrics.symmetric import symmetric_input_errors
-from ..metrics.throughput import device_name, measure_throughput
-from ..symmetry.group3d import common_group, lie_generators
-from ..symmetry.precision import default_dtype, dtype_name
+from ..metrics import catalogue
+from ..metrics.probe import Probe, ProbeContext, evaluate_model
+from ..metrics.throughput import device_name
+from ..symmetry.group3d import common_group
+from ..symmetry.precision import default_dtype
 from .base import Bench, Point, Row, register_bench
 from .training import TrainConfig, evaluate, train
 
-
-class EvalConfig(Config):
-    """What is measured after training and how (the suite file's ``evaluate:`` mapping)."""
-
-    equivariance_samples: int = 8
-    equivariance_graphs: int = 32
-    lie_derivative: bool = True
-    degeneracy: bool = False
-    #: the fp64 equivariance error on each of the task's exactly symmetric inputs (``symmetric.*``)
-    symmetric_inputs: bool = True
-    throughput: bool = True
-    throughput_batch: int = 100
-    throughput_modes: tuple[str, ...] = ("inference", "train")
-    throughput_min_sample_s: float = 0.05
-    throughput_repeats: int = 10
-    throughput_threads: int = 0  # CPU threads while timing; 0 = torch's default
-    #: an unstable timing (IQR / median > 0.25) is measured again up to this many times (rows: ``remeasured``)
-    throughput_remeasure: int = 2
-    #: where inference time goes: torch.profiler shares of the wrappers' labelled regions (frames,
-    #: backbone, to_frame) or of op categories (``metrics/profile.py``), in the architecture point
-    profile: bool = True
-    flops: bool = True
-    compile: bool = False
-    #: throughput, memory and FLOPs depend on the architecture and the batch, not on the trained
-    #: weights or the seed: measure them in one seed's point per configuration (the planner sets
-    #: ``architecture_seed`` to the first seed of the suite) instead of in every seed's
-    measure_once: bool = True
-    #: the seed whose point takes the seed-independent measurements (None: every seed); set by the
-    #: planner when ``measure_once``, the same value in every seed's spec of a configuration
-    architecture_seed: int | None = None
-
-    def measures_architecture(self, seed: int) -> bool:
-        """Whether the point of ``seed`` takes the seed-independent measurements (throughput,
-        memory, FLOPs)."""
-        return self.throughput and (self.architecture_seed is None or seed == self.architecture_seed)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
-        return config_from_dict(cls, d, "evaluate")
+#: the ``evaluate:`` settings of a task point (a suite file's ``evaluate:`` mapping): one switch per
+#: registered probe and its settings (``metrics.probe.EvalSettings``), assembled from the probes
+#: registered at import (the built-in ones); ``EvalConfig.from_dict`` validates against the probes
+#: registered at the time of the call, plugins included
+EvalConfig = evaluate_model()
 
 
 def validate_spec(spec: RunSpec) -> None:
@@ -195,6 +160,14 @@ def floor_metrics(task: Task, train_data: list[Data], test_data: list[Data],
             for name, predict in task.floors(train_data).items()}
 
 
+def declared_reading(probe: Probe, reading: dict[str, Any]) -> dict[str, Any]:
+    """``reading`` as ``add``'s arguments, after checking that ``probe`` declares its metric."""
+    if reading["metric"] not in {m.name for m in probe.METRICS}:
+        raise RuntimeError(f"probe {probe.name!r} emitted {reading['metric']!r}, which it does not declare "
+                           f"(add its MetricSpec to {type(probe).__name__}.METRICS)")
+    return reading
+
+
 def run_one(spec: RunSpec) -> list[dict[str, Any]]:
     """Measure one spec; returns tidy rows (the spec's identity and measurement context; the
     engine adds the run-level columns). Raises ``NotApplicable`` when the method does not
@@ -220,29 +193,26 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
             "float32_caveat": method.float32_caveat}
     rows: list[dict[str, Any]] = []
 
-    def add(metric: str, value: Any, **ctx: Any) -> None:
-        catalogue.get_metric(metric)  # every number a row carries is declared once (register_metric)
-        rows.append({**base, "metric": metric, "value": None if value is None else float(value), **ctx})
+    def add(metric: str, value: Any, **columns: Any) -> None:
+        catalogue.get_metric(metric)  # every number a row carries is declared by its owner
+        rows.append({**base, "metric": metric, "value": None if value is None else float(value), **columns})
 
     train_data, test_data = load_splits(task, spec.seed)
-    eq_batch = Batch.from_data_list(test_data[:ecfg.equivariance_graphs])
-    symmetric: list[tuple[str, Data]] = []
-    if ecfg.symmetric_inputs and tspec.domain == "graph3d":
-        with default_dtype(torch.float64):  # exactly symmetric in float64, not only to float32 rounding
-            symmetric = task.symmetric_inputs()
-    point_groups = {g.name: g.point_group for g in task.symmetric_geometries()} if symmetric else {}
+    probes = ecfg.probes(tspec)
+    for probe in probes:
+        probe.prepare(task, tspec)
     exact = claims_exactness(method, tspec)
     group = common_group(tspec.group, method.group) if exact and tspec.domain == "graph3d" else tspec.group
-    broken = broken_group(tspec, method, exact)
     model = build_model(method, tspec, spec.seed, torch.float32)
     add(catalogue.PARAMS, count_parameters(model))
 
-    fp64_copy: list[torch.nn.Module] = []  # built once per point, then loaded with each stage's weights
+    fp64_copy: list[torch.nn.Module] = []  # built once per point, then loaded with each phase's weights
 
     def float64_copy() -> torch.nn.Module:
         """The model rebuilt under a float64 default (float64 build-time constants) holding the
-        current weights: built at the first stage, re-loaded (``load_state_keep_constants``) at
-        the next, in train mode so no eval-time cache of the previous weights survives."""
+        current weights: built at the first phase that asks, then re-loaded
+        (``load_state_keep_constants``), in train mode so no eval-time cache of the previous
+        weights survives."""
         if not fp64_copy:
             fp64_copy.append(build_model(method, tspec, spec.seed, torch.float64, state=model.state_dict()))
         else:
@@ -250,56 +220,29 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
             load_state_keep_constants(fp64_copy[0], model.state_dict())
         return fp64_copy[0]
 
-    def measure_equivariance(stage: str) -> None:
-        fp64 = float64_copy()
-        # under the task's group, and under the group its environment breaks where it declares one
-        measured = [(group, catalogue.equivariance_metric)]
-        if broken is not None:
-            measured.append((broken, catalogue.broken_equivariance_metric))
-        for dtype, m in ((torch.float32, model), (torch.float64, fp64)):
-            for grp, metric in measured:
-                res = equivariance_error(m.to(device), eq_batch, tspec, n_samples=ecfg.equivariance_samples,
-                                         dtype=dtype, group=grp, seed=spec.seed)
-                for stat in catalogue.EQUIVARIANCE_STATS:
-                    if stat in res:  # disp_*: point outputs only
-                        add(metric(stage, dtype_name(dtype), stat), res[stat], stage=stage, dtype=dtype_name(dtype),
-                            group=grp, batch_size=res["n_graphs"], repeats=res["n_samples"])
-        for r in symmetric_input_errors(fp64.to(device), symmetric, tspec, n_samples=ecfg.equivariance_samples,
-                                        group=group, seed=spec.seed):
-            for stat in catalogue.SYMMETRIC_STATS:
-                if stat in r:  # disp_rel_max: point outputs only
-                    add(catalogue.symmetric_metric(stage, stat), r[stat], stage=stage, dtype="fp64", group=group,
-                        symmetric_input=r["input"], point_group=point_groups.get(r["input"]), batch_size=1,
-                        repeats=r["n_samples"], **({"symmetric_error": r["error"]} if "error" in r else {}))
-        if ecfg.lie_derivative and tspec.domain == "graph3d":
-            lie = lie_derivative(fp64.to(device), eq_batch, tspec, generators=lie_generators(group))
-            for stat in ("rel_mean", "rel_max"):
-                add(catalogue.lie_metric(stage, stat), lie[stat], stage=stage, dtype="fp64", group=group,
-                    batch_size=int(eq_batch.num_graphs), repeats=len(lie_generators(group)))
-        if stage == "trained" and ecfg.degeneracy and tspec.domain == "graph3d":
-            for curve in (degeneracy.degeneracy_curve, degeneracy.symmetric_curve):
-                for r in curve(fp64.to(device), eq_batch, tspec, group=group):
-                    x_label = "gap" if "gap" in r else "config"
-                    x_val = r.get("gap", r.get("config"))
-                    for stat in ("rel_mean", "rel_max", "nonfinite"):
-                        add(catalogue.degeneracy_metric(x_label, stat), r[stat], stage=stage, dtype="fp64", group=group,
-                            x=x_val if x_label == "gap" else None, x_label=str(x_val),
-                            batch_size=int(eq_batch.num_graphs))
+    ctx = ProbeContext(task=task, method=method, spec=tspec, seed=spec.seed, device=device, test_data=test_data,
+                       model=model, group=group, broken_group=broken_group(tspec, method, exact),
+                       float64_factory=float64_copy)
 
-    measure_equivariance("init")
+    def run_probes(phase: str) -> None:
+        ctx.phase = phase
+        for probe in probes:
+            if phase in probe.phases:
+                for r in probe.measure(ctx, phase):
+                    add(**declared_reading(probe, r))
+
+    run_probes("init")
     val_metric = tspec.metrics[0]
-    higher = catalogue.get_metric(catalogue.test_metric(val_metric)).higher_is_better
     val_data = load_split(task, "val", spec.seed) if cfg.val_points > 0 or cfg.budget == "converge" else None
     result = train(model, method, task, train_data, cfg, spec.seed, device, val_data=val_data,
-                   val_metric=val_metric, higher_is_better=bool(higher))
+                   val_metric=val_metric, higher_is_better=bool(task.primary_metric.higher_is_better))
     base["convergence"] = result.convergence  # on every row of the run, so no number is read without it
     for r in rows:
         r["convergence"] = result.convergence
     for k, v in result.summary.items():
         add(catalogue.train_metric(k), v, batch_size=cfg.batch_size, val_metric=val_metric, select=cfg.select)
-    for c in result.curve:
-        add(catalogue.CURVE_VAL, c.val, x=c.step, x_label="step", curve_wall_s=c.wall_s, curve_flops=c.flops,
-            train_loss=c.train_loss, val_se=c.val_se, val_metric=val_metric, stage="training")
+    ctx.train_result = result
+    run_probes("training")
     for k, v in evaluate(model, method, task, test_data, cfg.eval_batch_size, device).items():
         add(catalogue.test_metric(k), v, batch_size=cfg.eval_batch_size, n_graphs=len(test_data))
     for k, v in trivial_metrics(task, train_data, test_data, cfg.eval_batch_size).items():
@@ -307,32 +250,9 @@ def _run_one(spec: RunSpec, started: str) -> list[dict[str, Any]]:
     for name, scores in floor_metrics(task, train_data, test_data, cfg.eval_batch_size).items():
         for k, v in scores.items():
             add(catalogue.floor_metric(k), v, floor=name, n_graphs=len(test_data))
-    measure_equivariance("trained")
+    run_probes("trained")
     if ecfg.measures_architecture(spec.seed):
-        tp_data = (test_data * (ecfg.throughput_batch // len(test_data) + 1))[:ecfg.throughput_batch]
-        tp_batch = Batch.from_data_list(tp_data)
-        for mode in ecfg.throughput_modes:
-            # measured once per configuration, so a disturbed timing is not averaged out by other
-            # seeds: an unstable one is taken again (``throughput_remeasure``)
-            res = measure_throughput(model, tp_batch, mode=mode, device=device, repeats=ecfg.throughput_repeats,
-                                     min_sample_s=ecfg.throughput_min_sample_s, flops=ecfg.flops,
-                                     compile=ecfg.compile, loss_fn=task.loss,
-                                     threads=ecfg.throughput_threads or None, remeasure=ecfg.throughput_remeasure)
-            ctx = {k: res[k] for k in ("mode", "dtype", "batch_nodes", "batch_edges", "repeats", "threads",
-                                       "timer", "compiled", "mem_method", "calls_per_sample", "unstable",
-                                       "load_avg_1min", "remeasured")}
-            ctx["batch_size"] = res["batch_graphs"]
-            for stat in ("graphs_per_s", "nodes_per_s", "time_median_s", "time_iqr_s", "peak_mem_bytes",
-                         "flops", "gflops_per_s", "compile_time_s"):
-                if res[stat] is not None:
-                    add(catalogue.throughput_metric(mode, stat), res[stat], **ctx)
-        if ecfg.profile:
-            prof = profile_breakdown(model, tp_batch, device, threads=ecfg.throughput_threads or None)
-            pctx = {"mode": "inference", "batch_size": int(tp_batch.num_graphs), "threads": prof["threads"],
-                    "repeats": prof["calls"], "profile_scheme": prof["scheme"], "profile_time_s": prof["time_s"],
-                    "profile_method": prof["method"]}
-            for region, share in prof["shares"].items():
-                add(catalogue.profile_metric("inference", region), share, **pctx)
+        run_probes("architecture")
     finished = _dt.datetime.now(_dt.timezone.utc).isoformat()
     for r in rows:
         r["finished_at"] = finished

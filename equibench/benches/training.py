@@ -15,6 +15,8 @@ Two kinds of budget (``TrainConfig.budget``, recorded in every row as ``budget``
   ``cooldown_fraction`` of the steps taken so far, keeping the best-validation checkpoint. Caps on
   steps, seconds and FLOPs bound the whole run; a run that reaches a cap before a plateau cools
   down in the share of the cap reserved for that and is ``cap_reached``.
+
+The learning curve (the validations of a run) is reported by the ``curve`` probe, beside it.
 """
 from __future__ import annotations
 
@@ -33,8 +35,11 @@ from torch_geometric.loader import DataLoader
 
 from ..core.config import Config, config_from_dict
 from ..core.errors import UserError
+from ..core.registry import register_probe
 from ..datasets.base import Task
 from ..methods.base import Method
+from ..metrics.catalogue import CURVE_VAL, MetricSpec
+from ..metrics.probe import Probe, ProbeContext, Reading, reading
 
 
 class NonFiniteError(RuntimeError):
@@ -154,6 +159,24 @@ class TrainResult:
     # "converged" | "cap_reached" (convergence-driven budgets)
     convergence: str = "unknown"
     budget: str = "fixed"
+
+
+@register_probe("curve")
+class CurveProbe(Probe):
+    """The learning curve: one ``curve.val`` row per validation during training (x = step), from
+    the run's ``TrainResult`` (the validations are training's own, ``val_points``)."""
+
+    METRICS = (MetricSpec(CURVE_VAL, "validation value", "curve", stat="val", stage="training", aggregate="mean",
+                          description="the task's first metric on the validation split during training (x = step; "
+                                      "curve_wall_s, curve_flops beside it)"),)
+    phases = ("training",)
+    order = 0
+
+    def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:
+        result: TrainResult = ctx.train_result
+        return [reading(CURVE_VAL, c.val, x=c.step, x_label="step", curve_wall_s=c.wall_s, curve_flops=c.flops,
+                        train_loss=c.train_loss, val_se=c.val_se, val_metric=result.val_metric, stage="training")
+                for c in result.curve]
 
 
 FIXED_WINDOW = (0.3, 0.5)  # fractions of a fixed budget judged: the last two tenths at lr >= peak / 2

@@ -1,5 +1,10 @@
 """The task interface: data, loss and metrics for one benchmark problem.
 
+A task declares the metrics it reports next to its loss (``METRICS``, one ``task_metric`` spec
+each: direction, unit, description); registering the task declares them, with their
+``trivial.*`` / ``floor.*`` variants, in the metric catalogue. ``spec.metrics`` names the ones an
+instance reports (options may choose among them), the first its primary metric.
+
 ``Task.load(split, size, seed)`` returns a list of ``torch_geometric.data.Data`` holding every
 field of ``spec.inputs`` (and ``spec.edge_inputs``) under its name, ``edge_index`` and target
 ``y``. Generated or parsed data is cached under ``cache_dir()`` (``$EQUIBENCH_CACHE`` or the
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +23,7 @@ from torch_geometric.data import Batch, Data
 
 from ..core.errors import UserError
 from ..core.spec import TaskSpec
+from ..metrics.catalogue import MetricSpec, Role, declare_task_metrics, reference_metrics
 from ..symmetry.fieldtypes import POINT, field_dim, irreps
 from .symmetric import Geometry
 
@@ -51,9 +58,18 @@ class Task:
     #: options of a small, fast instance (split sizes): what a suite with ``scale: smoke`` runs a
     #: task it does not configure with (as methods' ``smoke_options``)
     smoke_options: ClassVar[dict[str, Any]] = {}
+    #: every metric the task may report (``task_metric`` specs, ``test.<key>``), declared in the
+    #: catalogue with its ``trivial.*`` / ``floor.*`` variants when the class is registered;
+    #: ``spec.metrics`` names those an instance reports (the keys of ``metric_values``)
+    METRICS: ClassVar[tuple[MetricSpec, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)
+
+    @classmethod
+    def on_register(cls) -> None:
+        """Declare ``METRICS`` (``core.registry`` calls this when the class is registered)."""
+        declare_task_metrics(cls.METRICS)
 
     @property
     def spec(self) -> TaskSpec:
@@ -70,6 +86,32 @@ class Task:
         """Per-sample values of each metric in ``spec.metrics`` (1-D tensors); the runner
         averages them over the whole test split."""
         raise NotImplementedError
+
+    def metric_specs(self) -> list[MetricSpec]:
+        """The declared spec (``METRICS``) of each metric in ``spec.metrics``, in order; the first
+        with role ``"primary"`` (the task's headline metric: validation, tuning, verdicts), the
+        others ``"task"``. ``UserError`` for a reported metric the class does not declare."""
+        declared = {m.stat: m for m in self.METRICS}
+        missing = [k for k in self.spec.metrics if k not in declared]
+        if missing:
+            raise UserError(f"task {self.name!r} reports metric(s) {missing} but declares no MetricSpec for them: "
+                            f"add task_metric({missing[0]!r}, direction=...) to {type(self).__name__}.METRICS")
+        return [replace(declared[k], role="primary" if i == 0 else "task") for i, k in enumerate(self.spec.metrics)]
+
+    @property
+    def primary_metric(self) -> MetricSpec:
+        """The task's headline metric (``metric_specs()[0]``): validated, tuned and ranked on."""
+        return self.metric_specs()[0]
+
+    def metric_roles(self) -> dict[str, Role]:
+        """``{metric name: role}`` of the names this task's points emit for its own metrics:
+        ``test.<key>`` primary / task, ``trivial.<key>`` and ``floor.<key>`` reference. The roles
+        of probe and method metrics are their catalogue specs' (``MetricSpec.role``)."""
+        roles: dict[str, Role] = {}
+        for spec in self.metric_specs():
+            roles[spec.name] = spec.role or "task"
+            roles.update({v.name: v.role or "reference" for v in reference_metrics(spec)})
+        return roles
 
     def trivial_prediction(self, train: list[Data]) -> Callable[[Batch], torch.Tensor]:
         """What a model that learned nothing but the simplest statistic of the training targets

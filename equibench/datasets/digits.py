@@ -55,6 +55,7 @@ from torch_geometric.data import Batch, Data
 from ..core.errors import UserError
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
+from ..metrics.catalogue import task_metric
 from ..symmetry.group2d import disc_mask, group_order, rotate
 from .base import SPLITS, Task, atomic_save, cache_dir
 
@@ -258,6 +259,18 @@ class Digits(Task):
         return {"nearest_centroid": predict}
 
     # ---- loss and metrics -----------------------------------------------------------------------
+    METRICS = (
+        task_metric("accuracy", direction="higher", log_scale=False,
+                    description="accuracy on the primary (original-orientation) test copies"),
+        task_metric("group_accuracy", direction="higher", log_scale=False,
+                    description="accuracy over every rotated test copy"),
+        task_metric("upright_accuracy", direction="higher", log_scale=False,
+                    description="accuracy on the unrotated test copies"),
+        task_metric("accuracy_6", direction="higher", log_scale=False,
+                    description="accuracy on the test images of class 6 (digits; a half-turn makes a 9)"),
+        task_metric("accuracy_9", direction="higher", log_scale=False,
+                    description="accuracy on the test images of class 9 (digits; a half-turn makes a 6)"))
+
     def loss(self, pred: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(pred, batch.y)
 

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from ..core.errors import UserError
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
+from ..metrics.catalogue import task_metric
 from .base import SPLITS, Task, atomic_save, cache_dir
 from .symmetric import Geometry
 from .symmetric import molecules as symmetric_molecules
@@ -324,6 +325,10 @@ class MD(Task):
         src, dst = torch.nonzero(adj, as_tuple=True)
         return Data(pos=pos.to(dt), x=(z[:, None] == torch.tensor(self.elements)[None, :]).to(dt), z=z,
                     edge_index=torch.stack([src, dst]))
+
+    # loss: the default, mean squared error of the energy or the forces (option ``target``)
+    METRICS = (task_metric("energy_mae", direction="lower", unit="eV", description="mean absolute energy error (md)"),
+               task_metric("force_mae", direction="lower", unit="eV/Å", description="mean absolute force error (md)"))
 
     def metric_values(self, pred: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         err = (pred - batch.y).abs()

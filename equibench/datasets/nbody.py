@@ -26,6 +26,7 @@ from torch_geometric.data import Batch, Data
 from ..core.errors import UserError
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
+from ..metrics.catalogue import task_metric
 from .base import SPLITS, Task, atomic_save, cache_dir
 from .symmetric import Geometry, complete_graph, particle_systems
 
@@ -224,6 +225,9 @@ class NBody(Task):
         forces mostly bend the paths back)."""
         step = fit_step(train)
         return {"constant_velocity": lambda b: b.pos + step * b.vel}
+
+    # loss: the default, mean squared error of the predicted positions
+    METRICS = (task_metric("mse", direction="lower", description="mean squared error (n-body positions)"),)
 
     def metric_values(self, pred: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         per_node = ((pred - batch.y) ** 2).mean(-1)

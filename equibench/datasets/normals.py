@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from ..core.errors import UserError
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
+from ..metrics.catalogue import task_metric
 from .base import SPLITS, Task, atomic_save, cache_dir
 from .graphs import knn_indices
 from .symmetric import Geometry, knn_graph_closed, point_clouds
@@ -346,6 +347,10 @@ class NormalsTask(Task):
         return {"pca": pca_normals}
 
     # ---------------------------------------------------------------- loss and metrics
+    METRICS = (task_metric("1-cos2", direction="lower", description="1 − cos² between predicted and true normals"),
+               task_metric("angle_deg", direction="lower", unit="deg",
+                           description="mean unoriented angle between predicted and true normals"))
+
     @staticmethod
     def _cos(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n_hat = pred / pred.norm(dim=-1, keepdim=True).clamp_min(1e-12)

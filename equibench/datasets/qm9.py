@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 from ..core.errors import UserError
 from ..core.registry import register_task
 from ..core.spec import TaskSpec
+from ..metrics.catalogue import task_metric
 from .base import Task, atomic_save, cache_dir
 from .graphs import radius_graph
 from .symmetric import Geometry
@@ -294,6 +295,9 @@ class QM9Task(Task):
                     edge_index=radius_graph(pos, self.options["cutoff"]))
 
     # ---------------------------------------------------------------- loss and metrics
+    METRICS = (task_metric("mae", direction="lower", unit="target units",
+                           description="mean absolute error of the QM9 target, in its units"),)
+
     def loss(self, pred: torch.Tensor, batch: Batch) -> torch.Tensor:
         mean, std = self._stats if self._stats_seed is not None else self.target_stats(0)
         return torch.mean((pred.reshape(-1) - (batch.y.reshape(-1) - mean) / std) ** 2)

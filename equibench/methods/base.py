@@ -16,6 +16,7 @@ from torch import nn
 from torch_geometric.data import Batch
 
 from ..core.spec import TaskSpec
+from ..metrics.catalogue import MetricSpec, declare
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -80,6 +81,14 @@ class Method:
     #: construction (the report pairs the two: accuracy, equivariance error and throughput side by
     #: side); None when there is none
     counterpart: ClassVar[str | None] = None
+    #: the extra metrics ``extra_metrics`` reports (``test.<name>`` specs, role "diagnostic"),
+    #: declared in the metric catalogue when the class is registered
+    METRICS: ClassVar[tuple[MetricSpec, ...]] = ()
+
+    @classmethod
+    def on_register(cls) -> None:
+        """Declare ``METRICS`` (``core.registry`` calls this when the class is registered)."""
+        declare(cls.METRICS)
 
     def implementation(self) -> str:
         """``"equibench <version>"`` or ``"<library> <version>"`` (``"not installed"`` when absent)."""
@@ -133,7 +142,8 @@ class Method:
         return None
 
     def extra_metrics(self, model: nn.Module, batch: Batch, pred: torch.Tensor) -> dict[str, float]:
-        """Method-specific evaluation numbers (e.g. the identity metric), averaged over test batches."""
+        """Method-specific evaluation numbers (e.g. the identity metric), averaged over test batches;
+        each name is declared in ``METRICS``."""
         return {}
 
     def describe(self) -> dict[str, Any]:

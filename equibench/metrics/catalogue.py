@@ -1,12 +1,27 @@
-"""The metric catalogue: every metric a result row can carry, declared once.
+"""The metric catalogue: every metric a result row can carry, declared once, by its owner.
 
 A ``MetricSpec`` says what a metric name means: display name, unit, direction (``"higher"`` or
 ``"lower"`` is better, ``None`` for context-only numbers such as parameter counts or wall time),
-how it aggregates over seeds, and structured facets (``family``, ``stage``, ``dtype``, ``stat``,
-``mode``, ``axis``) so that readers never parse names. Emitters build names with the builder
-functions (``equivariance_metric("trained", "fp64", "rel_mean")`` ->
-``"equivariance.trained.fp64.rel_mean"``); readers look them up with ``get_metric`` /
-``find_metric``. Plugin tasks and methods declare their own metrics with ``register_metric``.
+how it aggregates over seeds, its ``role`` in a report, and structured facets (``family``,
+``stage``, ``dtype``, ``stat``, ``mode``, ``axis``) so that readers never parse names. Emitters
+build names with the builder functions (``equivariance_metric("trained", "fp64", "rel_mean")``
+-> ``"equivariance.trained.fp64.rel_mean"``); readers look them up with ``get_metric`` /
+``find_metric``.
+
+Who declares what (the catalogue is assembled from what is registered):
+
+* a **task** declares its metrics next to its loss (``Task.METRICS``, built with ``task_metric``);
+  registering the task declares each ``test.<name>`` spec and its ``trivial.<name>`` /
+  ``floor.<name>`` variants (``declare_task_metrics``);
+* a **probe** (``metrics/probe.py``: equivariance, Lie derivative, symmetric inputs, degeneracy,
+  throughput, profile, learning curve) declares the metrics it emits (``Probe.METRICS``);
+* a **method** declares its extra metrics (``Method.METRICS``, ``test.<name>``, role diagnostic);
+* this module declares what every run reports about itself (``params``, ``status``, ``train.*``,
+  ``tune.*``) and the scaling / tensor-product bench metrics.
+
+A name not declared yet is looked up again after the registered plugins are loaded
+(``core.autoimport.load``), so ``get_metric`` answers for every registered declaration in any
+process. Plugins may also call ``register_metric`` directly.
 
 Scaling-sweep and tensor-product rows are namespaced (``scaling.time_s``,
 ``tp_bench.time_s``); records written before that carried the bare names (``time_s``), which
@@ -17,14 +32,21 @@ Plain Python only: this module sits in ``metrics`` and imports nothing above ``c
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from ..core import autoimport
 from ..core.errors import UserError, did_you_mean
 
 Direction = Literal["higher", "lower"] | None
 Aggregate = Literal["mean", "median", "max", "min", "first"]
 NumberFormat = Literal["g", "int", "sci", "bytes", "time"]
+Role = Literal["primary", "task", "diagnostic", "reference", "measurement", "context"]
+ROLES: tuple[Role, ...] = ("primary", "task", "diagnostic", "reference", "measurement", "context")
+#: the role of a spec declared without one, by family (any other family: "measurement")
+FAMILY_ROLES: dict[str, Role] = {"test": "diagnostic", "trivial": "reference", "floor": "reference",
+                                 "params": "context", "status": "context", "train": "context", "tune": "context"}
 
 # the families of the built-in metrics (a plugin may declare more; readers never need the list)
 FAMILIES = ("params", "status", "equivariance", "equivariance_broken", "lie_derivative", "degeneracy", "symmetric",
@@ -70,6 +92,21 @@ class MetricSpec:
     "bytes" or "time" (how reports print it). ``log_scale``: plot on a log axis. ``floor``: values
     at or below it are machine precision, not compared. ``watch``: the nightly regression rule
     and the run comparison track it (needs a direction).
+
+    ``role``: what the number is to a reader, one of ``ROLES``:
+
+    * ``"primary"``: a task's headline metric, the first of its ``spec.metrics``. A role a task
+      gives per instance (``Task.metric_specs``), never stored in the shared catalogue, where the
+      same ``test.<name>`` may be one task's headline and another's secondary metric;
+    * ``"task"``: a task's own metric on the test split (``task_metric``);
+    * ``"diagnostic"``: a method's extra metric (``Method.METRICS``, ``extra_metrics``);
+    * ``"reference"``: the task's metrics of its trivial predictor and floors (``trivial.*``,
+      ``floor.*``): what a method must beat;
+    * ``"measurement"``: what a probe measures of the model (equivariance, Lie derivative,
+      throughput, profile, learning curve, ...) and the scaling / tensor-product benches;
+    * ``"context"``: what qualifies the others (parameters, training time and steps, tuning).
+
+    Left out (``None``), it follows the family (``FAMILY_ROLES``, else ``"measurement"``).
     """
     name: str
     display: str
@@ -87,8 +124,13 @@ class MetricSpec:
     floor: float | None = None
     watch: bool = False
     description: str = ""
+    role: Role | None = None
 
     def __post_init__(self) -> None:
+        if self.role is None:
+            object.__setattr__(self, "role", FAMILY_ROLES.get(self.family, "measurement"))
+        if self.role not in ROLES:
+            raise ValueError(f"{self.name}: role must be one of {', '.join(ROLES)}, not {self.role!r}")
         if not self.name or not self.display:
             raise ValueError("a MetricSpec needs a name and a display name")
         if self.direction not in ("higher", "lower", None):
@@ -119,14 +161,24 @@ def register_metric(spec: MetricSpec, replace: bool = False) -> MetricSpec:
     return spec
 
 
+def _complete() -> None:
+    """Load the registered plugins (built-in tasks, methods and probes, entry points), whose
+    registration declares their metrics: what the catalogue is assembled from."""
+    autoimport.load()
+
+
 def find_metric(name: str) -> MetricSpec | None:
-    """The spec of ``name``, or None when it is not declared."""
-    return _CATALOGUE.get(name)
+    """The spec of ``name``, or None when nothing registered declares it."""
+    spec = _CATALOGUE.get(name)
+    if spec is None:
+        _complete()
+        spec = _CATALOGUE.get(name)
+    return spec
 
 
 def get_metric(name: str) -> MetricSpec:
     """The spec of ``name``; ``UnknownMetricError`` (with close matches) when not declared."""
-    spec = _CATALOGUE.get(name)
+    spec = find_metric(name)
     if spec is None:
         close = difflib.get_close_matches(name, list(_CATALOGUE), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -142,6 +194,7 @@ def list_metrics(**facets: Any) -> list[MetricSpec]:
     bad = set(facets) - known
     if bad:
         raise ValueError(f"unknown MetricSpec field(s) {sorted(bad)}")
+    _complete()
     return [s for s in _CATALOGUE.values() if all(getattr(s, k) == v for k, v in facets.items())]
 
 
@@ -238,86 +291,64 @@ def tp_bench_metric(stat: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# declarations
+# declaring: what owners call (tasks, probes, benches)
 
-_STAT_WORDS = {"rel_mean": "mean rel.", "rel_median": "median rel.", "rel_max": "max rel.", "abs_max": "max abs.",
-               "disp_rel_mean": "mean rel. to displacement", "disp_rel_median": "median rel. to displacement",
-               "disp_rel_max": "max rel. to displacement", "nonfinite": "non-finite share"}
-
-
-def _declare_equivariance() -> None:
-    for stage in STAGES:
-        for dtype in DTYPES:
-            for stat in EQUIVARIANCE_STATS:
-                register_metric(MetricSpec(
-                    equivariance_metric(stage, dtype, stat), f"equiv. err {dtype} {stage}, {_STAT_WORDS[stat]}",
-                    "equivariance", direction="lower", aggregate="max" if stat.endswith("_max") else "mean",
-                    stage=stage, dtype=dtype, stat=stat, number_format="sci",
-                    floor=FLOORS[dtype] if "rel_" in stat else None,
-                    watch=stage == "trained" and stat == "rel_mean",
-                    description="||f(g·X) − ρ(g) f(X)|| over test graphs and group samples; relative: / ||f(X)||; "
-                                "relative to displacement (point outputs): / ||f(X) − x||"))
-            for stat in EQUIVARIANCE_STATS:
-                register_metric(MetricSpec(
-                    broken_equivariance_metric(stage, dtype, stat),
-                    f"broken-group equiv. err {dtype} {stage}, {_STAT_WORDS[stat]}", "equivariance_broken",
-                    direction=None, aggregate="max" if stat.endswith("_max") else "mean", stage=stage, dtype=dtype,
-                    stat=stat, number_format="sci", floor=FLOORS[dtype] if "rel_" in stat else None,
-                    description="||f(g·X) − ρ(g) f(X)|| as for 'equivariance', with g drawn from the group the "
-                                "task's environment breaks (TaskSpec.broken_group, e.g. E(3) for nbody_field; "
-                                "the symmetry-breaking field itself is held fixed): how far a model follows "
-                                "the symmetry the data do not have. Context, not a score: an accurate model "
-                                "must break it"))
-        for stat in LIE_STATS:
-            register_metric(MetricSpec(
-                lie_metric(stage, stat), f"Lie deriv. fp64 {stage}, {_STAT_WORDS[stat]}", "lie_derivative",
-                direction="lower", aggregate="max" if stat == "rel_max" else "mean", stage=stage, dtype="fp64",
-                stat=stat, number_format="sci", description="relative Lie derivative of the fp64 model"))
-    for axis in DEGENERACY_AXES:
-        for stat in DEGENERACY_STATS:
-            register_metric(MetricSpec(
-                degeneracy_metric(axis, stat), f"degeneracy ({axis}) {_STAT_WORDS[stat]}", "degeneracy",
-                direction="lower", aggregate="max" if stat != "rel_mean" else "mean", stage="trained", dtype="fp64",
-                stat=stat, axis=axis, number_format="sci", log_scale=stat != "nonfinite",
-                description="equivariance error (fp64, trained) near degenerate inputs"))
-    for stage in STAGES:
-        for stat in SYMMETRIC_STATS:
-            register_metric(MetricSpec(
-                symmetric_metric(stage, stat), f"symmetric-input equiv. err fp64 {stage}, {_STAT_WORDS[stat]}",
-                "symmetric", direction="lower", aggregate="mean" if stat == "rel_mean" else "max", stage=stage,
-                dtype="fp64", stat=stat, number_format="sci", floor=FLOORS["fp64"] if "rel_" in stat else None,
-                description="||f(g·X) − ρ(g) f(X)|| (equivariance_error, fp64 model, g = (R, t, P) sampled from the "
-                            "measured group) on one exactly symmetric input X of the task (benzene, methane, a "
-                            "ring of equal charges, a symmetric cloud, ...; row column symmetric_input); frame and "
-                            "canonicalisation methods are exact only on inputs without a symmetry of their own "
-                            "(row column exact_scope)"))
+#: words for the equivariance-type statistics in display names
+STAT_WORDS = {"rel_mean": "mean rel.", "rel_median": "median rel.", "rel_max": "max rel.", "abs_max": "max abs.",
+              "disp_rel_mean": "mean rel. to displacement", "disp_rel_median": "median rel. to displacement",
+              "disp_rel_max": "max rel. to displacement", "nonfinite": "non-finite share"}
 
 
-_TEST: dict[str, tuple[str, Direction, bool, str]] = {  # name: (unit, direction, log scale, description)
-    "mse": ("", "lower", True, "mean squared error (n-body positions)"),
-    "mae": ("target units", "lower", True, "mean absolute error of the QM9 target, in its units"),
-    "energy_mae": ("eV", "lower", True, "mean absolute energy error (md)"),
-    "force_mae": ("eV/Å", "lower", True, "mean absolute force error (md)"),
-    "1-cos2": ("", "lower", True, "1 − cos² between predicted and true normals"),
-    "angle_deg": ("deg", "lower", True, "mean unoriented angle between predicted and true normals"),
-    "accuracy": ("", "higher", False, "accuracy on the primary (original-orientation) test copies"),
-    "group_accuracy": ("", "higher", False, "accuracy over every rotated test copy"),
-    "upright_accuracy": ("", "higher", False, "accuracy on the unrotated test copies"),
-    "accuracy_6": ("", "higher", False, "accuracy on the test images of class 6 (digits; a half-turn makes a 9)"),
-    "accuracy_9": ("", "higher", False, "accuracy on the test images of class 9 (digits; a half-turn makes a 6)"),
-}
-# method extras (canonicaliser diagnostics): context only, no better direction (on isotropic data no
-# equivariant canonicaliser can stay near the identity; see methods/canonicalization.py)
-_METHOD_EXTRAS: dict[str, tuple[str, bool, str]] = {  # name: (unit, log scale, description)
-    "identity_metric": ("", False, "equiadapt's identity metric: 1 - MSE(R, I) of the canonicalising "
-                        "rotation (graph3d); share of inputs mapped to the identity element (images)"),
-    "prior_mse": ("", True, "mean((R − I)²) of the canonical rotation (graph canonicaliser)"),
-    "mean_angle_deg": ("deg", False, "mean rotation angle of the canonical frame (improper = 180)"),
-    "prior_ce": ("", True, "cross-entropy of the canonicaliser's scores to the identity (images)"),
-    "backend_agreement": ("", True, "max |f − f_e3nn| / max |f_e3nn| per test batch (mean over batches): the "
-                          "e3nn method with cuEquivariance tensor products against the same weights through "
-                          "e3nn's, in the run's dtype"),
-}
+def task_metric(key: str, *, direction: Direction, unit: str = "", display: str | None = None, log_scale: bool = True,
+                description: str = "") -> MetricSpec:
+    """The ``test.<key>`` spec of a task's metric, what a task declares next to its loss
+    (``Task.METRICS``; ``Task.metric_values`` returns per-graph values under ``key``): role
+    ``"task"`` (the first of an instance's ``spec.metrics`` is its ``"primary"``,
+    ``Task.metric_specs``), watched by the nightly regression rule."""
+    return MetricSpec(test_metric(key), display or key, "test", unit=unit, direction=direction, stat=key,
+                      stage="trained", log_scale=log_scale, watch=True, description=description, role="task")
+
+
+def method_metric(key: str, *, direction: Direction = None, unit: str = "", display: str | None = None,
+                  log_scale: bool = True, number_format: NumberFormat = "g", description: str = "") -> MetricSpec:
+    """The ``test.<key>`` spec of a method's extra metric (``Method.METRICS``; ``extra_metrics``
+    returns it under ``key``): role ``"diagnostic"``, not watched."""
+    return MetricSpec(test_metric(key), display or key, "test", unit=unit, direction=direction, stat=key,
+                      stage="trained", log_scale=log_scale, number_format=number_format, description=description,
+                      role="diagnostic")
+
+
+def reference_metrics(spec: MetricSpec) -> tuple[MetricSpec, MetricSpec]:
+    """The ``trivial.<key>`` and ``floor.<key>`` variants of the task metric ``spec``
+    (``task_metric``): the same number for the task's trivial predictor and for its floors, role
+    ``"reference"``."""
+    key = spec.stat or spec.name
+
+    def variant(name: str, family: str, of_what: str) -> MetricSpec:
+        return MetricSpec(name, f"{family} {spec.display}", family, unit=spec.unit, direction=spec.direction,
+                          stat=key, log_scale=spec.log_scale, description=f"{spec.description}, {of_what}",
+                          role="reference")
+    return (variant(trivial_metric(key), "trivial", "of the task's trivial predictor"),
+            variant(floor_metric(key), "floor", "of a floor (a non-learned reference fitted on the training "
+                                                "split; the row's floor column names it)"))
+
+
+def declare_task_metrics(specs: Iterable[MetricSpec]) -> None:
+    """Register a task's metrics (``task_metric`` specs) with their ``trivial.*`` / ``floor.*``
+    variants: every name a task point emits for them."""
+    for spec in specs:
+        if spec.family != "test" or spec.name != test_metric(spec.stat or ""):
+            raise ValueError(f"{spec.name}: a task declares its metrics with task_metric(...) (test.<key>, "
+                             f"family 'test'), got family {spec.family!r}")
+        register_metric(spec)
+        for variant in reference_metrics(spec):
+            register_metric(variant)
+
+
+def declare(specs: Iterable[MetricSpec]) -> None:
+    """Register every spec of ``specs`` (a probe's or a method's ``METRICS``)."""
+    for spec in specs:
+        register_metric(spec)
 
 
 def _declare_runs() -> None:
@@ -363,20 +394,6 @@ def _declare_runs() -> None:
                                number_format="int", description="step of the best validation value"))
     register_metric(MetricSpec(tune_metric("wall_s"), "tuning: training time", "tune", unit="s", stat="wall_s",
                                description="training wall time of the tuning run"))
-    register_metric(MetricSpec(CURVE_VAL, "validation value", "curve", stat="val", stage="training",
-                               aggregate="mean", description="the task's first metric on the validation split "
-                               "during training (x = step; curve_wall_s, curve_flops beside it)"))
-    for key, (unit, direction, log, doc) in _TEST.items():
-        register_metric(MetricSpec(test_metric(key), key, "test", unit=unit, direction=direction, stat=key,
-                                   stage="trained", log_scale=log, watch=True, description=doc))
-        register_metric(MetricSpec(trivial_metric(key), f"trivial {key}", "trivial", unit=unit, direction=direction,
-                                   stat=key, log_scale=log, description=f"{doc}, of the task's trivial predictor"))
-        register_metric(MetricSpec(floor_metric(key), f"floor {key}", "floor", unit=unit, direction=direction,
-                                   stat=key, log_scale=log, description=f"{doc}, of a floor (a non-learned reference "
-                                   "fitted on the training split; the row's floor column names it)"))
-    for key, (unit, log, doc) in _METHOD_EXTRAS.items():
-        register_metric(MetricSpec(test_metric(key), key, "test", unit=unit, stat=key, stage="trained",
-                                   log_scale=log, description=doc))
 
 
 # stat: (display, unit, direction, aggregate, number format, description)
@@ -396,23 +413,9 @@ _TIMING: dict[str, tuple[str, str, Direction, Aggregate, NumberFormat, str]] = {
 }
 
 
-_PROFILE_DOCS = {
-    "frames": "frame / canonicalisation construction (record_function 'equibench.frames')",
-    "backbone": "calls of the shared backbone (record_function 'equibench.backbone')",
-    "to_frame": "mapping into / out of the frames and averaging (record_function 'equibench.to_frame')",
-    "tensor_product": "tensor-product modules (e3nn, cuEquivariance) and escnn point convolutions, an "
-                      "architecture without wrapper labels",
-    "linear": "linear layers and matrix products outside tensor products, an architecture without wrapper labels",
-    "scatter": "gathers and scatters of message passing (index_select, scatter_add, ...), an architecture "
-               "without wrapper labels",
-    "other": "everything else: glue outside the labelled regions (wrappers), element-wise ops and activations "
-             "(architectures), and the Python of forward itself",
-}
-_PROFILE_DOCS = {k: f"share of one inference forward's profiled time (torch.profiler, self time of the ops, median "
-                    f"over forwards) spent in {v}; context, not a score" for k, v in _PROFILE_DOCS.items()}
-
-
-def _timing_spec(name: str, family: str, stat: str, mode: str | None, watch: bool = False) -> MetricSpec:
+def timing_spec(name: str, family: str, stat: str, mode: str | None, watch: bool = False) -> MetricSpec:
+    """The spec of timing statistic ``stat`` (``_TIMING``) under ``name``: the throughput probe,
+    scaling sweeps and tensor-product microbenchmarks share these definitions."""
     display, unit, direction, agg, fmt, doc = _TIMING[stat]
     return MetricSpec(name, f"{mode} {display}" if mode else display, family, unit=unit, direction=direction,
                       aggregate=agg, stat=stat, mode=mode, number_format=fmt, watch=watch,
@@ -420,35 +423,12 @@ def _timing_spec(name: str, family: str, stat: str, mode: str | None, watch: boo
 
 
 def _declare_benches() -> None:
-    for mode in THROUGHPUT_MODES:
-        for stat in THROUGHPUT_STATS:
-            register_metric(_timing_spec(throughput_metric(mode, stat), "throughput", stat, mode,
-                                         watch=stat in ("graphs_per_s", "peak_mem_bytes")))
-    for mode in PROFILE_MODES:
-        for region in PROFILE_REGIONS:
-            register_metric(MetricSpec(
-                profile_metric(mode, region), f"{mode} time share: {region.replace('_', ' ')}", "profile",
-                direction=None, aggregate="mean", stat=f"{region}_share", mode=mode, number_format="g",
-                log_scale=False, description=_PROFILE_DOCS[region]))
+    """The scaling-sweep and tensor-product bench metrics (``benches/scaling.py``, ``tp_bench.py``)."""
     for stat in SCALING_STATS:
-        register_metric(_timing_spec(scaling_metric(stat), "scaling", stat, None))
+        register_metric(timing_spec(scaling_metric(stat), "scaling", stat, None))
     for stat in TP_BENCH_STATS:
-        register_metric(_timing_spec(tp_bench_metric(stat), "tp_bench", stat, None))
+        register_metric(timing_spec(tp_bench_metric(stat), "tp_bench", stat, None))
 
 
-_declare_equivariance()
 _declare_runs()
 _declare_benches()
-
-
-# soft_equivariance (methods/wrappers/soft_equivariance.py): the penalty's strength and the tested
-# model's defect; context only (a larger lam is neither better nor worse in itself)
-_SOFT_EQUIVARIANCE: dict[str, tuple[str, bool, str]] = {  # name: (display, log scale, description)
-    "soft_lam": ("penalty strength lam", True, "lam of the tested checkpoint: fixed, or the multiplier fitted by "
-                 "dual ascent (lam_mode='dual')"),
-    "soft_defect": ("relative equivariance defect", True, "mean((f(g·X) − ρ(g) f(X))²) / mean squared target "
-                    "signal on the test batches, one element of the penalised group per graph, eval mode"),
-}
-for _key, (_display, _log, _doc) in _SOFT_EQUIVARIANCE.items():
-    register_metric(MetricSpec(test_metric(_key), _display, "test", stat=_key, stage="trained", log_scale=_log,
-                               number_format="g", description=_doc))

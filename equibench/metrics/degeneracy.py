@@ -24,6 +24,9 @@ Non-finite outputs never raise: ``nonfinite`` is the fraction of non-finite outp
 f(X) and all f(gX); a (graph, sample) pair with any non-finite entry is excluded from the error
 statistics (all pairs excluded -> NaN statistics). Rows: ``gap`` (or ``config``), ``rel_mean``,
 ``rel_median``, ``rel_max``, ``abs_max``, ``nonfinite``, ``n_graphs``, ``n_samples``.
+
+Probe ``degeneracy`` (``metrics/probe.py``, off by default): both curves of the trained fp64 model
+on the first test graphs (``degeneracy.*`` rows, graph3d).
 """
 from __future__ import annotations
 
@@ -37,10 +40,14 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
+from ..core.config import Config
+from ..core.registry import register_probe
 from ..core.spec import TaskSpec
 from ..symmetry.group3d import act_on_batch, act_on_output, sample_element, sample_rotations
 from ..symmetry.precision import default_dtype
+from .catalogue import DEGENERACY_AXES, DEGENERACY_STATS, STAT_WORDS, MetricSpec, degeneracy_metric
 from .equivariance import EPS, SCALE_FLOOR, cast_batch, model_in_dtype
+from .probe import Probe, ProbeContext, Reading, reading
 
 DEFAULT_GAPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-8, 0.0)
 DEFAULT_CONFIGS = ("polygon", "pyramid", "tetrahedron", "octahedron", "cube", "mirror", "line", "coincident")
@@ -288,5 +295,38 @@ def symmetric_curve(model: nn.Module, batch: Batch, spec: TaskSpec, configs: Seq
     return rows
 
 
-__all__ = ["DEFAULT_CONFIGS", "DEFAULT_GAPS", "degeneracy_curve", "full_rank", "robust_equivariance_error",
-           "symmetric_configurations", "symmetric_curve", "with_eigenvalues"]
+@register_probe("degeneracy")
+class DegeneracyProbe(Probe):
+    """The degeneracy curves (``degeneracy_curve`` over eigenvalue gaps, ``symmetric_curve`` over
+    symmetric configurations) of the trained fp64 model on the first ``graphs`` test graphs
+    (graph3d; off by default: ``degeneracy: true``)."""
+
+    METRICS = tuple(MetricSpec(
+        degeneracy_metric(axis, stat), f"degeneracy ({axis}) {STAT_WORDS[stat]}", "degeneracy",
+        direction="lower", aggregate="max" if stat != "rel_mean" else "mean", stage="trained", dtype="fp64",
+        stat=stat, axis=axis, number_format="sci", log_scale=stat != "nonfinite",
+        description="equivariance error (fp64, trained) near degenerate inputs")
+        for axis in DEGENERACY_AXES for stat in DEGENERACY_STATS)
+    phases = ("trained",)
+    order = 40
+    domains = ("graph3d",)
+    enabled = False
+    keys = {"equivariance_graphs": "graphs"}
+
+    class Settings(Config):
+        graphs: int = 32
+
+    def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:
+        batch, model, out = ctx.test_batch(self.settings.graphs), ctx.float64().to(ctx.device), []
+        for curve in (degeneracy_curve, symmetric_curve):
+            for r in curve(model, batch, ctx.spec, group=ctx.group):
+                axis = "gap" if "gap" in r else "config"
+                x = r[axis]
+                out += [reading(degeneracy_metric(axis, stat), r[stat], stage=phase, dtype="fp64", group=ctx.group,
+                                x=x if axis == "gap" else None, x_label=str(x), batch_size=int(batch.num_graphs))
+                        for stat in DEGENERACY_STATS]
+        return out
+
+
+__all__ = ["DEFAULT_CONFIGS", "DEFAULT_GAPS", "DegeneracyProbe", "degeneracy_curve", "full_rank",
+           "robust_equivariance_error", "symmetric_configurations", "symmetric_curve", "with_eigenvalues"]

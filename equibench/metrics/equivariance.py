@@ -28,6 +28,10 @@ The Lie derivative along so(3) generator A_k is d/ds [rho_out(exp(-sA_k)) f(exp(
 s = 0, taken by a central difference of the *true* function in float64 (see docs/design.md:
 autograd's jvp would miss the dependence through detached frames of frame averaging and
 canonicalisation).
+
+Probes (``metrics/probe.py``): ``equivariance`` (fp32 and fp64, at init and trained, under the
+task's group and, where the task declares one, the group its environment breaks) and
+``lie_derivative`` (fp64, graph3d) run these on the first test graphs of every task point.
 """
 from __future__ import annotations
 
@@ -40,11 +44,26 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
+from ..core.config import Config
+from ..core.registry import register_probe
 from ..core.spec import TaskSpec
 from ..symmetry import group2d, group3d
 from ..symmetry.fieldtypes import POINT
-from ..symmetry.group3d import GroupElement, OneParameterElement, act_on_batch, act_on_output
+from ..symmetry.group3d import GroupElement, OneParameterElement, act_on_batch, act_on_output, lie_generators
 from ..symmetry.precision import default_dtype, dtype_name
+from .catalogue import (
+    DTYPES,
+    EQUIVARIANCE_STATS,
+    FLOORS,
+    LIE_STATS,
+    STAGES,
+    STAT_WORDS,
+    MetricSpec,
+    broken_equivariance_metric,
+    equivariance_metric,
+    lie_metric,
+)
+from .probe import Probe, ProbeContext, Reading, reading
 
 EPS = 1e-12
 
@@ -250,3 +269,91 @@ def lie_derivative(model: nn.Module, batch: Batch, spec: TaskSpec, step: float =
     finally:
         model.train(was_training)
     return _summary(torch.cat(rels), abs_max, dtype=dtype_name(dtype), step=step)
+
+
+# ---------------------------------------------------------------------------------------------
+# probes
+
+def _equivariance_specs() -> tuple[MetricSpec, ...]:
+    specs = []
+    for stage in STAGES:
+        for dtype in DTYPES:
+            for stat in EQUIVARIANCE_STATS:
+                specs.append(MetricSpec(
+                    equivariance_metric(stage, dtype, stat), f"equiv. err {dtype} {stage}, {STAT_WORDS[stat]}",
+                    "equivariance", direction="lower", aggregate="max" if stat.endswith("_max") else "mean",
+                    stage=stage, dtype=dtype, stat=stat, number_format="sci",
+                    floor=FLOORS[dtype] if "rel_" in stat else None,
+                    watch=stage == "trained" and stat == "rel_mean",
+                    description="||f(g·X) − ρ(g) f(X)|| over test graphs and group samples; relative: / ||f(X)||; "
+                                "relative to displacement (point outputs): / ||f(X) − x||"))
+            for stat in EQUIVARIANCE_STATS:
+                specs.append(MetricSpec(
+                    broken_equivariance_metric(stage, dtype, stat),
+                    f"broken-group equiv. err {dtype} {stage}, {STAT_WORDS[stat]}", "equivariance_broken",
+                    direction=None, aggregate="max" if stat.endswith("_max") else "mean", stage=stage, dtype=dtype,
+                    stat=stat, number_format="sci", floor=FLOORS[dtype] if "rel_" in stat else None,
+                    description="||f(g·X) − ρ(g) f(X)|| as for 'equivariance', with g drawn from the group the "
+                                "task's environment breaks (TaskSpec.broken_group, e.g. E(3) for nbody_field; "
+                                "the symmetry-breaking field itself is held fixed): how far a model follows "
+                                "the symmetry the data do not have. Context, not a score: an accurate model "
+                                "must break it"))
+    return tuple(specs)
+
+
+@register_probe("equivariance")
+class EquivarianceProbe(Probe):
+    """Equivariance error (``equivariance_error``) of the float32 model as deployed and of its
+    float64 copy, at init and trained, on the first ``graphs`` test graphs: under the measured
+    group (``equivariance.*``) and under the task's broken group where it declares one
+    (``equivariance_broken.*``)."""
+
+    METRICS = _equivariance_specs()
+    phases = ("init", "trained")
+    order = 10
+
+    class Settings(Config):
+        samples: int = 8  # group elements sampled per graph (suite key equivariance_samples)
+        graphs: int = 32  # test graphs measured (suite key equivariance_graphs)
+
+    def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:
+        fp64 = ctx.float64()  # first: a build reseeds, as it did before the float32 measurement
+        measured = [(ctx.group, equivariance_metric)]
+        if ctx.broken_group is not None:
+            measured.append((ctx.broken_group, broken_equivariance_metric))
+        batch, out = ctx.test_batch(self.settings.graphs), []
+        for dtype, model in ((torch.float32, ctx.model), (torch.float64, fp64)):
+            for group, metric in measured:
+                res = equivariance_error(model.to(ctx.device), batch, ctx.spec, n_samples=self.settings.samples,
+                                         dtype=dtype, group=group, seed=ctx.seed)
+                out += [reading(metric(phase, dtype_name(dtype), stat), res[stat], stage=phase,
+                                dtype=dtype_name(dtype), group=group, batch_size=res["n_graphs"],
+                                repeats=res["n_samples"])
+                        for stat in EQUIVARIANCE_STATS if stat in res]  # disp_*: point outputs only
+        return out
+
+
+@register_probe("lie_derivative")
+class LieDerivativeProbe(Probe):
+    """Relative Lie derivative (``lie_derivative``) of the float64 model along the generators of
+    the measured group, at init and trained, on the first ``graphs`` test graphs (graph3d)."""
+
+    METRICS = tuple(MetricSpec(
+        lie_metric(stage, stat), f"Lie deriv. fp64 {stage}, {STAT_WORDS[stat]}", "lie_derivative",
+        direction="lower", aggregate="max" if stat == "rel_max" else "mean", stage=stage, dtype="fp64",
+        stat=stat, number_format="sci", description="relative Lie derivative of the fp64 model")
+        for stage in STAGES for stat in LIE_STATS)
+    phases = ("init", "trained")
+    order = 30
+    domains = ("graph3d",)
+    keys = {"equivariance_graphs": "graphs"}
+
+    class Settings(Config):
+        graphs: int = 32
+
+    def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:
+        batch, generators = ctx.test_batch(self.settings.graphs), lie_generators(ctx.group)
+        lie = lie_derivative(ctx.float64().to(ctx.device), batch, ctx.spec, generators=generators)
+        return [reading(lie_metric(phase, stat), lie[stat], stage=phase, dtype="fp64", group=ctx.group,
+                        batch_size=int(batch.num_graphs), repeats=len(generators)) for stat in LIE_STATS]
+

@@ -38,6 +38,9 @@ profiled), so op-heavy regions read larger than their share of unprofiled time a
 (profiled time per forward) is context, not a throughput; the first profiler start in a process
 costs 1-3 s (kineto's initialisation), which the CPU memory measurement of
 ``measure_throughput`` has paid already in a task point.
+
+Probe ``profile`` (``metrics/probe.py``): the inference breakdown of the trained model on the
+throughput probe's batch, in the architecture phase, when ``throughput`` is on as well.
 """
 from __future__ import annotations
 
@@ -55,7 +58,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch_geometric.data import Batch
 
-from .catalogue import PROFILE_REGIONS
+from ..core.config import Config
+from ..core.registry import register_probe
+from .catalogue import PROFILE_MODES, PROFILE_REGIONS, MetricSpec, profile_metric
+from .probe import Probe, ProbeContext, Reading, reading
 from .throughput import _native_stderr_silenced
 
 FORWARD = "equibench.profile.forward"
@@ -256,3 +262,47 @@ def profile_breakdown(model: nn.Module, batch: Batch, device: str | torch.device
             "threads": threads,
             "method": f"torch.profiler, {clock}, median over {calls} forwards (eval, no_grad, {threads} thread(s)) "
                       f"after one warm-up; regions by {res['scheme']}"}
+
+
+_REGION_DOCS = {
+    "frames": "frame / canonicalisation construction (record_function 'equibench.frames')",
+    "backbone": "calls of the shared backbone (record_function 'equibench.backbone')",
+    "to_frame": "mapping into / out of the frames and averaging (record_function 'equibench.to_frame')",
+    "tensor_product": "tensor-product modules (e3nn, cuEquivariance) and escnn point convolutions, an "
+                      "architecture without wrapper labels",
+    "linear": "linear layers and matrix products outside tensor products, an architecture without wrapper labels",
+    "scatter": "gathers and scatters of message passing (index_select, scatter_add, ...), an architecture "
+               "without wrapper labels",
+    "other": "everything else: glue outside the labelled regions (wrappers), element-wise ops and activations "
+             "(architectures), and the Python of forward itself",
+}
+
+
+@register_probe("profile")
+class ProfileProbe(Probe):
+    """Where inference time goes (``profile_breakdown``): the trained model's profiled forward
+    split into regions, on the throughput batch, once per configuration (needs ``throughput``)."""
+
+    METRICS = tuple(MetricSpec(
+        profile_metric(mode, region), f"{mode} time share: {region.replace('_', ' ')}", "profile",
+        direction=None, aggregate="mean", stat=f"{region}_share", mode=mode, number_format="g", log_scale=False,
+        description=f"share of one inference forward's profiled time (torch.profiler, self time of the ops, median "
+                    f"over forwards) spent in {_REGION_DOCS[region]}; context, not a score")
+        for mode in PROFILE_MODES for region in PROFILE_REGIONS)
+    phases = ("architecture",)
+    order = 60
+    requires = ("throughput",)
+    keys = {"throughput_batch": "batch", "throughput_threads": "threads"}
+
+    class Settings(Config):
+        batch: int = 100
+        threads: int = 0
+
+    def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:
+        batch = ctx.timing_batch(self.settings.batch)
+        prof = profile_breakdown(ctx.model, batch, ctx.device, threads=self.settings.threads or None)
+        columns = {"mode": "inference", "batch_size": int(batch.num_graphs), "threads": prof["threads"],
+                   "repeats": prof["calls"], "profile_scheme": prof["scheme"], "profile_time_s": prof["time_s"],
+                   "profile_method": prof["method"]}
+        return [reading(profile_metric("inference", region), share, **columns)
+                for region, share in prof["shares"].items()]

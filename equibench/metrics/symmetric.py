@@ -12,6 +12,9 @@ not: its frame is undecided on X (every frame h F(X), h in H, is as valid), so f
 which one the implementation happens to pick. The inputs should be built in float64
 (``default_dtype(torch.float64)`` around ``Task.symmetric_inputs()``): in float32 they are
 symmetric only to float32 rounding.
+
+Probe ``symmetric_inputs`` (``metrics/probe.py``): the fp64 model on each of the task's inputs, at
+init and trained (``symmetric.*`` rows, graph3d).
 """
 from __future__ import annotations
 
@@ -22,8 +25,13 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch, Data
 
+from ..core.config import Config
+from ..core.registry import register_probe
 from ..core.spec import TaskSpec
+from ..symmetry.precision import default_dtype
+from .catalogue import FLOORS, STAGES, STAT_WORDS, SYMMETRIC_STATS, MetricSpec, symmetric_metric
 from .equivariance import equivariance_error
+from .probe import Probe, ProbeContext, Reading, reading
 
 
 def symmetric_input_errors(model: nn.Module, inputs: Sequence[tuple[str, Data]], spec: TaskSpec,
@@ -46,4 +54,46 @@ def symmetric_input_errors(model: nn.Module, inputs: Sequence[tuple[str, Data]],
     return rows
 
 
-__all__ = ["symmetric_input_errors"]
+@register_probe("symmetric_inputs")
+class SymmetricInputsProbe(Probe):
+    """The fp64 equivariance error on each of the task's exactly symmetric inputs
+    (``Task.symmetric_inputs``, built in float64), at init and trained (graph3d)."""
+
+    METRICS = tuple(MetricSpec(
+        symmetric_metric(stage, stat), f"symmetric-input equiv. err fp64 {stage}, {STAT_WORDS[stat]}",
+        "symmetric", direction="lower", aggregate="mean" if stat == "rel_mean" else "max", stage=stage,
+        dtype="fp64", stat=stat, number_format="sci", floor=FLOORS["fp64"] if "rel_" in stat else None,
+        description="||f(g·X) − ρ(g) f(X)|| (equivariance_error, fp64 model, g = (R, t, P) sampled from the "
+                    "measured group) on one exactly symmetric input X of the task (benzene, methane, a "
+                    "ring of equal charges, a symmetric cloud, ...; row column symmetric_input); frame and "
+                    "canonicalisation methods are exact only on inputs without a symmetry of their own "
+                    "(row column exact_scope)")
+        for stage in STAGES for stat in SYMMETRIC_STATS)
+    phases = ("init", "trained")
+    order = 20
+    domains = ("graph3d",)
+    keys = {"equivariance_samples": "samples"}
+
+    class Settings(Config):
+        samples: int = 8
+
+    inputs: list[tuple[str, Data]]
+    point_groups: dict[str, str]
+
+    def prepare(self, task: Any, spec: TaskSpec) -> None:
+        with default_dtype(torch.float64):  # exactly symmetric in float64, not only to float32 rounding
+            self.inputs = task.symmetric_inputs()
+        self.point_groups = {g.name: g.point_group for g in task.symmetric_geometries()} if self.inputs else {}
+
+    def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:
+        out = []
+        for r in symmetric_input_errors(ctx.float64().to(ctx.device), self.inputs, ctx.spec,
+                                        n_samples=self.settings.samples, group=ctx.group, seed=ctx.seed):
+            out += [reading(symmetric_metric(phase, stat), r[stat], stage=phase, dtype="fp64", group=ctx.group,
+                            symmetric_input=r["input"], point_group=self.point_groups.get(r["input"]), batch_size=1,
+                            repeats=r["n_samples"], **({"symmetric_error": r["error"]} if "error" in r else {}))
+                    for stat in SYMMETRIC_STATS if stat in r]  # disp_rel_max: point outputs only
+        return out
+
+
+__all__ = ["SymmetricInputsProbe", "symmetric_input_errors"]

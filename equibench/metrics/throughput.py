@@ -40,6 +40,9 @@ call is timed separately (``compile_time_s``); the graphs compiled are counted w
 counters, and recompilations during the timed samples and on ``recompile_batches`` (other graph
 sizes) are reported, because variable graph sizes silently recompile (and, past dynamo's
 recompile limit, fall back to eager).
+
+Probe ``throughput`` (``metrics/probe.py``): every mode of ``modes`` on ``batch`` graphs of the
+test split, in the architecture phase (one seed's point per configuration, ``measure_once``).
 """
 from __future__ import annotations
 
@@ -63,8 +66,12 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.data import Batch
 
+from ..core.config import Config
 from ..core.errors import UserError
+from ..core.registry import register_probe
 from ..symmetry.precision import dtype_name
+from .catalogue import THROUGHPUT_MODES, THROUGHPUT_STATS, throughput_metric, timing_spec
+from .probe import Probe, ProbeContext, Reading, reading
 
 MODES = ("inference", "forward_backward", "train")
 #: relative spread (IQR / median of the per-call times over the repeats) above which a timing is
@@ -542,3 +549,45 @@ def repeatability(model: nn.Module, batch: Batch, mode: str = "inference", devic
             "repeats": results[0]["repeats"], "threads": results[0]["threads"],
             "device_name": results[0]["device_name"],
             "dtype": results[0]["dtype"], "batch_graphs": results[0]["batch_graphs"], "mode": mode}
+
+
+#: the columns of a throughput row besides the metric (what the number was measured at)
+THROUGHPUT_CONTEXT = ("mode", "dtype", "batch_nodes", "batch_edges", "repeats", "threads", "timer", "compiled",
+                      "mem_method", "calls_per_sample", "unstable", "load_avg_1min", "remeasured")
+
+
+@register_probe("throughput")
+class ThroughputProbe(Probe):
+    """Throughput, peak memory and FLOPs (``measure_throughput``) of the trained model on
+    ``batch`` test graphs, per mode, once per configuration (the architecture phase)."""
+
+    METRICS = tuple(timing_spec(throughput_metric(mode, stat), "throughput", stat, mode,
+                                watch=stat in ("graphs_per_s", "peak_mem_bytes"))
+                    for mode in THROUGHPUT_MODES for stat in THROUGHPUT_STATS)
+    phases = ("architecture",)
+    order = 50
+    keys = {"flops": "flops", "compile": "compile"}
+
+    class Settings(Config):
+        batch: int = 100
+        modes: tuple[str, ...] = ("inference", "train")
+        min_sample_s: float = 0.05
+        repeats: int = 10
+        threads: int = 0  # CPU threads while timing; 0 = torch's default
+        #: an unstable timing (IQR / median > 0.25) is measured again up to this many times (rows: ``remeasured``)
+        remeasure: int = 2
+        flops: bool = True
+        compile: bool = False
+
+    def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:
+        s, batch, out = self.settings, ctx.timing_batch(self.settings.batch), []
+        for mode in s.modes:
+            # measured once per configuration, so a disturbed timing is not averaged out by other
+            # seeds: an unstable one is taken again (``remeasure``)
+            res = measure_throughput(ctx.model, batch, mode=mode, device=ctx.device, repeats=s.repeats,
+                                     min_sample_s=s.min_sample_s, flops=s.flops, compile=s.compile,
+                                     loss_fn=ctx.task.loss, threads=s.threads or None, remeasure=s.remeasure)
+            columns = {**{k: res[k] for k in THROUGHPUT_CONTEXT}, "batch_size": res["batch_graphs"]}
+            out += [reading(throughput_metric(mode, stat), res[stat], **columns)
+                    for stat in THROUGHPUT_STATS if res[stat] is not None]
+        return out

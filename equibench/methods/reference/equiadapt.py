@@ -74,6 +74,7 @@ from ..blocks.backbone import BackboneModel
 from ..blocks.cnn import ConvCore, ImageModel, image_field, resolve_group
 from ..blocks.image import build_image_model, image_size_options
 from ..wrappers.baseline import Baseline
+from ..wrappers.canonicalization import CANONICALISER_METRICS
 
 LIBRARY = "equiadapt"
 #: particles per graph, fixed in ``VNDeepSets.forward`` (``repeat(1, 5)``)
@@ -285,6 +286,7 @@ class Equiadapt(Baseline):
     origin: ClassVar[str] = LIBRARY
     counterpart: ClassVar[str | None] = "canonicalization"
     smoke_options: ClassVar[dict[str, Any]] = {"width": 16, "depth": 2, "canon_width": 4, "canon_layers": 2}
+    METRICS = tuple(CANONICALISER_METRICS[k] for k in ("identity_metric", "prior_mse", "prior_ce"))
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
                  prior_weight: float | None = None, canon_width: int | None = None,

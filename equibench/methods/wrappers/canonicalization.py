@@ -75,7 +75,7 @@ from torch_geometric.data import Batch
 
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
-from ...metrics.catalogue import MetricSpec, register_metric, test_metric
+from ...metrics.catalogue import method_metric
 from ...symmetry.fieldtypes import POINT, irreps
 from ...symmetry.group2d import group_order
 from ..base import EVERY_INPUT, GENERIC_INPUTS, Method, build_at_params
@@ -100,10 +100,19 @@ IMAGE_CANON_DEPTH = 2
 #: default prior weight per domain (equiadapt: no prior in its n-body example, 100 for images)
 DEFAULT_PRIOR_WEIGHT: dict[str, float] = {"graph3d": 0.0, "image2d": 100.0}
 
-register_metric(MetricSpec(
-    test_metric("identity_share"), "identity_share", "test", stat="identity_share", stage="trained",
-    log_scale=False, description="share of graphs whose canonical rotation is within identity_angle of "
-    "the identity (det +1); equiadapt's identity_metric is 1 − MSE(R, I)"))
+#: the canonicalisers' diagnostics (``extra_metrics``; equiadapt reports three of them): context only, no
+#: better direction (on isotropic data no equivariant canonicaliser can stay near the identity)
+CANONICALISER_METRICS = {m.stat: m for m in (
+    method_metric("identity_metric", log_scale=False,
+                  description="equiadapt's identity metric: 1 - MSE(R, I) of the canonicalising rotation (graph3d); "
+                              "share of inputs mapped to the identity element (images)"),
+    method_metric("prior_mse", description="mean((R − I)²) of the canonical rotation (graph canonicaliser)"),
+    method_metric("mean_angle_deg", unit="deg", log_scale=False,
+                  description="mean rotation angle of the canonical frame (improper = 180)"),
+    method_metric("prior_ce", description="cross-entropy of the canonicaliser's scores to the identity (images)"),
+    method_metric("identity_share", log_scale=False,
+                  description="share of graphs whose canonical rotation is within identity_angle of the identity "
+                              "(det +1); equiadapt's identity_metric is 1 − MSE(R, I)"))}
 
 
 def _field_layout(t: str) -> tuple[list[int], list[int]]:
@@ -297,6 +306,7 @@ class Canonicalization(Baseline):
     group = "O3"
     #: image2d: exact over the grid symmetries of C_N (C4 exactly) wherever the argmax is unique
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": True, "image2d": True}
+    METRICS = tuple(CANONICALISER_METRICS.values())
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, group: str = "O3",
                  prior_weight: float | None = None, canon_width: int | None = None, canon_depth: int = 2,

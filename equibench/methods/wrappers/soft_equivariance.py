@@ -72,6 +72,7 @@ from torch_geometric.data import Batch
 
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
+from ...metrics.catalogue import method_metric
 from ...symmetry.fieldtypes import POINT
 from ...symmetry.group3d import act_on_batch, act_on_output, sample_element
 from .baseline import Baseline
@@ -150,6 +151,14 @@ class SoftEquivariance(Baseline):
     domains: ClassVar[tuple[str, ...]] = ("graph3d",)
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False}
     smoke_options = {"width": 16, "depth": 2, "lam": 1.0}
+    #: the penalty's strength and the tested model's defect: context only (a larger lam is neither
+    #: better nor worse in itself)
+    METRICS = (method_metric("soft_lam", display="penalty strength lam",
+                             description="lam of the tested checkpoint: fixed, or the multiplier fitted by dual "
+                                         "ascent (lam_mode='dual')"),
+               method_metric("soft_defect", display="relative equivariance defect",
+                             description="mean((f(g·X) − ρ(g) f(X))²) / mean squared target signal on the test "
+                                         "batches, one element of the penalised group per graph, eval mode"))
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None, lam: float = 1.0,
                  lam_mode: Literal["fixed", "dual"] = "fixed", penalty_group: Literal["full", "exact"] = "full",
