@@ -320,6 +320,25 @@ def test_nequip_statistics_come_from_the_training_data(nbody):
 
 
 # ---- canonicalisation (equiadapt) ---------------------------------------------------------------
+def test_nequip_radial_scale_makes_the_network_independent_of_the_length_unit():
+    """With ``radial_scale`` the Bessel basis is a function of r / r_max only: on normals (r_max
+    estimated from each batch) scaling every position by 7 leaves the predicted normals unchanged,
+    and the features stay of order one; NequIP's own formula (the default) is another network in
+    other units, and on unit-radius clouds its outputs are orders of magnitude larger."""
+    task = eb.get_task("normals", n_points=64, k=8, train_size=8, val_size=4, test_size=8)
+    x = cast_batch(Batch.from_data_list(task.load("test")[:3]), torch.float64)
+    x7 = x.clone()
+    x7.pos = x.pos * 7.0
+    with default_dtype(torch.float64):
+        scale_free = eb.get_method("e3nn_nequip", mul=8, depth=3, radial_scale=5.0).build(task.spec, seed=0).eval()
+        nequip = eb.get_method("e3nn_nequip", mul=8, depth=3).build(task.spec, seed=0).eval()
+        out, out7 = scale_free(x), scale_free(x7)
+        assert torch.allclose(out, out7, rtol=1e-9, atol=1e-12)
+        assert out.abs().max() < 10.0
+        assert not torch.allclose(nequip(x), nequip(x7), rtol=1e-3)
+        assert nequip(x).abs().max() > 1e3 * out.abs().max()
+
+
 def test_identity_metric_is_equiadapts_one_minus_mse():
     angle = 0.7
     c, s = torch.cos(torch.tensor(angle, dtype=torch.float64)), torch.sin(torch.tensor(angle, dtype=torch.float64))

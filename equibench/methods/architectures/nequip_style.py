@@ -54,6 +54,16 @@ invariant node inputs (not only one-hot species); vector node inputs enter as fe
 readout is one ``o3.Linear`` (NequIP: two, to 0e hidden and to the energy); no per-species
 scale/shift; forces (md) are predicted directly unless ``forces="conservative"``.
 
+Length units (``radial_scale``). NequIP's Bessel basis has units of 1 / length^2 (at r -> 0 it is
+2 w_n / r_max^2): its radial MLP expects lengths in Angstrom with a cutoff near 5. On data in other
+units it is another network: on ``normals`` (clouds of unit RMS radius, r_max ~ 0.9) the basis
+reaches ~60, the radial MLP's weights follow, and the features grow by orders of magnitude per
+layer (1e32 after four layers at initialisation; training diverges at every learning rate). With
+``radial_scale = s`` the basis is computed on lengths rescaled so that the cutoff is s (NequIP's
+default 5.0): B_n(r; r_max) (r_max / s)^2, the same function of r / r_max that NequIP computes at
+its default cutoff. None (default) keeps NequIP's formula in the data's own units, which the
+library cross-check (``nequip``) compares against.
+
 Forces (``forces``): ``"direct"`` (default) reads a node-level "1o" target (md forces) off the
 network's "1o" head like any vector output. ``"conservative"`` makes it an energy model, as NequIP
 is: on a task whose target is a node-level "1o" field and which has a point input, the network is
@@ -298,9 +308,10 @@ class NequIPModel(nn.Module):
     def __init__(self, spec: TaskSpec, mul: int, lmax: int = 1, depth: int = 4, num_basis: int = 8,
                  radial_hidden: int = 64, radial_layers: int = 2, cutoff_p: int = 6, resnet: bool = False,
                  avg_num_neighbors: float | None = None, r_max: float | None = None,
-                 bessel_trainable: bool = False) -> None:
+                 bessel_trainable: bool = False, radial_scale: float | None = None) -> None:
         super().__init__()
         self.spec, self.mul, self.cutoff_p = spec, mul, cutoff_p
+        self.radial_scale = radial_scale
         self.point = spec.point_fields[0]
         self.attr_fields, self.feat_fields, self.edge_fields = _layout(spec)
         n_attr = 1 + sum(field_dim(spec.inputs[k]) for k in self.attr_fields)
@@ -338,7 +349,10 @@ class NequIPModel(nn.Module):
         r = vec.norm(dim=-1)
         avg, r_max = self.stats(batch, r.detach())
         env = polynomial_cutoff(r / r_max, self.cutoff_p).unsqueeze(-1)
-        radial = torch.cat([self.basis(r, r_max), *(batch[k].reshape(r.numel(), -1) for k in self.edge_fields)], -1)
+        basis = self.basis(r, r_max)
+        if self.radial_scale is not None:  # lengths in units where the cutoff is radial_scale (module docstring)
+            basis = basis * (r_max / self.radial_scale) ** 2
+        radial = torch.cat([basis, *(batch[k].reshape(r.numel(), -1) for k in self.edge_fields)], -1)
         return self.sh(vec), radial * env, avg
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -367,7 +381,7 @@ class E3NNNequIP(Method):
     def __init__(self, *, lmax: int = 1, mul: int = 32, depth: int = 4, params: int | None = None,
                  num_basis: int = 8, radial_hidden: int = 64, radial_layers: int = 2, cutoff_p: int = 6,
                  resnet: bool = False, bessel_trainable: bool = False, avg_num_neighbors: float | None = None,
-                 r_max: float | None = None, forces: str = "direct") -> None:
+                 r_max: float | None = None, forces: str = "direct", radial_scale: float | None = None) -> None:
         if forces not in FORCE_MODES:
             raise UserError(f"e3nn_nequip: forces must be one of {FORCE_MODES}, got {forces!r}")
         if lmax < 0:
@@ -376,7 +390,7 @@ class E3NNNequIP(Method):
                         ("radial_layers", radial_layers), ("cutoff_p", cutoff_p), ("num_basis", num_basis)):
             if v < 1:
                 raise ValueError(f"{name} must be positive, got {v}")
-        for name, x in (("avg_num_neighbors", avg_num_neighbors), ("r_max", r_max)):
+        for name, x in (("avg_num_neighbors", avg_num_neighbors), ("r_max", r_max), ("radial_scale", radial_scale)):
             if x is not None and x <= 0:
                 raise ValueError(f"{name} must be positive, got {x}")
         if params is not None and params < 1:
@@ -392,6 +406,9 @@ class E3NNNequIP(Method):
         self.forces = forces
         if forces != "direct":  # recorded only when set: existing rows stay as they were
             self.options.update(forces=forces)
+        self.radial_scale = radial_scale
+        if radial_scale is not None:  # the same: recorded only when set
+            self.options.update(radial_scale=radial_scale)
 
     def conservative_on(self, spec: TaskSpec) -> bool:
         """Whether the model on ``spec`` is an energy model with forces -dE/dx."""
@@ -450,5 +467,5 @@ class E3NNNequIP(Method):
         net_spec = energy_spec(spec) if conservative else spec
         model = build_irreps_sized(self, spec, seed, lambda mul, rh: NequIPModel(
             net_spec, mul, self.lmax, self.depth, self.num_basis, rh, self.radial_layers, self.cutoff_p, self.resnet,
-            self.avg_num_neighbors, self.r_max, self.bessel_trainable))
+            self.avg_num_neighbors, self.r_max, self.bessel_trainable, self.radial_scale))
         return ForcesFromEnergy(model, pos_field=spec.point_fields[0]) if conservative else model
