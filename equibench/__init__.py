@@ -49,7 +49,8 @@ _API = {
     # metrics
     "MetricSpec": "equibench.metrics.catalogue", "register_metric": "equibench.metrics.catalogue",
     "get_metric": "equibench.metrics.catalogue", "task_metric": "equibench.metrics.catalogue",
-    "Probe": "equibench.metrics.probe", "ProbeContext": "equibench.metrics.probe",
+    "method_metric": "equibench.metrics.catalogue", "Probe": "equibench.metrics.probe",
+    "ProbeContext": "equibench.metrics.probe", "ProbeSettings": "equibench.metrics.probe",
     "equivariance_error": "equibench.metrics.equivariance", "lie_derivative": "equibench.metrics.equivariance",
     "measure_throughput": "equibench.metrics.throughput",
     # writing a method: the interface, parameter matching, the shared backbone

@@ -40,14 +40,13 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from ..core.config import Config
 from ..core.registry import register_probe
 from ..core.spec import TaskSpec
 from ..symmetry.group3d import act_on_batch, act_on_output, sample_element, sample_rotations
 from ..symmetry.precision import default_dtype
 from .catalogue import DEGENERACY_AXES, DEGENERACY_STATS, STAT_WORDS, MetricSpec, degeneracy_metric
 from .equivariance import EPS, SCALE_FLOOR, cast_batch, model_in_dtype
-from .probe import Probe, ProbeContext, Reading, reading
+from .probe import Probe, ProbeContext, ProbeSettings, Reading, reading
 
 DEFAULT_GAPS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-8, 0.0)
 DEFAULT_CONFIGS = ("polygon", "pyramid", "tetrahedron", "octahedron", "cube", "mirror", "line", "coincident")
@@ -313,7 +312,7 @@ class DegeneracyProbe(Probe):
     enabled = False
     keys = {"equivariance_graphs": "graphs"}
 
-    class Settings(Config):
+    class Settings(ProbeSettings):
         graphs: int = 32
 
     def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:

@@ -44,7 +44,6 @@ from torch import nn
 from torch_geometric.data import Batch
 from torch_geometric.utils import scatter
 
-from ..core.config import Config
 from ..core.registry import register_probe
 from ..core.spec import TaskSpec
 from ..symmetry import group2d, group3d
@@ -63,7 +62,7 @@ from .catalogue import (
     equivariance_metric,
     lie_metric,
 )
-from .probe import Probe, ProbeContext, Reading, reading
+from .probe import Probe, ProbeContext, ProbeSettings, Reading, reading
 
 EPS = 1e-12
 
@@ -312,7 +311,7 @@ class EquivarianceProbe(Probe):
     phases = ("init", "trained")
     order = 10
 
-    class Settings(Config):
+    class Settings(ProbeSettings):
         samples: int = 8  # group elements sampled per graph (suite key equivariance_samples)
         graphs: int = 32  # test graphs measured (suite key equivariance_graphs)
 
@@ -348,7 +347,7 @@ class LieDerivativeProbe(Probe):
     domains = ("graph3d",)
     keys = {"equivariance_graphs": "graphs"}
 
-    class Settings(Config):
+    class Settings(ProbeSettings):
         graphs: int = 32
 
     def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:

@@ -1,26 +1,30 @@
 """Probes: the per-run measurements of a task point, registered like methods and tasks.
 
 A probe measures something of the model of one (task, method, seed) point and emits rows of the
-metrics it declares. It is one class, in the file of what it measures::
+metrics it declares. It is one class, in the file of what it measures (a plugin: one file,
+``tests/plugins/heldout_loss_probe.py``)::
 
-    @register_probe("output_norm")
-    class OutputNorm(Probe):
-        '''Mean output norm of the trained model on the test graphs.'''
-        METRICS = (MetricSpec("output_norm.trained", "output norm", "output_norm", direction=None),)
+    @register_probe("heldout_loss")
+    class HeldoutLoss(Probe):
+        '''The task's training loss on the first test graphs, after training.'''
+        METRICS = (MetricSpec("heldout_loss", "held-out loss", "heldout_loss", unit="loss", direction="lower"),)
         phases = ("trained",)
+        enabled = False  # on with `heldout_loss: true` in a suite's evaluate:
 
-        class Settings(Config):
-            graphs: int = 16           # suite key: output_norm_graphs
+        class Settings(ProbeSettings):
+            graphs: int = 16  # suite key: heldout_loss_graphs
 
         def measure(self, ctx: ProbeContext, phase: str) -> list[Reading]:
-            out = ctx.model(ctx.test_batch(self.settings.graphs))
-            return [reading("output_norm.trained", out.norm(dim=-1).mean(), batch_size=self.settings.graphs)]
+            batch = ctx.test_batch(self.settings.graphs).to(ctx.device)
+            with torch.no_grad():
+                loss = ctx.task.loss(ctx.model(batch), batch)
+            return [reading("heldout_loss", loss, batch_size=int(batch.num_graphs))]
 
 What the class declares:
 
 * ``METRICS``: every metric it may emit (``MetricSpec``; registered in the catalogue with the
   class; a reading of an undeclared name is an error);
-* ``Settings``: its settings, a pydantic ``Config``. In a suite's ``evaluate:`` mapping the probe
+* ``Settings``: its settings, a pydantic model (``ProbeSettings``). In a suite's ``evaluate:`` mapping the probe
   is switched by its name (``lie_derivative: false``) and each setting is ``<probe>_<setting>``
   (``throughput_batch: 50``), unless ``keys`` names the suite key of a setting: several probes
   may read one key (``equivariance_graphs`` sizes the batch of the equivariance, Lie derivative
@@ -116,7 +120,11 @@ class ProbeContext:
         return self._batches[key]
 
 
-class NoSettings(Config):
+class ProbeSettings(Config):
+    """Base of a probe's settings: frozen, strict types, unknown keys rejected (``Config``)."""
+
+
+class NoSettings(ProbeSettings):
     """A probe without settings."""
 
 
@@ -125,7 +133,7 @@ class Probe:
 
     name: ClassVar[str] = "?"
     METRICS: ClassVar[tuple[MetricSpec, ...]] = ()
-    Settings: ClassVar[type[Config]] = NoSettings
+    Settings: ClassVar[type[ProbeSettings]] = NoSettings
     keys: ClassVar[dict[str, str]] = {}
     phases: ClassVar[tuple[str, ...]] = ("trained",)
     order: ClassVar[float] = 100.0
@@ -133,7 +141,7 @@ class Probe:
     enabled: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, settings: Config) -> None:
+    def __init__(self, settings: ProbeSettings) -> None:
         self.settings: Any = settings
 
     @classmethod
@@ -202,7 +210,7 @@ class EvalSettings(Config):
         on = getattr(self, probe.name, probe.enabled)
         return bool(on) and all(getattr(self, r, False) for r in probe.requires)
 
-    def settings(self, probe: type[Probe]) -> Config:
+    def settings(self, probe: type[Probe]) -> ProbeSettings:
         """``probe``'s settings from this mapping's keys."""
         values = {setting: getattr(self, key) for key, setting in probe.setting_keys().items() if hasattr(self, key)}
         try:
@@ -250,4 +258,5 @@ def _field(model: type[BaseModel], name: str) -> tuple[Any, Any]:
     return info.annotation, info.default
 
 
-__all__ = ["PHASES", "EvalSettings", "NoSettings", "Probe", "ProbeContext", "Reading", "evaluate_model", "reading"]
+__all__ = ["PHASES", "EvalSettings", "NoSettings", "Probe", "ProbeContext", "ProbeSettings", "Reading",
+           "evaluate_model", "reading"]

@@ -58,10 +58,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch_geometric.data import Batch
 
-from ..core.config import Config
 from ..core.registry import register_probe
 from .catalogue import PROFILE_MODES, PROFILE_REGIONS, MetricSpec, profile_metric
-from .probe import Probe, ProbeContext, Reading, reading
+from .probe import Probe, ProbeContext, ProbeSettings, Reading, reading
 from .throughput import _native_stderr_silenced
 
 FORWARD = "equibench.profile.forward"
@@ -294,7 +293,7 @@ class ProfileProbe(Probe):
     requires = ("throughput",)
     keys = {"throughput_batch": "batch", "throughput_threads": "threads"}
 
-    class Settings(Config):
+    class Settings(ProbeSettings):
         batch: int = 100
         threads: int = 0
 

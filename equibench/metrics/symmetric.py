@@ -25,13 +25,12 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch, Data
 
-from ..core.config import Config
 from ..core.registry import register_probe
 from ..core.spec import TaskSpec
 from ..symmetry.precision import default_dtype
 from .catalogue import FLOORS, STAGES, STAT_WORDS, SYMMETRIC_STATS, MetricSpec, symmetric_metric
 from .equivariance import equivariance_error
-from .probe import Probe, ProbeContext, Reading, reading
+from .probe import Probe, ProbeContext, ProbeSettings, Reading, reading
 
 
 def symmetric_input_errors(model: nn.Module, inputs: Sequence[tuple[str, Data]], spec: TaskSpec,
@@ -74,7 +73,7 @@ class SymmetricInputsProbe(Probe):
     domains = ("graph3d",)
     keys = {"equivariance_samples": "samples"}
 
-    class Settings(Config):
+    class Settings(ProbeSettings):
         samples: int = 8
 
     inputs: list[tuple[str, Data]]

@@ -66,12 +66,11 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.data import Batch
 
-from ..core.config import Config
 from ..core.errors import UserError
 from ..core.registry import register_probe
 from ..symmetry.precision import dtype_name
 from .catalogue import THROUGHPUT_MODES, THROUGHPUT_STATS, throughput_metric, timing_spec
-from .probe import Probe, ProbeContext, Reading, reading
+from .probe import Probe, ProbeContext, ProbeSettings, Reading, reading
 
 MODES = ("inference", "forward_backward", "train")
 #: relative spread (IQR / median of the per-call times over the repeats) above which a timing is
@@ -568,7 +567,7 @@ class ThroughputProbe(Probe):
     order = 50
     keys = {"flops": "flops", "compile": "compile"}
 
-    class Settings(Config):
+    class Settings(ProbeSettings):
         batch: int = 100
         modes: tuple[str, ...] = ("inference", "train")
         min_sample_s: float = 0.05
