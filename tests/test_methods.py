@@ -95,6 +95,8 @@ def test_shapes_and_a_training_step(name, nbody_task, nbody_batch):
     assert torch.isfinite(model(nbody_batch)).all()
     extra = method.extra_metrics(model, nbody_batch, model(nbody_batch))
     assert all(isinstance(v, float) for v in extra.values())
+    undeclared = [k for k in extra if eb.get_metric(f"test.{k}").role != "diagnostic"]
+    assert not undeclared, f"extra metrics not declared as the method's diagnostics (Method.METRICS): {undeclared}"
 
 
 @pytest.mark.parametrize("name", exact_methods())
