@@ -16,6 +16,9 @@ It alone owns, for task runs, scaling sweeps and tensor-product benchmarks alike
   (``run_id``, ``git_commit``, ``wall_s``, ``executor``, ``environment`` and the worker
   environment's ``versions``) and go to the store as ONE atomic block as soon as the point ends;
   failures (crash, signal, out of memory, timeout) are rows built the same way;
+* cards: before a point's block is appended, the cards of its method and task
+  (``results.cards``: ``cards/``) are updated from the live method and task and the point's rows,
+  each file replaced atomically; a resumed run describes the recorded points its cards lack;
 * storage: a full or unwritable results directory stops the run with ``StorageError``; nothing
   is recorded for a point whose result could not be written, so ``--resume`` runs it again.
 """
@@ -27,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +41,8 @@ from ..benches.base import Bench, Point, Row
 from ..core.envinfo import environment as env_info
 from ..core.envinfo import git_commit, load_average, load_record
 from ..core.errors import StorageError, UserError
-from ..core.registry import load_plugin, method_class
+from ..core.registry import get_method, get_task, load_plugin, method_class, method_of, task_class
+from ..results.cards import CardStore
 from ..results.rows import RunColumns, point_record, status_row
 from ..results.status import Status
 from ..results.store import RunRecords, storage_errors, write_json_atomic, write_parquet
@@ -125,6 +130,27 @@ class Engine:
         self.clock: dict[str, float] = {}
         self.progress, self.total = progress, total
         self.bar: Any = None
+        self.cards = CardStore(self.run_dir)
+
+    # ---- cards ------------------------------------------------------------------------
+    def describe(self, point: Point, rows: list[Row]) -> None:
+        """Update the cards of the method and task of ``point`` (a point that names a registered
+        task and method: task and tuning runs) from the live method and task and ``rows``. One this
+        process cannot describe is left to the report's fallback (``results.runcards``) with a
+        warning, never a failed run."""
+        ident = point.identity
+        try:
+            method_class(str(ident.get("method"))), task_class(str(ident.get("task")))
+        except UserError:  # a bench of its own names (scaling, tensor products, a plugin's bench)
+            return
+        try:
+            method = get_method(method_of(str(ident["method"])), **(ident.get("method_options") or {}))
+            task = get_task(str(ident["task"]), **(ident.get("task_options") or {}))
+            self.cards.add(ident, rows, method, task)
+        except StorageError:
+            raise
+        except Exception as err:  # a plugin's declaration this process cannot read: the rows still count
+            warnings.warn(f"{point.label}: no card written ({type(err).__name__}: {err})", stacklevel=2)
 
     # ---- rows -------------------------------------------------------------------------
     def record(self, point: Point, rows: list[Row], *, wall_s: float, env: Environment | None,
@@ -135,7 +161,9 @@ class Engine:
                          versions=versions if versions is not None else (env.versions if env is not None else {}),
                          environment=env.id if env is not None else "main", executor=self.executor.name,
                          wall_s=wall_s)
-        out = self.records.append(point_record(point.identity, rows, run).rows())
+        block = point_record(point.identity, rows, run).rows()
+        self.describe(point, block)
+        out = self.records.append(block)
         self.recorded.add(point.hash)
         self.history.setdefault(point.hash, []).extend(out)
         if self.bar is not None:
@@ -300,6 +328,9 @@ def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executo
         done = {r["spec_hash"] for r in records.rows}
         pending = {p.hash for p in points} - done
         engine = Engine(records, ex, limits, plugin_paths, progress, len(pending))
+        for p in points:  # recorded before this invocation (or before cards): describe them once
+            if p.hash in done and not engine.cards.has(p.identity):
+                engine.describe(p, engine.history.get(p.hash, []))
         load_before = load_average()
         try:
             engine.run(make_units(points, pending))
