@@ -145,3 +145,26 @@ def test_the_checker_sees_a_violation(tmp_path):
     assert isinstance(node, ast.ImportFrom)
     assert resolve(node, "equibench.core.registry", False) == ["equibench.report.build"]
     assert layer("equibench.report.build") > layer("equibench.core.registry")
+
+
+#: what the report never reads (issue 21, item 2): it reads records and cards, not the code that made them
+REPORT_FORBIDDEN = ("equibench.core.registry", "equibench.methods", "equibench.datasets")
+
+
+def report_reads_code(graph: dict[str, list[tuple[str, bool]]]) -> list[str]:
+    """``<report module> imports <module>`` for every import of ``REPORT_FORBIDDEN`` from ``equibench.report``."""
+    return [f"{mod} imports {dep}" for mod, deps in graph.items() if mod.startswith("equibench.report")
+            for dep, _ in deps if any(dep == f or dep.startswith(f + ".") for f in REPORT_FORBIDDEN)]
+
+
+def test_the_report_imports_no_registry_method_or_task():
+    assert not report_reads_code(GRAPH), "\n".join(report_reads_code(GRAPH))
+
+
+def test_the_report_import_check_sees_one():
+    node = ast.parse("from ...core.registry import method_class").body[0]
+    assert isinstance(node, ast.ImportFrom)
+    graph = {"equibench.report.common.tables": [(m, True) for m in resolve(node, "equibench.report.common.tables",
+                                                                           False)],
+             "equibench.engine.engine": [("equibench.core.registry.method_class", True)]}
+    assert report_reads_code(graph) == ["equibench.report.common.tables imports equibench.core.registry"]

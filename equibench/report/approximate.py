@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..metrics.catalogue import broken_equivariance_metric, equivariance_metric, test_metric  # noqa: E402
+from ..results.runcards import RunCards  # noqa: E402
 from ..results.status import Status  # noqa: E402
 from .common import fmt  # noqa: E402
 from .common.metricinfo import spec_for  # noqa: E402
@@ -288,12 +289,13 @@ def _groups(rows: pd.DataFrame) -> str:
     return "/".join(names) or "?"
 
 
-def approximate_section(task: str, df: pd.DataFrame, out: Path) -> Section | None:
-    """The section of one task whose runs sweep ``field`` (None when fewer than two fields)."""
+def approximate_section(task: str, df: pd.DataFrame, out: Path, cards: RunCards | None = None) -> Section | None:
+    """The section of one task whose runs sweep ``field`` (None when fewer than two fields); its
+    metric is the task's primary one (its card; ``cards`` None: the rows alone)."""
     rows = field_runs(df)
     if rows.empty or rows[FIELD].nunique() < 2:
         return None
-    metric = task_metric(rows) or test_metric("mse")
+    metric = task_metric(rows, cards) or test_metric("mse")
     spec = spec_for(metric)
     values = values_by(rows, metric)
     exact = exact_without_input(rows)
@@ -338,13 +340,13 @@ def approximate_section(task: str, df: pd.DataFrame, out: Path) -> Section | Non
             "context": context, "notes": [sentence], "figures": figures, "tables": tables}
 
 
-def approximate_sections(df: pd.DataFrame, out: Path) -> list[Section]:
+def approximate_sections(df: pd.DataFrame, out: Path, cards: RunCards | None = None) -> list[Section]:
     """One section per task of ``df`` whose runs sweep ``field`` over at least two values."""
     if df.empty or "task" not in df:
         return []
     sections = []
     for task, g in df.groupby("task", sort=True):
-        section = approximate_section(str(task), g, out)
+        section = approximate_section(str(task), g, out, cards)
         if section:
             sections.append(section)
     return sections

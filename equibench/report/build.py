@@ -20,6 +20,13 @@ curves. Scaling sweeps and tensor-product microbenchmarks have their own section
 table and figure states how it was measured: device, dtype, batch, repeats, threads, group
 samples, seeds, training budget, commit. ``write_comparison`` (``compare``) renders two runs side
 by side.
+
+The report is a function of the run directories alone: their records and their cards
+(``results.runcards.cards_for``: each method's counterpart, origin, whether it wraps the backbone
+and its force kind; each task's primary metric, metric roles, trivial reference, floors and seed
+draws; the spec of every metric the runs reported, used where this process's catalogue does not
+declare it). It never asks the registry, a method or task class or a docstring, so a run
+directory reports the same in a process without the plugins that produced it.
 """
 from __future__ import annotations
 
@@ -33,10 +40,11 @@ import pandas as pd
 
 from ..benches.taskrun import TaskBench
 from ..benches.tuning import TuneBench
-from ..core.registry import list_methods, list_tasks
+from ..results.runcards import RunCards, cards_for
 from ..results.status import Status
 from ..results.store import load_results, run_dirs, upgrade_frame
 from .approximate import approximate_sections
+from .common.metricinfo import stored_metrics
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .common.tables import loaded_machine_lines, status_table
 from .compare import write_comparison
@@ -118,7 +126,7 @@ def report_purpose(purposes: dict[str, str | None]) -> str | None:
 
 
 def _sections(df: pd.DataFrame, out: Path, ranked: bool = True,
-              resolved: list[dict[str, Any]] | None = None) -> list[Section]:
+              resolved: list[dict[str, Any]] | None = None, cards: RunCards | None = None) -> list[Section]:
     """A section per task of the task runs in ``df`` (with their tuning runs), then one per bench
     with a section of its own (``sections.SECTIONS``: scaling, tensor products), selected by the
     ``bench`` column; ``resolved`` (``configuration.read_resolved``) adds each task section's
@@ -126,7 +134,7 @@ def _sections(df: pd.DataFrame, out: Path, ranked: bool = True,
     sections = []
     runs = df[df["bench"].isin([TaskBench.kind, TuneBench.kind])]
     for task, g in runs.groupby("task", sort=True):
-        section = task_section(str(task), g, out, ranked=ranked)
+        section = task_section(str(task), g, out, ranked=ranked, cards=cards)
         if section:
             entries = [e for e in resolved or [] if e["task"] == task]
             section["configuration"] = configuration_table(entries, g)
@@ -145,13 +153,19 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
 
     ``regressions`` (one line each) are listed first; ``history`` adds trend plots per task;
     ``results``: the rows of ``paths`` when the caller has them (``load_results(paths)``, e.g.
-    the run just made: ``RunRecords.frame()``), else read here."""
-    list_methods(), list_tasks()  # the built-in methods and tasks declare their own metrics when imported
+    the run just made: ``RunRecords.frame()``), else read here. Everything the page says comes
+    from the run directories: records and cards (module doc)."""
     df = load_results(paths) if results is None else upgrade_frame(results)
-    merged = df.attrs.get("merged", [])  # which runs were merged, which reruns counted once
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dirs = run_dirs(paths)
+    cards = cards_for(dirs, df)
+    with stored_metrics(cards.metrics):
+        return _write_report(df, dirs, cards, Path(out_dir), title, regressions, history)
+
+
+def _write_report(df: pd.DataFrame, dirs: list[Path], cards: RunCards, out: Path, title: str | None,
+                  regressions: list[str] | None, history: pd.DataFrame | None) -> Path:
+    merged = df.attrs.get("merged", [])  # which runs were merged, which reruns counted once
+    out.mkdir(parents=True, exist_ok=True)
     purpose = report_purpose(run_purposes(dirs))
     ranked = purpose is None or purpose in RANKED_PURPOSES
     title = title or f"equibench report: {', '.join(sorted(set(df['run_id'].dropna())))}"
@@ -162,8 +176,9 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
     intro = ([f"{first}."] if first else []) + [how_to_read(ranked, configured=bool(resolved))]
     if merged:
         intro.append("Runs merged: " + "; ".join(merged) + ".")
-    sections = published_sections(df, dirs) + reference_sections(df) + _sections(df, out, ranked, resolved)
-    sections += approximate_sections(df, out)  # sweeps of a symmetry-breaking field (report/approximate.py)
+    sections = (published_sections(df, dirs) + reference_sections(df, cards)
+                + _sections(df, out, ranked, resolved, cards))
+    sections += approximate_sections(df, out, cards)  # sweeps of a symmetry-breaking field (report/approximate.py)
     if history is not None:
         for s in sections:
             s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]
@@ -173,17 +188,17 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out_dir
                 status=TableView.from_frame(status, css="status", row_ids=status.attrs.get("row_ids"))
                 if len(status) else None,
                 sections=[section_view(s) for s in sections], versions=versions_text(versions),
-                banner=banner(df, regressions, loaded_machine_lines(dirs)))
+                banner=banner(df, regressions, loaded_machine_lines(dirs), cards))
     return write_page(page, out)
 
 
 def banner(df: pd.DataFrame, regressions: list[str] | None = None,
-           load_lines: list[str] | None = None) -> list[BannerItem]:
+           load_lines: list[str] | None = None, cards: RunCards | None = None) -> list[BannerItem]:
     """The banner's entries: the runs made on a loaded machine (``load_lines``, one each), every
-    anomaly of ``df`` (``verdicts.anomalies``), then one entry for the nightly regressions when
-    there are any."""
+    anomaly of ``df`` (``verdicts.anomalies``, by the runs' ``cards``), then one entry for the
+    nightly regressions when there are any."""
     items = [BannerItem("loaded machine", line, "anomalies") for line in load_lines or []]
-    items += [BannerItem(a.kind, a.text, a.anchor, a.md_anchor) for a in anomalies(df)]
+    items += [BannerItem(a.kind, a.text, a.anchor, a.md_anchor) for a in anomalies(df, cards)]
     if regressions:
         items.append(BannerItem("regression", f"{len(regressions)} regression(s) against the nightly history",
                                 "regressions", md_anchor(f"Regressions ({len(regressions)})")))

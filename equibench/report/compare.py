@@ -25,10 +25,11 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.throughput import UNSTABLE_REL_IQR
+from ..results.runcards import cards_for
 from ..results.status import Status
 from ..results.store import load_results, run_dirs
 from .common import fmt, plots
-from .common.metricinfo import header, spec_for, value
+from .common.metricinfo import header, spec_for, stored_metrics, value
 from .common.render import FigureView, Page, SectionView, TableView, slug, write_page
 from .common.tables import context_line, loaded_machine_lines
 from .history import measure_change, spread_rows, watched
@@ -55,11 +56,13 @@ class Comparison:
 
 def compare_dirs(run_a: str | os.PathLike, run_b: str | os.PathLike, threshold: float = THRESHOLD,
                  k: float = K) -> Comparison:
-    """Load two runs (run directories or results roots) and compare them (module doc)."""
+    """Load two runs (run directories or results roots) and compare them (module doc); a metric this
+    process does not declare is read as the runs stored it (``cards/metrics.json``)."""
     a, b = load_results(run_a), load_results(run_b)
     dirs_a, dirs_b = run_dirs(run_a), run_dirs(run_b)
     load_a, load_b = loaded_machine_lines(dirs_a), loaded_machine_lines(dirs_b)
-    table = compare_runs(a, b, threshold, k, loaded=(bool(load_a), bool(load_b)))
+    with stored_metrics(cards_for([*dirs_a, *dirs_b]).metrics):
+        table = compare_runs(a, b, threshold, k, loaded=(bool(load_a), bool(load_b)))
     notes = [f"⚠ A: {x}" for x in load_a] + [f"⚠ B: {x}" for x in load_b]
     if load_a or load_b:
         notes.append("Timings (throughput, time) are not called better or worse when either run was on a loaded "
@@ -183,6 +186,12 @@ def write_comparison(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir
     ``comparison.csv`` (``compare_runs``'s table); returns the HTML path. ``comparison``: the
     result of ``compare_dirs`` when the caller has it already."""
     c = comparison or compare_dirs(run_a, run_b, threshold, k)
+    with stored_metrics(cards_for([*run_dirs(run_a), *run_dirs(run_b)]).metrics):
+        return _write_comparison(c, run_a, run_b, out_dir, k)
+
+
+def _write_comparison(c: Comparison, run_a: str | os.PathLike, run_b: str | os.PathLike,
+                      out_dir: str | os.PathLike, k: float) -> Path:
     table, a, b = c.table, c.a, c.b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

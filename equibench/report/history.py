@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..metrics.catalogue import THROUGHPUT_MODES, find_metric, throughput_metric
+from ..metrics.catalogue import THROUGHPUT_MODES, throughput_metric
 from ..results.status import Status
 from ..results.store import load_results
+from .common.metricinfo import known_spec
 
 KEEP = ["run_id", "spec_hash", "bench", "task", "method", "seed", "metric", "value", "status", "git_commit",
         "device_name", "dtype", "batch_size", "repeats", "finished_at"]
@@ -31,7 +32,7 @@ KEEP = ["run_id", "spec_hash", "bench", "task", "method", "seed", "metric", "val
 def watched(metric: str) -> bool:
     """Whether the regression rule and the run comparison track ``metric`` (declared, marked
     ``watch`` and with a better direction)."""
-    spec = find_metric(metric)
+    spec = known_spec(metric)
     return bool(spec and spec.watch and spec.direction)
 
 
@@ -154,7 +155,7 @@ def find_regressions(hist: pd.DataFrame, run_id: str, threshold: float = 0.1, wi
     out = []
     for _, row in cur.iterrows():
         key = (row["task"], row["method"], row["metric"])
-        spec = find_metric(row["metric"])
+        spec = known_spec(row["metric"])
         if key not in ref.index or spec is None or spec.direction is None or not np.isfinite(row["value"]):
             continue
         value = float(row["value"])

@@ -3,17 +3,19 @@ implementation of the same construction, where a run measured both on the same t
 
 A pair is (ours, reference) on one task configuration (its base task options, sweeps left out):
 
-* a method whose class names a ``counterpart`` (``Method.counterpart``: e.g.
-  ``frame_averaging_pytorch`` → ``frame_averaging``, ``egnn_pytorch`` → ``egnn``), both present;
+* a method whose card names a ``counterpart`` (``Method.counterpart`` as the run recorded it,
+  ``results.cards``: e.g. ``frame_averaging_pytorch`` → ``frame_averaging``, ``egnn_pytorch`` →
+  ``egnn``), both present;
 * one method measured with two implementations (rows' ``implementation`` differs, e.g. ``e3nn``
   with e3nn's tensor products and a suite variant ``e3nn@cuequivariance`` with cuEquivariance's,
   ``backend: cuequivariance``): the plain ``equibench`` one is "ours", the other the reference.
 
-A library method with no counterpart of ours among the rows (``mace``) gets a row of its own,
-so every library model measured appears here: its "ours" side names the counterpart its class
-declares when that one did not run, and says "library method; no counterpart declared" when the
-class declares none (e.g. a plugin that sets ``origin`` only), rather than suggesting that
-something of ours is missing.
+A library method (its card's ``origin`` is not equibench) with no counterpart of ours among the
+rows (``mace``) gets a row of its own, so every library model measured appears here: its "ours"
+side names the counterpart its card declares when that one did not run, and says "library
+method; no counterpart declared" when it declares none (e.g. a plugin that sets ``origin``
+only), rather than suggesting that something of ours is missing. Everything about a method
+comes from the run's cards (``results.runcards.cards_for``), never from the code reading them.
 
 Side by side per pair: the task's first test metric (mean over seeds ± 95 % t-interval, Welch's
 p for the difference), the trained models' relative equivariance error (mean over test graphs
@@ -25,14 +27,12 @@ to 1e-10 in float64 with the same weights) are held by the tests and named in th
 from __future__ import annotations
 
 import ast
-import json
 from typing import Any
 
 import pandas as pd
 
-from ..core.errors import UserError
-from ..core.registry import method_class, method_of
 from ..metrics.catalogue import PARAMS, equivariance_metric, test_metric, throughput_metric
+from ..results.runcards import RunCards, as_options, cards_for
 from ..results.status import Status
 from .common import fmt
 from .common.metricinfo import spec_for, value
@@ -47,12 +47,12 @@ OWN = "equibench"
 NO_COUNTERPART = "– (library method; no counterpart declared)"  # its class sets no ``counterpart``
 
 
-def unpaired_label(df: pd.DataFrame, unit: str) -> str:
-    """The "ours" cell of a library method's row without a pair: the counterpart its class
+def unpaired_label(df: pd.DataFrame, unit: str, cards: RunCards) -> str:
+    """The "ours" cell of a library method's row without a pair: the counterpart its card
     names, absent from these runs, or that it declares none (a plugin wrapping a library model,
     ``origin`` set, ``counterpart`` None: nothing of ours is missing)."""
     rows = df[df["unit"] == unit]["method"]
-    other = _counterpart(method_of(str(rows.iloc[0]))) if len(rows) else None
+    other = cards.counterpart(str(rows.iloc[0])) if len(rows) else None
     return f"– ({other}: not in this run)" if other else NO_COUNTERPART
 
 
@@ -62,11 +62,10 @@ CROSS_CHECKS = ("frame_averaging_pytorch vs frame_averaging: same outputs to 1e-
                 "pure-PyTorch method (tests/test_e3nn_backends.py).")
 
 
-def _counterpart(method: str) -> str | None:
-    try:
-        return method_class(method).counterpart
-    except (UserError, ImportError):  # a plugin's method not loaded now, or one renamed since the run
-        return None
+def _base(cards: RunCards, key: str) -> str:
+    """The registered method of method key ``key`` (a suite variant ``<method>@<label>``'s method)."""
+    card = cards.method(key)
+    return card.method if card is not None else str(key)
 
 
 def labelled(df: pd.DataFrame) -> pd.DataFrame:
@@ -78,18 +77,19 @@ def labelled(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(unit=unit, impl=impl)
 
 
-def pairs(df: pd.DataFrame) -> list[tuple[str, str]]:
+def pairs(df: pd.DataFrame, cards: RunCards | None = None) -> list[tuple[str, str]]:
     """(ours, reference) units of one task's rows (``labelled``), ours first: a method (or suite
-    variant ``<method>@<label>``) whose class names a present counterpart; a variant whose
+    variant ``<method>@<label>``) whose card names a present counterpart; a variant whose
     implementation differs from its method's own rows; one method name measured with two
-    implementations."""
+    implementations. ``cards`` None: the cards the rows alone give."""
+    cards = cards if cards is not None else cards_for((), df)
     units = df.drop_duplicates("unit")[["unit", "method", "impl"]]
     plain = {m: u for u, m, i in units.itertuples(index=False) if str(i).startswith(OWN) and "+" not in str(i)}
     impl_of = dict(zip(units["unit"], units["impl"]))
     found: list[tuple[str, str]] = []
     for unit, method, impl in units.itertuples(index=False):
-        base = method_of(str(method))
-        other = _counterpart(base)
+        base = _base(cards, str(method))
+        other = cards.counterpart(str(method))
         if other and other in plain and unit == method:
             found.append((plain[other], unit))
         elif base != method and base in plain and impl != impl_of[plain[base]]:
@@ -99,16 +99,13 @@ def pairs(df: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def unpaired_libraries(df: pd.DataFrame, paired: set[str]) -> list[str]:
-    """Units of library methods (``origin`` not equibench) with no counterpart of ours among the
-    rows, e.g. ``mace``: shown with an empty "ours" side."""
+def unpaired_libraries(df: pd.DataFrame, paired: set[str], cards: RunCards) -> list[str]:
+    """Units of library methods (their card's ``origin`` not equibench) with no counterpart of
+    ours among the rows, e.g. ``mace``: shown with an empty "ours" side."""
     out = []
     for unit, method in df.drop_duplicates("unit")[["unit", "method"]].itertuples(index=False):
-        try:
-            cls = method_class(str(method))
-        except (UserError, ImportError):
-            continue
-        if unit not in paired and cls.origin != OWN:
+        origin = cards.origin(str(method))
+        if unit not in paired and origin is not None and origin != OWN:
             out.append(str(unit))
     return sorted(out)
 
@@ -168,29 +165,22 @@ def _options(df: pd.DataFrame, unit: str) -> dict[str, Any]:
             try:
                 parsed = ast.literal_eval(v)
             except (ValueError, SyntaxError):
-                try:
-                    parsed = json.loads(v)
-                except ValueError:
-                    continue
+                parsed = as_options(v) or None
             if isinstance(parsed, dict):
                 return parsed
     return {}
 
 
-def force_kind(method: str, options: dict[str, Any]) -> str:
-    """How ``method`` with ``options`` makes force predictions: ``NEG_GRAD`` when they are minus
-    the gradient of its energy (the class sets ``conservative_forces``, or the instance's
-    ``forces`` option is "conservative"), else "predicted directly"."""
-    try:
-        cls = method_class(method_of(method))
-        conservative = bool(getattr(cls, "conservative_forces", False))
-        conservative = conservative or getattr(cls(**options), "forces", None) == "conservative"
-    except Exception:  # a method not loadable now, or options it no longer takes
+def force_kind(cards: RunCards, method: str, options: dict[str, Any]) -> str:
+    """How ``method`` with ``options`` makes force predictions, as its card says: ``NEG_GRAD``
+    when they are minus the gradient of its energy, else "predicted directly"; "?" without a card."""
+    conservative = cards.conservative_forces(method, options)
+    if conservative is None:
         return "?"
     return NEG_GRAD if conservative else "predicted directly"
 
 
-def pair_differences(df: pd.DataFrame, ours: str, ref: str, metric: str | None) -> str:
+def pair_differences(df: pd.DataFrame, ours: str, ref: str, metric: str | None, cards: RunCards) -> str:
     """What still differs between the two sides of a pair: on a force task (``metric`` names
     forces) the kind of forces each predicts, then ``REMAINING_DIFFERENCES`` for the pair, and for
     ``frame_averaging`` whether ours averages tied eigenspaces (``degenerate``)."""
@@ -198,19 +188,21 @@ def pair_differences(df: pd.DataFrame, ours: str, ref: str, metric: str | None) 
     ours_method = next(iter(df[df["unit"] == ours]["method"]), ours)
     ref_method = next(iter(df[df["unit"] == ref]["method"]), ref)
     if metric and "force" in metric and not ours.startswith("–"):
-        a, b = force_kind(str(ours_method), _options(df, ours)), force_kind(str(ref_method), _options(df, ref))
+        a = force_kind(cards, str(ours_method), _options(df, ours))
+        b = force_kind(cards, str(ref_method), _options(df, ref))
         parts.append(f"forces: both {a} (same kind)" if a == b else
                      f"forces: ours {a}, reference {b} (not the same kind)")
     if _options(df, ours).get("degenerate") == "average":
         parts.append("tied covariance eigenvalues: ours averages frames built from the input "
                      "(degenerate: average), the reference uses eigh's arbitrary basis")
-    text = REMAINING_DIFFERENCES.get(method_of(str(ref_method)))
+    text = REMAINING_DIFFERENCES.get(_base(cards, str(ref_method)))
     if text:
         parts.append(text)
     return "; ".join(parts) if parts else "–"
 
 
-def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | None) -> dict[str, Any]:
+def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | None,
+             cards: RunCards) -> dict[str, Any]:
     """One table row: the two units' numbers side by side (see module docstring)."""
     row: dict[str, Any] = {"task": task, "ours": ours, "reference": ref,
                            "reference implementation": next(iter(df[df["unit"] == ref]["impl"]), "?")}
@@ -222,7 +214,7 @@ def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | Non
     row["score (ref.)"] = _score(df, ref, metric) if metric else "–"
     p = welch_p(a, b) if len(a) > 1 and len(b) > 1 else float("nan")
     row["Welch p"] = "–" if p != p else fmt.number(p)
-    row["differences"] = pair_differences(df, ours, ref, metric)
+    row["differences"] = pair_differences(df, ours, ref, metric, cards)
     for label, m in (("eq. err fp64", EQ64), ("eq. err fp32", EQ32)):
         row[f"{label} (ours)"] = value(spec_for(m), _mean(df, ours, m))
         row[f"{label} (ref.)"] = value(spec_for(m), _mean(df, ref, m))
@@ -239,23 +231,25 @@ def pair_row(df: pd.DataFrame, task: str, ours: str, ref: str, metric: str | Non
     return row
 
 
-def reference_sections(df: pd.DataFrame) -> list[Section]:
-    """The section (at most one) pairing our implementations with their references."""
+def reference_sections(df: pd.DataFrame, cards: RunCards | None = None) -> list[Section]:
+    """The section (at most one) pairing our implementations with their references, by the runs'
+    ``cards`` (None: the cards the rows alone give)."""
     if df.empty or "task" not in df or "method" not in df:
         return []
+    cards = cards if cards is not None else cards_for((), df)
     rows, used, notes = [], [], []
     for task, g in df.groupby("task", sort=True):
         base, _ = split_sweeps(g)
         ok = labelled(base[base["status"] == Status.OK])
-        metric = task_metric(ok)
-        found = pairs(ok)
+        metric = task_metric(ok, cards)
+        found = pairs(ok, cards)
         for ours, ref in found:
-            rows.append(pair_row(ok, str(task), ours, ref, metric))
+            rows.append(pair_row(ok, str(task), ours, ref, metric, cards))
             used.append(ok[ok["unit"].isin([ours, ref])])
-        for ref in unpaired_libraries(ok, {u for pair in found for u in pair}):
-            rows.append(pair_row(ok, str(task), unpaired_label(ok, ref), ref, metric))
+        for ref in unpaired_libraries(ok, {u for pair in found for u in pair}, cards):
+            rows.append(pair_row(ok, str(task), unpaired_label(ok, ref, cards), ref, metric, cards))
             used.append(ok[ok["unit"] == ref])
-        notes += unmeasured(str(task), base, {m for pair in found for m in pair} | set(ok["method"]))
+        notes += unmeasured(str(task), base, {m for pair in found for m in pair} | set(ok["method"]), cards)
     if not rows:
         return []
     full = pd.DataFrame(rows).set_index("task")
@@ -278,18 +272,19 @@ def reference_sections(df: pd.DataFrame) -> list[Section]:
              "notes": [CROSS_CHECKS, *notes]}]
 
 
-def unmeasured(task: str, df: pd.DataFrame, present: set[str]) -> list[str]:
+def unmeasured(task: str, df: pd.DataFrame, present: set[str], cards: RunCards) -> list[str]:
     """One line per method configuration of ``task`` that has no ok row although it is a library
-    method or a variant of a method that did run (e.g. a CUDA-only backend on a CPU run)."""
+    method with a counterpart or a variant of a method that did run (e.g. a CUDA-only backend on a
+    CPU run)."""
     lines: list[str] = []
-    bases = {method_of(m) for m in present}
+    bases = {_base(cards, m) for m in present}
     bad = df[df["status"] != Status.OK].drop_duplicates("spec_hash")
     if bad.empty:
         return lines
     opts = bad["method_options"].map(repr) if "method_options" in bad else pd.Series("", index=bad.index)
     errors = bad["error"] if "error" in bad else pd.Series(None, index=bad.index, dtype=object)
     for (method, options), g in bad.assign(error=errors).groupby([bad["method"], opts], sort=True):
-        if _counterpart(method_of(str(method))) is None and method_of(str(method)) not in bases:
+        if cards.counterpart(str(method)) is None and _base(cards, str(method)) not in bases:
             continue
         reason = next((str(e) for e in g["error"].dropna()), "")
         lines.append(f"Not measured: {method} {options} on {task} ({g['status'].iloc[0]}"

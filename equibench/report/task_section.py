@@ -5,12 +5,14 @@ Pareto front, equivariance error per method, sample efficiency over a training-s
 degeneracy curves and the table of exactly symmetric inputs)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..metrics.catalogue import CURVE_VAL, degeneracy_metric, equivariance_metric, symmetric_metric, throughput_metric
+from ..results.runcards import RunCards, cards_for
 from ..results.status import Status
 from .common import fmt, plots
 from .common.metricinfo import spec_for
@@ -163,9 +165,9 @@ def _learning_curves(task: str, df: pd.DataFrame, facts: TaskFacts, out: Path, c
                        f"converge.{trivial} {ctx}", "wide")
 
 
-def _diagnostic_notes(agg: pd.DataFrame) -> list[str]:
+def _diagnostic_notes(agg: pd.DataFrame, roles: Mapping[str, str]) -> list[str]:
     return [f"{spec_for(c).display}{' [' + spec_for(c).unit + ']' if spec_for(c).unit else ''} (method "
-            f"diagnostics): {spec_for(c).description}" for c in diagnostic_columns(agg.columns)]
+            f"diagnostics): {spec_for(c).description}" for c in diagnostic_columns(agg.columns, roles)]
 
 
 def _convergence_text(facts: TaskFacts) -> dict[str, str]:
@@ -239,16 +241,20 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
     return caption, table
 
 
-def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True) -> Section:
+def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True,
+                 cards: RunCards | None = None) -> Section:
     """The section of ``task`` from its rows (all (method, seed) runs, sweeps and tuning runs
-    included). ``ranked=False`` (a run not meant for verdicts, e.g. a smoke run): the verdict
-    table has no ranks."""
+    included) and the runs' ``cards`` (the task's metric roles, the methods wrapping the backbone;
+    None: the cards the rows alone give). ``ranked=False`` (a run not meant for verdicts, e.g. a
+    smoke run): the verdict table has no ranks."""
+    cards = cards if cards is not None else cards_for((), df_all)
+    roles = cards.roles(task)
     df_all, tuning = split_tuning(df_all)
     df, _ = split_sweeps(df_all)
     agg, std = seed_table(df)
     n_seeds = df["seed"].nunique()
     ctx = context_line(df)
-    facts = assess(task, df)
+    facts = assess(task, df, cards)
     unstable = unstable_timings(df)
     section: Section = {"task": task, "context": ctx, "figures": [], "index_label": "method", "css": "results",
                         "tables": [], "verdict": verdict_table(facts, _verdict_context(df), ranked=ranked,
@@ -256,14 +262,15 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
                         "collapse": "Full table: every measured number per method (mean over seeds, ± std when "
                                     "there are several): accuracy and equivariance, method diagnostics, then "
                                     "speed, memory and training",
-                        "notes": _diagnostic_notes(agg) if len(agg) else []}
+                        "notes": _diagnostic_notes(agg, roles) if len(agg) else []}
     versus = exact_vs_baseline(facts) if ranked else ""
     if versus:
         section["notes"] = [versus, *section["notes"]]
     if unstable:
         section["notes"] = [*section["notes"], UNSTABLE_NOTE + " Flagged: " + ", ".join(
             f"{m} ({mode})" for m, mode in sorted(unstable, key=str)) + "."]
-    full = task_table(agg, std, n_seeds, facts.metric, _convergence_text(facts), unstable)
+    full = task_table(agg, std, n_seeds, facts.metric, _convergence_text(facts), unstable, roles=roles,
+                      wrappers=cards.wrappers())
     if len(full):  # two tables (accuracy and equivariance | speed, memory and training) so that each fits
         quality = [c for c in full.columns if c[0] in QUALITY_GROUPS]
         diagnostics = [c for c in full.columns if c[0] == "method diagnostics"]
@@ -272,7 +279,7 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
                            ("costs", full.loc[:, [c for c in full.columns if c not in quality + diagnostics]])]
     else:
         section["table"] = full
-    tests = score_columns(agg, facts.metric) if len(agg) else []
+    tests = score_columns(agg, facts.metric, roles) if len(agg) else []
     figures = [_learning_curves(task, df, facts, out, ctx),
                _pareto_figure(task, agg, std, tests[0], n_seeds, out, ctx) if tests else None,
                _equivariance_figure(task, agg, out, ctx) if len(agg) else None,

@@ -3,8 +3,10 @@ the anomalies the banner above the page lists.
 
 Per task (its base configuration, ``tables.split_sweeps``):
 
-* **task metric**: the task's first metric (the ``val_metric`` its rows name, as ``test.<name>``),
-  its better direction from the metric catalogue;
+* **task metric**: the task's primary metric, its first (from the task's card:
+  ``RunCards.primary``; for a run stored before cards, the ``val_metric`` its rows name, as
+  ``test.<name>``: ``results.runcards``), its better direction from the metric catalogue (or the
+  spec the run stored);
 * **interval**: mean over seeds ± the half-width of the 95 % t-interval,
   ``t_{0.975, n-1} · s / sqrt(n)`` with ``s`` the standard deviation (ddof 1) of the ``n`` seeds'
   values; one seed gives no interval;
@@ -41,17 +43,17 @@ import pandas as pd
 from scipy import stats
 
 from ..benches.taskrun import TaskBench
-from ..core.registry import task_class
 from ..metrics.catalogue import (
     MetricSpec,
     equivariance_metric,
     floor_metric,
     symmetric_metric,
-    test_metric,
     throughput_metric,
     train_metric,
     trivial_metric,
 )
+from ..results.cards import TaskCard
+from ..results.runcards import RunCards, cards_for
 from ..results.status import FAILURES, Status
 from ..results.store import upgrade_frame
 from .common import fmt
@@ -62,8 +64,6 @@ from .common.tables import (
     UNSTABLE_NOTE,
     diagnostic_columns,
     options_key,
-    primary_metric,
-    seed_table,
     split_sweeps,
     train_config,
 )
@@ -297,17 +297,19 @@ def better(a: float, b: float, direction: str | None) -> bool | None:
 # ---------------------------------------------------------------------------------------------
 # facts of one task configuration
 
-def task_metric(df: pd.DataFrame) -> str | None:
-    """``test.<first metric>`` of the task: the ``val_metric`` its rows name; without one (rows
-    written before learning curves) the test metric the most methods report."""
-    present = set(df["metric"]) if "metric" in df else set()
-    if "val_metric" in df:
-        named = [test_metric(str(v)) for v in df["val_metric"].dropna()]
-        named = [n for n in named if n in present]
-        if named:
-            return Counter(named).most_common(1)[0][0]
-    agg, _ = seed_table(df)
-    return primary_metric(agg) if len(agg) else None
+def task_metric(df: pd.DataFrame, cards: RunCards | None = None) -> str | None:
+    """The primary metric (``test.<first metric>``) of the task of ``df``'s rows, as its card says
+    (``RunCards.primary``, for the task options most of the rows ran with), when the rows report
+    it; ``cards`` None: the cards the rows alone give (``runcards.cards_for``)."""
+    if df.empty or "task" not in df or "metric" not in df or df["task"].isna().all():
+        return None
+    cards = cards if cards is not None else cards_for((), df)
+    task = Counter(df["task"].dropna()).most_common(1)[0][0]
+    rows = df[df["task"] == task]
+    options = (Counter(rows["task_options"].map(options_key)).most_common(1)[0][0]
+               if "task_options" in rows else None)
+    primary = cards.primary(str(task), options)
+    return primary if primary in set(rows["metric"]) else None
 
 
 def trivial_score(df: pd.DataFrame, metric: str | None) -> float | None:
@@ -344,30 +346,13 @@ def floor_values(df: pd.DataFrame, metric: str | None) -> dict[str, list[float]]
     return {str(name): _per_seed(g) for name, g in rows.groupby("floor", sort=True)}
 
 
-def floor_docs(task: str) -> dict[str, str]:
-    """The task's floors and what each is (``Task.FLOORS``; empty when unknown)."""
-    try:
-        return dict(getattr(task_class(task), "FLOORS", {}) or {})
-    except Exception:  # a plugin task not registered in this process
-        return {}
-
-
-def trivial_doc(task: str) -> str:
-    """The first sentence of the task's ``trivial_prediction`` docstring ("" when unknown)."""
-    try:
-        doc = task_class(task).trivial_prediction.__doc__ or ""
-    except Exception:  # a plugin task not registered in this process
-        return ""
-    first = " ".join(doc.strip().split("\n\n")[0].split())
-    return first.split(". ")[0].split(";")[0].rstrip(".:")
-
-
-def degeneracy_diagnostics(names: Any) -> list[str]:
-    """The method diagnostics among ``names`` that the verdict shows beside the equivariance
-    error: those with a better direction (e.g. the share of nodes whose frame is degenerate, where
-    exactness does not hold) and any whose catalogue entry is about degenerate inputs or frames."""
+def degeneracy_diagnostics(names: Any, roles: Mapping[str, str] | None = None) -> list[str]:
+    """The method diagnostics among ``names`` (role ``diagnostic`` in ``roles``, the task card's)
+    that the verdict shows beside the equivariance error: those with a better direction (e.g. the
+    share of nodes whose frame is degenerate, where exactness does not hold) and any whose
+    catalogue entry is about degenerate inputs or frames."""
     out = []
-    for m in diagnostic_columns(names):
+    for m in diagnostic_columns(names, roles):
         s = spec_for(m)
         if s.direction is not None or "degenera" in f"{s.name} {s.display}".lower():
             out.append(m)
@@ -447,7 +432,8 @@ class FloorVerdict:
 class TaskFacts:
     """A task configuration's ranking and per-method facts; ``floors``: per floor its per-seed
     values (the trivial predictor among them as "trivial predictor"), ``strongest``: the floor with
-    the best mean, ``vs_floor``: per ranked method its ``FloorVerdict``."""
+    the best mean, ``vs_floor``: per ranked method its ``FloorVerdict``; ``card``: the task's card
+    (what its trivial predictor and floors are, what a seed draws)."""
     task: str
     metric: str | None
     spec: MetricSpec | None
@@ -458,6 +444,7 @@ class TaskFacts:
     floors: dict[str, list[float]] = field(default_factory=dict)
     strongest: str | None = None
     vs_floor: dict[str, FloorVerdict] = field(default_factory=dict)
+    card: TaskCard | None = None
 
     def floor_mean(self, name: str) -> float:
         v = _finite(self.floors.get(name, []))
@@ -475,9 +462,11 @@ def _first_per_run(df: pd.DataFrame) -> pd.DataFrame:
         df.drop_duplicates(["method", "seed"])
 
 
-def assess(task: str, df: pd.DataFrame) -> TaskFacts:
-    """The facts of one task configuration's rows (every status; one options set)."""
-    metric = task_metric(df[df["status"] == Status.OK]) if len(df) else None
+def assess(task: str, df: pd.DataFrame, cards: RunCards | None = None) -> TaskFacts:
+    """The facts of one task configuration's rows (every status; one options set), with the
+    run's ``cards`` (None: the cards the rows alone give, ``runcards.cards_for``)."""
+    cards = cards if cards is not None else cards_for((), df)
+    metric = task_metric(df[df["status"] == Status.OK], cards) if len(df) else None
     spec = spec_for(metric) if metric else None
     ok = df[(df["status"] == Status.OK)]
     methods: dict[str, MethodFacts] = {}
@@ -510,7 +499,7 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
         m.seeds.append(seed)
         verdict = run.get("convergence")
         m.convergence[seed] = verdict if isinstance(verdict, str) and verdict else "unknown"
-    diagnostics = degeneracy_diagnostics(ok["metric"].unique()) if len(ok) else []
+    diagnostics = degeneracy_diagnostics(ok["metric"].unique(), cards.roles(task)) if len(ok) else []
     for method, g in ok.groupby("method"):
         m = methods.setdefault(str(method), MethodFacts(str(method)))
         if metric:
@@ -536,7 +525,7 @@ def assess(task: str, df: pd.DataFrame) -> TaskFacts:
     values = {name: f.values for name, f in methods.items() if f.values}
     ranked = rank_methods(values, spec.direction if spec else None)
     seeds = sorted(set(df["seed"].dropna()), key=str) if "seed" in df else []
-    facts = TaskFacts(task, metric, spec, trivial_score(df, metric), ranked, methods, seeds)
+    facts = TaskFacts(task, metric, spec, trivial_score(df, metric), ranked, methods, seeds, card=cards.task(task))
     floors = floor_values(ok, metric)
     trivial = trivial_values(ok, metric)
     if trivial:
@@ -759,14 +748,6 @@ def _diag_cell(m: MethodFacts, diag: Sequence[str]) -> str:
     return "; ".join(parts) or fmt.MISSING
 
 
-def seed_covers(task: str) -> str:
-    """What a seed draws in the task's data (``Task.SEED_DRAWS``; "" when unknown)."""
-    try:
-        return str(getattr(task_class(task), "SEED_DRAWS", "") or "")
-    except Exception:  # a plugin task not registered in this process
-        return ""
-
-
 def _groups_text(facts: TaskFacts) -> str:
     """The caption's account of the grouping procedure and the difference it can resolve."""
     text = ("Groups: the best method (by mean) against every other with a two-sided t-test whose variance is the "
@@ -797,11 +778,12 @@ def verdict_caption(facts: TaskFacts, ctx: Mapping[str, str], ranked: bool = Tru
         return ""
     word = {"higher": "higher is better", "lower": "lower is better"}.get(spec.direction or "", "no better direction")
     seeds = _seeds_text(facts.seeds)
-    trivial = trivial_doc(facts.task)
-    docs = floor_docs(facts.task)
+    card = facts.card
+    trivial = card.trivial_reference if card is not None else ""
+    docs = card.floors if card is not None else {}
     floors = "; ".join(f"{name}: {docs.get(name, 'a floor declared by the task')}" for name in facts.floors
                        if name != TRIVIAL_FLOOR)
-    covers = ctx.get("seed_covers", "") or seed_covers(facts.task)
+    covers = ctx.get("seed_covers", "") or (card.seed_draws if card is not None else "")
     diag = sorted({d for m in facts.methods.values() for d in m.diagnostics})
     parts = [
         f"{'Verdict' if ranked else 'Summary'} for {facts.task}: methods {'ranked' if ranked else 'sorted'} by test "
@@ -1029,14 +1011,15 @@ def _failed_anomalies(df: pd.DataFrame) -> list[Anomaly]:
     return out
 
 
-def task_anomalies(task: str, df: pd.DataFrame) -> list[Anomaly]:
+def task_anomalies(task: str, df: pd.DataFrame, cards: RunCards | None = None) -> list[Anomaly]:
     """Unconverged runs, exact methods over their limits and methods no better than the trivial
     predictor in every configuration of ``task`` (its base configuration links to the verdict
     row; sweep variants to the section)."""
     out = []
     md = md_anchor(f"Task: {task}")
+    cards = cards if cards is not None else cards_for((), df)
     for label, rows, is_base in _configs(df):
-        facts = assess(task, rows)
+        facts = assess(task, rows, cards)
         where = f" [{label}]" if label else ""
         for name, m in sorted(facts.methods.items()):
             anchor = verdict_row_id(task, name) if is_base else section_anchor(task)
@@ -1074,14 +1057,16 @@ def task_anomalies(task: str, df: pd.DataFrame) -> list[Anomaly]:
     return out
 
 
-def anomalies(df: pd.DataFrame) -> list[Anomaly]:
+def anomalies(df: pd.DataFrame, cards: RunCards | None = None) -> list[Anomaly]:
     """Every anomaly of the rows ``df`` (any benches), failed points first (the scaling and
-    tensor-product benches' per method and status), then per kind and task of the task runs."""
+    tensor-product benches' per method and status), then per kind and task of the task runs;
+    ``cards``: the runs' cards (None: the cards the rows alone give)."""
     if df.empty or "status" not in df:
         return []
     df = upgrade_frame(df)
     out = _failed_anomalies(df)  # failed tuning runs included
     measured = df[df["bench"] == TaskBench.kind]
+    cards = cards if cards is not None else cards_for((), measured)
     for task, g in measured.groupby("task", sort=True):
-        out += task_anomalies(str(task), g)
+        out += task_anomalies(str(task), g, cards)
     return sorted(out, key=lambda a: (KINDS.index(a.kind) if a.kind in KINDS else len(KINDS), a.task, a.method))

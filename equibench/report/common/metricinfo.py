@@ -1,8 +1,12 @@
-"""The report's view of the metric catalogue: the spec of any name a row carries (a stand-in
-without direction for names the catalogue does not declare, so such rows still render),
+"""The report's view of the metric catalogue: the spec of any name a row carries (the catalogue's,
+else the one the run stored, else a stand-in without direction, so such rows still render),
 canonical names on a results frame, row selection by facets, headers and formatted values."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 import pandas as pd
@@ -11,13 +15,32 @@ from ...metrics.catalogue import MetricSpec, find_metric
 from . import fmt
 
 ARROWS = {"higher": "↑", "lower": "↓"}
+#: the metric specs the runs being reported stored (``cards/metrics.json``), while a report is written
+_STORED: ContextVar[Mapping[str, MetricSpec]] = ContextVar("stored_metric_specs", default=MappingProxyType({}))
+
+
+@contextlib.contextmanager
+def stored_metrics(specs: Mapping[str, MetricSpec]) -> Iterator[None]:
+    """While the block runs, a name this process's catalogue does not declare (a plugin's metric,
+    the plugin not loaded) is looked up in ``specs``: what the process that wrote the run declared
+    (``RunCards.metrics``)."""
+    token = _STORED.set(specs)
+    try:
+        yield
+    finally:
+        _STORED.reset(token)
+
+
+def known_spec(name: str) -> MetricSpec | None:
+    """The catalogue's spec of ``name``, else the run's stored one (``stored_metrics``); None when neither."""
+    return find_metric(name) or _STORED.get().get(name)
 
 
 def spec_for(name: str) -> MetricSpec:
-    """The catalogue's spec of ``name``, or a context-only stand-in (family "unknown",
+    """The spec of ``name`` (``known_spec``), or a context-only stand-in (family "unknown",
     displayed under its raw name, no direction)."""
-    return find_metric(name) or MetricSpec(name=name, display=name, family="unknown",
-                                           description="not declared in the metric catalogue")
+    return known_spec(name) or MetricSpec(name=name, display=name, family="unknown",
+                                          description="not declared in the metric catalogue")
 
 
 def select(df: pd.DataFrame, **facets: Any) -> pd.DataFrame:

@@ -1,12 +1,13 @@
 """Tables of the per-task report sections: aggregation over seeds (as the catalogue says), the
 full method table with grouped headers (model | accuracy | equivariance | speed | memory |
-training), units and sort order from the catalogue, the list of runs without results, the "how
-it was measured" line (training budget included) and the split of sweep variants from the base
-runs."""
+training; which metrics are the task's own and which a method's diagnostics, as the task's card
+assigns their roles), units and sort order from the catalogue, the list of runs without results,
+the "how it was measured" line (training budget included) and the split of sweep variants from
+the base runs."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +17,19 @@ import pandas as pd
 from ...benches.training import TrainConfig
 from ...benches.tuning import TuneBench
 from ...core.envinfo import loaded
-from ...core.registry import method_class
 from ...metrics.catalogue import (
     PARAMS,
     PROFILE_REGIONS,
     THROUGHPUT_MODES,
     equivariance_metric,
-    find_metric,
     lie_metric,
-    list_metrics,
     profile_metric,
     throughput_metric,
     train_metric,
-    trivial_metric,
     tune_metric,
 )
 from ...metrics.throughput import UNSTABLE_REL_IQR, is_unstable
+from ...results.runcards import legacy_roles, legacy_wrappers
 from ...results.status import Status
 from ...results.store import upgrade_frame
 from . import fmt
@@ -58,52 +56,46 @@ def seed_table(df: pd.DataFrame, index: str = "method") -> tuple[pd.DataFrame, p
     return agg.unstack("metric"), stats["std"].unstack("metric")
 
 
-def _declared_order(names: Iterable[str]) -> list[str]:
-    order = {s.name: i for i, s in enumerate(list_metrics())}
-    return sorted(names, key=lambda m: (order.get(m, len(order)), m))
+Roles = Mapping[str, str]  # metric -> its role on the task (``RunCards.roles``; ``results.cards.ROLES``)
 
 
-def is_task_metric(name: str) -> bool:
-    """Whether ``name`` is a task's own test metric: declared with a trivial-predictor twin
-    (``trivial.<stat>``; every task metric has one, the runner scores the trivial predictor on
-    each), as opposed to a method's diagnostic on the test split."""
-    s = spec_for(name)
-    return s.family == "test" and bool(s.stat) and find_metric(trivial_metric(s.stat or "")) is not None
+def _in_role_order(names: Iterable[str], roles: Roles) -> list[str]:
+    """``names`` in the order of ``roles`` (the card's: declared metrics first), then by name."""
+    order = {m: i for i, m in enumerate(roles)}
+    return sorted(dict.fromkeys(names), key=lambda m: (order.get(m, len(order)), m))
 
 
-def task_metric_names(names: Iterable[str]) -> list[str]:
-    """The task metrics among ``names``, in catalogue order."""
-    return _declared_order(m for m in dict.fromkeys(names) if is_task_metric(m))
+def task_metric_names(names: Iterable[str], roles: Roles | None = None) -> list[str]:
+    """The task's own metrics among ``names`` (role ``primary`` or ``task``), in the card's order;
+    without ``roles`` (rows not from a report of run directories) the roles the report gave
+    before cards (``runcards.legacy_roles``)."""
+    names = list(dict.fromkeys(names))
+    roles = legacy_roles(names) if roles is None else roles
+    return _in_role_order((m for m in names if roles.get(m) in ("primary", "task")), roles)
 
 
-def score_columns(agg: pd.DataFrame, primary: str | None = None) -> list[str]:
+def score_columns(agg: pd.DataFrame, primary: str | None = None, roles: Roles | None = None) -> list[str]:
     """The task's test metrics in ``agg``: the primary one (``primary`` when given and present,
-    else ``primary_metric``) first, then in catalogue order."""
-    cols = task_metric_names(agg.columns)
-    primary = primary if primary in cols else primary_metric(agg, cols)
+    else the one whose role is ``primary``, else the first) first, then in the card's order."""
+    roles = legacy_roles(agg.columns, primary) if roles is None else roles
+    cols = task_metric_names(agg.columns, roles)
+    if primary not in cols:
+        primary = next((c for c in cols if roles.get(c) == "primary"), cols[0] if cols else None)
     return ([primary] if primary else []) + [c for c in cols if c != primary]
 
 
-def diagnostic_columns(names: Iterable[str]) -> list[str]:
-    """Method-specific diagnostics on the test split (test metrics that are not task metrics,
-    e.g. a canonicaliser's identity share or a share of nodes with a degenerate frame): shown
-    next to the equivariance error, with their catalogue descriptions."""
-    return _declared_order(m for m in metric_names(names, family="test") if not is_task_metric(m))
+def diagnostic_columns(names: Iterable[str], roles: Roles | None = None) -> list[str]:
+    """Method-specific diagnostics on the test split (role ``diagnostic``: a method's extra
+    metrics, e.g. a canonicaliser's identity share or a share of nodes with a degenerate frame):
+    shown next to the equivariance error, with their catalogue descriptions."""
+    names = list(dict.fromkeys(names))
+    roles = legacy_roles(names) if roles is None else roles
+    return _in_role_order((m for m in names if roles.get(m) == "diagnostic"), roles)
 
 
 def undeclared_columns(agg: pd.DataFrame) -> list[str]:
-    """Metrics the catalogue does not declare: shown under their raw names, never ranked."""
+    """Metrics neither the catalogue nor the run declares: shown under their raw names, never ranked."""
     return sorted(metric_names(agg.columns, family="unknown"))
-
-
-def primary_metric(agg: pd.DataFrame, candidates: list[str] | None = None) -> str | None:
-    """The task metric the most methods report; ties go to metrics with a direction, then to
-    catalogue order. None when there is no task metric."""
-    cols = candidates if candidates is not None else task_metric_names(agg.columns)
-    if not cols:
-        return None
-    reported = {c: int(agg[c].notna().to_numpy().sum()) for c in cols}
-    return max(cols, key=lambda c: (reported[c], spec_for(c).direction is not None, -cols.index(c)))
 
 
 def sort_best_first(agg: pd.DataFrame, metric: str | None) -> list[Any]:
@@ -120,13 +112,6 @@ def sort_best_first(agg: pd.DataFrame, metric: str | None) -> list[Any]:
         v = float(vals.get(method, np.nan))
         return (not np.isfinite(v), sign * v if np.isfinite(v) else 0.0, str(method))
     return sorted(methods, key=key)
-
-
-def _wraps_backbone(method: str) -> bool:
-    try:
-        return bool(getattr(method_class(method), "wraps_backbone", False))
-    except Exception:  # e.g. a plugin method not registered in this process
-        return False
 
 
 _EQ_LABELS = {"rel_mean": "mean rel.", "rel_max": "max rel."}
@@ -174,18 +159,24 @@ def unstable_timings(df: pd.DataFrame) -> set[tuple[Any, str]]:
 
 def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str | None = None,
                convergence: dict[Any, str] | None = None,
-               unstable: set[tuple[Any, str]] | None = None) -> pd.DataFrame:
+               unstable: set[tuple[Any, str]] | None = None, roles: Roles | None = None,
+               wrappers: Collection[str] | None = None) -> pd.DataFrame:
     """One row per method (best first by ``primary``, else the primary test metric), formatted
-    strings under grouped headers (two-level columns): model (parameters), accuracy (test
-    metrics ± std over seeds), equivariance (relative errors, Lie derivative), method
-    diagnostics (the method's own numbers on the test split), speed (throughput ± IQR, FLOP
-    rate, time against the shared backbone), memory (peak), training (steps, wall time, FLOPs,
-    best step, final loss, convergence). Columns no method has are left out. A throughput whose
-    (method, mode) is in ``unstable`` (``unstable_timings``) carries ``UNSTABLE_MARK``."""
+    strings under grouped headers (two-level columns): model (parameters), accuracy (the task's
+    metrics ± std over seeds: roles ``primary`` and ``task`` in ``roles``, the task card's),
+    equivariance (relative errors, Lie derivative), method diagnostics (role ``diagnostic``: the
+    method's own numbers on the test split), speed (throughput ± IQR, FLOP rate, and for the
+    methods in ``wrappers``, which wrap the shared backbone by their cards, time against it),
+    memory (peak), training (steps, wall time, FLOPs, best step, final loss, convergence).
+    Columns no method has are left out. A throughput whose (method, mode) is in ``unstable``
+    (``unstable_timings``) carries ``UNSTABLE_MARK``. Without ``roles`` / ``wrappers`` (rows not
+    from a report of run directories): as the report read them before cards (``runcards``)."""
     if agg.empty:
         return pd.DataFrame()
-    tests = score_columns(agg, primary)
-    diagnostics, undeclared = diagnostic_columns(agg.columns), undeclared_columns(agg)
+    roles = legacy_roles(agg.columns, primary) if roles is None else roles
+    wrappers = legacy_wrappers(agg.index) if wrappers is None else wrappers
+    tests = score_columns(agg, primary, roles)
+    diagnostics, undeclared = diagnostic_columns(agg.columns, roles), undeclared_columns(agg)
     base = agg.loc["baseline"] if "baseline" in agg.index else None
     rows: dict[Any, dict[tuple[str, str], str]] = {}
     for method in sort_best_first(agg, primary if primary in agg else tests[0] if tests else None):
@@ -213,7 +204,7 @@ def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str 
         r[("speed", _short(flops))] = value(spec_for(flops), m.get(flops))
         for mode in THROUGHPUT_MODES:
             key = throughput_metric(mode, "time_median_s")
-            ok = (base is not None and method != "baseline" and _wraps_backbone(str(method))
+            ok = (base is not None and method != "baseline" and str(method) in wrappers
                   and np.isfinite(m.get(key, np.nan)) and np.isfinite(base.get(key, np.nan)))
             ratio = m[key] / base[key] if ok and base is not None else None
             r[("speed", f"{mode} time vs backbone")] = fmt.number(ratio, "x")
