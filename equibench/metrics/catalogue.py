@@ -161,17 +161,22 @@ def register_metric(spec: MetricSpec, replace: bool = False) -> MetricSpec:
     return spec
 
 
-def _complete() -> None:
-    """Load the registered plugins (built-in tasks, methods and probes, entry points), whose
-    registration declares their metrics: what the catalogue is assembled from."""
-    autoimport.load()
+def _complete(name: str | None = None) -> None:
+    """Load the registered plugins (built-in probes, tasks and methods, entry points), whose
+    registration declares their metrics: what the catalogue is assembled from. With ``name``,
+    stop at the first kind that declares it (probes and tasks load in a fraction of the methods'
+    time)."""
+    for kind in ("probe", "task", "method"):
+        autoimport.load(kind)
+        if name is not None and name in _CATALOGUE:
+            return
 
 
 def find_metric(name: str) -> MetricSpec | None:
     """The spec of ``name``, or None when nothing registered declares it."""
     spec = _CATALOGUE.get(name)
     if spec is None:
-        _complete()
+        _complete(name)
         spec = _CATALOGUE.get(name)
     return spec
 
