@@ -6,6 +6,7 @@ assembled from what is registered; a new probe or a new task metric is one file
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import math
@@ -116,8 +117,17 @@ def test_a_task_metric_without_a_declaration_is_a_clear_error(isolated):
     class Undeclared(nbody):  # type: ignore[misc, valid-type]
         METRICS = ()
 
-    with pytest.raises(UserError, match=r"declares no MetricSpec.*task_metric\('mse'"):
-        Undeclared(**TINY["task_options"]).metric_specs()
+        @property
+        def spec(self):
+            return dataclasses.replace(super().spec, metrics=("mse", "never_declared"))
+
+    task = Undeclared(**TINY["task_options"])
+    with pytest.raises(UserError, match=r"reports metric\(s\) \['never_declared'\].*task_metric\('never_declared'"):
+        task.metric_specs()
+    # a metric the catalogue declares (a plugin registering test.<name> itself) is found there
+    catalogue.register_metric(catalogue.task_metric("never_declared", direction="higher"))
+    assert [(s.name, s.role) for s in task.metric_specs()] == [("test.mse", "primary"),
+                                                               ("test.never_declared", "task")]
 
 
 def test_a_probe_may_emit_only_what_it_declares(isolated):

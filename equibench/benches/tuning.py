@@ -76,7 +76,7 @@ def tune_one(spec: RunSpec) -> list[Row]:
     if reason:
         raise NotApplicable(reason, budget=cfg.budget)
     val_metric = tspec.metrics[0]
-    higher = bool(catalogue.get_metric(catalogue.test_metric(val_metric)).higher_is_better)
+    higher = bool(task.primary_metric.higher_is_better)
     model = build_model(method, tspec, spec.seed, torch.float32)
     result = train(model, method, task, load_split(task, "train", spec.seed), cfg, spec.seed, spec.device,
                    val_data=load_split(task, "val", spec.seed), val_metric=val_metric, higher_is_better=higher)

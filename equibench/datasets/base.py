@@ -23,7 +23,7 @@ from torch_geometric.data import Batch, Data
 
 from ..core.errors import UserError
 from ..core.spec import TaskSpec
-from ..metrics.catalogue import MetricSpec, Role, declare_task_metrics, reference_metrics
+from ..metrics.catalogue import MetricSpec, Role, declare_task_metrics, find_metric, reference_metrics, test_metric
 from ..symmetry.fieldtypes import POINT, field_dim, irreps
 from .symmetric import Geometry
 
@@ -90,13 +90,16 @@ class Task:
     def metric_specs(self) -> list[MetricSpec]:
         """The declared spec (``METRICS``) of each metric in ``spec.metrics``, in order; the first
         with role ``"primary"`` (the task's headline metric: validation, tuning, verdicts), the
-        others ``"task"``. ``UserError`` for a reported metric the class does not declare."""
+        others ``"task"``. A metric the class does not declare is taken from the catalogue (a
+        plugin written before ``METRICS`` registered ``test.<name>`` itself); ``UserError`` when
+        nothing declares it."""
         declared = {m.stat: m for m in self.METRICS}
-        missing = [k for k in self.spec.metrics if k not in declared]
+        specs = [declared.get(k) or find_metric(test_metric(k)) for k in self.spec.metrics]
+        missing = [k for k, s in zip(self.spec.metrics, specs) if s is None]
         if missing:
             raise UserError(f"task {self.name!r} reports metric(s) {missing} but declares no MetricSpec for them: "
                             f"add task_metric({missing[0]!r}, direction=...) to {type(self).__name__}.METRICS")
-        return [replace(declared[k], role="primary" if i == 0 else "task") for i, k in enumerate(self.spec.metrics)]
+        return [replace(s, role="primary" if i == 0 else "task") for i, s in enumerate(specs) if s is not None]
 
     @property
     def primary_metric(self) -> MetricSpec:

@@ -41,7 +41,7 @@ from ..benches.taskrun import claims_exactness
 from ..core.registry import VARIANT_SEP, method_of
 from ..datasets.base import Task
 from ..methods.base import Method
-from ..metrics.catalogue import PARAMS, STATUS, MetricSpec, find_metric, floor_metric, test_metric, trivial_metric
+from ..metrics.catalogue import PARAMS, STATUS, MetricSpec, find_metric, test_metric
 from ..symmetry.fieldtypes import POINT, irreps
 from .store import write_json_atomic
 
@@ -198,16 +198,13 @@ def declared_role(spec: MetricSpec | None) -> Role:
 
 
 def metric_roles(task: Task, reported: Iterable[str] = ()) -> dict[str, Role]:
-    """The role of every metric of ``task``: its declared metrics (``TaskSpec.metrics``, as
-    ``test.<name>``) are ``primary`` (the first) and ``task``; their trivial and floor twins
-    ``reference``; every other name ``reported`` by its points has the role the catalogue gives it
-    (``declared_role``: a method's extra metric is a ``diagnostic``; equivariance, throughput, ...
-    ``measurement``; parameters, training and tuning numbers ``context``). The one place a task's
-    roles are assigned."""
-    declared = list(task.spec.metrics)
-    roles: dict[str, Role] = {test_metric(m): "primary" if i == 0 else "task" for i, m in enumerate(declared)}
-    for m in declared:
-        roles[trivial_metric(m)] = roles[floor_metric(m)] = "reference"
+    """The role of every metric of ``task``: its own metrics as the task declares them
+    (``Task.metric_roles``, from ``Task.METRICS``: the first of ``spec.metrics`` ``primary``, the
+    others ``task``, their trivial and floor twins ``reference``); every other name ``reported``
+    by its points has the role the catalogue gives it (``declared_role``: a method's extra metric
+    is a ``diagnostic``; equivariance, throughput, ... ``measurement``; parameters, training and
+    tuning numbers ``context``). The one place a task's roles are assigned."""
+    roles: dict[str, Role] = dict(task.metric_roles())
     for name in reported:
         if name not in roles and name != STATUS:
             roles[name] = declared_role(find_metric(name))
