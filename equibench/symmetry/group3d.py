@@ -86,10 +86,10 @@ def stack_elements(elements: list[GroupElement], n_nodes: int) -> GroupElement:
     """K elements sampled for one batch of B graphs and N nodes as one element of the batch of K
     copies of it (``repeat_batch``): copy k's graphs get element k's R and t, and its nodes element
     k's permutation offset by k N, so one forward measures all K samples."""
-    perms = [g.perm for g in elements]
-    if any(p is None for p in perms) and not all(p is None for p in perms):
+    perms = [g.perm for g in elements if g.perm is not None]
+    if perms and len(perms) != len(elements):
         raise ValueError("stack_elements: either every element permutes nodes or none does")
-    perm = None if perms[0] is None else torch.cat([p + k * n_nodes for k, p in enumerate(perms)])
+    perm = torch.cat([p + k * n_nodes for k, p in enumerate(perms)]) if perms else None
     return GroupElement(torch.cat([g.R for g in elements]), torch.cat([g.t for g in elements]), perm)
 
 
