@@ -170,7 +170,7 @@ def test_warm_parent_forks_every_point_and_outlives_a_killed_child(tmp_path):
     the same parent and a pid of its own; a child killed with SIGKILL is a failed row naming the
     signal and the next point runs in the same parent; a child's matrix product on 2 threads
     completes (the parent never started OpenMP's pool, whose threads a forked child lacks) and the
-    parent's OS threads are as many as when it had just imported; a parent killed mid-point is a
+    parent has no OS thread it did not have when it had just imported; a parent killed mid-point is a
     failed row for that point and the next point gets a fresh parent."""
     if not warm.enabled():
         pytest.skip("warm workers need Linux (fork, pidfd) and EQUIBENCH_WORKER != cold")
@@ -191,7 +191,8 @@ def test_warm_parent_forks_every_point_and_outlives_a_killed_child(tmp_path):
     assert rows["x"]["status"] == "failed" and f"warm worker parent (pid {first}) died" in rows["x"]["error"]
     assert rows["d"]["status"] == "ok" and rows["d"]["ppid"] not in (first, os.getpid())
     parent = warm._PARENTS[sys.executable]
-    assert parent.pid == rows["d"]["ppid"] and parent.ask_threads() == parent.threads
+    # no thread started in the parent since it was ready (threads its imports started may have ended)
+    assert parent.pid == rows["d"]["ppid"] and parent.ask_thread_ids() <= parent.thread_ids
     assert all(rows[n]["executor"] == "local" and rows[n]["environment"] == "main" for n in rows)
 
 

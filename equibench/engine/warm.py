@@ -12,11 +12,12 @@ marker, timeout: ``launch.watch``) and kills it, never the parent, when a limit 
 
 Line protocol (UTF-8, one message a line, parent <-> runner):
 
-* parent: ``ready <pid> <os threads>`` once preloaded;
+* parent: ``ready <pid> <os threads> <their ids, comma-separated>`` once preloaded;
 * runner: ``run <json {"job", "out", "log", "cwd"}>``; parent: ``started <child pid>``, later
   ``ended <child pid> <exit status as Popen gives it> <child's ru_maxrss in bytes>``;
 * runner: ``kill`` (SIGKILL the running child's process group; the parent reaps it) and
-  ``threads`` (parent: ``threads <n>``, its OS thread count: unchanged by the children);
+  ``threads`` (parent: ``threads <n> <ids>``, its OS threads now: no new one, whatever the children
+  do; threads the imports started may have ended since ``ready``);
 * runner: ``exit``, or the socket closing: the parent kills its child and exits.
 
 Fork safety. The parent never runs a torch operation: importing builds small tensors at most,
@@ -99,10 +100,24 @@ def preload() -> None:
 
 def os_threads() -> int:
     """This process's OS threads (Linux; 0 where unknown)."""
+    return len(os_thread_ids())
+
+
+def os_thread_ids() -> list[int]:
+    """The ids of this process's OS threads (Linux; empty where unknown)."""
     try:
-        return len(os.listdir("/proc/self/task"))
+        return sorted(int(t) for t in os.listdir("/proc/self/task"))
     except OSError:
-        return 0
+        return []
+
+
+def _threads_message(word: str) -> str:
+    ids = os_thread_ids()
+    return f"{word} {len(ids)} {','.join(map(str, ids)) or '-'}"
+
+
+def _parse_ids(field: str) -> frozenset[int]:
+    return frozenset(int(t) for t in field.split(",") if t not in ("", "-"))
 
 
 class Lines:
@@ -200,7 +215,7 @@ def _serve_one(conn: Lines, request: dict[str, Any], threads: int) -> bool:
             elif line == "kill":
                 _kill(pid)
             elif line == "threads":
-                conn.send(f"threads {os_threads()}")
+                conn.send(_threads_message("threads"))
     finally:
         os.close(pidfd)
     try:  # leftovers of the child's session (compilers, loaders) go with it, as for a cold worker
@@ -230,7 +245,7 @@ def serve(fd: int) -> int:
     preload()
     import torch
     threads = torch.get_num_threads()  # the default a fresh interpreter would use; no parallel op
-    conn.send(f"ready {os.getpid()} {os_threads()}")
+    conn.send(_threads_message(f"ready {os.getpid()}"))
     while True:
         line = conn.read(None)
         if line is None or line == "exit":
@@ -240,7 +255,7 @@ def serve(fd: int) -> int:
             if not _serve_one(conn, json.loads(arg), threads):
                 return 0
         elif cmd == "threads":
-            conn.send(f"threads {os_threads()}")
+            conn.send(_threads_message("threads"))
         # anything else ("kill" after its child already ended) is stale: ignored
 
 
@@ -271,8 +286,10 @@ class WarmParent:
         if not line or not line.startswith("ready "):
             self.close()
             raise ParentGone(f"warm worker parent did not start (log: {log})")
-        _, pid, threads = line.split()
+        _, pid, threads, ids = line.split()
         self.pid, self.threads = int(pid), int(threads)
+        #: the ids of the parent's OS threads when it was ready (what the imports started)
+        self.thread_ids = _parse_ids(ids)
         #: a job's child is running (set by ``start``, cleared when its end is known)
         self.busy = False
 
@@ -280,12 +297,17 @@ class WarmParent:
         return self.proc.poll() is None and not self.conn.closed
 
     def ask_threads(self) -> int:
-        """The parent's OS thread count now (as at ``ready`` unless something started a pool)."""
+        """The parent's OS thread count now."""
+        return len(self.ask_thread_ids())
+
+    def ask_thread_ids(self) -> frozenset[int]:
+        """The ids of the parent's OS threads now: a subset of ``thread_ids`` unless something in
+        the parent started a thread (an OpenMP pool, which a forked child would lack)."""
         self.conn.send("threads")
         line = self.conn.read(ANSWER_TIMEOUT_S)
         if not line or not line.startswith("threads "):
             raise ParentGone("warm worker parent did not answer")
-        return int(line.split()[1])
+        return _parse_ids(line.split()[2])
 
     def start(self, job_file: str | os.PathLike, out_dir: str | os.PathLike, log: str | os.PathLike) -> ForkedChild:
         """Fork a child for the job; ``ParentGone`` when the parent cannot."""
