@@ -294,7 +294,7 @@ class EscnnPointNet(nn.Module):
                  kernel_width: float, kernel_sigma: float | None, nonlinearity: str,
                  initialize: bool = True) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.n_fields = spec, n_fields
         self.point = spec.point_fields[0]
         self.extra_points = spec.point_fields[1:]
         self.node_fields = [k for k, t in spec.inputs.items() if t != POINT]
@@ -445,6 +445,9 @@ class EscnnPoint(Method):
         self.width, self.depth, self.params, self.lmax = width, depth, params, lmax
         self.n_rings, self.kernel_width, self.kernel_sigma = n_rings, float(kernel_width), kernel_sigma
         self.group, self.nonlinearity = group, nonlinearity
+        #: the number of hidden fields the parameter search chose, per task spec (the search builds
+        #: escnn modules, seconds each: a second build of the same spec reuses its answer)
+        self._fields: dict[str, int] = {}
 
     def supports(self, spec: TaskSpec) -> str | None:
         reason = super().supports(spec)
@@ -472,12 +475,17 @@ class EscnnPoint(Method):
             # any integer: finer steps than width). No escnn weight initialisation while searching;
             # parameters grow ~ size^2, so bracket by doubling instead of building size 1024 first
             n_types = len(hidden_irrep_types(self.group, self.lmax))
-            hi = 2 * n_types
-            if self.params is not None:
-                while hi < 4096 and count_parameters(self._net(spec, hi, initialize=False)) < self.params:
-                    hi *= 2
-            model = build_at_params(lambda n: self._net(spec, n, initialize=False), self.params,
-                                    self.width * n_types, lo=n_types, hi=hi)
+            key = repr(spec)
+            if key in self._fields:  # searched already (the float64 copy of a point): build that size
+                model = self._net(spec, self._fields[key], initialize=False)
+            else:
+                hi = 2 * n_types
+                if self.params is not None:
+                    while hi < 4096 and count_parameters(self._net(spec, hi, initialize=False)) < self.params:
+                        hi *= 2
+                model = build_at_params(lambda n: self._net(spec, n, initialize=False), self.params,
+                                        self.width * n_types, lo=n_types, hi=hi)
+                self._fields[key] = model.n_fields
             torch.manual_seed(seed)
             model.reset_parameters()
         return model.to(dtype)
