@@ -21,8 +21,9 @@ from equibench.methods.architectures.nequip_style import NequIPModel
 from equibench.methods.base import count_parameters
 from equibench.methods.blocks.energy_forces import ForcesFromEnergy
 from equibench.metrics.equivariance import equivariance_error
-from equibench.report.references import pair_row
 from equibench.plan.suites import read_suite
+from equibench.report.references import pair_row
+from equibench.results.runcards import cards_for
 from equibench.symmetry.precision import default_dtype
 
 F64 = torch.float64
@@ -135,8 +136,15 @@ def _rows(forces: str | None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _pair_differences(forces: str | None) -> str:
+    rows = _rows(forces)
+    return pair_row(rows, "md", "e3nn_nequip", "nequip", "test.force_mae", cards_for([], rows))["differences"]
+
+
 def test_pair_row_states_the_force_kinds_and_the_remaining_differences():
-    same = pair_row(_rows("conservative"), "md", "e3nn_nequip", "nequip", "test.force_mae")["differences"]
+    """The force kinds come from the method cards (here the cards a run without stored cards gets
+    from its rows and the built-in declarations): both −dE/dx, or one predicted directly."""
+    same = _pair_differences("conservative")
     assert "both −dE/dx" in same and "readout" in same
-    other = pair_row(_rows(None), "md", "e3nn_nequip", "nequip", "test.force_mae")["differences"]
+    other = _pair_differences(None)
     assert "predicted directly" in other and "not the same kind" in other
