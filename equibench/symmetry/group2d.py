@@ -196,3 +196,44 @@ def act_on_batch(batch: Batch, spec: TaskSpec, g: PlanarRotation, target: bool =
     if target and "y" in batch:
         new.y = act_on_output(batch.y, spec, g, batch)
     return new
+
+
+# ---- continuous affine warps (the Lie derivative on images, ``metrics/image_lie.py``) -------------
+#: generators A of one-parameter subgroups exp(tA) of the planar affine group, as 3x3 matrices
+#: [[A_lin, a], [0, 0]] acting on pixel coordinates p = (x, y): x to the right, y down, origin at the
+#: image centre, one unit = one pixel. exp(t A) is the group element the image is pushed forward by
+#: (``affine_warp``): rotation by t radians in the direction of ``rotate`` (torch.rot90's), translation
+#: of the content by t pixels along +x (right) / +y (down), isotropic scaling by e^t, shear x -> x + t y.
+AFFINE_GENERATORS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "rotation": ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    "translation_x": ((0.0, 0.0, 1.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    "translation_y": ((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, 0.0)),
+    "scale": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 0.0)),
+    "shear": ((0.0, 1.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+}
+
+
+def affine_element(generator: str, t: float) -> torch.Tensor:
+    """exp(t A) (float64 ``[3, 3]``) for the generator A named ``generator`` (``AFFINE_GENERATORS``)."""
+    if generator not in AFFINE_GENERATORS:
+        raise UserError(f"unknown affine generator {generator!r} (known: {', '.join(AFFINE_GENERATORS)})")
+    return torch.linalg.matrix_exp(t * torch.tensor(AFFINE_GENERATORS[generator], dtype=torch.float64))
+
+
+def affine_warp(images: torch.Tensor, g: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """``images [B, C, H, W]`` pushed forward by the affine map ``g`` (``[3, 3]`` or ``[B, 3, 3]``,
+    pixel coordinates as in ``AFFINE_GENERATORS``): (g . x)(p) = x(g^-1 p), by bilinear
+    interpolation (``affine_grid`` / ``grid_sample``, ``align_corners=False``), zeros flowing in from
+    outside (``padding_mode``). No disc mask (``rotate`` applies one). In normalised coordinates
+    (``affine_grid``'s, [-1, 1] across the image) the sampling map is D^-1 g^-1 D with
+    D = diag(W/2, H/2, 1); the identity samples every pixel at its centre, so g = 1 returns the
+    image unchanged (to rounding)."""
+    B, _, H, W = images.shape
+    g = g.to(dtype=torch.float64, device=images.device)
+    if g.dim() == 2:
+        g = g.expand(B, 3, 3)
+    D = torch.diag(torch.tensor([W / 2, H / 2, 1.0], dtype=torch.float64, device=images.device))
+    D_inv = torch.diag(torch.tensor([2 / W, 2 / H, 1.0], dtype=torch.float64, device=images.device))
+    theta = (D_inv @ torch.linalg.inv(g) @ D)[:, :2].to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
