@@ -105,9 +105,9 @@ def test_isolation_survives_timeouts_and_hard_exits(tmp_path):
     df = eb.run(specs, results_dir=tmp_path, run_name="r", isolate=True, timeout=10, progress=False,
                 plugins=[PLUGIN])
     by = df.drop_duplicates("spec_hash").set_index("method")
-    assert by.loc["faulty_sleeps", "status"] == "failed"
+    assert by.loc["faulty_sleeps", "status"] == eb.Status.TIMEOUT  # a timeout row since the results contract
     assert by.loc["faulty_sleeps", "error"].startswith("timeout: exceeded 10 s")
-    assert by.loc["faulty_exits", "status"] == "failed" and "code 9" in by.loc["faulty_exits", "error"]
+    assert by.loc["faulty_exits", "status"] == eb.Status.FAILED and "code 9" in by.loc["faulty_exits", "error"]
     assert by.loc["faulty_exits", "exit_code"] == 9 and by.loc["faulty_exits", "peak_rss_bytes"] > 0
     assert by.loc["baseline", "status"] == "ok"
     assert len(set(df["wall_s"])) == 3 and set(df["executor"]) == {"local"}
