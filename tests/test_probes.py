@@ -42,7 +42,9 @@ EVALUATE_DEFAULTS = {
     "symmetric_inputs": True, "throughput": True, "throughput_batch": 100, "throughput_modes": ("inference", "train"),
     "throughput_min_sample_s": 0.05, "throughput_repeats": 10, "throughput_threads": 0, "throughput_remeasure": 2,
     "profile": True, "flops": True, "compile": False, "measure_once": True, "architecture_seed": None,
-    "equivariance": True, "curve": True}
+    "equivariance": True, "curve": True,
+    # probes added since (their own keys; existing keys and hashes unchanged): issue 22's image Lie derivative
+    "image_lie_derivative": True, "image_lie_derivative_step": 1e-4}
 
 
 @pytest.fixture
@@ -183,8 +185,8 @@ def test_old_evaluate_keys_map_onto_the_probes_settings():
     assert [p.name for p in off.probes(nbody_spec())] == ["curve", "equivariance", "symmetric_inputs",
                                                          "lie_derivative"]
     image = registry.get_task("digits", source="sklearn", train_size=8, val_size=4, test_size=4).spec
-    assert [p.name for p in EvalConfig.from_dict({}).probes(image)] == ["curve", "equivariance", "throughput",
-                                                                       "profile"]
+    assert [p.name for p in EvalConfig.from_dict({}).probes(image)] == ["curve", "equivariance", "image_lie_derivative",
+                                                                       "throughput", "profile"]
 
 
 def test_a_bad_evaluate_key_is_one_line():
