@@ -40,7 +40,7 @@ does): at initialisation an image classifier's logits are dominated by what they
 inputs (the head's bias and the mean activation), so on digits (sklearn, 32 images, init) the plain
 CNN's logits have norm 0.31 but differ between images by 5.5e-4, and relative to their norm it
 would read as rotation-invariant to 4e-3 while an escnn model, whose logits depend more on the
-input, read 10x worse; relative to the spread between images the CNN reads 2.1 per radian and
+input, read 6 to 16x worse; relative to the spread between images the CNN reads 2.1 per radian and
 escnn SO(2) 0.5 (docs/design.md, "The Lie derivative on images"). The measured images should
 differ in content: ``s`` is the scale of what distinguishes them.
 

@@ -2,7 +2,8 @@
 headers, collapsible) and the figures (learning curves against step, wall-clock seconds and
 training FLOPs with the trivial predictor as reference, test metric against throughput with the
 Pareto front, equivariance error per method, sample efficiency over a training-size sweep,
-degeneracy curves and the table of exactly symmetric inputs)."""
+degeneracy curves, the table of exactly symmetric inputs and, on image tasks, the Lie derivative
+along continuous affine generators)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.catalogue import CURVE_VAL, degeneracy_metric, equivariance_metric, symmetric_metric, throughput_metric
+from ..metrics.image_lie import GENERATORS, UNITS, image_lie_metric
 from ..results.runcards import RunCards, cards_for
 from ..results.status import Status
 from .common import fmt, plots
@@ -241,6 +243,39 @@ def symmetric_inputs_table(df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
     return caption, table
 
 
+def image_lie_table(agg: pd.DataFrame, df: pd.DataFrame) -> tuple[str, pd.DataFrame] | None:
+    """Image tasks: per method, the mean relative Lie derivative along each affine generator at
+    init → trained (``image_lie.*``, mean over seeds), beside the discrete-group equivariance error
+    of the trained fp64 model (None without ``image_lie.*`` rows)."""
+    names = [image_lie_metric(stage, g, "rel_mean") for g in GENERATORS for stage in ("init", "trained")]
+    if not any(n in agg for n in names):
+        return None
+    equiv = equivariance_metric("trained", "fp64", "rel_mean")
+    data = {}
+    for method in sorted(agg.index, key=str):
+        m = agg.loc[method]
+        row = {f"{g.replace('_', ' ')} [{UNITS[g]}]": " → ".join(
+            fmt.number(m.get(image_lie_metric(stage, g, "rel_mean")), "sci") for stage in ("init", "trained"))
+            for g in GENERATORS}
+        row["equiv. err fp64 trained (discrete group)"] = fmt.number(m.get(equiv), "sci")
+        data[method] = row
+    table = pd.DataFrame.from_dict(data, orient="index")
+    table.index.name = "method"
+    rows = df[(df["status"] == Status.OK) & (df["metric"] == names[0])] if len(df) else df
+    n = int(rows["batch_size"].dropna().iloc[0]) if len(rows) and "batch_size" in rows else "?"
+    groups = ", ".join(sorted(set(df[df["metric"] == equiv]["group"].dropna()))) if "group" in df else "?"
+    caption = ("Lie derivative on images (Gruver et al., ICLR 2023), init → trained: ||d/dt f(exp(tA)·x)|| at t = 0 "
+               "for continuous rotation, translations, isotropic scaling and shear A, by a central difference "
+               "(step: evaluate option image_lie_derivative_step, default 1e-4) of an explicit bilinear affine "
+               "warp of the image (zero padding) through the float64 model, relative to the RMS spread of the "
+               f"logits between images, mean over the first {n} upright test images and over seeds (image_lie.*; "
+               "lower = closer to invariant along that generator; per radian, per pixel, per unit log-scale / "
+               "shear). Exact C4/C8 methods are exact for their discrete rotations only: the last column is their "
+               f"equivariance error under the task's group ({groups or '?'}), the continuous derivative shows "
+               "what the grid and the architecture leave")
+    return caption, table
+
+
 def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True,
                  cards: RunCards | None = None) -> Section:
     """The section of ``task`` from its rows (all (method, seed) runs, sweeps and tuning runs
@@ -294,6 +329,9 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
     profile = profile_table(df)
     if profile is not None:  # beside the speed columns: what a wrapper's time is made of
         section["tables"].insert(0, profile)
+    image_lie = image_lie_table(agg, df) if len(agg) else None
+    if image_lie is not None:  # beside the equivariance columns of the full table
+        section["tables"].insert(0, image_lie)
     standard = symmetric_inputs_table(df)
     if standard is not None:
         section["tables"].insert(0, standard)

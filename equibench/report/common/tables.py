@@ -28,6 +28,7 @@ from ...metrics.catalogue import (
     train_metric,
     tune_metric,
 )
+from ...metrics.image_lie import image_lie_metric
 from ...metrics.throughput import UNSTABLE_REL_IQR, is_unstable
 from ...results.runcards import legacy_roles, legacy_wrappers
 from ...results.status import Status
@@ -42,6 +43,8 @@ EQUIVARIANCE_COLUMNS = (equivariance_metric("trained", "fp32", "rel_mean"),
                         equivariance_metric("trained", "fp64", "rel_mean"),
                         equivariance_metric("init", "fp64", "rel_mean"))
 LIE_COLUMN = lie_metric("trained", "rel_mean")
+#: image tasks: the trained model's rotation Lie derivative (every generator: ``task_section.image_lie_table``)
+IMAGE_LIE_COLUMN = image_lie_metric("trained", "rotation", "rel_mean")
 
 
 def seed_table(df: pd.DataFrame, index: str = "method") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -123,8 +126,8 @@ TRAINING_COLUMNS = {train_metric("steps"): "steps", train_metric("wall_s"): "wal
 def _short(name: str) -> str:
     """Column header inside its group: the catalogue's unit and arrow, a shorter label."""
     s = spec_for(name)
-    if s.family in ("equivariance", "lie_derivative"):
-        lie = "Lie " if s.family == "lie_derivative" else ""
+    if s.family in ("equivariance", "lie_derivative", "image_lie"):
+        lie = {"lie_derivative": "Lie ", "image_lie": f"Lie {str(s.axis).replace('_', ' ')} "}.get(s.family, "")
         label = f"{lie}{s.dtype} {s.stage} {_EQ_LABELS.get(s.stat or '', s.stat)}"
         return header(s, label)
     if s.family == "throughput" and s.stat == "peak_mem_bytes":
@@ -187,7 +190,7 @@ def task_table(agg: pd.DataFrame, std: pd.DataFrame, n_seeds: int, primary: str 
             if n_seeds > 1 and np.isfinite(s.get(c, np.nan)) and cell != fmt.MISSING:
                 cell += f" ± {value(spec_for(c), s[c])}"
             r[("accuracy" if c in tests else "other", _short(c))] = cell
-        for c in (*EQUIVARIANCE_COLUMNS, LIE_COLUMN):
+        for c in (*EQUIVARIANCE_COLUMNS, LIE_COLUMN, IMAGE_LIE_COLUMN):
             r[("equivariance", _short(c))] = value(spec_for(c), m.get(c))
         for c in diagnostics:
             r[("method diagnostics", _short(c))] = value(spec_for(c), m.get(c))
