@@ -44,7 +44,11 @@ EVALUATE_DEFAULTS = {
     "profile": True, "flops": True, "compile": False, "measure_once": True, "architecture_seed": None,
     "equivariance": True, "curve": True,
     # probes added since (their own keys; existing keys and hashes unchanged): issue 22's image Lie derivative
-    "image_lie_derivative": True, "image_lie_derivative_step": 1e-4}
+    "image_lie_derivative": True, "image_lie_derivative_step": 1e-4,
+    # and item 4's force conservation on md (off by default)
+    "force_conservation": False, "force_conservation_graphs": 4, "force_conservation_trajectories": 4,
+    "force_conservation_steps": 200, "force_conservation_timestep_fs": 0.5, "force_conservation_temperature": 300.0,
+    "force_conservation_every": 10, "force_conservation_nodes": 8}
 
 
 @pytest.fixture

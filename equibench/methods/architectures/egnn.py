@@ -37,6 +37,13 @@ layer's update. Differences, on purpose: the reference clamps each coordinate up
 component-wise to +-100 ("never activated"; a component-wise clamp is not rotation-equivariant):
 not done here; and the charge joins h^0 by default (above).
 
+Forces (``forces``, as ``e3nn_nequip``'s): ``"direct"`` (default) predicts a node-level "1o" target
+(md forces) as the coordinate displacement x^L - x^0; ``"conservative"`` builds the network for a
+graph-level invariant energy on such a task (scalar outputs: its layers do not move coordinates;
+E depends on the positions through |x_i - x_j|^2) and predicts F = -dE/dx
+(``blocks.energy_forces.ForcesOption``): conservative by construction, and still E(3)-exact.
+``params`` then sizes the energy network.
+
 Other tasks: supported where the output is a point, a node-level "1o" vector, or invariant
 scalars (n-body, normals, QM9, md energies and forces); not supported: outputs with l >= 1 other
 than one node-level "1o" (a pseudovector "1e" or l = 2 would need more than coordinate
@@ -55,6 +62,7 @@ from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
 from ..base import Method, build_at_params
 from ..blocks.backbone import mlp
+from ..blocks.energy_forces import ForcesOption
 
 
 class EGCL(nn.Module):
@@ -149,7 +157,7 @@ class EGNNModel(nn.Module):
 
 
 @register_method("egnn")
-class EGNN(Method):
+class EGNN(ForcesOption, Method):
     """EGNN (Satorras et al. 2021, n-body Table 2: EGNN_vel): E(n)-equivariant coordinate and velocity updates."""
 
     domains = ("graph3d",)
@@ -158,16 +166,18 @@ class EGNN(Method):
     smoke_options = {"width": 16, "depth": 2}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
-                 node_scalars: bool = True) -> None:
+                 node_scalars: bool = True, forces: str = "direct") -> None:
         if width < 1 or depth < 1:
             raise ValueError("width and depth must be positive")
         super().__init__(width=width, depth=depth, params=params, node_scalars=node_scalars)
         self.width, self.depth, self.params, self.node_scalars = width, depth, params, node_scalars
+        self.set_forces(forces)  # recorded only when set
 
     def supports(self, spec: TaskSpec) -> str | None:
         reason = super().supports(spec)
         if reason:
             return reason
+        spec = self.network_spec(spec)
         if not spec.point_fields:
             return "egnn needs a 'point' input (its coordinates)"
         if len(spec.point_fields) > 1:
@@ -187,4 +197,6 @@ class EGNN(Method):
         reason = self.supports(spec)
         if reason:
             raise ValueError(reason)
-        return build_at_params(lambda w: EGNNModel(spec, w, self.depth, self.node_scalars), self.params, self.width)
+        net_spec = self.network_spec(spec)
+        net = build_at_params(lambda w: EGNNModel(net_spec, w, self.depth, self.node_scalars), self.params, self.width)
+        return self.with_forces(net, spec)

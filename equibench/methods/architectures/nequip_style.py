@@ -93,15 +93,7 @@ from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
 from ..base import Method, build_irreps_sized
-from ..blocks.energy_forces import ForcesFromEnergy, energy_spec
-
-#: the ``forces`` option of ``e3nn_nequip``: read forces off a "1o" head, or take -dE/dx of an energy
-FORCE_MODES = ("direct", "conservative")
-
-
-def is_force_task(spec: TaskSpec) -> bool:
-    """A node-level "1o" target on a task with a point input: forces that -dE/dx can produce."""
-    return spec.level == "node" and spec.output == "1o" and bool(spec.point_fields)
+from ..blocks.energy_forces import FORCE_MODES, ForcesOption
 
 
 def polynomial_cutoff(d: torch.Tensor, p: int = 6) -> torch.Tensor:
@@ -370,7 +362,7 @@ class NequIPModel(nn.Module):
 
 
 @register_method("e3nn_nequip")
-class E3NNNequIP(Method):
+class E3NNNequIP(ForcesOption, Method):
     """NequIP-style e3nn network (Batzner et al. 2022): 'uvu' convolutions, Bessel basis + cutoff, self-connection."""
 
     domains = ("graph3d",)
@@ -382,7 +374,7 @@ class E3NNNequIP(Method):
                  num_basis: int = 8, radial_hidden: int = 64, radial_layers: int = 2, cutoff_p: int = 6,
                  resnet: bool = False, bessel_trainable: bool = False, avg_num_neighbors: float | None = None,
                  r_max: float | None = None, forces: str = "direct", radial_scale: float | None = None) -> None:
-        if forces not in FORCE_MODES:
+        if forces not in FORCE_MODES:  # (checked first, as before the other options)
             raise UserError(f"e3nn_nequip: forces must be one of {FORCE_MODES}, got {forces!r}")
         if lmax < 0:
             raise ValueError(f"lmax must be >= 0, got {lmax}")
@@ -403,23 +395,16 @@ class E3NNNequIP(Method):
         self.num_basis, self.radial_hidden, self.radial_layers = num_basis, radial_hidden, radial_layers
         self.cutoff_p, self.resnet, self.bessel_trainable = cutoff_p, resnet, bessel_trainable
         self.avg_num_neighbors, self.r_max = avg_num_neighbors, r_max
-        self.forces = forces
-        if forces != "direct":  # recorded only when set: existing rows stay as they were
-            self.options.update(forces=forces)
+        self.set_forces(forces)  # recorded only when set: existing rows stay as they were
         self.radial_scale = radial_scale
         if radial_scale is not None:  # the same: recorded only when set
             self.options.update(radial_scale=radial_scale)
-
-    def conservative_on(self, spec: TaskSpec) -> bool:
-        """Whether the model on ``spec`` is an energy model with forces -dE/dx."""
-        return self.forces == "conservative" and is_force_task(spec)
 
     def supports(self, spec: TaskSpec) -> str | None:
         reason = super().supports(spec)
         if reason:
             return reason
-        if self.conservative_on(spec):
-            spec = energy_spec(spec)
+        spec = self.network_spec(spec)
         if not spec.point_fields:
             return "e3nn_nequip needs a 'point' input (edge geometry comes from positions)"
         if any(not is_invariant(t) for t in spec.edge_inputs.values()):
@@ -430,8 +415,7 @@ class E3NNNequIP(Method):
         return None
 
     def count(self, spec: TaskSpec, mul: int, radial_hidden: int) -> int:
-        if self.conservative_on(spec):
-            spec = energy_spec(spec)
+        spec = self.network_spec(spec)
         return parameter_count(spec, mul, self.lmax, self.depth, self.num_basis, radial_hidden,
                                self.radial_layers, self.bessel_trainable)
 
@@ -463,9 +447,8 @@ class E3NNNequIP(Method):
         return mul, min((a, b), key=lambda h: abs(self.count(spec, mul, h) - target))
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
-        conservative = self.conservative_on(spec)
-        net_spec = energy_spec(spec) if conservative else spec
+        net_spec = self.network_spec(spec)
         model = build_irreps_sized(self, spec, seed, lambda mul, rh: NequIPModel(
             net_spec, mul, self.lmax, self.depth, self.num_basis, rh, self.radial_layers, self.cutoff_p, self.resnet,
             self.avg_num_neighbors, self.r_max, self.bessel_trainable, self.radial_scale))
-        return ForcesFromEnergy(model, pos_field=spec.point_fields[0]) if conservative else model
+        return self.with_forces(model, spec)

@@ -10,6 +10,12 @@ back-propagated to the parameters (a second-order derivative).
 Wiring (for methods that can output a graph-level energy)::
 
     model = ForcesFromEnergy(method.build(energy_spec(task.spec), seed))   # model(batch) -> [N, 3]
+
+or, for a method with a ``forces`` option (``"direct"`` default, ``"conservative"``), the mixin
+``ForcesOption``: ``set_forces`` in ``__init__`` (recorded in the options only when not the
+default, so existing specs hash as before), ``network_spec(spec)`` for the network and
+``with_forces(net, spec)`` around it. Its ``is_force_task`` (``metrics.conservation``): a
+node-level "1o" target with a point input; on any other task the option changes nothing.
 """
 from __future__ import annotations
 
@@ -21,7 +27,12 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch
 
+from ...core.errors import UserError
 from ...core.spec import TaskSpec
+from ...metrics.conservation import is_force_task
+
+#: the ``forces`` option: read forces off a "1o" head, or take -dE/dx of a graph-level energy
+FORCE_MODES = ("direct", "conservative")
 
 
 def energy_spec(spec: TaskSpec) -> TaskSpec:
@@ -37,7 +48,10 @@ def energy_to_forces(model_energy: Callable[[Batch], torch.Tensor], batch: Batch
     graph so a loss on F reaches the parameters. Works under ``torch.no_grad()`` (the gradient is
     taken in an ``enable_grad`` block). If ``batch[pos_field]`` already requires grad it is used
     as is (so outer derivatives through the positions still flow); otherwise a detached leaf
-    copy is used and ``batch`` is left untouched.
+    copy is used and ``batch`` is left untouched. The model sees a view of the positions, never
+    the leaf itself: a module given the leaf as an input (egnn's layers take the coordinates)
+    would have a leaf in its backward hooks, which ``autograd.grad`` refuses under
+    ``FlopCounterMode`` (the training loop's FLOP count of its first step).
     """
     pos = batch[pos_field]
     keep = (torch.is_grad_enabled() if training is None else training) or pos.requires_grad
@@ -45,7 +59,7 @@ def energy_to_forces(model_energy: Callable[[Batch], torch.Tensor], batch: Batch
         if not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
         work = copy.copy(batch)  # shallow: shares every other tensor
-        work[pos_field] = pos
+        work[pos_field] = pos.view_as(pos)
         energy = model_energy(work).reshape(-1)
         (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=keep)
     if not keep:
@@ -68,3 +82,31 @@ class ForcesFromEnergy(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         training = self.training and torch.is_grad_enabled()
         return energy_to_forces(self.energy_model, batch, training=training, pos_field=self.pos_field)[1]
+
+
+class ForcesOption:
+    """Mixin of the ``forces`` option (module docstring): ``"conservative"`` builds the method's
+    network for ``energy_spec`` on a force task and wraps it in ``ForcesFromEnergy``, so F = -dE/dx
+    is conservative by construction (and exactly as equivariant as E is invariant)."""
+
+    forces: str = "direct"
+
+    def set_forces(self, forces: str) -> None:
+        if forces not in FORCE_MODES:
+            raise UserError(f"{getattr(self, 'name', '?')}: forces must be one of {FORCE_MODES}, got {forces!r}")
+        self.forces = forces
+        options = getattr(self, "options", None)
+        if forces != "direct" and isinstance(options, dict):  # recorded only when set: existing rows unchanged
+            options["forces"] = forces
+
+    def conservative_on(self, spec: TaskSpec) -> bool:
+        """Whether the model on ``spec`` is an energy model with forces -dE/dx."""
+        return self.forces == "conservative" and is_force_task(spec)
+
+    def network_spec(self, spec: TaskSpec) -> TaskSpec:
+        """The spec the network is built for: ``energy_spec(spec)`` where ``conservative_on``."""
+        return energy_spec(spec) if self.conservative_on(spec) else spec
+
+    def with_forces(self, net: nn.Module, spec: TaskSpec) -> nn.Module:
+        """``ForcesFromEnergy(net)`` where ``conservative_on(spec)``, else ``net``."""
+        return ForcesFromEnergy(net, pos_field=spec.point_fields[0]) if self.conservative_on(spec) else net

@@ -41,10 +41,10 @@ class Augmentation(Baseline):
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False, "image2d": False}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
-                 field_input: bool = False, over: str = "task") -> None:
+                 field_input: bool = False, over: str = "task", forces: str = "direct") -> None:
         if over not in OVER:
             raise ValueError(f"over must be one of {OVER}, got {over!r}")
-        super().__init__(width=width, depth=depth, params=params, field_input=field_input)
+        super().__init__(width=width, depth=depth, params=params, field_input=field_input, forces=forces)
         self.over = over
         self.options["over"] = over
 

@@ -12,6 +12,13 @@ on ``image2d`` tasks, ``build_graph`` on ``graph3d`` tasks; each subclass overri
 own file. It also applies the shared ``field_input`` option (``blocks.breaking``): with
 ``field_input=True`` a task's symmetry-breaking fields (``TaskSpec.breaking_inputs``, e.g.
 nbody_field's external field) are built in as typed inputs; by default they are ignored.
+
+``forces`` (``blocks.energy_forces.ForcesOption``; baseline and augmentation): ``"direct"``
+(default) reads md forces off the backbone's node head; ``"conservative"`` builds the backbone for
+a graph-level energy (sum of per-node outputs) on a force task and predicts F = -dE/dx, with the
+graph kept in training (a force loss trains through the second derivative). ``params`` sizes the
+energy network. The frame and canonicalisation wrappers do not take it (their forces would be
+differentiated through the frames).
 """
 from __future__ import annotations
 
@@ -25,11 +32,12 @@ from ..base import Method, build_at_params
 from ..blocks.backbone import BackboneModel
 from ..blocks.breaking import FieldInputOption
 from ..blocks.cnn import CNNClassifier
+from ..blocks.energy_forces import ForcesOption
 from ..blocks.image import build_image_model, image_size_options
 
 
 @register_method("baseline")
-class Baseline(FieldInputOption, Method):
+class Baseline(FieldInputOption, ForcesOption, Method):
     """The shared message-passing backbone alone, trained on the data as given: no symmetry at all."""
     exact = False
     group: str | None = None  # (the declared type, so that subclasses may name a group)
@@ -39,10 +47,11 @@ class Baseline(FieldInputOption, Method):
     exact_by_domain: ClassVar[dict[str, bool]] = {"graph3d": False, "image2d": False}
 
     def __init__(self, *, width: int = 64, depth: int = 4, params: int | None = None,
-                 field_input: bool = False) -> None:
+                 field_input: bool = False, forces: str = "direct") -> None:
         super().__init__(width=width, depth=depth, params=params)
         self.width, self.depth, self.params = width, depth, params
         self.set_field_input(field_input)
+        self.set_forces(forces)  # recorded only when set (subclasses without the option: "direct")
 
     def build_backbone(self, spec: TaskSpec) -> nn.Module:
         """The bare backbone at the requested width/parameter count (used by wrappers too)."""
@@ -52,7 +61,7 @@ class Baseline(FieldInputOption, Method):
         spec = self.model_spec(spec)  # + the symmetry-breaking inputs under field_input=True
         if spec.domain == "image2d":
             return self.build_image(spec)
-        return self.build_graph(spec, seed)
+        return self.with_forces(self.build_graph(self.network_spec(spec), seed), spec)
 
     def build_graph(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         return self.build_backbone(spec)
