@@ -196,7 +196,8 @@ def test_sample_efficiency_sweep_is_plotted_not_tabulated(tmp_path):
     assert df["spec_hash"].nunique() == 6  # 3 sizes x 2 seeds; the base size is not run twice
     index = eb.write_report(tmp_path / "res" / "s", tmp_path / "rep")
     text = index.read_text()
-    assert (tmp_path / "rep" / "nbody_sample_efficiency.png").exists() and "sample_efficiency" in text
+    for png in ("efficiency_nbody_data.png", "efficiency_nbody_compute.png"):  # report/efficiency.py's sections
+        assert (tmp_path / "rep" / png).exists() and png in text
     table = text.split('<table class="results">')[1].split("</table>")[0]
     assert table.split("<tbody>")[1].count("<tr") == 1  # one row: only the base configuration is tabulated
     verdict = text.split('<table class="verdict">')[1].split("</table>")[0]

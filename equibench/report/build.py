@@ -14,9 +14,10 @@ and trained), Lie derivative and method diagnostics, inference/train throughput 
 rate and overhead against the shared backbone, peak memory, training steps / time / FLOPs and
 convergence; plots of the learning curves (validation value against step, seconds and FLOPs,
 trivial predictor as reference), the test metric vs throughput (with the Pareto front),
-equivariance error per method (log scale) and, when measured, sample efficiency and degeneracy
-curves. Scaling sweeps and tensor-product microbenchmarks have their own sections
-(``sections``); nightly pages add regressions and trend plots (``history``, ``trends``). Every
+equivariance error per method (log scale) and, when measured, degeneracy curves. Scaling sweeps
+and tensor-product microbenchmarks have their own sections (``sections``), and so have training-size
+sweeps (``efficiency``: data- and compute-efficiency curves, power laws, crossovers, frontiers);
+nightly pages add regressions and trend plots (``history``, ``trends``). Every
 table and figure states how it was measured: device, dtype, batch, repeats, threads, group
 samples, seeds, training budget, commit. ``write_comparison`` (``compare``) renders two runs side
 by side.
@@ -49,6 +50,7 @@ from .common.render import BannerItem, Page, Section, TableView, md_anchor, sect
 from .common.tables import loaded_machine_lines, status_table
 from .compare import write_comparison
 from .configuration import configuration_notes, configuration_table, read_resolved
+from .efficiency import efficiency_sections
 from .references import reference_sections
 from .sections import SECTIONS, SPECIAL_BENCHES
 from .task_section import task_section
@@ -179,6 +181,7 @@ def _write_report(df: pd.DataFrame, dirs: list[Path], cards: RunCards, out: Path
     sections = (published_sections(df, dirs) + reference_sections(df, cards)
                 + _sections(df, out, ranked, resolved, cards))
     sections += approximate_sections(df, out, cards)  # sweeps of a symmetry-breaking field (report/approximate.py)
+    sections += efficiency_sections(df, out, cards)  # train_size sweeps: data and compute efficiency (efficiency.py)
     if history is not None:
         for s in sections:
             s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]

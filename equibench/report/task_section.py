@@ -1,8 +1,8 @@
 """The section of one task: the verdict table first (``verdicts``), the full method table (grouped
 headers, collapsible) and the figures (learning curves against step, wall-clock seconds and
 training FLOPs with the trivial predictor as reference, test metric against throughput with the
-Pareto front, equivariance error per method, sample efficiency over a training-size sweep,
-degeneracy curves, the table of exactly symmetric inputs and, on image tasks, the Lie derivative
+Pareto front, equivariance error per method, degeneracy curves (a training-size sweep has sections
+of its own: ``efficiency``), the table of exactly symmetric inputs and, on image tasks, the Lie derivative
 along continuous affine generators)."""
 from __future__ import annotations
 
@@ -91,24 +91,6 @@ def _equivariance_figure(task: str, agg: pd.DataFrame, out: Path, ctx: str) -> t
     plots.equivariance_bars(agg, series, path, f"{task}: relative equivariance error")
     return path.name, ("Relative equivariance error per method, log scale; marker = mean, bar = max over graphs "
                        "and samples; dotted 1e-10, dashed 1e-4. " + ctx)
-
-
-def _sample_efficiency(task: str, df: pd.DataFrame, out: Path, metric: str, ctx: str) -> tuple[str, str] | None:
-    ok = df[(df["status"] == Status.OK) & (df["metric"] == metric)].copy()
-    if ok.empty or "task_options" not in ok:
-        return None
-    ok["train_size"] = ok["task_options"].map(lambda o: o.get("train_size") if isinstance(o, dict) else None)
-    ok = ok.dropna(subset=["train_size"])
-    if ok["train_size"].nunique() < 2:
-        return None
-    spec = spec_for(metric)
-    data = ok.groupby(["method", "train_size"], as_index=False)["value"].agg(["mean", "std"]).reset_index()
-    path = out / f"{slug(task)}_sample_efficiency.png"
-    plots.curves(data.rename(columns={"mean": "value"}), "train_size", "value", "method", path,
-                 f"{task}: sample efficiency", "training-set size", plots.axis_label(spec), err="std",
-                 logy=spec.log_scale)
-    return path.name, (f"Test {spec.display} against training-set size (log-log), mean ± std over seeds "
-                       f"{sorted(set(ok['seed']))}; the same training budget (steps) for every size. {ctx}")
 
 
 def _degeneracy(task: str, df: pd.DataFrame, out: Path, ctx: str) -> tuple[tuple[str, str] | None, pd.DataFrame | None]:
@@ -317,8 +299,7 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
     tests = score_columns(agg, facts.metric, roles) if len(agg) else []
     figures = [_learning_curves(task, df, facts, out, ctx),
                _pareto_figure(task, agg, std, tests[0], n_seeds, out, ctx) if tests else None,
-               _equivariance_figure(task, agg, out, ctx) if len(agg) else None,
-               _sample_efficiency(task, df_all, out, tests[0], ctx) if tests else None]
+               _equivariance_figure(task, agg, out, ctx) if len(agg) else None]
     deg_figure, symmetric = _degeneracy(task, df, out, ctx)
     section["figures"] = [f for f in (*figures, deg_figure) if f]
     tuned = tuning_table(tuning, df)

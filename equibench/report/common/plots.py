@@ -3,10 +3,12 @@ the better direction come from the metric catalogue (``MetricSpec``), never from
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -207,5 +209,112 @@ def learning_curves(lines: Sequence[tuple[str, pd.DataFrame, str]], panels: Sequ
     fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 5), 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _short_log_axis(axis: Any, values: Sequence[float]) -> None:
+    """On a log axis spanning less than a decade, a few plain ticks instead of minor labels that collide."""
+    v = [x for x in values if np.isfinite(x) and x > 0]
+    if v and max(v) < 10 * min(v):
+        axis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.4g"))
+        axis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+@dataclass(frozen=True)
+class SizeSeries:
+    """One method's curve over training sizes: means with interval ends ``lo`` / ``hi``,
+    ``hollow`` per size (a run there did not converge) and its power law ``(a, b, n_min, n_max)``."""
+    label: str
+    sizes: np.ndarray
+    means: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    hollow: np.ndarray
+    fit: tuple[float, float, float, float] | None = None
+
+
+def size_curves(series: Sequence[SizeSeries], path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log curves of error against training size: markers with interval bars, hollow where
+    flagged; a segment is solid between two filled markers and dotted when it touches a hollow
+    one; the fitted power law a·N^b dashed over the sizes it used."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for k, s in enumerate(series):
+        color = f"C{k % 10}"
+        ax.vlines(s.sizes, s.lo, s.hi, color=color, lw=1.0)
+        for i in range(len(s.sizes) - 1):
+            style = ":" if s.hollow[i] or s.hollow[i + 1] else "-"
+            ax.plot(s.sizes[i:i + 2], s.means[i:i + 2], style, color=color, lw=1.2)
+        for hollow in (False, True):
+            sel = s.hollow == hollow
+            if sel.any():
+                ax.plot(s.sizes[sel], s.means[sel], "o", ms=5, color=color,
+                        markerfacecolor="none" if hollow else color)
+        if s.fit is not None:
+            a, b, n0, n1 = s.fit
+            xs = np.geomspace(n0, n1, 20) if n1 > n0 else np.array([n0])
+            ax.plot(xs, a * xs ** b, "--", lw=0.9, color=color)
+        ax.plot([], [], "o-", color=color, label=s.label)  # one legend entry per method
+    sizes = sorted({float(n) for s in series for n in s.sizes})
+    ax.set_xticks(sizes, [f"{n:,.0f}" for n in sizes])  # the measured sizes
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    _finish(fig, path)
+
+
+@dataclass(frozen=True)
+class CostPanel:
+    """One panel of error against a cost: ``points`` (method, cost, error, training size,
+    converged), each method's frontier and the overall frontier as (cost, error) sorted by cost."""
+    xlabel: str
+    points: Sequence[tuple[str, float, float, float, bool]]
+    fronts: dict[str, list[tuple[float, float]]]
+    overall: list[tuple[float, float]]
+
+
+def cost_curves(panels: Sequence[CostPanel], path: Path, ylabel: str, title: str) -> None:
+    """Panels side by side (log-log): a marker per point (colour = method, larger for a larger
+    training size, hollow where not converged), each method's frontier as a thin line, the
+    overall frontier as black steps (the lowest error within each budget) to the largest cost."""
+    methods = sorted({p[0] for panel in panels for p in panel.points})
+    sizes = sorted({p[3] for panel in panels for p in panel.points})
+    color = {m: f"C{k % 10}" for k, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.6), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        if not panel.points:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
+        for method, cost, err, size, converged in panel.points:
+            ms = 4 + 2.5 * sizes.index(size)
+            ax.plot([cost], [err], "o", ms=ms, color=color[method], markerfacecolor=color[method] if converged
+                    else "none", alpha=0.85)
+        for method, front in panel.fronts.items():
+            if len(front) > 1:
+                ax.plot(*zip(*front), "-", lw=0.8, color=color[method])
+        if panel.overall:
+            xs = [x for x, _ in panel.overall] + [max(p[1] for p in panel.points)]
+            ys = [y for _, y in panel.overall] + [panel.overall[-1][1]]
+            ax.plot(xs, ys, "k--", drawstyle="steps-post", lw=1.2)
+        _short_log_axis(ax.xaxis, [p[1] for p in panel.points])
+        ax.set_xlabel(panel.xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    _short_log_axis(axes[0][0].yaxis, [p[2] for panel in panels for p in panel.points])
+    axes[0][0].set_ylabel(ylabel)
+    handles = [matplotlib.lines.Line2D([], [], marker="o", color=color[m], label=m) for m in methods]
+    handles.append(matplotlib.lines.Line2D([], [], color="k", ls="--", label="overall frontier"))
+    handles += [matplotlib.lines.Line2D([], [], marker="o", ls="", color="grey", ms=4 + 2.5 * i,
+                                        label=f"N = {s:,.0f}") for i, s in enumerate(sizes)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    rows = (len(handles) - 1) // 6 + 1
+    fig.tight_layout(rect=(0, 0.04 + 0.04 * rows, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
