@@ -48,7 +48,9 @@ EVALUATE_DEFAULTS = {
     # and item 4's force conservation on md (off by default)
     "force_conservation": False, "force_conservation_graphs": 4, "force_conservation_trajectories": 4,
     "force_conservation_steps": 200, "force_conservation_timestep_fs": 0.5, "force_conservation_temperature": 300.0,
-    "force_conservation_every": 10, "force_conservation_nodes": 8}
+    "force_conservation_every": 10, "force_conservation_nodes": 8,
+    # and item 5's fp32 equivariance error with TF32 on and off (off by default; the equivariance keys)
+    "tf32_equivariance": False}
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Tensor-product microbenchmarks: Clebsch-Gordan (e3nn) against Gaunt (S² grid) and cuEquivariance.
+"""Tensor-product microbenchmarks: Clebsch-Gordan (e3nn) against Gaunt (S² grid), cuEquivariance and
+OpenEquivariance.
 
 Operands (for lmax L): ``x1`` = C channels of every degree l <= L with parity (-1)^l, i.e.
 ``C x (0e + 1o + 2e + ...)``; ``x2`` = one channel of the same degrees (an edge's spherical
@@ -20,6 +21,14 @@ product has. Implementations:
   occur at all: less expressive, cheaper for large L.
 * ``cuet``: cuequivariance-torch ``ChannelWiseTensorProduct`` / ``FullyConnectedTensorProduct``
   (CUDA only, optional; skipped with a reason when absent).
+* ``openequivariance``: OpenEquivariance's JIT-compiled CUDA kernels (PyPI ``openequivariance``,
+  the ``cuda`` extra; Bharadwaj et al., arXiv 2501.13986) for the same e3nn product: an
+  ``oeq.TPProblem`` with e3nn's irreps and instructions (``shared_weights=True``,
+  ``internal_weights=False``: OpenEquivariance takes the weights as an argument) run by
+  ``oeq.TensorProduct``, fed e3nn's weights (reordered by its ``reorder_weights_from_e3nn``:
+  its uvw layout differs), so the agreement is checked against the e3nn module itself. A point
+  without CUDA is ``not_applicable``; with CUDA but without the package, ``skipped``; fp32 and fp64
+  only. FLOPs are not counted (the profiler does not see its kernels, as for ``cuet``).
 
 Each Gaunt block equals a per-path constant times e3nn's path (both are the unique invariant
 in l1 x l2 x l3); ``gaunt_path_constants`` finds the constants by probing both with basis
@@ -41,13 +50,15 @@ from torch import nn
 from torch_geometric.data import Data
 
 from ..core.config import Config
-from ..core.errors import Skipped, UserError
+from ..core.errors import NotApplicable, Skipped, UserError
 from ..metrics.catalogue import tp_bench_metric
 from ..metrics.throughput import count_flops, make_step, measure_throughput
 from ..symmetry.precision import default_dtype, dtype_name, parse_dtype
 from .base import Bench, Point, register_bench, stable_hash
 
-IMPLS = ("e3nn", "e3nn_compiled", "gaunt", "gaunt_compiled", "cuet")
+IMPLS = ("e3nn", "e3nn_compiled", "gaunt", "gaunt_compiled", "cuet", "openequivariance")
+#: implementations whose custom kernels the FLOP counter cannot see (no ``flops`` row)
+UNCOUNTED = ("cuet", "openequivariance")
 CHANNEL_MODES = ("uvu", "uvw")
 PASSES = ("forward", "forward_backward")
 
@@ -274,6 +285,65 @@ def _cuet_module(mode: str, lmax: int, mul: int, device: torch.device, dtype: to
                                          internal_weights=True, device=device, dtype=dtype)
 
 
+def oeq_unavailable(device: torch.device) -> tuple[type[NotApplicable] | type[Skipped], str] | None:
+    """None when OpenEquivariance can run here, else (the status it gets, the reason): no CUDA
+    device: ``NotApplicable``; the package missing: ``Skipped`` (a backend this machine lacks)."""
+    if device.type != "cuda":
+        return NotApplicable, f"OpenEquivariance's kernels need a CUDA device; this point ran on {device.type}"
+    if importlib.util.find_spec("openequivariance") is None:
+        return Skipped, ("openequivariance is not installed (optional: the `cuda` extra, pip install "
+                         "openequivariance; it needs a CUDA build of torch)")
+    return None
+
+
+class OEQProduct(nn.Module):
+    """OpenEquivariance's ``TensorProduct`` with its shared weight vector as a parameter: the
+    module takes ``(x1, x2)`` like the e3nn module it stands in for."""
+
+    def __init__(self, tp: nn.Module, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.tp(x1, x2, self.weight)
+
+
+def oeq_weights(tp: Any, weight: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """e3nn's shared weight vector in OpenEquivariance's order: its ``reorder_weights_from_e3nn``
+    (openequivariance >= 0.4; torch tensors in current releases, numpy arrays in older ones). A
+    release without it: uvu products whose second operand has multiplicity 1 (these) take e3nn's
+    order as it is; uvw orders differ, None."""
+    w = weight.detach()
+    reorder = getattr(tp, "reorder_weights_from_e3nn", None)
+    if reorder is None:
+        return w.clone() if mode == "uvu" else None
+    try:
+        out = reorder(w, has_batch_dim=False)
+    except (TypeError, AttributeError, RuntimeError, ValueError):  # releases that reorder numpy arrays
+        out = reorder(w.cpu().numpy(), has_batch_dim=False)
+    return torch.as_tensor(out, dtype=w.dtype).to(w.device).reshape(-1)
+
+
+def _oeq_module(mode: str, lmax: int, mul: int, device: torch.device, dtype: torch.dtype,
+                reference: nn.Module) -> tuple[nn.Module, bool]:
+    """(OpenEquivariance's product of e3nn's irreps and paths, in ``dtype``, whether it holds
+    e3nn's weights)."""
+    import numpy as np
+    import openequivariance as oeq
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    instr = [(a, b, c, mode, True) for a, b, c in gaunt_paths(lmax, lmax, lmax)]
+    problem = oeq.TPProblem(sh_irreps(lmax, mul), sh_irreps(lmax), sh_irreps(lmax, mul), instr, shared_weights=True,
+                            internal_weights=False, irrep_dtype=np_dtype, weight_dtype=np_dtype)
+    tp = oeq.TensorProduct(problem, torch_op=True)
+    ref_weight = reference.weight
+    assert isinstance(ref_weight, torch.Tensor)
+    mapped = oeq_weights(tp, ref_weight.to(device=device, dtype=dtype), mode)
+    if mapped is not None and mapped.numel() == int(problem.weight_numel):
+        return OEQProduct(tp, mapped), True
+    return OEQProduct(tp, torch.randn(int(problem.weight_numel), device=device, dtype=dtype)), False
+
+
 def _build(impl: str, mode: str, lmax: int, mul: int, device: torch.device, dtype: torch.dtype,
            reference: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, str]:
     """(module, reference function of (x1, x2) it should agree with, note)."""
@@ -285,6 +355,11 @@ def _build(impl: str, mode: str, lmax: int, mul: int, device: torch.device, dtyp
         def with_gaunt_weights(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return tp(a, b, w)
         return g, with_gaunt_weights, "vs e3nn with the Gaunt weights mapped per path"
+    if impl == "openequivariance":
+        oeq_module, copied = _oeq_module(mode, lmax, mul, device, dtype, reference)
+        if copied:
+            return oeq_module, reference, "vs e3nn, its weights in OpenEquivariance's order (reorder_weights_from_e3nn)"
+        return oeq_module, None, "weights not comparable with e3nn's (no reorder_weights_from_e3nn in this release)"
     module = _cuet_module(mode, lmax, mul, device, dtype)
     params = list(module.parameters())
     ref_weight = reference.weight
@@ -313,12 +388,20 @@ def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -
 
     A compiled product is compiled (and its first call timed as ``compile_time_s``) before the
     timing, which then sees the compiled module; FLOPs are counted on the eager module
-    (``FlopCounterMode`` sees neither compiled graphs nor custom CUDA kernels: none for cuet)."""
+    (``FlopCounterMode`` sees neither compiled graphs nor custom CUDA kernels: none for cuet and
+    openequivariance). A backend that cannot run here raises ``Skipped`` / ``NotApplicable`` with
+    the reason, which the engine records as the point's row."""
     device, dtype = torch.device(cfg.device), parse_dtype(cfg.dtype)
     if impl == "cuet":
         reason = cuet_available(device)
         if reason:
             raise Skipped(reason)
+    if impl == "openequivariance":
+        missing = oeq_unavailable(device)
+        if missing is not None:
+            raise missing[0](missing[1])
+        if dtype not in (torch.float32, torch.float64):
+            raise NotApplicable(f"OpenEquivariance's kernels take fp32 or fp64 operands, not {dtype_name(dtype)}")
     torch.manual_seed(cfg.seed)
     with default_dtype(dtype):
         reference = e3nn_tp(lmax, lmax, lmax, cfg.channels, mode).to(device)
@@ -351,7 +434,7 @@ def bench_one(cfg: TPBenchConfig, impl: str, mode: str, lmax: int, pass_: str) -
                              min_sample_s=cfg.min_sample_s, threads=cfg.threads, flush_l2=cfg.flush_l2,
                              flops=False, loss_fn=loss, max_warmup_samples=cfg.max_warmup_samples, clock=cfg.clock)
     flops = None
-    if impl != "cuet":
+    if impl not in UNCOUNTED:
         eager = PairProduct(module)
         flops = count_flops(make_step(eager, data, PASS_MODES[pass_], loss))
     med = res["time_median_s"]

@@ -11,7 +11,9 @@
   run id, spec hash, bench, commit, package versions, environment, executor, wall time), each
   measurement's unit from the metric catalogue, and ``schema_version``, validated against
   ``schema.PointRecord``. Rows that do not fit the schema become one ``failed`` row naming why,
-  so a bench's bug costs its point, not the run.
+  so a bench's bug costs its point, not the run. A measurement row a bench marks as not measured
+  by design (``NOT_MEASURED``: the name of a ``PointNotMeasured`` class, with the reason in
+  ``error``; e.g. a probe's metric that cannot be taken on this device) gets that class's status.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ MAX_ERROR = 2000
 PLAIN_ERRORS: tuple[type[BaseException], ...] = (UserError, NonFiniteError)
 _NOT_MEASURED: dict[type[PointNotMeasured], Status] = {NotApplicable: Status.NOT_APPLICABLE,
                                                        Skipped: Status.SKIPPED}
+#: the column of a measurement row not measured by design: ``NotApplicable.__name__`` or
+#: ``Skipped.__name__`` (layers below this one cannot spell a ``Status``)
+NOT_MEASURED = "not_measured"
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,15 @@ def exception_rows(err: BaseException, *, peak_rss: int | None = None, max_memor
     return [status_row(Status.FAILED, msg)]
 
 
+def _measurement_status(row: Row) -> Row:
+    """``row`` with the status its ``NOT_MEASURED`` column names (and no value), if it has one."""
+    kind = row.get(NOT_MEASURED)
+    if kind is None:
+        return row
+    status = {cls.__name__: s for cls, s in _NOT_MEASURED.items()}.get(str(kind), Status.SKIPPED)
+    return {**{k: v for k, v in row.items() if k != NOT_MEASURED}, "status": status, "value": None}
+
+
 def _plain(row: Row) -> Row:
     """``row`` as JSON values (numpy scalars to Python numbers, other objects to strings)."""
     return json.loads(json.dumps(row, default=lambda o: o.item() if hasattr(o, "item") else str(o),
@@ -110,7 +124,7 @@ def point_record(identity: Row, rows: list[Row], run: RunColumns) -> PointRecord
         rows = [status_row(Status.FAILED, f"{run.bench} produced no rows")]
     cols = {**asdict(run), "schema_version": SCHEMA_VERSION}
     try:
-        measured = [_plain({**identity, **r, **cols}) for r in rows]
+        measured = [_plain({**identity, **_measurement_status(r), **cols}) for r in rows]
         for m in measured:
             spec = find_metric(str(m.get("metric")))
             if spec is not None and spec.unit and m.get("unit") is None:
