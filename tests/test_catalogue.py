@@ -163,3 +163,28 @@ def test_status_rows_are_listed_first_with_their_error(tmp_path):
     html, md = render("page.html.j2", page), render("page.md.j2", page)
     assert "Runs that did not produce results" in html and "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x" not in html
     assert "boom \\| &lt;b>x&lt;/b>" in md  # a pipe inside a cell does not split the Markdown table
+
+
+def test_a_probe_not_measured_in_a_finished_point_is_listed_apart_from_failed_points():
+    """A point that finished ok but has a ``not_applicable`` probe row (TF32 on a CPU run) is not a
+    run without results: it leaves the status table and is listed, with its reason, once per
+    (task, measurement, reason) in the table of measurements not taken; a failed point stays."""
+    from equibench.report.common.render import Page, TableView, render
+    from equibench.report.common.tables import status_table, unmeasured_table
+    why = "TF32 is a CUDA matmul mode; this point ran on cpu"
+    rows = [{"task": "nbody", "method": m, "seed": s, "spec_hash": f"{m}{s}", "bench": "task", "status": "ok",
+             "metric": "test.mse", "value": 0.1, "error": None} for m in ("a", "b") for s in (0, 1)]
+    rows += [{**r, "metric": "tf32_equivariance.trained.fp32.tf32_on.rel_mean", "status": "not_applicable",
+              "value": None, "error": why} for r in rows]
+    rows.append({"task": "nbody", "method": "c", "seed": 0, "spec_hash": "c0", "bench": "task",
+                 "status": "failed", "metric": "status", "value": None, "error": "boom"})
+    df = pd.DataFrame(rows)
+    status = status_table(df)
+    assert list(status["method"]) == ["c"] and list(status["status"]) == ["failed"]
+    un = unmeasured_table(df)
+    assert len(un) == 1
+    assert un.iloc[0].to_dict() == {"task": "nbody", "measurement": "tf32_equivariance", "methods": "a, b",
+                                    "seeds": "0, 1", "status": "not_applicable", "reason": why}
+    html = render("page.html.j2", Page(title="t", unmeasured=TableView.from_frame(un)))
+    assert "Measurements not taken in runs that finished" in html and why in html
+    assert unmeasured_table(df[df["status"] != "not_applicable"]).empty

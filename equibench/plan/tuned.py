@@ -114,7 +114,10 @@ def stored_selection(doc: dict[str, Any], grid_keys: list[str]) -> tuple[Selecti
 
 
 def _origin(entry: dict[str, Any]) -> str:
-    return (f"stored tuning (run {entry.get('run')}, {str(entry.get('tuned_at') or '?')[:10]}, "
+    """Where a stored setting came from; ``from_suite`` names another suite's tuning run whose entry
+    was adopted (the same network, parameters and batch: ``efficiency`` reuses ``verdict-cpu``'s)."""
+    suite = f" of suite {entry['from_suite']}" if entry.get("from_suite") else ""
+    return (f"stored tuning (run {entry.get('run')}{suite}, {str(entry.get('tuned_at') or '?')[:10]}, "
             f"commit {entry.get('commit', '?')})")
 
 

@@ -47,7 +47,7 @@ from ..results.store import load_results, run_dirs, upgrade_frame
 from .approximate import approximate_sections
 from .common.metricinfo import stored_metrics
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
-from .common.tables import loaded_machine_lines, status_table
+from .common.tables import loaded_machine_lines, status_table, unmeasured_table
 from .compare import write_comparison
 from .configuration import configuration_notes, configuration_table, read_resolved
 from .efficiency import efficiency_sections
@@ -178,18 +178,22 @@ def _write_report(df: pd.DataFrame, dirs: list[Path], cards: RunCards, out: Path
     intro = ([f"{first}."] if first else []) + [how_to_read(ranked, configured=bool(resolved))]
     if merged:
         intro.append("Runs merged: " + "; ".join(merged) + ".")
+    sweeps = (approximate_sections(df, out, cards)  # sweeps of a symmetry-breaking field (report/approximate.py)
+              + efficiency_sections(df, out, cards))  # train_size sweeps: data and compute efficiency (efficiency.py)
     sections = (published_sections(df, dirs) + reference_sections(df, cards)
                 + _sections(df, out, ranked, resolved, cards))
-    sections += approximate_sections(df, out, cards)  # sweeps of a symmetry-breaking field (report/approximate.py)
-    sections += efficiency_sections(df, out, cards)  # train_size sweeps: data and compute efficiency (efficiency.py)
+    # a sweep suite's report opens with its curves, crossovers and frontiers; other reports end with them
+    sections = sweeps + sections if purpose == "sweep" else sections + sweeps
     if history is not None:
         for s in sections:
             s["figures"] = [*s.get("figures", []), *trend_figures(history, s["task"], out)]
     status = status_table(df, SPECIAL_BENCHES)
+    unmeasured = unmeasured_table(df)
     versions = next((v for v in df["versions"] if isinstance(v, dict)), {}) if "versions" in df else {}
     page = Page(title=title, intro=intro, regressions=regressions,
                 status=TableView.from_frame(status, css="status", row_ids=status.attrs.get("row_ids"))
                 if len(status) else None,
+                unmeasured=TableView.from_frame(unmeasured, css="status") if len(unmeasured) else None,
                 sections=[section_view(s) for s in sections], versions=versions_text(versions),
                 banner=banner(df, regressions, loaded_machine_lines(dirs), cards))
     return write_page(page, out)

@@ -157,6 +157,7 @@ class Page:
     intro: list[str] = field(default_factory=list)
     regressions: list[str] | None = None
     status: TableView | None = None
+    unmeasured: TableView | None = None  # measurements that finished points did not take, why
     sections: list[SectionView] = field(default_factory=list)
     versions: str | None = None
     banner: list[BannerItem] | None = None

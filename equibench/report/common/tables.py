@@ -31,7 +31,7 @@ from ...metrics.catalogue import (
 from ...metrics.image_lie import image_lie_metric
 from ...metrics.throughput import UNSTABLE_REL_IQR, is_unstable
 from ...results.runcards import legacy_roles, legacy_wrappers
-from ...results.status import Status
+from ...results.status import Status, worst
 from ...results.store import upgrade_frame
 from . import fmt
 from .metricinfo import header, metric_names, select, spec_for, value
@@ -270,6 +270,7 @@ def status_table(df: pd.DataFrame, exclude_benches: Iterable[str] = ()) -> pd.Da
     hash>``)."""
     df = upgrade_frame(df)
     bad = df[(df["status"] != Status.OK) & ~df["bench"].isin(list(exclude_benches))]
+    bad = bad[~bad.index.isin(_rows_of_ok_points(df, bad).index)]  # those are unmeasured_table's
     has_hash = "spec_hash" in bad and bad["spec_hash"].notna().all()
     bad = bad.drop_duplicates("spec_hash" if has_hash else ["task", "method", "seed"])
     cols = [c for c in ("task", "method", "seed", "status", "error") if c in bad]
@@ -284,6 +285,33 @@ def status_table(df: pd.DataFrame, exclude_benches: Iterable[str] = ()) -> pd.Da
                             for h, t, m, sd in zip(bad["spec_hash"] if has_hash else [None] * len(bad),
                                                    bad["task"], bad["method"], bad["seed"])]
     return out
+
+
+def _rows_of_ok_points(df: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``rows`` whose point ended ``ok`` (``worst`` over all the point's rows in ``df``):
+    a measurement its bench did not take by design (a probe that does not apply on this device)."""
+    if "spec_hash" not in df or rows.empty:
+        return rows.iloc[:0]
+    point = df.groupby("spec_hash")["status"].agg(lambda s: str(worst(s)))
+    return rows[rows["spec_hash"].map(point).eq(str(Status.OK))]
+
+
+def unmeasured_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Measurements that points which finished ``ok`` did not take, with the reason: one row per
+    (task, metric family, status, reason), listing the methods and seeds (e.g. the TF32 probe's
+    rows on a CPU run: ``not_applicable``, "TF32 is a CUDA matmul mode ...")."""
+    df = upgrade_frame(df)
+    rows = _rows_of_ok_points(df, df[df["status"] != Status.OK])
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(measurement=rows["metric"].astype(str).str.split(".").str[0],
+                       reason=rows["error"].fillna("") if "error" in rows else "",
+                       status=rows["status"].astype(str))
+    out = (rows.groupby(["task", "measurement", "status", "reason"], sort=True)
+           .agg(methods=("method", lambda m: ", ".join(sorted(set(map(str, m))))),
+                seeds=("seed", lambda v: _ints(v.dropna())))
+           .reset_index())
+    return out[["task", "measurement", "methods", "seeds", "status", "reason"]]
 
 
 def _first(series: pd.Series) -> Any:
