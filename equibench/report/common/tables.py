@@ -304,7 +304,7 @@ def unmeasured_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = _rows_of_ok_points(df, df[df["status"] != Status.OK])
     if rows.empty:
         return pd.DataFrame()
-    rows = rows.assign(measurement=rows["metric"].astype(str).str.split(".").str[0],
+    rows = rows.assign(measurement=[str(m).split(".")[0] for m in rows["metric"]],
                        reason=rows["error"].fillna("") if "error" in rows else "",
                        status=rows["status"].astype(str))
     out = (rows.groupby(["task", "measurement", "status", "reason"], sort=True)
