@@ -301,3 +301,29 @@ def test_a_conservative_training_step_runs_under_the_flop_counter(batch, name):
     assert counter.get_total_flops() > 0
     grads = [p.grad for p in model.parameters() if p.grad is not None]  # (an energy offset has none)
     assert len(grads) > len(list(model.parameters())) // 2 and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_the_report_table_puts_direct_and_conservative_forces_side_by_side():
+    """The md section's force-conservation table: the -dE/dx variant is labelled as such, the curl
+    and drift are the seed means of the rows, and the NVE settings come from the rows."""
+    import pandas as pd
+
+    from equibench.metrics.conservation import conservation_metric
+    from equibench.report.task_section import force_conservation_table
+    rows = []
+    for method, opts, curl, drift in (("egnn", {"params": 1}, 0.1, 500.0),
+                                      ("egnn@conservative", {"params": 1, "forces": "conservative"}, 1e-16, 0.5)):
+        for seed, scale in ((0, 1.0), (1, 3.0)):
+            common = {"task": "md", "method": method, "seed": seed, "status": "ok", "method_options": opts}
+            rows += [{**common, "metric": conservation_metric("trained", "curl_mean"), "value": curl * scale},
+                     {**common, "metric": conservation_metric("trained", "drift_mean"), "value": drift * scale,
+                      "steps": 200, "timestep_fs": 0.5, "temperature_K": 300.0, "batch_size": 4},
+                     {**common, "metric": "test.force_mae", "value": 0.2}]
+    df = pd.DataFrame(rows)
+    agg = df.groupby(["method", "metric"])["value"].mean().unstack("metric")
+    caption, table = force_conservation_table(agg, df, "test.force_mae")
+    assert list(table["forces"]) == ["direct", "−dE/dx"]
+    assert table.loc["egnn", "curl init → trained (mean)"].endswith("2.0e-01")
+    assert table.loc["egnn@conservative", "NVE drift mean / max [meV/atom/ps]"].startswith("1 ")
+    assert "200 steps of 0.5 fs" in caption and "300 K, on 4 test molecules" in caption
+    assert force_conservation_table(agg.drop(columns=[c for c in agg if "conservation" in c]), df, None) is None

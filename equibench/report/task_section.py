@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics.catalogue import CURVE_VAL, degeneracy_metric, equivariance_metric, symmetric_metric, throughput_metric
+from ..metrics.conservation import conservation_metric
 from ..metrics.image_lie import GENERATORS, UNITS, image_lie_metric
 from ..results.runcards import RunCards, cards_for
 from ..results.status import Status
@@ -258,6 +259,51 @@ def image_lie_table(agg: pd.DataFrame, df: pd.DataFrame) -> tuple[str, pd.DataFr
     return caption, table
 
 
+def _forces_kind(options: object) -> str:
+    return "−dE/dx" if isinstance(options, dict) and options.get("forces") == "conservative" else "direct"
+
+
+def force_conservation_table(agg: pd.DataFrame, df: pd.DataFrame,
+                             metric: str | None) -> tuple[str, pd.DataFrame] | None:
+    """Force tasks: per method, whether its forces are -dE/dx or direct, its test error, the relative
+    curl of its force Jacobian (init → trained, and the trained max) and the NVE energy drift of the
+    trained model, with its training speed: the accuracy and speed cost of conservation side by side
+    (``force_conservation.*``, mean over seeds; None without those rows)."""
+    curl = [conservation_metric(stage, "curl_mean") for stage in ("init", "trained")]
+    drift = [conservation_metric("trained", stat) for stat in ("drift_mean", "drift_max")]
+    if not any(n in agg for n in (*curl, *drift)):
+        return None
+    kinds = df.groupby("method")["method_options"].first().map(_forces_kind) if "method_options" in df else {}
+    data = {}
+    for method in sorted(agg.index, key=str):
+        m = agg.loc[method]
+        row = {"forces": kinds.get(method, "direct") if len(kinds) else "direct"}
+        if metric:
+            spec = spec_for(metric)
+            row[f"test {spec.display}" + (f" [{spec.unit}]" if spec.unit else "")] = fmt.number(m.get(metric))
+        row["curl init → trained (mean)"] = " → ".join(fmt.number(m.get(c), "sci") for c in curl)
+        row["curl trained (max)"] = fmt.number(m.get(conservation_metric("trained", "curl_max")), "sci")
+        row["NVE drift mean / max [meV/atom/ps]"] = " / ".join(fmt.number(m.get(d)) for d in drift)
+        row["training steps/s"] = fmt.number(m.get("train.steps_per_s"))
+        data[method] = row
+    table = pd.DataFrame.from_dict(data, orient="index")
+    table.index.name = "method"
+    rows = df[(df["status"] == Status.OK) & (df["metric"] == drift[0])]
+
+    def first(col: str) -> str:
+        v = rows[col].dropna() if col in rows else pd.Series(dtype=object)
+        return fmt.number(v.iloc[0]) if len(v) else "?"
+    caption = ("Force conservation (float64 copy of each model): the relative curl ||(J − Jᵀ)/2||_F / ||J||_F of the "
+               "force Jacobian J = dF/dx per test molecule (0 for −dE/dx forces up to rounding; a direct-force model "
+               "has no reason to be symmetric), and the energy drift |slope of K + U| of a velocity-Verlet NVE run "
+               f"driven by the trained model ({first('steps')} steps of {first('timestep_fs')} fs from "
+               f"Maxwell-Boltzmann velocities at {first('temperature_K')} K, on {first('batch_size')} test molecules; "
+               "U: the model's energy, or for direct forces the line integral of F from the start, so a field with "
+               "curl drifts). Mean over seeds; the test error and the training speed show what conservation "
+               "costs (force_conservation.*)")
+    return caption, table
+
+
 def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True,
                  cards: RunCards | None = None) -> Section:
     """The section of ``task`` from its rows (all (method, seed) runs, sweeps and tuning runs
@@ -310,6 +356,9 @@ def task_section(task: str, df_all: pd.DataFrame, out: Path, ranked: bool = True
     profile = profile_table(df)
     if profile is not None:  # beside the speed columns: what a wrapper's time is made of
         section["tables"].insert(0, profile)
+    conservation = force_conservation_table(agg, df, facts.metric) if len(agg) else None
+    if conservation is not None:  # beside the accuracy and speed columns of the full table
+        section["tables"].insert(0, conservation)
     image_lie = image_lie_table(agg, df) if len(agg) else None
     if image_lie is not None:  # beside the equivariance columns of the full table
         section["tables"].insert(0, image_lie)
