@@ -273,11 +273,12 @@ def force_conservation_table(agg: pd.DataFrame, df: pd.DataFrame,
     drift = [conservation_metric("trained", stat) for stat in ("drift_mean", "drift_max")]
     if not any(n in agg for n in (*curl, *drift)):
         return None
-    kinds = df.groupby("method")["method_options"].first().map(_forces_kind) if "method_options" in df else {}
+    kinds: dict[str, str] = (df.groupby("method")["method_options"].first().map(_forces_kind).to_dict()
+                             if "method_options" in df else {})
     data = {}
     for method in sorted(agg.index, key=str):
         m = agg.loc[method]
-        row = {"forces": kinds.get(method, "direct") if len(kinds) else "direct"}
+        row = {"forces": kinds.get(method, "direct")}
         if metric:
             spec = spec_for(metric)
             row[f"test {spec.display}" + (f" [{spec.unit}]" if spec.unit else "")] = fmt.number(m.get(metric))
