@@ -273,8 +273,8 @@ def force_conservation_table(agg: pd.DataFrame, df: pd.DataFrame,
     drift = [conservation_metric("trained", stat) for stat in ("drift_mean", "drift_max")]
     if not any(n in agg for n in (*curl, *drift)):
         return None
-    kinds: dict[str, str] = (df.groupby("method")["method_options"].first().map(_forces_kind).to_dict()
-                             if "method_options" in df else {})
+    kinds = ({str(k): v for k, v in df.groupby("method")["method_options"].first().map(_forces_kind).items()}
+             if "method_options" in df else {})
     data = {}
     for method in sorted(agg.index, key=str):
         m = agg.loc[method]
