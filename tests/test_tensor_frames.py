@@ -414,3 +414,81 @@ def test_wide_frames_float32_avoid_nearly_parallel_y_candidate():
         Rg = finish_frames((cand @ g.T).float(), (hand @ g.T).float(), pos, "wide", None)[0]
         errs.append((Rg - R0 @ g.T.float()).abs().max().item())
     assert max(errs) < 1e-5, errs
+
+
+# ---- (vii) the fast paths compute what the general rules do ------------------------------------
+def test_gram_schmidt_direct_rows_match_the_general_rule():
+    """Rows decided by the first candidates (computed directly) and the rest (general rule) give
+    exactly the frames and statuses of the general rule on every row, near its thresholds too."""
+    from equibench.methods.blocks.tfmp import _gram_schmidt_rows
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, hand_eps, well in ((F64, 1e-11, None), (torch.float32, 1e-5, 1e-3)):
+        c = torch.randn(400, 4, 3, generator=g, dtype=F64)
+        c[:40, 0] *= 1e-7  # x from a later candidate
+        c[40:80, 1] = c[40:80, 0] * 2 + 1e-5 * torch.randn(40, 3, generator=g, dtype=F64)  # y near parallel
+        c[80:120, 1] = c[80:120, 0] * 3 + 4e-4 * c[80:120, 2]  # sine between eps and the well threshold
+        c[120:140, :3] = 0  # nothing: the global axes
+        hand = torch.randn(400, 2, 3, generator=g, dtype=F64)
+        hand[140:200] = torch.linalg.cross(c[140:200, 0], c[140:200, 1])[:, None] * 1e-12  # undecided
+        c, hand = c.to(dtype), hand.to(dtype)
+        for h in (None, hand):
+            R, st = gram_schmidt(c, h, hand_eps=hand_eps, sin_well=well, return_status=True)
+            R0, st0 = _gram_schmidt_rows(c, h, 1e-6, hand_eps, None, well)
+            assert torch.equal(R, R0)
+            for field in ("x_fallback", "y_fallback", "undecided", "widened", "weak"):
+                assert torch.equal(getattr(st, field), getattr(st0, field)), field
+            assert st.degenerate.any()  # the general rows were exercised
+
+
+def test_planarity_certificate_never_excludes_a_planar_graph():
+    """``_certainly_not_planar`` (which lets ``planar_symmetry`` skip its eigen-decomposition) never
+    certifies a graph that the thickness test calls planar, for thicknesses around the threshold."""
+    from torch_geometric.utils import scatter
+
+    from equibench.methods.blocks.tfmp import _certainly_not_planar, hand_eps
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, F64):
+        eps = hand_eps(dtype)
+        B, n = 400, 7
+        pos = torch.randn(B, n, 3, generator=g, dtype=F64)
+        decades = 3 - torch.log10(torch.tensor(eps, dtype=F64))  # thickness from 1e-3 eps to 1
+        pos[:, :, 2] *= eps * 10 ** (torch.rand(B, generator=g, dtype=F64) * decades - 3)[:, None]
+        pos = (pos @ random_o3(B, 1).to(F64).transpose(1, 2) + 5 * torch.randn(B, 1, 3, generator=g, dtype=F64))
+        pos = pos.to(dtype).reshape(-1, 3)
+        batch = torch.arange(B).repeat_interleave(n)
+        counts = torch.bincount(batch, minlength=B)
+        d = pos - (scatter(pos, batch, dim=0, dim_size=B, reduce="sum") / n)[batch]
+        C = scatter((d[:, :, None] * d[:, None, :]).reshape(-1, 9), batch, dim=0, dim_size=B).reshape(B, 3, 3)
+        evals, evecs = torch.linalg.eigh(C.double())
+        height = scatter((d * evecs[..., 0].to(dtype)[batch]).sum(-1).abs(), batch, dim=0, dim_size=B, reduce="max")
+        radius = scatter(d.norm(dim=-1), batch, dim=0, dim_size=B, reduce="max")
+        planar = (height <= eps * radius) & (evals[:, 1] > 1e-6 * evals[:, 2])
+        certified = _certainly_not_planar(C, counts, eps)
+        assert planar.any() and certified.any() and not (planar & certified).any()
+
+
+def test_gaussian_rbf_has_no_subnormals():
+    from equibench.methods.blocks.tfmp import gaussian_rbf
+
+    centers = torch.linspace(0.0, 5.0, 16)
+    for dtype in (torch.float32, F64):
+        r = torch.linspace(0.0, 20.0, 400, dtype=dtype)  # exponents down to -2048
+        rbf = gaussian_rbf(r, centers, 5.12)
+        plain = torch.exp(-5.12 * (r[:, None] - centers.to(dtype)) ** 2)  # the formula without the floor
+        info = torch.finfo(dtype)
+        assert (rbf >= info.tiny).all()  # normal numbers only
+        big = plain > info.tiny / info.eps
+        assert torch.equal(rbf[big], plain[big]) and (~big).any()
+        assert (rbf[~big] <= 1.01 * info.tiny / info.eps).all()
+
+
+def test_only_tensorial_hidden_features_get_hooks():
+    """Edge vectors are moved into the receiver frames once per forward; the layers of local
+    canonicalisation (invariant hidden features) carry no hooks, those of tensor frames one per layer."""
+    tf = eb.get_method("tensor_frames", width=24, depth=2).build(spec())
+    lc = eb.get_method("local_canonicalization", width=24, depth=2).build(spec())
+    assert all(layer._message_forward_pre_hooks for layer in tf.net.layers)
+    assert set(tf.net.layers[0]._tf_args) == {"h"}
+    assert not any(layer._message_forward_pre_hooks or layer._propagate_forward_pre_hooks for layer in lc.net.layers)

@@ -30,6 +30,20 @@ def mlp(sizes: list[int], act: type[nn.Module] = nn.SiLU, last_act: bool = False
     return nn.Sequential(*layers)
 
 
+def run_mlp(seq: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``seq(x)`` for an ``mlp`` (Linear / SiLU layers) through the functional calls, without the
+    per-module call overhead (a few us per module on the CPU; bit-identical to ``seq(x)``). Other
+    layer types are called as modules."""
+    for layer in seq.children():
+        if type(layer) is nn.Linear:
+            x = nn.functional.linear(x, layer.weight, layer.bias)
+        elif type(layer) is nn.SiLU:
+            x = nn.functional.silu(x)
+        else:
+            x = layer(x)
+    return x
+
+
 class BackboneLayer(MessagePassing):
     """One residual message-passing layer; ``message`` arguments are named so that wrappers
     (tensor frames) can transform ``h_j`` and ``edge_vec`` with PyG's message hooks."""

@@ -68,6 +68,7 @@ graph-wide context), finally the global axes e_x, e_y, e_z, and handedness +1.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ from torch import nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
-from .backbone import mlp
+from .backbone import mlp, run_mlp
 
 EPS = 1e-6  # decision threshold for degenerate frame vectors (norms, sines of angles)
 HANDEDNESS = ("local", "wide")
@@ -213,44 +214,52 @@ def _has_pseudo(reps: Reps) -> bool:
     return any(ir.p != (-1) ** ir.l for _, ir in reps.irreps)
 
 
+@functools.lru_cache(maxsize=256)
+def _rho_plan(reps: Reps) -> tuple[bool, bool, tuple[tuple[int, int, int, int, bool], ...]]:
+    """``(invariant, any pseudo block, blocks)`` of ``reps`` for ``rho``, computed once per reps:
+    each block ``(start, mul, copy dim, rank or l, pseudo)``; ``pseudo`` means the det(U) factor."""
+    blocks: list[tuple[int, int, int, int, bool]] = []
+    start = 0
+    if isinstance(reps, TensorReps):
+        for mul, rank, pseudo in reps.blocks:
+            blocks.append((start, mul, 3**rank, rank, pseudo))
+            start += mul * 3**rank
+    else:
+        for mul, ir in reps.irreps:  # polynomial D carries det^l; the irrep wants p^(det<0)
+            blocks.append((start, mul, ir.dim, ir.l, ir.p != (-1) ** ir.l))
+            start += mul * ir.dim
+    return reps.is_invariant, _has_pseudo(reps), tuple(blocks)
+
+
 def rho(reps: str | Reps, U: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Apply the block representation ``rho_reps(U_e)`` to every row: ``x: [E, dim]``, ``U: [E, 3, 3]``."""
     reps = parse_reps(reps)
-    if reps.is_invariant:
+    invariant, any_pseudo, blocks = _rho_plan(reps)
+    if invariant:
         return x
     E = x.shape[0]
-    det = orthogonal_det(U) if _has_pseudo(reps) else None
-    out, start = [], 0
-    if isinstance(reps, TensorReps):
-        for mul, rank, pseudo in reps.blocks:
-            d = mul * 3**rank
-            t = x[:, start:start + d]
-            if rank == 1:
-                t = torch.einsum("eab,emb->ema", U, t.reshape(E, mul, 3))
-            else:
-                for axis in range(rank):  # U acts on every tensor index
-                    t = torch.einsum("eab,emcbd->emcad", U, t.reshape(E, mul, 3**axis, 3, 3 ** (rank - axis - 1)))
+    tensor = isinstance(reps, TensorReps)
+    det = orthogonal_det(U) if any_pseudo else None
+    out = []
+    Ds: dict[int, torch.Tensor] = {}
+    for start, mul, dim, order, pseudo in blocks:
+        d = mul * dim
+        t = x[:, start:start + d]
+        if order == 1:  # rows u_m -> U u_m, as u_m^T U^T (rank 1 and l = 1: D_1 = U)
+            t = torch.bmm(t.reshape(E, mul, 3), U.transpose(1, 2)).reshape(E, d)
+        elif order > 1 and tensor:
+            for axis in range(order):  # U acts on every tensor index
+                t = torch.einsum("eab,emcbd->emcad", U, t.reshape(E, mul, 3**axis, 3, 3 ** (order - axis - 1)))
             t = t.reshape(E, d)
-            if pseudo:
-                assert det is not None  # set above: reps has a pseudo block
-                t = t * det[:, None]
-            out.append(t)
-            start += d
-    else:
-        Ds: dict[int, torch.Tensor] = {}
-        for mul, ir in reps.irreps:
-            d = mul * ir.dim
-            t = x[:, start:start + d]
-            if ir.l > 0:
-                if ir.l not in Ds:
-                    Ds[ir.l] = wigner_d(ir.l, U)
-                t = (t.reshape(E, mul, ir.dim) @ Ds[ir.l].transpose(1, 2)).reshape(E, d)
-            if ir.p != (-1) ** ir.l:  # polynomial D carries det^l; the irrep wants p^(det<0)
-                assert det is not None  # set above: reps has a pseudo irrep
-                t = t * det[:, None]
-            out.append(t)
-            start += d
-    return torch.cat(out, dim=-1)
+        elif order > 1:
+            if order not in Ds:
+                Ds[order] = wigner_d(order, U)
+            t = (t.reshape(E, mul, dim) @ Ds[order].transpose(1, 2)).reshape(E, d)
+        if pseudo:
+            assert det is not None  # set above: reps has a pseudo block
+            t = t * det[:, None]
+        out.append(t)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
 
 def rho_matrix(reps: str | Reps, U: torch.Tensor) -> torch.Tensor:
@@ -324,6 +333,14 @@ class FrameStatus:
     def degenerate(self) -> torch.Tensor:
         return self.x_fallback | self.y_fallback | self.undecided
 
+    def replaced(self, idx: torch.Tensor, other: FrameStatus) -> FrameStatus:
+        """This status with rows ``idx`` replaced by ``other`` (every field as it is there)."""
+        def put(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a.index_put((idx,), b)
+        return FrameStatus(put(self.x_fallback, other.x_fallback), put(self.y_fallback, other.y_fallback),
+                           put(self.undecided, other.undecided), put(self.widened, other.widened),
+                           put(self.weak, other.weak))
+
     def merged(self, idx: torch.Tensor, other: FrameStatus) -> FrameStatus:
         """This status with rows ``idx`` replaced by ``other`` (marked widened)."""
         def put(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -333,6 +350,16 @@ class FrameStatus:
         return FrameStatus(put(self.x_fallback, other.x_fallback), put(self.y_fallback, other.y_fallback),
                            put(self.undecided, other.undecided), put(self.widened, torch.ones_like(other.widened)),
                            put(self.weak, other.weak))
+
+
+def _handedness_threshold(sine: torch.Tensor, eps: float, hand_eps: float | None,
+                          dtype: torch.dtype) -> float | torch.Tensor:
+    """The threshold on |<h/|h|, z>| of a handedness decision (``gram_schmidt``): ``eps``, or with
+    ``hand_eps`` that plus ``ROUNDING_MARGIN`` u / sine(x, y) per row (z carries y's rounding)."""
+    if hand_eps is None:
+        return eps
+    unit = float(torch.finfo(dtype).eps) / 2
+    return hand_eps + ROUNDING_MARGIN * unit / sine.detach().clamp_min(unit)
 
 
 def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = None,
@@ -356,7 +383,50 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
     largest |<h/|h|, z>| decides, ``orient(strongest=True)``). Rows are orthonormal; det is
     +1 without handedness, +-1 with it. ``return_status=True`` also returns a ``FrameStatus``
     (which rows fell back to the global axes / stayed undecided).
+
+    Rows whose first three candidates decide x and y (|v1| > eps, and v2 or else v3 with norm > eps
+    and sine to v1 > eps, and > ``sin_well`` when set: the general rule then takes x = v1 and y from
+    that candidate) are computed directly; only the other rows go through the general rule
+    (``_gram_schmidt_rows``), with the same result.
     """
+    N, K = candidates.shape[:2]
+    if K < 3:
+        R, status = _gram_schmidt_rows(candidates, handedness, eps, hand_eps, sin_floor, sin_well)
+        return (R, status) if return_status else R
+    u, n = _normalize(candidates[:, :3], eps)
+    x = u[:, 0]
+    res = u[:, 1:] - (u[:, 1:] * x[:, None]).sum(-1, keepdim=True) * x[:, None]
+    r, rn = _normalize(res, eps)
+    # y from v2, else from v3 (v1 itself never: its residual against x = v1 / |v1| is a few u, below eps)
+    thr = max(eps, sin_well or 0.0)
+    ok = (n[:, 1:] > eps) & (rn > thr)
+    second = ~ok[:, 0]
+    y = torch.where(second[:, None], r[:, 1], r[:, 0])
+    rn = torch.where(second, rn[:, 1], rn[:, 0])
+    z = torch.linalg.cross(x, y)
+    direct = (n[:, 0] > eps) & ok.any(1)
+    undecided = torch.zeros(N, dtype=torch.bool, device=candidates.device)
+    if handedness is not None:
+        h_eps = _handedness_threshold(rn, eps, hand_eps, candidates.dtype)
+        z, undecided = orient(z, handedness, h_eps, eps, strongest=hand_eps is not None)
+    R = torch.stack([x, y, z], dim=1)
+    rest = (~direct).nonzero().flatten()
+    if rest.numel():
+        R2, st2 = _gram_schmidt_rows(candidates[rest], None if handedness is None else handedness[rest], eps,
+                                     hand_eps, sin_floor, sin_well)
+        R = R.index_put((rest,), R2)
+    if not return_status:
+        return R
+    status = FrameStatus(torch.zeros_like(undecided), torch.zeros_like(undecided), undecided,
+                         torch.zeros_like(undecided), torch.zeros_like(undecided))
+    return R, (status.replaced(rest, st2) if rest.numel() else status)
+
+
+def _gram_schmidt_rows(candidates: torch.Tensor, handedness: torch.Tensor | None, eps: float,
+                       hand_eps: float | None, sin_floor: float | None,
+                       sin_well: float | None) -> tuple[torch.Tensor, FrameStatus]:
+    """``gram_schmidt`` on every row by the general rule (first candidate past each test, the global
+    axes as last resort), with its ``FrameStatus``."""
     N, K = candidates.shape[:2]
     axes = torch.eye(3, dtype=candidates.dtype, device=candidates.device).expand(N, 3, 3)
     cand = torch.cat([candidates, axes], dim=1)
@@ -381,16 +451,10 @@ def gram_schmidt(candidates: torch.Tensor, handedness: torch.Tensor | None = Non
     z = torch.linalg.cross(x, y)
     undecided = torch.zeros(N, dtype=torch.bool, device=candidates.device)
     if handedness is not None:
-        if hand_eps is None:
-            h_eps: float | torch.Tensor = eps
-        else:  # z inherits the rounding of y amplified by 1 / sine: demand a signal above it too
-            sine = rn.gather(1, iy[:, None]).squeeze(1).detach()
-            unit = float(torch.finfo(candidates.dtype).eps) / 2
-            h_eps = hand_eps + ROUNDING_MARGIN * unit / sine.clamp_min(unit)
+        # z inherits the rounding of y amplified by 1 / sine: demand a signal above it too
+        h_eps = _handedness_threshold(rn.gather(1, iy[:, None]).squeeze(1), eps, hand_eps, candidates.dtype)
         z, undecided = orient(z, handedness, h_eps, eps, strongest=hand_eps is not None)
     R = torch.stack([x, y, z], dim=1)
-    if not return_status:
-        return R
     return R, FrameStatus(ix >= K, iy >= K, undecided, torch.zeros_like(undecided), weak)
 
 
@@ -523,6 +587,32 @@ def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tens
     return R, FrameStatus(status.x_fallback, status.y_fallback, undecided, status.widened, status.weak)
 
 
+def _certainly_not_planar(C: torch.Tensor, counts: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[B]``: graphs that ``planar_symmetry``'s thickness test cannot call planar, certified from
+    their centred second moments ``C [B, 3, 3]`` (computed in the points' dtype) alone.
+
+    If a graph of N points passes that test (every height |<d_i, n>| <= eps R, R = max |d_i|, n the
+    computed normal), then for the exact moments C* of the same centred points lambda_min(C*) <=
+    N (eps + 6u)^2 tr C* (u the unit roundoff of the dtype: heights, n and R carry a few u). With
+    |C - C*| <= gamma tr C* elementwise (gamma = (N + 2) u) and, for a positive definite C,
+    lambda_min(C) >= det C / (lambda_1 lambda_2) >= 4 det C / (tr C)^2, the test cannot pass when
+
+        det C / (tr C)^3 > 10 u_64 + (3 gamma + N (eps + 6u)^2) / 2
+
+    (det in float64 from the cross product, error <= 10 u_64 (tr C)^3; the factor 1/2 covers
+    1 / (4 (1 - 3 gamma)) for 3 gamma <= 1/2, beyond which nothing is certified). A non-finite C
+    certifies nothing. On a genuinely three-dimensional cloud det C / (tr C)^3 is ~1e-2 (1/27 for an
+    isotropic one), far above the bound (~2e-15 for n-body in float64, ~1e-5 for 128 float32 points)."""
+    u = torch.finfo(C.dtype).eps / 2
+    Cd = C.double()
+    tr = Cd.diagonal(dim1=-2, dim2=-1).sum(-1)
+    det = (torch.linalg.cross(Cd[:, 0], Cd[:, 1]) * Cd[:, 2]).sum(-1)
+    n = counts.to(torch.float64)
+    gamma = (n + 2) * u
+    bound = 10 * torch.finfo(torch.float64).eps / 2 + (3 * gamma + n * (eps + 6 * u) ** 2) / 2
+    return (det > bound * tr**3) & (tr > 0) & (3 * gamma <= 0.5)
+
+
 def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
                     fields: Sequence[tuple[Reps, torch.Tensor, torch.Tensor]] = (),
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -534,7 +624,11 @@ def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
     least three points) and every typed field ``(reps, values [M, dim],
     graph index [M])`` is fixed by the reflection sigma = I - 2 n n^T (|rho(sigma) f - f| <=
     hand_eps (|f| + 1) elementwise). Then no equivariant vector has a component along n: any
-    handedness "decided" there is rounding noise. Computed without gradient (a decision)."""
+    handedness "decided" there is rounding noise. Computed without gradient (a decision). When
+    the second moments certify that no graph of the batch can pass the thickness test
+    (``_certainly_not_planar``: the usual case) the eigen-decomposition and heights are skipped and
+    ``normal`` is zeros; otherwise it is the smallest-variance axis of every graph (used where
+    ``planar``)."""
     with torch.no_grad():
         B = num_graphs
         eps = hand_eps(pos.dtype)
@@ -544,6 +638,8 @@ def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
         d = x - c[batch]
         C = scatter((d[:, :, None] * d[:, None, :]).reshape(-1, 9), batch, dim=0, dim_size=B,
                     reduce="sum").reshape(B, 3, 3)
+        if not bool((~_certainly_not_planar(C, counts, eps)).any()):  # the usual case: no eigh, no heights
+            return torch.zeros(B, dtype=torch.bool, device=x.device), x.new_zeros(B, 3)
         evals, evecs = torch.linalg.eigh(torch.nan_to_num(C.double()))
         normal = evecs[..., 0].to(x.dtype)
         # thickness from the heights over the plane (eigenvalues carry rounding ~ u lambda_max)
@@ -562,12 +658,34 @@ def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
     return planar, normal
 
 
-def _unit_edges(pos: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unit vectors (x_j - x_i)/r_ij [E, 3], regularised lengths r_ij [E]) for edges (j -> i)."""
+def edge_vectors(pos: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+    """``x_j - x_i`` ``[E, 3]`` for edges (j -> i) (``edge_index[:, e] = (j, i)``)."""
     src, dst = edge_index
-    vec = pos[src] - pos[dst]
+    return pos.index_select(0, src) - pos.index_select(0, dst)
+
+
+def unit_edges(pos: torch.Tensor, edge_index: torch.Tensor,
+                vec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit vectors (x_j - x_i)/r_ij [E, 3], regularised lengths r_ij [E]) for edges (j -> i);
+    ``vec``: ``edge_vectors(pos, edge_index)`` if the caller has it."""
+    vec = edge_vectors(pos, edge_index) if vec is None else vec
     r = ((vec * vec).sum(-1) + DELTA**2).sqrt()
     return vec / r[:, None], r
+
+
+def gaussian_rbf(r: torch.Tensor, centers: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Gaussian radial basis ``exp(-gamma (r - c_k)^2)`` ``[E, K]`` of lengths ``r [E]``.
+
+    The exponent is clamped at log(tiny / eps) of the dtype, so values below 2^-103 ~ 1e-31
+    (float32; ~1e-292 in float64) read as that floor: they lie far below the rounding of any sum
+    with O(1) terms they enter, and computing them costs a subnormal slow path in ``exp`` and in
+    every later product with them (measured on the CPU: exp 28x, a matmul on such a feature 5x
+    slower; the centres up to 5 at gamma 5.12 put exponents down to -128 on n-body and normals,
+    and the float32 subnormal range starts at -87). The floor also keeps products with weights
+    down to ~1e-7 normal."""
+    info = torch.finfo(r.dtype)
+    e = -gamma * (r[:, None] - centers.to(r.dtype)) ** 2
+    return torch.exp(e.clamp_min(math.log(info.tiny / info.eps)))
 
 
 def envelope(r: torch.Tensor, cutoff: float | None, p: int = 6) -> torch.Tensor:
@@ -577,6 +695,11 @@ def envelope(r: torch.Tensor, cutoff: float | None, p: int = 6) -> torch.Tensor:
     x = (r / cutoff).clamp(max=1.0)
     env = (1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2))
     return env * (r < cutoff)
+
+
+def sum_to(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """``out[k] = sum_{e: index_e = k} x_e``, ``[size, ...]``, as one ``index_add``."""
+    return x.new_zeros((size, *x.shape[1:])).index_add_(0, index, x)
 
 
 def _check_handedness(handedness: str) -> str:
@@ -609,16 +732,24 @@ class LearnedFrames(nn.Module):
         self.mlp = mlp([n_rbf + 2 * node_dim + edge_dim, hidden, hidden, self.n_vec])
 
     def compute(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor,
-                edge_inv: torch.Tensor, context: FrameContext | None = None) -> tuple[torch.Tensor, FrameStatus]:
+                edge_inv: torch.Tensor, context: FrameContext | None = None, *,
+                edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, FrameStatus]:
+        """``(frames [N, 3, 3], FrameStatus)``; ``edges``: ``unit_edges(pos, edge_index)`` if the
+        caller has it."""
         src, dst = edge_index
-        u, r = _unit_edges(pos, edge_index)
-        rbf = torch.exp(-self.gamma * (r[:, None] - self.centers.to(r.dtype)) ** 2)
-        w = self.mlp(torch.cat([rbf, node_inv[dst], node_inv[src], edge_inv], dim=-1))
-        eu = envelope(r, self.cutoff)[:, None] * u
-        vecs = scatter(w[:, :, None] * eu[:, None, :], dst, dim=0, dim_size=pos.shape[0], reduce="sum")
-        mean_dir = scatter(eu, dst, dim=0, dim_size=pos.shape[0], reduce="sum")[:, None]
-        cand = torch.cat([vecs[:, :2], mean_dir], dim=1)
-        hand = None if self.so3 else torch.cat([vecs[:, 2:3], mean_dir], dim=1)
+        u, r = unit_edges(pos, edge_index) if edges is None else edges
+        parts = [gaussian_rbf(r, self.centers, self.gamma)]
+        if node_inv.shape[1]:
+            parts += [node_inv.index_select(0, dst), node_inv.index_select(0, src)]
+        if edge_inv.shape[1]:
+            parts.append(edge_inv)
+        w = run_mlp(self.mlp, torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
+        eu = u if self.cutoff is None else envelope(r, self.cutoff)[:, None] * u
+        # the learned vectors and the summed unit direction (weight 1) in one sum over neighbours
+        w1 = torch.cat([w, torch.ones_like(w[:, :1])], dim=-1)
+        sums = sum_to(w1[:, :, None] * eu[:, None, :], dst, pos.shape[0])  # [N, n_vec + 1, 3]
+        cand = sums[:, :3] if self.so3 else sums[:, [0, 1, 3]]
+        hand = None if self.so3 else sums[:, 2:]
         return finish_frames(cand, hand, pos, self.handedness, context)
 
     def forward(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor,
@@ -637,12 +768,14 @@ class NearestFrames(nn.Module):
         self.handedness = _check_handedness(handedness)
 
     def compute(self, pos: torch.Tensor, edge_index: torch.Tensor, node_inv: torch.Tensor | None = None,
-                edge_inv: torch.Tensor | None = None,
-                context: FrameContext | None = None) -> tuple[torch.Tensor, FrameStatus]:
+                edge_inv: torch.Tensor | None = None, context: FrameContext | None = None, *,
+                edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, FrameStatus]:
+        """``(frames [N, 3, 3], FrameStatus)``; ``edges``: ``unit_edges(pos, edge_index)`` if the
+        caller has it."""
         src, dst = edge_index
         N, E = pos.shape[0], src.numel()
-        vec = pos[src] - pos[dst]
-        u, r = _unit_edges(pos, edge_index)
+        vec = edge_vectors(pos, edge_index)
+        u, r = unit_edges(pos, edge_index, vec) if edges is None else edges
         order = torch.argsort(r, stable=True)
         order = order[torch.argsort(dst[order], stable=True)]  # grouped by receiver, nearest first
         deg = torch.bincount(dst, minlength=N)
@@ -797,7 +930,8 @@ class FrameWrapped(nn.Module):
 
 
 __all__ = ["TensorReps", "IrrepsReps", "parse_reps", "scale_reps", "default_hidden_reps", "rho",
-           "rho_matrix", "wigner_d", "gram_schmidt", "LearnedFrames", "NearestFrames", "envelope",
+           "rho_matrix", "wigner_d", "gram_schmidt", "LearnedFrames", "NearestFrames", "envelope", "gaussian_rbf",
+           "edge_vectors", "unit_edges", "sum_to",
            "HANDEDNESS", "FrameStatus", "FrameContext", "context_vectors", "finish_frames", "hand_eps", "orient",
            "planar_symmetry",
            "ArgRep", "EdgeFrames", "edge_frames", "attach_tensor_frames", "set_frames", "FrameWrapped"]

@@ -7,8 +7,10 @@ Pipeline, for frames ``R_i`` (rows = axes; ``R_i(gX) = R_i(X) g^T``, see ``block
 1. node inputs in the node's own frame: ``rho_t(R_i) f_i`` for a field of type t, and
    ``R_i (x_i - c_b)`` for a point field (c_b the graph's centroid: no absolute positions);
 2. the shared ``Backbone`` (embedding, ``depth`` x ``BackboneLayer``, head) runs on these local
-   features; hidden features are declared as a representation (``hidden_reps``) and PyG hooks
-   on each layer instance set ``h_j <- rho(R_i R_j^T) h_j``, ``edge_vec <- R_i (x_j - x_i)``;
+   features; the edge inputs enter in the receiver's frame, ``edge_vec = R_i (x_j - x_i)`` and
+   ``rho(R_i)`` of typed edge inputs (computed once, the same for every layer); hidden features
+   are declared as a representation (``hidden_reps``) and, unless they are invariant, PyG hooks
+   on each layer instance set ``h_j <- rho(R_i R_j^T) h_j``;
 3. outputs map back: ``D_t(R_i)^T y_i`` for irreps, ``R_i^T d_i + x_i`` for points; graph-level
    outputs convert every node's contribution to the global frame before pooling.
 
@@ -56,11 +58,12 @@ from ...core.spec import TaskSpec
 from ...metrics.catalogue import MetricSpec, register_metric, test_metric
 from ...symmetry.fieldtypes import POINT, field_dim, irreps
 from ..base import GENERIC_INPUTS, Method, build_at_params
-from ..blocks.backbone import Backbone, edge_attr_dim, edge_geometry
+from ..blocks.backbone import Backbone, edge_attr_dim
 from ..blocks.breaking import FieldInputOption
 from ..blocks.tfmp import (
     DELTA,
     HANDEDNESS,
+    EdgeFrames,
     FrameContext,
     FrameStatus,
     LearnedFrames,
@@ -68,11 +71,12 @@ from ..blocks.tfmp import (
     Reps,
     attach_tensor_frames,
     default_hidden_reps,
-    edge_frames,
+    edge_vectors,
     parse_reps,
     planar_symmetry,
     rho,
     scale_reps,
+    unit_edges,
 )
 
 FRAME_KINDS = ("learned", "nearest")
@@ -107,16 +111,17 @@ def _invariant_parts(value: torch.Tensor, t: str) -> list[torch.Tensor]:
     return parts
 
 
-def frame_invariants(batch: Batch, spec: TaskSpec, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def frame_invariants(batch: Batch, spec: TaskSpec, pos: torch.Tensor,
+                     unit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(node invariants [N, a], edge invariants [E, b]) that the frame network may use.
 
     Node: invariant parts of every non-point input. Edge: invariant parts of typed edge inputs,
-    and <f_i, u_ij>, <f_j, u_ij> for every "1o" copy of the node inputs (u_ij the unit edge vector).
+    and <f_i, u_ij>, <f_j, u_ij> for every "1o" copy of the node inputs (u_ij the unit edge vector;
+    ``unit``: ``unit_edges(pos, edge_index)[0]`` if the caller has it).
     """
     src, dst = batch.edge_index
     node, edge = [pos.new_zeros(pos.shape[0], 0)], [pos.new_zeros(src.numel(), 0)]
-    vec = pos[src] - pos[dst]
-    u = vec / ((vec * vec).sum(-1, keepdim=True) + DELTA**2).sqrt()
+    u = unit
     for name, t in spec.inputs.items():
         if t == POINT:
             continue
@@ -126,6 +131,7 @@ def frame_invariants(batch: Batch, spec: TaskSpec, pos: torch.Tensor) -> tuple[t
             block = batch[name][:, start:start + mul * ir.dim].reshape(-1, mul, ir.dim)
             start += mul * ir.dim
             if (ir.l, ir.p) == (1, -1):
+                u = unit_edges(pos, batch.edge_index)[0] if u is None else u
                 edge += [(block[dst] * u[:, None]).sum(-1), (block[src] * u[:, None]).sum(-1)]
     for name, t in spec.edge_inputs.items():
         edge += _invariant_parts(batch[name].reshape(src.numel(), -1), t)
@@ -185,21 +191,25 @@ class TensorFramesModel(nn.Module):
                        if frames == "learned" else NearestFrames(so3=so3, handedness=handedness))
         in_dim = sum(field_dim(t) for t in spec.inputs.values())
         self.net = Backbone(in_dim, edge_attr_dim(spec), field_dim(spec.output), width, depth)
-        edge_reps = "+".join(["0e", *spec.edge_inputs.values()])
-        for layer in self.net.layers:
-            attach_tensor_frames(layer, {"h": (hidden, "local"), "edge_vec": ("1o", "global"),
-                                         "edge_attr": (edge_reps, "global")})
+        self.edge_reps = parse_reps("+".join(["0e", *spec.edge_inputs.values()]))
+        # edge_vec and edge_attr are global: moved into the receiver's frame once, before the layers
+        # (the same R_i e for every layer); only tensorial hidden features need a hook on each layer
+        if not hidden.is_invariant:
+            for layer in self.net.layers:
+                attach_tensor_frames(layer, {"h": (hidden, "local")})
 
-    def compute_frames(self, batch: Batch) -> FrameInfo:
+    def compute_frames(self, batch: Batch, vec: torch.Tensor | None = None) -> FrameInfo:
         """Local frames, their status and (``"wide"`` O(3) frames) the planar, reflection-symmetric
         graphs, whose nodes all keep the default z = x cross y (a pseudo-vector, consistently at
         every node: any handedness "decided" there is rounding noise) and whose output is projected
-        (``symmetrize``); they are not degenerate."""
+        (``symmetrize``); they are not degenerate. ``vec``: ``edge_vectors(pos, edge_index)`` if
+        the caller has it."""
         pos = batch[self.point]
         n, B = pos.shape[0], int(batch.num_graphs)
-        node_inv, edge_inv = frame_invariants(batch, self.spec, pos)
+        unit = unit_edges(pos, batch.edge_index, vec)  # shared by the invariants and the frame network
+        node_inv, edge_inv = frame_invariants(batch, self.spec, pos, unit[0])
         context = FrameContext(batch.batch, B, _vector_inputs(batch, self.spec, n, pos))
-        R, status = self.frames.compute(pos, batch.edge_index, node_inv, edge_inv, context)
+        R, status = self.frames.compute(pos, batch.edge_index, node_inv, edge_inv, context, edges=unit)
         planar = torch.zeros(B, dtype=torch.bool, device=pos.device)
         normal = pos.new_zeros(B, 3)
         if self.handedness == "wide" and not self.so3:
@@ -253,14 +263,27 @@ class TensorFramesModel(nn.Module):
             sym = 0.5 * (y + rho(self.spec.output, sigma, y))
         return torch.where(mask[:, None], sym, y)
 
+    def local_edges(self, batch: Batch, R_i: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R_i (x_j - x_i), rho(R_i) edge_attr)``: the backbone's edge inputs
+        (``backbone.edge_geometry``: ``vec = x_j - x_i``, attr = (|vec|^2, typed edge inputs)) in the
+        receiver's frame (``R_i = R[dst]``, ``[E, 3, 3]``), the same for every layer."""
+        extra = [batch[k].reshape(vec.shape[0], -1) for k in self.spec.edge_inputs]
+        attr = torch.cat([(vec * vec).sum(-1, keepdim=True), *extra], dim=-1)
+        return rho("1o", R_i, vec), rho(self.edge_reps, R_i, attr)
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        info = self.compute_frames(batch)
+        vec = edge_vectors(batch[self.point], batch.edge_index)
+        info = self.compute_frames(batch, vec)
         R = info.R
-        vec, attr = edge_geometry(batch, self.spec)
+        src, dst = batch.edge_index
+        R_i = R.index_select(0, dst)
+        vec, attr = self.local_edges(batch, R_i, vec)
         h = self.net.embed(self.local_inputs(batch, R))
-        per_edge = edge_frames(R, batch.edge_index)  # R_i, R_i R_j^T once for all layers
+        hooks = not self.hidden.is_invariant
+        # U_ij = R_i R_j^T once for all layers (tensorial messages only; invariant h_j needs none)
+        kw = {"lframes": EdgeFrames(R_i, R_i @ R.index_select(0, src).transpose(1, 2))} if hooks else {}
         for layer in self.net.layers:
-            h = layer(h, batch.edge_index, vec, attr, lframes=per_edge)
+            h = layer(h, batch.edge_index, vec, attr, **kw)
         y = self.to_global(self.net.head(h), R, batch)
         return self.symmetrize(y, batch, info) if bool(info.planar.any()) else y
 
