@@ -2,8 +2,10 @@
 the same function as the generic paths they short-cut: ``framed_batch`` / ``output_from_frame``
 against ``act_on_batch`` / ``act_on_output``, the sign-frame forward of ``frame_averaging`` and
 ``fa_gnn`` (one projection on W times the sign vectors, chunked backbone calls on the CPU) against
-the per-copy 3 x 3 products of the generic forward, and ``pca_frame`` against
-``covariance`` / ``principal_axes`` / ``skew_signs``."""
+the per-copy 3 x 3 products of the generic forward, ``pca_frame`` against
+``covariance`` / ``principal_axes`` / ``skew_signs``, the PCA basis and third-moment signs against
+``pca_frame``, ``pca_canonicalization``'s sign-frame forward against ``apply_in_frame``, and the
+chunked framed copies against ``act_on_batch`` on ``replicate``."""
 from __future__ import annotations
 
 import pytest
@@ -107,3 +109,57 @@ def test_copies_per_call_bounds_the_cpu_batch(nbody, monkeypatch):
     for budget, expected in ((1, 1), (size, 1), (3 * size, 3), (5 * size, 4), (100 * size, 8)):
         monkeypatch.setattr(pca_frames, "CPU_EDGES_PER_CALL", budget)
         assert pca_frames.copies_per_call(batch, 8) == expected, budget  # the fewest equal chunks
+
+
+@pytest.mark.parametrize("group", ["O3", "SO3"])
+def test_pca_basis_and_signs_give_pca_frame(nbody, group):
+    """``pca_basis`` holds the axes of ``pca_axes`` (``proper_base`` for SO(3)) and the coordinates
+    W^T (x - t); ``third_moment_signs`` gives ``pca_frame = W diag(sigma)``, bit for bit."""
+    spec, batch = nbody
+    pos, index, B = batch.pos, batch.batch, int(batch.num_graphs)
+    basis = pca_frames.pca_basis(pos, index, B, group)
+    V, t = pca_frames.pca_axes(pos, index, B)
+    assert torch.equal(basis.W, pca_frames.proper_base(V, group)) and torch.equal(basis.t, t)
+    assert torch.equal(basis.t_rows, t[index]) and torch.equal(basis.W_rows, basis.W[index])
+    assert rel(basis.proj, torch.einsum("nd,ndk->nk", pos - t[index], basis.W[index])) < 1e-14
+    sig = pca_frames.third_moment_signs(basis, index, B, group)
+    F, _ = pca_frame(pos, index, B, group)
+    assert torch.equal(basis.W * sig[:, None, :], F)
+    assert torch.equal(sig[:, :2], skew_signs(pos, t, V, index, B)[:, :2])
+    assert torch.equal(_, t)
+
+
+@pytest.mark.parametrize("opts", [{}, {"group": "SO3"}])
+def test_pca_canonicalization_sign_path_matches_the_framed_backbone(nbody, opts):
+    """The sign-frame forward of ``pca_canonicalization`` is ``apply_in_frame`` with ``pca_frame``,
+    bit for bit (every difference is a sign flip)."""
+    spec, batch = nbody
+    model = build("pca_canonicalization", spec, params=5000, **opts)
+    assert model.signs
+    with torch.no_grad():
+        F, t = model.frame(batch)
+        ref = pca_frames.apply_in_frame(model.backbone, batch, spec, F, t)
+        assert torch.equal(model(batch), ref)
+
+
+def test_sign_framed_chunks_match_the_generic_framing(nbody):
+    """Chunks share one projection and their structure; chunk k holds the copies framed by
+    F_k = W diag(sigma_k), as ``act_on_batch(replicate(...), into_frame(F_k, t))`` (a chunk of one
+    copy too)."""
+    spec, batch = nbody
+    B = int(batch.num_graphs)
+    W = sample_rotations(B, True, torch.Generator().manual_seed(2)).to(torch.float64)
+    t = torch.randn(B, 3, dtype=torch.float64)
+    sig = pca_frames.frame_signs("O3", torch.float64, W.device).unsqueeze(1)  # [8, 1, 3]
+    for size, sizes in ((3, [3, 3, 2]), (1, [1] * 8)):
+        chunks = list(pca_frames.sign_framed_chunks(batch, spec, W, t, sig, size))
+        assert [int(c.num_graphs) for c in chunks] == [m * B for m in sizes]
+        k = 0
+        for m, chunk in zip(sizes, chunks):
+            Fk = (W.unsqueeze(0) * sig[k:k + m, :, None, :]).reshape(m * B, 3, 3)  # copy-major, W diag(sigma)
+            ref = act_on_batch(pca_frames.replicate(batch, spec, m), spec, into_frame(Fk, t.repeat(m, 1)),
+                               target=False)
+            for name in (*spec.inputs, *spec.edge_inputs):
+                assert rel(chunk[name], ref[name]) < 1e-14, name
+            assert torch.equal(chunk.edge_index, ref.edge_index) and torch.equal(chunk.batch, ref.batch)
+            k += m

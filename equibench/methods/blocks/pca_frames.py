@@ -23,6 +23,7 @@ import copy
 import functools
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,8 @@ __all__ = ["FRAME_GROUPS", "FrameElement", "apply_in_frame", "centroid", "check_
            "gather_graphs", "stabiliser_projection", "symmetric_frames", "region", "framed_batch",
            "output_from_frame", "REGIONS", "pca_axes", "proper_base", "frame_signs",
            "sign_frames_supported", "sign_framed_copies", "average_sign_frames", "copies_per_call",
-           "CPU_EDGES_PER_CALL", "sum_per_graph"]
+           "CPU_EDGES_PER_CALL", "sum_per_graph", "PCABasis", "pca_basis", "third_moment_signs",
+           "framed_coordinates", "sign_framed_chunks"]
 
 FRAME_GROUPS = ("O3", "SO3")
 _EPS = 1e-12
@@ -151,8 +153,9 @@ def frame_set(V: torch.Tensor, group: str) -> torch.Tensor:
 
 
 def _project(c: torch.Tensor, Vn: torch.Tensor) -> torch.Tensor:
-    """``[N, 3]`` rows ``c_i^T V_i`` (the coordinates of c_i along the columns of ``Vn [N, 3, 3]``)."""
-    return (c.unsqueeze(-2) @ Vn).squeeze(-2)
+    """``[N, 3]`` rows ``c_i^T V_i`` (the coordinates of c_i along the columns of ``Vn [N, 3, 3]``;
+    ``torch.bmm``, which ``@`` dispatches to, called directly)."""
+    return torch.bmm(c.unsqueeze(-2), Vn).squeeze(-2)
 
 
 def skew_signs(pos: torch.Tensor, t: torch.Tensor, V: torch.Tensor, index: torch.Tensor,
@@ -218,11 +221,8 @@ def pca_frame(pos: torch.Tensor, index: torch.Tensor, num_graphs: int,
     Axes by decreasing variance, each oriented so the third moment of the projections is
     positive; "SO3" takes the third axis as the cross product of the first two (det +1).
     """
-    V, t = pca_axes(pos, index, num_graphs)
-    F = V * skew_signs(pos, t, V, index, num_graphs)[:, None, :]
-    if check_group(group) == "SO3":
-        F = torch.stack([F[..., 0], F[..., 1], torch.linalg.cross(F[..., 0], F[..., 1])], dim=-1)
-    return F.detach(), t
+    basis = pca_basis(pos, index, num_graphs, group)
+    return (basis.W * third_moment_signs(basis, index, num_graphs, group)[:, None, :]).detach(), basis.t
 
 
 # ---- Gram-Schmidt for learned frames ----------------------------------------------------------
@@ -370,11 +370,58 @@ def apply_in_frame(backbone: torch.nn.Module, batch: Batch, spec: TaskSpec, F: t
 
 
 # ---- all sign frames as one batch (frame averaging) ---------------------------------------------
+@torch.no_grad()
+def _descending_axes(cov: torch.Tensor) -> torch.Tensor:
+    """``principal_axes(cov)[1]`` for an exactly symmetric ``cov`` (``covariance``'s: entry (a, b)
+    and (b, a) are the same products summed in the same order), where its symmetrisation is the
+    identity: the same eigenvectors, without the eigenvalues."""
+    c = torch.nan_to_num(cov.detach().double(), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.linalg.eigh(c)[1].flip(-1).to(cov.dtype)
+
+
 def pca_axes(pos: torch.Tensor, index: torch.Tensor, num_graphs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(V [B, 3, 3], t [B, 3])``: ``principal_axes(covariance(pos, t))`` eigenvectors (no
     gradient) and the centroid t (with its gradient)."""
     t = centroid(pos, index, num_graphs)
-    return principal_axes(covariance(pos.detach(), t.detach(), index, num_graphs))[1], t
+    return _descending_axes(covariance(pos.detach(), t.detach(), index, num_graphs)), t
+
+
+@dataclass
+class PCABasis:
+    """The PCA basis of each graph and its nodes' coordinates in it (``pca_basis``): centroids
+    ``t [B, 3]`` and ``t_rows = t[index]`` (with their gradient); ``W [B, 3, 3]`` (columns: the
+    principal axes by decreasing variance, for "SO3" the third replaced by v1 x v2: ``proper_base``;
+    no gradient) and ``W_rows = W[index]``; ``proj [N, 3]`` = ``W_rows^T (x - t_rows)`` (with the
+    gradient of x - t)."""
+
+    t: torch.Tensor
+    t_rows: torch.Tensor
+    W: torch.Tensor
+    W_rows: torch.Tensor
+    proj: torch.Tensor
+
+
+def pca_basis(pos: torch.Tensor, index: torch.Tensor, num_graphs: int, group: str = "O3") -> PCABasis:
+    """``PCABasis`` of the points ``pos`` (the same t and axes as ``pca_axes`` / ``proper_base``): the
+    centred points are formed once, for the covariance and for the coordinates."""
+    t = centroid(pos, index, num_graphs)
+    t_rows = t.index_select(0, index)
+    c = pos - t_rows
+    cd = c.detach()
+    W = proper_base(_descending_axes(sum_per_graph(cd.unsqueeze(-1) * cd.unsqueeze(-2), index, num_graphs)), group)
+    W_rows = W.index_select(0, index)
+    return PCABasis(t, t_rows, W, W_rows, _project(c, W_rows))
+
+
+def third_moment_signs(basis: PCABasis, index: torch.Tensor, num_graphs: int, group: str = "O3") -> torch.Tensor:
+    """``[B, 3]``: the signs sigma with ``pca_frame = W diag(sigma)``: s_k = sign(sum_i <x_i - t, w_k>^3)
+    (``skew_signs``, +1 for a zero moment) for "O3"; (s_1, s_2, s_1 s_2) for "SO3" (the third axis is
+    the cross product of the first two oriented ones)."""
+    m3 = sum_per_graph(basis.proj.detach() ** 3, index, num_graphs)
+    s = torch.where(m3 >= 0, 1.0, -1.0).to(m3.dtype)
+    if check_group(group) == "SO3":
+        s = torch.cat([s[:, :2], s[:, :1] * s[:, 1:2]], dim=-1)
+    return s
 
 
 def sign_frames_supported(spec: TaskSpec) -> bool:
@@ -412,48 +459,88 @@ def sign_framed_copies(batch: Batch, spec: TaskSpec, W: torch.Tensor, t: torch.T
 
     ``sig``: ``[K, 1, 3]`` (the same K sign vectors for every graph) or ``[K, B, 3]``. Each field is
     projected on W once, ``W^T (x - t)``, and copy k is that times sigma_k (exact: a sign flip),
-    instead of one 3 x 3 product per copy and node."""
+    instead of one 3 x 3 product per copy and node. (``sign_framed_chunks`` with one chunk.)"""
+    return next(sign_framed_chunks(batch, spec, W, t, sig, sig.shape[0]))
+
+
+def framed_coordinates(batch: Batch, spec: TaskSpec, W_rows: torch.Tensor, t_rows: torch.Tensor,
+                       known: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``W_i^T (x_i - t_i)`` for every point input and ``W_i^T v_i`` for every l = 1 input, ``[N, 3]``
+    each (rows ``W_rows = W[batch.batch]``, ``t_rows = t[batch.batch]``); ``known``: fields already
+    projected (``PCABasis.proj`` for the frame's own point field)."""
+    out = dict(known or {})
+    for name, typ in spec.inputs.items():
+        if name in out or is_invariant(typ):
+            continue
+        val = batch[name]
+        out[name] = _project(val - t_rows if typ == POINT else val, W_rows)
+    return out
+
+
+def sign_framed_chunks(batch: Batch, spec: TaskSpec, W: torch.Tensor, t: torch.Tensor, sig: torch.Tensor,
+                       chunk: int, projected: dict[str, torch.Tensor] | None = None,
+                       W_rows: torch.Tensor | None = None) -> Iterator[Batch]:
+    """``sign_framed_copies(batch, spec, W, t, sig[k:k + chunk])`` for k = 0, chunk, 2 chunk, ...:
+    every field is projected on W once for all chunks (``framed_coordinates``; ``projected`` and
+    ``W_rows`` if the caller has them), and the graph structure of a chunk (edge_index, batch
+    vector, repeated invariant fields) is built once per chunk size. A chunk of one copy is a
+    shallow copy of ``batch`` with the framed fields replaced (nothing else is copied)."""
     index = batch.batch
     N, B, K = batch.num_nodes, int(batch.num_graphs), sig.shape[0]
-    Wn = W.index_select(0, index)
+    if W_rows is None:
+        W_rows = W.index_select(0, index)
+    need_t = any(typ == POINT and name not in (projected or {}) for name, typ in spec.inputs.items())
+    proj = framed_coordinates(batch, spec, W_rows, t.index_select(0, index) if need_t else t, projected)
     sig_n = sig if sig.shape[1] == 1 else sig[:, index]
-    new = Batch()
-    for name, typ in spec.inputs.items():
-        val = batch[name]
-        if is_invariant(typ):
-            new[name] = val.repeat(K, *([1] * (val.dim() - 1)))
+    structure: dict[int, Batch] = {}
+    for k0 in range(0, K, chunk):
+        s = sig_n[k0:k0 + chunk]
+        m = s.shape[0]
+        if m == 1:
+            new = copy.copy(batch)
+            for name, value in proj.items():
+                new[name] = value * s[0]
+            yield new
             continue
-        if typ == POINT:
-            val = val - t.index_select(0, index)
-        new[name] = (_project(val, Wn).unsqueeze(0) * sig_n).reshape(K * N, 3)
-    for name in spec.edge_inputs:
-        val = batch[name]
-        new[name] = val.repeat(K, *([1] * (val.dim() - 1)))
-    k = torch.arange(K, device=index.device)
-    new.edge_index = (batch.edge_index.unsqueeze(0) + (k * N)[:, None, None]).permute(1, 0, 2).reshape(2, -1)
-    new.batch = (index.unsqueeze(0) + (k * B)[:, None]).reshape(-1)
-    new._num_graphs = K * B
-    return new
+        if m not in structure:  # a Batch holding the structure, copied (shallow) for each chunk
+            template = Batch()
+            for name in [*spec.inputs, *spec.edge_inputs]:
+                if name not in proj:
+                    template[name] = batch[name].repeat(m, *([1] * (batch[name].dim() - 1)))
+            k = torch.arange(m, device=index.device)
+            template.edge_index = (batch.edge_index.unsqueeze(0)
+                                   + (k * N)[:, None, None]).permute(1, 0, 2).reshape(2, -1)
+            template.batch = (index.unsqueeze(0) + (k * B)[:, None]).reshape(-1)
+            template._num_graphs = m * B
+            structure[m] = template
+        new = copy.copy(structure[m])
+        for name, value in proj.items():
+            new[name] = (value.unsqueeze(0) * s).reshape(m * N, 3)
+        yield new
 
 
 def average_sign_frames(out: torch.Tensor, spec: TaskSpec, W: torch.Tensor, t: torch.Tensor, sig: torch.Tensor,
-                        batch: Batch) -> torch.Tensor:
+                        batch: Batch, W_rows: torch.Tensor | None = None,
+                        t_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``1/K sum_k rho_out(F_k, t) y_k`` for the copy-major predictions ``out [K * M, d]`` of
     ``sign_framed_copies``: ``W (1/K sum_k sigma_k * y_k) + t`` for points (linear in y, so the
-    frame map is applied once to the average), the plain mean for invariant outputs."""
+    frame map is applied once to the average), the plain mean for invariant outputs (K = 1: no
+    mean). ``W_rows`` / ``t_rows``: ``W[batch.batch]`` / ``t[batch.batch]`` if the caller has them."""
     K = sig.shape[0]
     y = out.reshape(K, -1, out.shape[-1])
     if is_invariant(spec.output):
-        return y.mean(0)
+        return out if K == 1 else y.mean(0)
     rows = batch.batch if spec.level == "node" else None
     if sig.shape[1] != 1 and rows is not None:
         sig = sig[:, rows]
-    avg = (y * sig).mean(0)
-    Wr = W if rows is None else W.index_select(0, rows)
+    avg = out * sig[0] if K == 1 else (y * sig).mean(0)
+    if rows is None:
+        Wr, tr = W, t
+    else:
+        Wr = W.index_select(0, rows) if W_rows is None else W_rows
+        tr = (t.index_select(0, rows) if t_rows is None else t_rows) if spec.output == POINT else t
     res = _project(avg, Wr.transpose(-1, -2))
-    if spec.output == POINT:
-        res = res + (t if rows is None else t.index_select(0, rows))
-    return res
+    return res + tr if spec.output == POINT else res
 
 
 # ---- frames that stay exact on symmetric inputs (option ``degenerate="average"``) ---------------

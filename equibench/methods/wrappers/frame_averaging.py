@@ -79,12 +79,11 @@ from ..blocks.pca_frames import (
     frame_support,
     into_frame,
     out_of_frame,
-    pca_axes,
+    pca_basis,
     principal_axes,
-    proper_base,
     region,
     replicate,
-    sign_framed_copies,
+    sign_framed_chunks,
     sign_frames_supported,
     symmetric_frames,
 )
@@ -141,21 +140,26 @@ class FrameAveragedModel(nn.Module):
         the same function as the generic path (up to rounding), a fraction of its cost."""
         with region("equibench.frames"):
             B = int(batch.num_graphs)
-            V, t = pca_axes(batch[self.point], batch.batch, B)
-            W = proper_base(V, self.group)
-            sig = frame_signs(self.group, V.dtype, V.device).unsqueeze(1)  # [K, 1, 3]
+            basis = pca_basis(batch[self.point], batch.batch, B, self.group)
+            W = basis.W
+            sig = frame_signs(self.group, W.dtype, W.device).unsqueeze(1)  # [K, 1, 3]
             if self.stochastic and self.training:  # one random frame per graph
-                sig = sig[torch.randint(sig.shape[0], (B,), device=V.device), 0].unsqueeze(0)  # [1, B, 3]
+                sig = sig[torch.randint(sig.shape[0], (B,), device=W.device), 0].unsqueeze(0)  # [1, B, 3]
         chunk = copies_per_call(batch, sig.shape[0])
         outs = []
-        for k in range(0, sig.shape[0], chunk):  # one call for every frame, except large CPU batches
+        with region("equibench.to_frame"):  # the framed copies share one projection and their structure
+            chunks = sign_framed_chunks(batch, self.spec, W, basis.t, sig, chunk, {self.point: basis.proj},
+                                        basis.W_rows)
+        while True:  # one call for every frame, except large CPU batches
             with region("equibench.to_frame"):
-                big = sign_framed_copies(batch, self.spec, W, t, sig[k:k + chunk])
+                big = next(chunks, None)
+            if big is None:
+                break
             with region("equibench.backbone"):
                 outs.append(self.backbone(big))
         with region("equibench.to_frame"):
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
-            return average_sign_frames(out, self.spec, W, t, sig, batch)
+            return average_sign_frames(out, self.spec, W, basis.t, sig, batch, basis.W_rows, basis.t_rows)
 
 
 @register_method("frame_averaging")

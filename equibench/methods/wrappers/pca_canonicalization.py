@@ -50,16 +50,21 @@ from ..base import EVERY_INPUT, GENERIC_INPUTS, Method
 from ..blocks.pca_frames import (
     apply_in_frame,
     average_in_frames,
+    average_sign_frames,
     candidate_vectors,
     centroid,
     check_degenerate,
     check_group,
     first_point_field,
     frame_support,
+    pca_basis,
     pca_degeneracy,
     pca_frame,
     region,
+    sign_framed_chunks,
+    sign_frames_supported,
     symmetric_frames,
+    third_moment_signs,
 )
 from .baseline import Baseline
 
@@ -83,6 +88,7 @@ class PCACanonicalModel(nn.Module):
         self.backbone, self.spec, self.group = backbone, spec, group
         self.degenerate = check_degenerate(degenerate)
         self.point = first_point_field(spec)
+        self.signs = sign_frames_supported(spec)  # points / l = 1 fields: the sign-frame forward
 
     def frame(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(F [B, 3, 3] columns = axes, t [B, 3])``; inputs are rotated by R = F^T."""
@@ -106,9 +112,28 @@ class PCACanonicalModel(nn.Module):
             frames = symmetric_frames(pos, cands, batch.batch, B, self.group, canonical=True)
             if frames is not None:  # a tie or an undefined sign: average over the undecided frames
                 return average_in_frames(self.backbone, batch, self.spec, frames)
+        if not self.signs:
+            with region("equibench.frames"):
+                F, t = self.frame(batch)
+            return apply_in_frame(self.backbone, batch, self.spec, F, t)
+        return self.forward_signs(batch)
+
+    def forward_signs(self, batch: Batch) -> torch.Tensor:
+        """The forward pass on points / l = 1 fields: the frame is ``F = W diag(sigma)`` (``pca_basis``,
+        ``third_moment_signs``), so the framed input is the coordinates in W (formed once, with the
+        covariance) times sigma, and the output maps back through W (``average_sign_frames`` with one
+        frame); the same function as ``apply_in_frame`` with ``pca_frame`` (bit-identical: sign flips)."""
         with region("equibench.frames"):
-            F, t = self.frame(batch)
-        return apply_in_frame(self.backbone, batch, self.spec, F, t)
+            B, rows = int(batch.num_graphs), batch.batch
+            basis = pca_basis(batch[self.point], rows, B, self.group)
+            sig = third_moment_signs(basis, rows, B, self.group).unsqueeze(0)  # [1, B, 3]
+        with region("equibench.to_frame"):
+            framed = next(sign_framed_chunks(batch, self.spec, basis.W, basis.t, sig, 1, {self.point: basis.proj},
+                                             basis.W_rows))
+        with region("equibench.backbone"):
+            out = self.backbone(framed)
+        with region("equibench.to_frame"):
+            return average_sign_frames(out, self.spec, basis.W, basis.t, sig, batch, basis.W_rows, basis.t_rows)
 
 
 @register_method("pca_canonicalization")
