@@ -147,6 +147,7 @@ class FrameAveragedModel(nn.Module):
                 sig = sig[torch.randint(sig.shape[0], (B,), device=W.device), 0].unsqueeze(0)  # [1, B, 3]
         chunk = copies_per_call(batch, sig.shape[0])
         outs = []
+        assert self.point is not None  # frame_support: the task has a point field
         with region("equibench.to_frame"):  # the framed copies share one projection and their structure
             chunks = sign_framed_chunks(batch, self.spec, W, basis.t, sig, chunk, {self.point: basis.proj},
                                         basis.W_rows)

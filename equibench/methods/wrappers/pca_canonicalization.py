@@ -128,6 +128,7 @@ class PCACanonicalModel(nn.Module):
             basis = pca_basis(batch[self.point], rows, B, self.group)
             sig = third_moment_signs(basis, rows, B, self.group).unsqueeze(0)  # [1, B, 3]
         with region("equibench.to_frame"):
+            assert self.point is not None  # frame_support: the task has a point field
             framed = next(sign_framed_chunks(batch, self.spec, basis.W, basis.t, sig, 1, {self.point: basis.proj},
                                              basis.W_rows))
         with region("equibench.backbone"):
