@@ -163,3 +163,36 @@ def test_sign_framed_chunks_match_the_generic_framing(nbody):
                 assert rel(chunk[name], ref[name]) < 1e-14, name
             assert torch.equal(chunk.edge_index, ref.edge_index) and torch.equal(chunk.batch, ref.batch)
             k += m
+
+
+def test_canonicaliser_folds_its_edge_vectors_into_the_point_coefficient(nbody):
+    """The canonicaliser's output sum_i sum_v a_iv V_iv + sum_e b_e (x_j - x_i), per graph, computed
+    with the edge terms folded into the centred point's node coefficient (beta_i = sum of b_e over
+    the edges leaving i minus those entering i), equals the direct edge sum."""
+    from equibench.methods.blocks.backbone import run_mlp
+    from equibench.methods.wrappers.canonicalization import CanonicalisedModel
+
+    spec, batch = nbody
+    model = build("canonicalization", spec, params=5000)
+    assert isinstance(model, CanonicalisedModel)
+    c = model.canonicaliser
+    B = int(batch.num_graphs)
+    x_bar = pca_frames.centroid(batch.pos, batch.batch, B)
+    with torch.no_grad():
+        S, V = c.node_inputs(batch, x_bar)
+        iu = torch.triu_indices(c.n_v, c.n_v)
+        h = c.embed(torch.cat([S, (V @ V.transpose(1, 2))[:, iu[0], iu[1]]], dim=-1))
+        src, dst = batch.edge_index
+        evec = batch.pos[src] - batch.pos[dst]
+        e_s = torch.cat([(evec * evec).sum(-1, keepdim=True), batch.edge_attr], dim=-1)
+        for phi, psi in zip(c.phi, c.psi):
+            m = phi(torch.cat([h[dst], h[src], e_s], dim=-1))
+            h = h + psi(torch.cat([h, torch.zeros_like(h).index_add_(0, dst, m)], dim=-1))
+        a = c.node_coef(h).reshape(-1, c.n_v, c.n_out)
+        b = c.edge_coef(m)
+        u_node = torch.zeros(B, c.n_out, 3, dtype=V.dtype).index_add_(0, batch.batch, a.transpose(1, 2) @ V)
+        u_edge = torch.zeros(B, c.n_out, 3, dtype=V.dtype).index_add_(
+            0, batch.batch[dst], b.unsqueeze(-1) * evec.unsqueeze(1))
+        assert rel(c(batch, x_bar), u_node + u_edge) < 1e-12
+        x = torch.randn(5, c.embed[0].in_features, dtype=S.dtype)
+        assert torch.equal(run_mlp(c.embed, x), c.embed(x))  # the functional MLP is the module, bit for bit

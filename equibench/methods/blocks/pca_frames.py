@@ -245,17 +245,26 @@ def gram_schmidt(u: torch.Tensor, group: str = "O3") -> torch.Tensor:
     e1 = u1/|u1|, e2 = normalised u2 - <u2, e1> e1, e3 = e1 x e2; for "O3" e3 is multiplied by
     sign(<u3, e1 x e2>), which makes u -> F O(3)-equivariant (F(Qu) = Q F(u), det F = +-1);
     "SO3" keeps det F = +1 and ignores u3. Zero / parallel vectors fall back to fixed axes so F
-    stays orthogonal and finite (not equivariant at that degeneracy).
+    stays orthogonal and finite (not equivariant at that degeneracy); the fallback directions are
+    built only when some row needs them.
     """
     u1, u2, u3 = u[:, 0], u[:, 1], u[:, 2]
-    ex = torch.zeros_like(u1)
-    ex[:, 0] = 1.0
-    e1 = _safe_normalize(u1, ex)
+    n1 = (u1 * u1).sum(-1, keepdim=True)
+    if bool((n1 > _EPS**2).all()):  # the usual case: no fallback (the same values as _safe_normalize)
+        e1 = u1 / n1.sqrt()
+    else:
+        ex = torch.zeros_like(u1)
+        ex[:, 0] = 1.0
+        e1 = _safe_normalize(u1, ex)
     w = u2 - (u2 * e1).sum(-1, keepdim=True) * e1
-    fb = _least_aligned_axis(e1)
-    fb = fb - (fb * e1).sum(-1, keepdim=True) * e1
-    fb = fb / fb.norm(dim=-1, keepdim=True)
-    e2 = _safe_normalize(w, fb)
+    nw = (w * w).sum(-1, keepdim=True)
+    if bool((nw > _EPS**2).all()):
+        e2 = w / nw.sqrt()
+    else:
+        fb = _least_aligned_axis(e1)
+        fb = fb - (fb * e1).sum(-1, keepdim=True) * e1
+        fb = fb / fb.norm(dim=-1, keepdim=True)
+        e2 = _safe_normalize(w, fb)
     e3 = torch.linalg.cross(e1, e2)
     if check_group(group) == "O3":
         s = (u3 * e3).sum(-1, keepdim=True)

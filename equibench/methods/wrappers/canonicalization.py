@@ -151,6 +151,9 @@ class VectorCanonicaliser(nn.Module):
         self.psi = nn.ModuleList(mlp([2 * hidden, hidden, hidden]) for _ in range(depth))
         self.node_coef = nn.Linear(hidden, self.n_v * n_out)
         self.edge_coef = nn.Linear(hidden, n_out)
+        assert self.point is not None  # frame_support: the task has a point field
+        names = list(self.layout)  # the centred point field's position among the vectors V
+        self.point_vector = sum([len(self.layout[k][1]) for k in names[:names.index(self.point)]])
 
     def node_inputs(self, batch: Batch, x_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Invariant scalars ``[N, n_s]`` and equivariant vectors ``[N, n_v, 3]`` (points centred)."""
@@ -169,8 +172,8 @@ class VectorCanonicaliser(nn.Module):
     def forward(self, batch: Batch, x_bar: torch.Tensor) -> torch.Tensor:
         B = int(batch.num_graphs)
         S, V = self.node_inputs(batch, x_bar)
-        iu = _triu(self.n_v, V.device)
-        gram = (V @ V.transpose(1, 2))[:, iu[0], iu[1]]
+        N = V.shape[0]
+        gram = (V @ V.transpose(1, 2)).reshape(N, -1).index_select(1, _triu_flat(self.n_v, V.device))
         h = run_mlp(self.embed, torch.cat([S, gram], dim=-1))
         src, dst = batch.edge_index
         pos = batch[self.point]
@@ -182,21 +185,25 @@ class VectorCanonicaliser(nn.Module):
         e_s = torch.cat(e_parts, dim=-1)
         for phi, psi in zip(self.phi, self.psi):
             m = run_mlp(phi, torch.cat([h.index_select(0, dst), h.index_select(0, src), e_s], dim=-1))
-            h = h + run_mlp(psi, torch.cat([h, sum_per_graph(m, dst, h.shape[0])], dim=-1))
+            h = h + run_mlp(psi, torch.cat([h, sum_per_graph(m, dst, N)], dim=-1))
         a = nn.functional.linear(h, self.node_coef.weight, self.node_coef.bias).reshape(-1, self.n_v, self.n_out)
-        u_node = sum_per_graph(a.transpose(1, 2) @ V, batch.batch, B)  # sum_v a_nvk V_nvd
         b = nn.functional.linear(m, self.edge_coef.weight, self.edge_coef.bias)
-        u_edge = sum_per_graph(b.unsqueeze(-1) * evec.unsqueeze(1), batch.batch.index_select(0, dst), B)
-        return u_node + u_edge
+        # sum_e b_e (x_j - x_i) = sum_i beta_i (x_i - x_bar), beta_i = sum_{e from i} b_e - sum_{e into i} b_e
+        # (beta sums to 0 over a graph): the edge vectors' terms join the centred point's node coefficient
+        beta = b.new_zeros(N, self.n_out).index_add_(0, src, b).index_add_(0, dst, b, alpha=-1)
+        a[:, self.point_vector].add_(beta)
+        return sum_per_graph(a.transpose(1, 2) @ V, batch.batch, B)  # sum_v a_nvk V_nvd per graph
 
 
 @functools.lru_cache(maxsize=16)
 def _triu_cached(n: int, device: str) -> torch.Tensor:
-    return torch.triu_indices(n, n, device=device)
+    iu = torch.triu_indices(n, n, device=device)
+    return iu[0] * n + iu[1]
 
 
-def _triu(n: int, device: torch.device) -> torch.Tensor:
-    """``torch.triu_indices(n, n)``, built once per (n, device)."""
+def _triu_flat(n: int, device: torch.device) -> torch.Tensor:
+    """Flat positions ``i * n + j`` of ``torch.triu_indices(n, n)`` in a row-major n x n matrix,
+    built once per (n, device)."""
     return _triu_cached(n, str(device))
 
 
