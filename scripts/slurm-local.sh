@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# A single-node Slurm cluster on this machine, for `equibench run ... --executor submitit` and
+# tests/test_slurm.py (idempotent; needs root for apt-get and the daemons).
+#
+#   scripts/slurm-local.sh          install slurm-wlm + munge (Debian) if missing, write
+#                                   /etc/slurm/slurm.conf for this host, start munged, slurmctld
+#                                   and slurmd, wait until `sinfo` shows the node idle
+#   scripts/slurm-local.sh stop     stop the daemons this script started (by their pid files)
+#   scripts/slurm-local.sh status   exit 0 when the cluster answers and the node is up
+#
+# The cluster: one partition `debug` (default) with this host's cores and memory (`slurmd -C`),
+# select/cons_tres with CR_Core_Memory (jobs ask for cores and memory, DefMemPerCPU = memory per
+# core), no accounting database (no sacct), ProctrackType=proctrack/linuxproc and TaskPlugin=task/none
+# (no cgroups: a job's memory limit is enforced by jobacct_gather/linux sampling every second with
+# JobAcctGatherParams=OverMemoryKill, and by equibench's own watcher), scrontab enabled.
+# State, logs and pid files: $EQUIBENCH_SLURM_DIR (default /var/tmp/equibench-slurm); ports
+# $EQUIBENCH_SLURMCTLD_PORT (6817) and $EQUIBENCH_SLURMD_PORT (6818). An /etc/slurm/slurm.conf
+# this script did not write (a real cluster's) is never touched.
+# Anything that cannot start prints one line `[slurm-local] error: ...` and exits non-zero.
+set -euo pipefail
+
+STATE=${EQUIBENCH_SLURM_DIR:-/var/tmp/equibench-slurm}
+CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
+CTLD_PORT=${EQUIBENCH_SLURMCTLD_PORT:-6817}
+SLURMD_PORT=${EQUIBENCH_SLURMD_PORT:-6818}
+MARK="# written by equibench scripts/slurm-local.sh"
+HOST=$(hostname -s)
+
+say() { echo "[slurm-local] $*" >&2; }
+die() { echo "[slurm-local] error: $*" >&2; exit 1; }
+
+alive() {  # alive PIDFILE: the pid in it is a running process
+  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+stop_pidfile() {  # stop_pidfile NAME PIDFILE
+  local pid
+  if alive "$2"; then
+    pid=$(cat "$2")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
+    say "stopped $1 (pid $pid)"
+  fi
+  rm -f "$2"
+}
+
+cmd_stop() {
+  stop_pidfile slurmd "$STATE/slurmd.pid"
+  stop_pidfile slurmctld "$STATE/slurmctld.pid"
+  stop_pidfile munged "$STATE/munged.pid"
+}
+
+node_state() {  # the node's state as sinfo reports it ("" when the controller does not answer)
+  timeout 10 sinfo -h -N -n "$HOST" -o '%T' 2>/dev/null | head -1 || true
+}
+
+cmd_status() {
+  local st
+  st=$(node_state)
+  case "$st" in
+    idle|mixed|allocated|completing) echo "[slurm-local] up: node $HOST $st"; return 0 ;;
+    "") echo "[slurm-local] down: slurmctld does not answer" >&2; return 1 ;;
+    *) echo "[slurm-local] node $HOST is $st" >&2; return 1 ;;
+  esac
+}
+
+install_packages() {
+  local missing=()
+  for c in sbatch slurmctld slurmd munged; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  [ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}; installing slurm-wlm and munge needs root"
+  command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install slurm-wlm and munge"
+  say "installing slurm-wlm and munge (apt-get)"
+  local log="$STATE/apt.log"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        slurm-wlm munge; } >"$log" 2>&1; then
+    die "apt-get install slurm-wlm munge failed: $(grep -v '^\s*$' "$log" | tail -1)"
+  fi
+}
+
+port_owner() {  # port_owner PORT: the process listening on it ("" when free)
+  ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'users:(("[^"]*",pid=[0-9]*' | head -1 \
+    | sed 's/users:(("\([^"]*\)",pid=\([0-9]*\)/\1 (pid \2)/' || true
+}
+
+check_port() {  # check_port PORT DAEMON PIDFILE: free, or held by our own daemon
+  local owner
+  owner=$(port_owner "$1")
+  [ -z "$owner" ] && return 0
+  if alive "$3" && [[ "$owner" == *"pid $(cat "$3"))"* ]]; then return 0; fi
+  die "port $1 needed by $2 is taken by $owner (set EQUIBENCH_SLURMCTLD_PORT / EQUIBENCH_SLURMD_PORT)"
+}
+
+start_munge() {
+  local key=/etc/munge/munge.key
+  if [ ! -s "$key" ]; then
+    say "no munge key: creating $key"
+    mkdir -p /etc/munge
+    mungekey --create --keyfile="$key" >/dev/null 2>&1 || die "munge key $key missing and mungekey could not create it"
+    chown munge:munge "$key" && chmod 0400 "$key"
+  fi
+  if timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; then return 0; fi
+  install -d -o munge -g munge -m 0755 /run/munge
+  install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
+  # munged refuses a key, folder or socket it does not own; start it as its own user
+  local out
+  if ! out=$(runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid 2>&1); then
+    die "munged could not start: $(echo "$out" | tail -1)"
+  fi
+  cp /run/munge/munged.pid "$STATE/munged.pid" 2>/dev/null || true
+  for _ in $(seq 25); do
+    if timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  die "munged started but munge -n | unmunge fails (see /var/log/munge/munged.log)"
+}
+
+write_conf() {
+  local node cpus mem per_cpu tmp
+  node=$(slurmd -C | head -1) || die "slurmd -C could not describe this node"
+  cpus=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$node")
+  mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node")
+  [ -n "$cpus" ] && [ -n "$mem" ] || die "cannot read CPUs / RealMemory from slurmd -C: $node"
+  per_cpu=$(( mem / cpus ))
+  if [ -e "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
+    die "$CONF exists and was not written by this script (a real cluster?); not touching it"
+  fi
+  mkdir -p "$(dirname "$CONF")" "$STATE/ctld" "$STATE/d"
+  tmp=$(mktemp)
+  cat >"$tmp" <<EOF
+$MARK
+ClusterName=equibench
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/d
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/slurmctld.log
+SlurmdLogFile=$STATE/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$per_cpu
+MaxArraySize=10001
+MaxJobCount=100000
+MinJobAge=600
+KillWait=5
+InactiveLimit=0
+SlurmdTimeout=300
+ReturnToService=2
+ScronParameters=enable
+MpiDefault=none
+MailProg=/bin/true
+$node State=UNKNOWN NodeAddr=127.0.0.1
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+EOF
+  if [ -e "$CONF" ] && cmp -s "$tmp" "$CONF"; then rm -f "$tmp"; return 1; fi
+  install -m 0644 "$tmp" "$CONF"
+  rm -f "$tmp"
+  say "wrote $CONF ($HOST: $cpus CPUs, $mem MB, partition debug)"
+  return 0
+}
+
+start_daemon() {  # start_daemon NAME PIDFILE LOG PORT
+  local out
+  alive "$2" && return 0
+  check_port "$4" "$1" "$2"
+  if ! out=$("/usr/sbin/$1" 2>&1); then
+    die "$1 could not start: $(echo "$out" | tail -1) (log: $3)"
+  fi
+  for _ in $(seq 50); do alive "$2" && return 0; sleep 0.2; done
+  die "$1 exited at start: $(grep -i 'error\|fatal' "$3" 2>/dev/null | tail -1) (log: $3)"
+}
+
+cmd_start() {
+  mkdir -p "$STATE"
+  install_packages
+  [ "$(id -u)" -eq 0 ] || die "starting slurmctld and slurmd as configured here needs root"
+  start_munge
+  if write_conf && { alive "$STATE/slurmctld.pid" || alive "$STATE/slurmd.pid"; }; then
+    say "configuration changed: restarting slurmctld and slurmd"
+    stop_pidfile slurmd "$STATE/slurmd.pid"
+    stop_pidfile slurmctld "$STATE/slurmctld.pid"
+  fi
+  start_daemon slurmctld "$STATE/slurmctld.pid" "$STATE/slurmctld.log" "$CTLD_PORT"
+  start_daemon slurmd "$STATE/slurmd.pid" "$STATE/slurmd.log" "$SLURMD_PORT"
+  local st=""
+  for _ in $(seq 120); do
+    st=$(node_state)
+    case "$st" in
+      idle|mixed|allocated|completing) echo "[slurm-local] up: node $HOST $st (partition debug; $CONF)"; return 0 ;;
+      down*|drain*|drained*) scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true ;;
+    esac
+    sleep 0.5
+  done
+  die "node $HOST not idle after 60 s (state: ${st:-no answer from slurmctld}; logs in $STATE)"
+}
+
+case "${1:-start}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  *) die "unknown subcommand ${1} (start, stop, status)" ;;
+esac
