@@ -80,6 +80,7 @@ from torch import nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
+from ...metrics.profile import region
 from .backbone import mlp, run_mlp
 
 EPS = 1e-6  # decision threshold for degenerate frame vectors (norms, sines of angles)
@@ -867,16 +868,17 @@ class _MessagePreHook:
     def __call__(self, module: MessagePassing, inputs: tuple) -> dict:
         (kwargs,) = inputs
         R_i, U = module._tf_cache
-        for name, arg in self.args.items():
-            if arg.reps.is_invariant:
-                continue
-            if arg.frame == "local":
-                if (key := f"{name}_j") in kwargs:
-                    kwargs[key] = rho(arg.reps, U, kwargs[key])
-            else:
-                for key in (name, f"{name}_i", f"{name}_j"):
-                    if key in kwargs:
-                        kwargs[key] = rho(arg.reps, R_i, kwargs[key])
+        with region("equibench.to_frame"):  # the profiler's label for moving features between frames
+            for name, arg in self.args.items():
+                if arg.reps.is_invariant:
+                    continue
+                if arg.frame == "local":
+                    if (key := f"{name}_j") in kwargs:
+                        kwargs[key] = rho(arg.reps, U, kwargs[key])
+                else:
+                    for key in (name, f"{name}_i", f"{name}_j"):
+                        if key in kwargs:
+                            kwargs[key] = rho(arg.reps, R_i, kwargs[key])
         return kwargs
 
 

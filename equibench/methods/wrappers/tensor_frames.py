@@ -56,6 +56,7 @@ from torch_geometric.utils import scatter
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...metrics.catalogue import MetricSpec, register_metric, test_metric
+from ...metrics.profile import region
 from ...symmetry.fieldtypes import POINT, field_dim, irreps
 from ..base import GENERIC_INPUTS, Method, build_at_params
 from ..blocks.backbone import Backbone, edge_attr_dim
@@ -272,20 +273,30 @@ class TensorFramesModel(nn.Module):
         return rho("1o", R_i, vec), rho(self.edge_reps, R_i, attr)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        vec = edge_vectors(batch[self.point], batch.edge_index)
-        info = self.compute_frames(batch, vec)
-        R = info.R
-        src, dst = batch.edge_index
-        R_i = R.index_select(0, dst)
-        vec, attr = self.local_edges(batch, R_i, vec)
-        h = self.net.embed(self.local_inputs(batch, R))
-        hooks = not self.hidden.is_invariant
-        # U_ij = R_i R_j^T once for all layers (tensorial messages only; invariant h_j needs none)
-        kw = {"lframes": EdgeFrames(R_i, R_i @ R.index_select(0, src).transpose(1, 2))} if hooks else {}
-        for layer in self.net.layers:
-            h = layer(h, batch.edge_index, vec, attr, **kw)
-        y = self.to_global(self.net.head(h), R, batch)
-        return self.symmetrize(y, batch, info) if bool(info.planar.any()) else y
+        """Profiler regions (``metrics.profile``): ``frames`` (local frames, the per-edge R_i and
+        R_i R_j^T), ``to_frame`` (inputs and edge inputs into the local frames, outputs back, and
+        the tensorial messages' rho(R_i R_j^T) h_j inside the layers), ``backbone`` (the rest of
+        the shared network)."""
+        with region("equibench.frames"):
+            vec = edge_vectors(batch[self.point], batch.edge_index)
+            info = self.compute_frames(batch, vec)
+            R = info.R
+            src, dst = batch.edge_index
+            R_i = R.index_select(0, dst)
+            hooks = not self.hidden.is_invariant
+            # U_ij = R_i R_j^T once for all layers (tensorial messages only; invariant h_j needs none)
+            kw = {"lframes": EdgeFrames(R_i, R_i @ R.index_select(0, src).transpose(1, 2))} if hooks else {}
+        with region("equibench.to_frame"):
+            vec, attr = self.local_edges(batch, R_i, vec)
+            x = self.local_inputs(batch, R)
+        with region("equibench.backbone"):
+            h = self.net.embed(x)
+            for layer in self.net.layers:
+                h = layer(h, batch.edge_index, vec, attr, **kw)
+            out = self.net.head(h)
+        with region("equibench.to_frame"):
+            y = self.to_global(out, R, batch)
+            return self.symmetrize(y, batch, info) if bool(info.planar.any()) else y
 
     @torch.no_grad()
     def frame_report(self, batch: Batch) -> dict[str, float]:
