@@ -588,7 +588,7 @@ def finish_frames(cand: torch.Tensor, hand: torch.Tensor | None, pos: torch.Tens
     return R, FrameStatus(status.x_fallback, status.y_fallback, undecided, status.widened, status.weak)
 
 
-def _certainly_not_planar(C: torch.Tensor, counts: torch.Tensor, eps: float) -> torch.Tensor:
+def _certainly_not_planar(C: torch.Tensor, max_count: int, eps: float) -> torch.Tensor:
     """``[B]``: graphs that ``planar_symmetry``'s thickness test cannot call planar, certified from
     their centred second moments ``C [B, 3, 3]`` (computed in the points' dtype) alone.
 
@@ -601,22 +601,25 @@ def _certainly_not_planar(C: torch.Tensor, counts: torch.Tensor, eps: float) -> 
         det C / (tr C)^3 > 10 u_64 + (3 gamma + N (eps + 6u)^2) / 2
 
     (det in float64 from the cross product, error <= 10 u_64 (tr C)^3; the factor 1/2 covers
-    1 / (4 (1 - 3 gamma)) for 3 gamma <= 1/2, beyond which nothing is certified). A non-finite C
-    certifies nothing. On a genuinely three-dimensional cloud det C / (tr C)^3 is ~1e-2 (1/27 for an
-    isotropic one), far above the bound (~2e-15 for n-body in float64, ~1e-5 for 128 float32 points)."""
+    1 / (4 (1 - 3 gamma)) for 3 gamma <= 1/2, beyond which nothing is certified). The bound grows
+    with N, so N = ``max_count`` (the largest graph) serves every graph. A non-finite or zero C
+    certifies nothing. On a genuinely three-dimensional cloud det C / (tr C)^3 is ~1e-2 (1/27 for
+    an isotropic one), far above the bound (~2e-15 for n-body in float64, ~1e-5 for 128 float32
+    points)."""
     u = torch.finfo(C.dtype).eps / 2
+    gamma = (max_count + 2) * u
+    if 3 * gamma > 0.5:
+        return torch.zeros(C.shape[0], dtype=torch.bool, device=C.device)
+    bound = 10 * torch.finfo(torch.float64).eps / 2 + (3 * gamma + max_count * (eps + 6 * u) ** 2) / 2
     Cd = C.double()
     tr = Cd.diagonal(dim1=-2, dim2=-1).sum(-1)
     det = (torch.linalg.cross(Cd[:, 0], Cd[:, 1]) * Cd[:, 2]).sum(-1)
-    n = counts.to(torch.float64)
-    gamma = (n + 2) * u
-    bound = 10 * torch.finfo(torch.float64).eps / 2 + (3 * gamma + n * (eps + 6 * u) ** 2) / 2
-    return (det > bound * tr**3) & (tr > 0) & (3 * gamma <= 0.5)
+    return det > bound * tr**3
 
 
 def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
                     fields: Sequence[tuple[Reps, torch.Tensor, torch.Tensor]] = (),
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Graphs whose input is symmetric under the reflection through a plane containing all its
     points: ``(planar [B] bool, normal [B, 3])``.
 
@@ -629,17 +632,20 @@ def planar_symmetry(pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
     the second moments certify that no graph of the batch can pass the thickness test
     (``_certainly_not_planar``: the usual case) the eigen-decomposition and heights are skipped and
     ``normal`` is zeros; otherwise it is the smallest-variance axis of every graph (used where
-    ``planar``)."""
+    ``planar``). ``centre``: the graphs' centroids ``[B, 3]`` if the caller has them."""
     with torch.no_grad():
         B = num_graphs
         eps = hand_eps(pos.dtype)
         x = pos.detach()
         counts = torch.bincount(batch, minlength=B)
-        c = scatter(x, batch, dim=0, dim_size=B, reduce="sum") / counts.clamp_min(1).to(x.dtype)[:, None]
+        if centre is None:
+            c = scatter(x, batch, dim=0, dim_size=B, reduce="sum") / counts.clamp_min(1).to(x.dtype)[:, None]
+        else:
+            c = centre.detach()
         d = x - c[batch]
         C = scatter((d[:, :, None] * d[:, None, :]).reshape(-1, 9), batch, dim=0, dim_size=B,
                     reduce="sum").reshape(B, 3, 3)
-        if not bool((~_certainly_not_planar(C, counts, eps)).any()):  # the usual case: no eigh, no heights
+        if B == 0 or bool(_certainly_not_planar(C, int(counts.max()), eps).all()):  # usual: no eigh, no heights
             return torch.zeros(B, dtype=torch.bool, device=x.device), x.new_zeros(B, 3)
         evals, evecs = torch.linalg.eigh(torch.nan_to_num(C.double()))
         normal = evecs[..., 0].to(x.dtype)

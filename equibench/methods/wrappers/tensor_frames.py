@@ -170,6 +170,7 @@ class FrameInfo:
     status: FrameStatus
     planar: torch.Tensor
     normal: torch.Tensor
+    centre: torch.Tensor | None = None  # the centroids of the frame's point field, [B, 3]
 
     @property
     def degenerate(self) -> torch.Tensor:
@@ -211,6 +212,8 @@ class TensorFramesModel(nn.Module):
         node_inv, edge_inv = frame_invariants(batch, self.spec, pos, unit[0])
         context = FrameContext(batch.batch, B, _vector_inputs(batch, self.spec, n, pos))
         R, status = self.frames.compute(pos, batch.edge_index, node_inv, edge_inv, context, edges=unit)
+        # the centroids (local_inputs' and the planarity test's: computed once)
+        centre = scatter(pos, batch.batch, dim=0, dim_size=B, reduce="mean")
         planar = torch.zeros(B, dtype=torch.bool, device=pos.device)
         normal = pos.new_zeros(B, 3)
         if self.handedness == "wide" and not self.so3:
@@ -219,22 +222,24 @@ class TensorFramesModel(nn.Module):
             dst = batch.edge_index[1]
             fields += [(parse_reps(t), batch[name].reshape(dst.numel(), -1), batch.batch[dst])
                        for name, t in self.spec.edge_inputs.items()]
-            planar, normal = planar_symmetry(pos, batch.batch, B, fields)
+            planar, normal = planar_symmetry(pos, batch.batch, B, fields, centre)
             if bool(planar.any()):
                 on = planar[batch.batch]
                 z = torch.where(on[:, None], torch.linalg.cross(R[:, 0], R[:, 1]), R[:, 2])
                 R = torch.stack([R[:, 0], R[:, 1], z], dim=1)
                 status = FrameStatus(status.x_fallback, status.y_fallback, status.undecided & ~on,
                                      status.widened, status.weak)
-        return FrameInfo(R, status, planar, normal)
+        return FrameInfo(R, status, planar, normal, centre)
 
-    def local_inputs(self, batch: Batch, R: torch.Tensor) -> torch.Tensor:
-        """Every node input expressed in the node's own frame (invariant coordinates)."""
+    def local_inputs(self, batch: Batch, R: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+        """Every node input expressed in the node's own frame (invariant coordinates); ``centre``: the
+        centroids of the frame's point field if the caller has them."""
         parts = []
         for name, t in self.spec.inputs.items():
             value = batch[name].reshape(R.shape[0], -1)
             if t == POINT:
-                centroid = scatter(value, batch.batch, dim=0, dim_size=int(batch.num_graphs), reduce="mean")
+                centroid = centre if centre is not None and name == self.point else scatter(
+                    value, batch.batch, dim=0, dim_size=int(batch.num_graphs), reduce="mean")
                 value = value - centroid[batch.batch]
             parts.append(rho(t, R, value))
         return torch.cat(parts, dim=-1)
@@ -288,7 +293,7 @@ class TensorFramesModel(nn.Module):
             kw = {"lframes": EdgeFrames(R_i, R_i @ R.index_select(0, src).transpose(1, 2))} if hooks else {}
         with region("equibench.to_frame"):
             vec, attr = self.local_edges(batch, R_i, vec)
-            x = self.local_inputs(batch, R)
+            x = self.local_inputs(batch, R, info.centre)
         with region("equibench.backbone"):
             h = self.net.embed(x)
             for layer in self.net.layers:
