@@ -268,6 +268,27 @@ def _by_name(assignments: list[tuple[str, str, object]] | None) -> dict[str, dic
     return out or None
 
 
+def _executor_option(text: str) -> tuple[str, object]:
+    """``--executor-option KEY=VALUE`` -> (key, value); the value read as JSON, else YAML
+    (``partition=gpu``, ``mem_gb=8``, ``setup=["module load cuda"]``)."""
+    key, eq, value = text.partition("=")
+    if not (eq and key.strip()):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. partition=gpu), got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+    return key.strip(), value if parsed is None else parsed
+
+
+def _executor_options(args: argparse.Namespace) -> dict | None:
+    """The ``--executor-option`` settings (``None`` when none is given)."""
+    return dict(args.executor_option) if args.executor_option else None
+
+
 def _limits(args: argparse.Namespace) -> dict:
     """The worker options every running command shares."""
     return dict(timeout=args.timeout, max_memory=args.max_memory, wait=args.wait, plugins=args.plugin or [],
@@ -278,7 +299,8 @@ def _suite_options(args: argparse.Namespace) -> dict:
     """The options ``run``/``nightly`` pass on to ``run`` besides the limits."""
     return dict(tasks=args.tasks, methods=args.methods, seeds=args.seeds, device=args.device,
                 append=args.append, task_options=_by_name(args.task_option),
-                method_options=_by_name(args.method_option), announce=True)
+                method_options=_by_name(args.method_option), announce=True,
+                executor_options=_executor_options(args))
 
 
 def _outcome(run_dir: Path, args: argparse.Namespace, code: int = EXIT_OK, why: str = "",
@@ -321,7 +343,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     records = RunRecords(run_dir)
     selection = tune(suite, run_dir, tasks=args.tasks, methods=args.methods, device=args.device,
                      task_options=_by_name(args.task_option), method_options=_by_name(args.method_option),
-                     executor=args.executor, records=records, **_limits(args))
+                     executor=args.executor, executor_options=_executor_options(args), records=records,
+                     **_limits(args))
     out = Path(args.out) if args.out else tuned_path(suite.source)
     write_tuned(out, suite.name, run_dir, cfg, selection)
     for (task, method), chosen in sorted(selection.items()):
@@ -432,7 +455,12 @@ def _add_run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--methods", type=_csv(), help="comma-separated method names (default: the suite's)")
     r.add_argument("--seeds", type=_seeds, help="comma-separated non-negative integer seeds")
     r.add_argument("--device", help="cpu or cuda[:N] (default: the suite's)")
-    r.add_argument("--executor", default="local", choices=["local", "submitit"])
+    r.add_argument("--executor", default="local", choices=["local", "submitit"],
+                   help="local: worker processes here; submitit: Slurm array jobs when sbatch is on PATH")
+    r.add_argument("--executor-option", action="append", type=_executor_option, metavar="KEY=VALUE",
+                   help="a submitit/Slurm setting (repeatable): partition, account, qos, constraint, "
+                        "gpus_per_node, cpus_per_task, mem_gb, timeout_min, parallelism (array tasks at once), "
+                        "job_name, setup (shell lines), additional_parameters, cluster")
     r.add_argument("--results-dir", default="results")
     r.add_argument("--reports-dir", default="reports")
     r.add_argument("--name", help="run directory name (default: SUITE-<timestamp>); an existing one needs "

@@ -7,6 +7,8 @@
 #                                   and slurmd, wait until `sinfo` shows the node idle
 #   scripts/slurm-local.sh stop     stop the daemons this script started (by their pid files)
 #   scripts/slurm-local.sh status   exit 0 when the cluster answers and the node is up
+#   scripts/slurm-local.sh cron     install (apt-get) and start Debian's cron, for crontab entries
+#                                   (Debian's slurm-client 22.05 ships no `scrontab` binary)
 #
 # The cluster: one partition `debug` (default) with this host's cores and memory (`slurmd -C`),
 # select/cons_tres with CR_Core_Memory (jobs ask for cores and memory, DefMemPerCPU = memory per
@@ -45,7 +47,27 @@ stop_pidfile() {  # stop_pidfile NAME PIDFILE
   rm -f "$2"
 }
 
+cmd_cron() {
+  if ! command -v cron >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || die "cron is missing; installing it needs root"
+    say "installing cron (apt-get)"
+    mkdir -p "$STATE"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cron; } \
+        >"$STATE/apt-cron.log" 2>&1; then
+      die "apt-get install cron failed: $(grep -v '^\s*$' "$STATE/apt-cron.log" | tail -1)"
+    fi
+  fi
+  if alive /run/crond.pid; then echo "[slurm-local] cron is running (pid $(cat /run/crond.pid))"; return 0; fi
+  local out
+  out=$(/usr/sbin/cron 2>&1) || die "cron could not start: $(echo "$out" | tail -1)"
+  for _ in $(seq 25); do alive /run/crond.pid && break; sleep 0.2; done
+  alive /run/crond.pid || die "cron exited at start"
+  mkdir -p "$STATE" && cp /run/crond.pid "$STATE/cron.pid"
+  echo "[slurm-local] cron started (pid $(cat /run/crond.pid))"
+}
+
 cmd_stop() {
+  stop_pidfile cron "$STATE/cron.pid"
   stop_pidfile slurmd "$STATE/slurmd.pid"
   stop_pidfile slurmctld "$STATE/slurmctld.pid"
   stop_pidfile munged "$STATE/munged.pid"
@@ -216,5 +238,6 @@ case "${1:-start}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  *) die "unknown subcommand ${1} (start, stop, status)" ;;
+  cron) cmd_cron ;;
+  *) die "unknown subcommand ${1} (start, stop, status, cron)" ;;
 esac

@@ -320,6 +320,6 @@ def test_cli_limit_options_bad_input(argv, message, capsys, tmp_path):
 
 def test_submitit_executor_runs_the_same_worker(tmp_path):
     df = eb.run([tiny("baseline", **SMALL)], results_dir=tmp_path, run_name="s", executor="submitit",
-                progress=False, timeout=300)
+                progress=False, timeout=300, executor_options={"cluster": "local"})  # Slurm: tests/test_slurm.py
     assert (df["status"] == "ok").all() and set(df["executor"]) == {"submitit:local"}
     assert "test.mse" in set(df["metric"]) and set(df["environment"]) == {"main"}

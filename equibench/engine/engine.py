@@ -51,6 +51,7 @@ from .executors import Executor, make_executor
 from .jobs import EXIT_STORAGE, Job, job_id
 from .launch import Limits, Outcome
 from .lock import exclusive
+from .slurm import interrupted
 
 LOCK_FILE = ".lock"
 POINTS_FILE = "points.json"
@@ -154,13 +155,14 @@ class Engine:
 
     # ---- rows -------------------------------------------------------------------------
     def record(self, point: Point, rows: list[Row], *, wall_s: float, env: Environment | None,
-               versions: dict[str, str] | None = None) -> None:
+               versions: dict[str, str] | None = None, scheduler: dict[str, Any] | None = None) -> None:
         """Append ``rows`` of ``point`` as one block, stamped by the one writer
-        (``results.rows.point_record``: identity, run-level columns, units, schema version)."""
+        (``results.rows.point_record``: identity, run-level columns, units, schema version);
+        ``scheduler``: the Slurm ids of the task that ran it (``Job.scheduler``)."""
         run = RunColumns(run_id=self.run_dir.name, spec_hash=point.hash, bench=point.bench, git_commit=git_commit(),
                          versions=versions if versions is not None else (env.versions if env is not None else {}),
                          environment=env.id if env is not None else "main", executor=self.executor.name,
-                         wall_s=wall_s)
+                         wall_s=wall_s, **(scheduler or {}))
         block = point_record(point.identity, rows, run).rows()
         self.describe(point, block)
         out = self.records.append(block)
@@ -170,8 +172,8 @@ class Engine:
             self.bar.update(1)
 
     def fail(self, point: Point, status: Status, error: str, *, wall_s: float = 0.0, env: Environment | None = None,
-             **extra: Any) -> None:
-        self.record(point, [status_row(status, error, **extra)], wall_s=wall_s, env=env)
+             scheduler: dict[str, Any] | None = None, **extra: Any) -> None:
+        self.record(point, [status_row(status, error, **extra)], wall_s=wall_s, env=env, scheduler=scheduler)
 
     def harvest(self, job: Job) -> None:
         """Record every result the job's worker has finished so far, in order."""
@@ -184,7 +186,7 @@ class Engine:
             start = self.clock.get(job.id) or job.launched or res["started"]
             self.clock[job.id] = res["finished"]
             self.record(p, res["rows"], wall_s=res["finished"] - start, env=self._env_of(job),
-                        versions=res.get("versions"))
+                        versions=res.get("versions"), scheduler=job.scheduler)
 
     # ---- jobs -------------------------------------------------------------------------
     def environment(self, point: Point) -> Environment | EnvBuildError:
@@ -223,12 +225,15 @@ class Engine:
         extra: dict[str, Any] = {"exit_code": outcome.returncode, "exit_signal": outcome.signal,
                                  "peak_rss_bytes": outcome.peak_rss}
         if outcome.killed_for == Status.OUT_OF_MEMORY:
-            extra["max_memory_bytes"] = self.limits.max_memory
+            extra["max_memory_bytes"] = outcome.max_memory or self.limits.max_memory
+        if outcome.slurm_state:
+            extra["slurm_state"] = outcome.slurm_state
         if outcome.returncode == 0 and outcome.killed_for is None:
             error = "worker ended without a result" + (f": {outcome.log_tail}" if outcome.log_tail else "")
         else:
             error = outcome.describe(self.limits)
-        self.fail(point, outcome.killed_for or Status.FAILED, error, wall_s=time.time() - start, env=env, **extra)
+        self.fail(point, outcome.killed_for or Status.FAILED, error, wall_s=time.time() - start, env=env,
+                  scheduler=job.scheduler, **extra)
         return left[1:]
 
     def run(self, units: list[Unit]) -> None:
@@ -320,12 +325,13 @@ def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executo
     with storage_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(run_dir / LOCK_FILE, f"run directory {run_dir}", wait=wait):
+        ex.prepare()  # a killed runner's Slurm tasks: cancelled and gone before work/ is cleared
         shutil.rmtree(run_dir / "work", ignore_errors=True)  # left by a killed runner (we hold the lock)
         if not (run_dir / "env.json").exists():
             write_json_atomic(run_dir / "env.json", env_info())
         write_points(run_dir, points)
         records = (records if records is not None and records.path == run_dir else RunRecords(run_dir)).refresh()
-        done = {r["spec_hash"] for r in records.rows}
+        done = {r["spec_hash"] for r in records.rows} - interrupted(records.rows)  # cancelled on Slurm: again
         pending = {p.hash for p in points} - done
         engine = Engine(records, ex, limits, plugin_paths, progress, len(pending))
         for p in points:  # recorded before this invocation (or before cards): describe them once

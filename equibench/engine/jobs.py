@@ -54,6 +54,9 @@ class Job:
     versions: dict[str, str] = field(default_factory=dict)
     #: when the executor started it (unix time; None when unknown, e.g. queued on Slurm)
     launched: float | None = None
+    #: the scheduler's ids of the task that ran it, stamped on its points' rows (Slurm:
+    #: ``slurm_job_id``, ``slurm_array_task_id``; empty for local workers)
+    scheduler: dict[str, Any] = field(default_factory=dict)
 
     @property
     def job_file(self) -> Path:

@@ -18,6 +18,7 @@ happens to be the current folder). While it runs, a few times a second:
 Waiting uses a pidfd where the kernel has one, so a worker's end is seen at once. The outcome
 carries the exit code, the signal's name, the peak RSS (polled, and the kernel's ``ru_maxrss``
 of the reaped worker) and the last meaningful lines of the log (progress-bar fragments dropped).
+``submitit_job`` is what a submitit task (a Slurm array task) runs: ``run_worker`` on the node.
 """
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ class Limits:
         return cls(max_memory=mem, timeout=None if timeout is None else float(timeout))
 
 POLL_S = 0.2
+#: resident memory kept for a submitit task itself when its worker's limit comes from ``mem_gb``
+TASK_RESERVE = 64 * 2**20
 #: seconds a worker may take to start (imports, plugins) on top of the first point's timeout
 STARTUP_GRACE_S = 60.0
 _BAR = re.compile(r"\d+%\|.*\||\|[#█▏▎▍▌▋▊▉ ]+\||\d+/\d+ \[\d")
@@ -110,7 +113,10 @@ _BAR = re.compile(r"\d+%\|.*\||\|[#█▏▎▍▌▋▊▉ ]+\||\d+/\d+ \[\d")
 @dataclass
 class Outcome:
     """How a worker ended. ``killed_for``: None, or the status of the limit it was killed for
-    (``Status.OUT_OF_MEMORY``, ``Status.TIMEOUT``)."""
+    (``Status.OUT_OF_MEMORY``, ``Status.TIMEOUT``). ``reason``: the failed row's text when the one
+    who watched the worker knows better than ``describe`` (a Slurm task: its own memory limit, a
+    cancellation, the scheduler's time limit); ``max_memory``: the limit the worker ran under when
+    it is not the runner's (bytes)."""
 
     returncode: int | None
     signal: str | None
@@ -119,9 +125,15 @@ class Outcome:
     elapsed: float
     log_tail: str
     current: str | None
+    reason: str = ""
+    max_memory: int | None = None
+    #: a Slurm task's final state (``slurm.py``), stamped on the failed row as ``slurm_state``
+    slurm_state: str | None = None
 
     def describe(self, limits: Limits) -> str:
         """One line for a failed row of the point the worker was on."""
+        if self.reason:
+            return self.reason
         if self.killed_for == Status.OUT_OF_MEMORY:
             return (f"out of memory: peak RSS {format_size(self.peak_rss)} over the limit "
                     f"{format_size(limits.max_memory)} (worker killed)")
@@ -360,3 +372,31 @@ def watch(worker: Watched, out_dir: str | os.PathLike, log: str | os.PathLike, l
     return Outcome(returncode=code, signal=sig, peak_rss=max(peak, maxrss), killed_for=killed_for,
                    elapsed=time.monotonic() - started, current=current,
                    log_tail=f"{ending}: {tail}" if ending and tail else ending or tail)
+
+
+def submitit_job(python: str, job_file: str, out_dir: str, log: str, limits: dict[str, Any],
+                 mem_bytes: int | None = None) -> dict[str, Any]:
+    """What one submitit task runs (module-level so submitit can pickle it, in this module so the
+    task imports neither torch nor the rest of equibench): the worker command, ``run_worker``.
+
+    On Slurm, submitit's early warning before the time limit (``SIGUSR2``) is ignored here and, the
+    disposition being inherited, by the worker: the point runs until Slurm's own limit (its row then
+    says ``timeout``) instead of being stopped as if preempted. torch's threads default to the task's
+    CPUs (``SLURM_CPUS_PER_TASK``). With ``mem_bytes`` (``mem_gb``), the worker's process tree is
+    held to ``mem_bytes`` less this task's own resident memory and ``TASK_RESERVE`` (or the runner's
+    ``--max-memory`` when lower): without cgroups its own watcher stops it first, an ``out_of_memory``
+    row, where slurmstepd's sampler would kill the whole task."""
+    if hasattr(signal, "SIGUSR2"):
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
+    lim, capped = Limits(**limits), False
+    if mem_bytes:
+        cap = max(1, mem_bytes - psutil.Process().memory_info().rss - TASK_RESERVE)
+        if lim.max_memory is None or cap < lim.max_memory:
+            lim, capped = Limits(max_memory=cap, timeout=lim.timeout), True
+    out = run_worker(python, job_file, out_dir, log, lim)
+    if capped and mem_bytes and out.killed_for == Status.OUT_OF_MEMORY:
+        out.reason = f"{out.describe(lim)}: the Slurm task's mem_gb ({mem_bytes / 2**30:g} GiB) less its own memory"
+    out.max_memory = lim.max_memory
+    return out.to_dict()

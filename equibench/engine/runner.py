@@ -38,6 +38,7 @@ from ..plan.tuned import Selection, extension_settings, select_settings
 from ..results.status import FAILURES
 from ..results.store import RECORDS, RunRecords, check_writable, storage_errors, write_json_atomic
 from .engine import run_benches
+from .executors import check_executor
 
 Suite = str | os.PathLike | Sequence[RunSpec]
 SUITE_FILE = "suite.json"
@@ -118,6 +119,7 @@ def run_suite(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "result
         load_plugin(p)
     options: dict[str, Any] = dict(executor=executor, isolate=isolate, timeout=timeout, max_memory=max_memory,
                                    wait=wait, plugins=plugins, progress=progress, executor_options=executor_options)
+    check_executor(executor, executor_options)  # bad executor options: nothing written
     overrides: dict[str, Any] = {"task_options": task_options, "method_options": method_options}
     suite = suites.read_suite(suite_or_runspecs) if isinstance(suite_or_runspecs, (str, os.PathLike)) else None
     cfg = suites.tuning_config(suite) if suite is not None else None

@@ -8,7 +8,8 @@
 * ``status_row``: the status-only row of a point that did not run to an end (the engine's crash,
   kill, time-out, out-of-memory kill and environment failures);
 * ``point_record``: a point's rows with its identity and the run-level columns (``RunColumns``:
-  run id, spec hash, bench, commit, package versions, environment, executor, wall time), each
+  run id, spec hash, bench, commit, package versions, environment, executor, wall time; on Slurm
+  the array job and task ids), each
   measurement's unit from the metric catalogue, and ``schema_version``, validated against
   ``schema.PointRecord``. Rows that do not fit the schema become one ``failed`` row naming why,
   so a bench's bug costs its point, not the run. A measurement row a bench marks as not measured
@@ -42,6 +43,8 @@ _NOT_MEASURED: dict[type[PointNotMeasured], Status] = {NotApplicable: Status.NOT
 #: the column of a measurement row not measured by design: ``NotApplicable.__name__`` or
 #: ``Skipped.__name__`` (layers below this one cannot spell a ``Status``)
 NOT_MEASURED = "not_measured"
+#: run-level columns only some executors fill (left off the rows where they are None)
+OPTIONAL_RUN_COLUMNS = ("slurm_job_id", "slurm_array_task_id")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class RunColumns:
     environment: str
     executor: str
     wall_s: float
+    #: ``submitit:slurm``: the array job and the array task that ran the point (absent elsewhere)
+    slurm_job_id: str | None = None
+    slurm_array_task_id: int | None = None
 
 
 def now() -> str:
@@ -122,7 +128,8 @@ def point_record(identity: Row, rows: list[Row], run: RunColumns) -> PointRecord
     rejects, is recorded as one ``failed`` row saying so."""
     if not rows:
         rows = [status_row(Status.FAILED, f"{run.bench} produced no rows")]
-    cols = {**asdict(run), "schema_version": SCHEMA_VERSION}
+    cols = {**{k: v for k, v in asdict(run).items() if v is not None or k not in OPTIONAL_RUN_COLUMNS},
+            "schema_version": SCHEMA_VERSION}
     try:
         measured = [_plain({**identity, **_measurement_status(r), **cols}) for r in rows]
         for m in measured:

@@ -61,6 +61,15 @@ class PointColumns(_Columns):
                                     "ran in")
     executor: str | None = Field(None, description="which executor ran the point: `local` (worker processes), "
                                  "`inline` (in the runner, `--no-isolate`) or `submitit:<cluster>`")
+    slurm_job_id: str | None = Field(None, description="`submitit:slurm` rows: the Slurm array job that ran the "
+                                     "point (`scontrol show job <id>_<task>`)")
+    slurm_array_task_id: int | None = Field(None, description="`submitit:slurm` rows: the array task (index) that ran "
+                                            "the point (absent when the wave was one job: submitit then submits a "
+                                            "plain job)")
+    slurm_state: str | None = Field(None, description="failure rows of `submitit:slurm`: the array task's final Slurm "
+                                    "state (`CANCELLED`, `TIMEOUT`, `OUT_OF_MEMORY`, `FAILED`, ...; `GONE`: it left "
+                                    "the queue unseen); a point that ended `CANCELLED`, `NODE_FAIL`, `PREEMPTED`, "
+                                    "`BOOT_FAIL` or `GONE` is run again by `--resume`")
     implementation: str | None = Field(None, description="which code produced the row: `equibench <version>` or "
                                        "the wrapped library and its version")
     wall_s: float | None = Field(None, description="how long the point took end to end (s)")

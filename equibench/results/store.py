@@ -206,13 +206,16 @@ def read_points(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> list
 
 
 def point_statuses(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> dict[str, Status]:
-    """Each recorded point's outcome (by ``spec_hash``): the worst status among its rows
-    (``status.worst``: a failure over ``ok`` over ``not_applicable`` / ``skipped``); from
-    ``rows`` when the caller has read them already."""
-    by_point: dict[str, list[object]] = {}
+    """Each recorded point's outcome (by ``spec_hash``): the worst status among the rows of its
+    block (``status.worst``: a failure over ``ok`` over ``not_applicable`` / ``skipped``); a point
+    recorded twice (a cancelled Slurm task run again by ``--resume``) counts by the block the
+    tables keep (``merge_runs``: a finished one over a failed one, then the newest); from ``rows``
+    when the caller has read them already."""
+    by_point: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in read_records(run_dir) if rows is None else rows:
-        by_point.setdefault(str(r.get("spec_hash")), []).append(r.get("status"))
-    return {h: worst(statuses) for h, statuses in by_point.items()}
+        by_point.setdefault(str(r.get("spec_hash")), {}).setdefault(str(r.get("block")), []).append(r)
+    return {h: worst([r.get("status") for r in max(blocks.values(), key=_finished)])
+            for h, blocks in by_point.items()}
 
 
 def completed_specs(run_dir: Path) -> set[str]:
