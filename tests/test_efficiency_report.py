@@ -236,3 +236,23 @@ def test_the_full_report_shows_both_sections(tmp_path):
     assert "b = -0.500" not in data and "| -0.500 |" in data  # the exponents table
     compute = md.split("Compute efficiency: t")[1]
     assert "Best at each training-FLOP budget" in compute and "Best at each training-time budget" in compute
+
+
+def test_a_method_that_never_converged_at_two_sizes_is_fitted_over_all_its_runs_and_marked(tmp_path):
+    """Every run of egnn stopped by its cap: no converged fit exists, so the fit uses all its runs,
+    counts them as capped, and the fit table and legend say so."""
+    runs = sweep_rows({"baseline": (2.0, -0.3, False)})
+    runs += [run_rows("egnn", n, seed, 0.5 * n ** -0.4, exact=True, convergence="cap_reached", flops=1e9 * n)
+             for n in SIZES for seed in (0, 1, 2)]
+    df = frame(runs)
+    sweep = size_sweep("t", df)
+    assert sweep is not None
+    fit, left_out = method_fits(sweep)["egnn"]
+    assert fit is not None and fit.capped == 3 * len(SIZES) and left_out == 0 and abs(fit.b + 0.4) < 1e-9
+    base, base_left = method_fits(sweep)["baseline"]
+    assert base is not None and base.capped == 0 and base_left == 0
+    data, _ = efficiency_sections(df, tmp_path)
+    table = data["tables"][0][1]
+    assert f"{3 * len(SIZES)} capped runs in the fit" in table.loc["egnn", "unconverged left out"]
+    assert "marked ⚠ capped" in data["figures"][0][1]
+    assert table.loc["baseline", "unconverged left out"] == "0"

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,7 @@ class PowerLaw:
     a: float
     n: int
     sizes: tuple[float, ...]
+    capped: int = 0  # unconverged runs in the fit (a method without converged runs at two sizes)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -255,12 +256,21 @@ def fit_power_law(sizes: Sequence[float], errors: Sequence[float], level: float 
 
 
 def method_fits(sweep: SizeSweep) -> dict[str, tuple[PowerLaw | None, int]]:
-    """Per method: its power law over its converged runs and the number of unconverged runs left out."""
-    out = {}
+    """Per method: its power law over its converged runs and the number of unconverged runs left out.
+    A method whose converged runs cover fewer than two sizes (every run stopped by its cap) is fitted
+    over all its runs instead, with ``capped`` = the unconverged runs in the fit: the exponent of
+    the capped budget, which the table and legend mark."""
+    out: dict[str, tuple[PowerLaw | None, int]] = {}
     for method in sweep.methods:
         mine = [p for p in sweep.points if p.method == method]
         used = [p for p in mine if p.converged]
-        out[method] = (fit_power_law([p.size for p in used], [p.error for p in used]), len(mine) - len(used))
+        fit = fit_power_law([p.size for p in used], [p.error for p in used])
+        if fit is None and len(used) < len(mine):
+            fit = fit_power_law([p.size for p in mine], [p.error for p in mine])
+            if fit is not None:
+                out[method] = (replace(fit, capped=len(mine) - len(used)), 0)
+                continue
+        out[method] = (fit, len(mine) - len(used))
     return out
 
 
@@ -527,7 +537,7 @@ def _series(sweep: SizeSweep, fits: Mapping[str, tuple[PowerLaw | None, int]]) -
         label = method
         if fit is not None:
             label += f": b = {fit.b:.2f}" + (f" [{fit.interval[0]:.2f}, {fit.interval[1]:.2f}]"
-                                             if np.isfinite(fit.half) else "")
+                                             if np.isfinite(fit.half) else "") + (" ⚠ capped" if fit.capped else "")
         out.append(plots.SizeSeries(label, np.array(sizes), means, np.maximum(means - half, floor), means + half,
                                     np.array([(method, s) in bad for s in sizes]),
                                     (fit.a, fit.b, min(fit.sizes), max(fit.sizes)) if fit is not None else None))
@@ -544,7 +554,8 @@ def _fit_table(sweep: SizeSweep, fits: Mapping[str, tuple[PowerLaw | None, int]]
                         "a": f"{fit.a:.3g}" if fit is not None else fmt.MISSING,
                         "sizes used": ", ".join(_n(s) for s in fit.sizes) if fit is not None else fmt.MISSING,
                         "n points": str(fit.n) if fit is not None else "0",
-                        "unconverged left out": str(left_out)}
+                        "unconverged left out": str(left_out) if fit is None or not fit.capped
+                        else f"0 (⚠ {fit.capped} capped runs in the fit: no two sizes converged)"}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "method"
     return table
@@ -579,7 +590,9 @@ def data_section(sweep: SizeSweep, out: Path, ctx: str) -> Section:
     sentences = crossover_sentences(sweep.values(), sweep.exact(), bad)
     hollow = (" Hollow markers: at least one seed did not converge there (" + "; ".join(
         f"{m} at N = {_n(s)}, seed {', '.join(map(str, seeds))}" for (m, s), seeds in sorted(bad.items()))
-        + "); segments touching them are dotted, and the fits leave these runs out." if bad else "")
+        + "); segments touching them are dotted, and the fits leave these runs out (a method converged at fewer "
+        "than two sizes is fitted over all its runs, marked ⚠ capped: the exponent at the capped budget)."
+        if bad else "")
     caption = (f"Test {sweep.error_label} against training-set size N (log-log), one line per method: mean over "
                f"seeds, bars = 95 % t-interval (a lower end at or below zero is cut at the axis); dashed: the fitted "
                f"power law error ≈ a·N^b over the sizes it used, exponent b and its 95 % interval in the legend."
