@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up (idempotent), then run the test suite. `scripts/test.sh --slow` also runs slow tests.
+# Set up (idempotent), then run the test suite. `scripts/test.sh --slow` also runs slow tests;
+# `scripts/test.sh --slurm` also runs the Slurm tests (tests/test_slurm.py, marker `slurm`) against the
+# single-node cluster of scripts/slurm-local.sh, started first (Debian's slurm-wlm; needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -14,7 +16,21 @@ fi
 # figures in tests are never asserted as timings)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ARGS=()
+SLOW=0
+SLURM=0
 for a in "$@"; do
-  if [ "$a" = "--slow" ]; then ARGS+=(-m "slow or not slow"); else ARGS+=("$a"); fi
+  case "$a" in
+    --slow) SLOW=1 ;;
+    --slurm) SLURM=1 ;;
+    *) ARGS+=("$a") ;;
+  esac
 done
+# without either flag pyproject's addopts deselects both (-m 'not slow and not slurm')
+if [ "$SLOW" = 1 ] && [ "$SLURM" = 1 ]; then ARGS=(-m "slow or not slow" "${ARGS[@]}")
+elif [ "$SLOW" = 1 ]; then ARGS=(-m "not slurm" "${ARGS[@]}")
+elif [ "$SLURM" = 1 ]; then ARGS=(-m "not slow" "${ARGS[@]}")
+fi
+if [ "$SLURM" = 1 ]; then
+  scripts/slurm-local.sh
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "${ARGS[@]}"

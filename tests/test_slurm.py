@@ -354,4 +354,6 @@ def test_nightly_from_a_schedule_appends_to_the_history(cluster, tmp_path):
     _wait_for("the nightly history entry", in_history, timeout=300, every=2)
     rows = read_records(res / "nightly-scheduled")
     assert {r["executor"] for r in rows} == {"submitit:slurm"} and all(r["slurm_job_id"] for r in rows)
-    assert "points: 3 ok" in log.read_text()
+    last = _wait_for("the nightly's last line", lambda: [ln for ln in log.read_text().splitlines()
+                                                        if ln.startswith("points:")], timeout=120)
+    assert last == ["points: 3 ok (exit 0)"]
