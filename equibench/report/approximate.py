@@ -49,7 +49,7 @@ from ..results.status import Status  # noqa: E402
 from .common import fmt  # noqa: E402
 from .common.metricinfo import spec_for  # noqa: E402
 from .common.render import Section, slug  # noqa: E402
-from .common.tables import training_line  # noqa: E402
+from .common.tables import options_of, training_line  # noqa: E402
 from .verdicts import ALPHA, better, task_metric, welch_p  # noqa: E402
 
 FIELD = "field"  # the swept task option
@@ -58,21 +58,12 @@ EQ_STAT = "rel_mean"
 FLOOR = 1e-17  # plotted in place of a zero equivariance error (log axis)
 
 
-def _options(v: Any) -> dict[str, Any]:
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except ValueError:
-            return {}
-    return v if isinstance(v, dict) else {}
-
-
 def variant_labels(runs: pd.DataFrame) -> pd.Series:
     """A label per run (row of ``runs``: columns ``method``, ``method_options``): the method
     name, followed by the options that differ among that method's runs and are set in this run
     (``k=v``, sorted), so that two variants of one method get two labels and a method run one way
     keeps its name."""
-    opts = list(runs["method_options"].map(_options))
+    opts = list(runs["method_options"].map(options_of))
     methods = [str(m) for m in runs["method"]]
     varying: dict[str, list[str]] = {}
     for method in set(methods):
@@ -92,7 +83,7 @@ def field_runs(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty or "task_options" not in df:
         return df.iloc[0:0]
     ok = df[(df["status"] == Status.OK) & df["value"].notna()].copy()
-    fields = ok["task_options"].map(lambda o: _options(o).get(FIELD))
+    fields = ok["task_options"].map(lambda o: options_of(o).get(FIELD))
     ok = ok[fields.notna()].copy()
     if ok.empty:
         return ok
@@ -113,7 +104,7 @@ def values_by(rows: pd.DataFrame, metric: str) -> dict[str, dict[float, list[flo
 def exact_without_input(rows: pd.DataFrame) -> set[str]:
     """Labels of the runs that claim exactness and take no symmetry-breaking input."""
     claims = rows.get("exact_claim", pd.Series(False, index=rows.index)).fillna(False).astype(bool)
-    inputs = rows["method_options"].map(lambda o: bool(_options(o).get(INPUT_OPTION))) \
+    inputs = rows["method_options"].map(lambda o: bool(options_of(o).get(INPUT_OPTION))) \
         if "method_options" in rows else pd.Series(False, index=rows.index)
     exact = rows[claims & ~inputs]["label"]
     mixed = set(rows[~(claims & ~inputs)]["label"])

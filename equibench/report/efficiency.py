@@ -49,7 +49,6 @@ FLOP count (missing, NaN or 0) is left out of the FLOPs panel and named.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,7 +66,7 @@ from ..results.store import upgrade_frame
 from .common import fmt, plots
 from .common.metricinfo import spec_for
 from .common.render import Section, slug
-from .common.tables import context_line, options_key
+from .common.tables import context_line, options_key, options_of
 from .verdicts import ALPHA, LEVEL, NOT_CONVERGED, t_interval, task_metric, welch_p
 
 SIZE = "train_size"  # the swept task option
@@ -134,15 +133,6 @@ class SizeSweep:
         return {m for m, claims in by.items() if all(claims)}
 
 
-def _options(v: Any) -> dict[str, Any]:
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except ValueError:
-            return {}
-    return v if isinstance(v, dict) else {}
-
-
 def _size(v: Any) -> float | None:
     try:
         out = float(v)
@@ -185,7 +175,7 @@ def size_sweep(task: str, df: pd.DataFrame, cards: RunCards | None = None) -> Si
     ok = df[(df["bench"] == TaskBench.kind) & (df["status"] == Status.OK)]
     if ok.empty:
         return None
-    opts = ok["task_options"].map(_options)
+    opts = ok["task_options"].map(options_of)
     sizes = opts.map(lambda o: _size(o.get(SIZE)))
     rest = opts.map(lambda o: options_key({k: v for k, v in o.items() if k != SIZE}))
     ok = ok.assign(_size=sizes, _rest=rest)[sizes.notna()]

@@ -47,6 +47,17 @@ LIE_COLUMN = lie_metric("trained", "rel_mean")
 IMAGE_LIE_COLUMN = image_lie_metric("trained", "rotation", "rel_mean")
 
 
+def options_of(v: Any) -> dict[str, Any]:
+    """A row's ``task_options`` / ``method_options`` as a dict (rows read back from Parquet may hold
+    them as JSON text; anything else is no options)."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return {}
+    return v if isinstance(v, dict) else {}
+
+
 def seed_table(df: pd.DataFrame, index: str = "method") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(aggregate over seeds, std over seeds) of every metric of the ok rows; index = ``index``,
     columns = metric. Each metric aggregates as its catalogue spec says (mean, max, ...)."""
