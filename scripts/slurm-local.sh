@@ -7,8 +7,10 @@
 #                                   and slurmd, wait until `sinfo` shows the node idle
 #   scripts/slurm-local.sh stop     stop the daemons this script started (by their pid files)
 #   scripts/slurm-local.sh status   exit 0 when the cluster answers and the node is up
+#   scripts/slurm-local.sh scrontab build Slurm's `scrontab` client, which Debian's slurm-client 22.05
+#                                   does not ship (slurmctld supports it), from Debian's source of the
+#                                   installed version (apt-get source; gcc; ~30 s) into /usr/local/bin
 #   scripts/slurm-local.sh cron     install (apt-get) and start Debian's cron, for crontab entries
-#                                   (Debian's slurm-client 22.05 ships no `scrontab` binary)
 #
 # The cluster: one partition `debug` (default) with this host's cores and memory (`slurmd -C`),
 # select/cons_tres with CR_Core_Memory (jobs ask for cores and memory, DefMemPerCPU = memory per
@@ -45,6 +47,55 @@ stop_pidfile() {  # stop_pidfile NAME PIDFILE
     say "stopped $1 (pid $pid)"
   fi
   rm -f "$2"
+}
+
+apt_source() {  # apt_source DIR PACKAGE=VERSION: download and unpack a Debian source package into DIR/src
+  local dir=$1 pkg=$2 opts
+  mkdir -p "$dir/lists/partial"
+  # deb-src lines of their own (the machine's sources.list is left alone)
+  printf 'deb-src http://deb.debian.org/debian %s main\ndeb-src http://deb.debian.org/debian-security %s-security main\n' \
+    "$(. /etc/os-release && echo "$VERSION_CODENAME")" "$(. /etc/os-release && echo "$VERSION_CODENAME")" >"$dir/src.list"
+  opts=(-o "Dir::Etc::SourceList=$dir/src.list" -o Dir::Etc::SourceParts=/nonexistent -o "Dir::State::Lists=$dir/lists")
+  apt-get "${opts[@]}" update -qq >"$dir/apt.log" 2>&1 || die "apt-get update (deb-src) failed: $(tail -1 "$dir/apt.log")"
+  (cd "$dir" && apt-get "${opts[@]}" source --download-only "$pkg" >>"$dir/apt.log" 2>&1) \
+    || die "apt-get source $pkg failed: $(tail -1 "$dir/apt.log")"
+  rm -rf "$dir/src"
+  dpkg-source -x "$dir"/*.dsc "$dir/src" >>"$dir/apt.log" 2>&1 || die "dpkg-source could not unpack $pkg"
+}
+
+cmd_scrontab() {
+  if command -v scrontab >/dev/null 2>&1; then echo "[slurm-local] scrontab: $(command -v scrontab)"; return 0; fi
+  [ "$(id -u)" -eq 0 ] || die "building scrontab needs root (apt-get, /usr/local/bin)"
+  command -v slurmctld >/dev/null 2>&1 || die "Slurm is not installed: run scripts/slurm-local.sh first"
+  local missing=() version dir lib
+  for c in gcc ld objcopy dpkg-source; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing gcc, binutils, dpkg-dev (apt-get) to build scrontab"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev binutils dpkg-dev \
+      >"$STATE/apt-build.log" 2>&1 || die "apt-get install gcc binutils dpkg-dev failed: $(tail -1 "$STATE/apt-build.log")"
+  fi
+  version=$(dpkg-query -W -f='${Version}' slurm-client 2>/dev/null) || die "slurm-client is not installed"
+  dir="$STATE/scrontab-build"
+  rm -rf "$dir"
+  say "building scrontab from Debian's source of slurm-wlm $version"
+  apt_source "$dir" "slurm-wlm=$version"
+  (cd "$dir/src" && ./configure --prefix=/usr --sysconfdir=/etc/slurm --without-munge >"$dir/configure.log" 2>&1) \
+    || die "configure failed: $(tail -1 "$dir/configure.log")"
+  lib=/usr/lib/x86_64-linux-gnu/slurm-wlm
+  [ -e "$lib/libslurmfull.so" ] || lib=$(dirname "$(find /usr/lib -name libslurmfull.so 2>/dev/null | head -1)")
+  (
+    cd "$dir/src/src/scrontab"
+    for f in default_crontab usage; do  # the texts scrontab prints, linked in as data (as upstream's make does)
+      ld -r -o "$f.bino" -z noexecstack --format=binary "$f.txt"
+      objcopy --rename-section .data=.rodata,alloc,load,readonly,data,contents "$f.bino"
+    done
+    gcc -O2 -DHAVE_CONFIG_H -I../.. -I../../slurm -c env.c opt.c parse.c scrontab.c
+    gcc -o scrontab env.o opt.o parse.o scrontab.o default_crontab.bino usage.bino -L"$lib" -lslurmfull \
+      -Wl,-rpath="$lib" -lpthread -ldl
+  ) >"$dir/build.log" 2>&1 || die "compiling scrontab failed: $(grep -m1 -i error "$dir/build.log" || tail -1 "$dir/build.log")"
+  install -m 0755 "$dir/src/src/scrontab/scrontab" /usr/local/bin/scrontab
+  rm -rf "$dir"
+  echo "[slurm-local] scrontab: /usr/local/bin/scrontab (slurm-wlm $version)"
 }
 
 cmd_cron() {
@@ -239,5 +290,6 @@ case "${1:-start}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   cron) cmd_cron ;;
-  *) die "unknown subcommand ${1} (start, stop, status, cron)" ;;
+  scrontab) cmd_scrontab ;;
+  *) die "unknown subcommand ${1} (start, stop, status, scrontab, cron)" ;;
 esac

@@ -319,28 +319,29 @@ def test_unknown_partition_is_one_line(cluster, tmp_path, capsys):
 
 
 @pytest.mark.slurm
-def test_nightly_from_a_schedule_appends_to_the_history(cluster, tmp_path):
-    """A scrontab entry (Slurm's cron) where ``scrontab`` exists, else a crontab entry (Debian's
-    slurm-client 22.05 has no scrontab binary; ``scripts/slurm-local.sh cron`` starts cron) that
-    fires within a minute runs ``equibench nightly smoke --executor submitit``; the history gains
-    the run. The previous table of entries is restored."""
-    res, log = tmp_path / "results", tmp_path / "nightly.log"
+@pytest.mark.parametrize("tool", ["scrontab", "crontab"])
+def test_nightly_from_a_schedule_appends_to_the_history(cluster, tool, tmp_path):
+    """A ``scrontab`` entry (Slurm's cron: the runner itself runs as a Slurm job) or a crontab entry
+    that fires within a minute runs ``equibench nightly smoke --executor submitit``; the history
+    gains the run. Debian's slurm-client 22.05 has no scrontab binary: ``scripts/slurm-local.sh
+    scrontab`` builds it from Debian's source; ``scripts/slurm-local.sh cron`` starts cron. The
+    previous table of entries is restored (a running job is not cancelled by that)."""
+    res, log, name = tmp_path / "results", tmp_path / "nightly.log", f"nightly-{tool}"
     command = (f"cd {ROOT} && OMP_NUM_THREADS=1 {ROOT / '.venv' / 'bin' / 'equibench'} nightly smoke "
                f"--executor submitit --executor-option partition={cluster} --results-dir {res} "
-               f"--reports-dir {tmp_path / 'reports'} --name nightly-scheduled --quiet >> {log} 2>&1")
-    tool = "scrontab" if shutil.which("scrontab") else "crontab"
-    if tool == "crontab":
-        started = subprocess.run([str(SCRIPT), "cron"], capture_output=True, text=True, timeout=600)
-        assert started.returncode == 0, started.stderr
+               f"--reports-dir {tmp_path / 'reports'} --name {name} --quiet >> {log} 2>&1")
+    ready = subprocess.run([str(SCRIPT), "scrontab" if tool == "scrontab" else "cron"], capture_output=True,
+                           text=True, timeout=900)
+    assert ready.returncode == 0, ready.stderr
     before = subprocess.run([tool, "-l"], capture_output=True, text=True)
     old = before.stdout if before.returncode == 0 else ""
-    entry = (f"#SCRON --partition={cluster} --time=30 --job-name=equibench-nightly\n" if tool == "scrontab" else "")
+    entry = f"#SCRON --partition={cluster} --time=30 --job-name=equibench-{name}\n" if tool == "scrontab" else ""
     entry += f"* * * * * {command}\n"
     table = tmp_path / "table"
     table.write_text(old + ("" if not old or old.endswith("\n") else "\n") + entry)
     try:
         subprocess.run([tool, str(table)], check=True, capture_output=True, text=True)
-        _wait_for("the scheduled nightly to start", lambda: (res / "nightly-scheduled").exists(), timeout=150)
+        _wait_for("the scheduled nightly to start", lambda: (res / name).exists(), timeout=150)
     finally:
         if old:
             (tmp_path / "old").write_text(old)
@@ -350,9 +351,9 @@ def test_nightly_from_a_schedule_appends_to_the_history(cluster, tmp_path):
 
     def in_history() -> bool:
         path = res / "history.parquet"
-        return path.exists() and "nightly-scheduled" in set(pd.read_parquet(path)["run_id"])
+        return path.exists() and name in set(pd.read_parquet(path)["run_id"])
     _wait_for("the nightly history entry", in_history, timeout=300, every=2)
-    rows = read_records(res / "nightly-scheduled")
+    rows = read_records(res / name)
     assert {r["executor"] for r in rows} == {"submitit:slurm"} and all(r["slurm_job_id"] for r in rows)
     last = _wait_for("the nightly's last line", lambda: [ln for ln in log.read_text().splitlines()
                                                         if ln.startswith("points:")], timeout=120)

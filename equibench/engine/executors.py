@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -224,10 +225,14 @@ class SubmititExecutor:
         pending = {t.job_id: (job, t) for job, t in zip(jobs, tasks)}
         ended_at: dict[str, float] = {}
         minutes = self.time_limit_min(jobs)
-        started, pause = time.monotonic(), 0.5
+        started, pause, failures = time.monotonic(), 0.5, 0
         try:
             while pending:
                 found = slurm.states(arrays)
+                failures = 0 if found is not None else failures + 1
+                if failures == 10:  # the controller is down or overloaded: keep waiting, say so once
+                    print("[equibench] squeue does not answer; still waiting for the Slurm tasks "
+                          f"{', '.join(arrays)} (Ctrl-C cancels them)", file=sys.stderr)
                 for jid, (job, task) in list(pending.items()):
                     state = None if found is None else found.get(jid)
                     if found is None or state in slurm.ACTIVE:
