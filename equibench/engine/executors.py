@@ -238,9 +238,11 @@ class SubmititExecutor:
                     if found is None or state in slurm.ACTIVE:
                         on_tick(job)
                         continue
-                    if state == "COMPLETED" and not task.paths.result_pickle.exists():
+                    if state in ("COMPLETED", None) and not task.paths.result_pickle.exists():
+                        # shared storage may show the result late; a task missing from one answer
+                        # may be a controller hiccup: give both a grace before reading the end
                         first = ended_at.setdefault(jid, time.monotonic())
-                        if time.monotonic() - first < RESULT_GRACE_S:
+                        if time.monotonic() - first < (RESULT_GRACE_S if state else 3 * pause):
                             continue
                     del pending[jid]
                     yield job, self._slurm_outcome(task, state, minutes)

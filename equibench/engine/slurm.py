@@ -119,7 +119,17 @@ def states(array_ids: Iterable[str]) -> dict[str, str] | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
-        return {} if "invalid job id" in out.stderr.lower() else None
+        if "invalid job id" not in out.stderr.lower():
+            return None
+        if len(ids) == 1:
+            return {}
+        merged: dict[str, str] = {}  # one id the controller has forgotten: ask for each alone
+        for one in ids:
+            part = states([one])
+            if part is None:
+                return None
+            merged.update(part)
+        return merged
     found: dict[str, str] = {}
     for line in out.stdout.splitlines():
         jid, _, state = line.strip().partition("|")
