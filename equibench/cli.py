@@ -251,14 +251,7 @@ def _assignment(text: str) -> tuple[str, str, object]:
     name, dot, key = left.strip().partition(".")
     if not (eq and dot and name and key.strip()):
         raise argparse.ArgumentTypeError(f"expected NAME.OPTION=VALUE (e.g. qm9.train_size=64), got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
-    return name, key.strip(), parsed
+    return name, key.strip(), _value(value)
 
 
 def _by_name(assignments: list[tuple[str, str, object]] | None) -> dict[str, dict[str, object]] | None:
@@ -274,14 +267,19 @@ def _executor_option(text: str) -> tuple[str, object]:
     key, eq, value = text.partition("=")
     if not (eq and key.strip()):
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. partition=gpu), got {text!r}")
+    parsed = _value(value)
+    return key.strip(), value if parsed is None else parsed
+
+
+def _value(text: str) -> object:
+    """A command-line value read as JSON, else YAML, else the text itself."""
     try:
-        parsed = json.loads(value)
+        return json.loads(text)
     except ValueError:
         try:
-            parsed = yaml.safe_load(value)
+            return yaml.safe_load(text)
         except yaml.YAMLError:
-            parsed = value
-    return key.strip(), value if parsed is None else parsed
+            return text
 
 
 def _executor_options(args: argparse.Namespace) -> dict | None:
