@@ -39,7 +39,7 @@ from ..results.status import Status
 from . import slurm
 from . import warm as warm_workers
 from .jobs import Job, read_job
-from .launch import STARTUP_GRACE_S, Limits, Outcome, run_worker, submitit_job, watch
+from .launch import STARTUP_GRACE_S, Limits, Outcome, log_tail, run_worker, submitit_job, watch
 from .worker import peak_rss, run_job
 
 OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -258,7 +258,7 @@ class SubmititExecutor:
     def _slurm_outcome(self, task: Any, state: str | None, minutes: int) -> Outcome:
         """The outcome of an ended Slurm task: the worker's (submitit's result file) unless Slurm
         ended it (cancelled, time limit, memory: ``slurm.ending``)."""
-        tail = slurm.log_tail(task.paths.stderr)
+        tail = log_tail(task.paths.stderr)
         end = slurm.ending(state, task.job_id, tail, minutes, self.mem_bytes)
         worker = _result(task) if task.paths.result_pickle.exists() else None
         if worker is not None and (end is None or (end[0] == Status.FAILED and state != "CANCELLED")):

@@ -209,18 +209,6 @@ def _active(array_ids: list[str]) -> set[str]:
                     "runner are still running")
 
 
-def log_tail(path: Path, n: int = 3, max_bytes: int = 32768) -> str:
-    """The last ``n`` non-empty lines of a task's log (``" / "``-joined)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return " / ".join(lines[-n:])
-
-
 def ending(state: str | None, task_id: str, stderr: str, time_limit_min: float,
            mem_bytes: int | None) -> tuple[Status, str] | None:
     """How a Slurm end that is not the worker's own reads on the point's row: (status, error
