@@ -33,24 +33,27 @@ product has. Implementations:
 Each Gaunt block equals a per-path constant times e3nn's path (both are the unique invariant
 in l1 x l2 x l3); ``gaunt_path_constants`` finds the constants by probing both with basis
 vectors, and ``e3nn_equivalent`` builds the e3nn product with the Gaunt weights, so agreement is
-checked on the benchmark's own inputs.
+checked on the benchmark's own inputs. The product and these helpers live in ``methods.blocks.gaunt``
+(shared with ``e3nn_nequip``'s ``tensor_product: gaunt``).
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from e3nn import o3
 from pydantic import model_validator
 from torch import nn
 from torch_geometric.data import Data
 
 from ..core.config import Config
 from ..core.errors import NotApplicable, Skipped, UserError
+from ..methods.blocks.gaunt import CHANNEL_MODES, GauntTensorProduct, e3nn_equivalent, e3nn_tp, gaunt_paths, sh_irreps
+from ..methods.blocks.gaunt import from_channels as from_channels  # re-exported (the product's layouts)
+from ..methods.blocks.gaunt import gaunt_path_constants as gaunt_path_constants
+from ..methods.blocks.gaunt import to_channels as to_channels
 from ..metrics.catalogue import tp_bench_metric
 from ..metrics.throughput import count_flops, make_step, measure_throughput
 from ..symmetry.precision import default_dtype, dtype_name, parse_dtype
@@ -59,164 +62,7 @@ from .base import Bench, Point, register_bench, stable_hash
 IMPLS = ("e3nn", "e3nn_compiled", "gaunt", "gaunt_compiled", "cuet", "openequivariance")
 #: implementations whose custom kernels the FLOP counter cannot see (no ``flops`` row)
 UNCOUNTED = ("cuet", "openequivariance")
-CHANNEL_MODES = ("uvu", "uvw")
 PASSES = ("forward", "forward_backward")
-
-
-def sh_irreps(lmax: int, mul: int = 1) -> o3.Irreps:
-    """``mul x 0e + mul x 1o + mul x 2e + ...`` up to ``lmax`` (spherical-harmonic parities)."""
-    return o3.Irreps([(mul, (l, (-1) ** l)) for l in range(lmax + 1)])
-
-
-def gaunt_paths(l1max: int, l2max: int, lomax: int) -> list[tuple[int, int, int]]:
-    """Paths (l1, l2, l3) with the triangle rule and l1 + l2 + l3 even."""
-    return [(a, b, c) for a in range(l1max + 1) for b in range(l2max + 1) for c in range(lomax + 1)
-            if abs(a - b) <= c <= a + b and (a + b + c) % 2 == 0]
-
-
-def _degree_index(lmax: int) -> torch.Tensor:
-    """Degree l of each of the (lmax+1)^2 spherical-harmonic components."""
-    return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
-
-
-def to_channels(x: torch.Tensor, mul: int, lmax: int) -> torch.Tensor:
-    """e3nn layout ``[..., mul x (0..lmax)]`` -> ``[..., mul, (lmax+1)^2]``."""
-    out, i = [], 0
-    for l in range(lmax + 1):
-        d = 2 * l + 1
-        out.append(x[..., i:i + mul * d].reshape(*x.shape[:-1], mul, d))
-        i += mul * d
-    return torch.cat(out, dim=-1)
-
-
-def from_channels(y: torch.Tensor, lmax: int) -> torch.Tensor:
-    """``[..., mul, (lmax+1)^2]`` -> e3nn layout ``[..., mul x (0..lmax)]``."""
-    return torch.cat([y[..., l * l:(l + 1) ** 2].reshape(*y.shape[:-2], -1) for l in range(lmax + 1)], dim=-1)
-
-
-class GauntTensorProduct(nn.Module):
-    """Gaunt tensor product on an S² grid, e3nn layouts in and out (module docstring).
-
-    ``x1 [B, mul x (0..l1max)]``, ``x2 [B, 0..l2max]`` (one channel) -> ``[B, mul x (0..lomax)]``:
-
-        out_u^{l3} = a_{u,l3} P_{l3}[ f_u g ],  f_u = sum_{l1} b_{u,l1} x1_u^{l1} . Y,  g = sum_{l2} c_{l2} x2^{l2} . Y
-
-    (``uvw``: then out_w^{l3} = sum_u W^{l3}_{wu} (...)_u). The grid (``res_beta`` =
-    2 (l1max + l2max + 1), ``res_alpha`` = 2 (l1max + l2max) + 1, Kostelec-Rockmore quadrature)
-    integrates the band-limited product exactly. ``weights=False`` gives the bare Gaunt product.
-    """
-
-    def __init__(self, l1max: int, l2max: int, lomax: int, mul: int, mode: str = "uvu", weights: bool = True,
-                 res: tuple[int, int] | None = None) -> None:
-        super().__init__()
-        if mode not in CHANNEL_MODES:
-            raise UserError(f"unknown channel mode {mode!r} (known: {', '.join(CHANNEL_MODES)})")
-        if lomax > l1max + l2max:
-            raise UserError(f"lomax {lomax} exceeds l1max + l2max = {l1max + l2max}: the product has no such degrees")
-        lp = l1max + l2max
-        res = res or (2 * (lp + 1), 2 * lp + 1)
-        self.l1max, self.l2max, self.lomax, self.mul, self.mode = l1max, l2max, lomax, mul, mode
-        self.to1 = o3.ToS2Grid(l1max, res, normalization="integral")
-        self.to2 = o3.ToS2Grid(l2max, res, normalization="integral")
-        self.back = o3.FromS2Grid(res, lomax, normalization="integral")
-        self.irreps_in1, self.irreps_in2 = sh_irreps(l1max, mul), sh_irreps(l2max)
-        self.irreps_out = sh_irreps(lomax, mul)
-        self.deg1: torch.Tensor
-        self.deg2: torch.Tensor
-        self.dego: torch.Tensor
-        self.register_buffer("deg1", _degree_index(l1max), persistent=False)
-        self.register_buffer("deg2", _degree_index(l2max), persistent=False)
-        self.register_buffer("dego", _degree_index(lomax), persistent=False)
-        self.weighted = weights
-        if weights:
-            self.w1 = nn.Parameter(torch.randn(mul, l1max + 1))
-            self.w2 = nn.Parameter(torch.randn(l2max + 1))
-            if mode == "uvu":
-                self.w3 = nn.Parameter(torch.randn(mul, lomax + 1))
-            else:
-                self.w3 = nn.Parameter(torch.randn(lomax + 1, mul, mul) / mul ** 0.5)
-
-    @property
-    def weight_numel(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        a = to_channels(x1, self.mul, self.l1max)  # [B, C, n1]
-        b = x2
-        if self.weighted:
-            a = a * self.w1[:, self.deg1]
-            b = b * self.w2[self.deg2]
-        prod = self.to1(a) * self.to2(b).unsqueeze(-3)  # [B, C, beta, alpha]
-        y = self.back(prod)  # [B, C, n_out]
-        if self.weighted:
-            if self.mode == "uvu":
-                y = y * self.w3[:, self.dego]
-            else:
-                y = torch.einsum("bui,iwu->bwi", y, self.w3[self.dego])
-        return from_channels(y, self.lomax)
-
-
-def e3nn_tp(l1max: int, l2max: int, lomax: int, mul: int, mode: str, internal_weights: bool = True) -> o3.TensorProduct:
-    """e3nn's product on the operands above: FullyConnectedTensorProduct (uvw) or a channel-wise
-    TensorProduct with every parity-allowed path (uvu)."""
-    ir1, ir2, iro = sh_irreps(l1max, mul), sh_irreps(l2max), sh_irreps(lomax, mul)
-    if mode == "uvw" and internal_weights:
-        return o3.FullyConnectedTensorProduct(ir1, ir2, iro)
-    instr = [(a, b, c, mode, True) for a, b, c in gaunt_paths(l1max, l2max, lomax)]
-    return o3.TensorProduct(ir1, ir2, iro, instr, internal_weights=internal_weights, shared_weights=True)
-
-
-@functools.lru_cache(maxsize=32)
-def gaunt_path_constants(l1max: int, l2max: int, lomax: int, dtype: torch.dtype = torch.float64
-                         ) -> tuple[dict[tuple[int, int, int], float], float, float]:
-    """Per-path constants k_p with Gaunt block G_p = k_p x (e3nn path p / its ``path_weight``).
-
-    e3nn's path p of any product on these irreps is ``path_weight_p`` (its normalisation, which
-    depends on the channel mode and multiplicities) times a fixed coupling; G_p and e3nn's path
-    are probed with the basis vectors of the (l1, l2) blocks. Returns (k_p per path, max relative
-    residual ||G_p - k_p T_p|| / ||G_p|| over paths, largest |G| on the blocks with l1 + l2 + l3
-    odd relative to the largest |G|): the last two are zero up to round-off when Gaunt = CG x const.
-    """
-    with default_dtype(dtype):
-        gaunt = GauntTensorProduct(l1max, l2max, lomax, 1, weights=False)
-        n1, n2 = (l1max + 1) ** 2, (l2max + 1) ** 2
-        with torch.no_grad():
-            G = gaunt(torch.eye(n1).repeat_interleave(n2, dim=0), torch.eye(n2).repeat(n1, 1)).reshape(n1, n2, -1)
-            consts, resid = {}, 0.0
-            for a, b, c in gaunt_paths(l1max, l2max, lomax):
-                d1, d2 = 2 * a + 1, 2 * b + 1
-                # the path alone (its coupling / path_weight does not depend on the other paths)
-                tp = o3.TensorProduct(o3.Irreps([(1, (a, (-1) ** a))]), o3.Irreps([(1, (b, (-1) ** b))]),
-                                      o3.Irreps([(1, (c, (-1) ** c))]), [(0, 0, 0, "uvu", True)],
-                                      internal_weights=False, shared_weights=True)
-                x1 = torch.eye(d1).repeat_interleave(d2, dim=0)
-                x2 = torch.eye(d2).repeat(d1, 1)
-                t = tp(x1, x2, torch.ones(1)).reshape(d1, d2, -1) / tp.instructions[0].path_weight
-                g = G[a * a:(a + 1) ** 2, b * b:(b + 1) ** 2, c * c:(c + 1) ** 2]
-                k = float((t * g).sum() / (t * t).sum())
-                consts[(a, b, c)] = k
-                resid = max(resid, float((g - k * t).norm() / g.norm()))
-        odd = max((float(G[a * a:(a + 1) ** 2, b * b:(b + 1) ** 2, c * c:(c + 1) ** 2].abs().max())
-                   for a in range(l1max + 1) for b in range(l2max + 1) for c in range(lomax + 1)
-                   if (a + b + c) % 2 == 1 and abs(a - b) <= c <= a + b), default=0.0)
-        return consts, resid, odd / float(G.abs().max())
-
-
-def e3nn_equivalent(g: GauntTensorProduct) -> tuple[o3.TensorProduct, torch.Tensor]:
-    """An e3nn product and its weight vector that compute exactly what the weighted Gaunt
-    product ``g`` computes (w_p = k_p / path_weight_p x the factorised Gaunt weights of path p)."""
-    tp = e3nn_tp(g.l1max, g.l2max, g.lomax, g.mul, g.mode, internal_weights=False)
-    consts, _, _ = gaunt_path_constants(g.l1max, g.l2max, g.lomax)
-    ws = []
-    with torch.no_grad():
-        for (a, b, c), ins in zip(gaunt_paths(g.l1max, g.l2max, g.lomax), tp.instructions):
-            k = consts[(a, b, c)] / ins.path_weight
-            if g.mode == "uvu":  # weight shape [mul1, mul2] = [C, 1]
-                w = k * g.w1[:, a] * g.w2[b] * g.w3[:, c]
-            else:  # [mul1, mul2, mul_out] = [C, 1, C]; W^{l3}[w, u] -> [u, w]
-                w = k * g.w1[:, a, None] * g.w2[b] * g.w3[c].T
-            ws.append(w.reshape(-1))
-    return tp.to(g.w1.device), torch.cat(ws).to(g.w1.dtype)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
