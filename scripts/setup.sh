@@ -56,7 +56,7 @@ if ! "$VENV/bin/python" -c "import torch_scatter" 2>/dev/null; then
   "${PIP[@]}" --no-build-isolation "torch-scatter==2.1.2"
 fi
 "$VENV/bin/python" -W ignore -c "import equibench, escnn, e3nn, torch_geometric, equiadapt, nequip, egnn_pytorch, \
-torch_scatter, cuequivariance_torch, frame_averaging_pytorch; from equiadapt.images.canonicalization import discrete_group" >/dev/null
+torch_scatter, cuequivariance_torch, frame_averaging_pytorch, equiformer_pytorch; from equiadapt.images.canonicalization import discrete_group" >/dev/null
 # mace-torch pins e3nn 0.4.4: its points run in a layered environment of their own (equibench.engine.envs),
 # built here once so the first `equibench run ... --methods mace` and the mace tests find it ready
 say "the isolated environment of the mace method (mace-torch 0.3.16 with e3nn 0.4.4)"
