@@ -85,6 +85,19 @@ def test_steerable_blocks_break_under_a_parity_violating_attribute():
         assert rel_err(f(x @ D.T, a @ wrong.T), f(x, a) @ D.T) > 1e-2
 
 
+def test_steerable_linear_groups_input_entries_by_irrep():
+    """An input "2x0e+1x1o+3x0e" is regrouped to "5x0e+1x1o" (columns permuted) before the tensor
+    product: the same map as a block built on the grouped layout, with the same weights."""
+    with default_dtype(F64):
+        torch.manual_seed(0)
+        f = SteerableLinear(o3.Irreps("2x0e+1x1o+3x0e"), o3.Irreps("2x0e+2x1o"), sh_irreps(1))
+        g = SteerableLinear(o3.Irreps("5x0e+1x1o"), o3.Irreps("2x0e+2x1o"), sh_irreps(1))
+        g.load_state_dict(f.state_dict())
+        s1, v, s2, a = torch.randn(4, 2), torch.randn(4, 3), torch.randn(4, 3), sh_irreps(1).randn(4, -1)
+        assert torch.allclose(f(torch.cat([s1, v, s2], -1), a), g(torch.cat([s1, s2, v], -1), a), atol=1e-14)
+        assert not torch.allclose(f(torch.cat([s1, v, s2], -1), a), g(torch.cat([s1, v, s2], -1), a), atol=1e-3)
+
+
 def test_segnn_layer_is_o3_equivariant_fp64():
     """One message-passing layer on a random graph: features, edge and node attributes transformed
     together, the edge scalars invariant."""
