@@ -236,3 +236,15 @@ def test_supported_tasks():
         assert method.supports(eb.get_task(name).spec) is None, name
     assert method.supports(eb.get_task("md", target="energy").spec) is None
     assert eb.get_method("cgenn", forces="conservative").supports(eb.get_task("md").spec) is None
+
+
+def test_conservative_forces_on_md_are_exact():
+    """forces="conservative": F = -dE/dx of the grade-0 energy readout, E(3)-equivariant in float64."""
+    from torch_geometric.data import Batch
+    task = eb.get_task("md", equilibration=10, stride=2, train_size=2, val_size=2, test_size=4)
+    batch = Batch.from_data_list(task.load("test")[:2])
+    with default_dtype(F64):
+        model = eb.get_method("cgenn", width=4, depth=1, forces="conservative").build(task.spec)
+    assert type(model).__name__ == "ForcesFromEnergy"
+    err = eb.equivariance_error(model, batch, task.spec, n_samples=3, dtype=F64, group="E3")
+    assert err["rel_max"] < 1e-10
