@@ -8,8 +8,9 @@ here; see "attention" below); *not* O(3). The library's features are SO(3) irrep
 l = 0..``num_degrees``-1 without parity, and its edge kernels keep every coupling
 |l_in - l_out| <= J <= l_in + l_out, the parity-odd ones included (degree 1 x degree 1 -> degree 1 through
 J = 1 is a cross product with the edge direction), so an inversion changes the outputs by a relative
-O(1) (measured: ``tests/test_reference_equiformer.py``). Degree-1 features are Cartesian (x, y, z) vectors
-(they rotate as the coordinates do).
+O(1) (measured: ``tests/test_reference_equiformer.py``). The paper's own QM9 and MD17 models are SE(3) too
+(its ``se_l2`` settings: every irrep even, ``1x0e+1x1e+1x2e`` spherical harmonics; E(3) is a variant).
+Degree-1 features are Cartesian (x, y, z) vectors (they rotate as the coordinates do).
 
 The library's network (on a dense batch ``[B, n, .]``, padding masked; ``r_ij = x_i - x_j`` for the
 neighbours j of i):
@@ -70,9 +71,12 @@ graphs pass; qm9's molecules do not).
 Defaults: width 32 channels for each degree, degrees 0 and 1 (``num_degrees=2``, the library's default),
 ``depth=2`` (the library's), 4 heads of ``dim_head`` = width // heads channels per degree, radial MLP
 width 16, the library's other defaults (attention hidden 4 x heads, LeakyReLU slope 0.1, head gates,
-``attend_self``, zero-initialised block outputs). The paper's QM9 model (6 blocks, 128x0e + 64x1e +
-32x2e, 4 heads, radial basis of 128 Gaussians) is far larger; ``params`` sizes ``width`` (with
-``dim_head`` following it unless given).
+``attend_self``, zero-initialised block outputs): 233 876 parameters on n-body. The paper has no n-body
+model; its QM9 model (6 blocks, 128x0e + 64x1e + 32x2e, 4 heads of 32x0e + 16x1e + 8x2e, radial MLP
+64-64 on 128 Gaussians) written in this library's terms (``dim=(128, 64, 32)``, ``dim_head=(32, 16, 8)``,
+radial width 64, MLP attention) has 13.7 M parameters: the library's kernels give every (degree in,
+degree out) pair a full channel-by-channel weight matrix from the radial MLP. ``params`` sizes ``width``
+(with ``dim_head`` following it unless given): ``params=20000`` on n-body gives width 6 (19 580).
 
 Basis cache: the library keeps its basis in a directory (``$CACHE_PATH``, else
 ``~/.cache.equivariant_attention``; ``$CLEAR_CACHE`` set: in memory only) behind a file lock. The wrapper
