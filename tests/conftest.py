@@ -25,7 +25,7 @@ ALLOW_MISSING_ENV = "EQUIBENCH_ALLOW_MISSING_REFERENCES"
 ALLOW_MISSING_OPTION = "--allow-missing-references"
 #: what ``scripts/setup.sh`` installs for the reference cross-checks (import names)
 REFERENCE_LIBRARIES = ("equiadapt", "torch_scatter", "nequip", "egnn_pytorch", "frame_averaging_pytorch",
-                       "cuequivariance_torch", "escnn")
+                       "cuequivariance_torch", "escnn", "equiformer_pytorch")
 _allow_option = False
 
 

@@ -150,6 +150,10 @@ REMAINING_DIFFERENCES = {
     "equiadapt": ("the canonicaliser: equiadapt's vector-neuron deep set (biases, Gram-Schmidt over coordinate "
                   "rows, dropout 0.5: not equivariant as published) vs ours (exact); same backbone and prior "
                   "setting"),
+    "equiformer_pytorch": ("no equibench counterpart; SO(3) only (the library's irreps carry no parity; "
+                           "its error is measured under rotations); the paper's MLP "
+                           "attention; forces predicted directly (the library's edge rotations are "
+                           "computed without gradients)"),
     "e3nn": "the tensor products only (cuEquivariance's instead of e3nn's; same network and weights)",
 }
 NEG_GRAD = "−dE/dx"
