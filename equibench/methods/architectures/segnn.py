@@ -59,15 +59,15 @@ task's invariant edge inputs (n-body: q_i q_j).
 
 Defaults = the paper's / reference's n-body run (``--lmax_h=1 --lmax_attr=1 --layers=4
 --hidden_features=64 --subspace_type=weightbalanced --norm=none``): hidden "32x0e + 32x1o",
-147 488 parameters on n-body; its optimiser (Adam, lr 5e-4, weight decay 1e-12, batch 100, 3 000 samples,
-1 000 epochs) belongs to the suite. ``params`` replaces ``hidden``: the ``mul`` whose
+147 488 parameters on n-body; its optimiser (Adam, lr 5e-4, weight decay 1e-12, batch 100,
+3 000 samples, 1 000 epochs) belongs to the suite. ``params`` replaces ``hidden``: the ``mul`` whose
 parameter count (from the irreps alone, ``parameter_count``) is closest to it.
 
 Differences from the reference, on purpose:
 
 * the reference's n-body input x_i - ``pos.mean(1)`` subtracts each node's mean *coordinate*
   (a mean over x, y, z, neither rotation- nor translation-equivariant); here the centre is
-  the graph's centroid, the equivariant quantity the paper describes. ``centroid=None``
+  the graph's centroid, the equivariant quantity its name ``mean_pos`` suggests. ``centroid=None``
   (default) turns it on where the task has a "1o" node input (n-body, as the reference's
   n-body input) and off elsewhere (QM9 / md / normals: the reference's QM9 input has no
   positions); True / False force it;
