@@ -25,6 +25,7 @@ from equibench.methods.blocks.gaunt import (
     grid_matrices,
 )
 from equibench.metrics.equivariance import cast_batch
+from equibench.plan.suites import expand_suite, read_suite
 from equibench.symmetry.precision import default_dtype
 
 SMALL = {"mul": 4, "depth": 2, "radial_hidden": 8}
@@ -195,3 +196,11 @@ def test_a_pseudo_output_is_not_supported_with_gaunt(tasks):
     assert eb.get_method("e3nn_nequip").supports(spec) is None
     reason = eb.get_method("e3nn_nequip", tensor_product="gaunt").supports(spec)
     assert reason and "l1 + l2 + l3 odd" in reason and "1e" in reason
+
+
+def test_the_gaunt_suite_pairs_cg_and_gaunt_at_each_lmax():
+    specs = [s for s in expand_suite(read_suite("gaunt")) if s.seed == 0]
+    pairs = {(s.method_options["lmax"], s.method_options.get("tensor_product", "cg")): s for s in specs}
+    assert set(pairs) == {(lmax, tp) for lmax in (1, 2, 3) for tp in ("cg", "gaunt")}
+    assert all(s.method_options["params"] == 20000 and s.task == "md" for s in specs)
+    assert "tensor_product" not in pairs[(1, "cg")].method_options  # the default, as every other suite's rows
