@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch_geometric.data import Batch, Data
 
+from ..core.cache import cache_dir  # noqa: F401  (re-exported: the task modules import it from here)
 from ..core.errors import UserError
 from ..core.spec import TaskSpec
 from ..metrics.catalogue import MetricSpec, Role, declare_task_metrics, find_metric, reference_metrics, test_metric
@@ -28,15 +29,6 @@ from ..symmetry.fieldtypes import POINT, field_dim, irreps
 from .symmetric import Geometry
 
 SPLITS = ("train", "val", "test")
-
-
-def cache_dir() -> Path:
-    """Root of the on-disk data cache: ``$EQUIBENCH_CACHE`` or ``~/.cache/equibench``."""
-    root = os.environ.get("EQUIBENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "equibench")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -100,9 +100,9 @@ from torch_geometric.data import Batch
 from torch_geometric.nn import global_add_pool
 from torch_geometric.utils import to_dense_adj, to_dense_batch
 
+from ...core.cache import cache_dir
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
-from ...datasets.base import cache_dir
 from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
 from ..base import GENERIC_INPUTS, Method, build_at_params
 from ..blocks.backbone import mlp
