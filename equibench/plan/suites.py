@@ -20,6 +20,8 @@ Schema (every key but ``tasks``/``methods`` optional)::
     scaling: {methods: [baseline, e3nn], nodes: [16, 256, 4096]}     # ScaleConfig options
     tp_bench: {lmax: [1, 2, 3], impls: [e3nn, gaunt]}                # TPBenchConfig options
     tuning: {grid: {lr: [3.0e-3, 1.0e-3, 3.0e-4]}, seeds: [0], use: stored}   # TuningConfig options
+    compare: {method: e3nn_nequip, option: tensor_product, baseline: cg}   # the report's variant pairs
+    # (variants of ``method`` that differ in ``option`` alone, side by side against ``baseline``)
     scale: smoke        # a task or method the suite does not configure runs at its ``smoke_options``
 
 A run may add task and method options from the command line (``--task-option qm9.train_size=64``,
@@ -131,6 +133,17 @@ class Published(Config):
     values: dict[str, PublishedValue]
 
 
+class Compare(Config):
+    """Variants of one method compared on one option (the report's variant-pair table,
+    ``report.variants``): the suite's keys ``<method>@<label>`` of ``method`` that differ in
+    ``option`` alone are paired, each value against ``baseline`` (a variant that does not set
+    ``option`` runs at the option's default)."""
+
+    method: str
+    option: str
+    baseline: Any
+
+
 class SuiteFile(Config):
     """A validated suite document (the module docstring gives the schema)."""
 
@@ -150,6 +163,7 @@ class SuiteFile(Config):
     tp_bench: Options | None = None
     tuning: Options | None = None
     published: Published | None = None
+    compare: Compare | None = None
     scale: Literal["smoke"] | None = None
     _source: str = PrivateAttr(default="")
     _where: str = PrivateAttr(default="")
@@ -315,8 +329,51 @@ def validate_suite(doc: Any, where: str = "suite", default_name: str = "suite",
         tuning_config(suite)
     except UserError as err:
         raise UserError(f"malformed suite file {where}: {err}") from None
+    if suite.compare is not None:
+        check_compare(suite.compare, suite.methods, at)
     suite._where, suite._lines = where, dict(lines)
     return suite
+
+
+_NO_DEFAULT = object()
+
+
+def _option_default(method: str, option: str) -> Any:
+    """The default of ``method``'s ``option`` (``_NO_DEFAULT`` when it has none or is no option)."""
+    field = options_model(method_class(method)).model_fields.get(option)
+    return _NO_DEFAULT if field is None or field.is_required() else field.default
+
+
+def check_compare(compare: Compare, methods: dict[str, Options], at: Callable[..., str]) -> None:
+    """``compare`` fits the suite's ``methods``: two or more keys of ``compare.method``, some of
+    which set ``compare.option``, one running at ``compare.baseline``, and at least one pair that
+    differs in that option alone; otherwise one ``UserError`` line (``at(*path)``: where a key is)."""
+    c = compare
+    keys = [k for k in methods if method_of(k) == c.method]
+    if len(keys) < 2:
+        bases = sorted({method_of(k) for k in methods} - {c.method})
+        raise UserError(f"malformed suite file {at('compare', 'method')}: compare.method {c.method!r} has "
+                        f"{len(keys)} entr{'y' if len(keys) == 1 else 'ies'} in 'methods', a comparison needs two or "
+                        f"more (<method>{VARIANT_SEP}<label>){closest(c.method, bases)}")
+    if not any(c.option in methods[k] for k in keys):
+        known = sorted({o for k in keys for o in methods[k]})
+        raise UserError(f"malformed suite file {at('compare', 'option')}: compare.option {c.option!r} is set by no "
+                        f"variant of {c.method} in 'methods'{closest(c.option, known)} (they set: "
+                        f"{', '.join(known) or 'nothing'})")
+    try:
+        default = _option_default(c.method, c.option)
+    except UserError as err:
+        raise UserError(f"malformed suite file {at('compare', 'method')}: {err}") from None
+    values = {k: methods[k].get(c.option, default) for k in keys}
+    if c.baseline not in values.values():
+        shown = ", ".join(dict.fromkeys(repr(v) for v in values.values() if v is not _NO_DEFAULT))
+        raise UserError(f"malformed suite file {at('compare', 'baseline')}: compare.baseline {c.baseline!r}: no "
+                        f"variant of {c.method} runs with {c.option} {c.baseline!r} (they run with: {shown})")
+    rest = {k: json.dumps({o: v for o, v in methods[k].items() if o != c.option}, sort_keys=True, default=str)
+            for k in keys}
+    if not any(values[a] == c.baseline and rest[a] == rest[b] and values[b] != c.baseline for a in keys for b in keys):
+        raise UserError(f"malformed suite file {at('compare')}: compare: no variant of {c.method} differs from one "
+                        f"at {c.option} {c.baseline!r} in {c.option} alone")
 
 
 def extra_config(suite: SuiteFile, section: str, device: str) -> Config | None:

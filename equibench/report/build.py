@@ -17,6 +17,7 @@ trivial predictor as reference), the test metric vs throughput (with the Pareto 
 equivariance error per method (log scale) and, when measured, degeneracy curves. Scaling sweeps
 and tensor-product microbenchmarks have their own sections (``sections``), and so have training-size
 sweeps (``efficiency``: data- and compute-efficiency curves, power laws, crossovers, frontiers);
+a suite's ``compare:`` variants of one method are paired per task (``variants``: paired seeds);
 nightly pages add regressions and trend plots (``history``, ``trends``). Every
 table and figure states how it was measured: device, dtype, batch, repeats, threads, group
 samples, seeds, training budget, commit. ``write_comparison`` (``compare``) renders two runs side
@@ -55,6 +56,7 @@ from .references import reference_sections
 from .sections import SECTIONS, SPECIAL_BENCHES
 from .task_section import task_section
 from .trends import trend_figures
+from .variants import variant_sections
 from .verdicts import anomalies, t_interval
 
 __all__ = ["write_report", "write_comparison"]
@@ -181,6 +183,7 @@ def _write_report(df: pd.DataFrame, dirs: list[Path], cards: RunCards, out: Path
     sweeps = (approximate_sections(df, out, cards)  # sweeps of a symmetry-breaking field (report/approximate.py)
               + efficiency_sections(df, out, cards))  # train_size sweeps: data and compute efficiency (efficiency.py)
     sections = (published_sections(df, dirs) + reference_sections(df, cards)
+                + variant_sections(df, dirs, cards)  # a suite's ``compare:`` pairs (report/variants.py)
                 + _sections(df, out, ranked, resolved, cards))
     # a sweep suite's report opens with its curves, crossovers and frontiers; other reports end with them
     sections = sweeps + sections if purpose == "sweep" else sections + sweeps
