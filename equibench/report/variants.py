@@ -27,9 +27,9 @@ import pandas as pd
 from scipy import stats
 
 from ..benches.taskrun import TaskBench
-from ..core.registry import method_of
 from ..engine.runner import SUITE_FILE
 from ..metrics.catalogue import PARAMS, equivariance_metric, throughput_metric
+from ..results.cards import method_of  # the method of a variant key (<method>@<label>), a string rule
 from ..results.runcards import RunCards
 from ..results.status import Status
 from .common import fmt
