@@ -59,13 +59,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch_geometric.data import Batch
-from torch_geometric.nn import global_add_pool
 
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
-from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
+from ...symmetry.fieldtypes import POINT, field_dim, is_invariant
 from ..base import Method, build_at_params
-from ..blocks.backbone import mlp
+from ..blocks.backbone import invariant_heads, invariant_readout, is_vector_type, point_cloud_reason, vector_output
 from ..blocks.clifford import GATES, VECTOR, GeometricProductLayer, MVGate, MVLayerNorm, MVLinear, embed
 from ..blocks.energy_forces import ForcesOption
 
@@ -105,14 +104,6 @@ class CliffordLayer(nn.Module):
         return h + self.node_model(torch.cat([h, agg], dim=-2))
 
 
-def _is_vector(t: str) -> bool:
-    return t != POINT and all(ir.l == 1 and ir.p == -1 for _, ir in irreps(t))
-
-
-def _vector_output(spec: TaskSpec) -> bool:
-    return spec.output == POINT or (spec.level == "node" and _is_vector(spec.output))
-
-
 def graph_mean(pos: torch.Tensor, batch_index: torch.Tensor, n_graphs: int) -> torch.Tensor:
     """``[N, 3]``: the mean position of each node's graph."""
     total = pos.new_zeros(n_graphs, 3).index_add(0, batch_index, pos)
@@ -129,20 +120,18 @@ class CGENNModel(nn.Module):
         self.spec, self.width, self.depth = spec, width, depth
         self.point = spec.point_fields[0]
         self.scalar_fields = [k for k, t in spec.inputs.items() if is_invariant(t)]
-        self.vector_fields = [k for k, t in spec.inputs.items() if _is_vector(t)]
+        self.vector_fields = [k for k, t in spec.inputs.items() if is_vector_type(t)]
         n_in = sum(field_dim(spec.inputs[k]) for k in self.scalar_fields) + 1
         n_in += sum(field_dim(spec.inputs[k]) // 3 for k in self.vector_fields)
         edge_dim = sum(field_dim(t) for t in spec.edge_inputs.values())
         fc = product == "fully_connected"
         self.embedding = MVLinear(n_in, width, per_grade=False)
         self.layers = nn.ModuleList(CliffordLayer(width, edge_dim, fc, gate) for _ in range(depth))
-        self.vector_out = _vector_output(spec)
-        out = field_dim(spec.output)
+        self.vector_out = vector_output(spec, copies=True)
         if self.vector_out:
-            self.projection = MVLinear(width, out // 3)
+            self.projection = MVLinear(width, field_dim(spec.output) // 3)
         else:
-            self.node_head = mlp([width, width, width if spec.level == "graph" else out])
-            self.graph_head = mlp([width, width, out]) if spec.level == "graph" else None
+            self.node_head, self.graph_head = invariant_heads(width, spec)
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(node multivectors ``[N, n_in, 8]``, edge multivectors ``[E, edge_dim, 8]``)."""
@@ -171,10 +160,7 @@ class CGENNModel(nn.Module):
         if self.vector_out:
             vec = self.projection(h)[..., VECTOR].reshape(h.shape[0], -1)  # [N, 3k]
             return batch[self.point] + vec if self.spec.output == POINT else vec
-        out = self.node_head(h[..., 0])
-        if self.graph_head is not None:
-            out = self.graph_head(global_add_pool(out, batch.batch, size=int(batch.num_graphs)))
-        return out
+        return invariant_readout(self.node_head, self.graph_head, h[..., 0], batch)
 
 
 @register_method("cgenn")
@@ -202,18 +188,8 @@ class CGENN(ForcesOption, Method):
         reason = super().supports(spec)
         if reason:
             return reason
-        spec = self.network_spec(spec)
-        if len(spec.point_fields) != 1:
-            return f"cgenn needs exactly one 'point' input (its coordinates), the task has {len(spec.point_fields)}"
-        bad = [t for t in spec.inputs.values() if t != POINT and not is_invariant(t) and not _is_vector(t)]
-        if bad:
-            return f"cgenn takes invariant ('0e') and vector ('1o') node inputs only, not {bad}"
-        if any(not is_invariant(t) for t in spec.edge_inputs.values()):
-            return "cgenn takes invariant edge inputs only"
-        if not (_vector_output(spec) or is_invariant(spec.output)):
-            return (f"cgenn predicts points, node-level '1o' vectors (grade 1) or invariant scalars (grade 0), "
-                    f"not {spec.output!r} at {spec.level} level")
-        return None
+        return point_cloud_reason("cgenn", self.network_spec(spec), copies=True,
+                                  outputs="points, node-level '1o' vectors (grade 1) or invariant scalars (grade 0)")
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         reason = self.supports(spec)

@@ -55,13 +55,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch_geometric.data import Batch
-from torch_geometric.nn import global_add_pool
 
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
-from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
+from ...symmetry.fieldtypes import POINT, field_dim, is_invariant
 from ..base import Method, build_at_params
-from ..blocks.backbone import mlp
+from ..blocks.backbone import invariant_heads, invariant_readout, is_vector_type, mlp, point_cloud_reason, vector_output
 from ..blocks.energy_forces import ForcesOption
 
 
@@ -95,14 +94,6 @@ class EGCL(nn.Module):
         return h, x
 
 
-def _is_vector(t: str) -> bool:
-    return t != POINT and all(ir.l == 1 and ir.p == -1 for _, ir in irreps(t))
-
-
-def _vector_output(spec: TaskSpec) -> bool:
-    return spec.output == POINT or (spec.level == "node" and irreps(spec.output) == irreps("1o"))
-
-
 class EGNNModel(nn.Module):
     """The EGNN applied to a batch: ``model(batch) -> prediction`` (module docstring)."""
 
@@ -111,19 +102,17 @@ class EGNNModel(nn.Module):
         self.spec, self.width, self.depth = spec, width, depth
         self.point = spec.point_fields[0]
         # "1o" node inputs, split into their 3-vectors (a "2x1o" field gives two)
-        self.vector_fields = [k for k, t in spec.inputs.items() if _is_vector(t)]
+        self.vector_fields = [k for k, t in spec.inputs.items() if is_vector_type(t)]
         self.n_vectors = sum(field_dim(spec.inputs[k]) // 3 for k in self.vector_fields)
         self.scalar_fields = [k for k, t in spec.inputs.items() if is_invariant(t)] if node_scalars else []
         n_in = self.n_vectors + sum(field_dim(spec.inputs[k]) for k in self.scalar_fields)
         self.constant_input = n_in == 0
         edge_dim = 1 + sum(field_dim(t) for t in spec.edge_inputs.values())
-        self.vector_out = _vector_output(spec)
+        self.vector_out = vector_output(spec)
         self.embed = nn.Linear(max(n_in, 1), width)
         self.layers = nn.ModuleList(EGCL(width, edge_dim, self.n_vectors, self.vector_out) for _ in range(depth))
         if not self.vector_out:
-            out = field_dim(spec.output)
-            self.node_head = mlp([width, width, width if spec.level == "graph" else out])
-            self.graph_head = mlp([width, width, out]) if spec.level == "graph" else None
+            self.node_head, self.graph_head = invariant_heads(width, spec)
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(h^0 input features ``[N, n_in]``, the input vectors ``[N, 3]`` each)."""
@@ -150,10 +139,7 @@ class EGNNModel(nn.Module):
             h, x = layer(h, x, vectors, batch.edge_index, edge_attr, inv_degree)
         if self.vector_out:
             return x if self.spec.output == POINT else x - x0
-        out = self.node_head(h)
-        if self.graph_head is not None:
-            out = self.graph_head(global_add_pool(out, batch.batch, size=int(batch.num_graphs)))
-        return out
+        return invariant_readout(self.node_head, self.graph_head, h, batch)
 
 
 @register_method("egnn")
@@ -177,21 +163,8 @@ class EGNN(ForcesOption, Method):
         reason = super().supports(spec)
         if reason:
             return reason
-        spec = self.network_spec(spec)
-        if not spec.point_fields:
-            return "egnn needs a 'point' input (its coordinates)"
-        if len(spec.point_fields) > 1:
-            return "egnn takes one point field (its coordinates), the task has several"
-        bad = [k for k, t in spec.inputs.items() if t != POINT and not is_invariant(t) and not _is_vector(t)]
-        if bad:
-            return f"egnn takes invariant and '1o' node inputs only, not {[spec.inputs[k] for k in bad]}"
-        bad = [k for k, t in spec.edge_inputs.items() if not is_invariant(t)]
-        if bad:
-            return "egnn takes invariant edge inputs only"
-        if not (_vector_output(spec) or is_invariant(spec.output)):
-            return (f"egnn predicts points, node-level '1o' vectors (coordinate displacements) or invariant "
-                    f"scalars, not {spec.output!r} at {spec.level} level")
-        return None
+        return point_cloud_reason("egnn", self.network_spec(spec), outputs="points, node-level '1o' vectors "
+                                  "(coordinate displacements) or invariant scalars")
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:
         reason = self.supports(spec)

@@ -123,7 +123,6 @@ pair with ``nequip`` compares the same kind of forces.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,7 +136,7 @@ from ...core.errors import UserError
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
-from ..base import Method, build_irreps_sized
+from ..base import Method, bisect_increasing, build_irreps_sized
 from ..blocks.energy_forces import FORCE_MODES, ForcesOption
 from ..blocks.gaunt import ROUTES, GauntConvolution, GauntFamily, family_sign, from_degrees, gaunt_allows, to_channels
 
@@ -588,24 +587,15 @@ class E3NNNequIP(ForcesOption, Method):
         take a small budget and leave ``mul`` ~1. If the closest scale misses by more than
         ``tolerance`` (small models step coarsely), the largest ``mul`` below the target with the
         ``radial_hidden`` whose count is closest."""
-        def bisect(f: Callable[[int], int]) -> tuple[int, int]:
-            lo = hi = 1
-            while f(hi) < target and hi < 4096:
-                lo, hi = hi, hi * 2
-            while hi - lo > 1:  # f(lo) < target <= f(hi) (or lo = hi = 1)
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
-            return lo, hi
-
         def radial(m: int) -> int:
             return max(1, round(m * self.radial_hidden / self.mul))
 
-        lo, hi = bisect(lambda m: self.count(spec, m, radial(m)))
+        lo, hi = bisect_increasing(lambda m: self.count(spec, m, radial(m)), target)
         best = min((lo, hi), key=lambda m: abs(self.count(spec, m, radial(m)) - target))
         if abs(self.count(spec, best, radial(best)) - target) <= tolerance * target:
             return best, radial(best)
         mul = lo
-        a, b = bisect(lambda h: self.count(spec, mul, h))
+        a, b = bisect_increasing(lambda h: self.count(spec, mul, h), target)
         return mul, min((a, b), key=lambda h: abs(self.count(spec, mul, h) - target))
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:

@@ -124,6 +124,7 @@ from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
 from ...symmetry.group3d import act_on_batch, sample_element
 from ..base import Method, build_at_params
+from ..blocks.backbone import is_vector_type, point_cloud_reason
 from ..blocks.energy_forces import ForcesOption
 
 GRIDS = ("repulsion", "antipodal", "fibonacci", "icosahedron")
@@ -339,10 +340,6 @@ class ConvNeXtBlock(nn.Module):
 
 
 # ---- the network ----------------------------------------------------------------------------------
-def _is_vector(t: str) -> bool:
-    return t != POINT and all(ir.l == 1 and ir.p == -1 for _, ir in irreps(t))
-
-
 def _output_parts(t: str) -> list[tuple[int, str]] | None:
     """[(multiplicity, "0e" | "1o")] in the output's e3nn order; None when another irrep occurs."""
     parts = []
@@ -369,7 +366,7 @@ class PonitaModel(nn.Module):
         self.point = spec.point_fields[0]
         self.register_buffer("grid", grid.to(torch.get_default_dtype()), persistent=False)
         self.scalar_fields = [k for k, t in spec.inputs.items() if is_invariant(t)]
-        self.vector_fields = [k for k, t in spec.inputs.items() if _is_vector(t)]
+        self.vector_fields = [k for k, t in spec.inputs.items() if is_vector_type(t)]
         n_in = sum(field_dim(spec.inputs[k]) for k in self.scalar_fields)
         n_in += sum(field_dim(spec.inputs[k]) // 3 for k in self.vector_fields)
         self.constant_input = n_in == 0
@@ -492,13 +489,9 @@ class Ponita(ForcesOption, Method):
         if reason:
             return reason
         spec = self.network_spec(spec)
-        if len(spec.point_fields) != 1:
-            return "ponita takes exactly one point field (its positions)"
-        bad = [t for t in spec.inputs.values() if t != POINT and not is_invariant(t) and not _is_vector(t)]
-        if bad:
-            return f"ponita takes invariant and '1o' node inputs only (signals on the grid), not {bad}"
-        if any(not is_invariant(t) for t in spec.edge_inputs.values()):
-            return "ponita takes invariant edge inputs only"
+        reason = point_cloud_reason("ponita", spec)
+        if reason:
+            return reason
         if spec.output == POINT:
             return None if spec.level == "node" else "ponita predicts points at node level only"
         if _output_parts(spec.output) is None:

@@ -108,6 +108,7 @@ from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
 from ...symmetry.precision import default_dtype
 from ..base import Method, bisect_increasing
+from ..blocks.backbone import is_vector_type
 from ..blocks.energy_forces import ForcesOption
 
 SH_NORMALIZATIONS = ("integral", "component", "norm")
@@ -293,10 +294,6 @@ def layer_count(hidden: o3.Irreps, irreps_attr: o3.Irreps, n_edge_scalars: int) 
             + block_count(hidden + hidden, hidden, irreps_attr, True) + block_count(hidden, hidden, irreps_attr, False))
 
 
-def _is_vector(t: str) -> bool:
-    return t != POINT and all(ir.l == 1 and ir.p == -1 for _, ir in irreps(t))
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where the node input f_i and the attributes come from on a task (module docstring)."""
@@ -312,7 +309,7 @@ class Layout:
     def of(cls, spec: TaskSpec, centroid: bool | None) -> Layout:
         point = spec.point_fields[0]
         feats = tuple(k for k, t in spec.inputs.items() if t != POINT and not is_invariant(t))
-        vectors = tuple(k for k in feats if _is_vector(spec.inputs[k]))
+        vectors = tuple(k for k in feats if is_vector_type(spec.inputs[k]))
         return cls(point, tuple(k for k, t in spec.inputs.items() if is_invariant(t)), feats,
                    tuple(k for k in spec.point_fields[1:]), vectors, tuple(spec.edge_inputs),
                    bool(vectors) if centroid is None else centroid)

@@ -9,6 +9,10 @@ mechanism alone. One layer is
 with raw coordinates: ``e_vec_ij = pos_j - pos_i`` (3 numbers in whatever frame the caller
 gives), ``e_attr_ij`` = (|e_vec|^2, typed edge inputs). Node inputs are all typed fields of the
 task flattened and concatenated (positions included), so nothing here respects O(3).
+
+Also the typed input checks and the invariant readout that the equivariant point-cloud networks
+(egnn, cgenn, ponita, equiformer_pytorch) share: ``is_vector_type``, ``vector_output``,
+``point_cloud_reason``, ``invariant_heads`` / ``invariant_readout``.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from torch_geometric.data import Batch
 from torch_geometric.nn import MessagePassing, global_add_pool
 
 from ...core.spec import TaskSpec
-from ...symmetry.fieldtypes import POINT, field_dim
+from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
 
 
 def mlp(sizes: list[int], act: type[nn.Module] = nn.SiLU, last_act: bool = False) -> nn.Sequential:
@@ -128,3 +132,52 @@ class BackboneModel(nn.Module):
         vec, attr = edge_geometry(batch, self.spec)
         out = self.net(node_features(batch, self.spec), batch.edge_index, vec, attr)
         return readout(out, batch, self.spec)
+
+
+def is_vector_type(t: str) -> bool:
+    """Whether field type ``t`` is one or more polar vectors: every irrep of it is "1o" (a point is not)."""
+    return t != POINT and all(ir.l == 1 and ir.p == -1 for _, ir in irreps(t))
+
+
+def vector_output(spec: TaskSpec, copies: bool = False) -> bool:
+    """Whether ``spec`` asks for a point or a node-level vector: exactly one "1o", or with ``copies``
+    any number of them ("kx1o")."""
+    if spec.output == POINT:
+        return True
+    return spec.level == "node" and (is_vector_type(spec.output) if copies else irreps(spec.output) == irreps("1o"))
+
+
+def point_cloud_reason(name: str, spec: TaskSpec, outputs: str | None = None, copies: bool = False) -> str | None:
+    """Why a network on one point cloud, with invariant and "1o" node inputs and invariant edge
+    inputs only, cannot take ``spec`` (a one-line reason naming the method ``name``); None if it can.
+    With ``outputs`` (the method's words for what it predicts) the output must also be a point, a
+    node-level vector (``vector_output(spec, copies)``) or invariant; without, the method checks it."""
+    if len(spec.point_fields) != 1:
+        return (f"{name} needs exactly one point field (its 'point' input: the coordinates), "
+                f"the task has {len(spec.point_fields)}")
+    bad = [t for t in spec.inputs.values() if t != POINT and not is_invariant(t) and not is_vector_type(t)]
+    if bad:
+        return f"{name} takes invariant and '1o' node inputs only, not {bad}"
+    if any(not is_invariant(t) for t in spec.edge_inputs.values()):
+        return f"{name} takes invariant edge inputs only"
+    if outputs is not None and not (vector_output(spec, copies) or is_invariant(spec.output)):
+        return f"{name} predicts {outputs}, not {spec.output!r} at {spec.level} level"
+    return None
+
+
+def invariant_heads(width: int, spec: TaskSpec) -> tuple[nn.Sequential, nn.Sequential | None]:
+    """(node head, graph head or None) of EGNN's invariant readout: phi_node: width -> width -> d
+    (d = width at graph level, else the output's dimension); at graph level phi_graph: width ->
+    width -> output dimension."""
+    out, graph = field_dim(spec.output), spec.level == "graph"
+    return mlp([width, width, width if graph else out]), (mlp([width, width, out]) if graph else None)
+
+
+def invariant_readout(node_head: nn.Module, graph_head: nn.Module | None, h: torch.Tensor,
+                      batch: Batch) -> torch.Tensor:
+    """y_i = phi_node(h_i) at node level (``graph_head`` None); y_G = phi_graph(sum_{i in G}
+    phi_node(h_i)) at graph level."""
+    out = node_head(h)
+    if graph_head is None:
+        return out
+    return graph_head(global_add_pool(out, batch.batch, size=int(batch.num_graphs)))

@@ -97,15 +97,14 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 from torch_geometric.data import Batch
-from torch_geometric.nn import global_add_pool
 from torch_geometric.utils import to_dense_adj, to_dense_batch
 
 from ...core.cache import cache_dir
 from ...core.registry import register_method
 from ...core.spec import TaskSpec
-from ...symmetry.fieldtypes import POINT, field_dim, irreps, is_invariant
+from ...symmetry.fieldtypes import POINT, field_dim, is_invariant
 from ..base import GENERIC_INPUTS, Method, build_at_params
-from ..blocks.backbone import mlp
+from ..blocks.backbone import invariant_heads, invariant_readout, is_vector_type, point_cloud_reason, vector_output
 
 LIBRARY = "equiformer-pytorch"
 Attention = Literal["mlp", "l2"]
@@ -124,14 +123,6 @@ def _library() -> Any:
     return Equiformer
 
 
-def _is_vector(t: str) -> bool:
-    return t != POINT and all(ir.l == 1 and ir.p == -1 for _, ir in irreps(t))
-
-
-def _vector_output(spec: TaskSpec) -> bool:
-    return spec.output == POINT or (spec.level == "node" and irreps(spec.output) == irreps("1o"))
-
-
 class LibraryEquiformerModel(nn.Module):
     """The library's ``Equiformer`` on equibench batches (module docstring)."""
 
@@ -141,13 +132,13 @@ class LibraryEquiformerModel(nn.Module):
         self.spec, self.attention = spec, attention
         self.point = spec.point_fields[0]
         self.scalar_fields = [k for k, t in spec.inputs.items() if is_invariant(t)]
-        self.vector_fields = [k for k, t in spec.inputs.items() if _is_vector(t)]
+        self.vector_fields = [k for k, t in spec.inputs.items() if is_vector_type(t)]
         n0 = sum(field_dim(spec.inputs[k]) for k in self.scalar_fields)
         n1 = sum(field_dim(spec.inputs[k]) // 3 for k in self.vector_fields)
         self.constant_input = n0 == 0
         dim_in = (max(n0, 1), n1) if n1 else (max(n0, 1),)
         edge_dim = sum(field_dim(t) for t in spec.edge_inputs.values())
-        self.vector_out = _vector_output(spec)
+        self.vector_out = vector_output(spec)
         with contextlib.redirect_stdout(sys.stderr):  # the library prints when it fills its basis cache
             self.net = _library()(
                 dim=width, dim_in=dim_in, input_degrees=len(dim_in), num_degrees=num_degrees, depth=depth,
@@ -155,9 +146,7 @@ class LibraryEquiformerModel(nn.Module):
                 edge_dim=edge_dim or None, attend_sparse_neighbors=True, num_neighbors=0,
                 l2_dist_attention=attention == "l2", reduce_dim_out=self.vector_out)
         if not self.vector_out:
-            out = field_dim(spec.output)
-            self.node_head = mlp([width, width, width if spec.level == "graph" else out])
-            self.graph_head = mlp([width, width, out]) if spec.level == "graph" else None
+            self.node_head, self.graph_head = invariant_heads(width, spec)
 
     def dense_inputs(self, batch: Batch, B: int) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
         """(the input fiber ``{0: [B, n, d0], 1: [B, n, d1, 3]}``, positions ``[B, n, 3]``, mask ``[B, n]``)."""
@@ -201,10 +190,7 @@ class LibraryEquiformerModel(nn.Module):
         if self.vector_out:
             v = type1[mask]
             return x[mask] + v if self.spec.output == POINT else v
-        node = self.node_head(type0[mask])
-        if self.graph_head is None:
-            return node
-        return self.graph_head(global_add_pool(node, batch.batch, size=B))
+        return invariant_readout(self.node_head, self.graph_head, type0[mask], batch)
 
 
 @register_method("equiformer_pytorch")
@@ -242,17 +228,8 @@ class EquiformerPytorch(Method):
         reason = super().supports(spec)
         if reason:
             return reason
-        if len(spec.point_fields) != 1:
-            return "equiformer_pytorch takes exactly one point field (its coordinates)"
-        bad = [t for t in spec.inputs.values() if t != POINT and not is_invariant(t) and not _is_vector(t)]
-        if bad:
-            return f"equiformer_pytorch takes invariant and '1o' node inputs only, not {bad}"
-        if any(not is_invariant(t) for t in spec.edge_inputs.values()):
-            return "equiformer_pytorch takes invariant edge inputs only"
-        if not (_vector_output(spec) or is_invariant(spec.output)):
-            return (f"equiformer_pytorch predicts points, node-level '1o' vectors or invariant scalars, "
-                    f"not {spec.output!r} at {spec.level} level")
-        return None
+        return point_cloud_reason("equiformer_pytorch", spec,
+                                  outputs="points, node-level '1o' vectors or invariant scalars")
 
     def inexact_reason(self, spec: TaskSpec) -> str | None:
         return L2_REASON if self.attention == "l2" else super().inexact_reason(spec)
