@@ -296,7 +296,8 @@ def path_split(lmax: int) -> tuple[list[str], list[str]]:
     output: every irrep 0e, 0o, (l, +-1) up to ``lmax``; edges: Y_0..Y_lmax), split by whether a Gaunt
     product has them (l1 + l2 + l3 even), written ``"1ox1o->1e"``."""
     hidden = hidden_irreps(1, lmax)
-    kept, dropped = [], []
+    kept: list[str] = []
+    dropped: list[str] = []
     for _, a in hidden:
         for _, b in o3.Irreps.spherical_harmonics(lmax):
             for c in a * b:
@@ -402,6 +403,7 @@ class Interaction(nn.Module):
             return msg.new_zeros(x.shape[0], msg.shape[1]).index_add(0, dst, msg)
         outs, i, j = [], 0, 0
         for conv in self.convs:
+            assert isinstance(conv, GauntConvolution)
             fam = conv.family
             n, k = fam.mul * (fam.l1max + 1) ** 2, fam.mul * len(fam.l2s)
             xc = to_channels(x[:, i:i + n], fam.mul, fam.l1max)

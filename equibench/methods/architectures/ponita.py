@@ -381,8 +381,11 @@ class PonitaModel(nn.Module):
             assert parts is not None
             self.parts = parts
         n_out = sum(m for m, _ in self.parts)
-        self.readouts = nn.ModuleList(nn.Linear(width, n_out) if multiple_readouts or i == depth - 1 else None
-                                      for i in range(depth))
+        # one slot per layer, None where that layer has no readout (add_module takes None; the
+        # ModuleList constructor's annotation does not)
+        self.readouts = nn.ModuleList()
+        for i in range(depth):
+            self.readouts.add_module(str(i), nn.Linear(width, n_out) if multiple_readouts or i == depth - 1 else None)
 
     def lift(self, batch: Batch) -> torch.Tensor:
         """Input signals ``[N, O, n_in]``: invariant inputs copied to every o, o . v per "1o" vector v."""
@@ -408,17 +411,25 @@ class PonitaModel(nn.Module):
         fiber = self.fiber_basis((g @ g.T)[..., None])
         return src, dst, basis, self_basis, fiber
 
+    def blocks(self) -> list[ConvNeXtBlock]:
+        """``self.layers``, each checked to be a ``ConvNeXtBlock``."""
+        blocks: list[ConvNeXtBlock] = []
+        for b in self.layers:
+            assert isinstance(b, ConvNeXtBlock)
+            blocks.append(b)
+        return blocks
+
     def calibrate(self, x: torch.Tensor, geometry: tuple[torch.Tensor, ...]) -> None:
         """The first training batch: each layer's kernels rescaled in turn (``SeparableConv.calibrate``)."""
         with torch.no_grad():
-            for layer in self.layers:
+            for layer in self.blocks():
                 layer.conv.calibrate(x, *geometry)
                 x = layer(x, *geometry)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         geometry = self.geometry(batch)
         x = self.embed(self.lift(batch))
-        if self.training and not all(bool(layer.conv.calibrated) for layer in self.layers):
+        if self.training and not all(bool(layer.conv.calibrated) for layer in self.blocks()):
             self.calibrate(x, geometry)
         readouts = []
         for layer, readout in zip(self.layers, self.readouts):

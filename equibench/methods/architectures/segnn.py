@@ -166,10 +166,12 @@ class SharedModules:
             self.modules[(*key, dtype)] = copy.deepcopy(_prototype(*key, dtype))
         return self.modules[(*key, dtype)]
 
-    def tensor_product(self, irreps_in: o3.Irreps, irreps_attr: o3.Irreps, irreps_out: o3.Irreps) -> nn.Module:
+    def tensor_product(self, irreps_in: o3.Irreps, irreps_attr: o3.Irreps, irreps_out: o3.Irreps) -> o3.TensorProduct:
         """``FullyConnectedTensorProduct(in, attr, out)``, "component" normalisation, no path
         normalisation, weights passed in (``tp(x, a, weight)``)."""
-        return self.get("tp", str(irreps_in), str(irreps_attr), str(irreps_out))
+        tp = self.get("tp", str(irreps_in), str(irreps_attr), str(irreps_out))
+        assert isinstance(tp, o3.TensorProduct)
+        return tp
 
     def gate(self, scalars: o3.Irreps, gates: o3.Irreps, gated: o3.Irreps) -> nn.Module:
         """e3nn ``Gate``: SiLU on ``scalars``, ``gated`` times sigmoid(``gates``)."""
@@ -216,7 +218,8 @@ class SteerableLinear(nn.Module):
         for ins in self.tp.instructions:
             fan_in[ins.i_out] += grouped[ins.i_in1].mul * self.irreps_attr[ins.i_in2].mul
         bound = [1.0 / math.sqrt(max(f, 1)) for f in fan_in]
-        index, bias_bound = [], []
+        index: list[int] = []
+        bias_bound: list[float] = []
         for i, ((mul, ir), sl) in enumerate(zip(self.irreps_out, self.irreps_out.slices())):
             if ir == SCALAR:
                 index.extend(range(sl.start, sl.stop))
@@ -509,13 +512,14 @@ class SEGNN(ForcesOption, Method):
     def mul_for(self, spec: TaskSpec) -> int:
         """The hidden multiplicity: from ``hidden`` (weight-balanced), or the one whose parameter count
         is closest to ``params`` (``ValueError`` beyond 10 %)."""
-        if self.params is None:
+        params = self.params
+        if params is None:
             return balanced_mul(self.hidden, self.lmax_h, self.lmax_attr)
-        lo, hi = bisect_increasing(lambda m: self.count(spec, m), self.params)
-        mul = min((lo, hi), key=lambda m: abs(self.count(spec, m) - self.params))
+        lo, hi = bisect_increasing(lambda m: self.count(spec, m), params)
+        mul = min((lo, hi), key=lambda m: abs(self.count(spec, m) - params))
         n = self.count(spec, mul)
-        if abs(n - self.params) > 0.10 * self.params:
-            raise ValueError(f"segnn: cannot build within 10% of {self.params} parameters (closest: {n} at mul={mul})")
+        if abs(n - params) > 0.10 * params:
+            raise ValueError(f"segnn: cannot build within 10% of {params} parameters (closest: {n} at mul={mul})")
         return mul
 
     def build(self, spec: TaskSpec, seed: int = 0) -> nn.Module:

@@ -210,6 +210,10 @@ class ProductPaths(nn.Module):
     ``S [64, 44]`` applied to the outer product: one matrix product, cheap forward and backward.
     """
 
+    table: torch.Tensor  # [64, 44] buffer: slot of each blade product x_a y_b, signed
+    blade_of_slot: torch.Tensor  # [44, 8] buffer: one-hot output blade of each slot
+    path_of_slot: torch.Tensor  # [44] buffer (long): path index of each slot
+
     def __init__(self) -> None:
         super().__init__()
         c = _cayley((1.0,) * N_GEN)
