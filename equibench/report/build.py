@@ -50,7 +50,7 @@ from .common.metricinfo import stored_metrics
 from .common.render import BannerItem, Page, Section, TableView, md_anchor, section_view, versions_text, write_page
 from .common.tables import loaded_machine_lines, status_table, unmeasured_table
 from .compare import write_comparison
-from .configuration import configuration_notes, configuration_table, read_resolved
+from .configuration import configuration_notes, configuration_table, read_resolved, read_suite_document
 from .efficiency import efficiency_sections
 from .references import reference_sections
 from .sections import SECTIONS, SPECIAL_BENCHES
@@ -114,11 +114,8 @@ def run_purposes(dirs: list[Path]) -> dict[str, str | None]:
     lists or one written before purposes existed)."""
     out: dict[str, str | None] = {}
     for d in dirs:
-        try:
-            doc = json.loads((d / SUITE_FILE).read_text())
-        except (OSError, ValueError):
-            doc = {}
-        out[d.name] = doc.get("purpose") if isinstance(doc, dict) else None
+        purpose = read_suite_document(d).get("purpose")
+        out[d.name] = purpose if isinstance(purpose, str) else None
     return out
 
 
@@ -218,19 +215,10 @@ def banner(df: pd.DataFrame, regressions: list[str] | None = None,
 # ---------------------------------------------------------------------------------------------
 # published numbers beside the measured ones (a suite's ``published:``, read from the run's suite.json)
 
-SUITE_FILE = "suite.json"
-
-
 def suite_documents(run_dirs: list[Path]) -> list[dict[str, Any]]:
-    """The ``suite.json`` of each run directory that has one with ``published`` figures."""
-    docs = []
-    for d in run_dirs:
-        path = d / SUITE_FILE
-        if path.is_file():
-            doc = json.loads(path.read_text())
-            if doc.get("published"):
-                docs.append({**doc, "run_id": d.name})
-    return docs
+    """The suite document of each run directory whose suite carries ``published`` figures."""
+    docs = [{**read_suite_document(d), "run_id": d.name} for d in run_dirs]
+    return [doc for doc in docs if doc.get("published")]
 
 
 def published_table(df: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame:

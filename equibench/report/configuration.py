@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..engine.runner import RESOLVED_FILE
+from ..engine.runner import RESOLVED_FILE, SUITE_FILE
 from ..metrics.catalogue import PARAMS
 from ..plan.suites import DEFAULT
 from .common.render import TableView
@@ -40,6 +40,17 @@ def _identity(entry: dict[str, Any]) -> str:
     the runs that hold it."""
     return json.dumps({k: v for k, v in entry.items() if k not in ("seeds", "params", "runs")}, sort_keys=True,
                       default=str)
+
+
+def read_suite_document(run_dir: Path) -> dict[str, Any]:
+    """The suite document a run stored (its ``suite.json``: name, purpose, ``published``,
+    ``compare``, ...); ``{}`` for a run without one (a ``RunSpec`` list, an older run) or with an
+    unreadable one. The one reader of that file in the report."""
+    try:
+        doc = json.loads((Path(run_dir) / SUITE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def read_resolved(dirs: Iterable[Path]) -> list[dict[str, Any]]:

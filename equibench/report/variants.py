@@ -27,7 +27,6 @@ import pandas as pd
 from scipy import stats
 
 from ..benches.taskrun import TaskBench
-from ..engine.runner import SUITE_FILE
 from ..metrics.catalogue import PARAMS, equivariance_metric, throughput_metric
 from ..results.cards import method_of  # the method of a variant key (<method>@<label>), a string rule
 from ..results.runcards import RunCards
@@ -36,7 +35,7 @@ from .common import fmt
 from .common.metricinfo import header, spec_for, value
 from .common.render import Section
 from .common.tables import options_of, split_sweeps, train_config
-from .configuration import read_resolved
+from .configuration import read_resolved, read_suite_document
 from .verdicts import t_interval, task_metric
 
 EQ = {d: equivariance_metric("trained", d, "rel_mean") for d in ("fp64", "fp32")}
@@ -61,11 +60,8 @@ def compare_documents(dirs: list[Path]) -> list[tuple[dict[str, Any], list[str]]
     """(``compare`` mapping, run ids declaring it) of the run directories whose ``suite.json`` has one."""
     found: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for d in dirs:
-        try:
-            doc = json.loads((Path(d) / SUITE_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        compare = doc.get("compare") if isinstance(doc, dict) else None
+        doc = read_suite_document(d)
+        compare = doc.get("compare")
         if isinstance(compare, dict) and {"method", "option", "baseline"} <= set(compare):
             key = json.dumps(compare, sort_keys=True, default=str)
             found.setdefault(key, (compare, []))[1].append(Path(d).name)
