@@ -236,6 +236,16 @@ def _size(text: str) -> int:
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_FAILURES = 0, 1, 2, 3, 4
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _seeds(text: str) -> list[int]:
     seeds = _csv(int)(text)
     bad = [s for s in seeds if s < 0]
@@ -290,7 +300,7 @@ def _executor_options(args: argparse.Namespace) -> dict | None:
 def _limits(args: argparse.Namespace) -> dict:
     """The worker options every running command shares."""
     return dict(timeout=args.timeout, max_memory=args.max_memory, wait=args.wait, plugins=args.plugin or [],
-                isolate=not args.no_isolate, progress=not args.quiet)
+                isolate=not args.no_isolate, progress=not args.quiet, jobs=args.jobs)
 
 
 def _suite_options(args: argparse.Namespace) -> dict:
@@ -441,6 +451,9 @@ def _add_worker_options(r: argparse.ArgumentParser) -> None:
                    help="resident memory allowed per point, e.g. 4G or 512M (default: 75%% of RAM)")
     r.add_argument("--wait", action="store_true", help="wait for another runner using the same run directory")
     r.add_argument("--no-isolate", action="store_true", help="run points in this process (faster, no limits)")
+    r.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="workers at once on this machine (local executor; give each one core with "
+                        "OMP_NUM_THREADS): every timing runs alone, the other workers paused (default: 1)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--allow-failures", action="store_true",
                    help="exit 0 even when a point ends failed, timeout or out_of_memory (default: exit 4)")

@@ -142,16 +142,18 @@ def test_out_of_memory_is_a_row_with_its_peak_and_the_suite_goes_on(tmp_path):
     assert by.loc["baseline", "status"] == "ok"
 
 
-def test_grouped_points_share_a_worker_and_a_dead_worker_is_replaced(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_grouped_points_share_a_worker_and_a_dead_worker_is_replaced(tmp_path, jobs):
     """Points of one group run in order in one worker with the growing history; the point a
     worker dies on gets the failure (exit status, stderr without progress bars) and the rest of
-    the group runs in a fresh worker; a point over its timeout is killed and the group goes on."""
+    the group runs in a fresh worker; a point over its timeout is killed and the group goes on.
+    The same with two workers at once (``--jobs 2``): the solo point runs beside the group."""
     load_plugin(TOY)
     from equibench.benches.base import bench_class
     bench = bench_class("toy")([("a", "rows", "g", 0), ("b", "rows", "g", 0), ("c", "exit", "g", 0),
                                 ("d", "rows", "g", 0), ("e", "sleep", "g", 120), ("f", "rows", "g", 0),
                                 ("solo", "rows", "", 0)])
-    run_dir = run_benches([bench], tmp_path / "toy", timeout=8, plugins=[TOY], progress=False)
+    run_dir = run_benches([bench], tmp_path / "toy", timeout=8, plugins=[TOY], progress=False, jobs=jobs)
     rows = {r["name"]: r for r in read_records(run_dir)}
     assert [rows[n]["status"] for n in "abcdef"] == ["ok", "ok", "failed", "ok", "timeout", "ok"]
     assert rows["c"]["exit_code"] == 3 and "fatal: the toy point broke" in rows["c"]["error"]
@@ -190,7 +192,7 @@ def test_warm_parent_forks_every_point_and_outlives_a_killed_child(tmp_path):
     assert rows["p"]["status"] == "ok" and rows["p"]["value"] == 2 * 2 * 512 and rows["p"]["threads"] == 2
     assert rows["x"]["status"] == "failed" and f"warm worker parent (pid {first}) died" in rows["x"]["error"]
     assert rows["d"]["status"] == "ok" and rows["d"]["ppid"] not in (first, os.getpid())
-    parent = warm._PARENTS[sys.executable]
+    parent = warm._PARENTS[(sys.executable, 0)]
     # no thread started in the parent since it was ready (threads its imports started may have ended)
     assert parent.pid == rows["d"]["ppid"] and parent.ask_thread_ids() <= parent.thread_ids
     assert all(rows[n]["executor"] == "local" and rows[n]["environment"] == "main" for n in rows)

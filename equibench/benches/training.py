@@ -35,6 +35,7 @@ from torch_geometric.loader import DataLoader
 
 from ..core.config import Config, config_from_dict
 from ..core.errors import UserError
+from ..core.quiet import paused_s
 from ..core.registry import register_probe
 from ..datasets.base import Task
 from ..methods.base import Method
@@ -315,7 +316,7 @@ def train(model: nn.Module, method: Method, task: Task, data: list[Data], cfg: T
     done = False
     while not done:
         for batch in loader:
-            t0 = time.perf_counter()
+            t0, paused0 = time.perf_counter(), paused_s()
             factor = (converge_lr_factor(step, cfg, cool_start, cool_steps) if converge
                       else lr_factor(step, progress(), cfg))
             for g in opt.param_groups:
@@ -342,7 +343,7 @@ def train(model: nn.Module, method: Method, task: Task, data: list[Data], cfg: T
             opt.step()
             losses.append(loss.item())
             step += 1
-            train_s += time.perf_counter() - t0
+            train_s += time.perf_counter() - t0 - (paused_s() - paused0)  # not while stopped (--jobs)
             if converge:
                 if cool_start is None:
                     validated = step % cfg.val_every == 0

@@ -25,6 +25,7 @@ It alone owns, for task runs, scaling sweeps and tensor-product benchmarks alike
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ import sys
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from ..results.store import RunRecords, storage_errors, write_json_atomic, write
 from .envs import EnvBuildError, Environment, env_key, environment_for
 from .executors import Executor, make_executor
 from .jobs import EXIT_STORAGE, Job, job_id
-from .launch import Limits, Outcome
+from .launch import Limits, Outcome, default_max_memory
 from .lock import exclusive
 from .slurm import interrupted
 
@@ -209,7 +210,8 @@ class Engine:
                   points=list(unit.points), python=env.python, environment=env.id, versions=env.versions)
         shutil.rmtree(job.dir, ignore_errors=True)  # never harvest a stale result or marker
         history = [r for h in unit.group_hashes for r in self.history.get(h, [])]
-        job.write(self.plugins, history, self.limits.max_memory)
+        job.write(self.plugins, history, self.limits.max_memory,
+                  coordinated=bool(getattr(self.executor, "coordinated", False)))
         return job
 
     def settle(self, job: Job, outcome: Outcome) -> list[Point]:
@@ -242,32 +244,60 @@ class Engine:
         if self.progress:
             self.bar = _bar(self.total)
         queue = deque(units)
+        units_of: dict[str, Unit] = {}
+        if getattr(self.executor, "streams", False):  # fed one job at a time, as slots free up
+            for job, outcome in self.executor.run(self._jobs(queue, units_of), self.harvest):  # type: ignore[arg-type]
+                self._finish(job, outcome, queue, units_of)
+            return
         while queue:
-            wave: list[tuple[Unit, Job]] = []
-            while queue and len(wave) < self.executor.wave:
-                unit = queue.popleft()
-                env = self.environment(unit.points[0])
-                if isinstance(env, EnvBuildError):
-                    reqs = requirements_of(unit.points[0])
-                    where = Environment(env_key(reqs), "", reqs)
-                    for p in unit.points:
-                        self.fail(p, Status.FAILED, f"environment for {' '.join(reqs)} could not be built: {env}",
-                                  env=where)
-                    continue
-                wave.append((unit, self.make_job(unit, env)))
+            wave = list(itertools.islice(self._jobs(queue, units_of), self.executor.wave))
             if not wave:
                 continue
-            if self.bar is not None:
-                self.bar.set_postfix_str(wave[0][0].points[0].label)
-            units_of = {job.id: unit for unit, job in wave}
-            requeue = []
-            for job, outcome in self.executor.run([job for _, job in wave], self.harvest):
-                self.harvest(job)
-                rest = self.settle(job, outcome)
-                if rest:
-                    requeue.append(Unit(rest, units_of[job.id].group_hashes))
-                shutil.rmtree(job.dir, ignore_errors=True)
-            queue.extendleft(reversed(requeue))
+            requeue: deque[Unit] = deque()
+            for job, outcome in self.executor.run(wave, self.harvest):
+                self._finish(job, outcome, requeue, units_of)
+            queue.extendleft(requeue)
+
+    def _jobs(self, queue: deque[Unit], units_of: dict[str, Unit]) -> Iterator[Job]:
+        """The next units of ``queue`` as jobs (a unit whose environment cannot be built fails
+        here). Not a generator: after a ``StopIteration`` (the queue empty while jobs still run)
+        it gives the units requeued since (``_finish``) when asked again."""
+        engine = self
+
+        class Feed:
+            def __iter__(self) -> Feed:
+                return self
+
+            def __next__(self) -> Job:
+                while queue:
+                    job = engine._job_for(queue.popleft(), units_of)
+                    if job is not None:
+                        return job
+                raise StopIteration
+
+        return Feed()
+
+    def _job_for(self, unit: Unit, units_of: dict[str, Unit]) -> Job | None:
+        env = self.environment(unit.points[0])
+        if isinstance(env, EnvBuildError):
+            reqs = requirements_of(unit.points[0])
+            where = Environment(env_key(reqs), "", reqs)
+            for p in unit.points:
+                self.fail(p, Status.FAILED, f"environment for {' '.join(reqs)} could not be built: {env}", env=where)
+            return None
+        job = self.make_job(unit, env)
+        units_of[job.id] = unit
+        if self.bar is not None:
+            self.bar.set_postfix_str(unit.points[0].label)
+        return job
+
+    def _finish(self, job: Job, outcome: Outcome, requeue: deque[Unit], units_of: dict[str, Unit]) -> None:
+        """Record what ``job`` finished; its points still to run go to the front of ``requeue``."""
+        self.harvest(job)
+        rest = self.settle(job, outcome)
+        if rest:
+            requeue.appendleft(Unit(rest, units_of[job.id].group_hashes))
+        shutil.rmtree(job.dir, ignore_errors=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -303,7 +333,8 @@ def _record_load(run_dir: Path, before: list[float] | None) -> None:
 def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executor: str = "local",
                 isolate: bool = True, timeout: float | None = None, max_memory: int | str | None = None,
                 wait: bool = False, plugins: Sequence[str | os.PathLike] = (), progress: bool = True,
-                executor_options: dict[str, Any] | None = None, records: RunRecords | None = None) -> Path:
+                executor_options: dict[str, Any] | None = None, records: RunRecords | None = None,
+                jobs: int = 1) -> Path:
     """Measure every point of ``benches`` not already finished in ``run_dir``; returns ``run_dir``.
 
     ``timeout`` (seconds) and ``max_memory`` (bytes or "4G"; default 75 % of RAM) limit each
@@ -311,7 +342,9 @@ def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executo
     ``UserError`` for bad input (nothing written) and ``StorageError`` when the disk refuses.
     ``records``: the run directory's records as the caller has read them (``RunRecords``; read
     here, only what is new, and kept up to date with what this run appends), so an invocation
-    that runs several waves into one directory reads ``records.jsonl`` once.
+    that runs several waves into one directory reads ``records.jsonl`` once. ``jobs``: workers at
+    once (local executor only; their timings run alone, ``engine/quiet.py``; the default memory
+    limit is then shared among them).
     """
     plugin_paths = [str(Path(p).resolve()) for p in plugins]
     for plugin in plugin_paths:
@@ -319,9 +352,11 @@ def run_benches(benches: Sequence[Bench], run_dir: str | os.PathLike, *, executo
     points = collect_points(benches)
     for point in points:
         requirements_of(point)  # a malformed declaration is bad input: fail before writing anything
+    if max_memory is None and isinstance(jobs, int) and not isinstance(jobs, bool) and jobs > 1:
+        max_memory = default_max_memory() // jobs
     limits = Limits.make(max_memory, timeout)
     run_dir = Path(run_dir)
-    ex = make_executor(executor, run_dir, limits, isolate, executor_options)
+    ex = make_executor(executor, run_dir, limits, isolate, executor_options, jobs)
     with storage_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(run_dir / LOCK_FILE, f"run directory {run_dir}", wait=wait):

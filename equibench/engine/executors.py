@@ -1,7 +1,8 @@
 """Executors: where jobs run. Each yields every job with the worker's ``Outcome`` as it ends.
 
-* ``LocalExecutor`` (``executor="local"``): one worker at a time on this machine, under the same
-  limits, log and marker either way: a child forked by the environment's warm parent
+* ``LocalExecutor`` (``executor="local"``): one worker at a time on this machine (``jobs`` at a
+  time with ``--jobs``: timings then run alone, ``quiet.py``), under the same limits, log and
+  marker either way: a child forked by the environment's warm parent
   (``warm.py``: torch, torch_geometric and equibench already imported) where ``warm.enabled()``,
   else a cold worker subprocess (``launch.run_worker``); with ``isolate=False`` the main
   environment's jobs run in this process instead (``worker.run_job``: no limits, no interpreter
@@ -25,12 +26,14 @@
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +42,8 @@ from ..results.status import Status
 from . import slurm
 from . import warm as warm_workers
 from .jobs import Job, read_job
-from .launch import STARTUP_GRACE_S, Limits, Outcome, log_tail, run_worker, submitit_job, watch
+from .launch import STARTUP_GRACE_S, Limits, Outcome, Watched, log_tail, run_worker, start_cold, submitit_job, watch
+from .quiet import Coordinator
 from .worker import peak_rss, run_job
 
 OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -71,21 +75,40 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """One worker at a time on this machine: forked by a warm parent (``warm=None``: where
-    ``warm.enabled()``) or a cold subprocess (``isolate=False``: in this process, without limits,
-    for jobs in the main environment; faster, for debugging)."""
+    """Workers on this machine, ``jobs`` at a time: each forked by a warm parent (``warm=None``:
+    where ``warm.enabled()``; one parent per slot) or a cold subprocess; with ``isolate=False`` (one
+    at a time only) in this process, without limits, for jobs in the main environment (faster,
+    for debugging).
 
-    wave = 1
+    ``jobs > 1``: each worker runs one thread of its own (set ``OMP_NUM_THREADS`` to cores / jobs);
+    the engine writes its jobs as coordinated, so every timing section runs alone, the other
+    workers stopped meanwhile (``quiet.Coordinator``); a job is started as soon as a slot is free
+    (the engine feeds them lazily: ``streams``)."""
 
-    def __init__(self, limits: Limits, isolate: bool = True, warm: bool | None = None) -> None:
-        self.limits, self.isolate = limits, isolate
+    streams = True
+
+    def __init__(self, limits: Limits, isolate: bool = True, warm: bool | None = None, jobs: int = 1) -> None:
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise UserError(f"invalid jobs {jobs!r}: must be a positive integer")
+        if jobs > 1 and not isolate:
+            raise UserError("--jobs above 1 needs isolated workers (drop --no-isolate)")
+        self.limits, self.isolate, self.jobs = limits, isolate, jobs
         self.warm = warm_workers.enabled() if warm is None else warm
         self.name = "local" if isolate else "inline"
+        self.wave = jobs
+
+    @property
+    def coordinated(self) -> bool:
+        """Whether workers must ask before timing (more than one runs at once)."""
+        return self.jobs > 1
 
     def prepare(self) -> None:
         """Nothing to clean up: a local worker dies with the runner that started it."""
 
-    def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
+    def run(self, jobs: Iterable[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
+        if self.jobs > 1:
+            yield from self._run_parallel(iter(jobs), on_tick)
+            return
         for job in jobs:
             if self.isolate or job.environment != "main":
                 tick = functools.partial(on_tick, job)
@@ -102,6 +125,60 @@ class LocalExecutor:
                 t0 = time.monotonic()
                 code = run_job(read_job(job.job_file), job.dir)
                 yield job, Outcome(code, None, peak_rss(), None, time.monotonic() - t0, "", None)
+
+    def _run_parallel(self, jobs: Iterator[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
+        """Up to ``self.jobs`` workers at once, each watched by a thread; the engine's callbacks
+        (``on_tick``, taking the next job, handling an outcome) run one at a time under a lock."""
+        lock = threading.Lock()
+        coordinator = Coordinator()
+        workers: dict[str, Any] = {}
+
+        def tick(job: Job) -> None:
+            with lock:
+                on_tick(job)
+
+        def one(job: Job, slot: int) -> Outcome:
+            forked = warm_workers.start(job.python, job.job_file, job.dir, job.log, job.log.parent, slot=slot) \
+                if self.warm else None
+            started = time.monotonic()
+            child: Watched = forked if forked is not None else start_cold(job.python, job.job_file, job.dir, job.log)
+            workers[job.id] = child
+            process = child.process()
+            if process is not None:
+                coordinator.add(job.dir, process)
+            try:
+                return watch(child, job.dir, job.log, self.limits, functools.partial(tick, job), started,
+                             STARTUP_GRACE_S)
+            finally:
+                coordinator.remove(job.dir)
+                workers.pop(job.id, None)
+
+        pool = concurrent.futures.ThreadPoolExecutor(self.jobs, thread_name_prefix="equibench-worker")
+        running: dict[concurrent.futures.Future[Outcome], tuple[Job, int]] = {}
+        free = list(range(self.jobs - 1, -1, -1))
+        try:
+            while True:
+                with lock:
+                    while free:
+                        job = next(jobs, None)
+                        if job is None:
+                            break
+                        slot = free.pop()
+                        job.launched = time.time()
+                        running[pool.submit(one, job, slot)] = (job, slot)
+                if not running:
+                    return
+                done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    job, slot = running.pop(future)
+                    free.append(slot)
+                    with lock:
+                        yield job, future.result()
+        finally:
+            for child in list(workers.values()):  # the runner is being interrupted
+                child.kill()
+            pool.shutdown(wait=True)
+            coordinator.close()
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -284,11 +361,14 @@ def _result(task: Any) -> Outcome:
 
 
 def make_executor(executor: str, run_dir: Path, limits: Limits, isolate: bool,
-                  options: dict[str, Any] | None) -> Executor:
+                  options: dict[str, Any] | None, jobs: int = 1) -> Executor:
     if executor == "local":
         if options:
             raise UserError(f"executor 'local' takes no options, got {sorted(options)}")
-        return LocalExecutor(limits, isolate)
+        return LocalExecutor(limits, isolate, jobs=jobs)
+    if jobs != 1:
+        raise UserError(f"--jobs is for the local executor; {executor}'s tasks at once are its "
+                        "'parallelism' option")
     if executor == "submitit":
         return SubmititExecutor(run_dir / "submitit", options or {}, limits, name=f"equibench-{run_dir.name}")
     raise UserError(f"unknown executor {executor!r} (known: local, submitit)")

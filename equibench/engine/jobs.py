@@ -6,7 +6,8 @@ A *job* is a list of points that one worker interpreter measures in order, in it
     job.json        written by the runner before the worker starts:
                     {"protocol": 1, "points": [Point.to_dict()...], "plugins": [abs paths],
                      "history": [rows], "environment": "main" | <env hash>,
-                     "equibench_root": <folder holding the equibench package>, "max_memory": bytes}
+                     "equibench_root": <folder holding the equibench package>, "max_memory": bytes,
+                     "coordinated": true when other workers run at once (timing asks first: core.quiet)}
     current         the hash of the point the worker is on (replaced atomically before each point)
     <hash>.json     one result per finished point, written atomically (temp file, fsync, rename):
                     {"hash", "rows": [...], "versions": {package: version}, "environment",
@@ -65,8 +66,9 @@ class Job:
     def result_file(self, point: Point) -> Path:
         return self.dir / f"{point.hash}.json"
 
-    def write(self, plugins: list[str], history: list[Row], max_memory: int | None) -> None:
-        """Create the job folder and write ``job.json`` (``StorageError`` when the disk refuses)."""
+    def write(self, plugins: list[str], history: list[Row], max_memory: int | None, coordinated: bool = False) -> None:
+        """Create the job folder and write ``job.json`` (``StorageError`` when the disk refuses);
+        ``coordinated``: other workers run at once, so the worker asks before timing (``core.quiet``)."""
         with storage_errors(self.dir):
             self.dir.mkdir(parents=True, exist_ok=True)
             self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +76,7 @@ class Job:
             "protocol": PROTOCOL, "points": [p.to_dict() for p in self.points],
             "plugins": [str(Path(p).resolve()) for p in plugins], "history": history,
             "environment": self.environment, "equibench_root": equibench_root(), "max_memory": max_memory,
+            **({"coordinated": True} if coordinated else {}),
         }, indent=None)
 
     def read_result(self, point: Point) -> dict[str, Any] | None:

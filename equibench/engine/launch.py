@@ -39,6 +39,7 @@ import psutil
 from ..core.errors import UserError
 from ..results.status import Status
 from .jobs import MARKER, equibench_root
+from .quiet import paused_of
 
 # ---- resource limits of one point (was suite/limits.py, then suite/launch.py) ------------------------------
 # Resource limits of one measurement point: memory (bytes) and wall time (seconds).
@@ -322,11 +323,18 @@ def _waiter(pid: int) -> Callable[[float], None]:
 def run_worker(python: str, job_file: str | os.PathLike, out_dir: str | os.PathLike, log: str | os.PathLike,
                limits: Limits, on_tick: Callable[[], None] | None = None) -> Outcome:
     """Run one cold worker to its end under ``limits``; never raises for what the worker does."""
+    started = time.monotonic()
+    return watch(start_cold(python, job_file, out_dir, log), out_dir, log, limits, on_tick, started,
+                 STARTUP_GRACE_S)
+
+
+def start_cold(python: str, job_file: str | os.PathLike, out_dir: str | os.PathLike,
+               log: str | os.PathLike) -> Subprocess:
+    """A cold worker subprocess for the job, in a session of its own, its output appended to ``log``."""
     with open(log, "ab") as log_f:
-        started = time.monotonic()
         proc = subprocess.Popen(worker_command(python, job_file, out_dir), stdin=subprocess.DEVNULL, stdout=log_f,
                                 stderr=subprocess.STDOUT, env=worker_environ(), start_new_session=True)
-    return watch(Subprocess(proc), out_dir, log, limits, on_tick, started, STARTUP_GRACE_S)
+    return Subprocess(proc)
 
 
 def watch(worker: Watched, out_dir: str | os.PathLike, log: str | os.PathLike, limits: Limits,
@@ -337,6 +345,8 @@ def watch(worker: Watched, out_dir: str | os.PathLike, log: str | os.PathLike, l
     marker = Path(out_dir) / MARKER
     ps = worker.process()
     peak, current, point_started = 0, None, started + grace
+    # time the worker spent stopped for another worker's timing (``--jobs``) is not its own
+    paused_then = 0.0
     killed_for: Status | None = None
     try:
         while not worker.ended():
@@ -347,11 +357,12 @@ def watch(worker: Watched, out_dir: str | os.PathLike, log: str | os.PathLike, l
                 on = marker.read_text().strip() or None
             except OSError:
                 on = None
+            paused = paused_of(out_dir) if limits.timeout else 0.0
             if on != current:
-                current, point_started = on, now
+                current, point_started, paused_then = on, now, paused
             if limits.max_memory and rss > limits.max_memory:
                 killed_for = Status.OUT_OF_MEMORY
-            elif limits.timeout and now - point_started > limits.timeout:
+            elif limits.timeout and now - point_started - (paused - paused_then) > limits.timeout:
                 killed_for = Status.TIMEOUT
             if killed_for:
                 worker.kill()

@@ -110,7 +110,8 @@ def run_suite(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "result
               methods: list[str] | None = None, seeds: list[int] | None = None, device: str | None = None,
               progress: bool = True, executor_options: dict[str, Any] | None = None, extras: bool | None = None,
               task_options: dict[str, dict[str, Any]] | None = None,
-              method_options: dict[str, dict[str, Any]] | None = None, announce: bool = False) -> RunRecords:
+              method_options: dict[str, dict[str, Any]] | None = None, announce: bool = False,
+              jobs: int = 1) -> RunRecords:
     """``run`` returning the handle to what the run wrote (``RunRecords``: its directory, rows,
     DataFrame, point outcomes), with the suite file parsed once, plugins loaded once and
     ``records.jsonl`` read once (only what earlier invocations wrote; this run's rows are kept as
@@ -118,7 +119,8 @@ def run_suite(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "result
     for p in plugins:
         load_plugin(p)
     options: dict[str, Any] = dict(executor=executor, isolate=isolate, timeout=timeout, max_memory=max_memory,
-                                   wait=wait, plugins=plugins, progress=progress, executor_options=executor_options)
+                                   wait=wait, plugins=plugins, progress=progress, executor_options=executor_options,
+                                   jobs=jobs)
     check_executor(executor, executor_options)  # bad executor options: nothing written
     overrides: dict[str, Any] = {"task_options": task_options, "method_options": method_options}
     suite = suites.read_suite(suite_or_runspecs) if isinstance(suite_or_runspecs, (str, os.PathLike)) else None
@@ -153,7 +155,8 @@ def run(suite_or_runspecs: Suite, results_dir: str | os.PathLike = "results", ex
     Options (keywords): ``run_name``, ``resume``, ``append``, ``isolate``, ``timeout``,
     ``max_memory``, ``wait``, ``plugins``, ``tasks``, ``methods``, ``seeds``, ``device``,
     ``progress``, ``executor_options``, ``extras``, ``task_options``, ``method_options``,
-    ``announce``. ``executor`` is "local" (worker subprocesses here) or "submitit"; ``timeout``
+    ``announce``, ``jobs`` (workers at once on this machine; timings then run alone).
+    ``executor`` is "local" (worker subprocesses here) or "submitit"; ``timeout``
     (s) and ``max_memory`` (bytes or "4G"; default 75 % of RAM) limit each point; ``wait`` waits
     for another runner of the same run directory. The suite's ``scaling``/``tp_bench`` sections
     run when ``extras`` is True, or when it is None and neither ``tasks`` nor ``methods`` narrows

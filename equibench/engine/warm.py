@@ -413,15 +413,16 @@ def _env_key(env: dict[str, str]) -> str:
                           .encode()).hexdigest()
 
 
-_PARENTS: dict[str, WarmParent] = {}
+_PARENTS: dict[tuple[str, int], WarmParent] = {}
 _BROKEN: set[tuple[str, str]] = set()
 _OWNER = [os.getpid()]
 _LOCK = threading.Lock()
 
 
-def parent_for(python: str, log_dir: Path) -> WarmParent | None:
-    """The warm parent for ``python`` (started when missing, dead or started with other
-    variables), or None when this interpreter cannot have one (its imports failed): run cold."""
+def parent_for(python: str, log_dir: Path, slot: int = 0) -> WarmParent | None:
+    """The warm parent for ``python`` in ``slot`` (started when missing, dead or started with other
+    variables), or None when this interpreter cannot have one (its imports failed): run cold.
+    Slots: ``--jobs N`` runs N workers at once, each slot with a parent of its own."""
     env = worker_environ()
     key = _env_key(env)
     if (python, key) in _BROKEN:
@@ -432,29 +433,30 @@ def parent_for(python: str, log_dir: Path) -> WarmParent | None:
         _PARENTS.clear()
         _SPAWNER.clear()  # its thread did not survive the fork
         _OWNER[0] = os.getpid()
-    parent = _PARENTS.get(python)
+    parent = _PARENTS.get((python, slot))
     if parent is not None and parent.busy:  # another thread's job: never replaced under it
         return parent
     if parent is not None and (parent.env_key != key or not parent.alive()):
         parent.close()
         parent = None
     if parent is None:
-        log = log_dir / "warm" / f"parent-{hashlib.sha256(python.encode()).hexdigest()[:8]}-{os.getpid()}.log"
+        log = log_dir / "warm" / (f"parent-{hashlib.sha256(python.encode()).hexdigest()[:8]}-{os.getpid()}"
+                                  + (f"-{slot}" if slot else "") + ".log")
         try:
             parent = WarmParent(python, log, env)
         except ParentGone:
             _BROKEN.add((python, key))
             return None
-        _PARENTS[python] = parent
+        _PARENTS[(python, slot)] = parent
     return parent
 
 
 def start(python: str, job_file: str | os.PathLike, out_dir: str | os.PathLike, log: str | os.PathLike,
-          log_dir: Path) -> ForkedChild | None:
-    """The job's child, forked by the warm parent of ``python`` (started if need be), or None
-    when there is none to fork it: the caller runs the job cold."""
+          log_dir: Path, slot: int = 0) -> ForkedChild | None:
+    """The job's child, forked by the warm parent of ``python`` in ``slot`` (started if need be),
+    or None when there is none to fork it: the caller runs the job cold."""
     with _LOCK:  # runs in two threads of one runner share no parent: the second one runs cold
-        parent = parent_for(python, log_dir)
+        parent = parent_for(python, log_dir, slot)
         if parent is None or parent.busy:
             return None
         parent.busy = True

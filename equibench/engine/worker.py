@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..benches.base import Point, Row, bench_class
+from ..core import quiet
 from ..core.envinfo import package_versions
 from ..core.registry import load_plugin
 from ..results.rows import exception_rows
@@ -84,6 +85,7 @@ def run_job(job: dict[str, Any], out_dir: str | os.PathLike) -> int:
     """Measure every point of ``job`` into ``out_dir``; the worker's exit status."""
     out = Path(out_dir)
     check_source(job["equibench_root"])
+    quiet.configure(out if job.get("coordinated") else None)
     for plugin in job["plugins"]:
         load_plugin(plugin)
     versions = package_versions()

@@ -58,6 +58,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch_geometric.data import Batch
 
+from ..core.quiet import quiet
 from ..core.registry import register_probe
 from .catalogue import PROFILE_MODES, PROFILE_REGIONS, MetricSpec, profile_metric
 from .probe import Probe, ProbeContext, ProbeSettings, Reading, reading
@@ -236,7 +237,7 @@ def profile_breakdown(model: nn.Module, batch: Batch, device: str | torch.device
     torch.set_num_threads(threads)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
-        with torch.no_grad(), _tensor_product_ranges(model):
+        with torch.no_grad(), _tensor_product_ranges(model), quiet():  # alone under --jobs (core.quiet)
             t_fwd = _forward_seconds(model, batch, device)
             if calls is None:
                 calls = min(max_calls, max(3, math.ceil(budget_s / max(t_fwd, 1e-9)))) | 1

@@ -67,6 +67,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch_geometric.data import Batch
 
 from ..core.errors import UserError
+from ..core.quiet import coordinated, quiet
 from ..core.registry import register_probe
 from ..symmetry.precision import dtype_name
 from .catalogue import THROUGHPUT_MODES, THROUGHPUT_STATS, throughput_metric, timing_spec
@@ -389,25 +390,35 @@ def _iqr(xs: Sequence[float]) -> float:
     return q[2] - q[0]
 
 
+#: the timer's note when other workers ran at once (``--jobs``): they were stopped while this timed
+QUIET_NOTE = "; alone (other workers stopped)"
+
+
 def time_step(step: Callable[[], Any], device: str | torch.device = "cpu", *, threads: int | None = None,
               warmup: int = 3, repeats: int = 10, min_sample_s: float = 0.05, flush_l2: bool = False,
               stable_tol: float = 0.05, max_warmup_samples: int = 5, clock: str = "wall") -> dict[str, Any]:
     """Time any zero-argument ``step`` on ``device``: median/IQR per call and how it was measured
-    (``clock`` applies to CPU only; CUDA events always measure GPU elapsed time)."""
+    (``clock`` applies to CPU only; CUDA events always measure GPU elapsed time). Under
+    ``--jobs`` the samples are taken in a quiet section (``core.quiet``: the run's other workers
+    stopped), and the timer says so."""
     device = torch.device(device)
     kw: dict[str, Any] = dict(repeats=repeats, warmup=warmup, min_sample_s=min_sample_s, stable_tol=stable_tol,
                               max_warmup_samples=max_warmup_samples)
     if device.type == "cuda":
-        res = sample_times(cuda_run(step, device, flush_l2), **kw)
+        with quiet():
+            res = sample_times(cuda_run(step, device, flush_l2), **kw)
         timer, threads = "cuda_events" + ("+l2_flush" if flush_l2 else ""), None
     else:
         threads = threads or torch.get_num_threads()
         prev = torch.get_num_threads()
         try:
-            res = sample_times(cpu_run(step, threads, clock), **kw)
+            with quiet():
+                res = sample_times(cpu_run(step, threads, clock), **kw)
         finally:
             torch.set_num_threads(prev)
         timer = CPU_TIMER + (" (process_time)" if clock == "cpu" else "")
+    if coordinated():
+        timer += QUIET_NOTE
     s = res["samples"]
     med = statistics.median(s)
     iqr = _iqr(s)
