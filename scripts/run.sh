@@ -7,5 +7,8 @@ scripts/setup.sh
 # one OpenMP thread per process: with two, any other load on a 2-core machine stalls small models
 # 20-100x (docs/design.md, "Threads"); every throughput row records the thread count it ran with
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# one worker per core (EQUIBENCH_JOBS to change it): training runs side by side, and every timing
+# runs alone with the other workers paused (`--jobs`, equibench/core/quiet.py)
+JOBS=${EQUIBENCH_JOBS:-$(nproc)}
 SUITE=${1:-quick}; shift || true
-exec .venv/bin/equibench run "$SUITE" --device cpu "$@"
+exec .venv/bin/equibench run "$SUITE" --device cpu --jobs "$JOBS" "$@"

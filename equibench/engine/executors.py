@@ -94,7 +94,7 @@ class LocalExecutor:
             raise UserError("--jobs above 1 needs isolated workers (drop --no-isolate)")
         self.limits, self.isolate, self.jobs = limits, isolate, jobs
         self.warm = warm_workers.enabled() if warm is None else warm
-        self.name = "local" if isolate else "inline"
+        self.name = ("local" if jobs == 1 else f"local:{jobs}") if isolate else "inline"
         self.wave = jobs
 
     @property

@@ -60,6 +60,7 @@ class PointColumns(_Columns):
     environment: str | None = Field(None, description="`main`, or the hash of the isolated environment the point "
                                     "ran in")
     executor: str | None = Field(None, description="which executor ran the point: `local` (worker processes), "
+                                 "`local:<N>` (N workers at once, `--jobs N`; timings ran alone), "
                                  "`inline` (in the runner, `--no-isolate`) or `submitit:<cluster>`")
     slurm_job_id: str | None = Field(None, description="`submitit:slurm` rows: the Slurm array job that ran the "
                                      "point (`scontrol show job <id>_<task>`)")
