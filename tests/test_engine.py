@@ -217,16 +217,17 @@ def test_cold_workers_on_request(tmp_path, monkeypatch):
 # ---- one runner per run directory; kill -9; full disk ---------------------------------------
 
 @pytest.mark.slow  # engine fault test, ~20-80 s: run by .ci/run's slow step and scripts/test.sh --slow
-def test_kill_minus_9_then_resume_runs_every_spec_once(tmp_path):
+@pytest.mark.parametrize("jobs", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_kill_minus_9_then_resume_runs_every_spec_once(tmp_path, jobs):
     """A real `equibench run` (workers as subprocesses) holds its run directory: a second runner
     exits 2 naming it. Killed with SIGKILL mid-run, it leaves no worker behind and nothing that
     blocks `--resume`, which then completes every spec exactly once. (The points train 1500 steps,
     seconds each: with warm workers the 4-step points would all end before the second runner has
-    even imported equibench.)"""
+    even imported equibench.) With `--jobs 2` (slow) the same holds with two workers killed at once."""
     suite = write_suite(tmp_path / "suite.yaml", {"baseline": SMALL, "augmentation": SMALL}, seeds=(0, 1, 2),
                         name="killtest", steps=1500)
     cmd = [sys.executable, "-m", "equibench.cli", "run", str(suite), "--results-dir", str(tmp_path / "res"),
-           "--name", "k", "--quiet", "--no-report"]
+           "--name", "k", "--quiet", "--no-report", "--jobs", str(jobs)]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "res" / "k"
     deadline = time.time() + 240
