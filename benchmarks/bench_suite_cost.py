@@ -9,7 +9,9 @@
       overhead    = sum of the engine's end-to-end ``wall_s`` per point - (finished_at - started_at)
                     (worker start, job files, result collection),
 
-  as seconds and as shares of the task points' end-to-end time; plus the run's wall time.
+  as seconds and as shares of the task points' end-to-end time; plus the run's wall time. A run
+  with ``--jobs`` records per point the seconds its worker was stopped for another worker's timing
+  (``paused_s``): they are taken out of both differences (the benchmark itself runs one job).
 * ``WrapperOverhead``: each backbone wrapper's inference time over the shared backbone's
   (``benchmarks/bench_overhead.py``: same batch of 50 graphs, 20k parameters, one thread,
   interleaved ``blocked_autorange``, median ratio over rounds); frame averaging per frame.
@@ -41,8 +43,10 @@ def time_split(rows: list[dict[str, Any]]) -> dict[str, float]:
     for r in rows:
         if r.get("status") != "ok" or not r.get("started_at") or not r.get("finished_at"):
             continue
-        p = points.setdefault(str(r["spec_hash"]), {"train": 0.0, "inside": _seconds(r["started_at"], r["finished_at"]),
-                                                    "wall": float(r.get("wall_s") or 0.0)})
+        paused = float(r.get("paused_s") or 0.0)  # --jobs: stopped for another worker's timing (not this point's)
+        p = points.setdefault(str(r["spec_hash"]), {"train": 0.0,
+                                                    "inside": _seconds(r["started_at"], r["finished_at"]) - paused,
+                                                    "wall": float(r.get("wall_s") or 0.0) - paused})
         if r["metric"] == "train.wall_s":
             p["train"] = float(r["value"])
     train = sum(p["train"] for p in points.values())

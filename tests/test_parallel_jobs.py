@@ -140,6 +140,10 @@ def test_two_jobs_give_the_numbers_of_one_each_point_once_timed_alone(tmp_path):
     timers_one = set(one.loc[one["metric"].str.startswith("throughput."), "timer"].dropna())
     assert timers_two and all(t.endswith(QUIET_NOTE) for t in timers_two)
     assert timers_one and not any(t.endswith(QUIET_NOTE) for t in timers_one)
+    assert set(two["executor"]) == {"local:2"} and set(one["executor"]) == {"local"}
+    assert "paused_s" not in one or one["paused_s"].isna().all()
+    paused = two.drop_duplicates("spec_hash")["paused_s"]
+    assert paused.notna().all() and (paused >= 0).all() and (paused < two.drop_duplicates("spec_hash")["wall_s"]).all()
 
 
 @pytest.mark.parametrize("argv, message", [

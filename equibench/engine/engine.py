@@ -156,14 +156,15 @@ class Engine:
 
     # ---- rows -------------------------------------------------------------------------
     def record(self, point: Point, rows: list[Row], *, wall_s: float, env: Environment | None,
-               versions: dict[str, str] | None = None, scheduler: dict[str, Any] | None = None) -> None:
+               versions: dict[str, str] | None = None, scheduler: dict[str, Any] | None = None,
+               paused_s: float | None = None) -> None:
         """Append ``rows`` of ``point`` as one block, stamped by the one writer
         (``results.rows.point_record``: identity, run-level columns, units, schema version);
         ``scheduler``: the Slurm ids of the task that ran it (``Job.scheduler``)."""
         run = RunColumns(run_id=self.run_dir.name, spec_hash=point.hash, bench=point.bench, git_commit=git_commit(),
                          versions=versions if versions is not None else (env.versions if env is not None else {}),
                          environment=env.id if env is not None else "main", executor=self.executor.name,
-                         wall_s=wall_s, **(scheduler or {}))
+                         wall_s=wall_s, paused_s=paused_s, **(scheduler or {}))
         block = point_record(point.identity, rows, run).rows()
         self.describe(point, block)
         out = self.records.append(block)
@@ -187,7 +188,7 @@ class Engine:
             start = self.clock.get(job.id) or job.launched or res["started"]
             self.clock[job.id] = res["finished"]
             self.record(p, res["rows"], wall_s=res["finished"] - start, env=self._env_of(job),
-                        versions=res.get("versions"), scheduler=job.scheduler)
+                        versions=res.get("versions"), scheduler=job.scheduler, paused_s=res.get("paused_s"))
 
     # ---- jobs -------------------------------------------------------------------------
     def environment(self, point: Point) -> Environment | EnvBuildError:

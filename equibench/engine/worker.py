@@ -97,10 +97,12 @@ def run_job(job: dict[str, Any], out_dir: str | os.PathLike) -> int:
     try:
         for point in points:
             jobs.write_durably(out / MARKER, point.hash)
-            started = time.time()
+            started, paused = time.time(), quiet.paused_s()
             rows = measure(point, history, job.get("max_memory"))
             result = {"hash": point.hash, "rows": rows, "versions": versions, "environment": job["environment"],
                       "started": started, "finished": time.time()}
+            if quiet.coordinated():
+                result["paused_s"] = quiet.paused_s() - paused
             jobs.write_durably(out / f"{point.hash}.json", json.dumps(result, default=_json_default))
             history += [{**point.identity, **r} for r in rows]
     except OSError as err:

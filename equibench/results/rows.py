@@ -44,7 +44,7 @@ _NOT_MEASURED: dict[type[PointNotMeasured], Status] = {NotApplicable: Status.NOT
 #: ``Skipped.__name__`` (layers below this one cannot spell a ``Status``)
 NOT_MEASURED = "not_measured"
 #: run-level columns only some executors fill (left off the rows where they are None)
-OPTIONAL_RUN_COLUMNS = ("slurm_job_id", "slurm_array_task_id")
+OPTIONAL_RUN_COLUMNS = ("slurm_job_id", "slurm_array_task_id", "paused_s")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class RunColumns:
     #: ``submitit:slurm``: the array job and the array task that ran the point (absent elsewhere)
     slurm_job_id: str | None = None
     slurm_array_task_id: int | None = None
+    #: ``--jobs``: seconds the worker was stopped during the point for other workers' timings
+    paused_s: float | None = None
 
 
 def now() -> str:

@@ -74,6 +74,8 @@ class PointColumns(_Columns):
     implementation: str | None = Field(None, description="which code produced the row: `equibench <version>` or "
                                        "the wrapped library and its version")
     wall_s: float | None = Field(None, description="how long the point took end to end (s)")
+    paused_s: float | None = Field(None, description="`local:<N>` rows: seconds of `wall_s` the worker was stopped "
+                                   "while another worker timed (`--jobs`; not in the point's training time)")
     started_at: str | None = Field(None, description="UTC time the point started (ISO 8601)")
     finished_at: str | None = Field(None, description="UTC time the point ended (ISO 8601)")
     exact_claim: bool | None = Field(None, description="whether the method claims exact equivariance on this task")
