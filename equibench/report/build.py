@@ -242,6 +242,22 @@ def published_table(df: pd.DataFrame, published: dict[str, Any]) -> pd.DataFrame
     return pd.DataFrame(rows).set_index("method")
 
 
+def _learning_rates(runs: pd.DataFrame) -> str:
+    """``method lr, ...`` as the task points ran (a tuned rate replaces the suite's), or "" when unknown."""
+    if "train_config" not in runs or "method" not in runs:
+        return ""
+    rates: dict[str, set[float]] = {}
+    for method, cfg in runs.drop_duplicates("spec_hash")[["method", "train_config"]].itertuples(index=False):
+        if isinstance(cfg, str):
+            try:
+                cfg = json.loads(cfg)
+            except ValueError:
+                continue
+        if isinstance(cfg, dict) and isinstance(cfg.get("lr"), (int, float)):
+            rates.setdefault(str(method), set()).add(float(cfg["lr"]))
+    return ", ".join(f"{m} {'/'.join(f'{r:g}' for r in sorted(v))}" for m, v in sorted(rates.items()))
+
+
 def published_sections(df: pd.DataFrame, run_dirs: list[Path]) -> list[Section]:
     """A section per suite document with published figures."""
     out: list[Section] = []
@@ -249,9 +265,12 @@ def published_sections(df: pd.DataFrame, run_dirs: list[Path]) -> list[Section]:
         pub = doc["published"]
         runs = df[df["run_id"] == doc["run_id"]] if "run_id" in df else df
         budget = json.dumps(doc.get("train", {}), sort_keys=True)
+        rates = _learning_rates(runs)
         out.append({"task": f"published-{doc['name']}", "heading": f"Published numbers: suite {doc['name']}",
                     "context": (f"Task {pub['task']}, metric {pub['metric']}; protocol: {pub.get('protocol', '')}; "
-                                f"this run's training settings: {budget}; seeds: {doc.get('seeds')}. Measured "
+                                f"this run's training settings: {budget}"
+                                + (f" (the suite's; learning rate as run, per method: {rates})" if rates else "")
+                                + f"; seeds: {doc.get('seeds')}. Measured "
                                 "values are the mean over seeds with a 95 % t-interval; a budget smaller than the "
                                 "published one makes the values incomparable in size, only the ordering can be "
                                 "compared."),
