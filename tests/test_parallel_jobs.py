@@ -7,10 +7,12 @@ exactly once; timing rows say they ran alone; bad combinations are one line and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -52,6 +54,22 @@ def _spawn(folder: Path, seconds: float, wait: float = 0.0, hold: float = 0.0) -
                             cwd=ROOT)
 
 
+@contextlib.contextmanager
+def _coordinated(tmp_path: Path, a: dict, b: dict) -> Iterator[tuple[subprocess.Popen, subprocess.Popen, Coordinator]]:
+    """Workers a and b (``_spawn`` options) under one coordinator; both killed and the coordinator
+    closed on the way out."""
+    workers = _spawn(tmp_path / "a", **a), _spawn(tmp_path / "b", **b)
+    coordinator = Coordinator()
+    try:
+        for name, w in zip("ab", workers):
+            coordinator.add(tmp_path / name, psutil.Process(w.pid))
+        yield workers[0], workers[1], coordinator
+    finally:
+        coordinator.close()
+        for w in workers:
+            w.kill()
+
+
 def test_quiet_alone_is_a_no_op():
     quiet.configure(None)
     t0 = time.monotonic()
@@ -66,20 +84,11 @@ def test_a_quiet_section_stops_the_other_workers_and_their_clocks_skip_the_pause
     """Worker A asks for 1 s of quiet after 1 s; worker B ticks every millisecond for 3 s. B must
     not tick inside A's section, must have been stopped about as long (``quiet.paused``), and its
     own ``paused_s()`` must say so."""
-    a = _spawn(tmp_path / "a", seconds=3.0, wait=1.0, hold=1.0)
-    b = _spawn(tmp_path / "b", seconds=3.0)
-    coordinator = Coordinator()
-    try:
-        coordinator.add(tmp_path / "a", psutil.Process(a.pid))
-        coordinator.add(tmp_path / "b", psutil.Process(b.pid))
+    with _coordinated(tmp_path, dict(seconds=3.0, wait=1.0, hold=1.0), dict(seconds=3.0)) as (a, b, coordinator):
         assert a.wait(30) == 0
         coordinator.remove(tmp_path / "a")
         assert b.wait(30) == 0
         coordinator.remove(tmp_path / "b")
-    finally:
-        coordinator.close()
-        for p in (a, b):
-            p.kill()
     out_a = json.loads((tmp_path / "a" / "out.json").read_text())
     out_b = json.loads((tmp_path / "b" / "out.json").read_text())
     asked, got, left = out_a["section"]
@@ -94,12 +103,7 @@ def test_a_quiet_section_stops_the_other_workers_and_their_clocks_skip_the_pause
 
 def test_a_worker_that_ends_inside_its_section_releases_the_others(tmp_path):
     """A holder that dies mid-section (crash, timeout kill) must not leave the others stopped."""
-    a = _spawn(tmp_path / "a", seconds=30.0, wait=0.0, hold=30.0)
-    b = _spawn(tmp_path / "b", seconds=2.0)
-    coordinator = Coordinator()
-    try:
-        coordinator.add(tmp_path / "a", psutil.Process(a.pid))
-        coordinator.add(tmp_path / "b", psutil.Process(b.pid))
+    with _coordinated(tmp_path, dict(seconds=30.0, wait=0.0, hold=30.0), dict(seconds=2.0)) as (a, b, coordinator):
         deadline = time.time() + 30
         while not coordinator.sections and time.time() < deadline and \
                 psutil.Process(b.pid).status() != psutil.STATUS_STOPPED:
@@ -109,10 +113,6 @@ def test_a_worker_that_ends_inside_its_section_releases_the_others(tmp_path):
         a.wait()
         coordinator.remove(tmp_path / "a")
         assert b.wait(30) == 0  # continued, and finished its own work
-    finally:
-        coordinator.close()
-        for p in (a, b):
-            p.kill()
 
 
 TINY_SUITE = {"name": "jobs", "seeds": [0, 1], "tasks": {"nbody": {"train_size": 32, "val_size": 8, "test_size": 16}},
