@@ -140,7 +140,7 @@ class LocalExecutor:
         def one(job: Job, slot: int) -> Outcome:
             forked = warm_workers.start(job.python, job.job_file, job.dir, job.log, job.log.parent, slot=slot) \
                 if self.warm else None
-            started = time.monotonic()
+            job.launched, started = time.time(), time.monotonic()  # a warm parent's start-up is not the job's
             child: Watched = forked if forked is not None else start_cold(job.python, job.job_file, job.dir, job.log)
             workers[job.id] = child
             process = child.process()
@@ -164,7 +164,6 @@ class LocalExecutor:
                         if job is None:
                             break
                         slot = free.pop()
-                        job.launched = time.time()
                         running[pool.submit(one, job, slot)] = (job, slot)
                 if not running:
                     return
