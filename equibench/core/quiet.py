@@ -36,7 +36,6 @@ WANT, GRANTED, PAUSED = "quiet.want", "quiet.granted", "quiet.paused"
 POLL_S = 0.002
 
 
-
 class _State:
     """This worker's side of the protocol."""
 
@@ -78,7 +77,8 @@ def paused_s() -> float:
     return _state.paused  # kept current by the SIGCONT handler (the runner writes it before SIGCONT)
 
 
-def _write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` at once (a reader sees the old or the new content)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -97,7 +97,7 @@ def quiet() -> Iterator[None]:
         return
     _state.n += 1
     n = str(_state.n)
-    _write(folder / WANT, n)
+    write_text_atomic(folder / WANT, n)
     while True:
         try:
             if (folder / GRANTED).read_text().strip() == n:

@@ -25,7 +25,6 @@ It alone owns, for task runs, scaling sweeps and tensor-product benchmarks alike
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ import sys
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from ..results.rows import RunColumns, point_record, status_row
 from ..results.status import Status
 from ..results.store import RunRecords, storage_errors, write_json_atomic, write_parquet
 from .envs import EnvBuildError, Environment, env_key, environment_for
-from .executors import Executor, make_executor
+from .executors import Executor, LocalExecutor, make_executor
 from .jobs import EXIT_STORAGE, Job, job_id
 from .launch import Limits, Outcome, default_max_memory
 from .lock import exclusive
@@ -246,37 +245,29 @@ class Engine:
             self.bar = _bar(self.total)
         queue = deque(units)
         units_of: dict[str, Unit] = {}
-        if getattr(self.executor, "streams", False):  # fed one job at a time, as slots free up
-            for job, outcome in self.executor.run(self._jobs(queue, units_of), self.harvest):  # type: ignore[arg-type]
+        if isinstance(self.executor, LocalExecutor):  # fed one job at a time, as slots free up
+            for job, outcome in self.executor.stream(lambda: self._next_job(queue, units_of), self.harvest):
                 self._finish(job, outcome, queue, units_of)
             return
         while queue:
-            wave = list(itertools.islice(self._jobs(queue, units_of), self.executor.wave))
+            wave: list[Job] = []
+            while len(wave) < self.executor.wave and (nxt := self._next_job(queue, units_of)) is not None:
+                wave.append(nxt)
             if not wave:
-                continue
+                break
             requeue: deque[Unit] = deque()
             for job, outcome in self.executor.run(wave, self.harvest):
                 self._finish(job, outcome, requeue, units_of)
             queue.extendleft(requeue)
 
-    def _jobs(self, queue: deque[Unit], units_of: dict[str, Unit]) -> Iterator[Job]:
-        """The next units of ``queue`` as jobs (a unit whose environment cannot be built fails
-        here). Not a generator: after a ``StopIteration`` (the queue empty while jobs still run)
-        it gives the units requeued since (``_finish``) when asked again."""
-        engine = self
-
-        class Feed:
-            def __iter__(self) -> Feed:
-                return self
-
-            def __next__(self) -> Job:
-                while queue:
-                    job = engine._job_for(queue.popleft(), units_of)
-                    if job is not None:
-                        return job
-                raise StopIteration
-
-        return Feed()
+    def _next_job(self, queue: deque[Unit], units_of: dict[str, Unit]) -> Job | None:
+        """The next unit of ``queue`` as a job (None when the queue is empty; a unit whose
+        environment cannot be built fails here and the next one is taken)."""
+        while queue:
+            job = self._job_for(queue.popleft(), units_of)
+            if job is not None:
+                return job
+        return None
 
     def _job_for(self, unit: Unit, units_of: dict[str, Unit]) -> Job | None:
         env = self.environment(unit.points[0])

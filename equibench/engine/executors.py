@@ -33,7 +33,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,9 +83,7 @@ class LocalExecutor:
     ``jobs > 1``: each worker runs one thread of its own (set ``OMP_NUM_THREADS`` to cores / jobs);
     the engine writes its jobs as coordinated, so every timing section runs alone, the other
     workers stopped meanwhile (``quiet.Coordinator``); a job is started as soon as a slot is free
-    (the engine feeds them lazily: ``streams``)."""
-
-    streams = True
+    (``stream``: the engine hands them out one at a time)."""
 
     def __init__(self, limits: Limits, isolate: bool = True, warm: bool | None = None, jobs: int = 1) -> None:
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -105,10 +103,17 @@ class LocalExecutor:
     def prepare(self) -> None:
         """Nothing to clean up: a local worker dies with the runner that started it."""
 
-    def run(self, jobs: Iterable[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
+    def stream(self, next_job: Callable[[], Job | None], on_tick: Callable[[Job], None]
+               ) -> Iterator[tuple[Job, Outcome]]:
+        """Run the jobs ``next_job()`` gives (None: none now; asked again when a job ends, since
+        the engine requeues the rest of a job that stopped early), ``self.jobs`` at a time."""
         if self.jobs > 1:
-            yield from self._run_parallel(iter(jobs), on_tick)
+            yield from self._run_parallel(next_job, on_tick)
             return
+        while (job := next_job()) is not None:
+            yield from self.run([job], on_tick)
+
+    def run(self, jobs: list[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
         for job in jobs:
             if self.isolate or job.environment != "main":
                 tick = functools.partial(on_tick, job)
@@ -126,7 +131,8 @@ class LocalExecutor:
                 code = run_job(read_job(job.job_file), job.dir)
                 yield job, Outcome(code, None, peak_rss(), None, time.monotonic() - t0, "", None)
 
-    def _run_parallel(self, jobs: Iterator[Job], on_tick: Callable[[Job], None]) -> Iterator[tuple[Job, Outcome]]:
+    def _run_parallel(self, next_job: Callable[[], Job | None], on_tick: Callable[[Job], None]
+                      ) -> Iterator[tuple[Job, Outcome]]:
         """Up to ``self.jobs`` workers at once, each watched by a thread; the engine's callbacks
         (``on_tick``, taking the next job, handling an outcome) run one at a time under a lock."""
         lock = threading.Lock()
@@ -160,7 +166,7 @@ class LocalExecutor:
             while True:
                 with lock:
                     while free:
-                        job = next(jobs, None)
+                        job = next_job()
                         if job is None:
                             break
                         slot = free.pop()

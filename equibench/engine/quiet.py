@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from ..core.quiet import GRANTED, PAUSED, WANT
+from ..core.quiet import GRANTED, PAUSED, WANT, write_text_atomic
 
 #: seconds between the coordinator's looks at the running workers' requests
 POLL_S = 0.003
@@ -53,12 +53,6 @@ def paused_of(folder: str | os.PathLike) -> float:
         return float(_read(Path(folder) / PAUSED) or 0.0)
     except ValueError:
         return 0.0
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Coordinator:
@@ -136,7 +130,7 @@ class Coordinator:
         self._holder = (folder, n)
         self._granted_at = time.monotonic()
         try:
-            _write(folder / GRANTED, n)
+            write_text_atomic(folder / GRANTED, n)
         except OSError:  # its folder is gone: the job ended under us
             self._release()
 
@@ -146,7 +140,7 @@ class Coordinator:
             self.sections.append((self._holder[0], now - self._granted_at))
         for folder, (since, tree) in self._stopped.items():
             try:
-                _write(folder / PAUSED, repr(paused_of(folder) + now - since))
+                write_text_atomic(folder / PAUSED, repr(paused_of(folder) + now - since))
             except OSError:
                 pass
             _signal(list(reversed(tree)), signal.SIGCONT)
