@@ -9,6 +9,7 @@
 #     the environment, which pip's isolated build environment cannot provide);
 #   * the package itself, editable, with the escnn, data, test, bench and reference extras;
 #   * equiadapt (no deps) with torchvision 0.15.2 as pure Python, torch-scatter from source;
+#   * cgenn's fused geometric-product kernel, compiled with g++ (torch's cpp_extension);
 #   * the isolated environment of the mace method (mace-torch pins e3nn 0.4.4).
 # A stamp file keyed on this script and pyproject.toml makes a second call a no-op.
 set -euo pipefail
@@ -57,6 +58,11 @@ if ! "$VENV/bin/python" -c "import torch_scatter" 2>/dev/null; then
 fi
 "$VENV/bin/python" -W ignore -c "import equibench, escnn, e3nn, torch_geometric, equiadapt, nequip, egnn_pytorch, \
 torch_scatter, cuequivariance_torch, frame_averaging_pytorch, equiformer_pytorch; from equiadapt.images.canonicalization import discrete_group" >/dev/null
+# cgenn's fused geometric-product kernel (equibench/methods/blocks/clifford_kernel.py), compiled here once
+# into torch's extension directory so that no timed point pays the build
+say "the fused Clifford product kernel of cgenn (g++, about a minute, once)"
+"$VENV/bin/python" -c "from equibench.methods.blocks import clifford as cl, clifford_kernel as ck
+assert ck.extension(cl.pair_table()[0]) is not None, 'the kernel did not build'"
 # mace-torch pins e3nn 0.4.4: its points run in a layered environment of their own (equibench.engine.envs),
 # built here once so the first `equibench run ... --methods mace` and the mace tests find it ready
 say "the isolated environment of the mace method (mace-torch 0.3.16 with e3nn 0.4.4)"

@@ -2,7 +2,8 @@
 products, associativity, the outermorphism as an algebra automorphism and as the Clifford group's
 twisted conjugation (rotations and reflections), the sparse path products against the dense
 geometric product, O(3)-equivariance of every layer in float64, the reference's parameter count,
-option variants, and the one-line reason on unsupported tasks."""
+option variants, the fused product kernel against tensor operations (values, gradients, double
+backward), and the one-line reason on unsupported tasks."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,7 @@ from equibench.core.spec import TaskSpec
 from equibench.methods.architectures import cgenn
 from equibench.methods.base import count_parameters
 from equibench.methods.blocks import clifford as cl
+from equibench.methods.blocks import clifford_kernel as ck
 from equibench.symmetry.group3d import sample_rotations
 from equibench.symmetry.precision import default_dtype
 
@@ -132,6 +134,60 @@ def test_weighted_products_are_the_sums_over_paths():
         fc.weight.zero_()
         fc.weight[torch.arange(3), torch.arange(3)] = cw.weight
     assert torch.allclose(fc.product(x, y), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fused_product_kernel_agrees_with_tensor_operations(dtype):
+    """The compiled channel-wise product (``clifford_kernel``) against the same formula as tensor
+    operations and against the path-by-path sum: values and all three gradients, on non-contiguous
+    inputs with two leading dimensions."""
+    pair = cl.pair_table()[0]
+    assert ck.uses_kernel(torch.zeros(1, dtype=dtype), pair), "the kernel did not build (scripts/setup.sh builds it)"
+    g = torch.Generator().manual_seed(11)
+    x, y = (t.transpose(0, 1) for t in torch.randn(2, 5, 3, 4, 8, generator=g, dtype=dtype))  # [3, 5, 4, 8]
+    weight = torch.randn(4, cl.N_PATHS, generator=g, dtype=dtype)
+    expected = sum(weight[:, p, None] * cl.grade_project(cl.geometric_product(
+        cl.grade_project(x, i), cl.grade_project(y, j)), k) for p, (i, j, k) in enumerate(cl.PATHS))
+    grads = torch.randn(3, 5, 4, 8, generator=g, dtype=dtype)
+    results = []
+    for route in (ck.channelwise_product, ck.product_torch):
+        xs, ys, ws = (t.detach().clone().requires_grad_() for t in (x, y, weight))
+        out = route(xs, ys, cl.signed_weights(ws), pair)
+        out.backward(grads)
+        results.append([out.detach(), xs.grad, ys.grad, ws.grad])
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert torch.allclose(results[0][0], expected, atol=tol * 10)
+    for fused, tensor_ops in zip(*results):
+        assert torch.allclose(fused, tensor_ops, atol=tol * 10, rtol=tol), float((fused - tensor_ops).abs().max())
+
+
+def test_fused_product_double_backward_matches_tensor_operations():
+    """A differentiable backward (create_graph, as forces -dE/dx in training need) through the kernel
+    gives the same second derivatives as the tensor-operation route."""
+    pair = cl.pair_table()[0]
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(2, 6, 3, 8, generator=g, dtype=F64)
+    k = cl.signed_weights(torch.randn(3, cl.N_PATHS, generator=g, dtype=F64))
+    second = []
+    for route in (ck.channelwise_product, ck.product_torch):
+        xs, ys, ks = (t.detach().clone().requires_grad_() for t in (x, y, k))
+        (gx,) = torch.autograd.grad(route(xs, ys, ks, pair).pow(2).sum(), xs, create_graph=True)
+        second.append(torch.autograd.grad(gx.sin().sum(), (xs, ys, ks)))
+    for a, b in zip(*second):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_the_kernel_switch_and_a_bad_table(monkeypatch):
+    monkeypatch.setenv(ck.ENV_SWITCH, "0")
+    ck.extension.cache_clear()
+    try:
+        assert not ck.uses_kernel(torch.zeros(1), cl.pair_table()[0])
+    finally:
+        monkeypatch.delenv(ck.ENV_SWITCH)
+        ck.extension.cache_clear()
+    assert ck.uses_kernel(torch.zeros(1), cl.pair_table()[0])
+    with pytest.raises(ValueError, match="each blade 8 times"):
+        ck.source((0,) * 64)
 
 
 def layers() -> dict[str, torch.nn.Module]:

@@ -46,7 +46,10 @@ Layers (features ``[..., C, 8]``: C multivector channels):
 
 The path products <x^(i) y^(j)>_k are computed sparsely: each pair of blades (a, b) lands on one
 blade o, so the 64 products x_a y_b are gathered into the 44 (path, output blade) slots
-(``ProductPaths``) instead of contracting a dense 8 x 8 x 8 table.
+(``ProductPaths``) instead of contracting a dense 8 x 8 x 8 table. The channel-wise layer goes
+further: with K[c, a, o] = sign * w[c, path] (``signed_weights``) its product is
+sum_a K[c, a, o] x_a y_b(a, o) (``pair_table``), which ``clifford_kernel`` evaluates in one fused
+CPU pass (tensor operations elsewhere).
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ import math
 
 import torch
 from torch import nn
+
+from .clifford_kernel import channelwise_product
 
 N_GEN = 3  # generators e1, e2, e3
 #: the basis blades in short-lex order, as tuples of generator indices (0-based)
@@ -151,9 +156,14 @@ def grade_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor([[float(g == k) for k in range(N_GRADES)] for g in GRADES], dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=16)
+def _grade_index(device: torch.device) -> torch.Tensor:
+    return torch.tensor(GRADES, device=device)
+
+
 def per_blade(u: torch.Tensor) -> torch.Tensor:
-    """``[..., 4] -> [..., 8]``: each grade's value on each of its blades."""
-    return u @ grade_matrix(u.dtype, u.device).T
+    """``[..., 4] -> [..., 8]``: each grade's value on each of its blades (u[..., grade(a)])."""
+    return u.index_select(-1, _grade_index(u.device))
 
 
 def grade_quadratic(x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +208,31 @@ def _paths() -> tuple[tuple[int, int, int], ...]:
 #: the (grade_i, grade_j, grade_k) with <x^(i) y^(j)>_k not identically zero, grouped by output grade k
 PATHS = _paths()
 N_PATHS = len(PATHS)
+
+
+@functools.cache
+def pair_table() -> tuple[tuple[int, ...], tuple[float, ...], tuple[int, ...]]:
+    """For each (a, o), flattened as a * 8 + o: (b, sign, path) with blade_a blade_b = sign blade_o
+    (b is unique: the blade of the symmetric difference of a's and o's generators) and path =
+    ``PATHS.index((grade a, grade b, grade o))``."""
+    c = _cayley((1.0,) * N_GEN)
+    bs, signs, paths = [], [], []
+    for a in range(DIM):
+        for o in range(DIM):
+            (b,) = torch.nonzero(c[a, :, o]).flatten().tolist()
+            bs.append(b)
+            signs.append(float(c[a, b, o]))
+            paths.append(PATHS.index((GRADES[a], GRADES[b], GRADES[o])))
+    return tuple(bs), tuple(signs), tuple(paths)
+
+
+def signed_weights(weight: torch.Tensor) -> torch.Tensor:
+    """``K [C, 8, 8]``: K[c, a, o] = sign(a, b(a, o), o) weight[c, path(a, b(a, o), o)] for path
+    weights ``weight [C, 20]``, so that sum_p w_p <x^(i) y^(j)>_k = sum_a K[c, a, o] x_a y_b(a, o)."""
+    _, signs, paths = pair_table()
+    index = torch.tensor(paths, device=weight.device)
+    sign = torch.tensor(signs, dtype=weight.dtype, device=weight.device)
+    return (weight[:, index] * sign).view(-1, DIM, DIM)
 
 
 class ProductPaths(nn.Module):
@@ -273,8 +308,8 @@ class MVLinear(nn.Module):
             out = torch.einsum("...ci,oci->...oi", x, per_blade(self.weight))
         else:
             out = torch.einsum("...ci,oc->...oi", x, self.weight)
-        if self.bias is not None:
-            out = torch.cat([out[..., :1] + self.bias[:, None], out[..., 1:]], dim=-1)
+        if self.bias is not None:  # on the scalar blade only: + (b_o, 0, ..., 0)
+            out = out + nn.functional.pad(self.bias[:, None], (0, DIM - 1))
         return out
 
 
@@ -288,7 +323,7 @@ class GradeNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norms = smooth_norm(grade_quadratic(x))  # [..., C, 4]
         s = torch.sigmoid(self.a)
-        return x / per_blade(s * (norms - 1) + 1 + EPS)
+        return x / per_blade(torch.addcmul(1 + EPS - s, s, norms))  # s (|x| - 1) + 1 + eps
 
 
 class MVLayerNorm(nn.Module):
@@ -306,6 +341,15 @@ class MVLayerNorm(nn.Module):
 GATES = ("quadratic", "scalar")
 
 
+@functools.lru_cache(maxsize=16)
+def _gate_features(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[16, 4]``: [x, x * x] @ it = [x^(0), q(x^(1)), q(x^(2)), q(x^(3))] (the quadratic gate's inputs)."""
+    out = torch.zeros(2 * DIM, N_GRADES, dtype=dtype, device=device)
+    out[0, 0] = 1.0
+    out[DIM:, 1:] = grade_matrix(dtype, device)[:, 1:]
+    return out
+
+
 class MVGate(nn.Module):
     """Gated non-linearity x^(k) * sigmoid(a_k f_k + b_k) per channel (module docstring)."""
 
@@ -318,8 +362,8 @@ class MVGate(nn.Module):
         self.b = nn.Parameter(torch.zeros(channels, N_GRADES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate == "quadratic":
-            f = torch.cat([x[..., :1], grade_quadratic(x)[..., 1:]], dim=-1)  # [x^(0), q1, q2, q3]
+        if self.gate == "quadratic":  # [x^(0), q1, q2, q3]: q with its grade-0 entry replaced by x^(0)
+            f = torch.cat([x, x * x], dim=-1) @ _gate_features(x.dtype, x.device)
         else:
             f = x[..., :1].expand(*x.shape[:-1], N_GRADES)
         return x * per_blade(torch.sigmoid(self.a * f + self.b))
@@ -346,8 +390,8 @@ class GeometricProductLayer(nn.Module):
 
     def product(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """P(x, y): the weighted sum of the path products, ``[..., c_out, 8]``."""
-        if not self.fully_connected:  # per channel: the path weights folded into one 64 x 8 table
-            return torch.einsum("...cq,cqo->...co", self.paths.outer(x, y), self.paths.folded(self.weight))
+        if not self.fully_connected:  # per channel: 64 signed, weighted blade products (clifford_kernel)
+            return channelwise_product(x, y, signed_weights(self.weight), pair_table()[0])
         parts = []
         for k, pk in enumerate(self.paths.split(self.paths(x, y))):  # pk [..., C, n_k, dim_k]
             parts.append(torch.einsum("...cpd,ocp->...od", pk, self.weight[..., self.paths.path_of_grade[k]]))
