@@ -39,6 +39,12 @@ schedule with warm-up) belongs to the suite. Options beyond the reference: ``pro
 over all input channels' path products; ~c times the product weights) and ``gate="scalar"``
 (every grade gated by a sigmoid of the channel's grade-0 part).
 
+Speed: the channel-wise geometric product runs in a fused CPU kernel (``blocks/clifford_kernel.py``,
+built by ``scripts/setup.sh``; tensor operations on other devices). One n-body train step at the
+defaults, batch 100, one thread, on the 2-core machine: about 0.4 s alone and 0.5 s beside another
+worker, against about 1.2 s with the product as tensor operations (``[edges, channels, 64]``
+intermediates); the values agree to float rounding (``tests/test_cgenn.py``).
+
 Checked once against the reference code (``NBodyCGGNN`` with the same, perturbed weights, float64,
 n-body inputs): predictions agree to 4e-15 (not a test here: the reference is not an installable
 package). Differences, on purpose: the reference casts every input to float32; here the run's
