@@ -170,8 +170,8 @@ def test_fused_kernels_agree_with_tensor_operations(op, dtype):
         out.backward(grads)
         results.append([out.detach(), *(t.grad for t in inputs)])
     tol = 1e-12 if dtype == F64 else 2e-5
-    for value, reference in zip(*results):
-        assert torch.allclose(value, reference, atol=tol, rtol=tol), (op, float((value - reference).abs().max()))
+    for fused_value, reference in zip(*results):
+        assert torch.allclose(fused_value, reference, atol=tol, rtol=tol), (op, float((fused_value - reference).abs().max()))
 
 
 def test_fused_product_is_the_path_sum():
