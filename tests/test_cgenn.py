@@ -2,8 +2,8 @@
 products, associativity, the outermorphism as an algebra automorphism and as the Clifford group's
 twisted conjugation (rotations and reflections), the sparse path products against the dense
 geometric product, O(3)-equivariance of every layer in float64, the reference's parameter count,
-option variants, the fused kernels (product, grade norm, gate) against tensor operations (values,
-gradients, double backward), and the one-line reason on unsupported tasks."""
+option variants, the fused product kernel against tensor operations (values, gradients, double
+backward), and the one-line reason on unsupported tasks."""
 from __future__ import annotations
 
 import pytest
@@ -136,66 +136,45 @@ def test_weighted_products_are_the_sums_over_paths():
     assert torch.allclose(fc.product(x, y), expected, atol=1e-12)
 
 
-def fused_cases(dtype: torch.dtype) -> dict[str, tuple]:
-    """Per fused function: (kernel route, tensor-operation route, x, per-channel parameters), with
-    non-contiguous x of two leading dimensions [3, 5, C=4, 8] and parameters away from their init."""
-    pair = cl.pair_table()[0]
-    g = torch.Generator().manual_seed(11)
-    x, y = (t.transpose(0, 1) for t in torch.randn(2, 5, 3, 4, 8, generator=g, dtype=dtype))
-    k = cl.signed_weights(torch.randn(4, cl.N_PATHS, generator=g, dtype=dtype))
-    s = torch.rand(4, 4, generator=g, dtype=dtype)
-    a, b = torch.randn(2, 4, 4, generator=g, dtype=dtype)
-    norm, gate = cl.GradeNorm.apply_norm, cl.MVGate.apply_quadratic
-    return {
-        "product": (lambda x, y, k: ck.channelwise_product(x, y, k, pair),
-                    lambda x, y, k: ck.product_torch(x, y, k, pair), x, (y, k)),
-        "grade_norm": (lambda x, s: ck.grade_norm(x, s, cl.EPS, pair, norm), lambda x, s: norm(x, s, cl.EPS), x, (s,)),
-        "gate": (lambda x, a, b: ck.quadratic_gate(x, a, b, pair, gate), gate, x, (a, b)),
-    }
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("op", ["product", "grade_norm", "gate"])
-def test_fused_kernels_agree_with_tensor_operations(op, dtype):
-    """Each compiled function (``clifford_kernel``) against the same formula as tensor operations:
-    values and the gradients of every input."""
-    assert ck.uses_kernel(torch.zeros(1, dtype=dtype), cl.pair_table()[0]), \
-        "the kernels did not build (scripts/setup.sh builds them)"
-    fused, tensor_ops, x, params = fused_cases(dtype)[op]
-    grads = torch.randn(3, 5, 4, 8, generator=torch.Generator().manual_seed(2), dtype=dtype)
-    results = []
-    for route in (fused, tensor_ops):
-        inputs = [t.detach().clone().requires_grad_() for t in (x, *params)]
-        out = route(*inputs)
-        out.backward(grads)
-        results.append([out.detach(), *(t.grad for t in inputs)])
-    tol = 1e-12 if dtype == F64 else 2e-5
-    for fused_value, reference in zip(*results):
-        assert torch.allclose(fused_value, reference, atol=tol, rtol=tol), (op, float((fused_value - reference).abs().max()))
-
-
-def test_fused_product_is_the_path_sum():
-    g = torch.Generator().manual_seed(13)
-    x, y = torch.randn(2, 6, 4, 8, generator=g, dtype=F64)
-    weight = torch.randn(4, cl.N_PATHS, generator=g, dtype=F64)
+def test_fused_product_kernel_agrees_with_tensor_operations(dtype):
+    """The compiled channel-wise product (``clifford_kernel``) against the same formula as tensor
+    operations and against the path-by-path sum: values and all three gradients, on non-contiguous
+    inputs with two leading dimensions."""
+    pair = cl.pair_table()[0]
+    assert ck.uses_kernel(torch.zeros(1, dtype=dtype), pair), "the kernel did not build (scripts/setup.sh builds it)"
+    g = torch.Generator().manual_seed(11)
+    x, y = (t.transpose(0, 1) for t in torch.randn(2, 5, 3, 4, 8, generator=g, dtype=dtype))  # [3, 5, 4, 8]
+    weight = torch.randn(4, cl.N_PATHS, generator=g, dtype=dtype)
     expected = sum(weight[:, p, None] * cl.grade_project(cl.geometric_product(
         cl.grade_project(x, i), cl.grade_project(y, j)), k) for p, (i, j, k) in enumerate(cl.PATHS))
-    got = ck.channelwise_product(x, y, cl.signed_weights(weight), cl.pair_table()[0])
-    assert torch.allclose(got, expected, atol=1e-12)
+    grads = torch.randn(3, 5, 4, 8, generator=g, dtype=dtype)
+    results = []
+    for route in (ck.channelwise_product, ck.product_torch):
+        xs, ys, ws = (t.detach().clone().requires_grad_() for t in (x, y, weight))
+        out = route(xs, ys, cl.signed_weights(ws), pair)
+        out.backward(grads)
+        results.append([out.detach(), xs.grad, ys.grad, ws.grad])
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert torch.allclose(results[0][0], expected, atol=tol * 10)
+    for fused, tensor_ops in zip(*results):
+        assert torch.allclose(fused, tensor_ops, atol=tol * 10, rtol=tol), float((fused - tensor_ops).abs().max())
 
 
-@pytest.mark.parametrize("op", ["product", "grade_norm", "gate"])
-def test_fused_kernels_double_backward(op):
-    """A differentiable backward (create_graph, as forces -dE/dx in training need) through each
-    kernel gives the tensor-operation route's second derivatives."""
-    fused, tensor_ops, x, params = fused_cases(F64)[op]
+def test_fused_product_double_backward_matches_tensor_operations():
+    """A differentiable backward (create_graph, as forces -dE/dx in training need) through the kernel
+    gives the same second derivatives as the tensor-operation route."""
+    pair = cl.pair_table()[0]
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(2, 6, 3, 8, generator=g, dtype=F64)
+    k = cl.signed_weights(torch.randn(3, cl.N_PATHS, generator=g, dtype=F64))
     second = []
-    for route in (fused, tensor_ops):
-        inputs = [t.detach().clone().requires_grad_() for t in (x, *params)]
-        (gx,) = torch.autograd.grad(route(*inputs).pow(2).sum(), inputs[0], create_graph=True)
-        second.append(torch.autograd.grad(gx.sin().sum(), inputs))
+    for route in (ck.channelwise_product, ck.product_torch):
+        xs, ys, ks = (t.detach().clone().requires_grad_() for t in (x, y, k))
+        (gx,) = torch.autograd.grad(route(xs, ys, ks, pair).pow(2).sum(), xs, create_graph=True)
+        second.append(torch.autograd.grad(gx.sin().sum(), (xs, ys, ks)))
     for a, b in zip(*second):
-        assert torch.allclose(a, b, atol=1e-11), op
+        assert torch.allclose(a, b, atol=1e-12)
 
 
 def test_the_kernel_switch_and_a_bad_table(monkeypatch):
@@ -209,7 +188,6 @@ def test_the_kernel_switch_and_a_bad_table(monkeypatch):
     assert ck.uses_kernel(torch.zeros(1), cl.pair_table()[0])
     with pytest.raises(ValueError, match="each blade 8 times"):
         ck.source((0,) * 64)
-    assert ck.GRADE_STARTS == tuple(s.start for s in cl.GRADE_SLICES) + (cl.DIM,)
 
 
 def layers() -> dict[str, torch.nn.Module]:

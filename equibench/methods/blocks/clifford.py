@@ -60,7 +60,7 @@ import math
 import torch
 from torch import nn
 
-from .clifford_kernel import channelwise_product, grade_norm, quadratic_gate
+from .clifford_kernel import channelwise_product
 
 N_GEN = 3  # generators e1, e2, e3
 #: the basis blades in short-lex order, as tuples of generator indices (0-based)
@@ -320,14 +320,10 @@ class GradeNorm(nn.Module):
         super().__init__()
         self.a = nn.Parameter(torch.full((channels, N_GRADES), float(init)))
 
-    @staticmethod
-    def apply_norm(x: torch.Tensor, s: torch.Tensor, eps: float) -> torch.Tensor:
-        """x^(k) / (s_k (|x^(k)| - 1) + 1 + eps) as tensor operations."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         norms = smooth_norm(grade_quadratic(x))  # [..., C, 4]
-        return x / per_blade(torch.addcmul(1 + eps - s, s, norms))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # one fused pass on the CPU (clifford_kernel)
-        return grade_norm(x, torch.sigmoid(self.a), EPS, pair_table()[0], self.apply_norm)
+        s = torch.sigmoid(self.a)
+        return x / per_blade(torch.addcmul(1 + EPS - s, s, norms))  # s (|x| - 1) + 1 + eps
 
 
 class MVLayerNorm(nn.Module):
@@ -365,16 +361,11 @@ class MVGate(nn.Module):
         self.a = nn.Parameter(torch.ones(channels, N_GRADES))
         self.b = nn.Parameter(torch.zeros(channels, N_GRADES))
 
-    @staticmethod
-    def apply_quadratic(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The quadratic gate as tensor operations."""
-        f = torch.cat([x, x * x], dim=-1) @ _gate_features(x.dtype, x.device)  # [x^(0), q1, q2, q3]
-        return x * per_blade(torch.sigmoid(a * f + b))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate == "quadratic":  # one fused pass on the CPU (clifford_kernel)
-            return quadratic_gate(x, self.a, self.b, pair_table()[0], self.apply_quadratic)
-        f = x[..., :1].expand(*x.shape[:-1], N_GRADES)
+        if self.gate == "quadratic":  # [x^(0), q1, q2, q3]: q with its grade-0 entry replaced by x^(0)
+            f = torch.cat([x, x * x], dim=-1) @ _gate_features(x.dtype, x.device)
+        else:
+            f = x[..., :1].expand(*x.shape[:-1], N_GRADES)
         return x * per_blade(torch.sigmoid(self.a * f + self.b))
 
 

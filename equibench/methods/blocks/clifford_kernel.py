@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
-import math
 import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,9 +43,6 @@ ENV_SWITCH = "EQUIBENCH_CLIFFORD_KERNEL"  # "0": never use the compiled kernel
 DIM = 8
 #: b(a, o) for a * 8 + o, the layout ``pair`` arguments below take (``clifford.pair_table``)
 Pair = tuple[int, ...]
-#: blades of grade k are [GRADE_STARTS[k], GRADE_STARTS[k + 1]) in short-lex order: binomial(3, k) each
-GRADE_STARTS = tuple(itertools.accumulate((math.comb(3, k) for k in range(4)), initial=0))
-FUNCTIONS = ("product", "grade_norm", "gate")
 
 
 def product_torch(x: torch.Tensor, y: torch.Tensor, k: torch.Tensor, pair: Pair) -> torch.Tensor:
@@ -165,154 +159,14 @@ std::vector<torch::Tensor> product_backward(torch::Tensor x, torch::Tensor y, to
   });
   return {gx, gy, gk};
 }
-
-// ---- grade-wise normalisation and the quadratic gate: per element and channel, grade k's blades are
-// [GSTART[k], GSTART[k + 1]); per-(channel, grade) parameters are [C, 4] ----
-namespace {
-constexpr int GSTART[5] = {%(gstart)s};
-
-template <typename T>
-T grade_square(const T* v, int k) {
-  T q = 0;
-  for (int i = GSTART[k]; i < GSTART[k + 1]; ++i) q += v[i] * v[i];
-  return q;
-}
-
-template <typename T>
-void reduce_into(std::mutex& merge, T* out, const std::vector<T>& local) {
-  std::lock_guard<std::mutex> lock(merge);
-  for (size_t i = 0; i < local.size(); ++i) out[i] += local[i];
-}
-}  // namespace
-
-// y = x / (s_k (n_k - 1) + 1 + eps), n_k = (q_k^2 + 1e-16)^(1/4), q_k = |x^(k)|^2
-torch::Tensor grade_norm_forward(torch::Tensor x, torch::Tensor s, double eps) {
-  check(x, "x"); check(s, "s");
-  auto y = torch::empty_like(x);
-  const int64_t M = x.size(0), C = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "clifford_grade_norm_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) for (int64_t c = 0; c < C; ++c) {
-        const int64_t at = (m * C + c) * 8;
-        for (int k = 0; k < 4; ++k) {
-          const scalar_t q = grade_square(xp + at, k);
-          const scalar_t n = std::pow(q * q + scalar_t(1e-16), scalar_t(0.25));
-          const scalar_t d = sp[c * 4 + k] * (n - 1) + 1 + scalar_t(eps);
-          for (int i = GSTART[k]; i < GSTART[k + 1]; ++i) yp[at + i] = xp[at + i] / d;
-        }
-      }
-    });
-  });
-  return y;
-}
-
-std::vector<torch::Tensor> grade_norm_backward(torch::Tensor x, torch::Tensor s, double eps, torch::Tensor g) {
-  check(x, "x"); check(s, "s"); check(g, "g");
-  auto gx = torch::empty_like(x);
-  auto gs = torch::zeros_like(s);
-  const int64_t M = x.size(0), C = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "clifford_grade_norm_backward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* gxp = gx.data_ptr<scalar_t>();
-    std::mutex merge;
-    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> local(C * 4, scalar_t(0));
-      for (int64_t m = begin; m < end; ++m) for (int64_t c = 0; c < C; ++c) {
-        const int64_t at = (m * C + c) * 8;
-        for (int k = 0; k < 4; ++k) {
-          const scalar_t q = grade_square(xp + at, k);
-          const scalar_t r = q * q + scalar_t(1e-16);
-          const scalar_t n = std::pow(r, scalar_t(0.25));
-          const scalar_t sk = sp[c * 4 + k];
-          const scalar_t d = sk * (n - 1) + 1 + scalar_t(eps);
-          scalar_t t = 0;
-          for (int i = GSTART[k]; i < GSTART[k + 1]; ++i) t += gp[at + i] * xp[at + i];
-          const scalar_t dd = -t / (d * d);                                          // dL/dd
-          const scalar_t coef = dd * sk * scalar_t(0.5) * q / std::pow(r, scalar_t(0.75)) * 2;  // dd * dd/dq * 2
-          for (int i = GSTART[k]; i < GSTART[k + 1]; ++i) gxp[at + i] = gp[at + i] / d + coef * xp[at + i];
-          local[c * 4 + k] += dd * (n - 1);
-        }
-      }
-      reduce_into(merge, gs.data_ptr<scalar_t>(), local);
-    });
-  });
-  return {gx, gs};
-}
-
-// y = x^(k) sigmoid(a_k f_k + b_k), f_0 = x_0, f_k = q_k (k >= 1)
-torch::Tensor gate_forward(torch::Tensor x, torch::Tensor a, torch::Tensor b) {
-  check(x, "x"); check(a, "a"); check(b, "b");
-  auto y = torch::empty_like(x);
-  const int64_t M = x.size(0), C = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "clifford_gate_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* bp = b.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) for (int64_t c = 0; c < C; ++c) {
-        const int64_t at = (m * C + c) * 8;
-        for (int k = 0; k < 4; ++k) {
-          const scalar_t f = k == 0 ? xp[at] : grade_square(xp + at, k);
-          const scalar_t sg = 1 / (1 + std::exp(-(ap[c * 4 + k] * f + bp[c * 4 + k])));
-          for (int i = GSTART[k]; i < GSTART[k + 1]; ++i) yp[at + i] = xp[at + i] * sg;
-        }
-      }
-    });
-  });
-  return y;
-}
-
-std::vector<torch::Tensor> gate_backward(torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor g) {
-  check(x, "x"); check(a, "a"); check(b, "b"); check(g, "g");
-  auto gx = torch::empty_like(x);
-  auto ga = torch::zeros_like(a);
-  auto gb = torch::zeros_like(b);
-  const int64_t M = x.size(0), C = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "clifford_gate_backward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* bp = b.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* gxp = gx.data_ptr<scalar_t>();
-    std::mutex merge;
-    at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> la(C * 4, scalar_t(0)), lb(C * 4, scalar_t(0));
-      for (int64_t m = begin; m < end; ++m) for (int64_t c = 0; c < C; ++c) {
-        const int64_t at = (m * C + c) * 8;
-        for (int k = 0; k < 4; ++k) {
-          const scalar_t f = k == 0 ? xp[at] : grade_square(xp + at, k);
-          const scalar_t ak = ap[c * 4 + k];
-          const scalar_t sg = 1 / (1 + std::exp(-(ak * f + bp[c * 4 + k])));
-          scalar_t t = 0;
-          for (int i = GSTART[k]; i < GSTART[k + 1]; ++i) t += gp[at + i] * xp[at + i];
-          const scalar_t gz = t * sg * (1 - sg);  // dL/dz
-          la[c * 4 + k] += gz * f;
-          lb[c * 4 + k] += gz;
-          const scalar_t gf = gz * ak;            // dL/df
-          for (int i = GSTART[k]; i < GSTART[k + 1]; ++i)
-            gxp[at + i] = gp[at + i] * sg + (k == 0 ? gf : gf * 2 * xp[at + i]);
-        }
-      }
-      reduce_into(merge, ga.data_ptr<scalar_t>(), la);
-      reduce_into(merge, gb.data_ptr<scalar_t>(), lb);
-    });
-  });
-  return {gx, ga, gb};
-}
 """
 
 
 def source(pair: Pair) -> str:
-    """The C++ source with the table b(a, o) and the grades' blade ranges filled in."""
+    """The C++ source with the table b(a, o) filled in."""
     if sorted(pair) != sorted(list(range(DIM)) * DIM):
         raise ValueError("pair must map each (a, o) to a blade, each blade 8 times")
-    return _SOURCE % {"pair": ", ".join(str(b) for b in pair), "gstart": ", ".join(map(str, GRADE_STARTS))}
+    return _SOURCE % {"pair": ", ".join(str(b) for b in pair)}
 
 
 @functools.cache
@@ -327,73 +181,44 @@ def extension(pair: Pair) -> Any:
         from torch.utils.cpp_extension import load_inline
         code = source(pair)
         name = "equibench_clifford_product_" + hashlib.sha256(code.encode()).hexdigest()[:12]
-        return load_inline(name=name, cpp_sources=[code], extra_cflags=["-O3"], verbose=False,
-                           functions=[f"{f}_{d}" for f in FUNCTIONS for d in ("forward", "backward")])
+        return load_inline(name=name, cpp_sources=[code], functions=["product_forward", "product_backward"],
+                           extra_cflags=["-O3"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the tensor-operation route
         warnings.warn(f"the fused Clifford product kernel is unavailable ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); using tensor operations", stacklevel=2)
         return None
 
 
-class _Fused(torch.autograd.Function):
-    """One kernel's forward and backward (``op`` in ``FUNCTIONS``; ``args``: tensors, then plain
-    numbers passed through); a differentiable backward (create_graph) recomputes the gradients
-    through ``fallback``, the same function as tensor operations."""
+class _FusedProduct(torch.autograd.Function):
+    """The kernel's forward and backward; a differentiable backward (create_graph) recomputes the
+    gradients through ``product_torch``."""
 
     @staticmethod
-    def forward(ctx: Any, op: str, pair: Pair, fallback: Callable[..., torch.Tensor],
-                *args: Any) -> torch.Tensor:
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        ctx.save_for_backward(*tensors)
-        ctx.op, ctx.pair, ctx.fallback, ctx.numbers = op, pair, fallback, args[len(tensors):]
-        return getattr(extension(pair), f"{op}_forward")(*args)
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, k: torch.Tensor, pair: Pair) -> torch.Tensor:
+        ctx.save_for_backward(x, y, k)
+        ctx.pair = pair
+        return extension(pair).product_forward(x, y, k)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
-        tensors = ctx.saved_tensors
-        if torch.is_grad_enabled():  # double backward: gradients as differentiable functions of the inputs
-            inputs = [t for t in tensors if t.requires_grad]
-            found = iter(torch.autograd.grad(ctx.fallback(*tensors, *ctx.numbers), inputs, g, create_graph=True))
-            grads: list[Any] = [next(found) if t.requires_grad else None for t in tensors]
-        else:
-            grads = list(getattr(extension(ctx.pair), f"{ctx.op}_backward")(*tensors, *ctx.numbers, g.contiguous()))
-        return (None, None, None, *grads, *(None for _ in ctx.numbers))
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, y, k = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: gradients as differentiable functions of x, y, k
+            inputs = [t for t in (x, y, k) if t.requires_grad]
+            grads = iter(torch.autograd.grad(product_torch(x, y, k, ctx.pair), inputs, g, create_graph=True))
+            return (*(next(grads) if t.requires_grad else None for t in (x, y, k)), None)
+        return (*extension(ctx.pair).product_backward(x, y, k, g.contiguous()), None)
 
 
 def uses_kernel(x: torch.Tensor, pair: Pair) -> bool:
-    """Whether the functions below run the compiled kernels on tensors like ``x``."""
+    """Whether ``channelwise_product`` on tensors like ``x`` runs the compiled kernel."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and extension(pair) is not None
-
-
-def _run(op: str, pair: Pair, fallback: Callable[..., torch.Tensor], x: torch.Tensor,
-         params: tuple[torch.Tensor, ...], numbers: tuple[float, ...] = ()) -> torch.Tensor:
-    """``op`` on ``x [..., C, 8]`` with per-channel ``params`` (kernel when it applies, else ``fallback``)."""
-    if not uses_kernel(x, pair) or any(p.dtype != x.dtype for p in params):
-        return fallback(x, *params, *numbers)
-    lead, c = x.shape[:-2], x.shape[-2]
-    flat = x.reshape(-1, c, DIM)
-    tensors = [flat.contiguous()] + [p.reshape(-1, c, DIM).contiguous() if p.shape == x.shape else p.contiguous()
-                                     for p in params]
-    out = _Fused.apply(op, pair, fallback, *tensors, *numbers)
-    return out.reshape(*lead, c, DIM)
 
 
 def channelwise_product(x: torch.Tensor, y: torch.Tensor, k: torch.Tensor, pair: Pair) -> torch.Tensor:
     """sum_a K[c, a, o] x_a y_{b(a, o)} for ``x, y [..., C, 8]``, ``k [C, 8, 8]`` (module docstring)."""
-    if y.shape != x.shape:
-        raise ValueError(f"x and y must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    return _run("product", pair, functools.partial(product_torch, pair=pair), x, (y, k))
-
-
-def grade_norm(x: torch.Tensor, s: torch.Tensor, eps: float, pair: Pair,
-               fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """x^(k) / (s_ck (|x^(k)| - 1) + 1 + eps), |x^(k)| = (q_k^2 + 1e-16)^(1/4), for ``s [C, 4]``;
-    ``fallback(x, s, eps)`` computes the same with tensor operations."""
-    return _run("grade_norm", pair, fallback, x, (s,), (float(eps),))
-
-
-def quadratic_gate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pair: Pair,
-                   fallback: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """x^(k) sigmoid(a_ck f_k + b_ck), f_0 = x^(0), f_k = q(x^(k)) (k >= 1), for ``a, b [C, 4]``;
-    ``fallback(x, a, b)`` computes the same with tensor operations."""
-    return _run("gate", pair, fallback, x, (a, b))
+    if not uses_kernel(x, pair) or y.dtype != x.dtype or k.dtype != x.dtype:
+        return product_torch(x, y, k, pair)
+    lead, c = x.shape[:-2], x.shape[-2]
+    out = _FusedProduct.apply(x.reshape(-1, c, DIM).contiguous(), y.reshape(-1, c, DIM).contiguous(),
+                              k.contiguous(), pair)
+    return out.reshape(*lead, c, DIM)
