@@ -118,7 +118,7 @@ def test_path_products_sum_to_the_geometric_product():
 
 
 def test_weighted_products_are_the_sums_over_paths():
-    """The channel-wise layer's folded table and the fully connected layer's per-grade contraction
+    """The channel-wise layer's fused product (signed weights) and the fully connected layer's per-grade contraction
     both equal sum_paths w_p <x^(i) y^(j)>_k written out path by path; the fully connected layer
     with a diagonal (channel-wise) weight equals the channel-wise layer."""
     g = torch.Generator().manual_seed(7)

@@ -226,12 +226,16 @@ def pair_table() -> tuple[tuple[int, ...], tuple[float, ...], tuple[int, ...]]:
     return tuple(bs), tuple(signs), tuple(paths)
 
 
+@functools.lru_cache(maxsize=16)
+def _pair_path_and_sign(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    _, signs, paths = pair_table()
+    return torch.tensor(paths, device=device), torch.tensor(signs, dtype=dtype, device=device)
+
+
 def signed_weights(weight: torch.Tensor) -> torch.Tensor:
     """``K [C, 8, 8]``: K[c, a, o] = sign(a, b(a, o), o) weight[c, path(a, b(a, o), o)] for path
     weights ``weight [C, 20]``, so that sum_p w_p <x^(i) y^(j)>_k = sum_a K[c, a, o] x_a y_b(a, o)."""
-    _, signs, paths = pair_table()
-    index = torch.tensor(paths, device=weight.device)
-    sign = torch.tensor(signs, dtype=weight.dtype, device=weight.device)
+    index, sign = _pair_path_and_sign(weight.dtype, weight.device)
     return (weight[:, index] * sign).view(-1, DIM, DIM)
 
 
@@ -246,7 +250,6 @@ class ProductPaths(nn.Module):
     """
 
     table: torch.Tensor  # [64, 44] buffer: slot of each blade product x_a y_b, signed
-    blade_of_slot: torch.Tensor  # [44, 8] buffer: one-hot output blade of each slot
     path_of_slot: torch.Tensor  # [44] buffer (long): path index of each slot
 
     def __init__(self) -> None:
@@ -264,11 +267,8 @@ class ProductPaths(nn.Module):
             a, b, o = int(a), int(b), int(o)
             p = PATHS.index((GRADES[a], GRADES[b], GRADES[o]))
             table[a * DIM + b, slot_index[(p, o)]] = c[a, b, o]
-        blade_of_slot = torch.zeros(len(slots), DIM, dtype=torch.float64)
-        blade_of_slot[torch.arange(len(slots)), torch.tensor([o for _, o in slots])] = 1.0
         dtype = torch.get_default_dtype()
         self.register_buffer("table", table.to(dtype), persistent=False)
-        self.register_buffer("blade_of_slot", blade_of_slot.to(dtype), persistent=False)
         self.register_buffer("path_of_slot", torch.tensor([p for p, _ in slots]), persistent=False)
         self.sizes = [len(self.path_of_grade[k]) * (GRADE_SLICES[k].stop - GRADE_SLICES[k].start)
                       for k in range(N_GRADES)]
@@ -284,12 +284,6 @@ class ProductPaths(nn.Module):
     def split(self, slots: torch.Tensor) -> list[torch.Tensor]:
         return [part.unflatten(-1, (len(self.path_of_grade[k]), -1))
                 for k, part in enumerate(slots.split(self.sizes, dim=-1))]
-
-    def folded(self, weight: torch.Tensor) -> torch.Tensor:
-        """``[C, 64, 8]``: per channel, the table of x y -> sum_paths w_p <x^(i) y^(j)>_k for path
-        weights ``weight [C, 20]`` (applied to ``outer(x, y)``)."""
-        w = weight[:, self.path_of_slot]  # [C, 44]
-        return torch.einsum("qs,cs,so->cqo", self.table.to(w.dtype), w, self.blade_of_slot.to(w.dtype))
 
 
 class MVLinear(nn.Module):
