@@ -62,6 +62,8 @@ without exactly one point input.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch_geometric.data import Batch
@@ -71,7 +73,7 @@ from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, is_invariant
 from ..base import Method, build_at_params
 from ..blocks.backbone import invariant_heads, invariant_readout, is_vector_type, point_cloud_reason, vector_output
-from ..blocks.clifford import GATES, VECTOR, GeometricProductLayer, MVGate, MVLayerNorm, MVLinear, embed
+from ..blocks.clifford import GATES, VECTOR, GeometricProductLayer, MVGate, MVLayerNorm, MVLinear, embed, per_blade
 from ..blocks.energy_forces import ForcesOption
 
 PRODUCTS = ("channelwise", "fully_connected")
@@ -92,6 +94,23 @@ class CEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
+    def forward_edges(self, h: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                      edge_attr: torch.Tensor) -> torch.Tensor:
+        """``self([h_i - h_j, a_ij])`` for edges j -> i (``dst`` = i, ``src`` = j), with the first MVLinear
+        applied on the nodes before the gather: it is linear, so W [h_i - h_j, a_ij] + b = (W_h h)_i - (W_h h)_j
+        + W_a a_ij + b, and the invariant edge inputs a_ij (grade 0 only) and the bias touch the scalar blade
+        alone. The same function as concatenating per edge, without the ``[E, c_h + c_a, 8]`` input and its
+        channel mixing over every edge."""
+        first = cast(MVLinear, self.layers[0])
+        width = h.shape[-2]
+        hw = torch.einsum("...ci,oci->...oi", h, per_blade(first.weight[:, :width]))  # [N, c_out, 8]
+        out = hw.index_select(0, dst) - hw.index_select(0, src)
+        scalar = edge_attr[..., 0] @ first.weight[:, width:, 0].T  # [E, c_out]: grade-0 weights on a_ij
+        if first.bias is not None:
+            scalar = scalar + first.bias
+        out.select(-1, 0).add_(scalar)
+        return self.layers[1:](out)
+
 
 class CliffordLayer(nn.Module):
     """One message-passing layer (module docstring): edge CEMLP on [h_i - h_j, a_ij], mean over
@@ -105,7 +124,7 @@ class CliffordLayer(nn.Module):
     def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor,
                 inv_degree: torch.Tensor) -> torch.Tensor:
         src, dst = edge_index  # edge j -> i: src = j, dst = i
-        m = self.edge_model(torch.cat([h[dst] - h[src], edge_attr], dim=-2))
+        m = self.edge_model.forward_edges(h, src, dst, edge_attr)  # = edge_model(cat([h_i - h_j, a_ij]))
         agg = m.new_zeros(h.shape).index_add(0, dst, m) * inv_degree[:, None, None]
         return h + self.node_model(torch.cat([h, agg], dim=-2))
 

@@ -317,7 +317,9 @@ class GradeNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norms = smooth_norm(grade_quadratic(x))  # [..., C, 4]
         s = torch.sigmoid(self.a)
-        return x / per_blade(torch.addcmul(1 + EPS - s, s, norms))  # s (|x| - 1) + 1 + eps
+        # x / (s (|x| - 1) + 1 + eps), as a product with the reciprocal taken per grade: a division of the whole
+        # [..., C, 8] stack (and the two in its backward) costs about twice a multiplication on the CPU
+        return x * per_blade(torch.addcmul(1 + EPS - s, s, norms).reciprocal())
 
 
 class MVLayerNorm(nn.Module):
