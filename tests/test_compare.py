@@ -108,6 +108,10 @@ def test_load_record_and_loaded():
     assert loaded({"before": [3.0, 1, 1], "after": [0.5, 1, 1], "cpus": 2})
     assert not loaded({"before": [1.9, 9, 9], "after": [2.0, 9, 9], "cpus": 2})  # 1-minute average at most cpus
     assert not loaded({"before": None, "after": None, "cpus": 2})
+    # after a run: its own workers (one per CPU) are in the average; other work on top of them is not
+    assert not loaded({"before": [0.8, 1, 1], "after": [2.15, 2, 2], "cpus": 2})
+    assert loaded({"before": [0.8, 1, 1], "after": [3.1, 2, 2], "cpus": 2})
+    assert loaded({"before": [2.2, 1, 1], "after": [2.15, 2, 2], "cpus": 2})  # before the run: nothing of its own
 
 
 @pytest.mark.parametrize("samples, flagged", [([1.0, 1.01, 0.99, 1.02, 1.0], False),
