@@ -41,9 +41,11 @@ over all input channels' path products; ~c times the product weights) and ``gate
 
 Speed: the channel-wise geometric product runs in a fused CPU kernel (``blocks/clifford_kernel.py``,
 built by ``scripts/setup.sh``; tensor operations on other devices). One n-body train step at the
-defaults, batch 100, one thread, on the 2-core machine: about 0.4 s alone and 0.5 s beside another
-worker, against about 1.2 s with the product as tensor operations (``[edges, channels, 64]``
-intermediates); the values agree to float rounding (``tests/test_cgenn.py``).
+defaults, batch 100, one thread, on the 2-core machine: 0.28-0.32 s alone, 0.33-0.37 s beside another
+worker (paper-cpu, 39236b8), against about 1.2 s with the product as tensor operations (``[edges,
+channels, 64]`` intermediates); the values agree to float rounding (``tests/test_cgenn.py``). The edge
+MLP's first linear layer runs on the nodes before the gather (``CEMLP.forward_edges``): the same
+function without an ``[edges, 2 width + 1, 8]`` input.
 
 Checked once against the reference code (``NBodyCGGNN`` with the same, perturbed weights, float64,
 n-body inputs): predictions agree to 4e-15 (not a test here: the reference is not an installable
