@@ -75,7 +75,7 @@ from ...core.spec import TaskSpec
 from ...symmetry.fieldtypes import POINT, field_dim, is_invariant
 from ..base import Method, build_at_params
 from ..blocks.backbone import invariant_heads, invariant_readout, is_vector_type, point_cloud_reason, vector_output
-from ..blocks.clifford import GATES, VECTOR, GeometricProductLayer, MVGate, MVLayerNorm, MVLinear, embed, per_blade
+from ..blocks.clifford import GATES, VECTOR, GeometricProductLayer, MVGate, MVLayerNorm, MVLinear, embed
 from ..blocks.energy_forces import ForcesOption
 
 PRODUCTS = ("channelwise", "fully_connected")
@@ -105,7 +105,7 @@ class CEMLP(nn.Module):
         channel mixing over every edge."""
         first = cast(MVLinear, self.layers[0])
         width = h.shape[-2]
-        hw = torch.einsum("...ci,oci->...oi", h, per_blade(first.weight[:, :width]))  # [N, c_out, 8]
+        hw = MVLinear.mix_per_grade(h, first.weight[:, :width])  # [N, c_out, 8]
         out = hw.index_select(0, dst) - hw.index_select(0, src)
         scalar = edge_attr[..., 0] @ first.weight[:, width:, 0].T  # [E, c_out]: grade-0 weights on a_ij
         if first.bias is not None:

@@ -250,7 +250,6 @@ class ProductPaths(nn.Module):
     """
 
     table: torch.Tensor  # [64, 44] buffer: slot of each blade product x_a y_b, signed
-    path_of_slot: torch.Tensor  # [44] buffer (long): path index of each slot
 
     def __init__(self) -> None:
         super().__init__()
@@ -269,7 +268,6 @@ class ProductPaths(nn.Module):
             table[a * DIM + b, slot_index[(p, o)]] = c[a, b, o]
         dtype = torch.get_default_dtype()
         self.register_buffer("table", table.to(dtype), persistent=False)
-        self.register_buffer("path_of_slot", torch.tensor([p for p, _ in slots]), persistent=False)
         self.sizes = [len(self.path_of_grade[k]) * (GRADE_SLICES[k].stop - GRADE_SLICES[k].start)
                       for k in range(N_GRADES)]
 
@@ -297,9 +295,14 @@ class MVLinear(nn.Module):
         self.weight = nn.Parameter(torch.randn(*shape) / math.sqrt(c_in))
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
 
+    @staticmethod
+    def mix_per_grade(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """y_o^(k) = sum_c weight[o, c, k] x_c^(k): ``[..., c_in, 8]`` with ``weight [c_out, c_in, 4]``."""
+        return torch.einsum("...ci,oci->...oi", x, per_blade(weight))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_grade:
-            out = torch.einsum("...ci,oci->...oi", x, per_blade(self.weight))
+            out = self.mix_per_grade(x, self.weight)
         else:
             out = torch.einsum("...ci,oc->...oi", x, self.weight)
         if self.bias is not None:  # on the scalar blade only: + (b_o, 0, ..., 0)
